@@ -1,0 +1,150 @@
+"""Per-layer transformer math as pure functions of plain arrays.
+
+Nothing here owns parameters: `models.transformer` stores them stacked over
+layers and scans `decoder_block` over one layer's slice at a time, which keeps
+this file free of Flax and easy to test against naive references.
+
+Shape suffixes (nanodo style):
+  B batch, L query length, M key length, D d_model, H query heads,
+  N kv heads, G query heads per kv head (H = N * G), K head_dim, F d_ff, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ShardFn = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
+"""Constrains an activation by logical axis names, one per dimension."""
+
+
+def no_shard(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """The default ShardFn: leaves the activation to the compiler."""
+    del names
+    return x
+
+
+class BlockWeights(NamedTuple):
+    """One decoder layer's parameters (a slice of the stacked `layers` params)."""
+
+    attn_norm: jax.Array  # [D]
+    q: jax.Array  # [D, H, K]
+    k: jax.Array  # [D, N, K]
+    v: jax.Array  # [D, N, K]
+    o: jax.Array  # [H, K, D]
+    mlp_norm: jax.Array  # [D]
+    gate: jax.Array  # [D, F]
+    up: jax.Array  # [D, F]
+    down: jax.Array  # [F, D]
+
+
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with float32 statistics; returns the input's dtype."""
+    x32_BxLxD = x_BxLxD.astype(jnp.float32)
+    mean_sq_BxLx1 = jnp.mean(jnp.square(x32_BxLxD), axis=-1, keepdims=True)
+    y_BxLxD = x32_BxLxD * jax.lax.rsqrt(mean_sq_BxLx1 + eps) * scale_D.astype(jnp.float32)
+    return y_BxLxD.astype(x_BxLxD.dtype)
+
+
+def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half layout) applied per head.
+
+    Pairs dimension i with i + K/2 and rotates each pair by positions * theta^(-2i/K).
+    Angles and the rotation run in float32: bf16 angles lose whole radians at
+    long positions.
+    """
+    head_dim = x_BxLxHxK.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+    half = head_dim // 2
+    inv_freq_k = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim)
+    angle_BxLxk = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_k
+    # Broadcast over heads.
+    sin_BxLx1xk = jnp.sin(angle_BxLxk)[:, :, None, :]
+    cos_BxLx1xk = jnp.cos(angle_BxLxk)[:, :, None, :]
+    x32_BxLxHxK = x_BxLxHxK.astype(jnp.float32)
+    x1_BxLxHxk, x2_BxLxHxk = x32_BxLxHxK[..., :half], x32_BxLxHxK[..., half:]
+    out_BxLxHxK = jnp.concatenate(
+        [x1_BxLxHxk * cos_BxLx1xk - x2_BxLxHxk * sin_BxLx1xk,
+         x2_BxLxHxk * cos_BxLx1xk + x1_BxLxHxk * sin_BxLx1xk],
+        axis=-1,
+    )
+    return out_BxLxHxK.astype(x_BxLxHxK.dtype)
+
+
+def causal_gqa_attention(
+    q_BxLxHxK: jax.Array,
+    k_BxMxNxK: jax.Array,
+    v_BxMxNxK: jax.Array,
+    q_positions_BxL: jax.Array,
+    kv_positions_BxM: jax.Array,
+) -> jax.Array:
+    """Grouped-query causal attention; returns [B, L, H, K] in q's dtype.
+
+    Query head h uses kv head h // G, so grouping q as [B, L, N, G, K] lets one
+    einsum serve all G heads of a group without materialising repeated k/v.
+    The mask compares positions rather than array indices, so a sequence
+    permuted together with its positions (e.g. zig-zag order for ring
+    attention) gives the same result, permuted. Scores and softmax are float32.
+    """
+    batch, q_len, n_heads, head_dim = q_BxLxHxK.shape
+    n_kv_heads = k_BxMxNxK.shape[2]
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    group = n_heads // n_kv_heads
+    q_BxLxNxGxK = q_BxLxHxK.reshape(batch, q_len, n_kv_heads, group, head_dim)
+
+    scores_BxNxGxLxM = jnp.einsum(
+        "blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32
+    )
+    scores_BxNxGxLxM = scores_BxNxGxLxM * (head_dim**-0.5)
+    visible_BxLxM = q_positions_BxL[:, :, None] >= kv_positions_BxM[:, None, :]
+    # A large finite negative rather than -inf: a fully masked row then yields a
+    # uniform softmax instead of NaNs (cannot happen causally, but cheap insurance).
+    scores_BxNxGxLxM = jnp.where(
+        visible_BxLxM[:, None, None], scores_BxNxGxLxM, jnp.finfo(jnp.float32).min
+    )
+    probs_BxNxGxLxM = jax.nn.softmax(scores_BxNxGxLxM, axis=-1).astype(v_BxMxNxK.dtype)
+
+    out_BxLxNxGxK = jnp.einsum("bnglm,bmnk->blngk", probs_BxNxGxLxM, v_BxMxNxK)
+    return out_BxLxNxGxK.reshape(batch, q_len, n_heads, head_dim).astype(q_BxLxHxK.dtype)
+
+
+def decoder_block(
+    x_BxLxD: jax.Array,
+    w: BlockWeights,
+    positions_BxL: jax.Array,
+    *,
+    rope_theta: float,
+    norm_eps: float,
+    shard: ShardFn = no_shard,
+) -> jax.Array:
+    """One pre-norm decoder layer: x + attn(norm(x)), then + swiglu(norm(x)).
+
+    Matmuls run in x's dtype (the compute dtype); weights are cast at use so
+    they can be stored in a different param dtype.
+    """
+    dtype = x_BxLxD.dtype
+
+    h_BxLxD = rms_norm(x_BxLxD, w.attn_norm, norm_eps)
+    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", h_BxLxD, w.q.astype(dtype))
+    k_BxLxNxK = jnp.einsum("bld,dnk->blnk", h_BxLxD, w.k.astype(dtype))
+    v_BxLxNxK = jnp.einsum("bld,dnk->blnk", h_BxLxD, w.v.astype(dtype))
+    q_BxLxHxK = shard(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+    k_BxLxNxK = shard(k_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
+    v_BxLxNxK = shard(v_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
+    q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, rope_theta)
+    k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, rope_theta)
+    attn_BxLxHxK = causal_gqa_attention(
+        q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, positions_BxL
+    )
+    x_BxLxD = x_BxLxD + jnp.einsum("blhk,hkd->bld", attn_BxLxHxK, w.o.astype(dtype))
+
+    h_BxLxD = rms_norm(x_BxLxD, w.mlp_norm, norm_eps)
+    gate_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w.gate.astype(dtype))
+    up_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w.up.astype(dtype))
+    hidden_BxLxF = shard(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+    x_BxLxD = x_BxLxD + jnp.einsum("blf,fd->bld", hidden_BxLxF, w.down.astype(dtype))
+    return x_BxLxD

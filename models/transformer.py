@@ -1,0 +1,182 @@
+"""Decoder-only transformer in Flax NNX with stacked, scanned layers.
+
+Every parameter carries logical axis names in its `out_sharding` metadata; the
+mapping from logical names to mesh axes belongs to the caller, so nothing here
+knows about meshes. Per-layer parameters are stored stacked along a leading
+`layers` dimension and applied with `jax.lax.scan`, so the compiled program
+contains one layer body regardless of depth.
+
+Parameter paths (as flattened by `nnx.state(model, nnx.Param)`):
+  embed/embedding [V, D]             ("vocab", "embed")
+  layers/attn_norm, mlp_norm [L, D]  ("layers", "embed")
+  layers/q [L, D, H, K]              ("layers", "embed", "heads", "head_dim")
+  layers/k, v [L, D, N, K]           ("layers", "embed", "kv_heads", "head_dim")
+  layers/o [L, H, K, D]              ("layers", "heads", "head_dim", "embed")
+  layers/gate, up [L, D, F]          ("layers", "embed", "mlp")
+  layers/down [L, F, D]              ("layers", "mlp", "embed")
+  final_norm [D]                     ("embed",)
+  unembed [D, V]                     ("embed", "vocab")   only if not tie_embeddings
+(Here L is the number of layers; in activations L is the sequence length.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import BlockWeights, ShardFn, decoder_block, no_shard, rms_norm
+
+__all__ = ["Transformer", "ShardFn", "no_shard"]
+
+# Which intermediates a rematerialised layer keeps for the backward pass.
+# "save_matmuls" keeps the outputs of dots with no batch dimensions, i.e. the
+# weight projections (q/k/v/o, gate/up/down: O(B*L*D) or O(B*L*F) each), while
+# the attention einsums carry batch dims (b, n) and so are recomputed: their
+# [B, N, G, L, M] scores are the quadratic-in-length tensors we most want to
+# drop. `checkpoint_dots` would save those too, defeating the point.
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+    # Sampled in float32 and then cast, so bf16 and fp32 models built from the
+    # same seed hold the same values up to rounding.
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table, also used as the output projection when tied."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, std: float, dtype: Any, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            _normal(rngs.params(), (vocab_size, d_model), std, dtype),
+            out_sharding=("vocab", "embed"),
+        )
+
+    def __call__(self, tokens_BxL: jax.Array, dtype: Any) -> jax.Array:
+        """[B, L] int token ids -> [B, L, D] embeddings in `dtype`."""
+        return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)
+
+    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Tied output projection: [B, L, D] -> float32 logits [B, L, V]."""
+        table_VxD = self.embedding[...].astype(x_BxLxD.dtype)
+        return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD, preferred_element_type=jnp.float32)
+
+
+class LayerStack(nnx.Module):
+    """All decoder layers' parameters, each kind stacked along a leading layer axis."""
+
+    def __init__(self, cfg: Any, *, dtype: Any, rngs: nnx.Rngs):
+        n_layers, d, f = cfg.n_layers, cfg.d_model, cfg.d_ff
+        h, n, k = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        std = cfg.init_std
+        # Output projections write into the residual stream once per sublayer;
+        # shrinking them keeps the residual variance from growing with depth.
+        out_std = std / math.sqrt(2 * n_layers)
+
+        def matrix(shape, names, scale=std):
+            return nnx.Param(_normal(rngs.params(), (n_layers, *shape), scale, dtype),
+                             out_sharding=("layers", *names))
+
+        def norm_scale():
+            return nnx.Param(jnp.ones((n_layers, d), dtype), out_sharding=("layers", "embed"))
+
+        self.attn_norm = norm_scale()
+        self.q = matrix((d, h, k), ("embed", "heads", "head_dim"))
+        self.k = matrix((d, n, k), ("embed", "kv_heads", "head_dim"))
+        self.v = matrix((d, n, k), ("embed", "kv_heads", "head_dim"))
+        self.o = matrix((h, k, d), ("heads", "head_dim", "embed"), out_std)
+        self.mlp_norm = norm_scale()
+        self.gate = matrix((d, f), ("embed", "mlp"))
+        self.up = matrix((d, f), ("embed", "mlp"))
+        self.down = matrix((f, d), ("mlp", "embed"), out_std)
+
+    def weights(self) -> BlockWeights:
+        """The stacked arrays, each with a leading [n_layers] axis for `lax.scan`."""
+        return BlockWeights(**{name: getattr(self, name)[...] for name in BlockWeights._fields})
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM: embed -> n_layers x (attention, SwiGLU) -> RMSNorm -> logits.
+
+    Reads from `cfg`: vocab_size, d_model, n_layers, n_heads, n_kv_heads,
+    resolved_head_dim, d_ff, rope_theta, tie_embeddings, param_dtype,
+    compute_dtype, remat, norm_eps, init_std.
+    """
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        if cfg.remat not in ("none", *_REMAT_POLICIES):
+            raise ValueError(f"unknown remat {cfg.remat!r}; expected none, full or save_matmuls")
+        # Only hashable scalars are kept: static module attributes end up in the
+        # graphdef, which jit hashes (a pydantic config is unhashable).
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        self.rope_theta = float(cfg.rope_theta)
+        self.norm_eps = float(cfg.norm_eps)
+        self.remat = cfg.remat
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        self.embed = Embedding(
+            cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=param_dtype, rngs=rngs
+        )
+        self.layers = LayerStack(cfg, dtype=param_dtype, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((cfg.d_model,), param_dtype), out_sharding=("embed",))
+        if cfg.tie_embeddings:
+            self.unembed = None
+        else:
+            self.unembed = nnx.Param(
+                _normal(rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.init_std, param_dtype),
+                out_sharding=("embed", "vocab"),
+            )
+
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        *,
+        positions_BxL: jax.Array | None = None,
+        shard: ShardFn = no_shard,
+    ) -> jax.Array:
+        """[B, L] token ids -> float32 logits [B, L, V].
+
+        `positions_BxL` (default: 0..L-1 for every row) drives both the rotary
+        embedding and the causal mask, so callers may reorder the sequence as
+        long as they pass matching positions. `shard` constrains activations at
+        layer boundaries by logical axis names.
+        """
+        batch, length = tokens_BxL.shape
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+        x_BxLxD = shard(self.embed(tokens_BxL, self.compute_dtype), ("batch", "length", "embed"))
+
+        block = functools.partial(
+            decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard
+        )
+
+        def scan_body(x_BxLxD, w):
+            x_BxLxD = block(x_BxLxD, w, positions_BxL)
+            return shard(x_BxLxD, ("batch", "length", "embed")), None
+
+        if self.remat != "none":
+            # prevent_cse guards against XLA merging recomputation with the
+            # forward pass; inside scan that cannot happen, and the guard only
+            # costs performance (per the jax.checkpoint docs).
+            scan_body = jax.checkpoint(
+                scan_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False
+            )
+        x_BxLxD, _ = jax.lax.scan(scan_body, x_BxLxD, self.layers.weights())
+
+        x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], self.norm_eps)
+        if self.unembed is None:
+            logits_BxLxV = self.embed.attend(x_BxLxD)
+        else:
+            logits_BxLxV = jnp.einsum(
+                "bld,dv->blv", x_BxLxD, self.unembed[...].astype(self.compute_dtype),
+                preferred_element_type=jnp.float32,
+            )
+        return shard(logits_BxLxV, ("batch", "length", "vocab"))

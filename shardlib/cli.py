@@ -1,0 +1,82 @@
+"""Command-line entry points shared by ``train.py`` and ``python -m shardlib.describe``.
+
+A user's mistake (a bad config key, a mesh that does not fit the devices, a
+dimension that does not divide, an unreadable checkpoint) ends with one
+``error:`` line and exit status 2, not a traceback; ``--traceback`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+
+from shardlib.checkpoint import CheckpointError
+from shardlib.config import Config, load_config
+from shardlib.mesh import MeshSpec, build_mesh, load_mesh_spec, prepare_devices
+
+# Errors a user can fix from the command line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --mesh, --devices, --traceback and trailing key=value overrides."""
+    parser.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
+    parser.add_argument("--mesh", help="mesh YAML (meshes/*.yaml); default: the config's `mesh` key")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        help="emulate this many CPU devices and build the mesh on them (overrides the mesh file's platform)",
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200")
+
+
+def load_run(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
+    """Config with overrides, and the mesh spec (from --mesh or the config).
+
+    Emulated CPU devices are configured here, before anything touches a
+    device, because JAX fixes the device count when its backend starts.
+    """
+    cfg = load_config(args.config, args.overrides)
+    spec = load_mesh_spec(args.mesh or cfg.mesh)
+    if args.devices is not None:
+        spec = dataclasses.replace(spec, platform="cpu", emulate_cpu_devices=args.devices)
+    prepare_devices(spec)
+    return cfg, spec
+
+
+def run_guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Runs ``main``; user errors become one line on stderr and exit status 2."""
+    try:
+        return main(args)
+    except USER_ERRORS as err:
+        if args.traceback:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print("(run with --traceback for the full trace)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from shardlib.trainer import train  # after load_run: importing is safe, but keep startup cheap
+
+    cfg, spec = load_run(args)
+    mesh = build_mesh(spec)
+    with jax.set_mesh(mesh):
+        train(cfg, mesh, progress=not args.no_progress)
+    return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``python train.py --config configs/X.yaml --mesh meshes/Y.yaml [key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a transformer with shardlib.")
+    add_run_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return run_guarded(_train, parser.parse_args(argv))

@@ -1,0 +1,341 @@
+"""Training configuration: pydantic schema, YAML loading and ``key=value`` overrides.
+
+A run is described by one YAML file (see ``configs/``) plus optional command-line
+overrides such as ``steps=50`` or ``optimizer.lr=1e-3``. Pydantic does the type
+checking so that every mistake surfaces as a :class:`ConfigError` naming the
+offending key, the value given and what was expected, before any device work starts.
+"""
+
+import copy
+import difflib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+# Adam betas of exactly 1 would make the bias correction divide by zero.
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class ConfigError(ValueError):
+    """A config file or override is unusable; the message says what to fix."""
+
+
+class ModelConfig(BaseModel):
+    """Shape and numerics of the decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    model_config = _STRICT
+
+    name: Literal["transformer"] = "transformer"
+    vocab_size: PosInt = 256
+    d_model: PosInt
+    n_layers: PosInt
+    n_heads: PosInt
+    n_kv_heads: PosInt
+    head_dim: PosInt | None = None
+    d_ff: PosInt
+    rope_theta: PosFloat = 10000.0
+    tie_embeddings: bool = False
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "save_matmuls"] = "none"
+    norm_eps: PosFloat = 1e-6
+    init_std: PosFloat = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """Per-head width: ``head_dim`` if set, else ``d_model // n_heads``."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}): "
+                "each key/value head is shared by a whole group of query heads"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            # Flooring would silently shrink the attention width; make the user choose.
+            raise ValueError(
+                f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); "
+                "set model.head_dim explicitly"
+            )
+        if self.resolved_head_dim % 2:
+            raise ValueError(
+                f"head_dim ({self.resolved_head_dim}) must be even: rotary embeddings "
+                "rotate pairs of channels"
+            )
+        return self
+
+    def num_params(self) -> int:
+        """Exact parameter count: embedding, layers, final norm and untied output projection."""
+        d, hd = self.d_model, self.resolved_head_dim
+        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)  # q, o + k, v
+        mlp = 3 * d * self.d_ff  # SwiGLU gate, up, down
+        per_layer = 2 * d + attention + mlp  # two RMSNorm scales, no biases
+        embedding = self.vocab_size * d
+        output = 0 if self.tie_embeddings else embedding
+        return embedding + self.n_layers * per_layer + d + output
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token, as used for MFU.
+
+        Dense part: 6 FLOPs per parameter that takes part in a matmul, i.e. every
+        parameter except the embedding lookup (a gather), with the output projection
+        counted even when it shares the embedding matrix. Attention scores and the
+        weighted sum add ``12 * n_layers * n_heads * head_dim * seq_len``. This counts
+        the full ``seq_len x seq_len`` score matrix although causal masking makes half
+        of it unnecessary, following the MFU formula of PaLM (Chowdhery et al. 2022,
+        appendix B) so that numbers are comparable with published ones.
+        """
+        d = self.d_model
+        num_params = self.num_params()
+        # Untied: drop the lookup table, keep the output matrix. Tied: the single
+        # matrix is the output projection, so nothing is dropped.
+        matmul_params = num_params if self.tie_embeddings else num_params - self.vocab_size * d
+        attention = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len
+        return float(6 * matmul_params + attention)
+
+
+class OptimizerConfig(BaseModel):
+    """AdamW with linear warmup and cosine decay to ``lr * min_lr_ratio``."""
+
+    model_config = _STRICT
+
+    lr: PosFloat = 3e-3
+    warmup_steps: NonNegInt = 20
+    min_lr_ratio: UnitFloat = 0.1
+    weight_decay: NonNegFloat = 0.1
+    b1: Beta = 0.9
+    b2: Beta = 0.95
+    eps: PosFloat = 1e-8
+    clip_norm: PosFloat = 1.0
+
+
+class DataConfig(BaseModel):
+    """Where training tokens come from: bundled stdlib sources, text files or token .bin files."""
+
+    model_config = _STRICT
+
+    source: Literal["stdlib", "text", "bin"] = "stdlib"
+    paths: list[str] = []
+    # Held out: the tail of the token stream (see shardlib.data).
+    heldout_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.01
+
+    @model_validator(mode="after")
+    def _check_paths(self) -> "DataConfig":
+        if self.source == "stdlib" and self.paths:
+            raise ValueError(
+                "source 'stdlib' takes no data.paths; remove them or pick 'text'/'bin'"
+            )
+        if self.source != "stdlib" and not self.paths:
+            raise ValueError(f"source '{self.source}' needs at least one file in data.paths")
+        return self
+
+
+class CheckpointConfig(BaseModel):
+    """How often checkpoints are written and how many are kept."""
+
+    model_config = _STRICT
+
+    every: PosInt = 100
+    keep: PosInt = 3
+    async_save: bool = True
+
+
+class Config(BaseModel):
+    """A complete training run."""
+
+    model_config = _STRICT
+
+    model: ModelConfig
+    sharding: Literal["dp", "fsdp", "tp", "fsdp_tp"] = "dp"  # presets in shardlib.rules.PRESETS
+    mesh: str = "meshes/cpu-8.yaml"
+    steps: PosInt = 200
+    run_dir: str = "runs/default"
+    seed: int = 0
+    batch_size: PosInt = 16
+    seq_len: PosInt = 128
+    grad_accum: PosInt = 1
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log_every: PosInt = 10
+    eval_every: PosInt = 50
+    eval_batches: NonNegInt = 4
+    peak_tflops: PosFloat | None = None
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "Config":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by grad_accum "
+                f"({self.grad_accum}): every microbatch holds batch_size // grad_accum sequences"
+            )
+        return self
+
+
+def _leaf_fields(model_cls: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """Yield ``(dotted key, field)`` for every non-model field, depth first."""
+    for name, field in model_cls.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaf_fields(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def config_keys(model_cls: type[BaseModel] = Config) -> list[str]:
+    """All dotted leaf keys of the schema, e.g. ``steps``, ``model.d_model``, ``optimizer.lr``."""
+    return [key for key, _ in _leaf_fields(model_cls)]
+
+
+def _resolve_key(key: str, model_cls: type[BaseModel]) -> tuple[str, FieldInfo]:
+    """Map a full dotted key or a unique leaf name to its dotted key and field."""
+    fields = dict(_leaf_fields(model_cls))
+    if key in fields:
+        return key, fields[key]
+    by_leaf: dict[str, list[str]] = {}
+    for dotted in fields:
+        by_leaf.setdefault(dotted.rpartition(".")[2], []).append(dotted)
+    candidates = by_leaf.get(key, [])
+    if len(candidates) == 1:
+        return candidates[0], fields[candidates[0]]
+    if candidates:
+        raise ConfigError(
+            f"ambiguous config key '{key}'; use the full name: {', '.join(candidates)}"
+        )
+    unique_leaves = [
+        leaf for leaf, keys in by_leaf.items() if len(keys) == 1 and leaf not in fields
+    ]
+    close = difflib.get_close_matches(key, list(fields) + unique_leaves, n=3)
+    hint = f"did you mean: {', '.join(close)}?" if close else f"valid keys: {', '.join(fields)}"
+    raise ConfigError(f"unknown config key '{key}'; {hint}")
+
+
+def _parse_value(override: str, raw: str, field: FieldInfo) -> Any:
+    """Parse an override value as YAML, except where the field wants the text itself."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        detail = getattr(exc, "problem", None) or exc  # the one-line gist, not the mark dump
+        raise ConfigError(f"cannot parse the value in override '{override}': {detail}") from None
+    # YAML would turn run_dir=2024 into an int or run_dir=no into False, which a str
+    # field then rejects; for plain string fields the text as typed is what was meant.
+    if field.annotation is str and not isinstance(value, str):
+        return raw.strip()
+    return value
+
+
+def apply_overrides(
+    cfg_dict: dict, overrides: Sequence[str], model_cls: type[BaseModel] = Config
+) -> dict:
+    """Return a copy of ``cfg_dict`` with ``key=value`` overrides applied, in order.
+
+    A key is a full dotted path (``optimizer.lr``) or a leaf name that occurs once in
+    the schema (``lr``). Values are parsed with ``yaml.safe_load`` so ``true``,
+    ``[a, b]`` and ``null`` work; type checking is left to pydantic, whose lax mode
+    also accepts the ``1e-3`` that YAML 1.1 reads as a string. ``model_cls`` selects
+    the schema the keys are resolved against.
+    """
+    result = copy.deepcopy(cfg_dict)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"malformed override '{override}': expected key=value, "
+                "e.g. steps=200 or optimizer.lr=1e-3"
+            )
+        dotted, field = _resolve_key(key, model_cls)
+        value = _parse_value(override, raw, field)
+        *parents, leaf = dotted.split(".")
+        node = result
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:  # section absent, or written as an empty `part:`
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"cannot apply override '{override}': '{section}' is {node!r}, not a mapping"
+                )
+        node[leaf] = value
+    return result
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe_error(error: dict, model_cls: type[BaseModel]) -> str:
+    """One line per pydantic error: dotted key, what is wrong, and the value given."""
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        known = dict.fromkeys(config_keys(model_cls) + list(model_cls.model_fields))
+        close = difflib.get_close_matches(key, list(known), n=3)
+        message = "unknown key" + (f"; did you mean: {', '.join(close)}?" if close else "")
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    line = f"{key}: {message}"
+    # For "missing" and for whole-model checks the input is the enclosing mapping,
+    # which is noise rather than the culprit.
+    if kind != "missing" and not isinstance(error.get("input"), dict):
+        line += f" (got {_short_repr(error['input'])})"
+    return line
+
+
+def validate_config(
+    cfg_dict: dict, source: str = "", model_cls: type[BaseModel] = Config
+) -> BaseModel:
+    """Validate a plain dict into ``model_cls``, turning pydantic errors into a ConfigError.
+
+    ``source`` (e.g. ``"in configs/tiny.yaml"``) is put in the message header.
+    """
+    try:
+        return model_cls.model_validate(cfg_dict)
+    except ValidationError as exc:
+        lines = [_describe_error(error, model_cls) for error in exc.errors()]
+        header = f"invalid config {source}".rstrip()
+        raise ConfigError(header + ":\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file, apply overrides and validate the result."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {path}: {exc}") from None
+    if raw is None:  # an empty file; validation then reports what is missing
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"invalid config in {path}: the top level must be a mapping of keys, "
+            f"got {type(raw).__name__}"
+        )
+    source = f"in {path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
+    return validate_config(apply_overrides(raw, overrides), source)
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    """Plain JSON-able dict of a config, e.g. for saving next to a run."""
+    return cfg.model_dump(mode="json")

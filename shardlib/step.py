@@ -1,0 +1,122 @@
+"""The jitted training and evaluation steps.
+
+One optimizer step = forward and backward over ``grad_accum`` microbatches
+(a ``lax.scan`` inside the same jit), gradient averaging, clipping and AdamW.
+Shardings are explicit on the way in and out, and the old state is donated,
+so parameters and optimizer state are updated in place on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from shardlib.sharding import ActivationSharding
+from shardlib.train_state import StateShardings
+
+PyTree = Any
+Batch = dict[str, jax.Array]  # {"inputs": [B, L] int32, "targets": [B, L] int32}
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in float32."""
+    logprobs = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    picked_BxL = jnp.take_along_axis(logprobs, targets_BxL[..., None], axis=-1)[..., 0]
+    return -jnp.mean(picked_BxL)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, shard: ActivationSharding | None) -> Callable:
+    """``loss(params, inputs_BxL, targets_BxL) -> scalar``."""
+
+    def loss_fn(params, inputs_BxL, targets_BxL):
+        model = nnx.merge(graphdef, params)
+        kwargs = {"shard": shard} if shard is not None else {}
+        return cross_entropy(model(inputs_BxL, **kwargs), targets_BxL)
+
+    return loss_fn
+
+
+def _microbatches(x_BxL: jax.Array, count: int, shard: ActivationSharding | None) -> jax.Array:
+    """[B, L] -> [count, B/count, L], microbatch i = rows i, i+count, ...
+
+    Strided rows keep each device's rows on that device: a contiguous split
+    would put whole microbatches on a subset of the data-parallel devices.
+    """
+    b, length = x_BxL.shape
+    x_CxMxL = x_BxL.reshape(b // count, count, length).swapaxes(0, 1)
+    if shard is not None:
+        x_CxMxL = shard(x_CxMxL, (None, "batch", "length"))
+    return x_CxMxL
+
+
+def loss_and_grads(loss_fn: Callable, params: PyTree, batch: Batch, grad_accum: int, shard=None):
+    """Mean loss and gradients over the batch, accumulated over microbatches.
+
+    Every microbatch has the same number of tokens, so the mean of the
+    microbatch means equals the full-batch mean.
+    """
+    grad_fn = jax.value_and_grad(loss_fn)
+    if grad_accum == 1:
+        return grad_fn(params, batch["inputs"], batch["targets"])
+    inputs = _microbatches(batch["inputs"], grad_accum, shard)
+    targets = _microbatches(batch["targets"], grad_accum, shard)
+
+    def accumulate(carry, micro):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(params, *micro)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (inputs, targets))
+    return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    shardings: StateShardings,
+    batch_sharding: NamedSharding,
+    shard: ActivationSharding,
+    grad_accum: int = 1,
+) -> Callable[[PyTree, PyTree, Batch], tuple[PyTree, PyTree, dict[str, jax.Array]]]:
+    """``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
+
+    params / opt_state arrive and leave with ``shardings`` and are donated;
+    batch arrays carry ``batch_sharding``; metrics (loss, grad_norm) are
+    replicated scalars.
+    """
+    loss_fn = make_loss_fn(graphdef, shard)
+
+    def step(params, opt_state, batch):
+        loss, grads = loss_and_grads(loss_fn, params, batch, grad_accum, shard)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    return jax.jit(
+        step,
+        in_shardings=(shardings.params, shardings.opt_state, batch_shardings),
+        out_shardings=(shardings.params, shardings.opt_state, replicated),
+        donate_argnums=(0, 1),
+    )
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, shardings: StateShardings, batch_sharding: NamedSharding, shard: ActivationSharding
+) -> Callable[[PyTree, Batch], jax.Array]:
+    """``eval(params, batch) -> loss``, jitted; nothing is donated."""
+    loss_fn = make_loss_fn(graphdef, shard)
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(
+        lambda params, batch: loss_fn(params, batch["inputs"], batch["targets"]),
+        in_shardings=(shardings.params, {"inputs": batch_sharding, "targets": batch_sharding}),
+        out_shardings=replicated,
+    )

@@ -4,7 +4,8 @@ They import nothing from shardlib and read no global state: the caller maps
 logical names to mesh axes and passes a `shard` callable for activations.
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flax import nnx
 

@@ -31,7 +31,7 @@ from flax import nnx
 
 from models.layers import BlockWeights, ShardFn, decoder_block, no_shard, rms_norm
 
-__all__ = ["Transformer", "ShardFn", "no_shard"]
+__all__ = ["ShardFn", "Transformer", "no_shard"]
 
 # Which intermediates a rematerialised layer keeps for the backward pass.
 # "save_matmuls" keeps the outputs of dots with no batch dimensions, i.e. the

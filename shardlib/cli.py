@@ -25,14 +25,20 @@ USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError)
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """--config, --mesh, --devices, --traceback and trailing key=value overrides."""
     parser.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
-    parser.add_argument("--mesh", help="mesh YAML (meshes/*.yaml); default: the config's `mesh` key")
+    parser.add_argument(
+        "--mesh", help="mesh YAML (meshes/*.yaml); default: the config's `mesh` key"
+    )
     parser.add_argument(
         "--devices",
         type=int,
         help="emulate this many CPU devices and build the mesh on them (overrides the mesh file's platform)",
     )
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of errors"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200"
+    )
 
 
 def load_run(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
@@ -76,7 +82,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``python train.py --config configs/X.yaml --mesh meshes/Y.yaml [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="train.py", description="Train a transformer with shardlib.")
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train a transformer with shardlib."
+    )
     add_run_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return run_guarded(_train, parser.parse_args(argv))

@@ -148,7 +148,7 @@ class CheckpointConfig(BaseModel):
 
     model_config = _STRICT
 
-    every: PosInt = 100
+    every: NonNegInt = 100  # 0: only at the last step
     keep: PosInt = 3
     async_save: bool = True
 
@@ -171,7 +171,7 @@ class Config(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log_every: PosInt = 10
-    eval_every: PosInt = 50
+    eval_every: NonNegInt = 50  # 0: evaluate only at the last step
     eval_batches: NonNegInt = 4
     peak_tflops: PosFloat | None = None
 

@@ -2,7 +2,10 @@
 
 A rule is a pair ``(logical name, mesh axis | tuple of mesh axes | None)``, the
 format Flax uses, so ``flax.nnx.logical_axis_rules(rules)`` accepts a table
-unchanged. Resolution of one tensor's logical axes, dimension by dimension,
+unchanged. Flax resolves a table differently, though: NNX builds a dict from it
+(the *last* rule for a name wins, so fallbacks are lost) and Linen walks rules
+rather than dimensions; use ``logical_to_spec`` for the semantics below.
+Resolution of one tensor's logical axes, dimension by dimension,
 left to right:
 
 * the rules for the dimension's name are tried in table order (a name may
@@ -115,7 +118,9 @@ def format_rules(rules: Rules) -> str:
     width = max((len(name) for name, _ in rules), default=0)
     lines = []
     for name, axes in rules:
-        shown = "replicated" if axes is None else (axes if isinstance(axes, str) else " x ".join(axes))
+        shown = (
+            "replicated" if axes is None else (axes if isinstance(axes, str) else " x ".join(axes))
+        )
         lines.append(f"{name:<{width}}  ->  {shown}")
     return "\n".join(lines)
 
@@ -136,7 +141,18 @@ def validate_rules(rules: Rules, mesh: jax.sharding.Mesh | Mapping[str, int] | N
     for i, rule in enumerate(rules):
         if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
             raise ShardingError(f"rule {i} is {rule!r}; a rule is a (logical name, mesh axes) pair")
-        for axis in _as_tuple(rule[1]):
+        axes = rule[1]
+        if not (
+            axes is None
+            or isinstance(axes, str)
+            or (isinstance(axes, tuple | list) and all(isinstance(a, str) for a in axes))
+        ):
+            raise ShardingError(
+                f"rule {i} ({rule[0]!r}) maps to {axes!r}; expected a mesh axis name, a tuple of them, or None"
+            )
+        if len(set(_as_tuple(axes))) != len(_as_tuple(axes)):
+            raise ShardingError(f"rule {i} ({rule[0]!r}) names a mesh axis twice: {axes!r}")
+        for axis in _as_tuple(axes):
             if axis not in known_axes:
                 raise ShardingError(
                     f"rule {i} ({rule[0]!r}) names mesh axis {axis!r}; the mesh has {', '.join(known_axes)}"
@@ -164,6 +180,7 @@ def logical_to_spec(
         or two dimensions left with the same mesh axis.
     """
     sizes = _axis_sizes(mesh)
+    validate_rules(rules, sizes)  # a handful of rules, checked at trace time only
     if shape is not None and len(shape) != len(logical_axes):
         raise ShardingError(
             f"{path}: shape {tuple(shape)} has {len(shape)} dimensions but logical axes "
@@ -178,9 +195,9 @@ def logical_to_spec(
             continue
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ShardingError(
-                f"{path}: logical axis {name!r} (dimension {dim}) has no rule{hint} "
+                f"{path}: logical axis {name!r} (dimension {dim}) has no rule.{hint} "
                 f"Known logical axes: {', '.join(sorted(known))}"
             )
         chosen: tuple[str, ...] | None = None
@@ -203,12 +220,6 @@ def logical_to_spec(
                 f"both resolve to mesh axis {axis!r}; add a fallback rule such as "
                 f"({name!r}, None) after ({name!r}, {axis!r})"
             )
-        for axis in chosen:
-            if axis not in sizes:
-                raise ShardingError(
-                    f"{path}: the rule for {name!r} names mesh axis {axis!r}, "
-                    f"which the mesh ({', '.join(sizes)}) does not have"
-                )
         # Size-1 axes are dropped, so they never count as taken.
         effective = tuple(a for a in chosen if sizes[a] > 1)
         for axis in effective:

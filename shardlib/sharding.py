@@ -25,7 +25,8 @@ PyTree = Any
 AxisPatterns = Sequence[tuple[str, LogicalAxes | None]]
 
 
-def _is_axes(x: Any) -> bool:
+def is_logical_axes(x: Any) -> bool:
+    """True for a leaf of a logical-axes tree: a tuple of names (or None); ``is_leaf`` for tree maps."""
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
@@ -113,7 +114,9 @@ def tree_shardings(
 ) -> PyTree:
     """A ``NamedSharding`` per leaf of ``tree``; errors name the leaf's path."""
     specs = tree_specs(tree, logical_tree, rules, mesh)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
 def shard_tree(tree: PyTree, logical_tree: PyTree, rules: Rules, mesh: jax.sharding.Mesh) -> PyTree:
@@ -122,7 +125,10 @@ def shard_tree(tree: PyTree, logical_tree: PyTree, rules: Rules, mesh: jax.shard
 
 
 def optimizer_shardings(
-    tx: optax.GradientTransformation, params: PyTree, param_shardings: PyTree, mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation,
+    params: PyTree,
+    param_shardings: PyTree,
+    mesh: jax.sharding.Mesh,
 ) -> PyTree:
     """Shardings for ``tx.init(params)``: moments follow their parameter, scalars are replicated.
 
@@ -153,7 +159,11 @@ class ActivationSharding:
 
     def spec(self, shape: Sequence[int], logical_axes: LogicalAxes) -> PartitionSpec:
         return logical_to_spec(
-            logical_axes, self.rules, self.mesh, shape=shape, path=f"activation{tuple(logical_axes)}"
+            logical_axes,
+            self.rules,
+            self.mesh,
+            shape=shape,
+            path=f"activation{tuple(logical_axes)}",
         )
 
     def __call__(self, x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:

@@ -73,7 +73,9 @@ def loss_and_grads(loss_fn: Callable, params: PyTree, batch: Batch, grad_accum: 
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (inputs, targets))
+    (loss_sum, grad_sum), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros), (inputs, targets)
+    )
     return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
 
@@ -97,7 +99,7 @@ def make_train_step(
         loss, grads = loss_and_grads(loss_fn, params, batch, grad_accum, shard)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
@@ -110,7 +112,10 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, shardings: StateShardings, batch_sharding: NamedSharding, shard: ActivationSharding
+    graphdef: nnx.GraphDef,
+    shardings: StateShardings,
+    batch_sharding: NamedSharding,
+    shard: ActivationSharding,
 ) -> Callable[[PyTree, Batch], jax.Array]:
     """``eval(params, batch) -> loss``, jitted; nothing is donated."""
     loss_fn = make_loss_fn(graphdef, shard)

@@ -20,7 +20,12 @@ from flax import nnx
 from models import create_model
 from shardlib.config import ModelConfig, OptimizerConfig
 from shardlib.rules import Rules
-from shardlib.sharding import logical_axes_from_state, optimizer_shardings, tree_shardings
+from shardlib.sharding import (
+    is_logical_axes,
+    logical_axes_from_state,
+    optimizer_shardings,
+    tree_shardings,
+)
 
 PyTree = Any
 
@@ -64,21 +69,12 @@ def abstract_model(cfg: ModelConfig) -> AbstractModel:
     return AbstractModel(graphdefs[0], nnx.to_pure_dict(state), logical_axes_from_state(state))
 
 
-def init_params(cfg: ModelConfig, seed: int, shardings: PyTree) -> PyTree:
-    """Initialises parameters directly into ``shardings`` (a tree of NamedSharding)."""
-
-    def make():
-        return nnx.to_pure_dict(nnx.state(_build(cfg, seed)))
-
-    return jax.jit(make, out_shardings=shardings)()
-
-
 def decay_mask(logical_axes: PyTree) -> PyTree:
     """Weight decay applies to matrices only: not to norm scales (one dim besides ``layers``)."""
     return jax.tree.map(
         lambda axes: sum(a != "layers" for a in axes) >= 2,
         logical_axes,
-        is_leaf=lambda x: isinstance(x, tuple),
+        is_leaf=is_logical_axes,
     )
 
 
@@ -93,7 +89,9 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     )
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, logical_axes: PyTree) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, logical_axes: PyTree
+) -> optax.GradientTransformation:
     """AdamW with warmup + cosine decay and global-norm gradient clipping."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
@@ -130,13 +128,18 @@ def init_state(
     tx: optax.GradientTransformation,
     shardings: StateShardings,
 ) -> tuple[PyTree, PyTree]:
-    """Fresh (params, opt_state), each leaf created in its shards."""
-    params = init_params(cfg, seed, shardings.params)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    return params, opt_state
+    """Fresh (params, opt_state), each leaf created in its shards by one jitted initialiser."""
+
+    def make():
+        params = nnx.to_pure_dict(nnx.state(_build(cfg, seed)))
+        return params, tx.init(params)
+
+    return jax.jit(make, out_shardings=(shardings.params, shardings.opt_state))()
 
 
-def abstract_state(model: AbstractModel, tx: optax.GradientTransformation, shardings: StateShardings):
+def abstract_state(
+    model: AbstractModel, tx: optax.GradientTransformation, shardings: StateShardings
+):
     """(params, opt_state) as ShapeDtypeStructs carrying this mesh's shardings: a restore target."""
 
     def attach(leaf, sharding):

@@ -19,7 +19,7 @@ from shardlib.config import ModelConfig
 
 BATCH, LENGTH = 2, 16
 
-# The golden table of parameter paths, shapes (for TINY) and logical axes.
+# The golden table of parameter paths, shapes (for tiny_cfg()) and logical axes.
 GOLDEN_PARAMS = {
     "embed/embedding": ((64, 32), ("vocab", "embed")),
     "layers/attn_norm": ((2, 32), ("layers", "embed")),
@@ -39,11 +39,14 @@ MESH_AXIS_NAMES = {"data", "fsdp", "model", "tensor", "pipe", "stage", "expert",
 
 def tiny_cfg(**overrides) -> ModelConfig:
     # n_kv_heads < n_heads so every test exercises grouped-query attention.
-    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    base = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+            "d_ff": 64}
     return ModelConfig(**(base | overrides))
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    # Eager on purpose: each op compiles once per shape and is cached across
+    # tests, whereas a jitted init recompiles the whole RNG graph per config.
     with nnx.use_eager_sharding(False):
         return Transformer(cfg, rngs=nnx.Rngs(seed))
 
@@ -64,7 +67,7 @@ def logits_of(model, tokens_BxL, positions_BxL=None) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tokens_BxL():
-    return jax.random.randint(jax.random.key(1), (BATCH, LENGTH), 0, 64)
+    return jnp.asarray(np.random.default_rng(1).integers(0, 64, (BATCH, LENGTH)), jnp.int32)
 
 
 # ---------------------------------------------------------------- naive reference (numpy)
@@ -105,7 +108,8 @@ def _reference_logits(params, tokens_BxL, cfg):
     positions_BxL = np.broadcast_to(np.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x = p["embed/embedding"][np.asarray(tokens_BxL)]
     for i in range(cfg.n_layers):
-        w = {name.removeprefix("layers/"): a[i] for name, a in p.items() if name.startswith("layers/")}
+        w = {name.removeprefix("layers/"): a[i]
+             for name, a in p.items() if name.startswith("layers/")}
         h = _rms_ref(x, w["attn_norm"], cfg.norm_eps)
         q = _rope_ref(np.einsum("bld,dhk->blhk", h, w["q"]), positions_BxL, cfg.rope_theta)
         k = _rope_ref(np.einsum("bld,dhk->blhk", h, w["k"]), positions_BxL, cfg.rope_theta)
@@ -152,13 +156,12 @@ def test_matches_naive_reference(tokens_BxL):
 
 
 def test_gqa_attention_matches_repeated_kv_reference():
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(kq, (BATCH, LENGTH, 6, 8))
-    k = jax.random.normal(kk, (BATCH, LENGTH, 2, 8))
-    v = jax.random.normal(kv, (BATCH, LENGTH, 2, 8))
-    positions = jnp.broadcast_to(jnp.arange(LENGTH), (BATCH, LENGTH))
-    got = jax.jit(causal_gqa_attention)(q, k, v, positions, positions)
-    expected = _attention_ref(*(np.asarray(a, np.float64) for a in (q, k, v)))
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((BATCH, LENGTH, heads, 8)) for heads in (6, 2, 2))
+    positions = np.broadcast_to(np.arange(LENGTH), (BATCH, LENGTH))
+    got = jax.jit(causal_gqa_attention)(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+                                        positions, positions)
+    expected = _attention_ref(q, k, v)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -172,9 +175,7 @@ def test_causality(tokens_BxL):
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    kq, kk = jax.random.split(jax.random.key(0))
-    q = jax.random.normal(kq, (1, 1, 1, 8))
-    k = jax.random.normal(kk, (1, 1, 1, 8))
+    q, k = np.random.default_rng(0).standard_normal((2, 1, 1, 1, 8)).astype(np.float32)
 
     @jax.jit
     def rope_score(q_pos, k_pos):
@@ -188,7 +189,7 @@ def test_rope_scores_depend_only_on_relative_position():
     np.testing.assert_allclose([score(3, 1), score(10, 8), score(257, 255)], score(2, 0), rtol=1e-5)
     assert abs(score(5, 0) - score(2, 0)) > 1e-3  # and it does depend on the distance
     rotated = jax.jit(apply_rope, static_argnums=2)(q, jnp.full((1, 1), 123), 10000.0)
-    np.testing.assert_allclose(jnp.linalg.norm(rotated), jnp.linalg.norm(q), rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(rotated), np.linalg.norm(q), rtol=1e-6)
 
 
 def test_positions_shift_and_permutation(tokens_BxL):
@@ -254,7 +255,7 @@ def test_bf16_close_to_fp32(tokens_BxL):
     logits16 = forward(graphdef, state, tokens_BxL)
     assert logits16.dtype == jnp.float32
     rel_err = np.linalg.norm(np.asarray(logits16) - logits32) / np.linalg.norm(logits32)
-    assert rel_err < 5e-2
+    assert rel_err < 3e-2  # measured 1.2e-2
 
 
 def test_shard_called_with_logical_names(tokens_BxL):

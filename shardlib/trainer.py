@@ -142,10 +142,64 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh) -> TrainingSetup:
     )
 
 
+class _Throughput:
+    """Tokens per second over logging windows; excludes the compiling first step and evaluation."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.window_start: float | None = None
+        self.window_steps = 0
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def step_done(self, metrics: dict) -> None:
+        if self.window_start is None:  # the first step compiled: start timing at its end
+            jax.block_until_ready(metrics)
+            self.restart()
+        else:
+            self.window_steps += 1
+
+    def restart(self) -> None:
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def close_window(self) -> dict[str, float]:
+        """{step_time_s, tokens_per_s} of the steps since the last call (empty if none)."""
+        if not self.window_steps:
+            return {}
+        seconds = time.perf_counter() - self.window_start
+        tokens = self.window_steps * self.tokens_per_step
+        self.tokens += tokens
+        self.seconds += seconds
+        out = {"step_time_s": seconds / self.window_steps, "tokens_per_s": tokens / seconds}
+        self.restart()
+        return out
+
+    @property
+    def overall(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
+
+
+def _restore_or_init(
+    run: TrainingSetup, checkpointer: Checkpointer, log
+) -> tuple[int, object, object, int]:
+    """(start step, params, opt_state, data position) from the latest checkpoint, or fresh."""
+    step = checkpointer.latest_step()
+    if step is None:
+        params, opt_state = run.init_state()
+        return 0, params, opt_state, 0
+    params, opt_state, meta = checkpointer.restore(
+        step, *abstract_state(run.model, run.tx, run.shardings)
+    )
+    position = int(meta["data_position"])
+    log(f"resumed from {checkpointer.step_path(step)} (data position {position})")
+    return step, params, opt_state, position
+
+
 def train(
     cfg: Config,
     mesh: jax.sharding.Mesh,
     *,
+    stop_at: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -153,115 +207,91 @@ def train(
 
     Parameters and optimizer state are created (or restored) directly in
     their shards; the data position is restored with them, so an interrupted
-    run continues with exactly the batches it would have seen.
+    run continues with exactly the batches it would have seen. ``stop_at``
+    ends this invocation after that step, with a checkpoint, as a preempted
+    job would; the learning-rate schedule stays the one of ``cfg.steps``.
     """
     run = setup_training(cfg, mesh)
     is_main = jax.process_index() == 0
     run_dir = pathlib.Path(cfg.run_dir)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
     train_tokens, heldout_tokens = load_token_splits(cfg.data)
-
     checkpointer = Checkpointer(
         run_dir / "checkpoints",
         every=cfg.checkpoint.every,
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
     )
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        params, opt_state, meta = checkpointer.restore(
-            start_step, *abstract_state(run.model, run.tx, run.shardings)
-        )
-        position = int(meta["data_position"])
-        log(f"resumed from {checkpointer.step_path(start_step)} (data position {position})")
-    else:
-        params, opt_state = run.init_state()
-        position = 0
+    start_step, params, opt_state, position = _restore_or_init(run, checkpointer, log)
+    end_step = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
 
     loader = run.loader(train_tokens, seed=cfg.seed, position=position)
     eval_loader = run.loader(heldout_tokens, seed=cfg.seed + 1)
-
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    throughput = _Throughput(cfg.batch_size * cfg.seq_len)
     flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
-    device = mesh.devices.flat[0]
-    peak = cfg.peak_tflops or peak_tflops(device.device_kind, cfg.model.compute_dtype)
+    peak = cfg.peak_tflops or peak_tflops(mesh.devices.flat[0].device_kind, cfg.model.compute_dtype)
     log(
         f"model {cfg.model.num_params():,} params | mesh {describe_mesh(mesh)} | sharding {cfg.sharding} | "
-        f"steps {start_step + 1}..{cfg.steps} | {tokens_per_step:,} tokens/step"
+        f"steps {start_step + 1}..{end_step} of {cfg.steps} | {throughput.tokens_per_step:,} tokens/step"
     )
 
     losses: list[float] = []
-    pending: list[
-        jax.Array
-    ] = []  # device scalars not yet fetched: fetching every step would stall dispatch
+    pending: list[jax.Array] = []  # fetched at log time: a fetch per step would stall dispatch
     eval_losses: list[tuple[int, float]] = []
     started = time.perf_counter()
-    window_start, window_steps, timed_tokens, timed_seconds = None, 0, 0, 0.0
+    steps = range(start_step + 1, end_step + 1)
     with MetricsWriter(run_dir, enabled=is_main) as writer:
-        bar = tqdm(
-            range(start_step + 1, cfg.steps + 1),
-            disable=not (progress and is_main),
-            desc="train",
-            unit="step",
-        )
+        bar = tqdm(steps, disable=not (progress and is_main), desc="train", unit="step")
         for step in bar:
             params, opt_state, metrics = run.train_step(params, opt_state, loader.next())
             pending.append(metrics["loss"])
-            if window_start is None:  # the first step compiles: time from its end
-                jax.block_until_ready(metrics["loss"])
-                window_start = time.perf_counter()
-            else:
-                window_steps += 1
-            last = step == cfg.steps
+            throughput.step_done(metrics)
+            last = step == end_step
             if step % cfg.log_every == 0 or last:
                 losses += [float(x) for x in pending]
                 pending.clear()
-                now = time.perf_counter()
+                # optax counts updates from 0, so step s used schedule(s - 1).
                 row = {
                     "loss": losses[-1],
                     "grad_norm": float(metrics["grad_norm"]),
                     "lr": float(schedule(step - 1)),
-                }  # optax counts updates from 0
-                if window_steps:
-                    seconds = now - window_start
-                    timed_tokens += window_steps * tokens_per_step
-                    timed_seconds += seconds
-                    rate = window_steps * tokens_per_step / seconds
-                    row |= {"step_time_s": seconds / window_steps, "tokens_per_s": rate}
-                    utilisation = mfu(rate / mesh.size, flops_per_token, peak)
-                    if utilisation is not None:
-                        row["mfu"] = utilisation
+                }
+                row |= throughput.close_window()
+                if "tokens_per_s" in row and (
+                    util := mfu(row["tokens_per_s"] / mesh.size, flops_per_token, peak)
+                ):
+                    row["mfu"] = util
                 writer.write(step, row)
                 bar.set_postfix(
                     loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}"
                 )
-                window_start, window_steps = time.perf_counter(), 0
-            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 eval_loss = _mean_eval_loss(run.eval_step, params, eval_loader, cfg.eval_batches)
                 eval_losses.append((step, eval_loss))
                 writer.write(step, {"loss": eval_loss}, split="eval")
-                window_start = time.perf_counter()  # evaluation is not training time
+                throughput.restart()
             if checkpointer.should_save(step) or last:
                 checkpointer.save(step, params, opt_state, {"data_position": loader.position})
         bar.close()
     checkpointer.close()
-    losses += [float(x) for x in pending]
     wall = time.perf_counter() - started
-    rate = timed_tokens / timed_seconds if timed_seconds else None
     if is_main and losses:
-        plot_loss_curve(
-            run_dir / "metrics.jsonl",
-            run_dir / "loss.png",
-            title=f"{cfg.model.name} on {describe_mesh(mesh)}",
-        )
+        title = f"{cfg.model.name} on {describe_mesh(mesh)}"
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=title)
     if losses:
+        rate = f", {throughput.overall:,.0f} tokens/s" if throughput.overall else ""
         log(
-            f"steps {start_step + 1}..{cfg.steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-            f"wall {wall:.1f}s" + (f", {rate:,.0f} tokens/s" if rate else "")
+            f"steps {start_step + 1}..{end_step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, wall {wall:.1f}s{rate}"
         )
     return TrainResult(
-        run_dir, start_step, max(cfg.steps, start_step), losses, eval_losses, wall, rate
+        run_dir,
+        start_step,
+        max(end_step, start_step),
+        losses,
+        eval_losses,
+        wall,
+        throughput.overall,
     )

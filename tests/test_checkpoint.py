@@ -1,0 +1,125 @@
+"""Checkpoints: bitwise resume, restore onto another mesh, and clear errors that lose nothing."""
+
+import hashlib
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from shardlib.checkpoint import Checkpointer, CheckpointError
+from shardlib.data import load_token_splits
+from shardlib.train_state import abstract_state
+from shardlib.trainer import setup_training, train
+from tests.support import mesh_of, tiny_config
+
+quiet = {"progress": False, "log": lambda _: None}
+
+
+def _tree_digest(directory: pathlib.Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A 10-step run on data=4 x model=2 that stopped after step 5 (checkpoint at 5)."""
+    run_dir = tmp_path_factory.mktemp("saved")
+    cfg = tiny_config(run_dir, sharding="tp")
+    result = train(cfg, mesh_of(data=4, model=2), stop_at=5, **quiet)
+    assert result.final_step == 5
+    return cfg
+
+
+def test_resume_is_bitwise_identical(tmp_path, saved_run):
+    straight = train(tiny_config(tmp_path / "straight", sharding="tp"), mesh_of(data=4, model=2), **quiet)
+    # saved_run stopped after 5 of 10 steps; copy it so the module fixture stays at step 5.
+    resumed_dir = tmp_path / "resumed"
+    _copy_tree(pathlib.Path(saved_run.run_dir), resumed_dir)
+    first_half = [straight.losses[i] for i in range(5)]
+    second = train(tiny_config(resumed_dir, sharding="tp"), mesh_of(data=4, model=2), **quiet)
+
+    assert second.start_step == 5
+    assert len(straight.losses) == 10 and len(second.losses) == 5
+    assert second.losses == straight.losses[5:], "resumed losses differ from the uninterrupted run"
+    assert first_half[0] > straight.losses[-1], "the run did not train"
+
+
+def test_restore_onto_another_mesh(saved_run):
+    """Saved on 8 devices (data 4 x model 2, tp); restored on 4 (data 2 x model 2, fsdp)."""
+    losses = {}
+    for name, sharding, mesh in [
+        ("saved mesh", "tp", mesh_of(data=4, model=2)),
+        ("other mesh", "fsdp", mesh_of(data=2, model=2)),
+    ]:
+        cfg = saved_run.model_copy(update={"sharding": sharding})
+        run = setup_training(cfg, mesh)
+        checkpointer = Checkpointer(pathlib.Path(cfg.run_dir) / "checkpoints", every=5, keep=3)
+        params, opt_state, meta = checkpointer.restore(5, *abstract_state(run.model, run.tx, run.shardings))
+        checkpointer.close()
+        assert meta["data_position"] == 5
+        assert len(params["layers"]["q"].sharding.device_set) == mesh.size
+        tokens, _ = load_token_splits(cfg.data)
+        next_batch = run.loader(tokens, seed=cfg.seed, position=meta["data_position"]).next()
+        losses[name] = float(run.eval_step(params, next_batch))
+    assert abs(losses["saved mesh"] - losses["other mesh"]) <= 1e-5, losses
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tensorstore's noisy coroutines
+def test_unreadable_checkpoint_names_step_and_path_and_is_kept(tmp_path, saved_run):
+    run_dir = tmp_path / "corrupt"
+    _copy_tree(pathlib.Path(saved_run.run_dir), run_dir)
+    step_dir = run_dir / "checkpoints" / "5"
+    victims = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 64]
+    assert victims, "no data files found in the checkpoint"
+    for path in victims:  # truncate the array data, as a crashed copy would
+        path.write_bytes(path.read_bytes()[:16])
+    before = _tree_digest(run_dir / "checkpoints")
+
+    with pytest.raises(CheckpointError, match=r"checkpoint step 5 at .*checkpoints/5"):
+        train(tiny_config(run_dir, sharding="tp"), mesh_of(data=4, model=2), **quiet)
+    assert _tree_digest(run_dir / "checkpoints") == before, "a failed run changed the checkpoints"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tensorstore's noisy coroutines
+def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, saved_run):
+    run_dir = tmp_path / "other_config"
+    _copy_tree(pathlib.Path(saved_run.run_dir), run_dir)
+    before = _tree_digest(run_dir / "checkpoints")
+    wider = tiny_config(run_dir, sharding="tp", model={"d_model": 64})
+    with pytest.raises(CheckpointError, match=r"checkpoint step 5 at .*checkpoints/5 cannot be restored"):
+        train(wider, mesh_of(data=4, model=2), **quiet)
+    assert _tree_digest(run_dir / "checkpoints") == before
+
+
+def test_keeps_the_last_k(tmp_path):
+    cfg = tiny_config(tmp_path, steps=4, checkpoint={"every": 1, "keep": 2})
+    train(cfg, mesh_of(devices=1), **quiet)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", every=1, keep=2)
+    assert checkpointer.all_steps() == [3, 4]
+    checkpointer.close()
+
+
+def test_restored_state_equals_saved_state(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2, checkpoint={"every": 2})
+    mesh = mesh_of(data=4, model=2)
+    run = setup_training(cfg, mesh)
+    params, opt_state = run.init_state()
+    expected = jax.device_get((params, opt_state))
+    checkpointer = Checkpointer(tmp_path / "ckpt", every=1, keep=1)
+    checkpointer.save(1, params, opt_state, {"data_position": 3})
+    checkpointer.wait()
+    restored_params, restored_opt, meta = checkpointer.restore(1, *abstract_state(run.model, run.tx, run.shardings))
+    checkpointer.close()
+    assert meta == {"step": 1, "data_position": 3}
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get((restored_params, restored_opt))), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(restored_opt) == jax.tree.structure(opt_state)
+
+
+def _copy_tree(src: pathlib.Path, dst: pathlib.Path) -> None:
+    shutil.copytree(src, dst)

@@ -68,8 +68,7 @@ def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> 
     x32_BxLxHxK = x_BxLxHxK.astype(jnp.float32)
     x1_BxLxHxk, x2_BxLxHxk = x32_BxLxHxK[..., :half], x32_BxLxHxK[..., half:]
     out_BxLxHxK = jnp.concatenate(
-        [x1_BxLxHxk * cos_BxLx1xk - x2_BxLxHxk * sin_BxLx1xk,
-         x2_BxLxHxk * cos_BxLx1xk + x1_BxLxHxk * sin_BxLx1xk],
+        [x1_BxLxHxk * cos_BxLx1xk - x2_BxLxHxk * sin_BxLx1xk, x2_BxLxHxk * cos_BxLx1xk + x1_BxLxHxk * sin_BxLx1xk],
         axis=-1,
     )
     return out_BxLxHxK.astype(x_BxLxHxK.dtype)
@@ -97,16 +96,12 @@ def causal_gqa_attention(
     group = n_heads // n_kv_heads
     q_BxLxNxGxK = q_BxLxHxK.reshape(batch, q_len, n_kv_heads, group, head_dim)
 
-    scores_BxNxGxLxM = jnp.einsum(
-        "blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32
-    )
+    scores_BxNxGxLxM = jnp.einsum("blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32)
     scores_BxNxGxLxM = scores_BxNxGxLxM * (head_dim**-0.5)
     visible_BxLxM = q_positions_BxL[:, :, None] >= kv_positions_BxM[:, None, :]
     # A large finite negative rather than -inf: a fully masked row then yields a
     # uniform softmax instead of NaNs (cannot happen causally, but cheap insurance).
-    scores_BxNxGxLxM = jnp.where(
-        visible_BxLxM[:, None, None], scores_BxNxGxLxM, jnp.finfo(jnp.float32).min
-    )
+    scores_BxNxGxLxM = jnp.where(visible_BxLxM[:, None, None], scores_BxNxGxLxM, jnp.finfo(jnp.float32).min)
     probs_BxNxGxLxM = jax.nn.softmax(scores_BxNxGxLxM, axis=-1).astype(v_BxMxNxK.dtype)
 
     out_BxLxNxGxK = jnp.einsum("bnglm,bmnk->blngk", probs_BxNxGxLxM, v_BxMxNxK)
@@ -138,9 +133,7 @@ def decoder_block(
     v_BxLxNxK = shard(v_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
     q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, rope_theta)
     k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, rope_theta)
-    attn_BxLxHxK = causal_gqa_attention(
-        q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, positions_BxL
-    )
+    attn_BxLxHxK = causal_gqa_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, positions_BxL)
     x_BxLxD = x_BxLxD + jnp.einsum("blhk,hkd->bld", attn_BxLxHxK, w.o.astype(dtype))
 
     h_BxLxD = rms_norm(x_BxLxD, w.mlp_norm, norm_eps)

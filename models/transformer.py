@@ -82,8 +82,7 @@ class LayerStack(nnx.Module):
         out_std = std / math.sqrt(2 * n_layers)
 
         def matrix(shape, names, scale=std):
-            return nnx.Param(_normal(rngs.params(), (n_layers, *shape), scale, dtype),
-                             out_sharding=("layers", *names))
+            return nnx.Param(_normal(rngs.params(), (n_layers, *shape), scale, dtype), out_sharding=("layers", *names))
 
         def norm_scale():
             return nnx.Param(jnp.ones((n_layers, d), dtype), out_sharding=("layers", "embed"))
@@ -121,9 +120,7 @@ class Transformer(nnx.Module):
         self.norm_eps = float(cfg.norm_eps)
         self.remat = cfg.remat
         param_dtype = jnp.dtype(cfg.param_dtype)
-        self.embed = Embedding(
-            cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=param_dtype, rngs=rngs
-        )
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=param_dtype, rngs=rngs)
         self.layers = LayerStack(cfg, dtype=param_dtype, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((cfg.d_model,), param_dtype), out_sharding=("embed",))
         if cfg.tie_embeddings:
@@ -154,9 +151,7 @@ class Transformer(nnx.Module):
 
         x_BxLxD = shard(self.embed(tokens_BxL, self.compute_dtype), ("batch", "length", "embed"))
 
-        block = functools.partial(
-            decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard
-        )
+        block = functools.partial(decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard)
 
         def scan_body(x_BxLxD, w):
             x_BxLxD = block(x_BxLxD, w, positions_BxL)
@@ -166,9 +161,7 @@ class Transformer(nnx.Module):
             # prevent_cse guards against XLA merging recomputation with the
             # forward pass; inside scan that cannot happen, and the guard only
             # costs performance (per the jax.checkpoint docs).
-            scan_body = jax.checkpoint(
-                scan_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False
-            )
+            scan_body = jax.checkpoint(scan_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         x_BxLxD, _ = jax.lax.scan(scan_body, x_BxLxD, self.layers.weights())
 
         x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], self.norm_eps)
@@ -176,7 +169,9 @@ class Transformer(nnx.Module):
             logits_BxLxV = self.embed.attend(x_BxLxD)
         else:
             logits_BxLxV = jnp.einsum(
-                "bld,dv->blv", x_BxLxD, self.unembed[...].astype(self.compute_dtype),
+                "bld,dv->blv",
+                x_BxLxD,
+                self.unembed[...].astype(self.compute_dtype),
                 preferred_element_type=jnp.float32,
             )
         return shard(logits_BxLxV, ("batch", "length", "vocab"))

@@ -25,9 +25,7 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Saves every ``every`` steps, keeps the last ``keep``; async by default."""
 
-    def __init__(
-        self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True
-    ):
+    def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         self.every = every
         self._manager = ocp.CheckpointManager(
@@ -64,9 +62,7 @@ class Checkpointer:
             ),
         )
 
-    def restore(
-        self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree
-    ) -> tuple[PyTree, PyTree, dict]:
+    def restore(self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree) -> tuple[PyTree, PyTree, dict]:
         """Reads ``step`` onto the shardings the abstract targets carry.
 
         Returns (params, opt_state, meta). Raises CheckpointError naming the

@@ -23,22 +23,25 @@ USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config, --mesh, --devices, --traceback and trailing key=value overrides."""
+    """--config, --mesh, --devices, the multi-process flags, --traceback and key=value overrides."""
     parser.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
-    parser.add_argument(
-        "--mesh", help="mesh YAML (meshes/*.yaml); default: the config's `mesh` key"
-    )
+    parser.add_argument("--mesh", help="mesh YAML (meshes/*.yaml); default: the config's `mesh` key")
     parser.add_argument(
         "--devices",
         type=int,
         help="emulate this many CPU devices and build the mesh on them (overrides the mesh file's platform)",
     )
     parser.add_argument(
-        "--traceback", action="store_true", help="show the full traceback of errors"
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run through jax.distributed: the cluster is detected (SLURM, Open MPI, "
+        "Kubernetes, TPU) unless --coordinator/--num-processes/--process-id are given",
     )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200"
-    )
+    parser.add_argument("--coordinator", help="host:port of process 0's coordination service (implies --distributed)")
+    parser.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
+    parser.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200")
 
 
 def load_run(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
@@ -52,6 +55,13 @@ def load_run(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
     if args.devices is not None:
         spec = dataclasses.replace(spec, platform="cpu", emulate_cpu_devices=args.devices)
     prepare_devices(spec)
+    if args.distributed or args.coordinator:
+        # Before the first device use: the runtime decides which devices are global.
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
     return cfg, spec
 
 
@@ -82,9 +92,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``python train.py --config configs/X.yaml --mesh meshes/Y.yaml [key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="train.py", description="Train a transformer with shardlib."
-    )
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a transformer with shardlib.")
     add_run_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return run_guarded(_train, parser.parse_args(argv))

@@ -67,13 +67,11 @@ class ModelConfig(BaseModel):
         if self.head_dim is None and self.d_model % self.n_heads:
             # Flooring would silently shrink the attention width; make the user choose.
             raise ValueError(
-                f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); "
-                "set model.head_dim explicitly"
+                f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); set model.head_dim explicitly"
             )
         if self.resolved_head_dim % 2:
             raise ValueError(
-                f"head_dim ({self.resolved_head_dim}) must be even: rotary embeddings "
-                "rotate pairs of channels"
+                f"head_dim ({self.resolved_head_dim}) must be even: rotary embeddings rotate pairs of channels"
             )
         return self
 
@@ -135,9 +133,7 @@ class DataConfig(BaseModel):
     @model_validator(mode="after")
     def _check_paths(self) -> "DataConfig":
         if self.source == "stdlib" and self.paths:
-            raise ValueError(
-                "source 'stdlib' takes no data.paths; remove them or pick 'text'/'bin'"
-            )
+            raise ValueError("source 'stdlib' takes no data.paths; remove them or pick 'text'/'bin'")
         if self.source != "stdlib" and not self.paths:
             raise ValueError(f"source '{self.source}' needs at least one file in data.paths")
         return self
@@ -212,12 +208,8 @@ def _resolve_key(key: str, model_cls: type[BaseModel]) -> tuple[str, FieldInfo]:
     if len(candidates) == 1:
         return candidates[0], fields[candidates[0]]
     if candidates:
-        raise ConfigError(
-            f"ambiguous config key '{key}'; use the full name: {', '.join(candidates)}"
-        )
-    unique_leaves = [
-        leaf for leaf, keys in by_leaf.items() if len(keys) == 1 and leaf not in fields
-    ]
+        raise ConfigError(f"ambiguous config key '{key}'; use the full name: {', '.join(candidates)}")
+    unique_leaves = [leaf for leaf, keys in by_leaf.items() if len(keys) == 1 and leaf not in fields]
     close = difflib.get_close_matches(key, list(fields) + unique_leaves, n=3)
     hint = f"did you mean: {', '.join(close)}?" if close else f"valid keys: {', '.join(fields)}"
     raise ConfigError(f"unknown config key '{key}'; {hint}")
@@ -237,9 +229,7 @@ def _parse_value(override: str, raw: str, field: FieldInfo) -> Any:
     return value
 
 
-def apply_overrides(
-    cfg_dict: dict, overrides: Sequence[str], model_cls: type[BaseModel] = Config
-) -> dict:
+def apply_overrides(cfg_dict: dict, overrides: Sequence[str], model_cls: type[BaseModel] = Config) -> dict:
     """Return a copy of ``cfg_dict`` with ``key=value`` overrides applied, in order.
 
     A key is a full dotted path (``optimizer.lr``) or a leaf name that occurs once in
@@ -254,8 +244,7 @@ def apply_overrides(
         key = key.strip()
         if not sep or not key:
             raise ConfigError(
-                f"malformed override '{override}': expected key=value, "
-                "e.g. steps=200 or optimizer.lr=1e-3"
+                f"malformed override '{override}': expected key=value, e.g. steps=200 or optimizer.lr=1e-3"
             )
         dotted, field = _resolve_key(key, model_cls)
         value = _parse_value(override, raw, field)
@@ -267,9 +256,7 @@ def apply_overrides(
             node = node[part]
             if not isinstance(node, dict):
                 section = ".".join(parents[: depth + 1])
-                raise ConfigError(
-                    f"cannot apply override '{override}': '{section}' is {node!r}, not a mapping"
-                )
+                raise ConfigError(f"cannot apply override '{override}': '{section}' is {node!r}, not a mapping")
         node[leaf] = value
     return result
 
@@ -297,9 +284,7 @@ def _describe_error(error: dict, model_cls: type[BaseModel]) -> str:
     return line
 
 
-def validate_config(
-    cfg_dict: dict, source: str = "", model_cls: type[BaseModel] = Config
-) -> BaseModel:
+def validate_config(cfg_dict: dict, source: str = "", model_cls: type[BaseModel] = Config) -> BaseModel:
     """Validate a plain dict into ``model_cls``, turning pydantic errors into a ConfigError.
 
     ``source`` (e.g. ``"in configs/tiny.yaml"``) is put in the message header.
@@ -329,8 +314,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"invalid config in {path}: the top level must be a mapping of keys, "
-            f"got {type(raw).__name__}"
+            f"invalid config in {path}: the top level must be a mapping of keys, got {type(raw).__name__}"
         )
     source = f"in {path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     return validate_config(apply_overrides(raw, overrides), source)

@@ -134,14 +134,10 @@ def load_token_splits(data_cfg) -> tuple[np.ndarray, np.ndarray]:
     files = corpus_files(data_cfg)
     tokens = _read_bin(files) if data_cfg.source == "bin" else _read_bytes(files)
     if tokens.size == 0:
-        raise ValueError(
-            f"empty corpus: source={data_cfg.source!r} gave no tokens ({len(files)} files)"
-        )
+        raise ValueError(f"empty corpus: source={data_cfg.source!r} gave no tokens ({len(files)} files)")
     n_heldout = int(tokens.size * fraction)
     if n_heldout == 0:
-        raise ValueError(
-            f"corpus of {tokens.size} tokens is too small to hold out {fraction} of it"
-        )
+        raise ValueError(f"corpus of {tokens.size} tokens is too small to hold out {fraction} of it")
     split = tokens.size - n_heldout
     return tokens[:split], tokens[split:]
 
@@ -214,10 +210,7 @@ def _local_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, int]) 
     batch dimension replicated over processes) it is every row.
     """
     n_rows = global_shape[0]
-    blocks = {
-        idx[0].indices(n_rows)[:2]
-        for idx in sharding.addressable_devices_indices_map(global_shape).values()
-    }
+    blocks = {idx[0].indices(n_rows)[:2] for idx in sharding.addressable_devices_indices_map(global_shape).values()}
     return np.unique(np.concatenate([np.arange(a, b) for a, b in blocks]))
 
 
@@ -256,13 +249,9 @@ class BatchLoader:
 
     def peek(self, index: int) -> dict[str, jax.Array]:
         """Global batch ``index`` without moving: {"inputs", "targets"}, each [B, L] int32."""
-        local = batch_windows(
-            self.tokens, index, self.batch_size, self.seq_len, self.seed, rows=self._rows
-        )
+        local = batch_windows(self.tokens, index, self.batch_size, self.seq_len, self.seed, rows=self._rows)
         return {
-            name: jax.make_array_from_process_local_data(
-                self.sharding, np.ascontiguousarray(part), self.global_shape
-            )
+            name: jax.make_array_from_process_local_data(self.sharding, np.ascontiguousarray(part), self.global_shape)
             for name, part in (("inputs", local[:, :-1]), ("targets", local[:, 1:]))
         }
 

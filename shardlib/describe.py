@@ -77,9 +77,7 @@ class Description:
             for r in self.rows
         ]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
-        line = lambda cells: "  ".join(
-            str(c).ljust(w) for c, w in zip(cells, widths, strict=True)
-        ).rstrip()
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
         out = []
         if show_rules:
             out += [
@@ -104,13 +102,7 @@ class Description:
 
 def golden_table(desc: Description) -> str:
     """The stable part of a description (path, shape, logical axes, spec), for golden files."""
-    return (
-        "\n".join(
-            f"{r.path}  {_shape(r.shape)}  {_axes(r.logical_axes)}  {_spec(r.spec)}"
-            for r in desc.rows
-        )
-        + "\n"
-    )
+    return "\n".join(f"{r.path}  {_shape(r.shape)}  {_axes(r.logical_axes)}  {_spec(r.spec)}" for r in desc.rows) + "\n"
 
 
 def describe(
@@ -219,13 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from shardlib.cli import add_run_arguments, run_guarded
     from shardlib.rules import PRESETS
 
-    parser = argparse.ArgumentParser(
-        prog="python -m shardlib.describe", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m shardlib.describe", description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
-    parser.add_argument(
-        "--sharding", choices=sorted(PRESETS), help="preset to describe (default: the config's)"
-    )
+    parser.add_argument("--sharding", choices=sorted(PRESETS), help="preset to describe (default: the config's)")
     return run_guarded(_describe_main, parser.parse_args(argv))
 
 

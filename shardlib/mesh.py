@@ -142,9 +142,7 @@ def build_mesh(spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> j
     if n_hosts == 1:
         # One host, or a flat mesh over every process's devices: within_host covers them all.
         within = _resolve(spec.within_host, len(devices), f"{kind} device", where)
-        return jax.make_mesh(
-            tuple(within.values()), MESH_AXES, axis_types=axis_types, devices=devices
-        )
+        return jax.make_mesh(tuple(within.values()), MESH_AXES, axis_types=axis_types, devices=devices)
 
     if n_hosts != n_processes:
         raise ValueError(
@@ -157,9 +155,7 @@ def build_mesh(spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> j
             f"{where}: processes hold different numbers of devices "
             f"({dict(sorted(per_process.items()))}), so no host layout fits"
         )
-    within = _resolve(
-        spec.within_host, len(devices) // n_hosts, f"{kind} device", where, per_host=True
-    )
+    within = _resolve(spec.within_host, len(devices) // n_hosts, f"{kind} device", where, per_host=True)
     grid = mesh_utils.create_hybrid_device_mesh(
         tuple(within.values()), tuple(across.values()), devices, process_is_granule=True
     )
@@ -232,9 +228,7 @@ def _check_sizes(sizes: Any, level: str, where: str) -> dict[str, int]:
                 f"{', '.join(MESH_AXES)}{_suggest(axis, MESH_AXES)}"
             )
         if not _is_int(size, -1) or size == 0:
-            raise ValueError(
-                f"{where}: {level}.{axis} must be a positive integer or -1, got {size!r}"
-            )
+            raise ValueError(f"{where}: {level}.{axis} must be a positive integer or -1, got {size!r}")
     absorbing = [axis for axis, size in sizes.items() if size == -1]
     if len(absorbing) > 1:
         raise ValueError(
@@ -246,9 +240,7 @@ def _check_sizes(sizes: Any, level: str, where: str) -> dict[str, int]:
 
 def _check_platform(platform: Any, where: str) -> str | None:
     if platform is not None and platform not in PLATFORMS:
-        raise ValueError(
-            f"{where}: platform must be one of {', '.join(PLATFORMS)} or absent, got {platform!r}"
-        )
+        raise ValueError(f"{where}: platform must be one of {', '.join(PLATFORMS)} or absent, got {platform!r}")
     return platform
 
 
@@ -258,9 +250,7 @@ def _check_emulate(count: Any, where: str) -> int | None:
     return count
 
 
-def _resolve(
-    sizes: dict[str, int], available: int, noun: str, where: str, *, per_host: bool = False
-) -> dict[str, int]:
+def _resolve(sizes: dict[str, int], available: int, noun: str, where: str, *, per_host: bool = False) -> dict[str, int]:
     """Replace a -1 in ``sizes`` so the product equals ``available`` ``noun``s, or raise.
 
     ``noun`` is e.g. "cpu device" or "process"; ``per_host`` words the messages for a
@@ -280,9 +270,7 @@ def _resolve(
             )
         return {axis: available // fixed if size == -1 else size for axis, size in sizes.items()}
     if fixed != available:
-        raise ValueError(
-            f"{where} needs {_count(fixed, generic)}{scope} ({_format_sizes(sizes)}) but {have}"
-        )
+        raise ValueError(f"{where} needs {_count(fixed, generic)}{scope} ({_format_sizes(sizes)}) but {have}")
     return dict(sizes)
 
 
@@ -292,9 +280,7 @@ def _default_devices(spec: MeshSpec, where: str) -> list[jax.Device]:
     try:
         return jax.devices(spec.platform)
     except RuntimeError as err:
-        raise ValueError(
-            f"{where} is for platform {spec.platform!r}, which JAX cannot use here: {err}"
-        ) from err
+        raise ValueError(f"{where} is for platform {spec.platform!r}, which JAX cannot use here: {err}") from err
 
 
 # --- small helpers --------------------------------------------------------------------------

@@ -124,9 +124,7 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
     anywhere else means the file is damaged and raises ``ValueError``.
     """
     path = pathlib.Path(path)
-    lines = [
-        (i, line) for i, line in enumerate(path.read_text("utf-8").splitlines(), 1) if line.strip()
-    ]
+    lines = [(i, line) for i, line in enumerate(path.read_text("utf-8").splitlines(), 1) if line.strip()]
     records = []
     for pos, (lineno, line) in enumerate(lines):
         try:
@@ -220,9 +218,7 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
     return PEAK_TFLOPS[max(matches, key=len)].get(str(dtype))
 
 
-def mfu(
-    tokens_per_second_per_device: float, flops_per_token: float, peak_tflops: float | None
-) -> float | None:
+def mfu(tokens_per_second_per_device: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s per device over the chip's peak.
 
     Returns a fraction (1.0 = peak), or ``None`` when the peak is unknown.

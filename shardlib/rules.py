@@ -107,9 +107,7 @@ def compile_rules(intent: ShardingIntent) -> Rules:
 def preset_rules(name: str) -> Rules:
     """The rule table of a named preset (``dp``, ``fsdp``, ``tp``, ``fsdp_tp``)."""
     if name not in PRESETS:
-        raise ShardingError(
-            f"unknown sharding preset {name!r}; known presets: {', '.join(PRESETS)}"
-        )
+        raise ShardingError(f"unknown sharding preset {name!r}; known presets: {', '.join(PRESETS)}")
     return compile_rules(PRESETS[name])
 
 
@@ -118,9 +116,7 @@ def format_rules(rules: Rules) -> str:
     width = max((len(name) for name, _ in rules), default=0)
     lines = []
     for name, axes in rules:
-        shown = (
-            "replicated" if axes is None else (axes if isinstance(axes, str) else " x ".join(axes))
-        )
+        shown = "replicated" if axes is None else (axes if isinstance(axes, str) else " x ".join(axes))
         lines.append(f"{name:<{width}}  ->  {shown}")
     return "\n".join(lines)
 

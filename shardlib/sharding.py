@@ -53,9 +53,7 @@ def logical_axes_from_state(state: nnx.State) -> PyTree:
     def axes_of(path, variable):
         axes = variable.get_metadata().get("out_sharding")
         if axes is None:
-            raise ShardingError(
-                f"parameter {path_str(path)} has no logical axes (out_sharding metadata)"
-            )
+            raise ShardingError(f"parameter {path_str(path)} has no logical axes (out_sharding metadata)")
         return tuple(axes)
 
     axes_state = nnx.map_state(axes_of, state)
@@ -109,14 +107,10 @@ def tree_specs(tree: PyTree, logical_tree: PyTree, rules: Rules, mesh: jax.shard
     return jax.tree_util.tree_map_with_path(spec, tree, logical_tree)
 
 
-def tree_shardings(
-    tree: PyTree, logical_tree: PyTree, rules: Rules, mesh: jax.sharding.Mesh
-) -> PyTree:
+def tree_shardings(tree: PyTree, logical_tree: PyTree, rules: Rules, mesh: jax.sharding.Mesh) -> PyTree:
     """A ``NamedSharding`` per leaf of ``tree``; errors name the leaf's path."""
     specs = tree_specs(tree, logical_tree, rules, mesh)
-    return jax.tree.map(
-        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def shard_tree(tree: PyTree, logical_tree: PyTree, rules: Rules, mesh: jax.sharding.Mesh) -> PyTree:

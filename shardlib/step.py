@@ -73,9 +73,7 @@ def loss_and_grads(loss_fn: Callable, params: PyTree, batch: Batch, grad_accum: 
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(
-        accumulate, (jnp.zeros((), jnp.float32), zeros), (inputs, targets)
-    )
+    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (inputs, targets))
     return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
 

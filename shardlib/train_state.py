@@ -89,9 +89,7 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     )
 
 
-def make_optimizer(
-    cfg: OptimizerConfig, total_steps: int, logical_axes: PyTree
-) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, logical_axes: PyTree) -> optax.GradientTransformation:
     """AdamW with warmup + cosine decay and global-norm gradient clipping."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
@@ -137,9 +135,7 @@ def init_state(
     return jax.jit(make, out_shardings=(shardings.params, shardings.opt_state))()
 
 
-def abstract_state(
-    model: AbstractModel, tx: optax.GradientTransformation, shardings: StateShardings
-):
+def abstract_state(model: AbstractModel, tx: optax.GradientTransformation, shardings: StateShardings):
     """(params, opt_state) as ShapeDtypeStructs carrying this mesh's shardings: a restore target."""
 
     def attach(leaf, sharding):

@@ -126,9 +126,7 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh) -> TrainingSetup:
     shard = ActivationSharding(rules, mesh)
     batch_sharding = _batch_sharding(cfg, shard)
     loss_fn = make_loss_fn(model.graphdef, shard)
-    grads = jax.jit(
-        lambda params, batch: loss_and_grads(loss_fn, params, batch, cfg.grad_accum, shard)
-    )
+    grads = jax.jit(lambda params, batch: loss_and_grads(loss_fn, params, batch, cfg.grad_accum, shard))
     return TrainingSetup(
         cfg,
         mesh,
@@ -179,17 +177,13 @@ class _Throughput:
         return self.tokens / self.seconds if self.seconds else None
 
 
-def _restore_or_init(
-    run: TrainingSetup, checkpointer: Checkpointer, log
-) -> tuple[int, object, object, int]:
+def _restore_or_init(run: TrainingSetup, checkpointer: Checkpointer, log) -> tuple[int, object, object, int]:
     """(start step, params, opt_state, data position) from the latest checkpoint, or fresh."""
     step = checkpointer.latest_step()
     if step is None:
         params, opt_state = run.init_state()
         return 0, params, opt_state, 0
-    params, opt_state, meta = checkpointer.restore(
-        step, *abstract_state(run.model, run.tx, run.shardings)
-    )
+    params, opt_state, meta = checkpointer.restore(step, *abstract_state(run.model, run.tx, run.shardings))
     position = int(meta["data_position"])
     log(f"resumed from {checkpointer.step_path(step)} (data position {position})")
     return step, params, opt_state, position
@@ -260,14 +254,10 @@ def train(
                     "lr": float(schedule(step - 1)),
                 }
                 row |= throughput.close_window()
-                if "tokens_per_s" in row and (
-                    util := mfu(row["tokens_per_s"] / mesh.size, flops_per_token, peak)
-                ):
+                if "tokens_per_s" in row and (util := mfu(row["tokens_per_s"] / mesh.size, flops_per_token, peak)):
                     row["mfu"] = util
                 writer.write(step, row)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}"
-                )
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}")
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 eval_loss = _mean_eval_loss(run.eval_step, params, eval_loader, cfg.eval_batches)
                 eval_losses.append((step, eval_loss))
@@ -283,9 +273,7 @@ def train(
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=title)
     if losses:
         rate = f", {throughput.overall:,.0f} tokens/s" if throughput.overall else ""
-        log(
-            f"steps {start_step + 1}..{end_step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, wall {wall:.1f}s{rate}"
-        )
+        log(f"steps {start_step + 1}..{end_step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, wall {wall:.1f}s{rate}")
     return TrainResult(
         run_dir,
         start_step,

@@ -59,7 +59,7 @@ def test_restore_onto_another_mesh(saved_run):
         cfg = saved_run.model_copy(update={"sharding": sharding})
         run = setup_training(cfg, mesh)
         checkpointer = Checkpointer(pathlib.Path(cfg.run_dir) / "checkpoints", every=5, keep=3)
-        params, opt_state, meta = checkpointer.restore(5, *abstract_state(run.model, run.tx, run.shardings))
+        params, _, meta = checkpointer.restore(5, *abstract_state(run.model, run.tx, run.shardings))
         checkpointer.close()
         assert meta["data_position"] == 5
         assert len(params["layers"]["q"].sharding.device_set) == mesh.size
@@ -116,7 +116,9 @@ def test_restored_state_equals_saved_state(tmp_path):
     restored_params, restored_opt, meta = checkpointer.restore(1, *abstract_state(run.model, run.tx, run.shardings))
     checkpointer.close()
     assert meta == {"step": 1, "data_position": 3}
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get((restored_params, restored_opt))), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(expected), jax.tree.leaves(jax.device_get((restored_params, restored_opt))), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     assert jax.tree.structure(restored_opt) == jax.tree.structure(opt_state)
 

@@ -18,8 +18,15 @@ def run(*args, timeout=300):
 def test_default_training_run(tmp_path):
     """The README's main command, shortened: it exits 0, its loss falls, it leaves its artefacts."""
     proc = run(
-        "train.py", "--config", "configs/tiny.yaml", "--mesh", "meshes/cpu-8.yaml",
-        "steps=20", f"run_dir={tmp_path}", "log_every=5", "--no-progress",
+        "train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--mesh",
+        "meshes/cpu-8.yaml",
+        "steps=20",
+        f"run_dir={tmp_path}",
+        "log_every=5",
+        "--no-progress",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -53,8 +60,17 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path, args, message):
 
 
 def test_describe_command():
-    proc = run("-m", "shardlib.describe", "--config", "configs/tiny.yaml", "--mesh", "meshes/cpu-8-fsdp.yaml",
-               "--sharding", "fsdp", timeout=120)
+    proc = run(
+        "-m",
+        "shardlib.describe",
+        "--config",
+        "configs/tiny.yaml",
+        "--mesh",
+        "meshes/cpu-8-fsdp.yaml",
+        "--sharding",
+        "fsdp",
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "layers/q" in proc.stdout and "P(None, 'data', None, None)" in proc.stdout
     assert "replicated: 0.0% of parameter bytes" in proc.stdout

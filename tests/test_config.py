@@ -41,9 +41,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_shipped_configs_exist():
-    assert {"tiny.yaml", "small.yaml", "gpt2-124m.yaml", "1b.yaml"} <= {
-        p.name for p in CONFIGS.glob("*.yaml")
-    }
+    assert {"tiny.yaml", "small.yaml", "gpt2-124m.yaml", "1b.yaml"} <= {p.name for p in CONFIGS.glob("*.yaml")}
 
 
 def test_tiny_values():
@@ -170,9 +168,7 @@ def test_unknown_dotted_key_suggests_dotted_match():
 
 
 def test_unknown_key_without_close_match_lists_keys():
-    with pytest.raises(
-        ConfigError, match=r"unknown config key 'zzzz'; valid keys: .*optimizer\.lr"
-    ):
+    with pytest.raises(ConfigError, match=r"unknown config key 'zzzz'; valid keys: .*optimizer\.lr"):
         load_config(TINY, ["zzzz=1"])
 
 
@@ -225,9 +221,7 @@ def test_type_errors_name_key_value_and_expected_type(override, pattern):
 def test_errors_in_file_name_file_and_keys(tmp_path):
     path = write(
         tmp_path,
-        "model: {d_model: x, n_layers: 2, n_heads: 2, n_kv_heads: 1, d_ff: 4}\n"
-        "stpes: 3\n"
-        "optimiser: {}\n",
+        "model: {d_model: x, n_layers: 2, n_heads: 2, n_kv_heads: 1, d_ff: 4}\nstpes: 3\noptimiser: {}\n",
     )
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -258,9 +252,7 @@ def test_invalid_yaml(tmp_path):
 @pytest.mark.parametrize("text", ["- 1\n- 2\n", "just text\n"])
 def test_top_level_must_be_mapping(tmp_path, text):
     path = write(tmp_path, text)
-    with pytest.raises(
-        ConfigError, match=rf"invalid config in {path}: the top level must be a mapping"
-    ):
+    with pytest.raises(ConfigError, match=rf"invalid config in {path}: the top level must be a mapping"):
         load_config(path)
 
 
@@ -269,16 +261,12 @@ def test_top_level_must_be_mapping(tmp_path, text):
 
 def test_batch_size_divisible_by_grad_accum():
     assert load_config(TINY, ["grad_accum=4"]).grad_accum == 4
-    with pytest.raises(
-        ConfigError, match=r"batch_size \(32\) must be divisible by grad_accum \(5\)"
-    ):
+    with pytest.raises(ConfigError, match=r"batch_size \(32\) must be divisible by grad_accum \(5\)"):
         load_config(TINY, ["grad_accum=5"])
 
 
 def test_n_heads_multiple_of_n_kv_heads():
-    with pytest.raises(
-        ConfigError, match=r"model: n_heads \(4\) must be a multiple of n_kv_heads \(3\)"
-    ):
+    with pytest.raises(ConfigError, match=r"model: n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
         load_config(TINY, ["n_kv_heads=3"])
 
 

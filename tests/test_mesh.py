@@ -63,9 +63,7 @@ def test_eight_device_files_build_on_all_devices(stem, expected):
     assert mesh.devices.size == 8
 
 
-@pytest.mark.parametrize(
-    ("stem", "n", "expected"), [("cpu-1", 1, sizes()), ("cpu-4", 4, sizes(data=2, model=2))]
-)
+@pytest.mark.parametrize(("stem", "n", "expected"), [("cpu-1", 1, sizes()), ("cpu-4", 4, sizes(data=2, model=2))])
 def test_smaller_files_build_on_a_device_subset(stem, n, expected):
     mesh = build_mesh(load_mesh_spec(MESH_DIR / f"{stem}.yaml"), devices=jax.devices()[:n])
     assert mesh_axis_sizes(mesh) == expected
@@ -98,9 +96,7 @@ def test_minus_one_alone_takes_every_device():
 
 
 def test_across_hosts_minus_one_is_one_in_a_single_process():
-    spec = mesh_spec_from_dict(
-        {"within_host": {"data": 4, "model": 2}, "across_hosts": {"data": -1}}
-    )
+    spec = mesh_spec_from_dict({"within_host": {"data": 4, "model": 2}, "across_hosts": {"data": -1}})
     assert mesh_axis_sizes(build_mesh(spec)) == sizes(data=4, model=2)
 
 
@@ -116,9 +112,7 @@ def test_describe_mesh():
     assert describe_mesh(build_mesh(mesh_spec(data=4, model=2))) == (
         "data=4 x model=2 (8 cpu devices; pipe, expert, seq = 1)"
     )
-    assert describe_mesh(build_mesh(mesh_spec(data=8))) == (
-        "data=8 (8 cpu devices; pipe, expert, seq, model = 1)"
-    )
+    assert describe_mesh(build_mesh(mesh_spec(data=8))) == ("data=8 (8 cpu devices; pipe, expert, seq, model = 1)")
     one = build_mesh(mesh_spec(), devices=jax.devices()[:1])
     assert describe_mesh(one) == "single device (1 cpu device; all axes = 1)"
 
@@ -215,9 +209,7 @@ def test_too_many_devices_is_an_error_too():
 
 
 def test_minus_one_that_does_not_divide_is_an_error():
-    with pytest.raises(
-        ValueError, match=r"data=-1 x model=3 needs a multiple of 3 devices.*8 cpu devices"
-    ):
+    with pytest.raises(ValueError, match=r"data=-1 x model=3 needs a multiple of 3 devices.*8 cpu devices"):
         build_mesh(mesh_spec(data=-1, model=3))
 
 

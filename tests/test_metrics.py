@@ -74,9 +74,7 @@ def test_rejects_non_scalars_and_reserved_names(tmp_path):
 
 def test_truncated_last_line_is_skipped(tmp_path):
     path = tmp_path / METRICS_FILE
-    path.write_text(
-        json.dumps({"step": 1, "split": "train", "loss": 3.0}) + "\n" + '{"step": 2, "spl'
-    )
+    path.write_text(json.dumps({"step": 1, "split": "train", "loss": 3.0}) + "\n" + '{"step": 2, "spl')
     assert [r["step"] for r in read_metrics(path)] == [1]
 
 

@@ -39,8 +39,7 @@ MESH_AXIS_NAMES = {"data", "fsdp", "model", "tensor", "pipe", "stage", "expert",
 
 def tiny_cfg(**overrides) -> ModelConfig:
     # n_kv_heads < n_heads so every test exercises grouped-query attention.
-    base = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-            "d_ff": 64}
+    base = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64}
     return ModelConfig(**(base | overrides))
 
 
@@ -52,8 +51,7 @@ def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 
 def flat_params(model: nnx.Module) -> dict[str, nnx.Param]:
-    return {"/".join(map(str, path)): var
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {"/".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -71,6 +69,7 @@ def tokens_BxL():
 
 
 # ---------------------------------------------------------------- naive reference (numpy)
+
 
 def _rms_ref(x, scale, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
@@ -108,8 +107,7 @@ def _reference_logits(params, tokens_BxL, cfg):
     positions_BxL = np.broadcast_to(np.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x = p["embed/embedding"][np.asarray(tokens_BxL)]
     for i in range(cfg.n_layers):
-        w = {name.removeprefix("layers/"): a[i]
-             for name, a in p.items() if name.startswith("layers/")}
+        w = {name.removeprefix("layers/"): a[i] for name, a in p.items() if name.startswith("layers/")}
         h = _rms_ref(x, w["attn_norm"], cfg.norm_eps)
         q = _rope_ref(np.einsum("bld,dhk->blhk", h, w["q"]), positions_BxL, cfg.rope_theta)
         k = _rope_ref(np.einsum("bld,dhk->blhk", h, w["k"]), positions_BxL, cfg.rope_theta)
@@ -124,6 +122,7 @@ def _reference_logits(params, tokens_BxL, cfg):
 
 
 # ------------------------------------------------------------------------------- tests
+
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_logits_shape_dtype_and_param_count(tie, tokens_BxL):
@@ -140,8 +139,7 @@ def test_logits_shape_dtype_and_param_count(tie, tokens_BxL):
 
 def test_param_paths_shapes_and_logical_axes():
     params = flat_params(build(tiny_cfg()))
-    got = {name: (var[...].shape, var.get_metadata()["out_sharding"])
-           for name, var in params.items()}
+    got = {name: (var[...].shape, var.get_metadata()["out_sharding"]) for name, var in params.items()}
     assert got == GOLDEN_PARAMS
     for name, (shape, names) in got.items():
         assert len(names) == len(shape), name
@@ -159,8 +157,7 @@ def test_gqa_attention_matches_repeated_kv_reference():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((BATCH, LENGTH, heads, 8)) for heads in (6, 2, 2))
     positions = np.broadcast_to(np.arange(LENGTH), (BATCH, LENGTH))
-    got = jax.jit(causal_gqa_attention)(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
-                                        positions, positions)
+    got = jax.jit(causal_gqa_attention)(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), positions, positions)
     expected = _attention_ref(q, k, v)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
@@ -206,8 +203,7 @@ def test_positions_shift_and_permutation(tokens_BxL):
 
 def _loss(graphdef, state, tokens_BxL):
     logits = nnx.merge(graphdef, state)(tokens_BxL[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(
-        jax.nn.log_softmax(logits), tokens_BxL[:, 1:, None], axis=-1))
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens_BxL[:, 1:, None], axis=-1))
 
 
 def _iter_eqns(jaxpr):
@@ -230,8 +226,7 @@ def test_remat_policies_agree(tokens_BxL):
     for remat, policy in REMAT_POLICIES.items():
         graphdef, state = nnx.split(build(tiny_cfg(remat=remat)))
         jaxpr = jax.make_jaxpr(_loss, static_argnums=0)(graphdef, state, tokens_BxL).jaxpr
-        used = [eqn.params["policy"] for eqn in _iter_eqns(jaxpr)
-                if eqn.primitive.name in ("remat2", "checkpoint")]
+        used = [eqn.params["policy"] for eqn in _iter_eqns(jaxpr) if eqn.primitive.name in ("remat2", "checkpoint")]
         assert used == ([] if policy is None else [policy])
         loss_and_grad = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
         results[remat] = loss_and_grad(graphdef, state, tokens_BxL)
@@ -249,8 +244,9 @@ def test_bf16_close_to_fp32(tokens_BxL):
     assert {var[...].dtype for var in flat_params(model).values()} == {jnp.dtype(jnp.bfloat16)}
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(forward.__wrapped__, static_argnums=0)(graphdef, state, tokens_BxL)
-    dot_dtypes = {var.aval.dtype for eqn in _iter_eqns(jaxpr.jaxpr)
-                  if eqn.primitive.name == "dot_general" for var in eqn.invars}
+    dot_dtypes = {
+        var.aval.dtype for eqn in _iter_eqns(jaxpr.jaxpr) if eqn.primitive.name == "dot_general" for var in eqn.invars
+    }
     assert dot_dtypes == {jnp.dtype(jnp.bfloat16)}  # every matmul runs in the compute dtype
     logits16 = forward(graphdef, state, tokens_BxL)
     assert logits16.dtype == jnp.float32

@@ -182,9 +182,7 @@ def test_two_dimensions_on_one_mesh_axis_without_fallback():
 def test_rank_mismatch():
     with pytest.raises(ShardingError) as err:
         logical_to_spec(("embed",), SMALL, ALL2, shape=(4, 8), path="decoder/w")
-    assert str(err.value) == (
-        "decoder/w: shape (4, 8) has 2 dimensions but logical axes ('embed',) name 1"
-    )
+    assert str(err.value) == ("decoder/w: shape (4, 8) has 2 dimensions but logical axes ('embed',) name 1")
 
 
 def test_rule_naming_an_unknown_mesh_axis():
@@ -217,9 +215,7 @@ def test_presets_validate(preset):
 def test_validate_rules_names_the_unknown_mesh_axis():
     with pytest.raises(ShardingError) as err:
         validate_rules((("embed", None), ("batch", ("data", "dta"))))
-    assert str(err.value) == (
-        "rule 1 ('batch') names mesh axis 'dta'; the mesh has data, pipe, expert, seq, model"
-    )
+    assert str(err.value) == ("rule 1 ('batch') names mesh axis 'dta'; the mesh has data, pipe, expert, seq, model")
 
 
 def test_validate_rules_against_a_smaller_mesh():
@@ -345,12 +341,8 @@ def test_preset_resolution_on_the_8_device_mesh(preset, axes, expected):
 
 def test_preset_resolution_on_a_mesh_with_every_axis():
     rules = preset_rules("fsdp_tp")
-    assert logical_to_spec(("batch", "length", "embed"), rules, ALL2) == P(
-        ("data", "expert"), "seq", None
-    )
-    assert logical_to_spec(("layers", "experts", "embed", "mlp"), rules, ALL2) == P(
-        "pipe", "expert", "data", "model"
-    )
+    assert logical_to_spec(("batch", "length", "embed"), rules, ALL2) == P(("data", "expert"), "seq", None)
+    assert logical_to_spec(("layers", "experts", "embed", "mlp"), rules, ALL2) == P("pipe", "expert", "data", "model")
 
 
 # --- agreement with Flax ----------------------------------------------------------------------
@@ -420,10 +412,7 @@ def test_nnx_get_partition_spec_agrees_for_tp():
 def test_format_rules():
     rules = (("batch", ("data", "expert")), ("embed", "data"), ("embed", None), ("head_dim", None))
     assert format_rules(rules) == (
-        "batch     ->  data x expert\n"
-        "embed     ->  data\n"
-        "embed     ->  replicated\n"
-        "head_dim  ->  replicated"
+        "batch     ->  data x expert\nembed     ->  data\nembed     ->  replicated\nhead_dim  ->  replicated"
     )
 
 

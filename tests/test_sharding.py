@@ -181,8 +181,7 @@ def test_match_logical_axes_rank_mismatch():
     with pytest.raises(ShardingError) as err:
         match_logical_axes(foreign_tree(), [(r"kernel", ("embed",)), (".*", None)])
     assert str(err.value) == (
-        "encoder/dense/kernel: pattern 'kernel' gives logical axes ('embed',) "
-        "but the leaf has shape (16, 32)"
+        "encoder/dense/kernel: pattern 'kernel' gives logical axes ('embed',) but the leaf has shape (16, 32)"
     )
 
 
@@ -207,8 +206,7 @@ def test_tree_specs_error_names_the_leaf(mesh):
     with pytest.raises(ShardingError) as err:
         tree_specs(tree, {"head": {"w": ("embed", None)}}, preset_rules("fsdp"), mesh)
     assert str(err.value) == (
-        "head/w: dimension 0 ('embed') of shape (6, 8) has size 6, "
-        "which does not divide by mesh axes data=4 (4 parts)"
+        "head/w: dimension 0 ('embed') of shape (6, 8) has size 6, which does not divide by mesh axes data=4 (4 parts)"
     )
 
 
@@ -335,10 +333,7 @@ BIG_AXES = {**AXES, "pos": {"table": (None, "embed")}}
 
 def test_describe_rows_and_bytes(mesh):
     desc = describe(PARAMS, AXES, preset_rules("fsdp_tp"), mesh)
-    rows = [
-        (r.path, r.shape, r.logical_axes, r.spec, r.bytes_total, r.bytes_per_device)
-        for r in desc.rows
-    ]
+    rows = [(r.path, r.shape, r.logical_axes, r.spec, r.bytes_total, r.bytes_per_device) for r in desc.rows]
     assert rows == [
         ("embed/table", (64, 16), ("vocab", "embed"), P("model", "data"), 4096, 512),
         ("mlp/down", (64, 16), ("mlp", "embed"), P("model", "data"), 4096, 512),
@@ -417,9 +412,7 @@ def test_golden_table_shows_tuple_axes_and_none():
     sizes_mesh = build_mesh(mesh_spec(data=2, expert=2, model=2))
     params = {"w": sds(8, 4, 16)}
     desc = describe(params, {"w": ("batch", None, "mlp")}, preset_rules("tp"), sizes_mesh)
-    assert golden_table(desc) == (
-        "w  [8, 4, 16]  (batch, None, mlp)  P(('data', 'expert'), None, 'model')\n"
-    )
+    assert golden_table(desc) == ("w  [8, 4, 16]  (batch, None, mlp)  P(('data', 'expert'), None, 'model')\n")
     assert desc.rows[0].bytes_per_device == 8 * 4 * 16 * 4 // 8
 
 

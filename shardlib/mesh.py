@@ -28,9 +28,10 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 from jax._src import xla_bridge  # private, but the only way to ask "too late?" without an init
 from jax.experimental import mesh_utils
+
+from shardlib.yaml_file import read_yaml
 
 MESH_AXES: tuple[str, ...] = ("data", "pipe", "expert", "seq", "model")
 PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
@@ -85,16 +86,8 @@ def load_mesh_spec(path: str | Path) -> MeshSpec:
     describes an invalid mesh.
     """
     path = Path(path)
-    where = f"mesh file {str(path)!r}"
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ValueError(f"{where}: cannot read it ({err.strerror or err})") from err
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{where}: invalid YAML: {err}") from err
-    return _parse(data, path.stem, where=where)
+    data = read_yaml(path, "mesh file")
+    return _parse(data, path.stem, where=f"mesh file {str(path)!r}")
 
 
 def mesh_spec(**sizes: int) -> MeshSpec:

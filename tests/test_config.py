@@ -245,7 +245,7 @@ def test_missing_file():
 
 def test_invalid_yaml(tmp_path):
     path = write(tmp_path, "model: {d_model: 1\n")
-    with pytest.raises(ConfigError, match=rf"invalid YAML in {path}"):
+    with pytest.raises(ConfigError, match=rf"invalid YAML in config file {path}"):
         load_config(path)
 
 

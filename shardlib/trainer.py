@@ -216,8 +216,14 @@ def train(
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
     )
-    start_step, params, opt_state, position = _restore_or_init(run, checkpointer, log)
     end_step = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    if (done := checkpointer.latest_step() or 0) >= end_step:
+        checkpointer.close()
+        log(
+            f"{run_dir} already holds step {done} of {cfg.steps}: nothing to train (raise steps or use another run_dir)"
+        )
+        return TrainResult(run_dir, done, done, [], [], 0.0, None)
+    start_step, params, opt_state, position = _restore_or_init(run, checkpointer, log)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))

@@ -102,6 +102,11 @@ def test_keeps_the_last_k(tmp_path):
     checkpointer = Checkpointer(tmp_path / "checkpoints", every=1, keep=2)
     assert checkpointer.all_steps() == [3, 4]
     checkpointer.close()
+    # Starting a finished run again trains nothing and touches nothing.
+    before = _tree_digest(tmp_path / "checkpoints")
+    again = train(cfg, mesh_of(devices=1), **quiet)
+    assert (again.start_step, again.losses) == (4, [])
+    assert _tree_digest(tmp_path / "checkpoints") == before
 
 
 def test_restored_state_equals_saved_state(tmp_path):

@@ -145,12 +145,30 @@ class Transformer(nnx.Module):
         long as they pass matching positions. `shard` constrains activations at
         layer boundaries by logical axis names.
         """
-        batch, length = tokens_BxL.shape
+        x_BxLxD = self.embed_tokens(tokens_BxL, shard=shard)
+        x_BxLxD = self.run_layers(self.layers.weights(), x_BxLxD, positions_BxL=positions_BxL, shard=shard)
+        return self.logits(x_BxLxD, shard=shard)
+
+    # The three pieces below are what a pipeline places on different devices:
+    # embedding on the first stage, slices of the layer stack on every stage,
+    # the output head on the last.
+
+    def embed_tokens(self, tokens_BxL: jax.Array, *, shard: ShardFn = no_shard) -> jax.Array:
+        """[B, L] token ids -> residual stream [B, L, D] in the compute dtype."""
+        return shard(self.embed(tokens_BxL, self.compute_dtype), ("batch", "length", "embed"))
+
+    def run_layers(
+        self,
+        weights: BlockWeights,
+        x_BxLxD: jax.Array,
+        *,
+        positions_BxL: jax.Array | None = None,
+        shard: ShardFn = no_shard,
+    ) -> jax.Array:
+        """Applies the layers whose stacked weights are given ([n, ...] each, any n) in order."""
+        batch, length = x_BxLxD.shape[:2]
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-
-        x_BxLxD = shard(self.embed(tokens_BxL, self.compute_dtype), ("batch", "length", "embed"))
-
         block = functools.partial(decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard)
 
         def scan_body(x_BxLxD, w):
@@ -162,8 +180,11 @@ class Transformer(nnx.Module):
             # forward pass; inside scan that cannot happen, and the guard only
             # costs performance (per the jax.checkpoint docs).
             scan_body = jax.checkpoint(scan_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-        x_BxLxD, _ = jax.lax.scan(scan_body, x_BxLxD, self.layers.weights())
+        x_BxLxD, _ = jax.lax.scan(scan_body, x_BxLxD, weights)
+        return x_BxLxD
 
+    def logits(self, x_BxLxD: jax.Array, *, shard: ShardFn = no_shard) -> jax.Array:
+        """Residual stream [B, L, D] -> float32 logits [B, L, V] (final norm, output projection)."""
         x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], self.norm_eps)
         if self.unembed is None:
             logits_BxLxV = self.embed.attend(x_BxLxD)

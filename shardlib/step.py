@@ -42,7 +42,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, shard: ActivationSharding | None) -> Ca
     return loss_fn
 
 
-def _microbatches(x_BxL: jax.Array, count: int, shard: ActivationSharding | None) -> jax.Array:
+def split_microbatches(x_BxL: jax.Array, count: int, shard: ActivationSharding | None) -> jax.Array:
     """[B, L] -> [count, B/count, L], microbatch i = rows i, i+count, ...
 
     Strided rows keep each device's rows on that device: a contiguous split
@@ -64,8 +64,8 @@ def loss_and_grads(loss_fn: Callable, params: PyTree, batch: Batch, grad_accum: 
     grad_fn = jax.value_and_grad(loss_fn)
     if grad_accum == 1:
         return grad_fn(params, batch["inputs"], batch["targets"])
-    inputs = _microbatches(batch["inputs"], grad_accum, shard)
-    targets = _microbatches(batch["targets"], grad_accum, shard)
+    inputs = split_microbatches(batch["inputs"], grad_accum, shard)
+    targets = split_microbatches(batch["targets"], grad_accum, shard)
 
     def accumulate(carry, micro):
         loss_sum, grad_sum = carry
@@ -77,24 +77,36 @@ def loss_and_grads(loss_fn: Callable, params: PyTree, batch: Batch, grad_accum: 
     return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
 
+def make_grads_fn(graphdef: nnx.GraphDef, shard: ActivationSharding | None, grad_accum: int = 1) -> Callable:
+    """``grads(params, batch) -> (loss, grads)`` without a pipeline (see ``shardlib.pipeline.step``)."""
+    loss_fn = make_loss_fn(graphdef, shard)
+    return lambda params, batch: loss_and_grads(loss_fn, params, batch, grad_accum, shard)
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef,
+    grads_fn: Callable[[PyTree, Batch], tuple[jax.Array, PyTree]],
     tx: optax.GradientTransformation,
     shardings: StateShardings,
     batch_sharding: NamedSharding,
-    shard: ActivationSharding,
-    grad_accum: int = 1,
+    compression=None,
 ) -> Callable[[PyTree, PyTree, Batch], tuple[PyTree, PyTree, dict[str, jax.Array]]]:
     """``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
-    params / opt_state arrive and leave with ``shardings`` and are donated;
-    batch arrays carry ``batch_sharding``; metrics (loss, grad_norm) are
-    replicated scalars.
+    ``grads_fn`` gives the loss and gradients (plain, accumulated or
+    pipelined); params / opt_state arrive and leave with ``shardings`` and are
+    donated; batch arrays carry ``batch_sharding``; metrics (loss, grad_norm)
+    are replicated scalars.
+
+    ``compression`` (a ``shardlib.compression.GradCompression``) replaces
+    ``grads_fn``: per-shard gradients reduced compressed over the batch axes,
+    with the error-feedback residuals it keeps in ``opt_state``.
     """
-    loss_fn = make_loss_fn(graphdef, shard)
 
     def step(params, opt_state, batch):
-        loss, grads = loss_and_grads(loss_fn, params, batch, grad_accum, shard)
+        if compression is None:
+            loss, grads = grads_fn(params, batch)
+        else:
+            loss, grads, opt_state = compression.loss_and_grads(params, opt_state, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}

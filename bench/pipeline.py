@@ -1,0 +1,88 @@
+"""Pipeline schedules side by side: bubble, compiled memory, step time, bytes between stages.
+
+    python bench/pipeline.py [--stages 4] [--microbatches 4,8,16] [--repeats 5]
+
+For every schedule at p stages and each m: the bubble its table predicts, the
+compiled gradient step's temporary memory per device, the measured time of a
+gradient step (median of --repeats, after one compile), and the bytes each
+device sends to its neighbours (collective-permute, from the compiled HLO,
+trip counts applied) against the minimum: every microbatch crosses every
+stage boundary once forward and once backward, so a device sends at least
+2 * m * (one microbatch's activations), less the ends of the pipeline.
+
+Runs on p emulated CPU devices by default (the pipe axis alone, so the
+executor uses real branches), or on whatever accelerators JAX finds with
+--platform gpu. Numbers from one run are comparable with each other only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--microbatches", default="4,8,16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--platform", default="cpu")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    if args.platform == "cpu":
+        jax.config.update("jax_num_cpu_devices", args.stages)
+    import numpy as np
+
+    from shardlib.config import validate_config
+    from shardlib.hlo import collectives, compiled_text
+    from shardlib.mesh import build_mesh, mesh_spec
+    from shardlib.pipeline.step import pipeline_plan
+    from shardlib.trainer import setup_training
+
+    p = args.stages
+    mesh = build_mesh(mesh_spec(pipe=p), jax.devices(args.platform)[:p])
+    model = {"vocab_size": 256, "d_model": 128, "n_layers": 16, "n_heads": 4, "n_kv_heads": 2, "d_ff": 384}
+    print(f"{p} stages on {jax.devices(args.platform)[0].platform}; model {model}")
+    print(f"{'schedule':<18}{'m':>4}{'bubble':>9}{'temp MiB':>10}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}")
+    for m in (int(x) for x in args.microbatches.split(",")):
+        for name, v in SCHEDULES:
+            if name == "interleaved-1f1b" and m % p:
+                continue
+            cfg = validate_config({
+                "model": model, "batch_size": 4 * m, "seq_len": 64,
+                "pipeline": {"schedule": name, "microbatches": m, "virtual_stages": v},
+            })
+            run = setup_training(cfg, mesh)
+            plan = pipeline_plan(cfg, mesh)
+            params, _ = run.init_state()
+            batch = {k: jax.device_put(np.zeros((cfg.batch_size, cfg.seq_len), np.int32), run.batch_sharding)
+                     for k in ("inputs", "targets")}
+            compiled = run.grads.lower(params, batch).compile()
+            temp = compiled.memory_analysis().temp_size_in_bytes
+            sent = sum(c.total_bytes for c in collectives(compiled_text(run.grads, params, batch))
+                       if c.kind == "collective-permute")
+            micro_bytes = 4 * cfg.seq_len * model["d_model"] * 4  # [4, seq, d] fp32 per microbatch
+            minimum = 2 * m * v * micro_bytes  # each chunk's input forward, its gradient back
+            times = []
+            for _ in range(args.repeats + 1):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(params, batch))
+                times.append(time.perf_counter() - start)
+            step_ms = 1e3 * statistics.median(times[1:])
+            bubble = float(plan.schedule.bubble_fraction())
+            print(f"{name + (f' v={v}' if v > 1 else ''):<18}{m:>4}{bubble:>9.3f}{temp / 2**20:>10.2f}"
+                  f"{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}{sent / minimum:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

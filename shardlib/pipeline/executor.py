@@ -1,0 +1,188 @@
+"""One executor for every pipeline schedule: a scan over the ticks of a compiled table.
+
+Inside a ``shard_map`` that makes only ``pipe`` manual (``data`` and ``model``
+keep working through the rules), every stage holds its slice of the stacked
+layers. Each tick, a stage runs the branch its column of the table names,
+then activations move one stage forward and gradients one stage back with
+``ppermute``. Backward passes recompute their stage's forward from the saved
+input (``jax.vjp``), so a stage keeps only stage inputs: as many as the table
+has in flight.
+
+Branches are chosen in one of two ways:
+* ``cond``: ``lax.switch``; a stage computes only its own branch. Collectives
+  inside a branch (tensor or FSDP parallelism) then run only on the devices
+  of that stage, which is what NCCL does on GPUs.
+* ``select``: every branch is computed and the result selected. XLA:CPU runs
+  each collective as one rendezvous of all local devices, so a collective
+  inside a branch some devices skip would hang; ``select`` costs compute but
+  is safe everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from shardlib.pipeline.plan import BWD, BWD_FIRST, FWD, FWD_FIRST, FWD_LAST, IDLE, Plan
+
+PyTree = Any
+Branching = Literal["cond", "select"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageFunctions:
+    """The model cut into pipeline pieces (all traced inside the shard_map).
+
+    embed(outer, tokens_BxL) -> x_BxLxD               first virtual stage's input
+    stage(chunk_layers, x_BxLxD) -> x_BxLxD           one chunk of layers
+    loss(outer, x_BxLxD, targets_BxL) -> scalar       last virtual stage's head + loss (mean)
+    ``outer`` is every parameter outside the layer stack (embedding, head).
+    """
+
+    embed: Callable
+    stage: Callable
+    loss: Callable
+
+
+def layer_order(n_layers: int, stages: int, virtual: int) -> np.ndarray:
+    """Logical layer index of each stored layer.
+
+    The stack is sharded contiguously over ``pipe``, so device s stores layers
+    [s*L/p, (s+1)*L/p), which it runs as its chunks 0..v-1; chunk c of device s
+    is virtual stage c*p + s. With v = 1 this is the identity.
+    """
+    per_chunk = n_layers // (stages * virtual)
+    order = np.empty(n_layers, np.int64)
+    for s in range(stages):
+        for c in range(virtual):
+            for j in range(per_chunk):
+                order[s * virtual * per_chunk + c * per_chunk + j] = (c * stages + s) * per_chunk + j
+    return order
+
+
+def pipeline_loss_and_grads(
+    plan: Plan,
+    fns: StageFunctions,
+    layers: PyTree,
+    outer: PyTree,
+    tokens_MxBxL: jax.Array,
+    targets_MxBxL: jax.Array,
+    mesh: jax.sharding.Mesh,
+    branching: Branching = "cond",
+) -> tuple[jax.Array, PyTree, PyTree]:
+    """Mean loss over the microbatches and its gradients, by running ``plan``.
+
+    Args:
+      layers: stacked layer parameters, leading dimension sharded over ``pipe``.
+      outer: the other parameters (replicated over ``pipe``).
+      tokens_MxBxL, targets_MxBxL: M microbatches (M = the schedule's m).
+    Returns:
+      (loss, layer grads sharded like ``layers``, outer grads replicated over ``pipe``).
+    """
+    schedule = plan.schedule
+    p, v = schedule.stages, schedule.virtual
+    table = {
+        name: jnp.asarray(getattr(plan, name))
+        for name in ("branch", "microbatch", "chunk", "act_slot", "grad_slot", "recv_act_slot", "recv_grad_slot")
+    }
+    forward_ring = [(s, (s + 1) % p) for s in range(p)]
+    backward_ring = [(s, (s - 1) % p) for s in range(p)]
+
+    def body(layers_local, outer, tokens, targets, table):
+        stage = jax.lax.axis_index("pipe")
+        chunks = jax.tree.map(lambda w: w.reshape(v, w.shape[0] // v, *w.shape[1:]), layers_local)
+        x_shape = jax.eval_shape(fns.embed, outer, tokens[0])
+        zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
+
+        def chunk_of(c):
+            return jax.tree.map(lambda w: w[c], chunks)
+
+        def forward(carry, row, first, last):
+            act_buf, grad_buf, layer_g, outer_g, loss = carry
+            mb, c = row["microbatch"], row["chunk"]
+            x = fns.embed(outer, tokens[mb]) if first else act_buf[row["act_slot"]]
+            y = fns.stage(chunk_of(c), x)
+            if last:
+                mb_loss, pull = jax.vjp(lambda o, y: fns.loss(o, y, targets[mb]), outer, y)
+                d_outer, dy = pull(jnp.ones_like(mb_loss))
+                grad_buf = grad_buf.at[row["grad_slot"]].set(dy)
+                outer_g = jax.tree.map(jnp.add, outer_g, d_outer)
+                loss = loss + mb_loss
+            return (act_buf, grad_buf, layer_g, outer_g, loss), y, zeros_x
+
+        def backward(carry, row, first):
+            act_buf, grad_buf, layer_g, outer_g, loss = carry
+            mb, c = row["microbatch"], row["chunk"]
+            dy = grad_buf[row["grad_slot"]]
+            if first:  # recompute the embedding: its parameters need gradients too
+                _, pull = jax.vjp(lambda o, w: fns.stage(w, fns.embed(o, tokens[mb])), outer, chunk_of(c))
+                d_outer, d_chunk = pull(dy)
+                outer_g = jax.tree.map(jnp.add, outer_g, d_outer)
+                dx = zeros_x
+            else:
+                _, pull = jax.vjp(fns.stage, chunk_of(c), act_buf[row["act_slot"]])
+                d_chunk, dx = pull(dy)
+            layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), layer_g, d_chunk)
+            return (act_buf, grad_buf, layer_g, outer_g, loss), zeros_x, dx
+
+        def idle(carry, row):
+            return carry, zeros_x, zeros_x
+
+        branches = [None] * 6
+        branches[IDLE] = idle
+        branches[FWD] = lambda c, r: forward(c, r, first=False, last=False)
+        branches[FWD_FIRST] = lambda c, r: forward(c, r, first=True, last=False)
+        branches[FWD_LAST] = lambda c, r: forward(c, r, first=False, last=True)
+        branches[BWD] = lambda c, r: backward(c, r, first=False)
+        branches[BWD_FIRST] = lambda c, r: backward(c, r, first=True)
+
+        def tick(carry, tick_row):
+            row = {name: value[stage] for name, value in tick_row.items()}
+            if branching == "cond":
+                carry, send_x, send_dx = jax.lax.switch(row["branch"], branches, carry, row)
+            else:
+                outs = [branch(carry, row) for branch in branches]
+                carry, send_x, send_dx = jax.tree.map(lambda *xs: jax.lax.select_n(row["branch"], *xs), *outs)
+            got_x = jax.lax.ppermute(send_x, "pipe", forward_ring)
+            got_dx = jax.lax.ppermute(send_dx, "pipe", backward_ring)
+            act_buf, grad_buf, layer_g, outer_g, loss = carry
+            # A slot of -1 means nothing arrives: write into a scratch slot past the end.
+            act_buf = act_buf.at[_or_scratch(row["recv_act_slot"], plan.act_slots)].set(got_x)
+            grad_buf = grad_buf.at[_or_scratch(row["recv_grad_slot"], plan.grad_slots)].set(got_dx)
+            return (act_buf, grad_buf, layer_g, outer_g, loss), None
+
+        carry = (
+            jnp.zeros((plan.act_slots + 1, *x_shape.shape), x_shape.dtype),
+            jnp.zeros((plan.grad_slots + 1, *x_shape.shape), x_shape.dtype),
+            jax.tree.map(jnp.zeros_like, chunks),
+            jax.tree.map(jnp.zeros_like, outer),
+            jnp.zeros((), jnp.float32),
+        )
+        (_, _, layer_g, outer_g, loss), _ = jax.lax.scan(tick, carry, table)
+        m = schedule.microbatches
+        layer_g = jax.tree.map(lambda g, w: (g / m).reshape(w.shape), layer_g, layers_local)
+        # Only the first and last stages touch the outer parameters and the loss.
+        outer_g = jax.tree.map(lambda g: jax.lax.psum(g, "pipe") / m, outer_g)
+        return jax.lax.psum(loss, "pipe") / m, layer_g, outer_g
+
+    layer_specs = jax.tree.map(lambda _: P("pipe"), layers)
+    outer_specs = jax.tree.map(lambda _: P(), outer)
+    run = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(layer_specs, outer_specs, P(), P(), P()),
+        out_specs=(P(), layer_specs, outer_specs),
+        axis_names={"pipe"},
+        check_vma=False,
+    )
+    return run(layers, outer, tokens_MxBxL, targets_MxBxL, table)
+
+
+def _or_scratch(slot: jax.Array, slots: int) -> jax.Array:
+    return jnp.where(slot < 0, slots, slot)

@@ -1,0 +1,102 @@
+"""Pipeline schedule tables, checked without devices: validity, bubbles, activations in flight."""
+
+from fractions import Fraction
+
+import pytest
+
+from shardlib.pipeline.plan import compile_plan
+from shardlib.pipeline.schedules import (
+    Action,
+    Schedule,
+    ScheduleError,
+    gpipe,
+    make_schedule,
+    one_f_one_b,
+    validate,
+)
+
+CASES = [
+    (name, p, m, v)
+    for p in (2, 4)
+    for m in (4, 8, 16)
+    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4))
+    if not (name == "interleaved-1f1b" and m % p)
+]
+
+
+@pytest.mark.parametrize("name, p, m, v", CASES)
+def test_schedule_is_valid_and_its_bubble_is_the_formula(name, p, m, v):
+    schedule = make_schedule(name, p, m, v)
+    validate(schedule)
+    assert schedule.bubble_fraction() == Fraction(p - 1, v * m + p - 1)
+    assert schedule.ticks == 2 * (v * m + p - 1)
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 4), (4, 8), (4, 16)])
+def test_1f1b_holds_at_most_p_microbatches_and_gpipe_m(p, m):
+    assert one_f_one_b(p, m).max_in_flight() == min(p, m)
+    assert gpipe(p, m).max_in_flight() == m
+    # The executor's buffers follow the table: p stage inputs for 1F1B, m for GPipe
+    # (the first stage recomputes its input from the tokens, so it needs none).
+    assert compile_plan(one_f_one_b(p, m)).act_slots <= p
+    assert compile_plan(gpipe(p, m)).act_slots == m
+
+
+def test_every_forward_precedes_its_backward_and_stage_order_holds():
+    schedule = make_schedule("interleaved-1f1b", 2, 4, 2)
+    when = {(stage, a): t for t, row in enumerate(schedule.actions) for stage, a in enumerate(row) if a}
+    p = schedule.stages
+    for (stage, action), tick in when.items():
+        k = action.chunk * p + stage
+        if action.kind == "B":
+            assert when[(stage, Action("F", action.microbatch, action.chunk))] < tick
+        elif k > 0:
+            prev = ((k - 1) % p, Action("F", action.microbatch, (k - 1) // p))
+            assert when[prev] < tick
+
+
+def _with(schedule: Schedule, actions) -> Schedule:
+    return Schedule(schedule.name, schedule.stages, schedule.microbatches, schedule.virtual, tuple(actions))
+
+
+def test_validate_rejects_a_backward_before_its_forward():
+    schedule = gpipe(2, 2)
+    rows = [list(r) for r in schedule.actions]
+    rows[0][0], rows[-1][0] = Action("B", 1), rows[0][0]
+    with pytest.raises(ScheduleError, match="runs before"):
+        validate(_with(schedule, [tuple(r) for r in rows]))
+
+
+def test_validate_rejects_a_stage_running_before_its_input_arrives():
+    schedule = gpipe(2, 2)
+    rows = [list(r) for r in schedule.actions]
+    rows[0][1] = Action("F", 0)  # stage 1 at tick 0, same tick as stage 0 makes its input
+    rows[1][1] = None
+    with pytest.raises(ScheduleError, match=r"F0 runs before F0 on stage 0"):
+        validate(_with(schedule, [tuple(r) for r in rows]))
+
+
+def test_validate_rejects_missing_and_repeated_actions():
+    schedule = gpipe(2, 2)
+    with pytest.raises(ScheduleError, match="never run"):
+        validate(_with(schedule, schedule.actions[:-1]))
+    with pytest.raises(ScheduleError, match="already ran"):
+        validate(_with(schedule, (*schedule.actions, schedule.actions[-1])))
+
+
+def test_bad_requests_are_clear_errors():
+    with pytest.raises(ScheduleError, match="unknown schedule 'zb'"):
+        make_schedule("zb", 2, 4)
+    with pytest.raises(ScheduleError, match="divisible by stages"):
+        make_schedule("interleaved-1f1b", 4, 6, 2)
+    with pytest.raises(ScheduleError, match="virtual_stages must be 1"):
+        make_schedule("1f1b", 2, 4, 2)
+
+
+def test_table_prints_one_row_per_stage():
+    text = make_schedule("1f1b", 2, 2).format()
+    assert text.splitlines() == [
+        "1f1b: p=2 m=2 v=1, 6 ticks, bubble 0.333",
+        "stage 0: F0 F1  . B0  . B1",
+        "stage 1:  . F0 B0 F1 B1  .",
+    ]

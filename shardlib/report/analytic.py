@@ -1,0 +1,332 @@
+"""The analytic communication model: bytes each device must move per step, per strategy and mesh axis.
+
+With N devices on an axis, P the parameter bytes a device's group shares,
+m = grad_accum microbatches, b x s the tokens of one microbatch on one device
+(b sequences, s = seq_len / seq positions) and c the compute dtype's bytes:
+
+* data parallel (parameters replicated over the token axes): one gradient
+  all-reduce per microbatch, 2(N-1)/N * P each (shardlib's step reduces every
+  microbatch: the accumulator has the parameters' sharding);
+* FSDP (parameters sharded over ``data``): all-gather in the forward pass,
+  again in the backward pass, reduce-scatter of the gradients:
+  3(N-1)/N * P per microbatch for the scanned layers. Parameters outside the
+  layer scan (output projection, final norm) are gathered once when they are
+  used in their own dtype: the backward pass reuses the forward's copy (XLA
+  merges the two identical gathers). The embedding lookup is the exception:
+  XLA gathers the token ids and all-to-alls the looked-up rows, not the table;
+* tensor parallel (Megatron, heads and MLP over ``model``): per layer two
+  all-reduces of the b*s*D activations forward and two backward (one more
+  backward with ``remat: full``, which recomputes the attention half), plus
+  the vocabulary-parallel embedding (one forward), the output projection (one
+  backward) and the loss's max/sum over the vocabulary (small);
+* sequence (``length`` over ``seq``): K and V gathered per layer,
+  (p-1)/p of them forward and twice that backward (re-gather plus the
+  reduce-scatter of their gradients). XLA gathers; ring attention (issue #4)
+  would move the same bytes in p-1 steps, overlapped with compute;
+* pipeline (``layers`` over ``pipe``): b*s*D per stage boundary per
+  microbatch each way, and the gradients of the parameters outside the
+  stages (embedding, head) summed over ``pipe``. The pipeline (issue #3) is
+  being built beside this report: with a config that has no ``pipeline``
+  section the terms are computed but marked ``implemented=False``;
+* experts (MoE): two all-to-alls per MoE layer forward and two backward. The
+  model has no MoE layers yet (issue #4): ``expert_terms`` is the place; today
+  the ``expert`` axis only splits the batch, like ``data``.
+
+Bytes are "wire" bytes (see ``collectives.wire_bytes``); multi-axis groups are
+attributed to axes with ``collectives.split_by_axis``, as measured ones are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+
+from shardlib.report.collectives import split_by_axis, wire_bytes
+from shardlib.report.layout import Layout, ParamLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One kind of traffic the model predicts."""
+
+    strategy: str  # "data parallel", "fsdp", "tensor parallel", "sequence", "pipeline", "experts"
+    what: str
+    kind: str
+    axes: tuple[str, ...]
+    group: int  # devices per group
+    message_bytes: float  # per op and device
+    count: int  # ops per step
+    wire_bytes: float  # per device per step
+    overlappable: bool  # can hide behind compute (gradient sync, FSDP gathers) or sits on the critical path
+    implemented: bool = True
+    note: str = ""
+
+    def per_axis(self, sizes) -> dict[str, float]:
+        shares = split_by_axis(self.kind, self.message_bytes, self.axes, sizes)
+        total = sum(shares.values())
+        return {a: v * self.wire_bytes / total for a, v in shares.items()} if total else {}
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"axes": list(self.axes)}
+
+
+def _term(strategy, what, kind, axes, sizes, message, count, overlappable, **kw) -> Term | None:
+    group = int(np.prod([sizes[a] for a in axes])) if axes else 1
+    if group < 2 or count == 0 or message <= 0:
+        return None
+    wire = wire_bytes(kind, message, group) * count
+    return Term(strategy, what, kind, tuple(axes), group, float(message), int(count), wire, overlappable, **kw)
+
+
+def _is_lookup_table(p: ParamLayout) -> bool:
+    return p.logical_axes == ("vocab", "embed")
+
+
+def gradient_terms(layout: Layout) -> list[Term]:
+    """Data parallel and FSDP: gradient reduction over the token axes, and FSDP's parameter gathers.
+
+    One op per layer per microbatch for the scanned parameters (XLA combines a
+    layer's collectives) and one per microbatch for the rest; the message is
+    the sum of the parameters it carries.
+    """
+    sizes, m = layout.sizes, layout.microbatches
+    group = layout.token_axes
+    if not group:
+        return []
+    # (strategy, what, kind, axes, layers, overlappable) -> bytes per op
+    messages: dict[tuple, float] = defaultdict(float)
+    out: list[Term | None] = []
+    for p in layout.params:
+        fsdp = tuple(a for a in group if a in p.mesh_axes)
+        rest = tuple(a for a in group if a not in p.mesh_axes)
+        # Scanned parameters: one op per layer this device runs (its stages' share with a pipeline).
+        layers = p.shape[0] // (sizes["pipe"] if "pipe" in p.mesh_axes else 1) if p.scanned else 1
+        local = p.bytes_per_device / layers  # what this device stores, per layer
+        scope = "layer" if p.scanned else "other"
+        if not fsdp:
+            messages[("data parallel", f"gradient all-reduce ({scope})", "all-reduce", rest, layers, True)] += local
+            continue
+        gathered = local * int(np.prod([sizes[a] for a in fsdp]))
+        if _is_lookup_table(p) and not layout.cfg.model.tie_embeddings:
+            out += _lookup_terms(layout, p, fsdp)
+        else:
+            gathers = [("gather parameters (forward)", "all-gather"), ("gather parameters (backward)", "all-gather")]
+            if not p.scanned and layout.cfg.model.compute_dtype == layout.cfg.model.param_dtype:
+                # Outside the layer scan the backward pass's gather is the forward's
+                # own (same operand, same program level): XLA keeps one copy.
+                gathers = [("gather parameters (forward, kept for backward)", "all-gather")]
+            for what, kind in [*gathers, ("reduce-scatter gradients", "reduce-scatter")]:
+                messages[("fsdp", f"{what}, {scope}", kind, fsdp, layers, True)] += gathered
+        if rest:
+            messages[
+                ("data parallel", f"gradient all-reduce of the shard ({scope})", "all-reduce", rest, layers, True)
+            ] += local
+    for (strategy, what, kind, axes, layers, overlap), message in messages.items():
+        out.append(_term(strategy, what, kind, axes, sizes, message, layers * m, overlap))
+    return [t for t in out if t is not None]
+
+
+def _lookup_terms(layout: Layout, table: ParamLayout, fsdp: tuple[str, ...]) -> list[Term | None]:
+    """Embedding lookup with the table's ``embed`` dimension sharded: ids gathered, rows all-to-all'd."""
+    sizes, m = layout.sizes, layout.microbatches
+    f = int(np.prod([sizes[a] for a in fsdp]))
+    tokens = layout.tokens_per_device * f  # the ids of the whole FSDP group
+    rows = tokens * layout.cfg.model.d_model // f * table.itemsize  # all tokens, 1/f of each row
+    return [
+        _term("fsdp", "embedding lookup: gather token ids", "all-gather", fsdp, sizes, tokens * 4, m, True),
+        _term("fsdp", "embedding lookup: rows to their tokens", "all-to-all", fsdp, sizes, rows, m, False),
+        _term("fsdp", "embedding lookup: row gradients back", "all-to-all", fsdp, sizes, rows, m, True),
+    ]
+
+
+def tensor_terms(layout: Layout) -> list[Term]:
+    """Megatron tensor parallelism over ``model`` (heads and MLP sharded)."""
+    sizes, cfg = layout.sizes, layout.cfg
+    axes = ("model",) if layout.heads_shards > 1 or layout.mlp_shards > 1 else ()
+    if not axes:
+        return []
+    m, layers = layout.forward_passes, layout.layers_per_device
+    c = np.dtype(cfg.model.compute_dtype).itemsize
+    p = np.dtype(cfg.model.param_dtype).itemsize
+    tokens = layout.tokens_per_device
+    act = tokens * cfg.model.d_model * c
+    backward = 2 + (1 if cfg.model.remat == "full" else 0)
+    out = [
+        _term("tensor parallel", "layer activations (forward)", "all-reduce", axes, sizes, act, 2 * layers * m, False),
+        _term(
+            "tensor parallel",
+            "layer activations (backward)",
+            "all-reduce",
+            axes,
+            sizes,
+            act,
+            backward * layers * m,
+            False,
+        ),
+    ]
+    if layout.vocab_shards > 1:
+        out += [
+            _term(
+                "tensor parallel",
+                "vocab-parallel embedding (forward)",
+                "all-reduce",
+                axes,
+                sizes,
+                tokens * cfg.model.d_model * p,
+                m,
+                False,
+            ),
+            _term("tensor parallel", "output projection input gradient", "all-reduce", axes, sizes, act, m, False),
+            _term(
+                "tensor parallel",
+                "loss max/sum over the vocabulary",
+                "all-reduce",
+                axes,
+                sizes,
+                tokens * 4,
+                3 * m,
+                False,
+            ),
+        ]
+    return [t for t in out if t is not None]
+
+
+def sequence_terms(layout: Layout) -> list[Term]:
+    """K and V over the ``seq`` axis: gathered by XLA today; the bytes ring attention would move too."""
+    if layout.seq_shards < 2:
+        return []
+    cfg, sizes = layout.cfg, layout.sizes
+    c = np.dtype(cfg.model.compute_dtype).itemsize
+    kv_heads = cfg.model.n_kv_heads // layout.kv_shards
+    # K and V (2 of them) of the whole sequence, as each device needs them for its queries.
+    kv = 2 * layout.rows_per_device * cfg.seq_len * kv_heads * cfg.model.resolved_head_dim * c
+    n = layout.layers_per_device * layout.forward_passes
+    forward_count = 2 if cfg.model.remat == "full" else 1
+    note = "ring attention (issue #4) would move the same bytes in seq-1 overlapped steps; XLA gathers today"
+    out = [
+        _term("sequence", "K and V (forward)", "all-gather", ("seq",), sizes, kv, n * forward_count, False, note=note),
+        _term("sequence", "K and V again (backward)", "all-gather", ("seq",), sizes, kv, n, False, note=note),
+        _term("sequence", "K and V gradients", "reduce-scatter", ("seq",), sizes, kv, n, False, note=note),
+    ]
+    return [t for t in out if t is not None]
+
+
+def pipeline_terms(layout: Layout) -> list[Term]:
+    """Activations across stage boundaries, b*s*D per microbatch each way; the outer parameters' gradients.
+
+    The textbook minimum: each device sends its stage's output forward and its
+    input gradient backward once per microbatch. A schedule that permutes on
+    every tick, idle or not, moves ticks/microbatches times more; the report's
+    ratio shows it. Marked not implemented when the config has no pipeline
+    section (issue #3).
+    """
+    if layout.sizes["pipe"] < 2:
+        return []
+    cfg, sizes = layout.cfg, layout.sizes
+    pipeline = getattr(cfg, "pipeline", None)
+    implemented = pipeline is not None
+    note = "" if implemented else "pipeline schedules are issue #3: nothing compiles to compare with"
+    act = layout.tokens_per_device * cfg.model.d_model * np.dtype(cfg.model.compute_dtype).itemsize
+    m = layout.forward_passes
+    outer = sum(p.bytes_per_device for p in layout.params if not p.scanned)
+    out = [
+        _term(
+            "pipeline",
+            "activations to the next stage",
+            "collective-permute",
+            ("pipe",),
+            sizes,
+            act,
+            m,
+            False,
+            implemented=implemented,
+            note=note,
+        ),
+        _term(
+            "pipeline",
+            "gradients to the previous stage",
+            "collective-permute",
+            ("pipe",),
+            sizes,
+            act,
+            m,
+            False,
+            implemented=implemented,
+            note=note,
+        ),
+        # Embedding, head and final norm live on every stage but get gradients on one: summed over pipe.
+        _term(
+            "pipeline",
+            "gradients of the parameters outside the stages",
+            "all-reduce",
+            ("pipe",),
+            sizes,
+            outer,
+            layout.microbatches,
+            True,
+            implemented=implemented,
+            note=note,
+        ),
+    ]
+    return [t for t in out if t is not None]
+
+
+def expert_terms(layout: Layout) -> list[Term]:
+    """MoE dispatch/combine all-to-alls: 2 forward + 2 backward per MoE layer of b*s*D*capacity.
+
+    The model has no MoE layers (issue #4), so there is nothing to predict; this
+    is where the term goes (``experts`` logical axis -> ``expert`` mesh axis).
+    """
+    del layout
+    return []
+
+
+def predict_terms(layout: Layout) -> list[Term]:
+    """Every predicted term for ``layout``, in strategy order."""
+    return [
+        *gradient_terms(layout),
+        *tensor_terms(layout),
+        *sequence_terms(layout),
+        *pipeline_terms(layout),
+        *expert_terms(layout),
+    ]
+
+
+def per_axis(terms: list[Term], sizes) -> dict[str, float]:
+    """Predicted wire bytes per step per mesh axis (implemented terms only)."""
+    out: dict[str, float] = defaultdict(float)
+    for term in terms:
+        if term.implemented:
+            for axis, value in term.per_axis(sizes).items():
+                out[axis] += value
+    return dict(out)
+
+
+def model_flops(layout: Layout) -> float:
+    """Model FLOPs per step per device: (6 x params + attention) per token, split over the work shards."""
+    cfg = layout.cfg
+    return cfg.model.flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len / layout.work_shards
+
+
+def hardware_flops(layout: Layout) -> float:
+    """FLOPs the device executes: model FLOPs plus the forward recomputed by ``remat: full``.
+
+    ``full`` recomputes every matmul of a layer but the MLP's down projection
+    (whose output only feeds the next layer, not this layer's backward pass);
+    ``save_matmuls`` keeps every weight matmul output, so only the attention
+    einsums (batched dots, not saved) are recomputed.
+    """
+    cfg = layout.cfg
+    m = cfg.model
+    tokens = cfg.batch_size * cfg.seq_len / layout.work_shards
+    hk = m.resolved_head_dim
+    recomputed = m.n_layers * (2 * m.d_model * hk * (m.n_heads + m.n_kv_heads) + 2 * m.d_model * m.d_ff)
+    attention_forward = 4 * m.n_layers * m.n_heads * hk * cfg.seq_len
+    extra = 0.0
+    if m.remat == "full":
+        extra = 2 * recomputed + attention_forward
+    elif m.remat == "save_matmuls":
+        extra = attention_forward
+    return model_flops(layout) + extra * tokens

@@ -4,6 +4,9 @@ Each checkpoint step holds two items: ``state`` (parameters and optimizer
 state, written shard by shard by every process) and ``meta`` (JSON: step and
 data-loader position). Orbax writes a step into a temporary directory and
 renames it only when complete, so ``latest_step`` never sees a partial save.
+A save cut short by a hard kill leaves that temporary directory behind
+(``incomplete_saves``); it is never restored from, and Orbax replaces it when
+the same step is saved again.
 Restoring always goes through an abstract target that carries the current
 mesh's shardings, which is what lets a run saved on 8 devices continue on 4.
 """
@@ -11,11 +14,13 @@ mesh's shardings, which is what lets a run saved on 8 devices continue on 4.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Self
 
 import orbax.checkpoint as ocp
 
 PyTree = Any
+# Orbax's suffix for a step directory that is still being written (0.12: "5.orbax-checkpoint-tmp").
+TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +49,12 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def incomplete_saves(self) -> list[pathlib.Path]:
+        """Temporary directories of saves that never completed (a process killed mid-save)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if TMP_MARKER in p.name)
 
     def step_path(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
@@ -91,5 +102,13 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for the saves in flight, then releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Also on errors: a save already started holds a good step and must complete.
+        self.close()

@@ -1,8 +1,11 @@
 """Command-line entry points shared by ``train.py`` and ``python -m shardlib.describe``.
 
 A user's mistake (a bad config key, a mesh that does not fit the devices, a
-dimension that does not divide, an unreadable checkpoint) ends with one
-``error:`` line and exit status 2, not a traceback; ``--traceback`` shows it.
+dimension that does not divide, an unreadable checkpoint, an unwritable run
+directory) ends with one ``error:`` line and exit status 2, not a traceback;
+``--traceback`` shows it. A run that diverged (NaN or Inf loss) ends with
+status 3, one that lost a peer process with status 4 (``shardlib.faults``). A
+run stopped by SIGTERM or SIGINT saves a checkpoint and exits 0.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from collections.abc import Callable, Sequence
 import jax
 
 from shardlib.checkpoint import CheckpointError
+from shardlib.cluster import join, join_settings
 from shardlib.config import Config, load_config
+from shardlib.faults import EXIT_DIVERGED, RunDirError, TrainingDiverged
 from shardlib.mesh import MeshSpec, build_mesh, load_mesh_spec, prepare_devices
+from shardlib.watchdog import PeerWatchdog
 
 # Errors a user can fix from the command line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, RunDirError)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +41,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--distributed",
         action="store_true",
         help="join a multi-process run through jax.distributed: the cluster is detected (SLURM, Open MPI, "
-        "Kubernetes, TPU) unless --coordinator/--num-processes/--process-id are given",
+        "Kubernetes, TPU) unless --coordinator/--num-processes/--process-id are given; under srun with "
+        "several tasks this is automatic",
     )
-    parser.add_argument("--coordinator", help="host:port of process 0's coordination service (implies --distributed)")
-    parser.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
-    parser.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+    parser.add_argument(
+        "--coordinator",
+        help="host:port of process 0's coordination service (implies --distributed; env JAX_COORDINATOR_ADDRESS)",
+    )
+    parser.add_argument("--num-processes", type=int, help="processes in the run (env JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, help="this process's index, 0-based (env JAX_PROCESS_ID)")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200")
 
@@ -55,13 +65,15 @@ def load_run(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
     if args.devices is not None:
         spec = dataclasses.replace(spec, platform="cpu", emulate_cpu_devices=args.devices)
     prepare_devices(spec)
-    if args.distributed or args.coordinator:
+    settings = join_settings(
+        distributed=args.distributed,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    if settings is not None:
         # Before the first device use: the runtime decides which devices are global.
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
+        join(settings, cfg.faults.peer_timeout_s)
     return cfg, spec
 
 
@@ -75,6 +87,11 @@ def run_guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namesp
         print(f"error: {err}", file=sys.stderr)
         print("(run with --traceback for the full trace)", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        if args.traceback:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -85,8 +102,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg, spec = load_run(args)
     mesh = build_mesh(spec)
-    with jax.set_mesh(mesh):
-        train(cfg, mesh, progress=not args.no_progress)
+    with PeerWatchdog(cfg.faults.peer_timeout_s), jax.set_mesh(mesh):
+        train(cfg, mesh, stop_at=args.stop_at, progress=not args.no_progress)
     return 0
 
 
@@ -95,4 +112,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.py", description="Train a transformer with shardlib.")
     add_run_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument(
+        "--stop-at", type=int, metavar="STEP", help="stop after this step with a checkpoint, as if preempted"
+    )
     return run_guarded(_train, parser.parse_args(argv))

@@ -151,6 +151,35 @@ class CheckpointConfig(BaseModel):
     async_save: bool = True
 
 
+class FaultsConfig(BaseModel):
+    """What a run does when a step goes bad or a peer process is lost (see shardlib.faults)."""
+
+    model_config = _STRICT
+
+    # stop: end the run naming the step, without checkpointing past the last good step;
+    # skip: leave parameters and optimizer state as they were, count the step and go on.
+    nan_policy: Literal["stop", "skip"] = "stop"
+    # With nan_policy=skip: this many skipped steps in a row end the run like nan_policy=stop.
+    max_consecutive_skips: PosInt = 10
+    # A surviving process exits (status 4) at most this long after a peer process stops.
+    peer_timeout_s: Annotated[float, Field(ge=2)] = 60.0
+    # Rehearsal: feed out-of-vocabulary tokens at these steps, which the embedding turns into NaN.
+    inject_nan_at: list[PosInt] = []
+
+
+class PipelineConfig(BaseModel):
+    """Pipeline parallelism over the mesh's ``pipe`` axis (used when pipe > 1)."""
+
+    model_config = _STRICT
+
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = "1f1b"
+    microbatches: PosInt = 4
+    virtual_stages: PosInt = 1  # chunks per device; > 1 only with interleaved-1f1b
+    # cond: a stage computes only its own action (GPUs); select: every branch, then
+    # choose (needed on XLA:CPU when data/model collectives run inside a stage).
+    branching: Literal["auto", "cond", "select"] = "auto"
+
+
 class Config(BaseModel):
     """A complete training run."""
 
@@ -165,9 +194,13 @@ class Config(BaseModel):
     batch_size: PosInt = 16
     seq_len: PosInt = 128
     grad_accum: PosInt = 1
+    # Data-parallel gradient all-reduce: none (XLA's), or compressed with error feedback (shardlib.compression).
+    grad_compression: Literal["none", "bf16", "int8"] = "none"
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     log_every: PosInt = 10
     eval_every: NonNegInt = 50  # 0: evaluate only at the last step
     eval_batches: NonNegInt = 4

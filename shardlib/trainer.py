@@ -19,13 +19,16 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from shardlib.checkpoint import Checkpointer
+from shardlib.compression import make_grad_compression
 from shardlib.config import Config, config_to_dict
 from shardlib.data import BatchLoader, load_token_splits
-from shardlib.mesh import describe_mesh, mesh_axis_sizes
+from shardlib.faults import NanGuard, StopSignals, check_run_dir, optimizer_for_policy
+from shardlib.mesh import describe_mesh
 from shardlib.metrics import MetricsWriter, mfu, peak_tflops, plot_loss_curve
+from shardlib.pipeline.step import make_pipeline_grads, pipeline_plan, resolve_branching
 from shardlib.rules import ShardingError, preset_rules
 from shardlib.sharding import ActivationSharding
-from shardlib.step import loss_and_grads, make_eval_step, make_loss_fn, make_train_step
+from shardlib.step import make_eval_step, make_grads_fn, make_train_step
 from shardlib.train_state import (
     AbstractModel,
     StateShardings,
@@ -42,7 +45,7 @@ from shardlib.train_state import (
 class TrainResult:
     """What one invocation of ``train`` did.
 
-    losses: training loss of every step this invocation ran, in order.
+    losses: training loss of every step this invocation ran, in order (NaN for a skipped step).
     eval_losses: (step, held-out loss) pairs.
     """
 
@@ -53,14 +56,8 @@ class TrainResult:
     eval_losses: list[tuple[int, float]]
     wall_time_s: float
     tokens_per_second: float | None
-
-
-def _check_mesh(mesh: jax.sharding.Mesh) -> None:
-    if mesh_axis_sizes(mesh)["pipe"] > 1:
-        raise ValueError(
-            f"mesh {describe_mesh(mesh)} has pipe > 1, but the pipeline schedules are not "
-            "implemented yet (issue #3); use a mesh with pipe: 1"
-        )
+    stopped_by: str | None = None  # the signal that ended this invocation early, if one did
+    skipped_steps: int = 0  # updates skipped for a non-finite loss (nan_policy=skip), whole run
 
 
 def _batch_sharding(cfg: Config, shard: ActivationSharding) -> NamedSharding:
@@ -118,15 +115,29 @@ class TrainingSetup:
 
 def setup_training(cfg: Config, mesh: jax.sharding.Mesh) -> TrainingSetup:
     """Resolves the rules on ``mesh`` and builds the jitted steps (compiled on first call)."""
-    _check_mesh(mesh)
     rules = preset_rules(cfg.sharding)
     model = abstract_model(cfg.model)
-    tx = make_optimizer(cfg.optimizer, cfg.steps, model.logical_axes)
+    tx = optimizer_for_policy(make_optimizer(cfg.optimizer, cfg.steps, model.logical_axes), cfg.faults)
     shardings = state_shardings(model, tx, rules, mesh)
     shard = ActivationSharding(rules, mesh)
     batch_sharding = _batch_sharding(cfg, shard)
-    loss_fn = make_loss_fn(model.graphdef, shard)
-    grads = jax.jit(lambda params, batch: loss_and_grads(loss_fn, params, batch, cfg.grad_accum, shard))
+    if mesh.shape["pipe"] > 1:
+        plan = pipeline_plan(cfg, mesh)
+        grads_fn = make_pipeline_grads(model, plan, mesh, shard, resolve_branching(cfg, mesh))
+    else:
+        grads_fn = make_grads_fn(model.graphdef, shard, cfg.grad_accum)
+    compression = make_grad_compression(
+        cfg.grad_compression,
+        graphdef=model.graphdef,
+        params=model.params,
+        param_shardings=shardings.params,
+        rules=rules,
+        mesh=mesh,
+        batch_spec=batch_sharding.spec,
+        grad_accum=cfg.grad_accum,
+    )
+    if compression is not None:  # the residuals join the optimizer state (and its checkpoints)
+        tx, shardings = compression.wrap(tx, shardings)
     return TrainingSetup(
         cfg,
         mesh,
@@ -134,9 +145,9 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh) -> TrainingSetup:
         tx,
         shardings,
         batch_sharding,
-        make_train_step(model.graphdef, tx, shardings, batch_sharding, shard, cfg.grad_accum),
+        make_train_step(grads_fn, tx, shardings, batch_sharding, compression),
         make_eval_step(model.graphdef, shardings, batch_sharding, shard),
-        grads,
+        jax.jit(grads_fn),
     )
 
 
@@ -177,16 +188,23 @@ class _Throughput:
         return self.tokens / self.seconds if self.seconds else None
 
 
-def _restore_or_init(run: TrainingSetup, checkpointer: Checkpointer, log) -> tuple[int, object, object, int]:
-    """(start step, params, opt_state, data position) from the latest checkpoint, or fresh."""
+def _restore_or_init(run: TrainingSetup, checkpointer: Checkpointer, log) -> tuple[int, object, object, dict]:
+    """(start step, params, opt_state, meta) from the latest complete checkpoint, or fresh."""
+    for partial in checkpointer.incomplete_saves():
+        log(f"ignoring {partial}: a save that never completed (left as it is)")
     step = checkpointer.latest_step()
     if step is None:
         params, opt_state = run.init_state()
-        return 0, params, opt_state, 0
+        return 0, params, opt_state, {"data_position": 0}
     params, opt_state, meta = checkpointer.restore(step, *abstract_state(run.model, run.tx, run.shardings))
-    position = int(meta["data_position"])
-    log(f"resumed from {checkpointer.step_path(step)} (data position {position})")
-    return step, params, opt_state, position
+    log(f"resumed from {checkpointer.step_path(step)} (data position {meta['data_position']})")
+    return step, params, opt_state, meta
+
+
+def _checkpoint_bytes(run: TrainingSetup) -> int:
+    """Unpadded bytes of parameters and optimizer state: what one checkpoint holds, before compression."""
+    leaves = jax.tree.leaves(abstract_state(run.model, run.tx, run.shardings))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
 
 
 def train(
@@ -196,6 +214,7 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    setup: TrainingSetup | None = None,
 ) -> TrainResult:
     """Trains ``cfg`` on ``mesh`` up to ``cfg.steps``, resuming from ``cfg.run_dir`` if it holds checkpoints.
 
@@ -204,12 +223,22 @@ def train(
     run continues with exactly the batches it would have seen. ``stop_at``
     ends this invocation after that step, with a checkpoint, as a preempted
     job would; the learning-rate schedule stays the one of ``cfg.steps``.
+    ``setup``, from ``setup_training`` for the same mesh and a config that
+    differs at most in ``run_dir``, reuses its compiled steps (several runs in
+    one process, as in tests).
+
+    SIGTERM or SIGINT ends the run after the step in flight, with a complete
+    checkpoint (``TrainResult.stopped_by``); a non-finite loss is handled as
+    ``cfg.faults`` says (``shardlib.faults``).
     """
-    run = setup_training(cfg, mesh)
+    if setup is not None and (setup.mesh != mesh or setup.cfg.model_copy(update={"run_dir": cfg.run_dir}) != cfg):
+        raise ValueError("train(setup=...) was built for another mesh or config (only run_dir may differ)")
+    run = setup or setup_training(cfg, mesh)
     is_main = jax.process_index() == 0
     run_dir = pathlib.Path(cfg.run_dir)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
     train_tokens, heldout_tokens = load_token_splits(cfg.data)
+    check_run_dir(run_dir, _checkpoint_bytes(run), cfg.checkpoint.keep, log=log)
     checkpointer = Checkpointer(
         run_dir / "checkpoints",
         every=cfg.checkpoint.every,
@@ -223,12 +252,12 @@ def train(
             f"{run_dir} already holds step {done} of {cfg.steps}: nothing to train (raise steps or use another run_dir)"
         )
         return TrainResult(run_dir, done, done, [], [], 0.0, None)
-    start_step, params, opt_state, position = _restore_or_init(run, checkpointer, log)
+    start_step, params, opt_state, meta = _restore_or_init(run, checkpointer, log)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
 
-    loader = run.loader(train_tokens, seed=cfg.seed, position=position)
+    loader = run.loader(train_tokens, seed=cfg.seed, position=int(meta["data_position"]))
     eval_loader = run.loader(heldout_tokens, seed=cfg.seed + 1)
     throughput = _Throughput(cfg.batch_size * cfg.seq_len)
     flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
@@ -238,54 +267,80 @@ def train(
         f"steps {start_step + 1}..{end_step} of {cfg.steps} | {throughput.tokens_per_step:,} tokens/step"
     )
 
+    nan_guard = NanGuard(
+        cfg.faults,
+        vocab_size=cfg.model.vocab_size,
+        checkpoint_dir=checkpointer.directory,
+        skipped=int(meta.get("skipped_updates", 0)),
+        log=log,
+    )
     losses: list[float] = []
-    pending: list[jax.Array] = []  # fetched at log time: a fetch per step would stall dispatch
+    pending: list[dict] = []  # metrics fetched at log and save time: a fetch per step would stall dispatch
     eval_losses: list[tuple[int, float]] = []
+    final_step = start_step
     started = time.perf_counter()
     steps = range(start_step + 1, end_step + 1)
-    with MetricsWriter(run_dir, enabled=is_main) as writer:
+    # Signals outermost: a SIGTERM while the last save completes must not kill it.
+    with StopSignals() as stop, checkpointer, MetricsWriter(run_dir, enabled=is_main) as writer:
         bar = tqdm(steps, disable=not (progress and is_main), desc="train", unit="step")
         for step in bar:
-            params, opt_state, metrics = run.train_step(params, opt_state, loader.next())
-            pending.append(metrics["loss"])
+            batch = nan_guard.inject(step, loader.next())
+            params, opt_state, metrics = run.train_step(params, opt_state, batch)
+            pending.append(metrics)
             throughput.step_done(metrics)
-            last = step == end_step
-            if step % cfg.log_every == 0 or last:
-                losses += [float(x) for x in pending]
+            final_step = step
+            stopping = stop.requested(step)  # every step, on every process: they must agree
+            last = step == end_step or stopping
+            save = checkpointer.should_save(step) or last
+            if step % cfg.log_every == 0 or save:
+                # Also before every save, so that a non-finite step never reaches a checkpoint.
+                losses += nan_guard.review(step - len(pending) + 1, pending)
                 pending.clear()
-                # optax counts updates from 0, so step s used schedule(s - 1).
+            if step % cfg.log_every == 0 or last:
+                # optax counts updates from 0, so step s used schedule(s - 1); skipped steps do not count.
                 row = {
                     "loss": losses[-1],
                     "grad_norm": float(metrics["grad_norm"]),
-                    "lr": float(schedule(step - 1)),
+                    "lr": float(schedule(step - 1 - nan_guard.skipped)),
                 }
+                if nan_guard.skipped:
+                    row["skipped_steps"] = nan_guard.skipped
                 row |= throughput.close_window()
                 if "tokens_per_s" in row and (util := mfu(row["tokens_per_s"] / mesh.size, flops_per_token, peak)):
                     row["mfu"] = util
                 writer.write(step, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}")
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            if not stopping and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 eval_loss = _mean_eval_loss(run.eval_step, params, eval_loader, cfg.eval_batches)
                 eval_losses.append((step, eval_loss))
                 writer.write(step, {"loss": eval_loss}, split="eval")
                 throughput.restart()
-            if checkpointer.should_save(step) or last:
-                checkpointer.save(step, params, opt_state, {"data_position": loader.position})
+            if save:
+                meta = {"data_position": loader.position, "skipped_updates": nan_guard.skipped}
+                checkpointer.save(step, params, opt_state, meta)
+            if stopping:
+                break
         bar.close()
-    checkpointer.close()
     wall = time.perf_counter() - started
     if is_main and losses:
         title = f"{cfg.model.name} on {describe_mesh(mesh)}"
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=title)
     if losses:
         rate = f", {throughput.overall:,.0f} tokens/s" if throughput.overall else ""
-        log(f"steps {start_step + 1}..{end_step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, wall {wall:.1f}s{rate}")
+        log(f"steps {start_step + 1}..{final_step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, wall {wall:.1f}s{rate}")
+    if stop.reason:
+        log(
+            f"stopped by {stop.reason} after step {final_step}; {checkpointer.step_path(final_step)} is "
+            "complete: run the same command to resume"
+        )
     return TrainResult(
         run_dir,
         start_step,
-        max(end_step, start_step),
+        final_step,
         losses,
         eval_losses,
         wall,
         throughput.overall,
+        stop.reason,
+        nan_guard.skipped,
     )

@@ -79,6 +79,28 @@ def _reference_with_layer_order(order_key):
     return float(loss), grads
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_one_stage_pipeline_matches_sequential(schedule):
+    """p = 1: the single stage embeds and takes the loss in one branch (what bench/pipeline_overhead.py times)."""
+    from shardlib.pipeline.plan import compile_plan
+    from shardlib.pipeline.schedules import make_schedule
+    from shardlib.pipeline.step import make_pipeline_grads
+
+    cfg = tiny_config(model=MODEL)
+    mesh = mesh_of(devices=1)
+    run = setup_training(cfg, mesh)
+    tokens, _ = load_token_splits(cfg.data)
+    batch = run.loader(tokens, seed=cfg.seed).next()
+    params, _ = run.init_state()
+    plan = compile_plan(make_schedule(schedule, 1, 4, 1))
+    grads_fn = jax.jit(make_pipeline_grads(run.model, plan, mesh, None, "cond"))
+    loss, grads = grads_fn(params, batch)
+    ref_loss, ref_grads, _ = reference()
+    assert abs(float(loss) - ref_loss) <= TOLERANCE, (float(loss), ref_loss)
+    for path, g in _leaves(jax.device_get(grads)):
+        np.testing.assert_allclose(g, _at(ref_grads, path), rtol=0, atol=TOLERANCE, err_msg=path)
+
+
 def test_1f1b_needs_less_activation_memory_than_gpipe():
     """m = 4p microbatches: GPipe keeps all m stage inputs, 1F1B at most p."""
     temps = {}

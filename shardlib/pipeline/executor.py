@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from shardlib.pipeline.plan import BWD, BWD_FIRST, FWD, FWD_FIRST, FWD_LAST, IDLE, Plan
+from shardlib.pipeline.plan import BRANCHES, BWD, BWD_FIRST, FWD, FWD_FIRST, FWD_LAST, FWD_ONLY, IDLE, Plan
 
 PyTree = Any
 Branching = Literal["cond", "select"]
@@ -134,11 +134,12 @@ def pipeline_loss_and_grads(
         def idle(carry, row):
             return carry, zeros_x, zeros_x
 
-        branches = [None] * 6
+        branches = [None] * len(BRANCHES)
         branches[IDLE] = idle
         branches[FWD] = lambda c, r: forward(c, r, first=False, last=False)
         branches[FWD_FIRST] = lambda c, r: forward(c, r, first=True, last=False)
         branches[FWD_LAST] = lambda c, r: forward(c, r, first=False, last=True)
+        branches[FWD_ONLY] = lambda c, r: forward(c, r, first=True, last=True)
         branches[BWD] = lambda c, r: backward(c, r, first=False)
         branches[BWD_FIRST] = lambda c, r: backward(c, r, first=True)
 

@@ -16,8 +16,9 @@ import numpy as np
 
 from shardlib.pipeline.schedules import Schedule
 
-IDLE, FWD, FWD_FIRST, FWD_LAST, BWD, BWD_FIRST = range(6)
-BRANCHES = ("idle", "forward", "forward+embed", "forward+loss", "backward", "backward+embed")
+IDLE, FWD, FWD_FIRST, FWD_LAST, BWD, BWD_FIRST, FWD_ONLY = range(7)
+# FWD_ONLY: a virtual stage that is both first and last (a one-stage pipeline) embeds and takes the loss.
+BRANCHES = ("idle", "forward", "forward+embed", "forward+loss", "backward", "backward+embed", "forward+embed+loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,10 @@ def compile_plan(schedule: Schedule) -> Plan:
             arrays["microbatch"][tick, stage] = action.microbatch
             arrays["chunk"][tick, stage] = action.chunk
             if action.kind == "F":
-                branch[tick, stage] = FWD_FIRST if k == 0 else FWD_LAST if k == last else FWD
+                if k == 0:
+                    branch[tick, stage] = FWD_ONLY if k == last else FWD_FIRST
+                else:
+                    branch[tick, stage] = FWD_LAST if k == last else FWD
                 if k > 0:
                     arrays["act_slot"][tick, stage] = acts[stage].held[key]
                 if k == last:  # the loss head's gradient is this stage's own incoming gradient

@@ -1,0 +1,88 @@
+"""What the pipeline executor costs on one device: its gradient step against the plain model's.
+
+    python bench/pipeline_overhead.py [--config configs/gpt2-124m.yaml] [--microbatches 4]
+                                      [--batch-size 16] [--seq-len 1024] [--repeats 10]
+
+Both sides compute the loss and gradients of the same batch, split into the
+same m microbatches: the sequential side with the plain model and gradient
+accumulation (`grad_accum=m`), the pipeline side with the schedule executor on
+a one-stage `pipe` axis (every tick's branch, the activation buffers and the
+loss/gradient plumbing, without any neighbour to talk to). The ratio of their
+median step times is the executor's overhead; the loss both report is printed
+so a mismatch shows. Run it on a GPU (it uses JAX's default backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _median_ms(fn, args, repeats: int) -> tuple[float, object]:
+    import jax
+
+    out = jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/gpt2-124m.yaml")
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from shardlib.config import load_config
+    from shardlib.mesh import build_mesh, mesh_spec
+    from shardlib.pipeline.plan import compile_plan
+    from shardlib.pipeline.schedules import make_schedule
+    from shardlib.pipeline.step import make_pipeline_grads
+    from shardlib.rules import preset_rules
+    from shardlib.sharding import ActivationSharding
+    from shardlib.trainer import setup_training
+
+    m = args.microbatches
+    overrides = [f"batch_size={args.batch_size}", f"seq_len={args.seq_len}", "sharding=dp", f"grad_accum={m}"]
+    cfg = load_config(args.config, overrides)
+    device = jax.devices()[0]
+    mesh = build_mesh(mesh_spec(), [device])
+    run = setup_training(cfg, mesh)  # its grads: the plain model, accumulated over m microbatches
+    params, _ = run.init_state()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+    batch = {"inputs": jax.device_put(tokens[:, :-1]), "targets": jax.device_put(tokens[:, 1:])}
+    shard = ActivationSharding(preset_rules("dp"), mesh)
+
+    plan = compile_plan(make_schedule(args.schedule, 1, m, 1))
+    sequential = run.grads
+    pipelined = jax.jit(make_pipeline_grads(run.model, plan, mesh, shard, "cond"))
+    seq_ms, (seq_loss, _) = _median_ms(sequential, (params, batch), args.repeats)
+    pipe_ms, (pipe_loss, _) = _median_ms(pipelined, (params, batch), args.repeats)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    print(f"device: {device.device_kind}; config {args.config}; batch {cfg.batch_size} x {cfg.seq_len}, "
+          f"m={m}, schedule {args.schedule} on one stage; median of {args.repeats}")
+    print(f"{'':<12}{'step ms':>10}{'tokens/s':>12}{'loss':>12}")
+    print(f"{'sequential':<12}{seq_ms:>10.2f}{tokens_per_step / seq_ms * 1e3:>12.0f}{float(seq_loss):>12.6f}")
+    print(f"{'pipeline':<12}{pipe_ms:>10.2f}{tokens_per_step / pipe_ms * 1e3:>12.0f}{float(pipe_loss):>12.6f}")
+    print(f"overhead: pipeline / sequential = {pipe_ms / seq_ms:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

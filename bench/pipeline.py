@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     mesh = build_mesh(mesh_spec(pipe=p), jax.devices(args.platform)[:p])
     model = {"vocab_size": 256, "d_model": 128, "n_layers": 16, "n_heads": 4, "n_kv_heads": 2, "d_ff": 384}
     print(f"{p} stages on {jax.devices(args.platform)[0].platform}; model {model}")
-    print(f"{'schedule':<18}{'m':>4}{'bubble':>9}{'temp MiB':>10}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}")
+    print(f"{'schedule':<22}{'m':>4}{'bubble':>9}{'temp MiB':>10}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}")
     for m in (int(x) for x in args.microbatches.split(",")):
         for name, v in SCHEDULES:
             if name == "interleaved-1f1b" and m % p:
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 times.append(time.perf_counter() - start)
             step_ms = 1e3 * statistics.median(times[1:])
             bubble = float(plan.schedule.bubble_fraction())
-            print(f"{name + (f' v={v}' if v > 1 else ''):<18}{m:>4}{bubble:>9.3f}{temp / 2**20:>10.2f}"
+            print(f"{name + (f' v={v}' if v > 1 else ''):<22}{m:>4}{bubble:>9.3f}{temp / 2**20:>10.2f}"
                   f"{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}{sent / minimum:>7.2f}")
     return 0
 

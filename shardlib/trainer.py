@@ -123,7 +123,8 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh) -> TrainingSetup:
     batch_sharding = _batch_sharding(cfg, shard)
     if mesh.shape["pipe"] > 1:
         plan = pipeline_plan(cfg, mesh)
-        grads_fn = make_pipeline_grads(model, plan, mesh, shard, resolve_branching(cfg, mesh))
+        param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
+        grads_fn = make_pipeline_grads(model, plan, mesh, shard, resolve_branching(cfg, mesh, rules), param_specs)
     else:
         grads_fn = make_grads_fn(model.graphdef, shard, cfg.grad_accum)
     compression = make_grad_compression(

@@ -16,13 +16,18 @@ TOLERANCE = 1e-5
 MODEL = {"n_layers": 8}
 
 CASES = {
-    # schedule, virtual, mesh beside pipe, microbatches
-    "gpipe-p2-data2": ("gpipe", 1, {"pipe": 2, "data": 2}, 4),
-    "1f1b-p2-data4": ("1f1b", 1, {"pipe": 2, "data": 4}, 4),
-    "interleaved-p2-data2": ("interleaved-1f1b", 2, {"pipe": 2, "data": 2}, 4),
-    "gpipe-p4-data2": ("gpipe", 1, {"pipe": 4, "data": 2}, 4),
-    "1f1b-p4-data2": ("1f1b", 1, {"pipe": 4, "data": 2}, 8),
-    "interleaved-p4": ("interleaved-1f1b", 2, {"pipe": 4}, 4),
+    # schedule, virtual, mesh beside pipe, microbatches, sharding preset
+    "gpipe-p2-data2": ("gpipe", 1, {"pipe": 2, "data": 2}, 4, "dp"),
+    "1f1b-p2-data4": ("1f1b", 1, {"pipe": 2, "data": 4}, 4, "dp"),
+    "interleaved-p2-data2": ("interleaved-1f1b", 2, {"pipe": 2, "data": 2}, 4, "dp"),
+    "gpipe-p4-data2": ("gpipe", 1, {"pipe": 4, "data": 2}, 4, "dp"),
+    "1f1b-p4-data2": ("1f1b", 1, {"pipe": 4, "data": 2}, 8, "dp"),
+    "interleaved-p4": ("interleaved-1f1b", 2, {"pipe": 4}, 4, "dp"),
+    # Tensor and FSDP parallelism inside the stages.
+    "1f1b-p2-tp-model2-data2": ("1f1b", 1, {"pipe": 2, "model": 2, "data": 2}, 4, "tp"),
+    "gpipe-p2-fsdp-data4": ("gpipe", 1, {"pipe": 2, "data": 4}, 4, "fsdp"),
+    "interleaved-p2-fsdp_tp-model2-data2": ("interleaved-1f1b", 2, {"pipe": 2, "model": 2, "data": 2}, 4, "fsdp_tp"),
+    "1f1b-p4-tp-model2": ("1f1b", 1, {"pipe": 4, "model": 2}, 4, "tp"),
 }
 
 
@@ -43,9 +48,10 @@ def reference():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_schedule_matches_sequential(case):
-    schedule, virtual, sizes, microbatches = CASES[case]
+    schedule, virtual, sizes, microbatches, sharding = CASES[case]
     pipeline = {"schedule": schedule, "virtual_stages": virtual, "microbatches": microbatches}
-    loss, grads, params = grads_on(tiny_config(model=MODEL, pipeline=pipeline), mesh_of(**sizes))
+    cfg = tiny_config(model=MODEL, pipeline=pipeline, sharding=sharding)
+    loss, grads, params = grads_on(cfg, mesh_of(**sizes))
     ref_loss, ref_grads, ref_params = reference()
 
     # The stack is stored in pipeline order: stored layer i is logical layer order[i].
@@ -127,9 +133,32 @@ def test_train_with_pipe_2_learns_and_resumes(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_parameter_sharding_beside_the_pipeline_is_refused_clearly():
-    with pytest.raises(ValueError, match="pipe=2 works with sharding=dp for now"):
-        setup_training(tiny_config(model=MODEL, sharding="tp"), mesh_of(pipe=2, model=2))
+def test_gradients_keep_their_parameters_sharding_beside_the_pipeline():
+    cfg = tiny_config(model=MODEL, sharding="fsdp_tp", pipeline={"schedule": "1f1b"})
+    run = setup_training(cfg, mesh_of(pipe=2, model=2, data=2))
+    params, _ = run.init_state()
+    batch = {k: jax.device_put(np.zeros((cfg.batch_size, cfg.seq_len), np.int32), run.batch_sharding)
+             for k in ("inputs", "targets")}
+    grads = run.grads(params, batch)[1]
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        p = functools.reduce(lambda tree, key: tree[key.key], path, params)
+        assert _trimmed(g.sharding.spec) == _trimmed(p.sharding.spec), (path, g.sharding.spec, p.sharding.spec)
+
+
+def _trimmed(spec):
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return tuple(entries)
+
+
+def test_a_dimension_split_over_a_manual_and_an_automatic_axis_is_refused_by_name():
+    from jax.sharding import PartitionSpec as P
+
+    from shardlib.pipeline.executor import _manual_only
+
+    with pytest.raises(ValueError, match=r"layers/\['q'\]: dimension 1 is split over \('data', 'model'\)"):
+        _manual_only({"q": P("pipe", ("data", "model"))}, {"pipe", "data"}, "layers")
 
 
 def _leaves(tree):

@@ -1,12 +1,23 @@
 """One executor for every pipeline schedule: a scan over the ticks of a compiled table.
 
-Inside a ``shard_map`` that makes only ``pipe`` manual (``data`` and ``model``
-keep working through the rules), every stage holds its slice of the stacked
-layers. Each tick, a stage runs the branch its column of the table names,
-then activations move one stage forward and gradients one stage back with
-``ppermute``. Backward passes recompute their stage's forward from the saved
-input (``jax.vjp``), so a stage keeps only stage inputs: as many as the table
-has in flight.
+Inside a ``shard_map`` that makes ``pipe`` and the batch axes (``data``,
+``expert``) manual, every stage holds its slice of the stacked layers and its
+share of the batch; ``model`` (and ``seq``) stay automatic, so tensor
+parallelism keeps working through the rules inside each stage. Each tick, a
+stage runs the branch its column of the table names, then activations move one
+stage forward and gradients one stage back with ``ppermute``. Backward passes
+recompute their stage's forward from the saved input (``jax.vjp``), so a stage
+keeps only stage inputs: as many as the table has in flight.
+
+The batch axes are manual because XLA's SPMD partitioner aborts
+(spmd_partitioner_util.cc, "partition_group_list") when a partial-manual
+region leaves both a batch axis and ``model`` automatic. Manual batch axes
+also put the data-parallel gradient reduction where it belongs: once per step,
+after the last tick, rather than wherever the partitioner chooses. Parameters
+sharded over a batch axis (FSDP) are all-gathered once at the start of the
+step and their gradients reduce-scattered once at the end (MaxText's
+"all-gather once" pipeline FSDP): the sharded copy saves memory at rest and in
+the optimizer state, the gathered stage weights live for the step.
 
 Branches are chosen in one of two ways:
 * ``cond``: ``lax.switch``; a stage computes only its own branch. Collectives
@@ -75,15 +86,25 @@ def pipeline_loss_and_grads(
     targets_MxBxL: jax.Array,
     mesh: jax.sharding.Mesh,
     branching: Branching = "cond",
+    *,
+    layer_specs: PyTree | None = None,
+    outer_specs: PyTree | None = None,
+    batch_axes: tuple[str, ...] = (),
 ) -> tuple[jax.Array, PyTree, PyTree]:
     """Mean loss over the microbatches and its gradients, by running ``plan``.
 
     Args:
       layers: stacked layer parameters, leading dimension sharded over ``pipe``.
       outer: the other parameters (replicated over ``pipe``).
-      tokens_MxBxL, targets_MxBxL: M microbatches (M = the schedule's m).
+      tokens_MxBxL, targets_MxBxL: M microbatches (M = the schedule's m), B
+        split over ``batch_axes``.
+      layer_specs, outer_specs: each parameter's PartitionSpec (default:
+        ``P("pipe")`` and ``P()``); entries naming a batch axis are gathered
+        for the step and their gradients reduce-scattered, other mesh axes are
+        left to the partitioner.
+      batch_axes: mesh axes the batch is split over, made manual here.
     Returns:
-      (loss, layer grads sharded like ``layers``, outer grads replicated over ``pipe``).
+      (loss, layer grads sharded like ``layers``, outer grads sharded like ``outer``).
     """
     schedule = plan.schedule
     p, v = schedule.stages, schedule.virtual
@@ -93,9 +114,20 @@ def pipeline_loss_and_grads(
     }
     forward_ring = [(s, (s + 1) % p) for s in range(p)]
     backward_ring = [(s, (s - 1) % p) for s in range(p)]
+    if layer_specs is None:
+        layer_specs = jax.tree.map(lambda _: P("pipe"), layers)
+    if outer_specs is None:
+        outer_specs = jax.tree.map(lambda _: P(), outer)
+    manual = {"pipe", *batch_axes}
+    layer_specs = _manual_only(layer_specs, manual, "layers")
+    outer_specs = _manual_only(outer_specs, manual, "outer")
+    shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+    batch_spec = P(None, batch_axes or None)
 
-    def body(layers_local, outer, tokens, targets, table):
+    def body(layers_local, outer_local, tokens, targets, table):
         stage = jax.lax.axis_index("pipe")
+        layers_local = jax.tree.map(lambda w, s: _gather(w, s, batch_axes), layers_local, layer_specs)
+        outer = jax.tree.map(lambda w, s: _gather(w, s, batch_axes), outer_local, outer_specs)
         chunks = jax.tree.map(lambda w: w.reshape(v, w.shape[0] // v, *w.shape[1:]), layers_local)
         x_shape = jax.eval_shape(fns.embed, outer, tokens[0])
         zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
@@ -166,23 +198,74 @@ def pipeline_loss_and_grads(
             jnp.zeros((), jnp.float32),
         )
         (_, _, layer_g, outer_g, loss), _ = jax.lax.scan(tick, carry, table)
-        m = schedule.microbatches
-        layer_g = jax.tree.map(lambda g, w: (g / m).reshape(w.shape), layer_g, layers_local)
+        # Each batch shard holds the gradient of its own mean loss; their mean is the step's.
+        scale = 1.0 / (schedule.microbatches * shards)
+        layer_g = jax.tree.map(lambda g, w: (g * scale).reshape(w.shape), layer_g, layers_local)
+        layer_g = jax.tree.map(lambda g, s: _reduce(g, s, batch_axes), layer_g, layer_specs)
         # Only the first and last stages touch the outer parameters and the loss.
-        outer_g = jax.tree.map(lambda g: jax.lax.psum(g, "pipe") / m, outer_g)
-        return jax.lax.psum(loss, "pipe") / m, layer_g, outer_g
+        outer_g = jax.tree.map(lambda g, s: _reduce(jax.lax.psum(g, "pipe") * scale, s, batch_axes), outer_g, outer_specs)
+        loss = jax.lax.psum(loss, ("pipe", *batch_axes)) * scale
+        return loss, layer_g, outer_g
 
-    layer_specs = jax.tree.map(lambda _: P("pipe"), layers)
-    outer_specs = jax.tree.map(lambda _: P(), outer)
     run = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(layer_specs, outer_specs, P(), P(), P()),
+        in_specs=(layer_specs, outer_specs, batch_spec, batch_spec, P()),
         out_specs=(P(), layer_specs, outer_specs),
-        axis_names={"pipe"},
+        axis_names=manual,
         check_vma=False,
     )
     return run(layers, outer, tokens_MxBxL, targets_MxBxL, table)
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:
+    """``specs`` with only the manual axes kept: the partial-manual shard_map's in/out specs.
+
+    A dimension split over a manual and an automatic axis at once cannot be
+    expressed in a partial-manual shard_map, so it is refused by name.
+    """
+
+    def keep(path, spec):
+        entries = []
+        for dim, entry in enumerate(spec):
+            axes = _entry_axes(entry)
+            kept = tuple(a for a in axes if a in manual)
+            if kept and len(kept) != len(axes):
+                raise ValueError(
+                    f"{what}/{jax.tree_util.keystr(path)}: dimension {dim} is split over {axes}, mixing the "
+                    f"pipeline's manual axes {sorted(manual)} with others; the pipeline cannot shard it that way"
+                )
+            entries.append(kept[0] if len(kept) == 1 else (kept or None))
+        return P(*entries)
+
+    return jax.tree_util.tree_map_with_path(keep, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def _gather(w: jax.Array, spec: P, batch_axes: tuple[str, ...]) -> jax.Array:
+    """The whole parameter (still split over ``pipe``) from its shards over the batch axes."""
+    for dim, entry in enumerate(spec):
+        axes = tuple(a for a in _entry_axes(entry) if a in batch_axes)
+        if axes:
+            w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+    return w
+
+
+def _reduce(g: jax.Array, spec: P, batch_axes: tuple[str, ...]) -> jax.Array:
+    """Sums a gradient over the batch axes, leaving it sharded as its parameter is."""
+    summed = set()
+    for dim, entry in enumerate(spec):
+        axes = tuple(a for a in _entry_axes(entry) if a in batch_axes)
+        if axes:
+            g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+            summed.update(axes)
+    rest = tuple(a for a in batch_axes if a not in summed)
+    return jax.lax.psum(g, rest) if rest else g
 
 
 def _or_scratch(slot: jax.Array, slots: int) -> jax.Array:

@@ -12,12 +12,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from models.layers import BlockWeights
 from shardlib.config import Config
 from shardlib.pipeline.executor import StageFunctions, pipeline_loss_and_grads
 from shardlib.pipeline.plan import Plan, compile_plan
 from shardlib.pipeline.schedules import make_schedule
+from shardlib.rules import Rules
+from shardlib.sharding import ActivationSharding
 from shardlib.train_state import AbstractModel
 
 PyTree = Any
@@ -26,14 +29,6 @@ PyTree = Any
 def pipeline_plan(cfg: Config, mesh: jax.sharding.Mesh) -> Plan:
     """The compiled schedule for ``cfg.pipeline`` on the mesh's ``pipe`` axis; clear errors if it cannot fit."""
     stages, pipe = mesh.shape["pipe"], cfg.pipeline
-    if cfg.sharding != "dp":
-        # XLA's SPMD partitioner aborts (spmd_partitioner_util.cc: "Check failed:
-        # partition_group_list...") on parameters sharded over data or model inside
-        # the partial-manual pipeline; until that is solved, refuse it clearly.
-        raise ValueError(
-            f"pipe={stages} works with sharding=dp for now (data parallelism beside the pipeline); "
-            f"sharding={cfg.sharding} shards parameters over other axes, which the pipeline does not support yet"
-        )
     chunks = stages * pipe.virtual_stages
     if cfg.model.n_layers % chunks:
         raise ValueError(
@@ -47,21 +42,58 @@ def pipeline_plan(cfg: Config, mesh: jax.sharding.Mesh) -> Plan:
     return compile_plan(make_schedule(pipe.schedule, stages, pipe.microbatches, pipe.virtual_stages))
 
 
-def resolve_branching(cfg: Config, mesh: jax.sharding.Mesh) -> str:
-    """``cond`` unless XLA:CPU would run collectives inside stage-dependent branches."""
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the rules split the batch over: manual inside the pipeline."""
+    for name, axes in rules:
+        if name == "batch":
+            return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return ()
+
+
+def resolve_branching(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> str:
+    """``cond`` unless XLA:CPU would run collectives inside stage-dependent branches.
+
+    Collectives over the manual axes (``pipe`` and the batch axes) sit outside
+    the branches; only axes the partitioner handles (``model``, ``seq``) put
+    collectives inside them.
+    """
     if cfg.pipeline.branching != "auto":
         return cfg.pipeline.branching
-    others = [axis for axis, size in mesh.shape.items() if axis != "pipe" and size > 1]
-    return "select" if mesh.devices.flat[0].platform == "cpu" and others else "cond"
+    manual = {"pipe", *batch_axes(rules)}
+    automatic = [axis for axis, size in mesh.shape.items() if axis not in manual and size > 1]
+    return "select" if mesh.devices.flat[0].platform == "cpu" and automatic else "cond"
+
+
+def _without_axes(shard: ActivationSharding, axes: tuple[str, ...]) -> ActivationSharding:
+    """The activation constraints with ``axes`` taken out of every rule (they are manual inside)."""
+
+    def strip(mesh_axes):
+        kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()) if a not in axes)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    return ActivationSharding(tuple((name, strip(mesh_axes)) for name, mesh_axes in shard.rules), shard.mesh)
 
 
 def make_pipeline_grads(
-    model: AbstractModel, plan: Plan, mesh: jax.sharding.Mesh, shard: Callable | None, branching: str
+    model: AbstractModel,
+    plan: Plan,
+    mesh: jax.sharding.Mesh,
+    shard: ActivationSharding | None,
+    branching: str,
+    param_specs: PyTree | None = None,
 ) -> Callable[[PyTree, dict], tuple[jax.Array, PyTree]]:
-    """``grads(params, batch) -> (loss, grads)`` for the transformer's params (pure dict with ``layers``)."""
+    """``grads(params, batch) -> (loss, grads)`` for the transformer's params (pure dict with ``layers``).
+
+    ``param_specs``: each parameter's PartitionSpec (from the rules); the batch
+    axes of ``shard``'s rules become manual inside the pipeline. Without
+    ``shard`` and ``param_specs`` (one device), parameters are ``P("pipe")``
+    for the layers and replicated otherwise.
+    """
     from shardlib.step import cross_entropy, split_microbatches  # shardlib.step imports this module
 
-    kwargs = {"shard": shard} if shard is not None else {}
+    manual_batch = batch_axes(shard.rules) if shard is not None else ()
+    inner = _without_axes(shard, manual_batch) if shard is not None else None
+    kwargs = {"shard": inner} if inner is not None else {}
     m = plan.schedule.microbatches
 
     def merged(outer=None):
@@ -81,9 +113,18 @@ def make_pipeline_grads(
         outer = {k: v for k, v in params.items() if k != "layers"}
         tokens = split_microbatches(batch["inputs"], m, shard)
         targets = split_microbatches(batch["targets"], m, shard)
+        specs = param_specs or {}
         loss, layer_grads, outer_grads = pipeline_loss_and_grads(
-            plan, fns, params["layers"], outer, tokens, targets, mesh, branching
+            plan, fns, params["layers"], outer, tokens, targets, mesh, branching,
+            layer_specs=specs.get("layers"),
+            outer_specs={k: specs[k] for k in outer} if specs else None,
+            batch_axes=manual_batch,
         )
-        return loss, {**outer_grads, "layers": layer_grads}
+        grads = {**outer_grads, "layers": layer_grads}
+        if param_specs is not None:  # the shard_map's out_specs name only its manual axes
+            grads = jax.tree.map(
+                lambda g, spec: jax.lax.with_sharding_constraint(g, NamedSharding(mesh, spec)), grads, param_specs
+            )
+        return loss, grads
 
     return grads_fn

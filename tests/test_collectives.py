@@ -217,8 +217,15 @@ def test_hlo_parser_multiplies_nested_trip_counts():
   %ag = f32[8,2]{1,0} all-gather(%y), channel_id=3, replica_groups=[2,4]<=[8], dimensions={0}
 }
 
-ENTRY %main (x: f32[4]) -> f32[4] {
-  %x = f32[4]{0} parameter(0)
+ENTRY %main (x: f32[4,8]) -> f32[4] {
+  %x = f32[4,8]{1,0} parameter(0)
+  %p = f32[2]{0} parameter(1)
+  %q = bf16[4]{0} parameter(2)
+  %r = f32[4]{0} parameter(3)
+  %s = f32[6]{0} parameter(4)
+  %s0 = f32[2,1]{1,0} parameter(5)
+  %s1 = f32[2,1]{1,0} parameter(6)
+  %s2 = f32[2,1]{1,0} parameter(7)
   %loop = (s32[], bf16[4,8]{1,0}) while(%init), condition=%c2, body=%outer, backend_config={"known_trip_count":{"n":"3"}}
   %a2a = (f32[2,1]{1,0}, f32[2,1]{1,0}, f32[2,1]{1,0}) all-to-all(%s0, %s1, %s2), channel_id=4, replica_groups=mesh['axis_0'=2,'axis_1'=3] {'axis_1'}
   %cps = (f32[4,8]{1,0}, f32[4,8]{1,0}, u32[], u32[]) collective-permute-start(%x), channel_id=5, source_target_pairs={{0,1},{1,2},{2,0}}

@@ -145,6 +145,8 @@ class HloModule:
     computations: dict[str, Computation]
     entry: str
     unknown_trip_counts: int = 0
+    # Computations whose multiplicity rests on a loop without a known trip count.
+    uncertain: frozenset[str] = frozenset()
 
     def instructions(self) -> Iterator[Instruction]:
         for comp in self.computations.values():
@@ -170,20 +172,24 @@ class HloModule:
         mult: dict[str, int] = defaultdict(int)
         mult[self.entry] = 1
         self.unknown_trip_counts = 0
+        uncertain: set[str] = set()
         for name in order:
             count = mult.get(name, 0)
             if not count:
                 continue
             for inst in self.computations[name].instructions:
-                trips = 1
+                trips, unknown = 1, name in uncertain
                 if inst.opcode == "while":
                     trips = inst.trip_count()
                     if trips is None:
-                        trips = 1
+                        trips, unknown = 1, True
                         self.unknown_trip_counts += 1
                 for callee in inst.callees():
                     if callee in self.computations:
                         mult[callee] += count * trips
+                        if unknown:
+                            uncertain.add(callee)
+        self.uncertain = frozenset(uncertain)
         return dict(mult)
 
 

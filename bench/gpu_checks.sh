@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The checks only a GPU can answer, in one go (about 5 minutes on one H100/H200):
-#   1. gpt2-124m trained for 100 steps on one GPU: tokens/s and MFU (metrics.jsonl);
+#   1. gpt2-124m trained for 100 steps on one GPU: tokens/s and MFU (metrics.jsonl), with the
+#      default einsum attention, with attention.impl=fused (cuDNN flash), and fused without remat;
 #   2. the pipeline executor's single-device overhead against the plain model;
-#   3. ring attention's single-device overhead against dense attention, if present.
-# Usage: bash bench/gpu_checks.sh [OUT_DIR]   (the Python that runs it must have jax with CUDA)
+#   3. ring attention's single-device overhead against dense attention.
+# Usage: bash bench/gpu_checks.sh [OUT_DIR] [gpt2|pipeline|ring ...]   (default: all; needs jax with CUDA)
 set -uo pipefail
 out=${1:-${OUT:-/tmp/gpu_checks}}
+shift || true
+only=" ${*:-gpt2 pipeline ring} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -16,17 +19,24 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 $py -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
 
-echo "== gpt2-124m, 100 steps"
-rm -rf /tmp/gpt2-run
-$py train.py --config configs/gpt2-124m.yaml --mesh meshes/gpu-1.yaml steps=100 run_dir=/tmp/gpt2-run \
-    log_every=10 eval_every=0 checkpoint.every=0 2>&1 | tail -25 | tee "$out/gpt2.txt"
-cp /tmp/gpt2-run/metrics.jsonl "$out/gpt2-metrics.jsonl" 2>/dev/null
+if [[ $only == *" gpt2 "* ]]; then
+    for variant in "einsum:" "fused:attention.impl=fused" "fused-noremat:attention.impl=fused model.remat=none"; do
+        name=${variant%%:*}
+        echo "== gpt2-124m, 100 steps, $name"
+        rm -rf /tmp/gpt2-run
+        $py train.py --config configs/gpt2-124m.yaml --mesh meshes/gpu-1.yaml steps=100 run_dir=/tmp/gpt2-run \
+            log_every=10 eval_every=0 checkpoint.every=0 ${variant#*:} 2>&1 | tail -3 | tee "$out/gpt2-$name.txt"
+        tail -2 /tmp/gpt2-run/metrics.jsonl | tee -a "$out/gpt2-$name.txt"
+    done
+fi
 
-echo "== pipeline executor overhead"
-$py bench/pipeline_overhead.py --config configs/gpt2-124m.yaml --batch-size 16 --seq-len 1024 \
-    --microbatches 4 2>&1 | tail -8 | tee "$out/pipeline_overhead.txt"
+if [[ $only == *" pipeline "* ]]; then
+    echo "== pipeline executor overhead"
+    $py bench/pipeline_overhead.py --config configs/gpt2-124m.yaml --batch-size 16 --seq-len 1024 \
+        --microbatches 4 2>&1 | tail -8 | tee "$out/pipeline_overhead.txt"
+fi
 
-if [ -f bench/ring_attention.py ]; then
+if [[ $only == *" ring "* ]]; then
     echo "== ring attention overhead"
     $py bench/ring_attention.py --gpu-overhead 2>&1 | tail -20 | tee "$out/ring_overhead.txt"
 fi

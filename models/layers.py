@@ -20,6 +20,9 @@ import jax.numpy as jnp
 ShardFn = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 """Constrains an activation by logical axis names, one per dimension."""
 
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+"""(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_positions_BxL, kv_positions_BxM) -> [B, L, H, K], causal."""
+
 
 def no_shard(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """The default ShardFn: leaves the activation to the compiler."""
@@ -116,12 +119,18 @@ def decoder_block(
     rope_theta: float,
     norm_eps: float,
     shard: ShardFn = no_shard,
+    attention: AttentionFn | None = None,
+    mlp: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """One pre-norm decoder layer: x + attn(norm(x)), then + swiglu(norm(x)).
 
+    ``mlp`` (normalised [B, L, D] -> [B, L, D]) replaces the SwiGLU MLP.
+
     Matmuls run in x's dtype (the compute dtype); weights are cast at use so
-    they can be stored in a different param dtype.
+    they can be stored in a different param dtype. ``attention`` (default
+    ``causal_gqa_attention``) is where a sequence-parallel kernel plugs in.
     """
+    attention = attention or causal_gqa_attention
     dtype = x_BxLxD.dtype
 
     h_BxLxD = rms_norm(x_BxLxD, w.attn_norm, norm_eps)
@@ -133,10 +142,12 @@ def decoder_block(
     v_BxLxNxK = shard(v_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
     q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, rope_theta)
     k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, rope_theta)
-    attn_BxLxHxK = causal_gqa_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, positions_BxL)
+    attn_BxLxHxK = attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, positions_BxL)
     x_BxLxD = x_BxLxD + jnp.einsum("blhk,hkd->bld", attn_BxLxHxK, w.o.astype(dtype))
 
     h_BxLxD = rms_norm(x_BxLxD, w.mlp_norm, norm_eps)
+    if mlp is not None:  # e.g. a mixture of experts (models.moe); w.gate/up/down are then unused
+        return x_BxLxD + mlp(h_BxLxD)
     gate_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w.gate.astype(dtype))
     up_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w.up.astype(dtype))
     hidden_BxLxF = shard(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))

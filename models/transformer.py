@@ -16,7 +16,12 @@ Parameter paths (as flattened by `nnx.state(model, nnx.Param)`):
   layers/down [L, F, D]              ("layers", "mlp", "embed")
   final_norm [D]                     ("embed",)
   unembed [D, V]                     ("embed", "vocab")   only if not tie_embeddings
+  moe/router, gate, up, down         only with moe.n_experts > 0 (models.moe.MoEStack)
 (Here L is the number of layers; in activations L is the sequence length.)
+
+With mixture of experts, every moe.period-th layer's MLP is a MoE: layers/gate,
+up, down then stack only the dense layers' MLPs, and the layers are scanned in
+groups of period - 1 dense layers and one MoE layer (``run_moe_layers``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import BlockWeights, ShardFn, decoder_block, no_shard, rms_norm
+from models.layers import AttentionFn, BlockWeights, ShardFn, decoder_block, no_shard, rms_norm
+from models.moe import MoEStack, MoEStats, MoEWeights, moe_mlp
 
 __all__ = ["ShardFn", "Transformer", "no_shard"]
 
@@ -81,8 +87,11 @@ class LayerStack(nnx.Module):
         # shrinking them keeps the residual variance from growing with depth.
         out_std = std / math.sqrt(2 * n_layers)
 
-        def matrix(shape, names, scale=std):
-            return nnx.Param(_normal(rngs.params(), (n_layers, *shape), scale, dtype), out_sharding=("layers", *names))
+        # MoE layers keep their MLP in models.moe.MoEStack: these are the dense layers' MLPs.
+        n_mlp = n_layers - getattr(cfg, "n_moe_layers", 0)
+
+        def matrix(shape, names, scale=std, count=n_layers):
+            return nnx.Param(_normal(rngs.params(), (count, *shape), scale, dtype), out_sharding=("layers", *names))
 
         def norm_scale():
             return nnx.Param(jnp.ones((n_layers, d), dtype), out_sharding=("layers", "embed"))
@@ -93,13 +102,15 @@ class LayerStack(nnx.Module):
         self.v = matrix((d, n, k), ("embed", "kv_heads", "head_dim"))
         self.o = matrix((h, k, d), ("heads", "head_dim", "embed"), out_std)
         self.mlp_norm = norm_scale()
-        self.gate = matrix((d, f), ("embed", "mlp"))
-        self.up = matrix((d, f), ("embed", "mlp"))
-        self.down = matrix((f, d), ("mlp", "embed"), out_std)
+        self.gate = matrix((d, f), ("embed", "mlp"), count=n_mlp) if n_mlp else None
+        self.up = matrix((d, f), ("embed", "mlp"), count=n_mlp) if n_mlp else None
+        self.down = matrix((f, d), ("mlp", "embed"), out_std, count=n_mlp) if n_mlp else None
 
     def weights(self) -> BlockWeights:
-        """The stacked arrays, each with a leading [n_layers] axis for `lax.scan`."""
-        return BlockWeights(**{name: getattr(self, name)[...] for name in BlockWeights._fields})
+        """The stacked arrays, each with a leading [n_layers] axis for `lax.scan` (MLPs: [n dense layers])."""
+        return BlockWeights(
+            **{name: None if (v := getattr(self, name)) is None else v[...] for name in BlockWeights._fields}
+        )
 
 
 class Transformer(nnx.Module):
@@ -107,7 +118,7 @@ class Transformer(nnx.Module):
 
     Reads from `cfg`: vocab_size, d_model, n_layers, n_heads, n_kv_heads,
     resolved_head_dim, d_ff, rope_theta, tie_embeddings, param_dtype,
-    compute_dtype, remat, norm_eps, init_std.
+    compute_dtype, remat, norm_eps, init_std, and moe / n_moe_layers when present.
     """
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
@@ -130,6 +141,16 @@ class Transformer(nnx.Module):
                 _normal(rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.init_std, param_dtype),
                 out_sharding=("embed", "vocab"),
             )
+        # Mixture of experts: every moe.period-th layer's MLP (models.moe); created
+        # last so that the other parameters get the same values as a dense model's.
+        moe = getattr(cfg, "moe", None)
+        has_moe = moe is not None and moe.n_experts > 0
+        self.moe = MoEStack(cfg.n_moe_layers, cfg, dtype=param_dtype, rngs=rngs) if has_moe else None
+        if has_moe:
+            self.moe_period = int(moe.period)
+            self.moe_top_k = int(moe.top_k)
+            self.moe_capacity_factor = float(moe.capacity_factor)
+            self.moe_loss_weights = (float(moe.aux_loss_weight), float(moe.z_loss_weight))
 
     def __call__(
         self,
@@ -137,17 +158,64 @@ class Transformer(nnx.Module):
         *,
         positions_BxL: jax.Array | None = None,
         shard: ShardFn = no_shard,
+        attention: AttentionFn | None = None,
     ) -> jax.Array:
         """[B, L] token ids -> float32 logits [B, L, V].
 
         `positions_BxL` (default: 0..L-1 for every row) drives both the rotary
         embedding and the causal mask, so callers may reorder the sequence as
         long as they pass matching positions. `shard` constrains activations at
-        layer boundaries by logical axis names.
+        layer boundaries by logical axis names. `attention` replaces the dense
+        causal attention (e.g. ring attention from `shardlib.attention`).
+        """
+        if self.moe is not None:
+            return self.forward(tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention)[0]
+        x_BxLxD = self.embed_tokens(tokens_BxL, shard=shard)
+        x_BxLxD = self.run_layers(
+            self.layers.weights(), x_BxLxD, positions_BxL=positions_BxL, shard=shard, attention=attention
+        )
+        return self.logits(x_BxLxD, shard=shard)
+
+    def forward(
+        self,
+        tokens_BxL: jax.Array,
+        *,
+        positions_BxL: jax.Array | None = None,
+        shard: ShardFn = no_shard,
+        attention: AttentionFn | None = None,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """(logits [B, L, V], extra loss, metrics): what training needs besides the logits.
+
+        Dense model: extra loss 0, no metrics. MoE: the extra loss is
+        aux_loss_weight * load-balancing loss + z_loss_weight * router z-loss,
+        each averaged over the MoE layers; metrics are those two averages
+        (``moe_aux_loss``, ``moe_z_loss``) and ``moe_dropped_fraction``, the
+        fraction of (token, choice) pairs past capacity over all MoE layers.
         """
         x_BxLxD = self.embed_tokens(tokens_BxL, shard=shard)
-        x_BxLxD = self.run_layers(self.layers.weights(), x_BxLxD, positions_BxL=positions_BxL, shard=shard)
-        return self.logits(x_BxLxD, shard=shard)
+        if self.moe is None:
+            x_BxLxD = self.run_layers(
+                self.layers.weights(), x_BxLxD, positions_BxL=positions_BxL, shard=shard, attention=attention
+            )
+            return self.logits(x_BxLxD, shard=shard), jnp.zeros((), jnp.float32), {}
+        x_BxLxD, stats = self.run_moe_layers(
+            self.layers.weights(),
+            self.moe.weights(),
+            x_BxLxD,
+            positions_BxL=positions_BxL,
+            shard=shard,
+            attention=attention,
+        )
+        batch, length = tokens_BxL.shape
+        aux_loss, z_loss = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
+        pairs = stats.dropped.shape[0] * batch * length * self.moe_top_k
+        metrics = {
+            "moe_aux_loss": aux_loss,
+            "moe_z_loss": z_loss,
+            "moe_dropped_fraction": jnp.sum(stats.dropped) / pairs,
+        }
+        aux_weight, z_weight = self.moe_loss_weights
+        return self.logits(x_BxLxD, shard=shard), aux_weight * aux_loss + z_weight * z_loss, metrics
 
     # The three pieces below are what a pipeline places on different devices:
     # embedding on the first stage, slices of the layer stack on every stage,
@@ -164,12 +232,15 @@ class Transformer(nnx.Module):
         *,
         positions_BxL: jax.Array | None = None,
         shard: ShardFn = no_shard,
+        attention: AttentionFn | None = None,
     ) -> jax.Array:
         """Applies the layers whose stacked weights are given ([n, ...] each, any n) in order."""
         batch, length = x_BxLxD.shape[:2]
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        block = functools.partial(decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard)
+        block = functools.partial(
+            decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard, attention=attention
+        )
 
         def scan_body(x_BxLxD, w):
             x_BxLxD = block(x_BxLxD, w, positions_BxL)
@@ -182,6 +253,66 @@ class Transformer(nnx.Module):
             scan_body = jax.checkpoint(scan_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         x_BxLxD, _ = jax.lax.scan(scan_body, x_BxLxD, weights)
         return x_BxLxD
+
+    def run_moe_layers(
+        self,
+        weights: BlockWeights,
+        moe_weights: MoEWeights,
+        x_BxLxD: jax.Array,
+        *,
+        positions_BxL: jax.Array | None = None,
+        shard: ShardFn = no_shard,
+        attention: AttentionFn | None = None,
+    ) -> tuple[jax.Array, MoEStats]:
+        """Applies all layers of an MoE model: a scan over groups of period - 1 dense layers and one MoE layer.
+
+        ``weights`` holds attention and norms of all layers [n_layers, ...] and
+        the dense layers' MLPs [n_layers - M, ...]; ``moe_weights`` the MoE
+        layers' router and experts [M, ...]. Returns the residual stream and
+        the per-layer ``MoEStats`` stacked [M].
+        """
+        batch, length = x_BxLxD.shape[:2]
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        block = functools.partial(
+            decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard, attention=attention
+        )
+        period, groups = self.moe_period, moe_weights.router.shape[0]
+        mlp_fields = ("gate", "up", "down")
+
+        def grouped(name, w):
+            if w is None:  # period 1: no dense MLPs
+                return None
+            return w.reshape(groups, period - (name in mlp_fields), *w.shape[1:])
+
+        group_weights = BlockWeights(**{n: grouped(n, getattr(weights, n)) for n in BlockWeights._fields})
+
+        def group_body(x_BxLxD, ws):
+            w, mw = ws
+            for j in range(period):
+                is_moe = j == period - 1
+                layer = BlockWeights(
+                    **{
+                        n: (None if is_moe else getattr(w, n)[j]) if n in mlp_fields else getattr(w, n)[j]
+                        for n in BlockWeights._fields
+                    }
+                )
+                stats = []  # filled by the MoE MLP, in this same trace
+
+                def mlp(h_BxLxD, mw=mw, stats=stats):
+                    y_BxLxD, layer_stats = moe_mlp(
+                        h_BxLxD, mw, top_k=self.moe_top_k, capacity_factor=self.moe_capacity_factor, shard=shard
+                    )
+                    stats.append(layer_stats)
+                    return y_BxLxD
+
+                x_BxLxD = block(x_BxLxD, layer, positions_BxL, mlp=mlp if is_moe else None)
+                x_BxLxD = shard(x_BxLxD, ("batch", "length", "embed"))
+            return x_BxLxD, stats[0]
+
+        if self.remat != "none":
+            group_body = jax.checkpoint(group_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+        return jax.lax.scan(group_body, x_BxLxD, (group_weights, moe_weights))
 
     def logits(self, x_BxLxD: jax.Array, *, shard: ShardFn = no_shard) -> jax.Array:
         """Residual stream [B, L, D] -> float32 logits [B, L, V] (final norm, output projection)."""

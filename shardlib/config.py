@@ -33,6 +33,22 @@ class ConfigError(ValueError):
     """A config file or override is unusable; the message says what to fix."""
 
 
+class MoEConfig(BaseModel):
+    """Mixture-of-experts MLPs (models.moe); ``n_experts: 0`` keeps every MLP dense."""
+
+    model_config = _STRICT
+
+    n_experts: NonNegInt = 0
+    top_k: Annotated[int, Field(ge=1, le=2)] = 2
+    # Slots per expert per dispatch group: ceil(capacity_factor * tokens * top_k / n_experts).
+    capacity_factor: PosFloat = 1.25
+    # Layer i (from 0) is MoE when (i + 1) % period == 0: 2 = every other layer, 1 = all.
+    period: PosInt = 2
+    expert_d_ff: PosInt | None = None  # hidden width of each expert; default model.d_ff
+    aux_loss_weight: NonNegFloat = 0.01
+    z_loss_weight: NonNegFloat = 0.001
+
+
 class ModelConfig(BaseModel):
     """Shape and numerics of the decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU)."""
 
@@ -53,6 +69,12 @@ class ModelConfig(BaseModel):
     remat: Literal["none", "full", "save_matmuls"] = "none"
     norm_eps: PosFloat = 1e-6
     init_std: PosFloat = 0.02
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+
+    @property
+    def n_moe_layers(self) -> int:
+        """How many layers have a mixture-of-experts MLP (0 for a dense model)."""
+        return self.n_layers // self.moe.period if self.moe.n_experts else 0
 
     @property
     def resolved_head_dim(self) -> int:
@@ -75,6 +97,14 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"head_dim ({self.resolved_head_dim}) must be even: rotary embeddings rotate pairs of channels"
             )
+        moe = self.moe
+        if moe.n_experts and self.n_layers % moe.period:
+            raise ValueError(
+                f"n_layers ({self.n_layers}) must be a multiple of moe.period ({moe.period}): "
+                "layers are scanned in groups of period - 1 dense layers and one MoE layer"
+            )
+        if moe.n_experts and moe.top_k > moe.n_experts:
+            raise ValueError(f"moe.top_k ({moe.top_k}) exceeds moe.n_experts ({moe.n_experts})")
         return self
 
     def num_params(self) -> int:
@@ -85,7 +115,16 @@ class ModelConfig(BaseModel):
         per_layer = 2 * d + attention + mlp  # two RMSNorm scales, no biases
         embedding = self.vocab_size * d
         output = 0 if self.tie_embeddings else embedding
-        return embedding + self.n_layers * per_layer + d + output
+        return embedding + self.n_layers * per_layer + d + output + self._moe_extra_params(active=False)
+
+    def _moe_extra_params(self, *, active: bool) -> int:
+        """MoE layers' parameters beyond the dense MLPs they replace (all experts, or the top_k a token uses)."""
+        if not self.moe.n_experts:
+            return 0
+        experts = self.moe.top_k if active else self.moe.n_experts
+        expert_mlp = 3 * self.d_model * (self.moe.expert_d_ff or self.d_ff)
+        router = self.d_model * self.moe.n_experts
+        return self.n_moe_layers * (router + experts * expert_mlp - 3 * self.d_model * self.d_ff)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token, as used for MFU.
@@ -103,6 +142,8 @@ class ModelConfig(BaseModel):
         # Untied: drop the lookup table, keep the output matrix. Tied: the single
         # matrix is the output projection, so nothing is dropped.
         matmul_params = num_params if self.tie_embeddings else num_params - self.vocab_size * d
+        # A token runs through top_k experts of each MoE layer, not all of them.
+        matmul_params += self._moe_extra_params(active=True) - self._moe_extra_params(active=False)
         attention = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len
         return float(6 * matmul_params + attention)
 
@@ -180,6 +221,20 @@ class PipelineConfig(BaseModel):
     branching: Literal["auto", "cond", "select"] = "auto"
 
 
+class AttentionConfig(BaseModel):
+    """Attention over the mesh's ``seq`` axis (shardlib.attention); dense keeps it to the compiler."""
+
+    model_config = _STRICT
+
+    # ring: K/V blocks rotate over `seq` (O(S/p) memory); allgather: every device gathers all K/V;
+    # fused: jax.nn.dot_product_attention (cuDNN flash attention on GPUs in bf16), seq = 1 only.
+    impl: Literal["dense", "fused", "ring", "allgather"] = "dense"
+    # zigzag: device i holds chunks i and 2p-1-i of 2p, so causal work is equal on every device.
+    load_balance: Literal["zigzag", "none"] = "zigzag"
+    # ring: keys per inner block of a tile (scratch is linear in the local length).
+    block_k: PosInt = 256
+
+
 class Config(BaseModel):
     """A complete training run."""
 
@@ -201,6 +256,7 @@ class Config(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
     log_every: PosInt = 10
     eval_every: NonNegInt = 50  # 0: evaluate only at the last step
     eval_batches: NonNegInt = 4

@@ -163,3 +163,9 @@ class ActivationSharding:
     def __call__(self, x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
         sharding = NamedSharding(self.mesh, self.spec(x.shape, logical_axes))
         return jax.lax.with_sharding_constraint(x, sharding)
+
+    def dispatch_experts(self, *args, **kwargs):
+        """Mixture-of-experts dispatch with expert parallelism (``shardlib.experts.expert_parallel_dispatch``)."""
+        from shardlib.experts import expert_parallel_dispatch  # experts imports models; keep this module light
+
+        return expert_parallel_dispatch(self, *args, **kwargs)

@@ -18,10 +18,12 @@ import optax
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
+from shardlib.attention import check_attention_fits, make_attention
 from shardlib.checkpoint import Checkpointer
 from shardlib.compression import make_grad_compression
 from shardlib.config import Config, config_to_dict
 from shardlib.data import BatchLoader, load_token_splits
+from shardlib.experts import check_moe_fits
 from shardlib.faults import NanGuard, StopSignals, check_run_dir, optimizer_for_policy
 from shardlib.mesh import describe_mesh
 from shardlib.metrics import MetricsWriter, mfu, peak_tflops, plot_loss_curve
@@ -121,12 +123,19 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh) -> TrainingSetup:
     shardings = state_shardings(model, tx, rules, mesh)
     shard = ActivationSharding(rules, mesh)
     batch_sharding = _batch_sharding(cfg, shard)
+    check_attention_fits(
+        cfg.attention.impl, mesh, pipeline=mesh.shape["pipe"] > 1, grad_compression=cfg.grad_compression
+    )
+    attention = make_attention(
+        cfg.attention.impl, cfg.attention.load_balance, shard, cfg.seq_len, cfg.attention.block_k
+    )
+    check_moe_fits(cfg, mesh)
     if mesh.shape["pipe"] > 1:
         plan = pipeline_plan(cfg, mesh)
         param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
         grads_fn = make_pipeline_grads(model, plan, mesh, shard, resolve_branching(cfg, mesh, rules), param_specs)
     else:
-        grads_fn = make_grads_fn(model.graphdef, shard, cfg.grad_accum)
+        grads_fn = make_grads_fn(model.graphdef, shard, cfg.grad_accum, attention)
     compression = make_grad_compression(
         cfg.grad_compression,
         graphdef=model.graphdef,
@@ -147,8 +156,8 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh) -> TrainingSetup:
         shardings,
         batch_sharding,
         make_train_step(grads_fn, tx, shardings, batch_sharding, compression),
-        make_eval_step(model.graphdef, shardings, batch_sharding, shard),
-        jax.jit(grads_fn),
+        make_eval_step(model.graphdef, shardings, batch_sharding, shard, attention),
+        jax.jit(lambda params, batch: grads_fn(params, batch)[:2]),  # (loss, grads), without metrics
     )
 
 
@@ -306,6 +315,8 @@ def train(
                 }
                 if nan_guard.skipped:
                     row["skipped_steps"] = nan_guard.skipped
+                # The model's own metrics (MoE: aux and z losses, dropped-token fraction), last step.
+                row |= {k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm")}
                 row |= throughput.close_window()
                 if "tokens_per_s" in row and (util := mfu(row["tokens_per_s"] / mesh.size, flops_per_token, peak)):
                     row["mfu"] = util

@@ -28,9 +28,11 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
   stages (embedding, head) summed over ``pipe``. The pipeline (issue #3) is
   being built beside this report: with a config that has no ``pipeline``
   section the terms are computed but marked ``implemented=False``;
-* experts (MoE): two all-to-alls per MoE layer forward and two backward. The
-  model has no MoE layers yet (issue #4): ``expert_terms`` is the place; today
-  the ``expert`` axis only splits the batch, like ``data``.
+* experts (MoE, ``shardlib.experts``): per MoE layer and microbatch, two
+  all-to-alls (dispatch, combine) of the capacity-padded [E, b, C, D] buffer
+  forward, two backward, two more when remat recomputes the forward pass; the
+  experts' gradients are not reduced over the expert axes (each device owns
+  its experts). Without MoE layers the ``expert`` axis only splits the batch.
 
 Bytes are "wire" bytes (see ``collectives.wire_bytes``); multi-axis groups are
 attributed to axes with ``collectives.split_by_axis``, as measured ones are.
@@ -45,6 +47,7 @@ import numpy as np
 
 from shardlib.report.collectives import split_by_axis, wire_bytes
 from shardlib.report.layout import Layout, ParamLayout
+from shardlib.rules import logical_to_spec, preset_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,9 @@ def gradient_terms(layout: Layout) -> list[Term]:
     messages: dict[tuple, float] = defaultdict(float)
     out: list[Term | None] = []
     for p in layout.params:
-        fsdp = tuple(a for a in group if a in p.mesh_axes)
+        # Experts split over a token axis are owned, not gathered: their gradients come whole
+        # from the tokens the all-to-all brought, so neither FSDP nor a reduction over that axis.
+        fsdp = tuple(a for a in group if a in p.mesh_axes and a not in p.expert_axes)
         rest = tuple(a for a in group if a not in p.mesh_axes)
         # Scanned parameters: one op per layer this device runs (its stages' share with a pipeline).
         layers = p.shape[0] // (sizes["pipe"] if "pipe" in p.mesh_axes else 1) if p.scanned else 1
@@ -152,9 +157,13 @@ def tensor_terms(layout: Layout) -> list[Term]:
     p = np.dtype(cfg.model.param_dtype).itemsize
     tokens = layout.tokens_per_device
     act = tokens * cfg.model.d_model * c
-    backward = 2 + (1 if cfg.model.remat == "full" else 0)
+    # One all-reduce for attention and one for the MLP per layer each way; a MoE
+    # layer's MLP sums its expert buffer instead (``expert_terms``).
+    dense_mlps = layers - getattr(cfg.model, "n_moe_layers", 0)
+    forward = layers + dense_mlps
+    backward = layers + dense_mlps + (layers if cfg.model.remat == "full" else 0)
     out = [
-        _term("tensor parallel", "layer activations (forward)", "all-reduce", axes, sizes, act, 2 * layers * m, False),
+        _term("tensor parallel", "layer activations (forward)", "all-reduce", axes, sizes, act, forward * m, False),
         _term(
             "tensor parallel",
             "layer activations (backward)",
@@ -162,7 +171,7 @@ def tensor_terms(layout: Layout) -> list[Term]:
             axes,
             sizes,
             act,
-            backward * layers * m,
+            backward * m,
             False,
         ),
     ]
@@ -274,13 +283,50 @@ def pipeline_terms(layout: Layout) -> list[Term]:
 
 
 def expert_terms(layout: Layout) -> list[Term]:
-    """MoE dispatch/combine all-to-alls: 2 forward + 2 backward per MoE layer of b*s*D*capacity.
+    """MoE dispatch/combine all-to-alls of the [E, b, C, D] buffer: 2 forward + 2 backward per MoE layer.
 
-    The model has no MoE layers (issue #4), so there is nothing to predict; this
-    is where the term goes (``experts`` logical axis -> ``expert`` mesh axis).
+    C = ceil(capacity_factor * s * k / E) slots per expert and sequence (s the
+    tokens of a sequence on the device); the buffer is in the compute dtype.
+    Remat (``full`` or ``save_matmuls``: the experts' einsums are batched over
+    experts, so not saved) recomputes the forward pass and its two all-to-alls.
     """
-    del layout
-    return []
+    from models.moe import capacity
+
+    cfg, sizes = layout.cfg, layout.sizes
+    moe = getattr(cfg.model, "moe", None)
+    axes = next((p.expert_axes for p in layout.params if p.expert_axes), ())
+    if moe is None or not moe.n_experts or not axes:
+        return []
+    c = np.dtype(cfg.model.compute_dtype).itemsize
+    cap = capacity(cfg.seq_len // layout.seq_shards, moe.n_experts, moe.top_k, moe.capacity_factor)
+    buffer = moe.n_experts * layout.rows_per_device * cap * cfg.model.d_model * c
+    n = cfg.model.n_moe_layers * layout.forward_passes
+    forward = 2 if cfg.model.remat == "none" else 4
+    out = [
+        _term(
+            "experts",
+            "tokens to their experts and back (forward)",
+            "all-to-all",
+            axes,
+            sizes,
+            buffer,
+            n * forward,
+            False,
+        ),
+        _term("experts", "their gradients (backward)", "all-to-all", axes, sizes, buffer, 2 * n, False),
+    ]
+    # Tensor parallelism inside the experts: the hidden dim over the `mlp` axes, one
+    # all-reduce of the received buffer forward (again under remat) and one backward.
+    f = cfg.model.moe.expert_d_ff or cfg.model.d_ff
+    mlp = logical_to_spec(("mlp",), preset_rules(layout.sharding), sizes, shape=(f,))[0]
+    tensor = () if mlp is None else (mlp,) if isinstance(mlp, str) else tuple(mlp)
+    if tensor and not set(tensor) & set(layout.batch_axes):
+        what = "expert outputs summed over hidden-dim shards"
+        out += [
+            _term("tensor parallel", f"{what} (forward)", "all-reduce", tensor, sizes, buffer, n * forward // 2, False),
+            _term("tensor parallel", f"{what}: input gradients", "all-reduce", tensor, sizes, buffer, n, False),
+        ]
+    return [t for t in out if t is not None]
 
 
 def predict_terms(layout: Layout) -> list[Term]:

@@ -38,6 +38,7 @@ class ParamLayout:
     logical_axes: tuple[str | None, ...]
     mesh_axes: tuple[str, ...]  # every mesh axis of its PartitionSpec
     shards: int  # product of their sizes
+    expert_axes: tuple[str, ...] = ()  # the mesh axes of its ``experts`` dimension (MoE experts a device owns)
 
     @property
     def bytes(self) -> int:
@@ -184,6 +185,7 @@ def resolve_layout(cfg: Config, sizes: Mapping[str, int], sharding: str | None =
                 tuple(axes),
                 mesh_axes,
                 math.prod(sizes[a] for a in mesh_axes),
+                _spec_axes(PartitionSpec(spec[axes.index("experts")])) if "experts" in axes else (),
             )
         )
     micro = cfg.batch_size // cfg.grad_accum

@@ -238,9 +238,9 @@ def _notes(report: Report) -> list[str]:
             notes.append(
                 f"{term.strategy}: {term.what} predicted {fmt_bytes(term.wire_bytes)} but not implemented ({term.note})"
             )
-    if layout.sizes["expert"] > 1:
+    if layout.sizes["expert"] > 1 and not getattr(getattr(cfg.model, "moe", None), "n_experts", 0):
         notes.append(
-            "experts: the model has no MoE layers yet (issue #4); the expert axis only splits the batch, so no all-to-all is predicted"
+            "experts: the model has no MoE layers (model.moe.n_experts: 0); the expert axis only splits the batch, so no all-to-all is predicted"
         )
     if (
         any(t.strategy == "fsdp" and t.kind == "all-gather" for t in report.terms)

@@ -1,0 +1,250 @@
+"""Mixture-of-experts MLP: top-k router, capacity-padded expert buffers, auxiliary losses.
+
+Pure functions of plain arrays plus one NNX module holding the parameters of
+every MoE layer stacked on a leading axis (``MoEStack``). Nothing here names a
+mesh axis: moving tokens to the devices that hold their experts is the job of
+an ``ExpertDispatch`` callable the caller supplies (``shard.dispatch_experts``
+when the ``shard`` callable offers one, see ``shardlib.experts``); without one,
+every expert runs where the tokens are (``local_dispatch``).
+
+Semantics (identical on every mesh where no dispatch group is split):
+* Router: float32 logits ``h @ router``, softmax over all E experts, the k
+  largest probabilities pick the experts. With k > 1 the k weights are
+  renormalised to sum to 1 (Mixtral); with k = 1 the weight is the raw
+  probability (Switch), so the main loss still trains the router.
+* Capacity: tokens are dispatched in groups, a group being the tokens of one
+  sequence that one device holds (the whole sequence unless the length axis
+  is sharded). Each expert takes at most C = ceil(capacity_factor * T * k / E)
+  (token, choice) pairs of a group of T tokens, in priority order: every
+  token's first choice, in sequence order, before any second choice (GShard).
+  A pair past C is dropped: it contributes nothing (the token keeps only its
+  residual path for that choice).
+* Load-balancing loss (Switch / GShard): E * sum_e f_e * P_e, f_e the fraction
+  of (token, choice) pairs routed to e before dropping, P_e the mean router
+  probability of e, both over all tokens of the batch; 1 when uniform.
+* Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
+
+Shape suffixes: B batch, L length, D d_model, E experts, K top-k, C capacity,
+F expert hidden width, G groups held by one device (rows), X expert shards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ExpertWeights(NamedTuple):
+    """One MoE layer's expert parameters (SwiGLU per expert)."""
+
+    gate: jax.Array  # [E, D, F]
+    up: jax.Array  # [E, D, F]
+    down: jax.Array  # [E, F, D]
+
+
+class MoEWeights(NamedTuple):
+    """One MoE layer's parameters: the router and the experts."""
+
+    router: jax.Array  # [D, E]
+    experts: ExpertWeights
+
+
+class Routing(NamedTuple):
+    """The router's decision for every token."""
+
+    expert_BxLxK: jax.Array  # int32 expert ids, best first
+    weight_BxLxK: jax.Array  # float32 combine weights
+    aux_loss: jax.Array  # scalar load-balancing loss
+    z_loss: jax.Array  # scalar router z-loss
+
+
+ExpertDispatch = Callable[..., tuple[jax.Array, jax.Array]]
+"""``dispatch(x_BxLxD, expert_BxLxK, weight_BxLxK, experts, *, capacity_factor) -> (y_BxLxD, dropped)``.
+
+Runs every (token, choice) pair through its expert within capacity and sums
+the weighted outputs per token; ``dropped`` is the number of pairs past
+capacity (float32 scalar, whole batch).
+"""
+
+
+def capacity(tokens_per_group: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert per group: ceil(capacity_factor * T * k / E), at least 1."""
+    return max(1, math.ceil(capacity_factor * tokens_per_group * top_k / n_experts))
+
+
+def _top_k(probs_BxLxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` for small k as k masked max/argmax passes.
+
+    Reductions along the expert dim partition over sharded tokens as they are;
+    XLA's partitioner all-gathers the whole [B, L, E] input of a TopK instead.
+    """
+    values, indices = [], []
+    masked_BxLxE = probs_BxLxE
+    for _ in range(k):
+        index_BxL = jnp.argmax(masked_BxLxE, axis=-1)
+        values.append(jnp.max(masked_BxLxE, axis=-1))
+        indices.append(index_BxL)
+        taken_BxLxE = jax.nn.one_hot(index_BxL, probs_BxLxE.shape[-1], dtype=jnp.bool_)
+        masked_BxLxE = jnp.where(taken_BxLxE, -jnp.inf, masked_BxLxE)
+    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
+
+
+def route(h_BxLxD: jax.Array, router_DxE: jax.Array, top_k: int) -> Routing:
+    """Top-k routing in float32, with the load-balancing and z losses over all tokens."""
+    n_experts = router_DxE.shape[-1]
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({n_experts})")
+    logits_BxLxE = jnp.einsum("bld,de->ble", h_BxLxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
+    probs_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
+    top_BxLxK, expert_BxLxK = _top_k(probs_BxLxE, top_k)
+    weight_BxLxK = top_BxLxK / jnp.sum(top_BxLxK, axis=-1, keepdims=True) if top_k > 1 else top_BxLxK
+    # f_e counts routing decisions (not differentiable); P_e carries the gradient.
+    chosen_BxLxE = jnp.sum(jax.nn.one_hot(expert_BxLxK, n_experts, dtype=jnp.float32), axis=2)
+    fraction_E = jnp.mean(chosen_BxLxE, axis=(0, 1)) / top_k
+    mean_prob_E = jnp.mean(probs_BxLxE, axis=(0, 1))
+    aux_loss = n_experts * jnp.sum(fraction_E * mean_prob_E)
+    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BxLxE, axis=-1)))
+    return Routing(expert_BxLxK.astype(jnp.int32), weight_BxLxK, aux_loss, z_loss)
+
+
+def expert_slots(expert_GxTxK: jax.Array, n_experts: int) -> jax.Array:
+    """Position of every (token, choice) pair in its expert's buffer, per group.
+
+    Priority: all first choices in token order, then all second choices, so
+    under pressure a token loses its second expert before another token loses
+    its first. Returns int32 [G, T, K]; a slot >= capacity means dropped.
+    """
+    g, t, k = expert_GxTxK.shape
+    onehot_GxKTxE = jax.nn.one_hot(expert_GxTxK.swapaxes(1, 2).reshape(g, k * t), n_experts, dtype=jnp.int32)
+    before_GxKTxE = jnp.cumsum(onehot_GxKTxE, axis=1) - onehot_GxKTxE
+    slot_GxKT = jnp.sum(before_GxKTxE * onehot_GxKTxE, axis=-1)
+    return slot_GxKT.reshape(g, k, t).swapaxes(1, 2)
+
+
+def _buffer_index(expert_GxTxK: jax.Array, slot_GxTxK: jax.Array, n_experts: int, cap: int) -> jax.Array:
+    """Flat index into an [E, G, C] buffer; dropped pairs get E*G*C, one past the end."""
+    g = expert_GxTxK.shape[0]
+    group_Gx1x1 = jnp.arange(g, dtype=jnp.int32)[:, None, None]
+    index_GxTxK = (expert_GxTxK * g + group_Gx1x1) * cap + slot_GxTxK
+    return jnp.where(slot_GxTxK < cap, index_GxTxK, n_experts * g * cap)
+
+
+def dispatch_tokens(x_GxTxD: jax.Array, index_GxTxK: jax.Array, n_experts: int, cap: int) -> jax.Array:
+    """Scatters each (token, choice) pair into its slot: [E, G, C, D] (empty slots are zero)."""
+    g, t, d = x_GxTxD.shape
+    k = index_GxTxK.shape[-1]
+    rows_GTKxD = jnp.broadcast_to(x_GxTxD[:, :, None, :], (g, t, k, d)).reshape(g * t * k, d)
+    buffer_ExGCxD = jnp.zeros((n_experts * g * cap, d), x_GxTxD.dtype)
+    # Every live slot receives exactly one pair; out-of-range (dropped) indices are skipped.
+    buffer_ExGCxD = buffer_ExGCxD.at[index_GxTxK.reshape(-1)].add(rows_GTKxD, mode="drop")
+    return buffer_ExGCxD.reshape(n_experts, g, cap, d)
+
+
+def combine_tokens(out_ExGxCxD: jax.Array, index_GxTxK: jax.Array, weight_GxTxK: jax.Array) -> jax.Array:
+    """Gathers each pair's expert output and sums them weighted per token: [G, T, D]."""
+    e, g, cap, d = out_ExGxCxD.shape
+    flat_EGCxD = out_ExGxCxD.reshape(e * g * cap, d)
+    picked_GxTxKxD = flat_EGCxD.at[index_GxTxK].get(mode="fill", fill_value=0)
+    weighted = picked_GxTxKxD * weight_GxTxK[..., None].astype(out_ExGxCxD.dtype)
+    return jnp.sum(weighted, axis=2)
+
+
+def expert_ffn(x_ExTxD: jax.Array, w: ExpertWeights) -> jax.Array:
+    """SwiGLU of every expert on its own tokens: [E, T, D] -> [E, T, D] (weights cast to x's dtype)."""
+    dtype = x_ExTxD.dtype
+    gate_ExTxF = jnp.einsum("etd,edf->etf", x_ExTxD, w.gate.astype(dtype))
+    up_ExTxF = jnp.einsum("etd,edf->etf", x_ExTxD, w.up.astype(dtype))
+    return jnp.einsum("etf,efd->etd", jax.nn.silu(gate_ExTxF) * up_ExTxF, w.down.astype(dtype))
+
+
+def prepare_groups(x_GxTxD, expert_GxTxK, n_experts: int, top_k: int, capacity_factor: float):
+    """(capacity, buffer index [G, T, K], dropped pairs) for the groups one device holds."""
+    cap = capacity(x_GxTxD.shape[1], n_experts, top_k, capacity_factor)
+    slot_GxTxK = expert_slots(expert_GxTxK, n_experts)
+    dropped = jnp.sum(slot_GxTxK >= cap).astype(jnp.float32)
+    return cap, _buffer_index(expert_GxTxK, slot_GxTxK, n_experts, cap), dropped
+
+
+def local_dispatch(
+    x_BxLxD: jax.Array,
+    expert_BxLxK: jax.Array,
+    weight_BxLxK: jax.Array,
+    experts: ExpertWeights,
+    *,
+    capacity_factor: float,
+) -> tuple[jax.Array, jax.Array]:
+    """The ``ExpertDispatch`` without devices: every expert runs here, one group per row."""
+    n_experts = experts.gate.shape[0]
+    cap, index_BxLxK, dropped = prepare_groups(
+        x_BxLxD, expert_BxLxK, n_experts, expert_BxLxK.shape[-1], capacity_factor
+    )
+    buffer_ExBxCxD = dispatch_tokens(x_BxLxD, index_BxLxK, n_experts, cap)
+    e, b, c, d = buffer_ExBxCxD.shape
+    out_ExBxCxD = expert_ffn(buffer_ExBxCxD.reshape(e, b * c, d), experts).reshape(e, b, c, d)
+    return combine_tokens(out_ExBxCxD, index_BxLxK, weight_BxLxK), dropped
+
+
+class MoEStats(NamedTuple):
+    """Per-layer MoE statistics (scalars), stacked over layers by the scan."""
+
+    aux_loss: jax.Array
+    z_loss: jax.Array
+    dropped: jax.Array  # (token, choice) pairs dropped, whole batch
+
+
+def moe_mlp(
+    h_BxLxD: jax.Array,
+    w: MoEWeights,
+    *,
+    top_k: int,
+    capacity_factor: float,
+    shard: Any = None,
+) -> tuple[jax.Array, MoEStats]:
+    """The MoE replacement of the SwiGLU MLP: normalised input [B, L, D] -> output [B, L, D].
+
+    ``shard`` (the model's ShardFn) supplies the expert dispatch when it has a
+    ``dispatch_experts`` method (expert parallelism over the mesh); otherwise
+    the experts run locally.
+    """
+    routing = route(h_BxLxD, w.router, top_k)
+    dispatch: ExpertDispatch = getattr(shard, "dispatch_experts", None) or local_dispatch
+    y_BxLxD, dropped = dispatch(
+        h_BxLxD, routing.expert_BxLxK, routing.weight_BxLxK, w.experts, capacity_factor=capacity_factor
+    )
+    return y_BxLxD.astype(h_BxLxD.dtype), MoEStats(routing.aux_loss, routing.z_loss, dropped)
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class MoEStack(nnx.Module):
+    """Router and expert weights of every MoE layer, stacked along a leading layer axis.
+
+    Paths and logical axes (M = number of MoE layers):
+      moe/router [M, D, E]        ("layers", "embed", None)     replicated over experts: every token needs all logits
+      moe/gate, up [M, E, D, F]   ("layers", "experts", "embed", "mlp")
+      moe/down [M, E, F, D]       ("layers", "experts", "mlp", "embed")
+    """
+
+    def __init__(self, n_moe_layers: int, cfg: Any, *, dtype: Any, rngs: nnx.Rngs):
+        m, d, e = n_moe_layers, cfg.d_model, cfg.moe.n_experts
+        f = cfg.moe.expert_d_ff or cfg.d_ff
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers)
+        self.router = nnx.Param(_normal(rngs.params(), (m, d, e), std, dtype), out_sharding=("layers", "embed", None))
+        expert_in = ("layers", "experts", "embed", "mlp")
+        self.gate = nnx.Param(_normal(rngs.params(), (m, e, d, f), std, dtype), out_sharding=expert_in)
+        self.up = nnx.Param(_normal(rngs.params(), (m, e, d, f), std, dtype), out_sharding=expert_in)
+        self.down = nnx.Param(
+            _normal(rngs.params(), (m, e, f, d), out_std, dtype), out_sharding=("layers", "experts", "mlp", "embed")
+        )
+
+    def weights(self) -> MoEWeights:
+        """The stacked arrays, each with a leading [M] axis for ``lax.scan``."""
+        return MoEWeights(self.router[...], ExpertWeights(self.gate[...], self.up[...], self.down[...]))

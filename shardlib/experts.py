@@ -1,0 +1,156 @@
+"""Expert parallelism: tokens travel to their experts' devices with two ``all_to_all``s.
+
+``expert_parallel_dispatch`` is the mesh-aware ``ExpertDispatch`` of
+``models.moe``: the model calls it as ``shard.dispatch_experts(...)`` and never
+names a mesh axis. Inside one ``shard_map`` over every mesh axis:
+
+1. each device scatters its tokens into a capacity-padded buffer
+   ``dispatch_ExGxCxD`` (E experts, G local rows, C slots per expert and row);
+2. ``all_to_all`` over the expert axes sends expert e's slice to the device
+   that holds e; every device then holds ``[E/X, X*G, C, D]``: its own experts'
+   tokens from all X expert peers;
+3. each device runs its experts (SwiGLU) on those tokens;
+4. the reverse ``all_to_all`` brings the outputs home, where they are combined
+   per token with the router weights.
+
+The buffers have a fixed size (padded to capacity) because XLA:CPU has no
+``ragged_all_to_all``; on the wire each all-to-all moves the whole buffer,
+E*G*C*D elements per device (``dispatch_buffer_bytes``), (X-1)/X of it to
+other devices. The same axes (``expert`` in the presets) also split the batch
+of the non-expert layers, so no device holds idle tokens.
+
+Expert weights enter the ``shard_map`` split over the expert axes and, under
+tensor parallelism, their hidden dim over the ``mlp`` axes (``model``): the
+tensor peers, which hold the same tokens, each run their slice of every
+expert's hidden units and sum the outputs with one all-reduce of the buffer
+(and one backward), as a Megatron MLP does. Any other sharding of the weights
+(``embed`` over ``data`` under FSDP) is gathered by XLA before the experts run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from models.moe import ExpertWeights, capacity, combine_tokens, dispatch_tokens, expert_ffn, prepare_groups
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_axes(shard, n_experts: int) -> tuple[str, ...]:
+    """Mesh axes the ``experts`` dimension is split over (size-1 axes dropped), from the rules."""
+    return _axes(shard.spec((n_experts,), ("experts",))[0])
+
+
+def check_moe_fits(cfg, mesh: jax.sharding.Mesh) -> None:
+    """Refuses, with a ValueError naming the setting, what MoE does not support yet."""
+    moe = cfg.model.moe
+    if not moe.n_experts:
+        return
+    if mesh.shape["pipe"] > 1:
+        raise ValueError(
+            f"model.moe.n_experts={moe.n_experts} with pipe={mesh.shape['pipe']}: mixture of experts does not "
+            "run inside the pipeline yet; use a mesh with pipe=1 (e.g. meshes/cpu-8-expert.yaml)"
+        )
+    if cfg.grad_compression != "none":
+        raise ValueError(
+            f"grad_compression={cfg.grad_compression} with model.moe.n_experts={moe.n_experts}: compressed "
+            "gradients take per-shard gradients under vmap, which the expert all-to-all does not support; "
+            "use grad_compression=none"
+        )
+    experts = mesh.shape["expert"]
+    if moe.n_experts % experts:
+        raise ValueError(
+            f"model.moe.n_experts={moe.n_experts} does not divide over the mesh's expert axis ({experts} devices)"
+        )
+
+
+def dispatch_buffer_bytes(
+    rows_per_device: int, tokens_per_row: int, n_experts: int, top_k: int, capacity_factor: float, itemsize: int, d: int
+) -> int:
+    """Bytes of one device's dispatch buffer [E, G, C, D]: what each of the layer's two forward all-to-alls moves."""
+    cap = capacity(tokens_per_row, n_experts, top_k, capacity_factor)
+    return n_experts * rows_per_device * cap * d * itemsize
+
+
+def expert_parallel_dispatch(
+    shard,
+    x_BxLxD: jax.Array,
+    expert_BxLxK: jax.Array,
+    weight_BxLxK: jax.Array,
+    experts: ExpertWeights,
+    *,
+    capacity_factor: float,
+) -> tuple[jax.Array, jax.Array]:
+    """``models.moe.ExpertDispatch`` over the mesh of ``shard`` (an ``ActivationSharding``).
+
+    Args:
+      x_BxLxD: normalised tokens, sharded as ("batch", "length", "embed").
+      expert_BxLxK, weight_BxLxK: the router's choices and combine weights,
+        sharded like the tokens.
+      experts: [E, D, F] / [E, F, D] weights, logical ("experts", ...).
+    Returns:
+      y_BxLxD sharded like x, and the number of dropped (token, choice) pairs
+      of the whole batch (replicated float32 scalar).
+    """
+    mesh = shard.mesh
+    n_experts, top_k = experts.gate.shape[0], expert_BxLxK.shape[-1]
+    x_spec = shard.spec(x_BxLxD.shape, ("batch", "length", "embed"))
+    route_spec = P(x_spec[0], x_spec[1], None)
+    token_axes = _axes(x_spec[0]) + _axes(x_spec[1])
+    ep_axes = expert_axes(shard, n_experts)
+    ep_size = math.prod(mesh.shape[a] for a in ep_axes)
+    ep_name = ep_axes[0] if len(ep_axes) == 1 else ep_axes
+    ep_entry = ep_name if ep_axes else None
+    # Tensor parallelism inside the experts: the hidden dim keeps its `mlp` axes
+    # (Megatron: column- then row-parallel, one psum of the output), unless
+    # those axes also split the tokens, where a psum would mix different tokens.
+    mlp_entry = shard.spec(experts.gate.shape, ("experts", "embed", "mlp"))[2]
+    tensor_axes = _axes(mlp_entry)
+    if set(tensor_axes) & set(token_axes):
+        mlp_entry, tensor_axes = None, ()
+    w_specs = ExpertWeights(P(ep_entry, None, mlp_entry), P(ep_entry, None, mlp_entry), P(ep_entry, mlp_entry, None))
+    # Everything else (the `embed` dim under FSDP) is gathered before going manual.
+    experts = jax.tree.map(
+        lambda w, spec: jax.lax.with_sharding_constraint(w, NamedSharding(mesh, spec)), experts, w_specs
+    )
+
+    def body(x_GxTxD, expert_GxTxK, weight_GxTxK, w: ExpertWeights):
+        cap, index_GxTxK, dropped = prepare_groups(x_GxTxD, expert_GxTxK, n_experts, top_k, capacity_factor)
+        dispatch_ExGxCxD = dispatch_tokens(x_GxTxD, index_GxTxK, n_experts, cap)
+        if ep_size > 1:
+            # Split the expert dim over the peers, stack what arrives along the row dim.
+            local_ExXGxCxD = jax.lax.all_to_all(dispatch_ExGxCxD, ep_name, split_axis=0, concat_axis=1, tiled=True)
+        else:
+            local_ExXGxCxD = dispatch_ExGxCxD
+        e, xg, c, d = local_ExXGxCxD.shape
+        if tensor_axes:
+            # Varying over the tensor axes from here: the backward pass then sums the
+            # gate and up projections' input gradients locally before one all-reduce.
+            local_ExXGxCxD = jax.lax.pcast(local_ExXGxCxD, tensor_axes, to="varying")
+        out_ExXGxCxD = expert_ffn(local_ExXGxCxD.reshape(e, xg * c, d), w).reshape(e, xg, c, d)
+        if tensor_axes:  # each tensor peer summed over its slice of the hidden dim
+            out_ExXGxCxD = jax.lax.psum(out_ExXGxCxD, tensor_axes)
+        if ep_size > 1:
+            combine_ExGxCxD = jax.lax.all_to_all(out_ExXGxCxD, ep_name, split_axis=1, concat_axis=0, tiled=True)
+        else:
+            combine_ExGxCxD = out_ExXGxCxD
+        y_GxTxD = combine_tokens(combine_ExGxCxD, index_GxTxK, weight_GxTxK)
+        if token_axes:
+            dropped = jax.lax.psum(dropped, token_axes)
+        return y_GxTxD, dropped
+
+    run = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(x_spec, route_spec, route_spec, w_specs),
+        out_specs=(x_spec, P()),
+    )
+    return run(x_BxLxD, expert_BxLxK, weight_BxLxK, experts)

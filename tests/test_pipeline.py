@@ -31,11 +31,16 @@ CASES = {
 }
 
 
-def grads_on(cfg, mesh):
+def first_batch(cfg, mesh):
+    """(setup, the run's first batch, fresh params) for ``cfg`` on ``mesh``."""
     run = setup_training(cfg, mesh)
     tokens, _ = load_token_splits(cfg.data)
-    batch = run.loader(tokens, seed=cfg.seed).next()
     params, _ = run.init_state()
+    return run, run.loader(tokens, seed=cfg.seed).next(), params
+
+
+def grads_on(cfg, mesh):
+    run, batch, params = first_batch(cfg, mesh)
     loss, grads = run.grads(params, batch)
     return float(loss), jax.device_get(grads), jax.device_get(params)
 
@@ -71,12 +76,7 @@ def test_schedule_matches_sequential(case):
 @functools.cache
 def _reference_with_layer_order(order_key):
     order = np.asarray(order_key)
-    cfg = tiny_config(model=MODEL)
-    mesh = mesh_of(devices=1)
-    run = setup_training(cfg, mesh)
-    tokens, _ = load_token_splits(cfg.data)
-    batch = run.loader(tokens, seed=cfg.seed).next()
-    params, _ = run.init_state()
+    run, batch, params = first_batch(tiny_config(model=MODEL), mesh_of(devices=1))
     inverse = np.argsort(order)  # logical layer j is stored at inverse[j]
     params["layers"] = jax.tree.map(lambda w: w[inverse], params["layers"])
     loss, grads = run.grads(params, batch)
@@ -92,12 +92,8 @@ def test_one_stage_pipeline_matches_sequential(schedule):
     from shardlib.pipeline.schedules import make_schedule
     from shardlib.pipeline.step import make_pipeline_grads
 
-    cfg = tiny_config(model=MODEL)
     mesh = mesh_of(devices=1)
-    run = setup_training(cfg, mesh)
-    tokens, _ = load_token_splits(cfg.data)
-    batch = run.loader(tokens, seed=cfg.seed).next()
-    params, _ = run.init_state()
+    run, batch, params = first_batch(tiny_config(model=MODEL), mesh)
     plan = compile_plan(make_schedule(schedule, 1, 4, 1))
     grads_fn = jax.jit(make_pipeline_grads(run.model, plan, mesh, None, "cond"))
     loss, grads = grads_fn(params, batch)

@@ -5,8 +5,9 @@
 For every schedule at p stages and each m: the bubble its table predicts, the
 compiled gradient step's temporary memory per device, the measured time of a
 gradient step (median of --repeats, after one compile), and the bytes each
-device sends to its neighbours (collective-permute, from the compiled HLO,
-trip counts applied) against the minimum: every microbatch crosses every
+device sends to its neighbours (the collective-permute's size from the
+compiled HLO, times the ticks on which the table has an arrival: the executor
+skips the others) against the minimum: every microbatch crosses every
 stage boundary once forward and once backward, so a device sends at least
 2 * m * (one microbatch's activations), less the ends of the pipeline.
 
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     from shardlib.config import validate_config
     from shardlib.hlo import collectives, compiled_text
     from shardlib.mesh import build_mesh, mesh_spec
+    from shardlib.pipeline.executor import sent_microbatches
     from shardlib.pipeline.step import pipeline_plan
     from shardlib.trainer import setup_training
 
@@ -68,8 +70,12 @@ def main(argv=None) -> int:
                      for k in ("inputs", "targets")}
             compiled = run.grads.lower(params, batch).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
-            sent = sum(c.total_bytes for c in collectives(compiled_text(run.grads, params, batch))
-                       if c.kind == "collective-permute")
+            permutes = [c for c in collectives(compiled_text(run.grads, params, batch))
+                        if c.kind == "collective-permute"]
+            # Each permute sits in a cond the tick's table flag takes or skips (the same on every
+            # device); the HLO gives its size, the table how many ticks take it.
+            assert len({c.bytes for c in permutes}) == 1, permutes
+            sent = permutes[0].bytes * sent_microbatches(plan)
             micro_bytes = 4 * cfg.seq_len * model["d_model"] * 4  # [4, seq, d] fp32 per microbatch
             minimum = 2 * m * v * micro_bytes  # each chunk's input forward, its gradient back
             times = []

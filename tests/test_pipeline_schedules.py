@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 
+from shardlib.pipeline.executor import plan_sends, sent_microbatches
 from shardlib.pipeline.plan import compile_plan
 from shardlib.pipeline.schedules import (
     Action,
@@ -100,3 +101,20 @@ def test_table_prints_one_row_per_stage():
         "stage 0: F0 F1  . B0  . B1",
         "stage 1:  . F0 B0 F1 B1  .",
     ]
+
+
+@pytest.mark.parametrize("name, p, m, v", CASES)
+def test_the_executor_permutes_only_on_ticks_with_an_arrival(name, p, m, v):
+    """Skipped ticks cut the bytes between stages; what is left is the SPMD floor of the schedule."""
+    plan = compile_plan(make_schedule(name, p, m, v))
+    sends = plan_sends(plan)
+    for tick in range(plan.schedule.ticks):
+        assert sends[tick, 0] == (plan.recv_act_slot[tick] >= 0).any()
+        assert sends[tick, 1] == (plan.recv_grad_slot[tick] >= 0).any()
+    # Every chunk's input crosses each boundary forward and its gradient backward: at least
+    # 2 * m * v - 2 permutes per step (the first and last virtual stages send one way only)...
+    assert sent_microbatches(plan) >= 2 * m * v - 2
+    # ...and fewer than a permute each way on every tick.
+    assert sent_microbatches(plan) < 2 * plan.schedule.ticks
+    if name == "gpipe":  # forward phase, then backward phase: one direction per tick
+        assert sent_microbatches(plan) == 2 * (m + p - 2)

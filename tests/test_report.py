@@ -135,3 +135,23 @@ def test_replica_groups_map_to_mesh_axes_on_three_nontrivial_axes():
     rows = {r.axis: r for r in report.axes}
     assert rows["model"].ratio_without_avoidable == pytest.approx(1.0, abs=0.05)
     assert {t.strategy for t in predict_terms(layout)} == {"data parallel", "tensor parallel", "sequence"}
+
+
+@pytest.mark.parametrize("schedule, pipe, expected_ratio", [("1f1b", 2, 1.0), ("gpipe", 4, 12 / 8)])
+def test_pipeline_permutes_count_only_the_ticks_that_take_them(schedule, pipe, expected_ratio):
+    """The executor's permutes sit in per-tick conditionals; the report counts the taken ticks.
+
+    p = 2 with 1F1B reaches the minimum (each device sends its m activations or
+    gradients one way); GPipe on p = 4 sends on 2(m + p - 2) = 12 ticks against
+    the 2m = 8 a middle stage needs, since every device joins every permute.
+    """
+    cfg = tiny_config(model={"n_layers": 4}, pipeline={"schedule": schedule, "microbatches": 4})
+    mesh = mesh_of(pipe=pipe)
+    report = build_report(resolve_layout(cfg, dict(mesh.shape)), measured=measure(cfg, mesh))
+    (axis,) = [a for a in report.axes if a.axis == "pipe"]
+    permutes = [c for c in report.measured.collectives if c.kind == "collective-permute"]
+    assert len(permutes) == 2 and all(c.count < 2 * (4 + pipe - 1) for c in permutes), permutes
+    sent = sum(c.total_wire_bytes for c in permutes)
+    predicted = sum(t.wire_bytes for t in report.terms if t.strategy == "pipeline" and t.kind == "collective-permute")
+    assert sent == pytest.approx(expected_ratio * predicted, rel=1e-6), (sent, predicted)
+    assert axis.measured > 0

@@ -5,7 +5,8 @@ Inside a ``shard_map`` that makes ``pipe`` and the batch axes (``data``,
 share of the batch; ``model`` (and ``seq``) stay automatic, so tensor
 parallelism keeps working through the rules inside each stage. Each tick, a
 stage runs the branch its column of the table names, then activations move one
-stage forward and gradients one stage back with ``ppermute``. Backward passes
+stage forward and gradients one stage back with ``ppermute``, each direction
+only on the ticks where the table has an arrival (``plan_sends``). Backward passes
 recompute their stage's forward from the saved input (``jax.vjp``), so a stage
 keeps only stage inputs: as many as the table has in flight.
 
@@ -44,6 +45,9 @@ from shardlib.pipeline.plan import BRANCHES, BWD, BWD_FIRST, FWD, FWD_FIRST, FWD
 
 PyTree = Any
 Branching = Literal["cond", "select"]
+# Named scopes of the two permutes, so HLO readers (shardlib.report) can find them and count
+# only the ticks that take them (``plan_sends``): a conditional's body looks taken every tick.
+FORWARD_SEND, BACKWARD_SEND = "pipeline_forward_send", "pipeline_backward_send"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +116,7 @@ def pipeline_loss_and_grads(
         name: jnp.asarray(getattr(plan, name))
         for name in ("branch", "microbatch", "chunk", "act_slot", "grad_slot", "recv_act_slot", "recv_grad_slot")
     }
+    sends = jnp.asarray(plan_sends(plan))
     forward_ring = [(s, (s + 1) % p) for s in range(p)]
     backward_ring = [(s, (s - 1) % p) for s in range(p)]
     if layer_specs is None:
@@ -124,7 +129,7 @@ def pipeline_loss_and_grads(
     shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
     batch_spec = P(None, batch_axes or None)
 
-    def body(layers_local, outer_local, tokens, targets, table):
+    def body(layers_local, outer_local, tokens, targets, table, sends):
         stage = jax.lax.axis_index("pipe")
         layers_local = jax.tree.map(lambda w, s: _gather(w, s, batch_axes), layers_local, layer_specs)
         outer = jax.tree.map(lambda w, s: _gather(w, s, batch_axes), outer_local, outer_specs)
@@ -175,15 +180,20 @@ def pipeline_loss_and_grads(
         branches[BWD] = lambda c, r: backward(c, r, first=False)
         branches[BWD_FIRST] = lambda c, r: backward(c, r, first=True)
 
-        def tick(carry, tick_row):
+        def tick(carry, xs):
+            tick_row, tick_sends = xs
             row = {name: value[stage] for name, value in tick_row.items()}
             if branching == "cond":
                 carry, send_x, send_dx = jax.lax.switch(row["branch"], branches, carry, row)
             else:
                 outs = [branch(carry, row) for branch in branches]
                 carry, send_x, send_dx = jax.tree.map(lambda *xs: jax.lax.select_n(row["branch"], *xs), *outs)
-            got_x = jax.lax.ppermute(send_x, "pipe", forward_ring)
-            got_dx = jax.lax.ppermute(send_dx, "pipe", backward_ring)
+            # A tick on which no stage receives skips that direction's permute: the flag is the
+            # same on every device, so all of them take the same side of the cond.
+            got_x = jax.lax.cond(tick_sends[0], lambda x: _send(x, forward_ring, FORWARD_SEND), jnp.zeros_like, send_x)
+            got_dx = jax.lax.cond(
+                tick_sends[1], lambda x: _send(x, backward_ring, BACKWARD_SEND), jnp.zeros_like, send_dx
+            )
             act_buf, grad_buf, layer_g, outer_g, loss = carry
             # A slot of -1 means nothing arrives: write into a scratch slot past the end.
             act_buf = act_buf.at[_or_scratch(row["recv_act_slot"], plan.act_slots)].set(got_x)
@@ -197,7 +207,7 @@ def pipeline_loss_and_grads(
             jax.tree.map(jnp.zeros_like, outer),
             jnp.zeros((), jnp.float32),
         )
-        (_, _, layer_g, outer_g, loss), _ = jax.lax.scan(tick, carry, table)
+        (_, _, layer_g, outer_g, loss), _ = jax.lax.scan(tick, carry, (table, sends))
         # Each batch shard holds the gradient of its own mean loss; their mean is the step's.
         scale = 1.0 / (schedule.microbatches * shards)
         layer_g = jax.tree.map(lambda g, w: (g * scale).reshape(w.shape), layer_g, layers_local)
@@ -210,12 +220,27 @@ def pipeline_loss_and_grads(
     run = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(layer_specs, outer_specs, batch_spec, batch_spec, P()),
+        in_specs=(layer_specs, outer_specs, batch_spec, batch_spec, P(), P()),
         out_specs=(P(), layer_specs, outer_specs),
         axis_names=manual,
         check_vma=False,
     )
-    return run(layers, outer, tokens_MxBxL, targets_MxBxL, table)
+    return run(layers, outer, tokens_MxBxL, targets_MxBxL, table, sends)
+
+
+def plan_sends(plan: Plan) -> np.ndarray:
+    """[ticks, 2] bool: whether any stage receives an activation (column 0) or a gradient (1) that tick.
+
+    The executor permutes only on those ticks. A permute still runs on every
+    device of the ring (SPMD), so a device with nothing to send sends zeros
+    when a neighbour pair needs the tick; ``sent_microbatches`` counts that.
+    """
+    return np.stack([(plan.recv_act_slot >= 0).any(axis=1), (plan.recv_grad_slot >= 0).any(axis=1)], axis=1)
+
+
+def sent_microbatches(plan: Plan) -> int:
+    """Stage inputs or gradients each device sends per step: permuting ticks, both directions."""
+    return int(plan_sends(plan).sum())
 
 
 def _entry_axes(entry) -> tuple[str, ...]:
@@ -266,6 +291,11 @@ def _reduce(g: jax.Array, spec: P, batch_axes: tuple[str, ...]) -> jax.Array:
             summed.update(axes)
     rest = tuple(a for a in batch_axes if a not in summed)
     return jax.lax.psum(g, rest) if rest else g
+
+
+def _send(x: jax.Array, ring: list[tuple[int, int]], scope: str) -> jax.Array:
+    with jax.named_scope(scope):
+        return jax.lax.ppermute(x, "pipe", ring)
 
 
 def _or_scratch(slot: jax.Array, slots: int) -> jax.Array:

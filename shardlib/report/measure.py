@@ -124,4 +124,28 @@ def measure(cfg: Config, mesh: jax.sharding.Mesh) -> Measured:
     """Compiles ``cfg``'s train step on ``mesh`` (nothing runs) and measures it."""
     start = time.perf_counter()
     _, compiled = compile_train_step(cfg, mesh)
-    return measure_compiled(compiled, mesh, time.perf_counter() - start)
+    measured = measure_compiled(compiled, mesh, time.perf_counter() - start)
+    if mesh.shape["pipe"] > 1:
+        measured = dataclasses.replace(measured, collectives=_pipeline_sends_taken(measured.collectives, cfg, mesh))
+    return measured
+
+
+def _pipeline_sends_taken(collectives: list[Collective], cfg: Config, mesh: jax.sharding.Mesh) -> list[Collective]:
+    """The pipeline's permutes counted on the ticks that take them, not on every tick.
+
+    They sit in conditionals the schedule table switches per tick (the same on
+    every device), which the HLO alone cannot resolve; the table can.
+    """
+    from shardlib.pipeline.executor import BACKWARD_SEND, FORWARD_SEND, plan_sends
+    from shardlib.pipeline.step import pipeline_plan
+
+    plan = pipeline_plan(cfg, mesh)
+    ticks = plan.schedule.ticks
+    taken = plan_sends(plan).sum(axis=0)
+    out = []
+    for c in collectives:
+        for column, scope in enumerate((FORWARD_SEND, BACKWARD_SEND)):
+            if c.kind == "collective-permute" and scope in c.op_name and c.count % ticks == 0:
+                c = dataclasses.replace(c, count=c.count // ticks * int(taken[column]))
+        out.append(c)
+    return out

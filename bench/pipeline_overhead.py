@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     sequential = run.grads
     pipelined = jax.jit(make_pipeline_grads(run.model, plan, mesh, shard, "cond"))
     seq_ms, (seq_loss, _) = _median_ms(sequential, (params, batch), args.repeats)
-    pipe_ms, (pipe_loss, _) = _median_ms(pipelined, (params, batch), args.repeats)
+    pipe_ms, (pipe_loss, *_) = _median_ms(pipelined, (params, batch), args.repeats)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     print(f"device: {device.device_kind}; config {args.config}; batch {cfg.batch_size} x {cfg.seq_len}, "
           f"m={m}, schedule {args.schedule} on one stage; median of {args.repeats}")

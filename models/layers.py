@@ -12,7 +12,7 @@ Shape suffixes (nanodo style):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,13 @@ class BlockWeights(NamedTuple):
     gate: jax.Array  # [D, F]
     up: jax.Array  # [D, F]
     down: jax.Array  # [F, D]
+
+
+def normal_init(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
+    """N(0, std^2) initial weights of ``shape`` in ``dtype``, for every module's parameters."""
+    # Sampled in float32 and then cast, so bf16 and fp32 models built from the
+    # same seed hold the same values up to rounding.
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import normal_init
+
 
 class ExpertWeights(NamedTuple):
     """One MoE layer's expert parameters (SwiGLU per expert)."""
@@ -154,20 +156,33 @@ def combine_tokens(out_ExGxCxD: jax.Array, index_GxTxK: jax.Array, weight_GxTxK:
     return jnp.sum(weighted, axis=2)
 
 
-def expert_ffn(x_ExTxD: jax.Array, w: ExpertWeights) -> jax.Array:
-    """SwiGLU of every expert on its own tokens: [E, T, D] -> [E, T, D] (weights cast to x's dtype)."""
-    dtype = x_ExTxD.dtype
-    gate_ExTxF = jnp.einsum("etd,edf->etf", x_ExTxD, w.gate.astype(dtype))
-    up_ExTxF = jnp.einsum("etd,edf->etf", x_ExTxD, w.up.astype(dtype))
-    return jnp.einsum("etf,efd->etd", jax.nn.silu(gate_ExTxF) * up_ExTxF, w.down.astype(dtype))
+def expert_ffn(x_Ex___xD: jax.Array, w: ExpertWeights) -> jax.Array:
+    """SwiGLU of every expert on its own tokens: [E, ..., D] -> [E, ..., D] (weights cast to x's dtype)."""
+    dtype = x_Ex___xD.dtype
+    gate_Ex___xF = jnp.einsum("e...d,edf->e...f", x_Ex___xD, w.gate.astype(dtype))
+    up_Ex___xF = jnp.einsum("e...d,edf->e...f", x_Ex___xD, w.up.astype(dtype))
+    return jnp.einsum("e...f,efd->e...d", jax.nn.silu(gate_Ex___xF) * up_Ex___xF, w.down.astype(dtype))
 
 
-def prepare_groups(x_GxTxD, expert_GxTxK, n_experts: int, top_k: int, capacity_factor: float):
-    """(capacity, buffer index [G, T, K], dropped pairs) for the groups one device holds."""
-    cap = capacity(x_GxTxD.shape[1], n_experts, top_k, capacity_factor)
+def through_experts(
+    x_GxTxD: jax.Array,
+    expert_GxTxK: jax.Array,
+    weight_GxTxK: jax.Array,
+    n_experts: int,
+    capacity_factor: float,
+    run_experts: Callable[[jax.Array], jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    """Dispatch into capacity-padded buffers, ``run_experts``, combine: (y [G, T, D], dropped pairs).
+
+    ``run_experts(dispatch_ExGxCxD) -> out_ExGxCxD`` runs every expert on its
+    slots (here, or on the experts' devices and back: ``shardlib.experts``).
+    """
+    cap = capacity(x_GxTxD.shape[1], n_experts, expert_GxTxK.shape[-1], capacity_factor)
     slot_GxTxK = expert_slots(expert_GxTxK, n_experts)
     dropped = jnp.sum(slot_GxTxK >= cap).astype(jnp.float32)
-    return cap, _buffer_index(expert_GxTxK, slot_GxTxK, n_experts, cap), dropped
+    index_GxTxK = _buffer_index(expert_GxTxK, slot_GxTxK, n_experts, cap)
+    out_ExGxCxD = run_experts(dispatch_tokens(x_GxTxD, index_GxTxK, n_experts, cap))
+    return combine_tokens(out_ExGxCxD, index_GxTxK, weight_GxTxK), dropped
 
 
 def local_dispatch(
@@ -180,13 +195,9 @@ def local_dispatch(
 ) -> tuple[jax.Array, jax.Array]:
     """The ``ExpertDispatch`` without devices: every expert runs here, one group per row."""
     n_experts = experts.gate.shape[0]
-    cap, index_BxLxK, dropped = prepare_groups(
-        x_BxLxD, expert_BxLxK, n_experts, expert_BxLxK.shape[-1], capacity_factor
+    return through_experts(
+        x_BxLxD, expert_BxLxK, weight_BxLxK, n_experts, capacity_factor, lambda buf: expert_ffn(buf, experts)
     )
-    buffer_ExBxCxD = dispatch_tokens(x_BxLxD, index_BxLxK, n_experts, cap)
-    e, b, c, d = buffer_ExBxCxD.shape
-    out_ExBxCxD = expert_ffn(buffer_ExBxCxD.reshape(e, b * c, d), experts).reshape(e, b, c, d)
-    return combine_tokens(out_ExBxCxD, index_BxLxK, weight_BxLxK), dropped
 
 
 class MoEStats(NamedTuple):
@@ -219,10 +230,6 @@ def moe_mlp(
     return y_BxLxD.astype(h_BxLxD.dtype), MoEStats(routing.aux_loss, routing.z_loss, dropped)
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
 class MoEStack(nnx.Module):
     """Router and expert weights of every MoE layer, stacked along a leading layer axis.
 
@@ -237,12 +244,14 @@ class MoEStack(nnx.Module):
         f = cfg.moe.expert_d_ff or cfg.d_ff
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers)
-        self.router = nnx.Param(_normal(rngs.params(), (m, d, e), std, dtype), out_sharding=("layers", "embed", None))
+        self.router = nnx.Param(
+            normal_init(rngs.params(), (m, d, e), std, dtype), out_sharding=("layers", "embed", None)
+        )
         expert_in = ("layers", "experts", "embed", "mlp")
-        self.gate = nnx.Param(_normal(rngs.params(), (m, e, d, f), std, dtype), out_sharding=expert_in)
-        self.up = nnx.Param(_normal(rngs.params(), (m, e, d, f), std, dtype), out_sharding=expert_in)
+        self.gate = nnx.Param(normal_init(rngs.params(), (m, e, d, f), std, dtype), out_sharding=expert_in)
+        self.up = nnx.Param(normal_init(rngs.params(), (m, e, d, f), std, dtype), out_sharding=expert_in)
         self.down = nnx.Param(
-            _normal(rngs.params(), (m, e, f, d), out_std, dtype), out_sharding=("layers", "experts", "mlp", "embed")
+            normal_init(rngs.params(), (m, e, f, d), out_std, dtype), out_sharding=("layers", "experts", "mlp", "embed")
         )
 
     def weights(self) -> MoEWeights:

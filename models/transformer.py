@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import AttentionFn, BlockWeights, ShardFn, decoder_block, no_shard, rms_norm
+from models.layers import AttentionFn, BlockWeights, ShardFn, decoder_block, no_shard, normal_init, rms_norm
 from models.moe import MoEStack, MoEStats, MoEWeights, moe_mlp
 
 __all__ = ["ShardFn", "Transformer", "no_shard"]
@@ -51,18 +51,12 @@ _REMAT_POLICIES = {
 }
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
-    # Sampled in float32 and then cast, so bf16 and fp32 models built from the
-    # same seed hold the same values up to rounding.
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
 class Embedding(nnx.Module):
     """Token embedding table, also used as the output projection when tied."""
 
     def __init__(self, vocab_size: int, d_model: int, *, std: float, dtype: Any, rngs: nnx.Rngs):
         self.embedding = nnx.Param(
-            _normal(rngs.params(), (vocab_size, d_model), std, dtype),
+            normal_init(rngs.params(), (vocab_size, d_model), std, dtype),
             out_sharding=("vocab", "embed"),
         )
 
@@ -91,7 +85,7 @@ class LayerStack(nnx.Module):
         n_mlp = n_layers - getattr(cfg, "n_moe_layers", 0)
 
         def matrix(shape, names, scale=std, count=n_layers):
-            return nnx.Param(_normal(rngs.params(), (count, *shape), scale, dtype), out_sharding=("layers", *names))
+            return nnx.Param(normal_init(rngs.params(), (count, *shape), scale, dtype), out_sharding=("layers", *names))
 
         def norm_scale():
             return nnx.Param(jnp.ones((n_layers, d), dtype), out_sharding=("layers", "embed"))
@@ -138,7 +132,7 @@ class Transformer(nnx.Module):
             self.unembed = None
         else:
             self.unembed = nnx.Param(
-                _normal(rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.init_std, param_dtype),
+                normal_init(rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.init_std, param_dtype),
                 out_sharding=("embed", "vocab"),
             )
         # Mixture of experts: every moe.period-th layer's MLP (models.moe); created
@@ -168,13 +162,7 @@ class Transformer(nnx.Module):
         layer boundaries by logical axis names. `attention` replaces the dense
         causal attention (e.g. ring attention from `shardlib.attention`).
         """
-        if self.moe is not None:
-            return self.forward(tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention)[0]
-        x_BxLxD = self.embed_tokens(tokens_BxL, shard=shard)
-        x_BxLxD = self.run_layers(
-            self.layers.weights(), x_BxLxD, positions_BxL=positions_BxL, shard=shard, attention=attention
-        )
-        return self.logits(x_BxLxD, shard=shard)
+        return self.forward(tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention)[0]
 
     def forward(
         self,
@@ -235,12 +223,7 @@ class Transformer(nnx.Module):
         attention: AttentionFn | None = None,
     ) -> jax.Array:
         """Applies the layers whose stacked weights are given ([n, ...] each, any n) in order."""
-        batch, length = x_BxLxD.shape[:2]
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        block = functools.partial(
-            decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard, attention=attention
-        )
+        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention)
 
         def scan_body(x_BxLxD, w):
             x_BxLxD = block(x_BxLxD, w, positions_BxL)
@@ -271,12 +254,7 @@ class Transformer(nnx.Module):
         layers' router and experts [M, ...]. Returns the residual stream and
         the per-layer ``MoEStats`` stacked [M].
         """
-        batch, length = x_BxLxD.shape[:2]
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        block = functools.partial(
-            decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard, attention=attention
-        )
+        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention)
         period, groups = self.moe_period, moe_weights.router.shape[0]
         mlp_fields = ("gate", "up", "down")
 
@@ -313,6 +291,16 @@ class Transformer(nnx.Module):
         if self.remat != "none":
             group_body = jax.checkpoint(group_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         return jax.lax.scan(group_body, x_BxLxD, (group_weights, moe_weights))
+
+    def _block(self, x_BxLxD, positions_BxL, shard, attention):
+        """(one decoder layer as ``block(x, weights, positions, mlp=None)``, the positions: 0..L-1 by default)."""
+        batch, length = x_BxLxD.shape[:2]
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        block = functools.partial(
+            decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard, attention=attention
+        )
+        return block, positions_BxL
 
     def logits(self, x_BxLxD: jax.Array, *, shard: ShardFn = no_shard) -> jax.Array:
         """Residual stream [B, L, D] -> float32 logits [B, L, V] (final norm, output projection)."""

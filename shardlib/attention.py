@@ -34,6 +34,7 @@ import numpy as np
 
 from models.layers import causal_gqa_attention
 from shardlib.ring_attention import DEFAULT_BLOCK_K, ring_attention, token_order
+from shardlib.rules import rule_axes
 from shardlib.sharding import ActivationSharding
 
 AttentionFn = Callable[..., jax.Array]
@@ -58,14 +59,12 @@ class AttentionPlan:
 
 def sequence_axis(shard: ActivationSharding) -> str:
     """The mesh axis the rules put the ``length`` dimension on (even when it has size 1)."""
-    axes = [axes for name, axes in shard.rules if name == "length"]
-    if not axes or axes[0] is None:
+    axes = rule_axes(shard.rules, "length")
+    if not axes:
         raise ValueError("the sharding rules map `length` to no mesh axis; ring attention needs one (length -> seq)")
-    axis = axes[0]
-    if not isinstance(axis, str):
-        if len(axis) != 1:
-            raise ValueError(f"ring attention runs over one mesh axis, but the rules map `length` to {axis}")
-        axis = axis[0]
+    if len(axes) != 1:
+        raise ValueError(f"ring attention runs over one mesh axis, but the rules map `length` to {axes}")
+    (axis,) = axes
     if axis not in shard.mesh.shape:
         raise ValueError(f"the rules map `length` to mesh axis {axis!r}, which the mesh does not have")
     return axis

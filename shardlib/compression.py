@@ -60,7 +60,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from shardlib.collectives import AxisName, ring_all_gather, ring_all_to_all
-from shardlib.rules import Rules
+from shardlib.rules import Rules, axes_tuple, without_axes
 from shardlib.sharding import ActivationSharding
 from shardlib.step import loss_and_grads, make_loss_fn
 
@@ -165,20 +165,8 @@ def compressed_mean(
 # --------------------------------------------------------------------------- training integration
 
 
-def _without_axes(rules: Rules, axes: tuple[str, ...]) -> Rules:
-    """The table with ``axes`` removed from every rule (a rule left with none replicates)."""
-    out = []
-    for name, mesh_axes in rules:
-        kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())) if a not in axes)
-        out.append((name, None if not kept else kept[0] if len(kept) == 1 else kept))
-    return tuple(out)
-
-
 def _spec_axes(spec: PartitionSpec) -> set[str]:
-    used = set()
-    for entry in spec:
-        used |= {entry} if isinstance(entry, str) else set(entry or ())
-    return used
+    return {axis for entry in spec for axis in axes_tuple(entry)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +343,7 @@ def make_grad_compression(
         tuple(s.shard_shape(p.shape)) for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings))
     )
     flat = padded_size(sum(math.prod(s) for s in local_shapes), n, mode, group)
-    inner = ActivationSharding(_without_axes(rules, batch_axes), mesh)
+    inner = ActivationSharding(without_axes(rules, batch_axes), mesh)
     return GradCompression(
         mode=mode,
         mesh=mesh,

@@ -217,7 +217,7 @@ class PipelineConfig(BaseModel):
     microbatches: PosInt = 4
     virtual_stages: PosInt = 1  # chunks per device; > 1 only with interleaved-1f1b
     # cond: a stage computes only its own action (GPUs); select: every branch, then
-    # choose (needed on XLA:CPU when data/model collectives run inside a stage).
+    # choose (needed on XLA:CPU when `model` collectives run inside a stage).
     branching: Literal["auto", "cond", "select"] = "auto"
 
 

@@ -35,18 +35,13 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.moe import ExpertWeights, capacity, combine_tokens, dispatch_tokens, expert_ffn, prepare_groups
-
-
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
+from models.moe import ExpertWeights, capacity, expert_ffn, through_experts
+from shardlib.rules import axes_tuple
 
 
 def expert_axes(shard, n_experts: int) -> tuple[str, ...]:
     """Mesh axes the ``experts`` dimension is split over (size-1 axes dropped), from the rules."""
-    return _axes(shard.spec((n_experts,), ("experts",))[0])
+    return axes_tuple(shard.spec((n_experts,), ("experts",))[0])
 
 
 def check_moe_fits(cfg, mesh: jax.sharding.Mesh) -> None:
@@ -101,10 +96,10 @@ def expert_parallel_dispatch(
       of the whole batch (replicated float32 scalar).
     """
     mesh = shard.mesh
-    n_experts, top_k = experts.gate.shape[0], expert_BxLxK.shape[-1]
+    n_experts = experts.gate.shape[0]
     x_spec = shard.spec(x_BxLxD.shape, ("batch", "length", "embed"))
     route_spec = P(x_spec[0], x_spec[1], None)
-    token_axes = _axes(x_spec[0]) + _axes(x_spec[1])
+    token_axes = axes_tuple(x_spec[0]) + axes_tuple(x_spec[1])
     ep_axes = expert_axes(shard, n_experts)
     ep_size = math.prod(mesh.shape[a] for a in ep_axes)
     ep_name = ep_axes[0] if len(ep_axes) == 1 else ep_axes
@@ -113,7 +108,7 @@ def expert_parallel_dispatch(
     # (Megatron: column- then row-parallel, one psum of the output), unless
     # those axes also split the tokens, where a psum would mix different tokens.
     mlp_entry = shard.spec(experts.gate.shape, ("experts", "embed", "mlp"))[2]
-    tensor_axes = _axes(mlp_entry)
+    tensor_axes = axes_tuple(mlp_entry)
     if set(tensor_axes) & set(token_axes):
         mlp_entry, tensor_axes = None, ()
     w_specs = ExpertWeights(P(ep_entry, None, mlp_entry), P(ep_entry, None, mlp_entry), P(ep_entry, mlp_entry, None))
@@ -123,26 +118,23 @@ def expert_parallel_dispatch(
     )
 
     def body(x_GxTxD, expert_GxTxK, weight_GxTxK, w: ExpertWeights):
-        cap, index_GxTxK, dropped = prepare_groups(x_GxTxD, expert_GxTxK, n_experts, top_k, capacity_factor)
-        dispatch_ExGxCxD = dispatch_tokens(x_GxTxD, index_GxTxK, n_experts, cap)
-        if ep_size > 1:
-            # Split the expert dim over the peers, stack what arrives along the row dim.
-            local_ExXGxCxD = jax.lax.all_to_all(dispatch_ExGxCxD, ep_name, split_axis=0, concat_axis=1, tiled=True)
-        else:
+        def run_experts(dispatch_ExGxCxD):
             local_ExXGxCxD = dispatch_ExGxCxD
-        e, xg, c, d = local_ExXGxCxD.shape
-        if tensor_axes:
-            # Varying over the tensor axes from here: the backward pass then sums the
-            # gate and up projections' input gradients locally before one all-reduce.
-            local_ExXGxCxD = jax.lax.pcast(local_ExXGxCxD, tensor_axes, to="varying")
-        out_ExXGxCxD = expert_ffn(local_ExXGxCxD.reshape(e, xg * c, d), w).reshape(e, xg, c, d)
-        if tensor_axes:  # each tensor peer summed over its slice of the hidden dim
-            out_ExXGxCxD = jax.lax.psum(out_ExXGxCxD, tensor_axes)
-        if ep_size > 1:
-            combine_ExGxCxD = jax.lax.all_to_all(out_ExXGxCxD, ep_name, split_axis=1, concat_axis=0, tiled=True)
-        else:
-            combine_ExGxCxD = out_ExXGxCxD
-        y_GxTxD = combine_tokens(combine_ExGxCxD, index_GxTxK, weight_GxTxK)
+            if ep_size > 1:
+                # Split the expert dim over the peers, stack what arrives along the row dim.
+                local_ExXGxCxD = jax.lax.all_to_all(local_ExXGxCxD, ep_name, split_axis=0, concat_axis=1, tiled=True)
+            if tensor_axes:
+                # Varying over the tensor axes from here: the backward pass then sums the
+                # gate and up projections' input gradients locally before one all-reduce.
+                local_ExXGxCxD = jax.lax.pcast(local_ExXGxCxD, tensor_axes, to="varying")
+            out_ExXGxCxD = expert_ffn(local_ExXGxCxD, w)
+            if tensor_axes:  # each tensor peer summed over its slice of the hidden dim
+                out_ExXGxCxD = jax.lax.psum(out_ExXGxCxD, tensor_axes)
+            if ep_size > 1:
+                return jax.lax.all_to_all(out_ExXGxCxD, ep_name, split_axis=1, concat_axis=0, tiled=True)
+            return out_ExXGxCxD
+
+        y_GxTxD, dropped = through_experts(x_GxTxD, expert_GxTxK, weight_GxTxK, n_experts, capacity_factor, run_experts)
         if token_axes:
             dropped = jax.lax.psum(dropped, token_axes)
         return y_GxTxD, dropped

@@ -264,13 +264,11 @@ def _r(x: float | None) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    import jax
-
+    from shardlib.mesh import mesh_spec, prepare_devices
     from shardlib.report.hardware import load_profile
 
-    if args.verify:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", args.devices)  # before anything starts a backend
+    if args.verify:  # emulated CPU devices, if the backends have not started yet (else build_mesh says)
+        prepare_devices(dataclasses.replace(mesh_spec(), platform="cpu", emulate_cpu_devices=args.devices))
     cfg = load_config(args.config, args.overrides)
     profile = load_profile(args.hardware)
     presets = args.presets.split(",") if args.presets else list(PRESETS)

@@ -121,10 +121,27 @@ def format_rules(rules: Rules) -> str:
     return "\n".join(lines)
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    """A rule's or a PartitionSpec entry's mesh axes as a tuple: ``None`` -> (), ``"data"`` -> ("data",)."""
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def rule_axes(rules: Rules, logical: str) -> tuple[str, ...]:
+    """The mesh axes the first rule for ``logical`` names (() if none does, or it replicates)."""
+    for name, axes in rules:
+        if name == logical:
+            return axes_tuple(axes)
+    return ()
+
+
+def without_axes(rules: Rules, axes: Sequence[str]) -> Rules:
+    """The table with ``axes`` taken out of every rule (a rule left with none replicates).
+
+    What activations inside a ``shard_map`` that makes ``axes`` manual are constrained by.
+    """
+    return tuple((name, _axes_or_none(tuple(a for a in axes_tuple(m) if a not in axes))) for name, m in rules)
 
 
 def _axis_sizes(mesh: jax.sharding.Mesh | Mapping[str, int]) -> Mapping[str, int]:
@@ -146,9 +163,9 @@ def validate_rules(rules: Rules, mesh: jax.sharding.Mesh | Mapping[str, int] | N
             raise ShardingError(
                 f"rule {i} ({rule[0]!r}) maps to {axes!r}; expected a mesh axis name, a tuple of them, or None"
             )
-        if len(set(_as_tuple(axes))) != len(_as_tuple(axes)):
+        if len(set(axes_tuple(axes))) != len(axes_tuple(axes)):
             raise ShardingError(f"rule {i} ({rule[0]!r}) names a mesh axis twice: {axes!r}")
-        for axis in _as_tuple(axes):
+        for axis in axes_tuple(axes):
             if axis not in known_axes:
                 raise ShardingError(
                     f"rule {i} ({rule[0]!r}) names mesh axis {axis!r}; the mesh has {', '.join(known_axes)}"
@@ -201,7 +218,7 @@ def logical_to_spec(
         for rule_name, rule_axes in rules:
             if rule_name != name:
                 continue
-            axes = _as_tuple(rule_axes)
+            axes = axes_tuple(rule_axes)
             free = tuple(a for a in axes if a not in used)
             clashes += [a for a in axes if a in used]
             if axes and not free:

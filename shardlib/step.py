@@ -135,7 +135,7 @@ def make_grads_fn(
 
 
 def make_train_step(
-    grads_fn: Callable[[PyTree, Batch], tuple[jax.Array, PyTree]],
+    grads_fn: Callable[[PyTree, Batch], tuple[jax.Array, PyTree, dict[str, jax.Array]]],
     tx: optax.GradientTransformation,
     shardings: StateShardings,
     batch_sharding: NamedSharding,
@@ -143,10 +143,11 @@ def make_train_step(
 ) -> Callable[[PyTree, PyTree, Batch], tuple[PyTree, PyTree, dict[str, jax.Array]]]:
     """``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
-    ``grads_fn`` gives the loss and gradients (plain, accumulated or
-    pipelined); params / opt_state arrive and leave with ``shardings`` and are
-    donated; batch arrays carry ``batch_sharding``; metrics (loss, grad_norm)
-    are replicated scalars.
+    ``grads_fn`` gives the loss, gradients and the model's metrics (plain,
+    accumulated or pipelined: ``make_grads_fn``, ``make_pipeline_grads``);
+    params / opt_state arrive and leave with ``shardings`` and are donated;
+    batch arrays carry ``batch_sharding``; metrics (loss, grad_norm and the
+    model's) are replicated scalars.
 
     ``compression`` (a ``shardlib.compression.GradCompression``) replaces
     ``grads_fn``: per-shard gradients reduced compressed over the batch axes,
@@ -154,12 +155,11 @@ def make_train_step(
     """
 
     def step(params, opt_state, batch):
-        extra = {}
         if compression is None:
-            loss, grads, *rest = grads_fn(params, batch)  # (loss, grads) or (loss, grads, metrics)
-            extra = rest[0] if rest else {}
+            loss, grads, extra = grads_fn(params, batch)
         else:
             loss, grads, opt_state = compression.loss_and_grads(params, opt_state, batch)
+            extra = {}
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **extra}

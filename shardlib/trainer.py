@@ -133,7 +133,8 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh) -> TrainingSetup:
     if mesh.shape["pipe"] > 1:
         plan = pipeline_plan(cfg, mesh)
         param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
-        grads_fn = make_pipeline_grads(model, plan, mesh, shard, resolve_branching(cfg, mesh, rules), param_specs)
+        branching = resolve_branching(cfg, mesh, rules)
+        grads_fn = make_pipeline_grads(model, plan, mesh, shard, branching, param_specs, attention)
     else:
         grads_fn = make_grads_fn(model.graphdef, shard, cfg.grad_accum, attention)
     compression = make_grad_compression(

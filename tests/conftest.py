@@ -14,3 +14,7 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+# Start the backend now: a CLI called in-process (report, plan, describe with
+# --devices N) must find the 8 devices fixed, not set its own count for every
+# later test of this worker.
+assert len(jax.devices()) == 8

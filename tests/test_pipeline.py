@@ -96,7 +96,8 @@ def test_one_stage_pipeline_matches_sequential(schedule):
     run, batch, params = first_batch(tiny_config(model=MODEL), mesh)
     plan = compile_plan(make_schedule(schedule, 1, 4, 1))
     grads_fn = jax.jit(make_pipeline_grads(run.model, plan, mesh, None, "cond"))
-    loss, grads = grads_fn(params, batch)
+    loss, grads, metrics = grads_fn(params, batch)
+    assert metrics == {}
     ref_loss, ref_grads, _ = reference()
     assert abs(float(loss) - ref_loss) <= TOLERANCE, (float(loss), ref_loss)
     for path, g in _leaves(jax.device_get(grads)):
@@ -166,3 +167,20 @@ def _at(tree, path):
     for key in path:
         tree = tree[key]
     return np.asarray(tree)
+
+
+def test_the_pipeline_runs_the_configured_attention():
+    """``attention.impl`` reaches the stages: an attention that outputs zeros changes the loss."""
+    import jax.numpy as jnp
+
+    from shardlib.attention import AttentionPlan
+    from shardlib.pipeline.plan import compile_plan
+    from shardlib.pipeline.schedules import make_schedule
+    from shardlib.pipeline.step import make_pipeline_grads
+
+    mesh = mesh_of(devices=1)
+    run, batch, params = first_batch(tiny_config(model=MODEL), mesh)
+    plan = compile_plan(make_schedule("1f1b", 1, 4, 1))
+    silent = AttentionPlan(lambda q, k, v, q_pos, kv_pos: jnp.zeros_like(q))
+    loss, _, _ = jax.jit(make_pipeline_grads(run.model, plan, mesh, None, "cond", attention=silent))(params, batch)
+    assert abs(float(loss) - reference()[0]) > 1e-3

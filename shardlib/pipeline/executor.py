@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from shardlib.pipeline.plan import BRANCHES, BWD, BWD_FIRST, FWD, FWD_FIRST, FWD_LAST, FWD_ONLY, IDLE, Plan
+from shardlib.rules import axes_tuple
 
 PyTree = Any
 Branching = Literal["cond", "select"]
@@ -213,7 +214,9 @@ def pipeline_loss_and_grads(
         layer_g = jax.tree.map(lambda g, w: (g * scale).reshape(w.shape), layer_g, layers_local)
         layer_g = jax.tree.map(lambda g, s: _reduce(g, s, batch_axes), layer_g, layer_specs)
         # Only the first and last stages touch the outer parameters and the loss.
-        outer_g = jax.tree.map(lambda g, s: _reduce(jax.lax.psum(g, "pipe") * scale, s, batch_axes), outer_g, outer_specs)
+        outer_g = jax.tree.map(
+            lambda g, s: _reduce(jax.lax.psum(g, "pipe") * scale, s, batch_axes), outer_g, outer_specs
+        )
         loss = jax.lax.psum(loss, ("pipe", *batch_axes)) * scale
         return loss, layer_g, outer_g
 
@@ -243,12 +246,6 @@ def sent_microbatches(plan: Plan) -> int:
     return int(plan_sends(plan).sum())
 
 
-def _entry_axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:
     """``specs`` with only the manual axes kept: the partial-manual shard_map's in/out specs.
 
@@ -259,7 +256,7 @@ def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:
     def keep(path, spec):
         entries = []
         for dim, entry in enumerate(spec):
-            axes = _entry_axes(entry)
+            axes = axes_tuple(entry)
             kept = tuple(a for a in axes if a in manual)
             if kept and len(kept) != len(axes):
                 raise ValueError(
@@ -275,7 +272,7 @@ def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:
 def _gather(w: jax.Array, spec: P, batch_axes: tuple[str, ...]) -> jax.Array:
     """The whole parameter (still split over ``pipe``) from its shards over the batch axes."""
     for dim, entry in enumerate(spec):
-        axes = tuple(a for a in _entry_axes(entry) if a in batch_axes)
+        axes = tuple(a for a in axes_tuple(entry) if a in batch_axes)
         if axes:
             w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
     return w
@@ -285,7 +282,7 @@ def _reduce(g: jax.Array, spec: P, batch_axes: tuple[str, ...]) -> jax.Array:
     """Sums a gradient over the batch axes, leaving it sharded as its parameter is."""
     summed = set()
     for dim, entry in enumerate(spec):
-        axes = tuple(a for a in _entry_axes(entry) if a in batch_axes)
+        axes = tuple(a for a in axes_tuple(entry) if a in batch_axes)
         if axes:
             g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
             summed.update(axes)

@@ -15,11 +15,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from models.layers import BlockWeights
+from shardlib.attention import AttentionPlan
 from shardlib.config import Config
 from shardlib.pipeline.executor import StageFunctions, pipeline_loss_and_grads
 from shardlib.pipeline.plan import Plan, compile_plan
 from shardlib.pipeline.schedules import make_schedule
-from shardlib.rules import Rules
+from shardlib.rules import Rules, rule_axes, without_axes
 from shardlib.sharding import ActivationSharding
 from shardlib.train_state import AbstractModel
 
@@ -42,14 +43,6 @@ def pipeline_plan(cfg: Config, mesh: jax.sharding.Mesh) -> Plan:
     return compile_plan(make_schedule(pipe.schedule, stages, pipe.microbatches, pipe.virtual_stages))
 
 
-def batch_axes(rules: Rules) -> tuple[str, ...]:
-    """The mesh axes the rules split the batch over: manual inside the pipeline."""
-    for name, axes in rules:
-        if name == "batch":
-            return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    return ()
-
-
 def resolve_branching(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> str:
     """``cond`` unless XLA:CPU would run collectives inside stage-dependent branches.
 
@@ -59,19 +52,9 @@ def resolve_branching(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> str
     """
     if cfg.pipeline.branching != "auto":
         return cfg.pipeline.branching
-    manual = {"pipe", *batch_axes(rules)}
+    manual = {"pipe", *rule_axes(rules, "batch")}
     automatic = [axis for axis, size in mesh.shape.items() if axis not in manual and size > 1]
     return "select" if mesh.devices.flat[0].platform == "cpu" and automatic else "cond"
-
-
-def _without_axes(shard: ActivationSharding, axes: tuple[str, ...]) -> ActivationSharding:
-    """The activation constraints with ``axes`` taken out of every rule (they are manual inside)."""
-
-    def strip(mesh_axes):
-        kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()) if a not in axes)
-        return kept[0] if len(kept) == 1 else (kept or None)
-
-    return ActivationSharding(tuple((name, strip(mesh_axes)) for name, mesh_axes in shard.rules), shard.mesh)
 
 
 def make_pipeline_grads(
@@ -81,19 +64,22 @@ def make_pipeline_grads(
     shard: ActivationSharding | None,
     branching: str,
     param_specs: PyTree | None = None,
-) -> Callable[[PyTree, dict], tuple[jax.Array, PyTree]]:
-    """``grads(params, batch) -> (loss, grads)`` for the transformer's params (pure dict with ``layers``).
+    attention: AttentionPlan | None = None,
+) -> Callable[[PyTree, dict], tuple[jax.Array, PyTree, dict]]:
+    """``grads(params, batch) -> (loss, grads, metrics)`` for the transformer's params (pure dict with ``layers``).
 
-    ``param_specs``: each parameter's PartitionSpec (from the rules); the batch
-    axes of ``shard``'s rules become manual inside the pipeline. Without
-    ``shard`` and ``param_specs`` (one device), parameters are ``P("pipe")``
-    for the layers and replicated otherwise.
+    The same contract as ``shardlib.step.make_grads_fn``; metrics are empty
+    (the pipeline runs dense models only). ``param_specs``: each parameter's
+    PartitionSpec (from the rules); the batch axes of ``shard``'s rules become
+    manual inside the pipeline. Without ``shard`` and ``param_specs`` (one
+    device), parameters are ``P("pipe")`` for the layers and replicated
+    otherwise. ``attention``: the layers' attention (natural token order only).
     """
     from shardlib.step import cross_entropy, split_microbatches  # shardlib.step imports this module
 
-    manual_batch = batch_axes(shard.rules) if shard is not None else ()
-    inner = _without_axes(shard, manual_batch) if shard is not None else None
-    kwargs = {"shard": inner} if inner is not None else {}
+    manual_batch = rule_axes(shard.rules, "batch") if shard is not None else ()
+    kwargs = {"shard": ActivationSharding(without_axes(shard.rules, manual_batch), mesh)} if shard is not None else {}
+    layer_kwargs = {**kwargs, "attention": attention.fn} if attention is not None else kwargs
     m = plan.schedule.microbatches
 
     def merged(outer=None):
@@ -105,7 +91,7 @@ def make_pipeline_grads(
 
     fns = StageFunctions(
         embed=lambda outer, tokens: merged(outer).embed_tokens(tokens, **kwargs),
-        stage=lambda chunk, x: merged().run_layers(BlockWeights(**chunk), x, **kwargs),
+        stage=lambda chunk, x: merged().run_layers(BlockWeights(**chunk), x, **layer_kwargs),
         loss=lambda outer, x, targets: cross_entropy(merged(outer).logits(x, **kwargs), targets),
     )
 
@@ -115,7 +101,14 @@ def make_pipeline_grads(
         targets = split_microbatches(batch["targets"], m, shard)
         specs = param_specs or {}
         loss, layer_grads, outer_grads = pipeline_loss_and_grads(
-            plan, fns, params["layers"], outer, tokens, targets, mesh, branching,
+            plan,
+            fns,
+            params["layers"],
+            outer,
+            tokens,
+            targets,
+            mesh,
+            branching,
             layer_specs=specs.get("layers"),
             outer_specs={k: specs[k] for k in outer} if specs else None,
             batch_axes=manual_batch,
@@ -125,6 +118,6 @@ def make_pipeline_grads(
             grads = jax.tree.map(
                 lambda g, spec: jax.lax.with_sharding_constraint(g, NamedSharding(mesh, spec)), grads, param_specs
             )
-        return loss, grads
+        return loss, grads, {}
 
     return grads_fn

@@ -21,13 +21,12 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
   backward) and the loss's max/sum over the vocabulary (small);
 * sequence (``length`` over ``seq``): K and V gathered per layer,
   (p-1)/p of them forward and twice that backward (re-gather plus the
-  reduce-scatter of their gradients). XLA gathers; ring attention (issue #4)
-  would move the same bytes in p-1 steps, overlapped with compute;
+  reduce-scatter of their gradients). XLA (dense attention) and
+  ``attention.impl: allgather`` gather; ring attention moves the same bytes
+  in p-1 permutes, overlapped with compute;
 * pipeline (``layers`` over ``pipe``): b*s*D per stage boundary per
   microbatch each way, and the gradients of the parameters outside the
-  stages (embedding, head) summed over ``pipe``. The pipeline (issue #3) is
-  being built beside this report: with a config that has no ``pipeline``
-  section the terms are computed but marked ``implemented=False``;
+  stages (embedding, head) summed over ``pipe``;
 * experts (MoE, ``shardlib.experts``): per MoE layer and microbatch, two
   all-to-alls (dispatch, combine) of the capacity-padded [E, b, C, D] buffer
   forward, two backward, two more when remat recomputes the forward pass; the
@@ -47,7 +46,7 @@ import numpy as np
 
 from shardlib.report.collectives import split_by_axis, wire_bytes
 from shardlib.report.layout import Layout, ParamLayout
-from shardlib.rules import logical_to_spec, preset_rules
+from shardlib.rules import axes_tuple, logical_to_spec, preset_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,6 @@ class Term:
     count: int  # ops per step
     wire_bytes: float  # per device per step
     overlappable: bool  # can hide behind compute (gradient sync, FSDP gathers) or sits on the critical path
-    implemented: bool = True
     note: str = ""
 
     def per_axis(self, sizes) -> dict[str, float]:
@@ -203,7 +201,7 @@ def tensor_terms(layout: Layout) -> list[Term]:
 
 
 def sequence_terms(layout: Layout) -> list[Term]:
-    """K and V over the ``seq`` axis: gathered by XLA today; the bytes ring attention would move too."""
+    """K and V over the ``seq`` axis: gathered (dense, allgather) or passed round the ring, the same bytes."""
     if layout.seq_shards < 2:
         return []
     cfg, sizes = layout.cfg, layout.sizes
@@ -213,7 +211,7 @@ def sequence_terms(layout: Layout) -> list[Term]:
     kv = 2 * layout.rows_per_device * cfg.seq_len * kv_heads * cfg.model.resolved_head_dim * c
     n = layout.layers_per_device * layout.forward_passes
     forward_count = 2 if cfg.model.remat == "full" else 1
-    note = "ring attention (issue #4) would move the same bytes in seq-1 overlapped steps; XLA gathers today"
+    note = "ring attention sends the same bytes as seq-1 permutes instead of gathers"
     out = [
         _term("sequence", "K and V (forward)", "all-gather", ("seq",), sizes, kv, n * forward_count, False, note=note),
         _term("sequence", "K and V again (backward)", "all-gather", ("seq",), sizes, kv, n, False, note=note),
@@ -226,59 +224,21 @@ def pipeline_terms(layout: Layout) -> list[Term]:
     """Activations across stage boundaries, b*s*D per microbatch each way; the outer parameters' gradients.
 
     The textbook minimum: each device sends its stage's output forward and its
-    input gradient backward once per microbatch. A schedule that permutes on
-    every tick, idle or not, moves ticks/microbatches times more; the report's
-    ratio shows it. Marked not implemented when the config has no pipeline
-    section (issue #3).
+    input gradient backward once per microbatch. The executor permutes on the
+    ticks its table needs, but every device joins each permute, so schedules
+    send more (GPipe 2(m+p-2) against 2m, 1F1B 2x); the report's ratio shows it.
     """
     if layout.sizes["pipe"] < 2:
         return []
     cfg, sizes = layout.cfg, layout.sizes
-    pipeline = getattr(cfg, "pipeline", None)
-    implemented = pipeline is not None
-    note = "" if implemented else "pipeline schedules are issue #3: nothing compiles to compare with"
     act = layout.tokens_per_device * cfg.model.d_model * np.dtype(cfg.model.compute_dtype).itemsize
     m = layout.forward_passes
     outer = sum(p.bytes_per_device for p in layout.params if not p.scanned)
-    out = [
-        _term(
-            "pipeline",
-            "activations to the next stage",
-            "collective-permute",
-            ("pipe",),
-            sizes,
-            act,
-            m,
-            False,
-            implemented=implemented,
-            note=note,
-        ),
-        _term(
-            "pipeline",
-            "gradients to the previous stage",
-            "collective-permute",
-            ("pipe",),
-            sizes,
-            act,
-            m,
-            False,
-            implemented=implemented,
-            note=note,
-        ),
-        # Embedding, head and final norm live on every stage but get gradients on one: summed over pipe.
-        _term(
-            "pipeline",
-            "gradients of the parameters outside the stages",
-            "all-reduce",
-            ("pipe",),
-            sizes,
-            outer,
-            layout.microbatches,
-            True,
-            implemented=implemented,
-            note=note,
-        ),
-    ]
+    boundaries = ("activations to the next stage", "gradients to the previous stage")
+    out = [_term("pipeline", what, "collective-permute", ("pipe",), sizes, act, m, False) for what in boundaries]
+    # Embedding, head and final norm live on every stage but get gradients on one: summed over pipe.
+    what = "gradients of the parameters outside the stages"
+    out.append(_term("pipeline", what, "all-reduce", ("pipe",), sizes, outer, layout.microbatches, True))
     return [t for t in out if t is not None]
 
 
@@ -319,7 +279,7 @@ def expert_terms(layout: Layout) -> list[Term]:
     # all-reduce of the received buffer forward (again under remat) and one backward.
     f = cfg.model.moe.expert_d_ff or cfg.model.d_ff
     mlp = logical_to_spec(("mlp",), preset_rules(layout.sharding), sizes, shape=(f,))[0]
-    tensor = () if mlp is None else (mlp,) if isinstance(mlp, str) else tuple(mlp)
+    tensor = axes_tuple(mlp)
     if tensor and not set(tensor) & set(layout.batch_axes):
         what = "expert outputs summed over hidden-dim shards"
         out += [
@@ -341,12 +301,11 @@ def predict_terms(layout: Layout) -> list[Term]:
 
 
 def per_axis(terms: list[Term], sizes) -> dict[str, float]:
-    """Predicted wire bytes per step per mesh axis (implemented terms only)."""
+    """Predicted wire bytes per step per mesh axis."""
     out: dict[str, float] = defaultdict(float)
     for term in terms:
-        if term.implemented:
-            for axis, value in term.per_axis(sizes).items():
-                out[axis] += value
+        for axis, value in term.per_axis(sizes).items():
+            out[axis] += value
     return dict(out)
 
 

@@ -176,8 +176,6 @@ def estimate_time(
     per_axis: dict[str, float] = defaultdict(float)
     critical = overlappable = 0.0
     for term in terms:
-        if not term.implemented:
-            continue
         shares = term.per_axis(sizes)
         if not shares:
             continue

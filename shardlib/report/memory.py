@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shardlib.pipeline.plan import compile_plan
+from shardlib.pipeline.schedules import make_schedule
 from shardlib.report.layout import Layout
 
 OPTIMIZER_COPIES = 2  # AdamW: first and second moments, in the parameter dtype
@@ -134,36 +136,34 @@ def estimate_memory(layout: Layout, activation_dtype: str | None = None) -> Memo
             gathered += 2 * p.bytes_per_device * f / p.shape[0]  # one layer's weights and its gradient
 
     rows, length = layout.rows_per_device, cfg.seq_len // layout.seq_shards
-    residual = layer_residual_bytes(
-        rows,
-        length,
-        m.d_model,
-        m.n_heads // layout.heads_shards,
-        m.n_kv_heads // layout.kv_shards,
-        m.resolved_head_dim,
-        m.d_ff // layout.mlp_shards,
-        activation_dtype,
-        m.param_dtype,
-        m.remat,
-    )
+    residual = _layer_residual(layout, activation_dtype, m.remat)
     layer_input = rows * length * m.d_model * c
-    activations = layout.layers_per_device * _in_flight(layout) * (residual + layer_input)
+    activations = _activations(layout, residual, layer_input)
     logits = rows * length * m.vocab_size / layout.vocab_shards * 4
     working = 2 * logits  # float32 logits and their gradient
     if m.remat != "none":
         # The backward pass recomputes one layer at a time: what the policy did not
         # save comes back at once; by then the logits are gone (XLA:CPU: within 5%).
-        working = max(working, _one_layer_without_remat(layout, activation_dtype) - residual)
+        working = max(working, _layer_residual(layout, activation_dtype, "none") - residual)
     return MemoryEstimate(params, grads, optimizer, batch, gathered, activations, working)
 
 
-def _in_flight(layout: Layout) -> int:
-    """Microbatches whose activations a device holds at once: 1, or what the pipeline schedule keeps."""
-    m, p = layout.pipeline_microbatches, layout.sizes["pipe"]
-    if p < 2:
-        return 1
-    schedule = getattr(getattr(layout.cfg, "pipeline", None), "schedule", "gpipe")
-    return m if schedule == "gpipe" else min(m, p)  # 1F1B: at most p in flight on the first stage
+def _activations(layout: Layout, residual: int, layer_input: int) -> int:
+    """What the forward pass keeps for the backward pass, on one device.
+
+    Without a pipeline: every layer's residuals and input for the microbatch.
+    With one (``shardlib.pipeline.executor``): the stage inputs and gradients
+    in the buffers the schedule's table needs (GPipe m, 1F1B at most p, plus a
+    scratch slot each), and one chunk's residuals while its backward pass
+    recomputes it from the saved input.
+    """
+    pipeline = getattr(layout.cfg, "pipeline", None)
+    if layout.sizes["pipe"] < 2 or pipeline is None:
+        return layout.layers_per_device * (residual + layer_input)
+    v = pipeline.virtual_stages
+    plan = compile_plan(make_schedule(pipeline.schedule, layout.sizes["pipe"], layout.pipeline_microbatches, v))
+    buffers = (plan.act_slots + 1 + plan.grad_slots + 1) * layer_input
+    return buffers + layout.layers_per_device // v * (residual + layer_input)
 
 
 def activation_dtype_on(platform: str, compute_dtype: str) -> str:
@@ -171,7 +171,8 @@ def activation_dtype_on(platform: str, compute_dtype: str) -> str:
     return "float32" if platform == "cpu" else compute_dtype
 
 
-def _one_layer_without_remat(layout: Layout, dtype: str) -> int:
+def _layer_residual(layout: Layout, dtype: str, remat: str) -> int:
+    """What one layer keeps for the backward pass on one device under ``remat`` (``layer_residual_bytes``)."""
     m = layout.cfg.model
     return layer_residual_bytes(
         layout.rows_per_device,
@@ -183,5 +184,5 @@ def _one_layer_without_remat(layout: Layout, dtype: str) -> int:
         m.d_ff // layout.mlp_shards,
         dtype,
         m.param_dtype,
-        "none",
+        remat,
     )

@@ -115,8 +115,7 @@ class Report:
     def per_strategy(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
         for t in self.terms:
-            if t.implemented:
-                out[t.strategy] += t.wire_bytes
+            out[t.strategy] += t.wire_bytes
         return dict(out)
 
     def per_kind(self) -> dict[str, dict]:
@@ -233,11 +232,6 @@ def _notes(report: Report) -> list[str]:
             f"grad_accum={cfg.grad_accum}: the step reduces gradients once per microbatch ({fmt_bytes(sync)} per step); "
             f"accumulating unreduced gradients and reducing once would save {fmt_bytes(sync * (1 - 1 / cfg.grad_accum))}"
         )
-    for term in report.terms:
-        if not term.implemented:
-            notes.append(
-                f"{term.strategy}: {term.what} predicted {fmt_bytes(term.wire_bytes)} but not implemented ({term.note})"
-            )
     if layout.sizes["expert"] > 1 and not getattr(getattr(cfg.model, "moe", None), "n_experts", 0):
         notes.append(
             "experts: the model has no MoE layers (model.moe.n_experts: 0); the expert axis only splits the batch, so no all-to-all is predicted"

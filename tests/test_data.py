@@ -1,7 +1,6 @@
 """Tests for shardlib.data: corpus loading, deterministic batches, resume and sharding."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from shardlib.data import (
     corpus_files,
     load_token_splits,
 )
+from shardlib.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,9 +278,7 @@ _CHILD = textwrap.dedent(
 
 def test_two_processes_read_only_their_rows(tmp_path):
     """Two processes x 4 CPU devices: each builds its part of the same global batch."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}

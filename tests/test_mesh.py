@@ -4,7 +4,6 @@ conftest.py gives this process 8 emulated CPU devices.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from shardlib.launch import free_port
 from shardlib.mesh import (
     MESH_AXES,
     MeshSpec,
@@ -259,9 +259,7 @@ jax.distributed.shutdown()
 
 
 def test_cpu_2x4_builds_across_two_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = str(REPO)
     procs = [

@@ -2,7 +2,7 @@
 
 import sys
 
-from shardlib.cli import train_main
+from shardlib.training.cli import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

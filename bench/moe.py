@@ -43,12 +43,12 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
 
-    from shardlib.config import load_config
-    from shardlib.data import load_token_splits
-    from shardlib.experts import dispatch_buffer_bytes
-    from shardlib.hlo import collectives
-    from shardlib.mesh import build_mesh, mesh_spec
-    from shardlib.trainer import setup_training
+    from shardlib.analysis.hlo import collectives
+    from shardlib.core.mesh import build_mesh, mesh_spec
+    from shardlib.parallel.experts import dispatch_buffer_bytes
+    from shardlib.training.config import load_config
+    from shardlib.training.data import load_token_splits
+    from shardlib.training.setup import setup_training
 
     x = args.expert
     mesh = build_mesh(mesh_spec(data=8 // x, expert=x), jax.devices("cpu")[:8])

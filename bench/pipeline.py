@@ -43,39 +43,45 @@ def main(argv=None) -> int:
         jax.config.update("jax_num_cpu_devices", args.stages)
     import numpy as np
 
-    from shardlib.config import validate_config
-    from shardlib.hlo import collectives, compiled_text
-    from shardlib.mesh import build_mesh, mesh_spec
-    from shardlib.pipeline.executor import sent_microbatches
-    from shardlib.pipeline.step import pipeline_plan
-    from shardlib.trainer import setup_training
+    from shardlib.analysis.hlo import collectives, compiled_text
+    from shardlib.core.mesh import build_mesh, mesh_spec
+    from shardlib.training.config import validate_config
+    from shardlib.training.setup import setup_training
 
     p = args.stages
     mesh = build_mesh(mesh_spec(pipe=p), jax.devices(args.platform)[:p])
     model = {"vocab_size": 256, "d_model": 128, "n_layers": 16, "n_heads": 4, "n_kv_heads": 2, "d_ff": 384}
     print(f"{p} stages on {jax.devices(args.platform)[0].platform}; model {model}")
-    print(f"{'schedule':<22}{'m':>4}{'bubble':>9}{'temp MiB':>10}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}")
+    print(
+        f"{'schedule':<22}{'m':>4}{'bubble':>9}{'temp MiB':>10}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}"
+    )
     for m in (int(x) for x in args.microbatches.split(",")):
         for name, v in SCHEDULES:
             if name == "interleaved-1f1b" and m % p:
                 continue
-            cfg = validate_config({
-                "model": model, "batch_size": 4 * m, "seq_len": 64,
-                "pipeline": {"schedule": name, "microbatches": m, "virtual_stages": v},
-            })
+            cfg = validate_config(
+                {
+                    "model": model,
+                    "batch_size": 4 * m,
+                    "seq_len": 64,
+                    "pipeline": {"schedule": name, "microbatches": m, "virtual_stages": v},
+                }
+            )
             run = setup_training(cfg, mesh)
-            plan = pipeline_plan(cfg, mesh)
             params, _ = run.init_state()
-            batch = {k: jax.device_put(np.zeros((cfg.batch_size, cfg.seq_len), np.int32), run.batch_sharding)
-                     for k in ("inputs", "targets")}
+            batch = {
+                k: jax.device_put(np.zeros((cfg.batch_size, cfg.seq_len), np.int32), run.batch_sharding)
+                for k in ("inputs", "targets")
+            }
             compiled = run.grads.lower(params, batch).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
-            permutes = [c for c in collectives(compiled_text(run.grads, params, batch))
-                        if c.kind == "collective-permute"]
+            permutes = [
+                c for c in collectives(compiled_text(run.grads, params, batch)) if c.kind == "collective-permute"
+            ]
             # Each permute sits in a cond the tick's table flag takes or skips (the same on every
             # device); the HLO gives its size, the table how many ticks take it.
             assert len({c.bytes for c in permutes}) == 1, permutes
-            sent = permutes[0].bytes * sent_microbatches(plan)
+            sent = permutes[0].bytes * sum(run.plan.pipeline.sent_microbatches())
             micro_bytes = 4 * cfg.seq_len * model["d_model"] * 4  # [4, seq, d] fp32 per microbatch
             minimum = 2 * m * v * micro_bytes  # each chunk's input forward, its gradient back
             times = []
@@ -84,9 +90,11 @@ def main(argv=None) -> int:
                 jax.block_until_ready(compiled(params, batch))
                 times.append(time.perf_counter() - start)
             step_ms = 1e3 * statistics.median(times[1:])
-            bubble = float(plan.schedule.bubble_fraction())
-            print(f"{name + (f' v={v}' if v > 1 else ''):<22}{m:>4}{bubble:>9.3f}{temp / 2**20:>10.2f}"
-                  f"{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}{sent / minimum:>7.2f}")
+            bubble = float(run.plan.pipeline.schedule.bubble_fraction())
+            print(
+                f"{name + (f' v={v}' if v > 1 else ''):<22}{m:>4}{bubble:>9.3f}{temp / 2**20:>10.2f}"
+                f"{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}{sent / minimum:>7.2f}"
+            )
     return 0
 
 

@@ -48,14 +48,12 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from shardlib.config import load_config
-    from shardlib.mesh import build_mesh, mesh_spec
-    from shardlib.pipeline.plan import compile_plan
-    from shardlib.pipeline.schedules import make_schedule
-    from shardlib.pipeline.step import make_pipeline_grads
-    from shardlib.rules import preset_rules
-    from shardlib.sharding import ActivationSharding
-    from shardlib.trainer import setup_training
+    from shardlib.core.mesh import build_mesh, mesh_spec
+    from shardlib.core.rules import preset_rules
+    from shardlib.core.sharding import ActivationSharding
+    from shardlib.parallel.pipeline.stages import PipelineSettings, make_pipeline_grads, plan_pipeline
+    from shardlib.training.config import load_config
+    from shardlib.training.setup import setup_training
 
     m = args.microbatches
     overrides = [f"batch_size={args.batch_size}", f"seq_len={args.seq_len}", "sharding=dp", f"grad_accum={m}"]
@@ -69,14 +67,23 @@ def main(argv=None) -> int:
     batch = {"inputs": jax.device_put(tokens[:, :-1]), "targets": jax.device_put(tokens[:, 1:])}
     shard = ActivationSharding(preset_rules("dp"), mesh)
 
-    plan = compile_plan(make_schedule(args.schedule, 1, m, 1))
+    plan = plan_pipeline(
+        PipelineSettings(args.schedule, m, 1, "cond"),
+        1,
+        cfg.model.n_layers,
+        cfg.batch_size,
+        collectives_inside_stages=False,
+        platform=device.platform,
+    )
     sequential = run.grads
-    pipelined = jax.jit(make_pipeline_grads(run.model, plan, mesh, shard, "cond"))
+    pipelined = jax.jit(make_pipeline_grads(run.model.graphdef, run.model.params, plan, mesh, shard))
     seq_ms, (seq_loss, _) = _median_ms(sequential, (params, batch), args.repeats)
     pipe_ms, (pipe_loss, *_) = _median_ms(pipelined, (params, batch), args.repeats)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    print(f"device: {device.device_kind}; config {args.config}; batch {cfg.batch_size} x {cfg.seq_len}, "
-          f"m={m}, schedule {args.schedule} on one stage; median of {args.repeats}")
+    print(
+        f"device: {device.device_kind}; config {args.config}; batch {cfg.batch_size} x {cfg.seq_len}, "
+        f"m={m}, schedule {args.schedule} on one stage; median of {args.repeats}"
+    )
     print(f"{'':<12}{'step ms':>10}{'tokens/s':>12}{'loss':>12}")
     print(f"{'sequential':<12}{seq_ms:>10.2f}{tokens_per_step / seq_ms * 1e3:>12.0f}{float(seq_loss):>12.6f}")
     print(f"{'pipeline':<12}{pipe_ms:>10.2f}{tokens_per_step / pipe_ms * 1e3:>12.0f}{float(pipe_loss):>12.6f}")

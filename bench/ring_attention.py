@@ -40,9 +40,9 @@ def _shape(args, length):
 def _attention_fn(impl, mesh, length, block_k):
     """f(q, k, v, positions) on global arrays, for ``impl`` over ``mesh``'s seq axis."""
     from models.layers import causal_gqa_attention
-    from shardlib.attention import make_attention
-    from shardlib.rules import preset_rules
-    from shardlib.sharding import ActivationSharding
+    from shardlib.core.rules import preset_rules
+    from shardlib.core.sharding import ActivationSharding
+    from shardlib.parallel.attention import make_attention
 
     if impl == "dense":
         return lambda q, k, v, pos: causal_gqa_attention(q, k, v, pos, pos)
@@ -56,8 +56,8 @@ def memory_table(args) -> list[dict]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from shardlib.hlo import collectives, summarize
-    from shardlib.mesh import build_mesh, mesh_spec
+    from shardlib.analysis.hlo import collectives, summarize
+    from shardlib.core.mesh import build_mesh, mesh_spec
 
     mesh = build_mesh(mesh_spec(seq=args.seq), jax.devices("cpu")[: args.seq])
     seq_sharded = NamedSharding(mesh, P(None, "seq"))
@@ -113,7 +113,7 @@ def gpu_overhead(args) -> list[dict]:
     import numpy as np
     from jax.sharding import PartitionSpec as P
 
-    from shardlib.ring_attention import ring_attention
+    from shardlib.parallel.ring_attention import ring_attention
 
     device = jax.devices()[0]
     mesh = jax.make_mesh((1,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,), devices=[device])

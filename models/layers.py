@@ -51,6 +51,13 @@ def normal_init(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) 
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in float32."""
+    logprobs_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    picked_BxL = jnp.take_along_axis(logprobs_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return -jnp.mean(picked_BxL)
+
+
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
     """RMSNorm with float32 statistics; returns the input's dtype."""
     x32_BxLxD = x_BxLxD.astype(jnp.float32)

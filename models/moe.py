@@ -3,8 +3,8 @@
 Pure functions of plain arrays plus one NNX module holding the parameters of
 every MoE layer stacked on a leading axis (``MoEStack``). Nothing here names a
 mesh axis: moving tokens to the devices that hold their experts is the job of
-an ``ExpertDispatch`` callable the caller supplies (``shard.dispatch_experts``
-when the ``shard`` callable offers one, see ``shardlib.experts``); without one,
+an ``ExpertDispatch`` callable the caller passes to the model, as it passes
+the attention function (``shardlib.parallel.experts.expert_dispatch``); without one,
 every expert runs where the tokens are (``local_dispatch``).
 
 Semantics (identical on every mesh where no dispatch group is split):
@@ -24,7 +24,7 @@ Semantics (identical on every mesh where no dispatch group is split):
   probability of e, both over all tokens of the batch; 1 when uniform.
 * Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
 
-Shape suffixes: B batch, L length, D d_model, E experts, K top-k, C capacity,
+Shape suffixes: B batch, L length, D d_model, E experts, R routes (the top-k choices), C capacity,
 F expert hidden width, G groups held by one device (rows), X expert shards.
 """
 
@@ -59,14 +59,14 @@ class MoEWeights(NamedTuple):
 class Routing(NamedTuple):
     """The router's decision for every token."""
 
-    expert_BxLxK: jax.Array  # int32 expert ids, best first
-    weight_BxLxK: jax.Array  # float32 combine weights
+    expert_BxLxR: jax.Array  # int32 expert ids, best first
+    weight_BxLxR: jax.Array  # float32 combine weights
     aux_loss: jax.Array  # scalar load-balancing loss
     z_loss: jax.Array  # scalar router z-loss
 
 
 ExpertDispatch = Callable[..., tuple[jax.Array, jax.Array]]
-"""``dispatch(x_BxLxD, expert_BxLxK, weight_BxLxK, experts, *, capacity_factor) -> (y_BxLxD, dropped)``.
+"""``dispatch(x_BxLxD, expert_BxLxR, weight_BxLxR, experts, *, capacity_factor) -> (y_BxLxD, dropped)``.
 
 Runs every (token, choice) pair through its expert within capacity and sums
 the weighted outputs per token; ``dropped`` is the number of pairs past
@@ -103,56 +103,56 @@ def route(h_BxLxD: jax.Array, router_DxE: jax.Array, top_k: int) -> Routing:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({n_experts})")
     logits_BxLxE = jnp.einsum("bld,de->ble", h_BxLxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
     probs_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
-    top_BxLxK, expert_BxLxK = _top_k(probs_BxLxE, top_k)
-    weight_BxLxK = top_BxLxK / jnp.sum(top_BxLxK, axis=-1, keepdims=True) if top_k > 1 else top_BxLxK
+    top_BxLxR, expert_BxLxR = _top_k(probs_BxLxE, top_k)
+    weight_BxLxR = top_BxLxR / jnp.sum(top_BxLxR, axis=-1, keepdims=True) if top_k > 1 else top_BxLxR
     # f_e counts routing decisions (not differentiable); P_e carries the gradient.
-    chosen_BxLxE = jnp.sum(jax.nn.one_hot(expert_BxLxK, n_experts, dtype=jnp.float32), axis=2)
+    chosen_BxLxE = jnp.sum(jax.nn.one_hot(expert_BxLxR, n_experts, dtype=jnp.float32), axis=2)
     fraction_E = jnp.mean(chosen_BxLxE, axis=(0, 1)) / top_k
     mean_prob_E = jnp.mean(probs_BxLxE, axis=(0, 1))
     aux_loss = n_experts * jnp.sum(fraction_E * mean_prob_E)
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BxLxE, axis=-1)))
-    return Routing(expert_BxLxK.astype(jnp.int32), weight_BxLxK, aux_loss, z_loss)
+    return Routing(expert_BxLxR.astype(jnp.int32), weight_BxLxR, aux_loss, z_loss)
 
 
-def expert_slots(expert_GxTxK: jax.Array, n_experts: int) -> jax.Array:
+def expert_slots(expert_GxTxR: jax.Array, n_experts: int) -> jax.Array:
     """Position of every (token, choice) pair in its expert's buffer, per group.
 
     Priority: all first choices in token order, then all second choices, so
     under pressure a token loses its second expert before another token loses
     its first. Returns int32 [G, T, K]; a slot >= capacity means dropped.
     """
-    g, t, k = expert_GxTxK.shape
-    onehot_GxKTxE = jax.nn.one_hot(expert_GxTxK.swapaxes(1, 2).reshape(g, k * t), n_experts, dtype=jnp.int32)
+    g, t, k = expert_GxTxR.shape
+    onehot_GxKTxE = jax.nn.one_hot(expert_GxTxR.swapaxes(1, 2).reshape(g, k * t), n_experts, dtype=jnp.int32)
     before_GxKTxE = jnp.cumsum(onehot_GxKTxE, axis=1) - onehot_GxKTxE
     slot_GxKT = jnp.sum(before_GxKTxE * onehot_GxKTxE, axis=-1)
     return slot_GxKT.reshape(g, k, t).swapaxes(1, 2)
 
 
-def _buffer_index(expert_GxTxK: jax.Array, slot_GxTxK: jax.Array, n_experts: int, cap: int) -> jax.Array:
+def _buffer_index(expert_GxTxR: jax.Array, slot_GxTxR: jax.Array, n_experts: int, cap: int) -> jax.Array:
     """Flat index into an [E, G, C] buffer; dropped pairs get E*G*C, one past the end."""
-    g = expert_GxTxK.shape[0]
+    g = expert_GxTxR.shape[0]
     group_Gx1x1 = jnp.arange(g, dtype=jnp.int32)[:, None, None]
-    index_GxTxK = (expert_GxTxK * g + group_Gx1x1) * cap + slot_GxTxK
-    return jnp.where(slot_GxTxK < cap, index_GxTxK, n_experts * g * cap)
+    index_GxTxR = (expert_GxTxR * g + group_Gx1x1) * cap + slot_GxTxR
+    return jnp.where(slot_GxTxR < cap, index_GxTxR, n_experts * g * cap)
 
 
-def dispatch_tokens(x_GxTxD: jax.Array, index_GxTxK: jax.Array, n_experts: int, cap: int) -> jax.Array:
+def dispatch_tokens(x_GxTxD: jax.Array, index_GxTxR: jax.Array, n_experts: int, cap: int) -> jax.Array:
     """Scatters each (token, choice) pair into its slot: [E, G, C, D] (empty slots are zero)."""
     g, t, d = x_GxTxD.shape
-    k = index_GxTxK.shape[-1]
+    k = index_GxTxR.shape[-1]
     rows_GTKxD = jnp.broadcast_to(x_GxTxD[:, :, None, :], (g, t, k, d)).reshape(g * t * k, d)
     buffer_ExGCxD = jnp.zeros((n_experts * g * cap, d), x_GxTxD.dtype)
     # Every live slot receives exactly one pair; out-of-range (dropped) indices are skipped.
-    buffer_ExGCxD = buffer_ExGCxD.at[index_GxTxK.reshape(-1)].add(rows_GTKxD, mode="drop")
+    buffer_ExGCxD = buffer_ExGCxD.at[index_GxTxR.reshape(-1)].add(rows_GTKxD, mode="drop")
     return buffer_ExGCxD.reshape(n_experts, g, cap, d)
 
 
-def combine_tokens(out_ExGxCxD: jax.Array, index_GxTxK: jax.Array, weight_GxTxK: jax.Array) -> jax.Array:
+def combine_tokens(out_ExGxCxD: jax.Array, index_GxTxR: jax.Array, weight_GxTxR: jax.Array) -> jax.Array:
     """Gathers each pair's expert output and sums them weighted per token: [G, T, D]."""
     e, g, cap, d = out_ExGxCxD.shape
     flat_EGCxD = out_ExGxCxD.reshape(e * g * cap, d)
-    picked_GxTxKxD = flat_EGCxD.at[index_GxTxK].get(mode="fill", fill_value=0)
-    weighted = picked_GxTxKxD * weight_GxTxK[..., None].astype(out_ExGxCxD.dtype)
+    picked_GxTxKxD = flat_EGCxD.at[index_GxTxR].get(mode="fill", fill_value=0)
+    weighted = picked_GxTxKxD * weight_GxTxR[..., None].astype(out_ExGxCxD.dtype)
     return jnp.sum(weighted, axis=2)
 
 
@@ -166,8 +166,8 @@ def expert_ffn(x_Ex___xD: jax.Array, w: ExpertWeights) -> jax.Array:
 
 def through_experts(
     x_GxTxD: jax.Array,
-    expert_GxTxK: jax.Array,
-    weight_GxTxK: jax.Array,
+    expert_GxTxR: jax.Array,
+    weight_GxTxR: jax.Array,
     n_experts: int,
     capacity_factor: float,
     run_experts: Callable[[jax.Array], jax.Array],
@@ -175,20 +175,20 @@ def through_experts(
     """Dispatch into capacity-padded buffers, ``run_experts``, combine: (y [G, T, D], dropped pairs).
 
     ``run_experts(dispatch_ExGxCxD) -> out_ExGxCxD`` runs every expert on its
-    slots (here, or on the experts' devices and back: ``shardlib.experts``).
+    slots (here, or on the experts' devices and back: ``shardlib.parallel.experts``).
     """
-    cap = capacity(x_GxTxD.shape[1], n_experts, expert_GxTxK.shape[-1], capacity_factor)
-    slot_GxTxK = expert_slots(expert_GxTxK, n_experts)
-    dropped = jnp.sum(slot_GxTxK >= cap).astype(jnp.float32)
-    index_GxTxK = _buffer_index(expert_GxTxK, slot_GxTxK, n_experts, cap)
-    out_ExGxCxD = run_experts(dispatch_tokens(x_GxTxD, index_GxTxK, n_experts, cap))
-    return combine_tokens(out_ExGxCxD, index_GxTxK, weight_GxTxK), dropped
+    cap = capacity(x_GxTxD.shape[1], n_experts, expert_GxTxR.shape[-1], capacity_factor)
+    slot_GxTxR = expert_slots(expert_GxTxR, n_experts)
+    dropped = jnp.sum(slot_GxTxR >= cap).astype(jnp.float32)
+    index_GxTxR = _buffer_index(expert_GxTxR, slot_GxTxR, n_experts, cap)
+    out_ExGxCxD = run_experts(dispatch_tokens(x_GxTxD, index_GxTxR, n_experts, cap))
+    return combine_tokens(out_ExGxCxD, index_GxTxR, weight_GxTxR), dropped
 
 
 def local_dispatch(
     x_BxLxD: jax.Array,
-    expert_BxLxK: jax.Array,
-    weight_BxLxK: jax.Array,
+    expert_BxLxR: jax.Array,
+    weight_BxLxR: jax.Array,
     experts: ExpertWeights,
     *,
     capacity_factor: float,
@@ -196,7 +196,7 @@ def local_dispatch(
     """The ``ExpertDispatch`` without devices: every expert runs here, one group per row."""
     n_experts = experts.gate.shape[0]
     return through_experts(
-        x_BxLxD, expert_BxLxK, weight_BxLxK, n_experts, capacity_factor, lambda buf: expert_ffn(buf, experts)
+        x_BxLxD, expert_BxLxR, weight_BxLxR, n_experts, capacity_factor, lambda buf: expert_ffn(buf, experts)
     )
 
 
@@ -214,18 +214,17 @@ def moe_mlp(
     *,
     top_k: int,
     capacity_factor: float,
-    shard: Any = None,
+    dispatch: ExpertDispatch | None = None,
 ) -> tuple[jax.Array, MoEStats]:
     """The MoE replacement of the SwiGLU MLP: normalised input [B, L, D] -> output [B, L, D].
 
-    ``shard`` (the model's ShardFn) supplies the expert dispatch when it has a
-    ``dispatch_experts`` method (expert parallelism over the mesh); otherwise
-    the experts run locally.
+    ``dispatch`` moves tokens to their experts and back (expert parallelism
+    over a mesh, ``shardlib.parallel.experts``); None runs every expert locally.
     """
     routing = route(h_BxLxD, w.router, top_k)
-    dispatch: ExpertDispatch = getattr(shard, "dispatch_experts", None) or local_dispatch
+    dispatch = dispatch or local_dispatch
     y_BxLxD, dropped = dispatch(
-        h_BxLxD, routing.expert_BxLxK, routing.weight_BxLxK, w.experts, capacity_factor=capacity_factor
+        h_BxLxD, routing.expert_BxLxR, routing.weight_BxLxR, w.experts, capacity_factor=capacity_factor
     )
     return y_BxLxD.astype(h_BxLxD.dtype), MoEStats(routing.aux_loss, routing.z_loss, dropped)
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import AttentionFn, BlockWeights, ShardFn, decoder_block, no_shard, normal_init, rms_norm
-from models.moe import MoEStack, MoEStats, MoEWeights, moe_mlp
+from models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, moe_mlp
 
 __all__ = ["ShardFn", "Transformer", "no_shard"]
 
@@ -49,6 +49,21 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+REMAT_CHOICES = ("none", *_REMAT_POLICIES)
+
+
+def rematerialize(body, remat: str):
+    """``body`` under the named remat policy (``none``: unchanged): the one place remat is applied.
+
+    prevent_cse guards against XLA merging recomputation with the forward
+    pass; inside scan that cannot happen, and the guard only costs
+    performance (per the jax.checkpoint docs).
+    """
+    if remat not in REMAT_CHOICES:
+        raise ValueError(f"unknown remat {remat!r}; expected one of {', '.join(REMAT_CHOICES)}")
+    if remat == "none":
+        return body
+    return jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
 
 
 class Embedding(nnx.Module):
@@ -116,8 +131,8 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
-        if cfg.remat not in ("none", *_REMAT_POLICIES):
-            raise ValueError(f"unknown remat {cfg.remat!r}; expected none, full or save_matmuls")
+        if cfg.remat not in REMAT_CHOICES:
+            raise ValueError(f"unknown remat {cfg.remat!r}; expected one of {', '.join(REMAT_CHOICES)}")
         # Only hashable scalars are kept: static module attributes end up in the
         # graphdef, which jit hashes (a pydantic config is unhashable).
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
@@ -153,6 +168,7 @@ class Transformer(nnx.Module):
         positions_BxL: jax.Array | None = None,
         shard: ShardFn = no_shard,
         attention: AttentionFn | None = None,
+        experts: ExpertDispatch | None = None,
     ) -> jax.Array:
         """[B, L] token ids -> float32 logits [B, L, V].
 
@@ -160,9 +176,12 @@ class Transformer(nnx.Module):
         embedding and the causal mask, so callers may reorder the sequence as
         long as they pass matching positions. `shard` constrains activations at
         layer boundaries by logical axis names. `attention` replaces the dense
-        causal attention (e.g. ring attention from `shardlib.attention`).
+        causal attention (e.g. ring attention from `shardlib.parallel.attention`);
+        `experts` moves MoE tokens to their experts (default: all local).
         """
-        return self.forward(tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention)[0]
+        return self.forward(tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention, experts=experts)[
+            0
+        ]
 
     def forward(
         self,
@@ -171,6 +190,7 @@ class Transformer(nnx.Module):
         positions_BxL: jax.Array | None = None,
         shard: ShardFn = no_shard,
         attention: AttentionFn | None = None,
+        experts: ExpertDispatch | None = None,
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """(logits [B, L, V], extra loss, metrics): what training needs besides the logits.
 
@@ -193,6 +213,7 @@ class Transformer(nnx.Module):
             positions_BxL=positions_BxL,
             shard=shard,
             attention=attention,
+            experts=experts,
         )
         batch, length = tokens_BxL.shape
         aux_loss, z_loss = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
@@ -229,12 +250,7 @@ class Transformer(nnx.Module):
             x_BxLxD = block(x_BxLxD, w, positions_BxL)
             return shard(x_BxLxD, ("batch", "length", "embed")), None
 
-        if self.remat != "none":
-            # prevent_cse guards against XLA merging recomputation with the
-            # forward pass; inside scan that cannot happen, and the guard only
-            # costs performance (per the jax.checkpoint docs).
-            scan_body = jax.checkpoint(scan_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-        x_BxLxD, _ = jax.lax.scan(scan_body, x_BxLxD, weights)
+        x_BxLxD, _ = jax.lax.scan(rematerialize(scan_body, self.remat), x_BxLxD, weights)
         return x_BxLxD
 
     def run_moe_layers(
@@ -246,6 +262,7 @@ class Transformer(nnx.Module):
         positions_BxL: jax.Array | None = None,
         shard: ShardFn = no_shard,
         attention: AttentionFn | None = None,
+        experts: ExpertDispatch | None = None,
     ) -> tuple[jax.Array, MoEStats]:
         """Applies all layers of an MoE model: a scan over groups of period - 1 dense layers and one MoE layer.
 
@@ -279,7 +296,7 @@ class Transformer(nnx.Module):
 
                 def mlp(h_BxLxD, mw=mw, stats=stats):
                     y_BxLxD, layer_stats = moe_mlp(
-                        h_BxLxD, mw, top_k=self.moe_top_k, capacity_factor=self.moe_capacity_factor, shard=shard
+                        h_BxLxD, mw, top_k=self.moe_top_k, capacity_factor=self.moe_capacity_factor, dispatch=experts
                     )
                     stats.append(layer_stats)
                     return y_BxLxD
@@ -288,9 +305,7 @@ class Transformer(nnx.Module):
                 x_BxLxD = shard(x_BxLxD, ("batch", "length", "embed"))
             return x_BxLxD, stats[0]
 
-        if self.remat != "none":
-            group_body = jax.checkpoint(group_body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-        return jax.lax.scan(group_body, x_BxLxD, (group_weights, moe_weights))
+        return jax.lax.scan(rematerialize(group_body, self.remat), x_BxLxD, (group_weights, moe_weights))
 
     def _block(self, x_BxLxD, positions_BxL, shard, attention):
         """(one decoder layer as ``block(x, weights, positions, mlp=None)``, the positions: 0..L-1 by default)."""

@@ -3,11 +3,11 @@
 What other projects import: meshes with five named axes, one ordered rule
 table from logical axis names to mesh axes, and functions that apply it to
 parameters, optimizer state and activations. Importing shardlib does not start
-a JAX backend. ``shardlib.describe.describe`` tabulates where every parameter
-lives (it is also ``python -m shardlib.describe``).
+a JAX backend. ``shardlib.analysis.describe.describe`` tabulates where every parameter
+lives (it is also ``python -m shardlib.analysis.describe``).
 """
 
-from shardlib.mesh import (
+from shardlib.core.mesh import (
     MESH_AXES,
     MeshSpec,
     build_mesh,
@@ -15,7 +15,7 @@ from shardlib.mesh import (
     mesh_spec,
     prepare_devices,
 )
-from shardlib.rules import (
+from shardlib.core.rules import (
     PRESETS,
     Rules,
     ShardingError,
@@ -26,7 +26,7 @@ from shardlib.rules import (
     logical_to_spec,
     preset_rules,
 )
-from shardlib.sharding import (
+from shardlib.core.sharding import (
     ActivationSharding,
     logical_axes_from_state,
     match_logical_axes,

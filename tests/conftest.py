@@ -1,6 +1,7 @@
 """Test setup: 8 emulated CPU devices, configured before any backend starts."""
 
 import os
+import pathlib
 
 # Compilation dominates this suite's time on 2 cores. LLVM's expensive passes
 # buy nothing for models this small and halve nothing but compile time; the
@@ -10,7 +11,18 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 
-import jax
+# JAX's persistent compilation cache is opt-in: SHARDLIB_TEST_COMPILE_CACHE=1 keeps compiled
+# executables in .jax-cache/ of the checkout (gitignored), inherited by subprocesses. Measured
+# on test_cli + test_multiprocess (2 workers, busy 2-core machine): CPU 200 s without it, 246 s
+# with an empty cache (every compile is also serialised and written; CI starts from a fresh
+# clone, so that is its case), 201 s with a full one: nothing is compiled twice often enough to
+# pay. The kill trials keep their own cache per module (tests/procs.py: env).
+if os.environ.get("SHARDLIB_TEST_COMPILE_CACHE") == "1":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # reads the JAX_* variables above
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")

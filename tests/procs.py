@@ -12,7 +12,7 @@ import time
 
 import yaml
 
-from shardlib.config import Config, config_to_dict
+from shardlib.training.config import Config, config_to_dict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import chex
 import jax
+import numpy as np
 
-from shardlib.config import Config, validate_config
-from shardlib.mesh import build_mesh, mesh_spec
+from shardlib.core.mesh import build_mesh, mesh_spec
+from shardlib.training.config import Config, validate_config
 
 TINY_MODEL = {
     "vocab_size": 256,
@@ -45,3 +47,32 @@ def mesh_of(devices: int | None = None, **sizes) -> jax.sharding.Mesh:
     for size in sizes.values():
         count *= size
     return build_mesh(mesh_spec(**sizes), jax.devices()[: devices or count])
+
+
+def assert_trees_close(actual, expected, rel: float = 1e-5, floor: float = 1e-12, what: str = "leaf") -> None:
+    """Every leaf of ``actual`` is within ``rel`` of its own scale of the matching leaf of ``expected``.
+
+    Per leaf: ``max|a - b| <= rel * max|b| + floor``. A single absolute tolerance
+    for a whole tree lets small leaves through unchecked (``atol=1e-5`` passes a 4%
+    error on a gradient of magnitude 2e-4); scaling by each leaf's own largest
+    magnitude holds every leaf to the same relative precision, and ``floor`` only
+    keeps an all-zero leaf from demanding bitwise equality. The trees must have the
+    same structure and shapes (chex checks both). On failure the message names every
+    leaf that is off, with its error, its scale and their ratio.
+    """
+    chex.assert_trees_all_equal_structs(actual, expected)
+    chex.assert_trees_all_equal_shapes(actual, expected)
+    flat = jax.tree_util.tree_flatten_with_path(actual)[0]
+    failures = []
+    for (path, a), b in zip(flat, jax.tree.leaves(expected), strict=True):
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64)
+        error = float(np.max(np.abs(a - b), initial=0.0))
+        scale = float(np.max(np.abs(b), initial=0.0))
+        allowed = rel * scale + floor
+        if not error <= allowed:  # also catches NaN
+            failures.append(
+                f"{what} {jax.tree_util.keystr(path)}: max|error| {error:.3g} > {allowed:.3g} "
+                f"(= {rel:g} x scale max|expected| {scale:.3g} + {floor:g}); relative error {error / (scale or 1):.3g}"
+            )
+    assert not failures, f"{len(failures)} of {len(flat)} leaves differ:\n" + "\n".join(failures)

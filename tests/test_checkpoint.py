@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from shardlib.checkpoint import Checkpointer, CheckpointError
-from shardlib.data import load_token_splits
-from shardlib.train_state import abstract_state
-from shardlib.trainer import setup_training, train
+from shardlib.training.checkpoint import Checkpointer, CheckpointError
+from shardlib.training.data import load_token_splits
+from shardlib.training.train_state import abstract_state
+from shardlib.training.trainer import setup_training, train
 from tests.support import mesh_of, tiny_config
 
 quiet = {"progress": False, "log": lambda _: None}
@@ -80,19 +80,24 @@ def test_unreadable_checkpoint_names_step_and_path_and_is_kept(tmp_path, saved_r
         path.write_bytes(path.read_bytes()[:16])
     before = _tree_digest(run_dir / "checkpoints")
 
-    with pytest.raises(CheckpointError, match=r"checkpoint step 5 at .*checkpoints/5"):
+    with pytest.raises(CheckpointError, match=r"checkpoint step 5 at .*checkpoints/5") as err:
         train(tiny_config(run_dir, sharding="tp"), mesh_of(data=4, model=2), **quiet)
+    assert "\n" not in str(err.value), "the error is not one line"
     assert _tree_digest(run_dir / "checkpoints") == before, "a failed run changed the checkpoints"
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tensorstore's noisy coroutines
 def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, saved_run):
+    """The run guard (tests/test_run_guard.py) stops this first; without its records, Orbax's error is one line."""
     run_dir = tmp_path / "other_config"
     _copy_tree(pathlib.Path(saved_run.run_dir), run_dir)
+    for record in ("config.json", "config-history.jsonl"):
+        (run_dir / record).unlink()
     before = _tree_digest(run_dir / "checkpoints")
     wider = tiny_config(run_dir, sharding="tp", model={"d_model": 64})
-    with pytest.raises(CheckpointError, match=r"checkpoint step 5 at .*checkpoints/5 cannot be restored"):
+    with pytest.raises(CheckpointError, match=r"checkpoint step 5 at .*checkpoints/5 cannot be restored") as err:
         train(wider, mesh_of(data=4, model=2), **quiet)
+    assert "\n" not in str(err.value) and "no older checkpoint" in str(err.value), str(err.value)
     assert _tree_digest(run_dir / "checkpoints") == before
 
 

@@ -1,4 +1,4 @@
-"""The command lines a user runs: train.py and python -m shardlib.describe, as subprocesses."""
+"""The command lines a user runs: train.py and python -m shardlib.analysis.describe, as subprocesses."""
 
 import json
 import subprocess
@@ -62,7 +62,7 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path, args, message):
 def test_describe_command():
     proc = run(
         "-m",
-        "shardlib.describe",
+        "shardlib.analysis.describe",
         "--config",
         "configs/tiny.yaml",
         "--mesh",
@@ -77,6 +77,6 @@ def test_describe_command():
 
 
 def test_describe_warns_about_an_idle_mesh_axis():
-    proc = run("-m", "shardlib.describe", "--config", "configs/tiny.yaml", "--sharding", "dp", timeout=120)
+    proc = run("-m", "shardlib.analysis.describe", "--config", "configs/tiny.yaml", "--sharding", "dp", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "WARNING: mesh axis 'model' (size 2) shards neither parameters nor the batch" in proc.stdout

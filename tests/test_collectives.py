@@ -1,4 +1,4 @@
-"""Ring collectives (shardlib.collectives) against jax.lax, and their volumes in the compiled HLO.
+"""Ring collectives (shardlib.parallel.collectives) against jax.lax, and their volumes in the compiled HLO.
 
 One jitted program per (mesh case, dtype) runs every ring collective, in both
 step forms (unrolled and ``fori_loop``), beside its lax counterpart, over ONE
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from shardlib import collectives as C
-from shardlib import hlo
+from shardlib.analysis import hlo
+from shardlib.parallel import collectives as C
 from tests.support import mesh_of
 
 LOCAL = (8, 16)  # every device's array: divides into 8 blocks along dim 0, 16 blocks when flattened

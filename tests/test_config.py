@@ -1,4 +1,4 @@
-"""Tests for shardlib.config: schema, shipped configs, overrides and error messages."""
+"""Tests for shardlib.training.config: schema, shipped configs, overrides and error messages."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from shardlib.config import (
+from shardlib.training.config import (
     Config,
     ConfigError,
     ModelConfig,

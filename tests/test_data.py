@@ -1,4 +1,4 @@
-"""Tests for shardlib.data: corpus loading, deterministic batches, resume and sharding."""
+"""Tests for shardlib.training.data: corpus loading, deterministic batches, resume and sharding."""
 
 import os
 import subprocess
@@ -14,15 +14,16 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlib.data import (
+from shardlib.cluster.launch import free_port
+from shardlib.training.data import (
     SEPARATOR,
     BatchLoader,
     _local_rows,
     batch_windows,
+    check_token_ids,
     corpus_files,
     load_token_splits,
 )
-from shardlib.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +98,23 @@ def test_bin_source(tmp_path):
     # A single file stays memory-mapped.
     train, _ = load_token_splits(cfg("bin", [tmp_path / "a.bin"], heldout_fraction=0.25))
     assert isinstance(train, np.memmap) and train.tolist() == [1, 2, 300]
+
+
+def test_token_ids_are_checked_against_the_vocabulary_in_both_splits(tmp_path):
+    """An id only the held-out split holds would make the held-out loss NaN: it is named with its split."""
+    np.array([1, 2, 300, 9, 65535, 7], dtype="<u2").tofile(tmp_path / "a.bin")
+    data = cfg("bin", [tmp_path / "a.bin"], heldout_fraction=0.5)
+    train, heldout = load_token_splits(data)
+    check_token_ids(data, 65536, {"train": train, "held-out": heldout})
+    with pytest.raises(ValueError) as caught:
+        check_token_ids(data, 1000, {"train": train, "held-out": heldout})
+    assert str(caught.value) == (
+        f"data source 'bin' ({tmp_path / 'a.bin'}) holds token id 65535 in its held-out split, but "
+        "model.vocab_size is 1000: every id must be below vocab_size; set model.vocab_size to at least "
+        "65536 or use data tokenised for this vocabulary"
+    )
+    with pytest.raises(ValueError, match=r"token id 300 in its train split, but model.vocab_size is 300"):
+        check_token_ids(data, 300, {"train": train, "held-out": heldout})
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 0.51, 1.0])
@@ -254,7 +272,7 @@ _CHILD = textwrap.dedent(
     jax.config.update("jax_num_cpu_devices", 4)
     jax.config.update("jax_platforms", "cpu")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-    from shardlib.data import BatchLoader, _local_rows, batch_windows
+    from shardlib.training.data import BatchLoader, _local_rows, batch_windows
 
     own = [[d for d in jax.devices() if d.process_index == p] for p in (0, 1)]
     # data-axis rows 0 and 2 live on process 0, rows 1 and 3 on process 1: each process

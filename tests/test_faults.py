@@ -2,9 +2,9 @@
 
 The kill and signal tests run train.py as a real process on 8 emulated CPU devices and
 compare every loss it logs, bitwise, with an uninterrupted run in this process on the
-same mesh (same device count, same XLA flags: the same machine code). Two kill trials
-run by default; ``pytest -m slow`` (or ``make test ARGS="-m 'slow or not slow'"``) runs
-all of them.
+same mesh (same device count, same XLA flags: the same machine code). Every trial must
+land its first kill before the run ends. ``make test`` runs all twelve kill trials;
+``make test-quick`` (``-m 'not slow'``) only the first two.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import jax
 import numpy as np
 import pytest
 
-from shardlib import faults
-from shardlib.checkpoint import TMP_MARKER, Checkpointer
-from shardlib.cli import train_main
-from shardlib.faults import RunDirError, TrainingDiverged
-from shardlib.train_state import abstract_state
-from shardlib.trainer import TrainingSetup, TrainResult, setup_training, train
+from shardlib.training import faults
+from shardlib.training.checkpoint import TMP_MARKER, Checkpointer
+from shardlib.training.cli import train_main
+from shardlib.training.config import FaultsConfig
+from shardlib.training.faults import RunDirError, TrainingDiverged
+from shardlib.training.train_state import abstract_state
+from shardlib.training.trainer import TrainingSetup, TrainResult, setup_training, train
 from tests import procs
 from tests.support import mesh_of, tiny_config
 
@@ -118,21 +119,44 @@ def kill_plan(seed: int) -> list[Kill]:
     return plan
 
 
-def saving_at_least(run_dir: pathlib.Path, step: int) -> bool:
-    return any(int(name.split(".")[0]) >= step for name in partial_saves(run_dir))
+def saving_at_least(run_dir: pathlib.Path, step: int, since_ns: int = 0) -> bool:
+    """A save of step >= ``step`` is under way: its temporary directory was written after ``since_ns``
+    (a restart leaves the partial saves of a killed run where they are: those do not count)."""
+    directory = run_dir / "checkpoints"
+    return any(
+        int(name.split(".")[0]) >= step and _mtime_ns(directory / name) > since_ns for name in partial_saves(run_dir)
+    )
+
+
+def _mtime_ns(path: pathlib.Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:  # the save completed (renamed) meanwhile
+        return 0
 
 
 def run_until_killed(run_dir: pathlib.Path, cache: pathlib.Path, kill: Kill) -> procs.Proc | None:
-    """Starts train.py and SIGKILLs it as ``kill`` says; None if it finished first."""
+    """Starts train.py and SIGKILLs it as ``kill`` says; None if it finished first.
+
+    A delay that would outlast the run is cut short when this process logs the last
+    step: the kill then lands in the final save or the shutdown, never after the end.
+    """
+    logged_before = len(procs.train_rows(run_dir))
+    started_ns = time.time_ns()
     proc = start_train(run_dir, cache)
+    proc.started_ns = started_ns
     moment = {
-        "save": lambda: saving_at_least(run_dir, kill.step),
+        "save": lambda: saving_at_least(run_dir, kill.step, started_ns),
         "step": lambda: procs.last_logged_step(run_dir) >= kill.step,
         "start": lambda: True,
     }[kill.when]
+
+    def finishing() -> bool:
+        return any(row["step"] == STEPS for row in procs.train_rows(run_dir)[logged_before:])
+
     procs.wait_until(lambda: moment() or proc.popen.poll() is not None, 300, what=str(kill))
     deadline = time.monotonic() + kill.delay
-    while proc.popen.poll() is None and time.monotonic() < deadline:
+    while proc.popen.poll() is None and time.monotonic() < deadline and not finishing():
         time.sleep(0.005)
     if proc.popen.poll() is not None:
         assert proc.wait(timeout=60) == 0, proc.output[-4000:]
@@ -168,16 +192,22 @@ def test_sigkill_at_any_moment_loses_nothing(tmp_path, reference, compile_cache,
     newest complete checkpoint, and all losses equal the uninterrupted run's bitwise."""
     run_dir = tmp_path / "run"
     left: tuple[list[int], list[str]] | None = None  # (complete, partial) checkpoints after the last kill
+    landed = 0
     for kill in kill_plan(seed):
+        nothing_to_train = complete_steps(run_dir)[-1:] == [STEPS]  # the last kill came after the final save
         proc = run_until_killed(run_dir, compile_cache, kill)
         if left is not None and proc is not None and "params | mesh" in proc.output:
             assert_resumed_from(proc.output, run_dir, *left)
         if proc is None:
-            print(f"trial {seed}: {kill}: the run finished first")
+            # Only a run with nothing left to train may end before its kill: any other would
+            # make this trial pass without testing a kill.
+            assert nothing_to_train, f"trial {seed}: {kill} never landed: the run finished first"
+            print(f"trial {seed}: {kill}: nothing left to train, the run finished first")
             left = None
-            break  # the run finished before this kill's moment came
+            break
+        landed += 1
         if kill.when == "save":
-            assert partial_saves(run_dir), f"{kill}: the kill did not land during a save"
+            assert saving_at_least(run_dir, kill.step, proc.started_ns), f"{kill}: the kill did not land during a save"
         left = complete_steps(run_dir), partial_saves(run_dir)
         print(f"trial {seed}: {kill}: killed; complete checkpoints {left[0]}, partial {left[1]}")
     if left is not None:  # the last start, in this process, from the files the last kill left
@@ -186,6 +216,7 @@ def test_sigkill_at_any_moment_loses_nothing(tmp_path, reference, compile_cache,
         assert_resumed_from("\n".join(log) + "\n", run_dir, *left)
         assert (result.start_step, result.final_step) == ((left[0] or [0])[-1], STEPS)
         assert result.losses == reference.losses[result.start_step :]
+    assert landed >= 1, f"trial {seed}: no kill landed"
     assert complete_steps(run_dir)[-1] == STEPS
     assert_losses_match(run_dir, reference)
 
@@ -279,3 +310,59 @@ def test_full_disk_is_an_error_at_start(tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match=r"has 1000 B free, but one checkpoint of this run needs about [\d.]+ KiB"):
         train(tiny_config(tmp_path), mesh_of(devices=1), **quiet)
     assert not (tmp_path / "metrics.jsonl").exists(), "training started anyway"
+
+
+# --------------------------------------------------------------------------- loss spikes
+
+
+def spike_guard(tmp_path: pathlib.Path, last_checkpoint: int | None = None, **settings) -> faults.NanGuard:
+    cfg = FaultsConfig(**settings)
+    return faults.NanGuard(
+        cfg, vocab_size=256, checkpoint_dir=tmp_path / "checkpoints", last_checkpoint=last_checkpoint
+    )
+
+
+def step_metrics(losses: list[float]) -> list[dict]:
+    return [{"loss": np.float32(loss), "grad_norm": np.float32(1.0)} for loss in losses]
+
+
+def test_a_loss_spike_stops_naming_the_step_the_loss_the_median_and_the_last_good_checkpoint(tmp_path):
+    guard = spike_guard(tmp_path, last_checkpoint=4)
+    with pytest.raises(TrainingDiverged) as caught:
+        guard.review(3, step_metrics([5.5, 5.0, 4.6, 4.3, 4.1, 4.0, 40.0]))
+    assert str(caught.value) == (
+        "loss 40 at step 9, above 4 x 4.45, the median loss of the 6 steps before (faults.spike_factor, "
+        f"faults.spike_window); stopped before saving it. the last good checkpoint is {tmp_path}/checkpoints/4: "
+        "resume from it with a lower optimizer.lr"
+    )
+
+
+def test_the_state_to_be_saved_is_checked_against_the_same_median(tmp_path):
+    guard = spike_guard(tmp_path, spike_factor=3, spike_window=4, spike_warmup=3)
+    guard.review(1, step_metrics([9.0, 3.0, 2.0, 2.0, 2.0]))  # the window keeps the last 4: median 2
+    guard.check_state(5, (np.float32(5.9), np.float32(1.0)))
+    with pytest.raises(
+        TrainingDiverged, match=r"^the state after step 5, on the next batch, has loss 6\.1, above 3 x 2"
+    ):
+        guard.check_state(5, (np.float32(6.1), np.float32(1.0)))
+    with pytest.raises(TrainingDiverged, match=r"holds no checkpoint of this run: start again with a lower"):
+        guard.check_state(5, (np.float32(2.0), np.float32(np.inf)))
+
+
+def test_healthy_training_never_trips_the_spike_guard(tmp_path):
+    """A fast early fall from ln(256), noise of +-25%, a late bump: all far below 4 x the median."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 301)
+    curve = 1.5 + 4.1 * np.exp(-steps / 40) + 0.3 * np.exp(-(((steps - 200) / 10) ** 2))
+    losses = curve * rng.uniform(0.75, 1.25, steps.size)
+    guard = spike_guard(tmp_path)
+    assert guard.review(1, step_metrics(list(losses))) == pytest.approx(losses, rel=1e-6)
+    early = spike_guard(tmp_path)  # fewer than spike_warmup losses: no median to trust yet
+    early.review(1, step_metrics([5.5, 30.0, 5.4, 5.3]))
+    off = spike_guard(tmp_path, spike_factor=None)
+    off.review(1, step_metrics([5.5] * 10 + [1e6]))
+
+
+def test_a_spike_warmup_beyond_the_window_is_a_config_error():
+    with pytest.raises(ValueError, match=r"spike_warmup \(5\) exceeds spike_window \(3\)"):
+        FaultsConfig(spike_window=3)

@@ -9,10 +9,10 @@ import pathlib
 
 import pytest
 
-from shardlib.config import load_config
-from shardlib.describe import describe, golden_table
-from shardlib.rules import PRESETS, preset_rules
-from shardlib.train_state import abstract_model
+from shardlib.analysis.describe import describe, golden_table
+from shardlib.core.rules import PRESETS, preset_rules
+from shardlib.training.config import load_config
+from shardlib.training.train_state import abstract_model
 from tests.support import mesh_of
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"

@@ -1,4 +1,4 @@
-"""Tests for shardlib.mesh: mesh files, validation messages and mesh construction.
+"""Tests for shardlib.core.mesh: mesh files, validation messages and mesh construction.
 
 conftest.py gives this process 8 emulated CPU devices.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from shardlib.launch import free_port
-from shardlib.mesh import (
+from shardlib.cluster.launch import free_port
+from shardlib.core.mesh import (
     MESH_AXES,
     MeshSpec,
     build_mesh,
@@ -241,8 +241,8 @@ def test_multi_host_spec_in_one_process_gives_a_clear_error():
 _WORKER = """
 import sys
 import jax
-from shardlib.mesh import build_mesh, describe_mesh, load_mesh_spec, mesh_axis_sizes
-from shardlib.mesh import prepare_devices
+from shardlib.core.mesh import build_mesh, describe_mesh, load_mesh_spec, mesh_axis_sizes
+from shardlib.core.mesh import prepare_devices
 
 spec = load_mesh_spec("meshes/cpu-2x4.yaml")
 prepare_devices(spec)

@@ -1,4 +1,4 @@
-"""Tests for shardlib.metrics: JSON lines, TensorBoard events, loss plots, peak FLOPS and MFU."""
+"""Tests for shardlib.training.metrics: JSON lines, TensorBoard events, loss plots, peak FLOPS and MFU."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardlib.metrics import (
+from shardlib.training.metrics import (
     METRICS_FILE,
     TB_DIR,
     MetricsWriter,

@@ -15,7 +15,7 @@ from flax import nnx
 
 from models import Transformer, create_model, no_shard
 from models.layers import apply_rope, causal_gqa_attention
-from shardlib.config import ModelConfig
+from shardlib.training.config import ModelConfig
 
 BATCH, LENGTH = 2, 16
 

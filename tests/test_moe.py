@@ -1,4 +1,4 @@
-"""Mixture of experts with expert parallelism (models/moe.py, shardlib/experts.py).
+"""Mixture of experts with expert parallelism (models/moe.py, shardlib/parallel/experts.py).
 
 The sharded layer (tokens dispatched over the `expert` axis with two
 all-to-alls) against a dense reference written independently here; dropping
@@ -20,17 +20,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.moe import ExpertWeights, MoEWeights, capacity, moe_mlp, route
-from shardlib import hlo
-from shardlib.config import ConfigError
-from shardlib.data import load_token_splits
-from shardlib.describe import describe
-from shardlib.experts import dispatch_buffer_bytes, expert_parallel_dispatch
-from shardlib.report.layout import resolve_layout
-from shardlib.report.measure import measure
-from shardlib.report.report import build_report
-from shardlib.rules import preset_rules
-from shardlib.sharding import ActivationSharding
-from shardlib.trainer import setup_training, train
+from shardlib.analysis import hlo
+from shardlib.analysis.describe import describe
+from shardlib.analysis.report.layout import resolve_layout
+from shardlib.analysis.report.measure import measure
+from shardlib.analysis.report.report import build_report
+from shardlib.core.rules import preset_rules
+from shardlib.core.sharding import ActivationSharding
+from shardlib.parallel.experts import dispatch_buffer_bytes, expert_dispatch, expert_parallel_dispatch
+from shardlib.training.config import ConfigError
+from shardlib.training.data import load_token_splits
+from shardlib.training.trainer import setup_training, train
 from tests.support import mesh_of, tiny_config
 
 TOLERANCE = 1e-5
@@ -87,7 +87,7 @@ def test_sharded_layer_matches_dense_reference(top_k):
     h, w, probe = place(*layer_inputs(), mesh)
 
     def sharded(h, w, probe):
-        y, stats = moe_mlp(h, w, top_k=top_k, capacity_factor=E / top_k, shard=shard)
+        y, stats = moe_mlp(h, w, top_k=top_k, capacity_factor=E / top_k, dispatch=expert_dispatch(shard))
         return jnp.sum(y * probe), (y, stats.dropped)
 
     def reference(h, w, probe):
@@ -107,15 +107,15 @@ def test_sharded_layer_matches_dense_reference(top_k):
         np.testing.assert_allclose(g, g_ref, rtol=0, atol=TOLERANCE, err_msg=jax.tree_util.keystr(path))
 
 
-def replay_capacity(expert_BxLxK, cap):
+def replay_capacity(expert_BxLxR, cap):
     """Numpy replay of the rule: per row, first choices in token order, then second choices; kept while < cap."""
-    b, length, k = expert_BxLxK.shape
-    kept = np.zeros_like(expert_BxLxK, dtype=bool)
+    b, length, k = expert_BxLxR.shape
+    kept = np.zeros_like(expert_BxLxR, dtype=bool)
     for row in range(b):
         taken = np.zeros(E, int)
         for choice in range(k):
             for t in range(length):
-                e = expert_BxLxK[row, t, choice]
+                e = expert_BxLxR[row, t, choice]
                 kept[row, t, choice] = taken[e] < cap
                 taken[e] += 1
     return kept
@@ -131,14 +131,14 @@ def test_drops_exactly_past_capacity(capacity_factor):
     # Skewed choices (experts 0 and 1 popular) so some (row, expert) pairs overflow and others do not.
     first = rng.choice(E, size=(B, L), p=[0.3, 0.2] + [0.5 / 6] * 6)
     second = (first + 1 + rng.integers(0, E - 1, size=(B, L))) % E
-    expert_BxLxK = np.stack([first, second], axis=-1).astype(np.int32)
-    weight_BxLxK = rng.uniform(0.1, 1.0, size=(B, L, 2)).astype(np.float32)
+    expert_BxLxR = np.stack([first, second], axis=-1).astype(np.int32)
+    weight_BxLxR = rng.uniform(0.1, 1.0, size=(B, L, 2)).astype(np.float32)
     cap = capacity(L, E, 2, capacity_factor)
-    kept = replay_capacity(expert_BxLxK, cap)
+    kept = replay_capacity(expert_BxLxR, cap)
     assert 0 < (~kept).sum() < kept.size, "the case must drop some pairs and keep others"
 
     rows = NamedSharding(mesh, P(("data", "expert")))
-    args = jax.device_put((h, expert_BxLxK, weight_BxLxK), rows)
+    args = jax.device_put((h, expert_BxLxR, weight_BxLxR), rows)
     experts = jax.device_put(w.experts, NamedSharding(mesh, P("expert")))
     with jax.set_mesh(mesh):
         y, dropped = jax.jit(functools.partial(expert_parallel_dispatch, shard, capacity_factor=capacity_factor))(
@@ -148,8 +148,8 @@ def test_drops_exactly_past_capacity(capacity_factor):
     g = w.experts
     hidden = jax.nn.silu(jnp.einsum("bld,edf->blef", h, g.gate)) * jnp.einsum("bld,edf->blef", h, g.up)
     every_BxLxExD = np.asarray(jnp.einsum("blef,efd->bled", hidden, g.down))
-    picked_BxLxKxD = np.take_along_axis(every_BxLxExD, expert_BxLxK[..., None], axis=2)
-    expected = np.sum(picked_BxLxKxD * (weight_BxLxK * kept)[..., None], axis=2)
+    picked_BxLxKxD = np.take_along_axis(every_BxLxExD, expert_BxLxR[..., None], axis=2)
+    expected = np.sum(picked_BxLxKxD * (weight_BxLxR * kept)[..., None], axis=2)
     assert float(dropped) == (~kept).sum()
     np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=TOLERANCE)
 
@@ -171,7 +171,7 @@ def test_load_balancing_and_z_loss_equal_their_formulas():
     fraction = np.array([(top2 == e).sum() for e in range(E)]) / top2.size
     aux = E * np.sum(fraction * probs.mean(axis=(0, 1)))
     z = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
-    np.testing.assert_array_equal(np.asarray(routing.expert_BxLxK), top2)
+    np.testing.assert_array_equal(np.asarray(routing.expert_BxLxR), top2)
     np.testing.assert_allclose(float(routing.aux_loss), aux, rtol=1e-5)
     np.testing.assert_allclose(float(routing.z_loss), z, rtol=1e-5)
     # A router that cannot prefer anything: uniform probabilities, loss exactly 1, z-loss log(E)^2.
@@ -191,7 +191,7 @@ def test_all_to_all_bytes_match_the_buffer_formula():
     sent = (4 - 1) / 4 * buffer  # the share of the buffer that leaves each device (expert axis of 4)
 
     def forward(h, w):
-        return moe_mlp(h, w, top_k=2, capacity_factor=cf, shard=shard)[0]
+        return moe_mlp(h, w, top_k=2, capacity_factor=cf, dispatch=expert_dispatch(shard))[0]
 
     def loss(h, w, probe):
         return jnp.sum(forward(h, w) * probe)
@@ -288,9 +288,9 @@ def test_moe_parameters_are_sharded_over_expert():
 
 
 def test_unsupported_combinations_are_refused():
-    with pytest.raises(ValueError, match="pipe=2"):
+    with pytest.raises(ValueError, match=r"pipe=2 \(1f1b\) does not combine with model.moe.n_experts=8: mixture of"):
         setup_training(moe_config(), mesh_of(data=4, pipe=2))
-    with pytest.raises(ValueError, match="grad_compression"):
+    with pytest.raises(ValueError, match="does not combine with grad_compression=bf16"):
         setup_training(moe_config(grad_compression="bf16"), expert_mesh())
     two_experts = moe_config()
     two_experts = two_experts.model_copy(
@@ -320,7 +320,7 @@ def test_config_errors_name_the_culprit():
 
 
 def test_report_predicts_the_moe_step_traffic():
-    """shardlib.report on the MoE step under tp (expert 4 x model 2): all-to-alls and the experts' tensor psums.
+    """shardlib.analysis.report on the MoE step under tp (expert 4 x model 2): all-to-alls and the experts' tensor psums.
 
     The expert axis is the only token axis here, so its ratio also checks that
     the experts' gradients are not reduced over it (each device owns its experts).

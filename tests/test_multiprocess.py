@@ -19,11 +19,10 @@ import time
 import jax
 import pytest
 
-from shardlib import launch
-from shardlib.cluster import join_settings
-from shardlib.faults import EXIT_PEER_LOST
-from shardlib.trainer import setup_training, train
-from shardlib.watchdog import PeerWatchdog
+from shardlib.cluster import launch
+from shardlib.cluster.join import join_settings
+from shardlib.cluster.watchdog import EXIT_PEER_LOST, PeerWatchdog
+from shardlib.training.trainer import setup_training, train
 from tests import procs
 from tests.support import mesh_of, tiny_config
 
@@ -46,7 +45,7 @@ def compile_cache(tmp_path_factory) -> pathlib.Path:
 
 
 def launch_train(config: pathlib.Path, cache: pathlib.Path) -> procs.Proc:
-    args = ["-m", "shardlib.launch", "--processes", "2", "--grace", "60", "--", "train.py"]
+    args = ["-m", "shardlib.cluster.launch", "--processes", "2", "--grace", "60", "--", "train.py"]
     args += ["--config", str(config), "--mesh", "meshes/cpu-2x4.yaml", "--no-progress"]
     return procs.Proc(args, procs.env(cache))
 

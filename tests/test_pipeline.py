@@ -1,4 +1,4 @@
-"""The pipeline executor against the same layers run sequentially on one device (fp32, 1e-5)."""
+"""The pipeline executor against the same layers run sequentially on one device (fp32, 1e-5 of each leaf's scale)."""
 
 import functools
 
@@ -6,12 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from shardlib.data import load_token_splits
-from shardlib.pipeline.executor import layer_order
-from shardlib.trainer import setup_training, train
-from tests.support import mesh_of, tiny_config
+from shardlib.parallel.pipeline.executor import layer_order
+from shardlib.training.data import load_token_splits
+from shardlib.training.trainer import setup_training, train
+from tests.support import assert_trees_close, mesh_of, tiny_config
 
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # the loss: absolute, on a value of about 5
+REL = 1e-5  # gradients: relative to each leaf's largest magnitude (tests.support.assert_trees_close)
 # 8 layers: enough for 4 stages x 2 virtual chunks.
 MODEL = {"n_layers": 8}
 
@@ -56,52 +57,40 @@ def test_schedule_matches_sequential(case):
     schedule, virtual, sizes, microbatches, sharding = CASES[case]
     pipeline = {"schedule": schedule, "virtual_stages": virtual, "microbatches": microbatches}
     cfg = tiny_config(model=MODEL, pipeline=pipeline, sharding=sharding)
-    loss, grads, params = grads_on(cfg, mesh_of(**sizes))
+    run, batch, params = first_batch(cfg, mesh_of(**sizes))
+    loss, grads = run.grads(params, batch)
+    # The eval step runs the network the pipeline trains (the layers in logical order).
+    assert abs(float(run.eval_step(params, batch)) - float(loss)) <= 1e-6
+    loss, grads, params = float(loss), jax.device_get(grads), jax.device_get(params)
     ref_loss, ref_grads, ref_params = reference()
 
-    # The stack is stored in pipeline order: stored layer i is logical layer order[i].
+    # The stack is stored in pipeline order: stored layer i is logical layer order[i]. The run
+    # starts from the same network as the reference, in that layout, so it computes the same loss.
     order = layer_order(MODEL["n_layers"], sizes["pipe"], virtual)
     for name, stored in params["layers"].items():
-        np.testing.assert_array_equal(stored, ref_params["layers"][name], err_msg="both runs start alike")
-    # Same initial values, so the pipeline computes the model whose layer order[i] is stored[i]:
-    # compare it with the reference run on the reordered stack.
-    if virtual > 1:
-        ref_loss, ref_grads = _reference_with_layer_order(tuple(order))
+        np.testing.assert_array_equal(stored, ref_params["layers"][name][order], err_msg="both runs start alike")
+    ref_grads = {**ref_grads, "layers": jax.tree.map(lambda g: g[order], ref_grads["layers"])}  # storage order
 
     assert abs(loss - ref_loss) <= TOLERANCE, (loss, ref_loss)
-    for path, g in _leaves(grads):
-        np.testing.assert_allclose(g, _at(ref_grads, path), rtol=0, atol=TOLERANCE, err_msg=path)
-
-
-@functools.cache
-def _reference_with_layer_order(order_key):
-    order = np.asarray(order_key)
-    run, batch, params = first_batch(tiny_config(model=MODEL), mesh_of(devices=1))
-    inverse = np.argsort(order)  # logical layer j is stored at inverse[j]
-    params["layers"] = jax.tree.map(lambda w: w[inverse], params["layers"])
-    loss, grads = run.grads(params, batch)
-    grads = jax.device_get(grads)
-    grads["layers"] = jax.tree.map(lambda g: g[order], grads["layers"])  # back to storage order
-    return float(loss), grads
+    assert_trees_close(grads, ref_grads, rel=REL, what="gradient")
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_one_stage_pipeline_matches_sequential(schedule):
     """p = 1: the single stage embeds and takes the loss in one branch (what bench/pipeline_overhead.py times)."""
-    from shardlib.pipeline.plan import compile_plan
-    from shardlib.pipeline.schedules import make_schedule
-    from shardlib.pipeline.step import make_pipeline_grads
+    from shardlib.parallel.pipeline.stages import PipelineSettings, make_pipeline_grads, plan_pipeline
 
     mesh = mesh_of(devices=1)
     run, batch, params = first_batch(tiny_config(model=MODEL), mesh)
-    plan = compile_plan(make_schedule(schedule, 1, 4, 1))
-    grads_fn = jax.jit(make_pipeline_grads(run.model, plan, mesh, None, "cond"))
+    plan = plan_pipeline(
+        PipelineSettings(schedule, 4), 1, MODEL["n_layers"], 16, collectives_inside_stages=False, platform="cpu"
+    )
+    grads_fn = jax.jit(make_pipeline_grads(run.model.graphdef, run.model.params, plan, mesh, None))
     loss, grads, metrics = grads_fn(params, batch)
     assert metrics == {}
     ref_loss, ref_grads, _ = reference()
     assert abs(float(loss) - ref_loss) <= TOLERANCE, (float(loss), ref_loss)
-    for path, g in _leaves(jax.device_get(grads)):
-        np.testing.assert_allclose(g, _at(ref_grads, path), rtol=0, atol=TOLERANCE, err_msg=path)
+    assert_trees_close(jax.device_get(grads), ref_grads, rel=REL, what="gradient")
 
 
 def test_1f1b_needs_less_activation_memory_than_gpipe():
@@ -111,16 +100,24 @@ def test_1f1b_needs_less_activation_memory_than_gpipe():
         cfg = tiny_config(model=MODEL, batch_size=32, pipeline={"schedule": schedule, "microbatches": 8})
         run = setup_training(cfg, mesh_of(pipe=2))
         params, _ = run.init_state()
-        batch = {k: jax.ShapeDtypeStruct((32, cfg.seq_len), np.int32, sharding=run.batch_sharding)
-                 for k in ("inputs", "targets")}
+        batch = {
+            k: jax.ShapeDtypeStruct((32, cfg.seq_len), np.int32, sharding=run.batch_sharding)
+            for k in ("inputs", "targets")
+        }
         temps[schedule] = run.grads.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
     # Each buffered stage input is [4, 16, 32] fp32 = 8 KiB; GPipe buffers 8, 1F1B 2.
     assert temps["gpipe"] - temps["1f1b"] >= (8 - 2) * 8 * 1024, temps
 
 
 def test_train_with_pipe_2_learns_and_resumes(tmp_path):
-    cfg = tiny_config(tmp_path, model=MODEL, steps=6, pipeline={"schedule": "1f1b"},
-                      checkpoint={"every": 3}, optimizer={"lr": 3e-2, "warmup_steps": 1})
+    cfg = tiny_config(
+        tmp_path,
+        model=MODEL,
+        steps=6,
+        pipeline={"schedule": "1f1b"},
+        checkpoint={"every": 3},
+        optimizer={"lr": 3e-2, "warmup_steps": 1},
+    )
     mesh = mesh_of(data=4, pipe=2)
     quiet = {"progress": False, "log": lambda _: None}
     first = train(cfg, mesh, stop_at=3, **quiet)
@@ -134,8 +131,10 @@ def test_gradients_keep_their_parameters_sharding_beside_the_pipeline():
     cfg = tiny_config(model=MODEL, sharding="fsdp_tp", pipeline={"schedule": "1f1b"})
     run = setup_training(cfg, mesh_of(pipe=2, model=2, data=2))
     params, _ = run.init_state()
-    batch = {k: jax.device_put(np.zeros((cfg.batch_size, cfg.seq_len), np.int32), run.batch_sharding)
-             for k in ("inputs", "targets")}
+    batch = {
+        k: jax.device_put(np.zeros((cfg.batch_size, cfg.seq_len), np.int32), run.batch_sharding)
+        for k in ("inputs", "targets")
+    }
     grads = run.grads(params, batch)[1]
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         p = functools.reduce(lambda tree, key: tree[key.key], path, params)
@@ -152,35 +151,25 @@ def _trimmed(spec):
 def test_a_dimension_split_over_a_manual_and_an_automatic_axis_is_refused_by_name():
     from jax.sharding import PartitionSpec as P
 
-    from shardlib.pipeline.executor import _manual_only
+    from shardlib.parallel.pipeline.executor import _manual_only
 
     with pytest.raises(ValueError, match=r"layers/\['q'\]: dimension 1 is split over \('data', 'model'\)"):
         _manual_only({"q": P("pipe", ("data", "model"))}, {"pipe", "data"}, "layers")
-
-
-def _leaves(tree):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        yield tuple(p.key for p in path), np.asarray(leaf)
-
-
-def _at(tree, path):
-    for key in path:
-        tree = tree[key]
-    return np.asarray(tree)
 
 
 def test_the_pipeline_runs_the_configured_attention():
     """``attention.impl`` reaches the stages: an attention that outputs zeros changes the loss."""
     import jax.numpy as jnp
 
-    from shardlib.attention import AttentionPlan
-    from shardlib.pipeline.plan import compile_plan
-    from shardlib.pipeline.schedules import make_schedule
-    from shardlib.pipeline.step import make_pipeline_grads
+    from shardlib.parallel.attention import AttentionPlan
+    from shardlib.parallel.pipeline.stages import PipelineSettings, make_pipeline_grads, plan_pipeline
 
     mesh = mesh_of(devices=1)
     run, batch, params = first_batch(tiny_config(model=MODEL), mesh)
-    plan = compile_plan(make_schedule("1f1b", 1, 4, 1))
+    plan = plan_pipeline(
+        PipelineSettings("1f1b", 4), 1, MODEL["n_layers"], 16, collectives_inside_stages=False, platform="cpu"
+    )
     silent = AttentionPlan(lambda q, k, v, q_pos, kv_pos: jnp.zeros_like(q))
-    loss, _, _ = jax.jit(make_pipeline_grads(run.model, plan, mesh, None, "cond", attention=silent))(params, batch)
+    grads_fn = make_pipeline_grads(run.model.graphdef, run.model.params, plan, mesh, None, attention=silent)
+    loss, _, _ = jax.jit(grads_fn)(params, batch)
     assert abs(float(loss) - reference()[0]) > 1e-3

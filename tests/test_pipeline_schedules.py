@@ -4,9 +4,8 @@ from fractions import Fraction
 
 import pytest
 
-from shardlib.pipeline.executor import plan_sends, sent_microbatches
-from shardlib.pipeline.plan import compile_plan
-from shardlib.pipeline.schedules import (
+from shardlib.parallel.pipeline.executor import plan_sends, sent_microbatches
+from shardlib.parallel.pipeline.schedules import (
     Action,
     Schedule,
     ScheduleError,
@@ -15,6 +14,7 @@ from shardlib.pipeline.schedules import (
     one_f_one_b,
     validate,
 )
+from shardlib.parallel.pipeline.table import compile_table
 
 CASES = [
     (name, p, m, v)
@@ -39,8 +39,8 @@ def test_1f1b_holds_at_most_p_microbatches_and_gpipe_m(p, m):
     assert gpipe(p, m).max_in_flight() == m
     # The executor's buffers follow the table: p stage inputs for 1F1B, m for GPipe
     # (the first stage recomputes its input from the tokens, so it needs none).
-    assert compile_plan(one_f_one_b(p, m)).act_slots <= p
-    assert compile_plan(gpipe(p, m)).act_slots == m
+    assert compile_table(one_f_one_b(p, m)).act_slots <= p
+    assert compile_table(gpipe(p, m)).act_slots == m
 
 
 def test_every_forward_precedes_its_backward_and_stage_order_holds():
@@ -106,11 +106,21 @@ def test_table_prints_one_row_per_stage():
 @pytest.mark.parametrize("name, p, m, v", CASES)
 def test_the_executor_permutes_only_on_ticks_with_an_arrival(name, p, m, v):
     """Skipped ticks cut the bytes between stages; what is left is the SPMD floor of the schedule."""
-    plan = compile_plan(make_schedule(name, p, m, v))
+    schedule = make_schedule(name, p, m, v)
+    plan = compile_table(schedule)
     sends = plan_sends(plan)
-    for tick in range(plan.schedule.ticks):
-        assert sends[tick, 0] == (plan.recv_act_slot[tick] >= 0).any()
-        assert sends[tick, 1] == (plan.recv_grad_slot[tick] >= 0).any()
+    assert sends.shape == (schedule.ticks, 2) and sends.dtype == bool
+    # Derived from the table alone, not from the plan's slot arrays: an activation arrives at
+    # the end of a tick iff some stage ran a forward on a virtual stage other than the last
+    # (its output goes on to the next virtual stage), and a gradient iff some stage ran a
+    # backward on a virtual stage other than the first (its input's gradient goes back).
+    last = p * v - 1
+    for tick, row in enumerate(schedule.actions):
+        ran = [(a.kind, schedule.virtual_stage(stage, a.chunk)) for stage, a in enumerate(row) if a]
+        forward = any(kind == "F" and k < last for kind, k in ran)
+        backward = any(kind == "B" and k > 0 for kind, k in ran)
+        assert (bool(sends[tick, 0]), bool(sends[tick, 1])) == (forward, backward), (tick, row)
+    assert sent_microbatches(plan) == int(sends.sum())
     # Every chunk's input crosses each boundary forward and its gradient backward: at least
     # 2 * m * v - 2 permutes per step (the first and last virtual stages send one way only)...
     assert sent_microbatches(plan) >= 2 * m * v - 2

@@ -1,11 +1,11 @@
-"""shardlib.plan: the top plan is the one a hand calculation picks, and it compiles as predicted (within 10%)."""
+"""shardlib.analysis.planner: the top plan is the one a hand calculation picks, and it compiles as predicted (within 10%)."""
 
 import itertools
 
 import pytest
 
-from shardlib.plan import candidate_meshes, format_plans, make_plans, verify
-from shardlib.report.hardware import Profile
+from shardlib.analysis.planner import candidate_meshes, format_plans, make_plans, verify
+from shardlib.analysis.report.hardware import Profile
 from tests.support import tiny_config
 
 N = 8
@@ -53,8 +53,8 @@ def test_ample_memory_picks_data_parallel_and_it_compiles_as_predicted():
     best = plans[0]
     assert (best.sizes["data"], best.sharding) == (N, "dp")
     assert sum(best.time.comm_s_per_axis.values()) * 1e9 == pytest.approx(dp, rel=0.02)
-    text, ok = verify(plans, cfg, 1)
-    assert ok, text
+    text, misses = verify(plans, cfg, 1)
+    assert not misses, text
     assert "ok" in text and "GAP" not in text
 
 
@@ -71,13 +71,13 @@ def test_memory_limit_picks_fsdp_and_it_compiles_as_predicted():
     dropped = next(x for x in plans if x.sharding == "dp" and x.sizes["data"] == N)
     assert dropped.dropped.startswith("needs")
     assert fitting[0].memory.state == pytest.approx(3 * p / N, rel=0.01)
-    text, ok = verify(plans, cfg, 1)
-    assert ok, text
+    text, misses = verify(plans, cfg, 1)
+    assert not misses, text
     assert "only sliced" in text  # the gap it explains: XLA:CPU's all-reduce then slice
 
 
 def test_plans_are_ranked_and_explained():
-    from shardlib.report.hardware import load_profile
+    from shardlib.analysis.report.hardware import load_profile
 
     cfg = config()
     profile = load_profile("h100")
@@ -89,3 +89,60 @@ def test_plans_are_ranked_and_explained():
     assert "does not divide" in text  # kv_heads=2 cannot split over model=4 or 8
     reasons = {x.dropped.split(":")[0] for x in plans if x.dropped}
     assert "no model axis for tensor parallelism (same as the preset without it)" in reasons
+
+
+# --------------------------------------------------------------------------- --verify beyond data-only meshes
+# The planner enumerates data, seq and model (not pipe: pipeline schedules are not planned yet, so no
+# pipe plan can be verified). --presets/--axes put the plan under test at the top of the ranking.
+
+
+def _verified(presets, axes, sizes):
+    """verify() on the one fitting plan of ``presets`` over ``axes`` with mesh ``sizes``: (text, misses)."""
+    cfg = config()
+    plans = make_plans(cfg, N, flat_profile(2**30), presets=presets, axes=axes)
+    chosen = [p for p in plans if not p.dropped and {a: s for a, s in p.sizes.items() if s > 1} == sizes]
+    assert len(chosen) == 1, [p.label for p in plans]
+    text, misses = verify(chosen, cfg, 1)
+    assert text.startswith(f"verify {chosen[0].label} "), text
+    return text, misses
+
+
+def test_verify_compiles_tensor_parallel_as_predicted():
+    text, misses = _verified(("tp",), ("data", "model"), {"data": 4, "model": 2})
+    assert not misses, text
+    assert "  model  predicted" in text and "GAP" not in text
+
+
+def test_verify_compiles_fsdp_over_data_and_seq_as_predicted():
+    text, misses = _verified(("fsdp",), ("data", "seq"), {"data": 4, "seq": 2})
+    assert not misses, text
+    assert "  seq    predicted" in text and "GAP" not in text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="shardlib.analysis.report under-predicts fsdp_tp's data traffic: 1.111 x without the avoidable (data=4 x model=2)",
+)
+def test_verify_compiles_fsdp_tp_as_predicted():
+    text, misses = _verified(("fsdp_tp",), ("data", "model"), {"data": 4, "model": 2})
+    assert not misses, text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="shardlib.analysis.report predicts half the data traffic XLA compiles for tp on data=2 x seq=2 x model=2 (2.000 x)",
+)
+def test_verify_compiles_tensor_parallel_beside_seq_as_predicted():
+    text, misses = _verified(("tp",), ("data", "seq", "model"), {"data": 2, "seq": 2, "model": 2})
+    assert not misses, text
+
+
+def test_plan_cli_verifies_a_tensor_parallel_plan(capsys):
+    """``python -m shardlib.analysis.planner ... --presets tp --axes data,model --verify 1``: the top plan is tp and it agrees."""
+    from shardlib.analysis.planner import main
+
+    argv = ["--config", "configs/tiny.yaml", "--devices", str(N), "--presets", "tp", "--axes", "data,model"]
+    assert main([*argv, "--verify", "1", "batch_size=8", "seq_len=16"]) == 0
+    out = capsys.readouterr().out
+    assert "verify data=4 x model=2 tp (compiled in" in out, out
+    assert "  model  predicted" in out and "GAP" not in out, out

@@ -1,4 +1,4 @@
-"""shardlib.report against the compiled train step: the issue's volume checks on 8 emulated devices.
+"""shardlib.analysis.report against the compiled train step: the issue's volume checks on 8 emulated devices.
 
 Every test compiles the tiny model's real step (``setup_training``) from
 abstract inputs (nothing runs) and compares the collectives the report reads
@@ -9,10 +9,10 @@ import functools
 
 import pytest
 
-from shardlib.report.analytic import predict_terms
-from shardlib.report.layout import resolve_layout
-from shardlib.report.measure import measure
-from shardlib.report.report import build_report
+from shardlib.analysis.report.analytic import predict_terms
+from shardlib.analysis.report.layout import resolve_layout
+from shardlib.analysis.report.measure import measure
+from shardlib.analysis.report.report import build_report
 from tests.support import mesh_of, tiny_config
 
 N = 8
@@ -155,3 +155,28 @@ def test_pipeline_permutes_count_only_the_ticks_that_take_them(schedule, pipe, e
     predicted = sum(t.wire_bytes for t in report.terms if t.strategy == "pipeline" and t.kind == "collective-permute")
     assert sent == pytest.approx(expected_ratio * predicted, rel=1e-6), (sent, predicted)
     assert axis.measured > 0
+
+
+def test_gradients_over_data_and_seq_reduced_one_axis_at_a_time_are_explained():
+    """data 2 x seq 4: XLA:CPU all-reduces the gradients over seq, then the whole of them again over data.
+
+    The minimum (one all-reduce over the 8 devices, or reduce-scatter over
+    seq, all-reduce of the quarter over data, all-gather over seq) puts
+    2(2-1)/2 x P/4 on data; the compiled step moves P there, ratio 4. The
+    model predicts the minimum and the report names the excess and its cause.
+    """
+    from shardlib.analysis.report.report import split_reduction_excess
+
+    layout, measured = compiled("tp", (("data", 2), ("seq", 4)))
+    p = param_bytes(layout)  # tp without a model axis: every parameter replicated
+    report = build_report(layout, measured=measured)
+    rows = {r.axis: r for r in report.axes}
+    assert rows["data"].predicted == pytest.approx(p / 4, rel=1e-6)
+    assert rows["data"].measured == pytest.approx(p, rel=0.02)
+    (excess, ops) = split_reduction_excess(measured.collectives, ("data", "seq"), layout.sizes)["data"]
+    assert excess == pytest.approx(3 / 4 * p, rel=0.02)
+    assert all(c.kind == "all-reduce" and c.axes == ("data",) for c in ops)
+    (note,) = [n for n in report.notes if n.startswith("data: ratio")]
+    assert "separate full all-reduces" in note and "AllReduceFolder" in note and ops[0].name in note
+    assert "without it data would be 1.00" in note
+    assert rows["seq"].ratio_without_avoidable == pytest.approx(1.0, abs=0.02)

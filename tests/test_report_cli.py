@@ -1,15 +1,18 @@
 """The report and plan command lines on every shipped config and mesh; hardware profiles; plots and JSON."""
 
+import importlib
 import json
 import pathlib
 
 import pytest
 
-from shardlib.plan import main as plan_main
-from shardlib.report.__main__ import main as report_main
-from shardlib.report.analytic import hardware_flops, predict_terms
-from shardlib.report.hardware import estimate_time, load_profile
-from shardlib.report.layout import resolve_layout
+from shardlib.analysis.describe import main as describe_main
+from shardlib.analysis.planner import main as plan_main
+from shardlib.analysis.report.__main__ import main as report_main
+from shardlib.analysis.report.analytic import hardware_flops, predict_terms
+from shardlib.analysis.report.hardware import estimate_time, load_profile
+from shardlib.analysis.report.layout import resolve_layout
+from shardlib.analysis.report.report import build_report, fmt_bytes
 from tests.support import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -112,3 +115,118 @@ def test_hardware_profiles(tmp_path):
     assert across.link_per_axis["data"] == "eth" and inside.link_per_axis["data"] == "pcie"
     assert across.comm_s > inside.comm_s and across.step_s >= across.compute_s
     assert across.exposed_s <= across.comm_s + 1e-12
+
+
+def _no_compile(monkeypatch):
+    """Makes any compile fail the test: what these checks catch must be caught before one starts."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled before validating the command line")
+
+    monkeypatch.setattr(importlib.import_module("shardlib.analysis.report.measure"), "measure", refuse)
+
+
+def _compiling_argv(*extra):
+    return ["--config", str(ROOT / "configs/tiny.yaml"), "--mesh", str(ROOT / "meshes/cpu-8.yaml"), *extra]
+
+
+@pytest.mark.parametrize(
+    ("flag", "target", "message"),
+    [
+        ("--json", "file/r.json", "cannot write --json"),  # a file where a directory must be
+        ("--json", "dir", "exists and is not a file"),
+        ("--plots", "file", "exists and is not a directory"),
+        ("--plots", "file/plots", "is a file, not a directory"),
+    ],
+)
+def test_unwritable_outputs_are_one_line_before_compiling(flag, target, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("in the way")
+    (tmp_path / "dir").mkdir()
+    _no_compile(monkeypatch)
+    assert report_main(_compiling_argv(flag, str(tmp_path / target))) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(tmp_path / target) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ("seq_lenn=16,32", "unknown config key 'seq_lenn'"),
+        ("seq_len=16,abc", "--sweep seq_len=abc"),
+        ("seq_len=16,-8", "--sweep seq_len=-8"),
+        ("batch_size=32,30", "--sweep batch_size=30"),  # 30 sequences do not split over data=4
+    ],
+)
+def test_sweep_is_validated_before_compiling(sweep, message, monkeypatch, capsys):
+    _no_compile(monkeypatch)
+    assert report_main(_compiling_argv("--sweep", sweep)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("mfu", ["0", "-0.5", "1.5"])
+def test_mfu_outside_0_1_is_rejected(mfu, monkeypatch, capsys):
+    _no_compile(monkeypatch)
+    assert report_main(_compiling_argv("--hardware", "h100", "--mfu", mfu)) == 2
+    assert f"--mfu is a fraction of the peak in (0, 1] (e.g. 0.4), got {float(mfu)}" in capsys.readouterr().err
+    assert plan_main(["--config", str(ROOT / "configs/tiny.yaml"), "--devices", "8", "--mfu", mfu]) == 2
+    assert "--mfu is a fraction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("devices", ["0", "-4"])
+def test_plan_rejects_a_device_count_below_1(devices, capsys):
+    assert plan_main(["--config", str(ROOT / "configs/tiny.yaml"), "--devices", devices]) == 2
+    assert f"--devices is how many devices to plan for: at least 1, got {devices}" in capsys.readouterr().err
+
+
+def test_plan_verify_fails_naming_the_missed_prediction(monkeypatch, capsys):
+    """A prediction outside its bound is an exit status, not only a GAP in the text."""
+    import shardlib.analysis.planner
+
+    monkeypatch.setattr(shardlib.analysis.planner, "TOLERANCE", -1.0)  # every prediction misses
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--devices", "8", "--presets", "dp", "--axes", "data"]
+    argv += ["--verify", "1", "model.n_layers=1", "batch_size=8", "seq_len=16"]
+    assert plan_main(argv) == shardlib.analysis.planner.EXIT_MISSED != 0
+    captured = capsys.readouterr()
+    assert "GAP" in captured.out
+    assert "prediction(s) off by more than" in captured.err
+    assert "data=8 dp: data communication, ratio without avoidable" in captured.err
+    assert "data=8 dp: memory, ratio" in captured.err
+
+
+def test_user_facing_text_cites_no_issue_numbers():
+    import shardlib.analysis.planner
+
+    assert "issue #" not in shardlib.analysis.planner.__doc__
+    for impl in ("dense", "ring", "allgather"):
+        cfg = tiny_config(attention={"impl": impl})
+        report = build_report(resolve_layout(cfg, {"data": 2, "seq": 4}))
+        assert not [n for n in report.notes if "issue #" in n], report.notes
+
+
+@pytest.mark.parametrize(
+    ("impl", "says", "not_says"),
+    [
+        ("dense", "leaves attention to XLA, which all-gathers K and V", "impl=ring passes"),
+        ("allgather", "attention.impl=allgather all-gathers K and V", "leaves attention to XLA"),
+        ("ring", "attention.impl=ring passes K and V blocks round seq", "would move"),
+    ],
+)
+def test_sequence_note_says_what_the_configured_attention_does(impl, says, not_says):
+    cfg = tiny_config(attention={"impl": impl})
+    report = build_report(resolve_layout(cfg, {"data": 2, "seq": 4}))
+    (note,) = [n for n in report.notes if n.startswith("sequence:")]
+    assert says in note and not_says not in note
+    if impl == "ring":  # the gradients' extra hop: 1/(seq-1) of the model's reduce-scatter
+        scatter = sum(t.wire_bytes for t in report.terms if t.kind == "reduce-scatter")
+        assert fmt_bytes(scatter / 3) in note
+
+
+def test_describe_counts_the_sequence_split_as_use_of_seq(capsys):
+    """cpu-8-seq: no parameter is split over seq, but every activation's length is."""
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--mesh", str(ROOT / "meshes/cpu-8-seq.yaml")]
+    assert describe_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: mesh axis 'seq'" not in out
+    assert describe_main([*argv, "--sharding", "dp", "--mesh", str(ROOT / "meshes/cpu-8.yaml")]) == 0
+    assert "WARNING: mesh axis 'model' (size 2) shards neither parameters nor the batch" in capsys.readouterr().out

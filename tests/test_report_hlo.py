@@ -1,4 +1,4 @@
-"""The HLO reader of shardlib.report on hand-written HLO text: no compilation, milliseconds.
+"""The HLO reader of shardlib.analysis.report on hand-written HLO text: no compilation, milliseconds.
 
 Covers what a compile on this machine cannot show: GPU async pairs and
 wrappers, every replica-group syntax, nested loops with known trip counts.
@@ -6,9 +6,9 @@ wrappers, every replica-group syntax, nested loops with known trip counts.
 
 import pytest
 
-from shardlib.report.collectives import find_collectives, split_by_axis, wire_bytes
-from shardlib.report.groups import group_axes, parse_replica_groups
-from shardlib.report.hlo import parse_hlo, shape_bytes
+from shardlib.analysis.report.collectives import find_collectives, split_by_axis, wire_bytes
+from shardlib.analysis.report.groups import group_axes, parse_replica_groups
+from shardlib.analysis.report.hlo import parse_hlo, shape_bytes
 
 MESH_8 = {"data": 8, "pipe": 1, "expert": 1, "seq": 1, "model": 1}
 MESH_3D = {"data": 2, "pipe": 1, "expert": 1, "seq": 2, "model": 2}

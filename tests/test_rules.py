@@ -1,4 +1,4 @@
-"""Tests for shardlib.rules: resolving logical axes to PartitionSpecs, presets, validation.
+"""Tests for shardlib.core.rules: resolving logical axes to PartitionSpecs, presets, validation.
 
 Most tests pass a dict of mesh-axis sizes instead of a mesh: ``logical_to_spec`` accepts
 either, and a dict lets us try meshes of any shape (such as every axis of size 2) without
@@ -13,8 +13,8 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlib.mesh import MESH_AXES, build_mesh, mesh_spec
-from shardlib.rules import (
+from shardlib.core.mesh import MESH_AXES, build_mesh, mesh_spec
+from shardlib.core.rules import (
     PRESETS,
     ShardingError,
     ShardingIntent,

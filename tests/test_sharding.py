@@ -1,4 +1,4 @@
-"""Tests for shardlib.sharding (rules applied to pytrees) and shardlib.describe.
+"""Tests for shardlib.core.sharding (rules applied to pytrees) and shardlib.analysis.describe.
 
 Everything runs on the 8 emulated CPU devices from conftest.py, as a data=4 x model=2 mesh.
 Arrays are tiny and only a handful of functions are compiled.
@@ -15,10 +15,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlib.describe import describe, golden_table
-from shardlib.mesh import build_mesh, mesh_spec
-from shardlib.rules import ShardingError, preset_rules
-from shardlib.sharding import (
+from shardlib.analysis.describe import describe, golden_table
+from shardlib.core.mesh import build_mesh, mesh_spec
+from shardlib.core.rules import ShardingError, preset_rules
+from shardlib.core.sharding import (
     ActivationSharding,
     logical_axes_from_state,
     match_logical_axes,

@@ -1,0 +1,341 @@
+"""``python -m shardlib.analysis.planner``: which mesh and preset to train a config on N devices with.
+
+    python -m shardlib.analysis.planner --config configs/1b.yaml --devices 64 --hardware h100
+    python -m shardlib.analysis.planner --config configs/tiny.yaml --devices 8 --hardware h100 --verify 2
+
+Every way to write N = data x seq x model is tried with every preset that
+uses all of its axes (``tp``/``fsdp_tp`` need model > 1, ``dp``/``tp`` leave
+nothing to shard over data with FSDP, and so on). Plans whose dimensions do
+not divide are dropped with the rule's own error; the rest get a per-device
+memory and step-time prediction from the analytic model (``shardlib.analysis.report``)
+on the hardware profile; plans that do not fit in memory are dropped; the rest
+are ranked by step time, then memory. ``pipe`` is not enumerated (the time
+model has no pipeline bubble, so it would rank pipelines too well; report a
+pipelined mesh with ``python -m shardlib.analysis.report``) nor ``expert`` (without
+MoE layers it would only repeat ``data``).
+
+``--verify K`` compiles the top K plans on N emulated CPU devices and prints
+predicted against compiled communication (per axis, with the avoidable
+traffic of XLA:CPU taken out) and memory; each must agree within 10%, else
+the command exits with status 1 and names the predictions that missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from collections.abc import Sequence
+
+from shardlib.core.rules import PRESETS, ShardingError
+from shardlib.training.config import Config, load_config
+
+TOLERANCE = 0.10
+PLAN_AXES = ("data", "seq", "model")
+EXIT_MISSED = 1  # --verify: a prediction missed its bound (usage errors are 2)
+
+
+@dataclasses.dataclass
+class MeshPlan:
+    sizes: dict[str, int]
+    sharding: str
+    layout: object = None  # shardlib.analysis.report.layout.Layout
+    memory: object = None  # MemoryEstimate
+    time: object = None  # TimeEstimate
+    dropped: str = ""
+
+    @property
+    def label(self) -> str:
+        shown = " x ".join(f"{a}={n}" for a, n in self.sizes.items() if n > 1) or "1 device"
+        return f"{shown} {self.sharding}"
+
+    @property
+    def step_s(self) -> float:
+        return self.time.step_s if self.time else math.inf
+
+
+def _factorizations(n: int, k: int) -> list[tuple[int, ...]]:
+    if k == 1:
+        return [(n,)]
+    return [(d, *rest) for d in range(1, n + 1) if n % d == 0 for rest in _factorizations(n // d, k - 1)]
+
+
+def candidate_meshes(devices: int, axes: Sequence[str] = PLAN_AXES) -> list[dict[str, int]]:
+    """Every product of the planned ``axes`` (a subset of data, seq, model) equal to ``devices``; other axes 1."""
+    out = []
+    for sizes in _factorizations(devices, len(axes)):
+        mesh = {"data": 1, "pipe": 1, "expert": 1, "seq": 1, "model": 1}
+        mesh.update(zip(axes, sizes, strict=True))
+        out.append(mesh)
+    return out
+
+
+def _redundant(sizes: dict[str, int], sharding: str) -> str:
+    """Why a (mesh, preset) pair is not worth planning, or ''."""
+    intent = PRESETS[sharding]
+    if intent.tensor and sizes["model"] == 1:
+        return "no model axis for tensor parallelism (same as the preset without it)"
+    if not intent.tensor and sizes["model"] > 1:
+        return "model axis unused by the preset: its devices would repeat work"
+    if intent.fsdp and sizes["data"] == 1:
+        return "no data axis to shard parameters over (same as the preset without FSDP)"
+    return ""
+
+
+def make_plans(
+    cfg: Config,
+    devices: int,
+    profile,
+    *,
+    presets: Sequence[str] = tuple(PRESETS),
+    axes: Sequence[str] = PLAN_AXES,
+    mfu: float | None = None,
+) -> list[MeshPlan]:
+    """All plans for ``cfg`` on ``devices``: ranked fitting ones first, then the dropped ones."""
+    from shardlib.analysis.report.analytic import hardware_flops, predict_terms
+    from shardlib.analysis.report.hardware import estimate_time
+    from shardlib.analysis.report.layout import resolve_layout
+    from shardlib.analysis.report.memory import estimate_memory
+
+    plans = []
+    for sizes in candidate_meshes(devices, axes):
+        for sharding in presets:
+            plan = MeshPlan(sizes, sharding)
+            plans.append(plan)
+            if reason := _redundant(sizes, sharding):
+                plan.dropped = reason
+                continue
+            try:
+                plan.layout = resolve_layout(cfg, sizes, sharding)
+            except (ShardingError, ValueError) as err:
+                plan.dropped = f"does not divide: {err}"
+                continue
+            plan.memory = estimate_memory(plan.layout)
+            terms = predict_terms(plan.layout)
+            plan.time = estimate_time(
+                terms,
+                sizes,
+                hardware_flops(plan.layout),
+                cfg.model.compute_dtype,
+                profile,
+                n_layers=cfg.model.n_layers,
+                mfu=mfu,
+            )
+            if plan.memory.total > profile.usable_bytes:
+                plan.dropped = f"needs {_gib(plan.memory.total)} > {_gib(profile.usable_bytes)} usable"
+    fitting = sorted((p for p in plans if not p.dropped), key=lambda p: (p.step_s, p.memory.total))
+    return fitting + [p for p in plans if p.dropped]
+
+
+def why_best(best: MeshPlan, other: MeshPlan) -> str:
+    """One sentence on why ``best`` beats ``other``."""
+    a, b = best.time, other.time
+    parts = []
+    if b.compute_s > a.compute_s * 1.01:
+        parts.append(f"compute {_ms(b.compute_s)} vs {_ms(a.compute_s)} (its devices split less of the work)")
+    if b.exposed_s > a.exposed_s:
+        worst = max(b.comm_s_per_axis, key=b.comm_s_per_axis.get, default=None)
+        where = f", most on {worst} over {b.link_per_axis[worst]}" if worst else ""
+        parts.append(f"exposed communication {_ms(b.exposed_s)} vs {_ms(a.exposed_s)}{where}")
+    if not parts:
+        parts.append("same time")
+    if other.memory.total < best.memory.total * 0.95:
+        parts.append(f"though it would need only {_gib(other.memory.total)} (vs {_gib(best.memory.total)})")
+    elif other.memory.total > best.memory.total * 1.05:
+        parts.append(f"and needs {_gib(other.memory.total)} (vs {_gib(best.memory.total)})")
+    return f"beats {other.label} ({_ms(other.step_s)}): " + "; ".join(parts)
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms"
+
+
+def _gib(n: float) -> str:
+    from shardlib.analysis.report.report import fmt_bytes
+
+    return fmt_bytes(n)
+
+
+def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top: int = 10) -> str:
+    from shardlib.analysis.report.views import table
+
+    fitting = [p for p in plans if not p.dropped]
+    dropped = [p for p in plans if p.dropped]
+    tokens = cfg.batch_size * cfg.seq_len
+    out = [
+        (
+            f"{cfg.model.num_params():,} params, {cfg.batch_size} x {cfg.seq_len} tokens per step (grad_accum "
+            f"{cfg.grad_accum}), {cfg.model.compute_dtype} | {devices} x {profile.name} ({profile.description}); "
+            f"MFU {fitting[0].time.mfu if fitting else profile.mfu:.2f}, {_gib(profile.usable_bytes)} usable per device"
+        ),
+        "",
+    ]
+    rows = []
+    for i, p in enumerate(fitting[:top], 1):
+        t = p.time
+        comm = ", ".join(f"{a} {_ms(s)}" for a, s in t.comm_s_per_axis.items()) or "-"
+        rows.append(
+            [
+                i,
+                p.label,
+                _gib(p.memory.total),
+                _ms(t.compute_s),
+                comm,
+                _ms(t.exposed_s),
+                _ms(t.step_s),
+                f"{tokens / t.step_s / devices:,.0f}",
+            ]
+        )
+    if rows:
+        out += table(
+            [
+                "#",
+                "mesh and preset",
+                "memory/device",
+                "compute",
+                "communication per axis",
+                "exposed",
+                "step",
+                "tokens/s/device",
+            ],
+            rows,
+        )
+        best = fitting[0]
+        out += ["", f"best: {best.label}"]
+        for other in fitting[1:4]:
+            out.append(f"  {why_best(best, other)}")
+        seen = {p.label for p in fitting[:4]}
+        for other in fitting[4:]:
+            if other.sharding != best.sharding and other.label not in seen:
+                out.append(f"  {why_best(best, other)}")
+                break
+    else:
+        out.append("no plan fits: every candidate was dropped (reasons below)")
+    if len(fitting) > top:
+        out.append(f"  ({len(fitting) - top} more fitting plans not shown)")
+    memory_drops = [p for p in dropped if p.dropped.startswith("needs")]
+    divide_drops = [p for p in dropped if p.dropped.startswith("does not divide")]
+    if memory_drops:
+        out += ["", f"dropped, out of memory ({len(memory_drops)}):"]
+        out += [f"  {p.label}: {p.dropped}" for p in sorted(memory_drops, key=lambda p: p.memory.total)[:6]]
+    if divide_drops:
+        out += ["", f"dropped, does not divide ({len(divide_drops)}); one per reason:"]
+        reasons: dict[str, MeshPlan] = {}
+        for p in divide_drops:  # key: what failed (a parameter path, or the batch), not the mesh
+            reasons.setdefault(p.dropped.removeprefix("does not divide: ").split(":")[0], p)
+        out += [f"  {p.label}: {p.dropped.removeprefix('does not divide: ')}" for p in reasons.values()]
+    return "\n".join(out)
+
+
+def verify(plans: list[MeshPlan], cfg: Config, k: int) -> tuple[str, list[str]]:
+    """Compiles the top ``k`` plans (emulated devices) and compares them with their predictions.
+
+    Returns the printed comparison and the predictions that missed the
+    ``TOLERANCE`` bound, one line each naming the plan, the quantity and the
+    ratio, so the caller can fail on them (an empty list: all agreed).
+    """
+    from shardlib.analysis.report.measure import measure
+    from shardlib.analysis.report.report import build_report, fmt_bytes
+    from shardlib.core.mesh import build_mesh, mesh_spec
+
+    out, misses = [], []
+    for p in [p for p in plans if not p.dropped][:k]:
+        mesh = build_mesh(dataclasses.replace(mesh_spec(**p.sizes), platform="cpu"))
+        measured = measure(cfg.model_copy(update={"sharding": p.sharding}), mesh)
+        report = build_report(p.layout, measured=measured)
+        out.append(f"verify {p.label} (compiled in {measured.compile_seconds:.1f} s):")
+        for row in report.axes:
+            ratio = row.ratio_without_avoidable
+            good = ratio is not None and abs(ratio - 1) <= TOLERANCE or (row.predicted == 0 and not row.measured)
+            if not good:
+                misses.append(f"{p.label}: {row.axis} communication, ratio without avoidable {_r(ratio)}")
+            out.append(
+                f"  {row.axis:6s} predicted {fmt_bytes(row.predicted):>11s}  compiled {fmt_bytes(row.measured):>11s}"
+                f" (avoidable {fmt_bytes(row.avoidable)})  ratio {_r(row.ratio)}, without avoidable {_r(ratio)}"
+                f"  {'ok' if good else 'GAP'}"
+            )
+        mem = report.memory_as_compiled
+        peak = measured.memory.peak if measured.memory else None
+        if peak:
+            ratio = mem.total / peak
+            good = abs(ratio - 1) <= TOLERANCE
+            if not good:
+                misses.append(f"{p.label}: memory, ratio {ratio:.2f}")
+            out.append(
+                f"  memory predicted {fmt_bytes(mem.total)} compiled {fmt_bytes(peak)} ratio {ratio:.2f}  {'ok' if good else 'GAP'}"
+            )
+        out += [f"  note: {n}" for n in report.notes]
+    return "\n".join(out), misses
+
+
+def _r(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def check_plan_arguments(args: argparse.Namespace) -> None:
+    """Rejects counts the planner cannot use, before any device starts (each error names its flag)."""
+    from shardlib.analysis.report.report import check_mfu
+
+    if args.devices < 1:
+        raise ValueError(f"--devices is how many devices to plan for: at least 1, got {args.devices}")
+    if args.verify < 0:
+        raise ValueError(f"--verify K compiles the top K plans: K must be 0 or more, got {args.verify}")
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    check_mfu(args.mfu)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from shardlib.analysis.report.hardware import load_profile
+    from shardlib.core.mesh import mesh_spec, prepare_devices
+
+    check_plan_arguments(args)
+    if args.verify:  # emulated CPU devices, if the backends have not started yet (else build_mesh says)
+        prepare_devices(dataclasses.replace(mesh_spec(), platform="cpu", emulate_cpu_devices=args.devices))
+    cfg = load_config(args.config, args.overrides)
+    profile = load_profile(args.hardware)
+    presets = args.presets.split(",") if args.presets else list(PRESETS)
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
+    axes = args.axes.split(",") if args.axes else list(PLAN_AXES)
+    if set(axes) - set(PLAN_AXES) or not axes:
+        raise ValueError(f"--axes takes some of {', '.join(PLAN_AXES)}, got {args.axes!r}")
+    plans = make_plans(cfg, args.devices, profile, presets=presets, axes=axes, mfu=args.mfu)
+    print(format_plans(plans, cfg, args.devices, profile, top=args.top))
+    if args.verify:
+        text, misses = verify(plans, cfg, args.verify)
+        print("\n" + text)
+        if misses:
+            print(
+                f"\nerror: {len(misses)} prediction(s) off by more than {TOLERANCE:.0%} (the notes above say why):",
+                file=sys.stderr,
+            )
+            for miss in misses:
+                print(f"  {miss}", file=sys.stderr)
+            return EXIT_MISSED
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from shardlib.training.cli import run_guarded
+
+    parser = argparse.ArgumentParser(prog="python -m shardlib.analysis.planner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="training config YAML")
+    parser.add_argument("--devices", type=int, required=True, help="how many devices to plan for")
+    parser.add_argument("--hardware", default="h100", help="hardware profile: h100, h200 or a YAML file (default h100)")
+    parser.add_argument("--mfu", type=float, help="utilisation for compute time (default: the profile's)")
+    parser.add_argument("--presets", help="comma-separated presets to consider (default: all)")
+    parser.add_argument("--axes", help="comma-separated mesh axes to plan over (default: data,seq,model)")
+    parser.add_argument("--top", type=int, default=10, help="fitting plans to show (default 10)")
+    parser.add_argument(
+        "--verify", type=int, default=0, metavar="K", help="compile the top K plans on emulated CPU devices"
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seq_len=4096")
+    return run_guarded(_main, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The analytic communication model: bytes each device must move per step, per strategy and mesh axis.
+
+With N devices on an axis, P the parameter bytes a device's group shares,
+m = grad_accum microbatches, b x s the tokens of one microbatch on one device
+(b sequences, s = seq_len / seq positions) and c the compute dtype's bytes:
+
+* data parallel (parameters replicated over the token axes): one gradient
+  all-reduce per microbatch, 2(N-1)/N * P each (shardlib's step reduces every
+  microbatch: the accumulator has the parameters' sharding);
+* FSDP (parameters sharded over ``data``): all-gather in the forward pass,
+  again in the backward pass, reduce-scatter of the gradients:
+  3(N-1)/N * P per microbatch for the scanned layers. Parameters outside the
+  layer scan (output projection, final norm) are gathered once when they are
+  used in their own dtype: the backward pass reuses the forward's copy (XLA
+  merges the two identical gathers). The embedding lookup is the exception:
+  XLA gathers the token ids and all-to-alls the looked-up rows, not the table;
+* tensor parallel (Megatron, heads and MLP over ``model``): per layer two
+  all-reduces of the b*s*D activations forward and two backward (one more
+  backward with ``remat: full``, which recomputes the attention half), plus
+  the vocabulary-parallel embedding (one forward), the output projection (one
+  backward) and the loss's max/sum over the vocabulary (small);
+* sequence (``length`` over ``seq``): K and V gathered per layer,
+  (p-1)/p of them forward and twice that backward (re-gather plus the
+  reduce-scatter of their gradients). XLA (dense attention) and
+  ``attention.impl: allgather`` gather (allgather keeps the forward's copy
+  for the backward pass unless remat recomputes it); ring attention moves
+  the gathers' bytes in p-1 permutes, overlapped with compute, and the
+  gradients in p (one more hop home);
+* pipeline (``layers`` over ``pipe``): b*s*D per stage boundary per
+  microbatch each way, and the gradients of the parameters outside the
+  stages (embedding, head) summed over ``pipe``;
+* experts (MoE, ``shardlib.parallel.experts``): per MoE layer and microbatch, two
+  all-to-alls (dispatch, combine) of the capacity-padded [E, b, C, D] buffer
+  forward, two backward, two more when remat recomputes the forward pass; the
+  experts' gradients are not reduced over the expert axes (each device owns
+  its experts). Without MoE layers the ``expert`` axis only splits the batch.
+
+Bytes are "wire" bytes (see ``collectives.wire_bytes``); multi-axis groups are
+attributed to axes with ``collectives.split_by_axis``, as measured ones are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+
+from shardlib.analysis.report.collectives import split_by_axis, wire_bytes
+from shardlib.analysis.report.layout import Layout, ParamLayout
+from shardlib.core.rules import axes_tuple, logical_to_spec, preset_rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One kind of traffic the model predicts."""
+
+    strategy: str  # "data parallel", "fsdp", "tensor parallel", "sequence", "pipeline", "experts"
+    what: str
+    kind: str
+    axes: tuple[str, ...]
+    group: int  # devices per group
+    message_bytes: float  # per op and device
+    count: int  # ops per step
+    wire_bytes: float  # per device per step
+    overlappable: bool  # can hide behind compute (gradient sync, FSDP gathers) or sits on the critical path
+    note: str = ""
+
+    def per_axis(self, sizes) -> dict[str, float]:
+        shares = split_by_axis(self.kind, self.message_bytes, self.axes, sizes)
+        total = sum(shares.values())
+        return {a: v * self.wire_bytes / total for a, v in shares.items()} if total else {}
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"axes": list(self.axes)}
+
+
+def _term(strategy, what, kind, axes, sizes, message, count, overlappable, **kw) -> Term | None:
+    group = int(np.prod([sizes[a] for a in axes])) if axes else 1
+    if group < 2 or count == 0 or message <= 0:
+        return None
+    wire = wire_bytes(kind, message, group) * count
+    return Term(strategy, what, kind, tuple(axes), group, float(message), int(count), wire, overlappable, **kw)
+
+
+def _is_lookup_table(p: ParamLayout) -> bool:
+    return p.logical_axes == ("vocab", "embed")
+
+
+def gradient_terms(layout: Layout) -> list[Term]:
+    """Data parallel and FSDP: gradient reduction over the token axes, and FSDP's parameter gathers.
+
+    One op per layer per microbatch for the scanned parameters (XLA combines a
+    layer's collectives) and one per microbatch for the rest; the message is
+    the sum of the parameters it carries.
+    """
+    sizes, m = layout.sizes, layout.microbatches
+    group = layout.token_axes
+    if not group:
+        return []
+    # (strategy, what, kind, axes, layers, overlappable) -> bytes per op
+    messages: dict[tuple, float] = defaultdict(float)
+    out: list[Term | None] = []
+    for p in layout.params:
+        # Experts split over a token axis are owned, not gathered: their gradients come whole
+        # from the tokens the all-to-all brought, so neither FSDP nor a reduction over that axis.
+        fsdp = tuple(a for a in group if a in p.mesh_axes and a not in p.expert_axes)
+        rest = tuple(a for a in group if a not in p.mesh_axes)
+        # Scanned parameters: one op per layer this device runs (its stages' share with a pipeline).
+        layers = p.shape[0] // (sizes["pipe"] if "pipe" in p.mesh_axes else 1) if p.scanned else 1
+        local = p.bytes_per_device / layers  # what this device stores, per layer
+        scope = "layer" if p.scanned else "other"
+        if not fsdp:
+            messages[("data parallel", f"gradient all-reduce ({scope})", "all-reduce", rest, layers, True)] += local
+            continue
+        gathered = local * int(np.prod([sizes[a] for a in fsdp]))
+        if _is_lookup_table(p) and not layout.cfg.model.tie_embeddings:
+            out += _lookup_terms(layout, p, fsdp)
+        else:
+            gathers = [("gather parameters (forward)", "all-gather"), ("gather parameters (backward)", "all-gather")]
+            if not p.scanned and layout.cfg.model.compute_dtype == layout.cfg.model.param_dtype:
+                # Outside the layer scan the backward pass's gather is the forward's
+                # own (same operand, same program level): XLA keeps one copy.
+                gathers = [("gather parameters (forward, kept for backward)", "all-gather")]
+            for what, kind in [*gathers, ("reduce-scatter gradients", "reduce-scatter")]:
+                messages[("fsdp", f"{what}, {scope}", kind, fsdp, layers, True)] += gathered
+        if rest:
+            messages[
+                ("data parallel", f"gradient all-reduce of the shard ({scope})", "all-reduce", rest, layers, True)
+            ] += local
+    for (strategy, what, kind, axes, layers, overlap), message in messages.items():
+        out.append(_term(strategy, what, kind, axes, sizes, message, layers * m, overlap))
+    return [t for t in out if t is not None]
+
+
+def _lookup_terms(layout: Layout, table: ParamLayout, fsdp: tuple[str, ...]) -> list[Term | None]:
+    """Embedding lookup with the table's ``embed`` dimension sharded: ids gathered, rows all-to-all'd."""
+    sizes, m = layout.sizes, layout.microbatches
+    f = int(np.prod([sizes[a] for a in fsdp]))
+    tokens = layout.tokens_per_device * f  # the ids of the whole FSDP group
+    rows = tokens * layout.cfg.model.d_model // f * table.itemsize  # all tokens, 1/f of each row
+    return [
+        _term("fsdp", "embedding lookup: gather token ids", "all-gather", fsdp, sizes, tokens * 4, m, True),
+        _term("fsdp", "embedding lookup: rows to their tokens", "all-to-all", fsdp, sizes, rows, m, False),
+        _term("fsdp", "embedding lookup: row gradients back", "all-to-all", fsdp, sizes, rows, m, True),
+    ]
+
+
+def tensor_terms(layout: Layout) -> list[Term]:
+    """Megatron tensor parallelism over ``model`` (heads and MLP sharded)."""
+    sizes, cfg = layout.sizes, layout.cfg
+    axes = ("model",) if layout.heads_shards > 1 or layout.mlp_shards > 1 else ()
+    if not axes:
+        return []
+    m, layers = layout.forward_passes, layout.layers_per_device
+    c = np.dtype(cfg.model.compute_dtype).itemsize
+    p = np.dtype(cfg.model.param_dtype).itemsize
+    tokens = layout.tokens_per_device
+    act = tokens * cfg.model.d_model * c
+    # One all-reduce for attention and one for the MLP per layer each way; a MoE
+    # layer's MLP sums its expert buffer instead (``expert_terms``).
+    dense_mlps = layers - getattr(cfg.model, "n_moe_layers", 0)
+    forward = layers + dense_mlps
+    backward = layers + dense_mlps + (layers if cfg.model.remat == "full" else 0)
+    out = [
+        _term("tensor parallel", "layer activations (forward)", "all-reduce", axes, sizes, act, forward * m, False),
+        _term(
+            "tensor parallel",
+            "layer activations (backward)",
+            "all-reduce",
+            axes,
+            sizes,
+            act,
+            backward * m,
+            False,
+        ),
+    ]
+    if layout.vocab_shards > 1:
+        out += [
+            _term(
+                "tensor parallel",
+                "vocab-parallel embedding (forward)",
+                "all-reduce",
+                axes,
+                sizes,
+                tokens * cfg.model.d_model * p,
+                m,
+                False,
+            ),
+            _term("tensor parallel", "output projection input gradient", "all-reduce", axes, sizes, act, m, False),
+            _term(
+                "tensor parallel",
+                "loss max/sum over the vocabulary",
+                "all-reduce",
+                axes,
+                sizes,
+                tokens * 4,
+                3 * m,
+                False,
+            ),
+        ]
+    return [t for t in out if t is not None]
+
+
+def sequence_terms(layout: Layout) -> list[Term]:
+    """K and V over the ``seq`` axis: gathered (dense, allgather) or passed round the ring, the same bytes."""
+    if layout.seq_shards < 2:
+        return []
+    cfg, sizes = layout.cfg, layout.sizes
+    c = np.dtype(cfg.model.compute_dtype).itemsize
+    kv_heads = cfg.model.n_kv_heads // layout.kv_shards
+    # K and V (2 of them) of the whole sequence, as each device needs them for its queries.
+    kv = 2 * layout.rows_per_device * cfg.seq_len * kv_heads * cfg.model.resolved_head_dim * c
+    n = layout.layers_per_device * layout.forward_passes
+    forward_count = 2 if cfg.model.remat == "full" else 1
+    note = "ring attention: seq-1 permutes instead of each gather, seq permutes for the gradients"
+    out = [
+        _term("sequence", "K and V (forward)", "all-gather", ("seq",), sizes, kv, n * forward_count, False, note=note),
+        _term("sequence", "K and V again (backward)", "all-gather", ("seq",), sizes, kv, n, False, note=note),
+        _term("sequence", "K and V gradients", "reduce-scatter", ("seq",), sizes, kv, n, False, note=note),
+    ]
+    return [t for t in out if t is not None]
+
+
+def pipeline_terms(layout: Layout) -> list[Term]:
+    """Activations across stage boundaries, b*s*D per microbatch each way; the outer parameters' gradients.
+
+    The textbook minimum: each device sends its stage's output forward and its
+    input gradient backward once per microbatch. The executor permutes on the
+    ticks its table needs, but every device joins each permute, so schedules
+    send more (GPipe 2(m+p-2) against 2m, 1F1B 2x); the report's ratio shows it.
+    """
+    if layout.sizes["pipe"] < 2:
+        return []
+    cfg, sizes = layout.cfg, layout.sizes
+    act = layout.tokens_per_device * cfg.model.d_model * np.dtype(cfg.model.compute_dtype).itemsize
+    m = layout.forward_passes
+    outer = sum(p.bytes_per_device for p in layout.params if not p.scanned)
+    boundaries = ("activations to the next stage", "gradients to the previous stage")
+    out = [_term("pipeline", what, "collective-permute", ("pipe",), sizes, act, m, False) for what in boundaries]
+    # Embedding, head and final norm live on every stage but get gradients on one: summed over pipe.
+    what = "gradients of the parameters outside the stages"
+    out.append(_term("pipeline", what, "all-reduce", ("pipe",), sizes, outer, layout.microbatches, True))
+    return [t for t in out if t is not None]
+
+
+def expert_terms(layout: Layout) -> list[Term]:
+    """MoE dispatch/combine all-to-alls of the [E, b, C, D] buffer: 2 forward + 2 backward per MoE layer.
+
+    C = ceil(capacity_factor * s * k / E) slots per expert and sequence (s the
+    tokens of a sequence on the device); the buffer is in the compute dtype.
+    Remat (``full`` or ``save_matmuls``: the experts' einsums are batched over
+    experts, so not saved) recomputes the forward pass and its two all-to-alls.
+    """
+    from models.moe import capacity
+
+    cfg, sizes = layout.cfg, layout.sizes
+    moe = getattr(cfg.model, "moe", None)
+    axes = next((p.expert_axes for p in layout.params if p.expert_axes), ())
+    if moe is None or not moe.n_experts or not axes:
+        return []
+    c = np.dtype(cfg.model.compute_dtype).itemsize
+    cap = capacity(cfg.seq_len // layout.seq_shards, moe.n_experts, moe.top_k, moe.capacity_factor)
+    buffer = moe.n_experts * layout.rows_per_device * cap * cfg.model.d_model * c
+    n = cfg.model.n_moe_layers * layout.forward_passes
+    forward = 2 if cfg.model.remat == "none" else 4
+    out = [
+        _term(
+            "experts",
+            "tokens to their experts and back (forward)",
+            "all-to-all",
+            axes,
+            sizes,
+            buffer,
+            n * forward,
+            False,
+        ),
+        _term("experts", "their gradients (backward)", "all-to-all", axes, sizes, buffer, 2 * n, False),
+    ]
+    # Tensor parallelism inside the experts: the hidden dim over the `mlp` axes, one
+    # all-reduce of the received buffer forward (again under remat) and one backward.
+    f = cfg.model.moe.expert_d_ff or cfg.model.d_ff
+    mlp = logical_to_spec(("mlp",), preset_rules(layout.sharding), sizes, shape=(f,))[0]
+    tensor = axes_tuple(mlp)
+    if tensor and not set(tensor) & set(layout.batch_axes):
+        what = "expert outputs summed over hidden-dim shards"
+        out += [
+            _term("tensor parallel", f"{what} (forward)", "all-reduce", tensor, sizes, buffer, n * forward // 2, False),
+            _term("tensor parallel", f"{what}: input gradients", "all-reduce", tensor, sizes, buffer, n, False),
+        ]
+    return [t for t in out if t is not None]
+
+
+def predict_terms(layout: Layout) -> list[Term]:
+    """Every predicted term for ``layout``, in strategy order."""
+    return [
+        *gradient_terms(layout),
+        *tensor_terms(layout),
+        *sequence_terms(layout),
+        *pipeline_terms(layout),
+        *expert_terms(layout),
+    ]
+
+
+def per_axis(terms: list[Term], sizes) -> dict[str, float]:
+    """Predicted wire bytes per step per mesh axis."""
+    out: dict[str, float] = defaultdict(float)
+    for term in terms:
+        for axis, value in term.per_axis(sizes).items():
+            out[axis] += value
+    return dict(out)
+
+
+def model_flops(layout: Layout) -> float:
+    """Model FLOPs per step per device: (6 x params + attention) per token, split over the work shards."""
+    cfg = layout.cfg
+    return cfg.model.flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len / layout.work_shards
+
+
+def hardware_flops(layout: Layout) -> float:
+    """FLOPs the device executes: model FLOPs plus the forward recomputed by ``remat: full``.
+
+    ``full`` recomputes every matmul of a layer but the MLP's down projection
+    (whose output only feeds the next layer, not this layer's backward pass);
+    ``save_matmuls`` keeps every weight matmul output, so only the attention
+    einsums (batched dots, not saved) are recomputed.
+    """
+    cfg = layout.cfg
+    m = cfg.model
+    tokens = cfg.batch_size * cfg.seq_len / layout.work_shards
+    hk = m.resolved_head_dim
+    recomputed = m.n_layers * (2 * m.d_model * hk * (m.n_heads + m.n_kv_heads) + 2 * m.d_model * m.d_ff)
+    attention_forward = 4 * m.n_layers * m.n_heads * hk * cfg.seq_len
+    extra = 0.0
+    if m.remat == "full":
+        extra = 2 * recomputed + attention_forward
+    elif m.remat == "save_matmuls":
+        extra = attention_forward
+    return model_flops(layout) + extra * tokens

@@ -1,0 +1,165 @@
+"""Lower and compile the real training step on a mesh, and read what the compiled program does.
+
+Nothing is allocated or executed: parameters, optimizer state and the batch
+are ``jax.ShapeDtypeStruct``s carrying the run's shardings
+(``shardlib.training.train_state.abstract_state``), and the trainer's own jitted step
+(``shardlib.training.trainer.setup_training``) is lowered and compiled against them.
+The compiled program then gives its HLO (collectives, dot FLOPs), its memory
+analysis and its cost analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shardlib.analysis.report.collectives import Collective, dot_flops, find_collectives
+from shardlib.analysis.report.hlo import parse_hlo
+from shardlib.core.mesh import mesh_axis_sizes
+from shardlib.parallel.pipeline.stages import PipelinePlan
+from shardlib.training.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+    """Per-device bytes from ``compiled.memory_analysis()``.
+
+    ``peak`` = arguments + outputs - aliased + temporaries: with the state
+    donated, outputs alias arguments and the sum is what the step holds at once
+    (XLA's own peak within the temporaries is not exposed, so temporaries count whole).
+    """
+
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    generated_code: int
+
+    @property
+    def peak(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"peak": self.peak}
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What the compiled step does, per device."""
+
+    collectives: list[Collective]
+    memory: CompiledMemory | None
+    xla_flops: float | None  # cost_analysis()["flops"]
+    dot_flops: float  # dots in the HLO times their trip counts
+    compile_seconds: float
+    unknown_trip_counts: int
+    platform: str
+
+
+def abstract_batch(cfg: Config, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """The {"inputs", "targets"} batch as int32 ShapeDtypeStructs with the run's batch sharding."""
+    shape = (cfg.batch_size, cfg.seq_len)
+    return {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for name in ("inputs", "targets")}
+
+
+def compile_train_step(cfg: Config, mesh: jax.sharding.Mesh):
+    """(TrainingSetup, compiled step) for ``cfg`` on ``mesh``, from abstract inputs only."""
+    from shardlib.training.train_state import abstract_state
+    from shardlib.training.trainer import setup_training
+
+    run = setup_training(cfg, mesh)
+    params, opt_state = abstract_state(run.model, run.tx, run.shardings)
+    batch = abstract_batch(cfg, run.batch_sharding)
+    with jax.set_mesh(mesh):
+        compiled = run.train_step.lower(params, opt_state, batch).compile()
+    return run, compiled
+
+
+def _memory(compiled) -> CompiledMemory | None:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it; the report says so
+        return None
+    if stats is None:
+        return None
+    return CompiledMemory(
+        arguments=int(stats.argument_size_in_bytes),
+        outputs=int(stats.output_size_in_bytes),
+        aliased=int(stats.alias_size_in_bytes),
+        temporaries=int(stats.temp_size_in_bytes),
+        generated_code=int(stats.generated_code_size_in_bytes),
+    )
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(cost, list | tuple):  # older jax returned one dict per program
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def measure_compiled(compiled, mesh: jax.sharding.Mesh, compile_seconds: float = 0.0) -> Measured:
+    """Collectives, memory and FLOPs of an already compiled SPMD program over ``mesh``."""
+    module = parse_hlo(compiled.as_text())
+    collectives = find_collectives(module, mesh_axis_sizes(mesh))
+    return Measured(
+        collectives=collectives,
+        memory=_memory(compiled),
+        xla_flops=_xla_flops(compiled),
+        dot_flops=dot_flops(module),
+        compile_seconds=compile_seconds,
+        unknown_trip_counts=module.unknown_trip_counts,
+        platform=mesh.devices.flat[0].platform,
+    )
+
+
+def measure(cfg: Config, mesh: jax.sharding.Mesh) -> Measured:
+    """Compiles ``cfg``'s train step on ``mesh`` (nothing runs) and measures it."""
+    start = time.perf_counter()
+    run, compiled = compile_train_step(cfg, mesh)
+    measured = measure_compiled(compiled, mesh, time.perf_counter() - start)
+    if run.plan.pipeline is not None:
+        sends = pipeline_sends_taken(measured.collectives, run.plan.pipeline, mesh)
+        measured = dataclasses.replace(measured, collectives=sends)
+    return measured
+
+
+def ring_pairs(mesh: jax.sharding.Mesh, axis: str, shift: int) -> frozenset[tuple[int, int]]:
+    """(source, target) device positions of a ring permute by ``shift`` along ``axis`` (positions in ``mesh.devices``)."""
+    index = np.arange(mesh.size).reshape(mesh.devices.shape)
+    dim = list(mesh.axis_names).index(axis)
+    target = np.roll(index, -shift, axis=dim)
+    return frozenset(zip(index.flat, target.flat, strict=True))
+
+
+def pipeline_sends_taken(collectives: list[Collective], pipeline: PipelinePlan, mesh: jax.sharding.Mesh):
+    """The pipeline's permutes counted on the ticks the plan's table takes them, not on every tick.
+
+    They sit in conditionals the schedule table switches per tick (the same on
+    every device), which the HLO alone cannot resolve; the table can. A permute
+    is the pipeline's when its pairs are the ``pipe`` ring and it runs once per
+    tick. With two stages both directions have the same pairs, so each of the
+    two ops gets the mean of the two directions' counts (the total is exact).
+    """
+    ticks = pipeline.schedule.ticks
+    taken = pipeline.sent_microbatches()
+    directions = {ring_pairs(mesh, "pipe", 1): taken[0], ring_pairs(mesh, "pipe", -1): taken[1]}
+    if len(directions) == 1:  # two stages: forward and backward rings coincide
+        total = sum(taken)
+        directions = {pair: total // 2 if total % 2 == 0 else total / 2 for pair in directions}
+    out = []
+    for c in collectives:
+        runs = directions.get(c.pairs)
+        if c.kind == "collective-permute" and runs is not None and c.count % ticks == 0:
+            c = dataclasses.replace(c, count=c.count // ticks * runs)
+        out.append(c)
+    return out

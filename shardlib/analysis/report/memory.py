@@ -1,0 +1,196 @@
+"""The ideal memory per device: parameters, gradients and optimizer state over their shards, plus activations.
+
+Activations are not guessed from a formula: the per-layer residuals (what
+the backward pass keeps from the forward pass) are read off the model's own
+decoder block by tracing ``jax.vjp`` of it, abstractly, at the shapes one
+device computes on (its rows, its part of the sequence, its heads and MLP
+columns), under the config's remat policy. The scan keeps one such set per
+layer plus each layer's input. Only one microbatch is alive at a time.
+
+On top of the stored state the step needs, per device:
+
+* the gradients (sharded like the parameters) and, with ``grad_accum`` > 1,
+  the accumulator beside them, plus half a copy of temporaries for clipping
+  and the AdamW update;
+* FSDP: one layer's gathered weights, and its unsliced gradient;
+* the logits in float32 and their gradient (vocabulary split over ``model``);
+* with remat, the recomputed residuals of the one layer being differentiated.
+
+This is a model of what must be alive at the peak, not of XLA's buffer
+assignment; ``shardlib.analysis.planner --verify`` compares it with ``memory_analysis()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shardlib.analysis.report.layout import Layout
+from shardlib.parallel.pipeline.stages import plan_pipeline
+
+OPTIMIZER_COPIES = 2  # AdamW: first and second moments, in the parameter dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device of one training step at its peak."""
+
+    params: float
+    grads: float
+    optimizer: float
+    batch: float
+    gathered: float  # FSDP: one layer's weights gathered, and its unsliced gradient
+    activations: float  # residuals of every layer, for one microbatch
+    working: float  # logits and the backward working set of one layer
+
+    @property
+    def state(self) -> float:
+        """Parameters + optimizer state: what lives between steps."""
+        return self.params + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.batch + self.gathered + self.activations + self.working
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"state": self.state, "total": self.total}
+
+
+@functools.lru_cache(maxsize=256)
+def layer_residual_bytes(
+    rows: int,
+    length: int,
+    d: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    d_ff: int,
+    dtype: str,
+    param_dtype: str,
+    remat: str,
+) -> int:
+    """Bytes one decoder layer keeps for its backward pass, at one device's shapes (layer input excluded)."""
+    from models.layers import BlockWeights, decoder_block
+    from models.transformer import rematerialize
+
+    def sds(*shape, dt=param_dtype):
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
+
+    x = sds(rows, length, d, dt=dtype)
+    w = BlockWeights(
+        sds(d),
+        sds(d, heads, head_dim),
+        sds(d, kv_heads, head_dim),
+        sds(d, kv_heads, head_dim),
+        sds(heads, head_dim, d),
+        sds(d),
+        sds(d, d_ff),
+        sds(d, d_ff),
+        sds(d_ff, d),
+    )
+    positions = sds(rows, length, dt="int32")
+
+    def body(x, w, positions):
+        return decoder_block(x, w, positions, rope_theta=10000.0, norm_eps=1e-6)
+
+    body = rematerialize(body, remat)
+
+    def residuals(x, w, positions):
+        _, vjp_fn = jax.vjp(lambda x, w: body(x, w, positions), x, w)
+        inputs = {id(leaf) for leaf in jax.tree.leaves((x, w, positions))}
+        return [leaf for leaf in jax.tree.leaves(vjp_fn) if id(leaf) not in inputs]
+
+    shapes = jax.eval_shape(residuals, x, w, positions)
+    return int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in shapes))
+
+
+def estimate_memory(layout: Layout, activation_dtype: str | None = None) -> MemoryEstimate:
+    """Per-device memory of ``layout``'s training step (see the module docstring).
+
+    ``activation_dtype`` overrides the compute dtype for activations: XLA:CPU
+    computes bfloat16 models in float32, so a CPU compile is compared with
+    ``activation_dtype="float32"`` (``activation_dtype_on``).
+    """
+    cfg, m = layout.cfg, layout.cfg.model
+    activation_dtype = activation_dtype or m.compute_dtype
+    c = np.dtype(activation_dtype).itemsize
+    params = layout.param_bytes_per_device
+    # The gradients, the accumulator beside them, and half a copy more for the update
+    # (clipping and AdamW's temporaries: XLA:CPU holds about that much, measured 0.4-0.7).
+    grads = params * (2.5 if cfg.grad_accum > 1 else 1.5)
+    optimizer = OPTIMIZER_COPIES * params
+    batch = 2 * cfg.batch_size * cfg.seq_len * 4 / (layout.batch_shards * layout.seq_shards)
+
+    token_axes = set(layout.token_axes)
+    gathered = 0.0
+    for p in layout.params:
+        fsdp = [a for a in p.mesh_axes if a in token_axes]
+        if fsdp and p.scanned:
+            f = int(np.prod([layout.sizes[a] for a in fsdp]))
+            gathered += 2 * p.bytes_per_device * f / p.shape[0]  # one layer's weights and its gradient
+
+    rows, length = layout.rows_per_device, cfg.seq_len // layout.seq_shards
+    residual = _layer_residual(layout, activation_dtype, m.remat)
+    layer_input = rows * length * m.d_model * c
+    activations = _activations(layout, residual, layer_input)
+    logits = rows * length * m.vocab_size / layout.vocab_shards * 4
+    working = 2 * logits  # float32 logits and their gradient
+    if m.remat != "none":
+        # The backward pass recomputes one layer at a time: what the policy did not
+        # save comes back at once; by then the logits are gone (XLA:CPU: within 5%).
+        working = max(working, _layer_residual(layout, activation_dtype, "none") - residual)
+    return MemoryEstimate(params, grads, optimizer, batch, gathered, activations, working)
+
+
+def _activations(layout: Layout, residual: int, layer_input: int) -> int:
+    """What the forward pass keeps for the backward pass, on one device.
+
+    Without a pipeline: every layer's residuals and input for the microbatch.
+    With one (``shardlib.parallel.pipeline.executor``): the stage inputs and gradients
+    in the buffers the schedule's table needs (GPipe m, 1F1B at most p, plus a
+    scratch slot each), and one chunk's residuals while its backward pass
+    recomputes it from the saved input.
+    """
+    pipeline = getattr(layout.cfg, "pipeline", None)
+    if layout.sizes["pipe"] < 2 or pipeline is None:
+        return layout.layers_per_device * (residual + layer_input)
+    from shardlib.training.parallel_plan import pipeline_settings  # the training layer's reading of the config
+
+    v = pipeline.virtual_stages
+    cfg = layout.cfg
+    plan = plan_pipeline(
+        pipeline_settings(cfg),
+        layout.sizes["pipe"],
+        cfg.model.n_layers,
+        cfg.batch_size,
+        collectives_inside_stages=False,  # branching does not change the buffers
+        platform="any",
+    ).table
+    buffers = (plan.act_slots + 1 + plan.grad_slots + 1) * layer_input
+    return buffers + layout.layers_per_device // v * (residual + layer_input)
+
+
+def activation_dtype_on(platform: str, compute_dtype: str) -> str:
+    """The dtype activations really take on ``platform``: XLA:CPU keeps bfloat16 intermediates in float32."""
+    return "float32" if platform == "cpu" else compute_dtype
+
+
+def _layer_residual(layout: Layout, dtype: str, remat: str) -> int:
+    """What one layer keeps for the backward pass on one device under ``remat`` (``layer_residual_bytes``)."""
+    m = layout.cfg.model
+    return layer_residual_bytes(
+        layout.rows_per_device,
+        layout.cfg.seq_len // layout.seq_shards,
+        m.d_model,
+        m.n_heads // layout.heads_shards,
+        m.n_kv_heads // layout.kv_shards,
+        m.resolved_head_dim,
+        m.d_ff // layout.mlp_shards,
+        dtype,
+        m.param_dtype,
+        remat,
+    )

@@ -1,0 +1,198 @@
+"""Which parallel features compose, as one table you can print and test.
+
+A run's features (``RunFeatures``: preset, pipeline, schedule, sequence
+sharding with its attention, experts, compression, accumulation, remat,
+bfloat16 compute, processes) are read from the config and mesh once, by the
+plan builder (``shardlib.training.parallel_plan``). Every pair of features has exactly
+one cell in ``MATRIX``: it composes, it is refused (with the one-line reason
+the error gives), or the two exclude each other by definition (two presets).
+``check`` raises the table's error for the first refused pair a run holds;
+no other module decides on its own that two features do not combine.
+
+A new feature is a new row of ``FEATURES`` and one cell per existing feature:
+``tests/test_compat.py`` fails while any pair is missing, and runs every
+composing pair against a single-device reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+Status = Literal["composes", "refused", "exclusive"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFeatures:
+    """What a run asks of the mesh, in the terms the table speaks.
+
+    Sizes are mesh axis sizes; ``attention`` is ``attention.impl``;
+    ``experts`` the model's expert count (0 = dense).
+    """
+
+    preset: str
+    pipe: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    seq: int = 1
+    attention: str = "dense"
+    expert: int = 1
+    experts: int = 0
+    compression: str = "none"
+    grad_accum: int = 1
+    remat: str = "none"
+    compute_dtype: str = "float32"
+    processes: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    name: str
+    meaning: str
+    active: Callable[[RunFeatures], bool]
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("dp", "preset dp: parameters replicated", lambda f: f.preset == "dp"),
+    Feature("fsdp", "preset fsdp: parameters sharded over data (ZeRO-3)", lambda f: f.preset == "fsdp"),
+    Feature("tp", "preset tp: Megatron tensor parallelism over model", lambda f: f.preset == "tp"),
+    Feature("fsdp_tp", "preset fsdp_tp: both", lambda f: f.preset == "fsdp_tp"),
+    Feature("pipeline", "pipe > 1, gpipe or 1f1b", lambda f: f.pipe > 1 and f.virtual_stages == 1),
+    Feature(
+        "interleaved",
+        "pipe > 1, interleaved-1f1b with virtual_stages > 1",
+        lambda f: f.pipe > 1 and f.virtual_stages > 1,
+    ),
+    Feature("seq", "seq > 1: every sequence split over the seq axis", lambda f: f.seq > 1),
+    Feature("ring", "attention.impl=ring (K/V blocks rotate over seq)", lambda f: f.attention == "ring"),
+    Feature("allgather", "attention.impl=allgather (K/V all-gathered over seq)", lambda f: f.attention == "allgather"),
+    Feature("fused", "attention.impl=fused (jax.nn.dot_product_attention)", lambda f: f.attention == "fused"),
+    Feature("moe", "mixture of experts (model.moe.n_experts > 0)", lambda f: f.experts > 0),
+    Feature("compression", "grad_compression bf16 or int8", lambda f: f.compression != "none"),
+    Feature("accumulation", "grad_accum > 1", lambda f: f.grad_accum > 1),
+    Feature("remat", "remat full or save_matmuls", lambda f: f.remat != "none"),
+    Feature("bf16", "compute_dtype bfloat16", lambda f: f.compute_dtype == "bfloat16"),
+    Feature("multiprocess", "more than one process (jax.distributed)", lambda f: f.processes > 1),
+)
+NAMES = tuple(f.name for f in FEATURES)
+PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    status: Status
+    why: str = ""
+
+
+_SEQ_IN_STAGES = (
+    "splitting sequences inside pipeline stages leaves seq (and model) to XLA's partitioner inside the "
+    "pipeline's partial-manual region, which aborts it (spmd_partitioner_util.cc); use seq=1 with pipe > 1"
+)
+_PIPE = "the pipeline's microbatches accumulate gradients; set grad_accum=1 and raise pipeline.microbatches"
+_COMPRESS_VMAP = "compressed gradients take per-shard gradients under vmap over the data shards"
+# Refusals: (feature, feature) -> the reason, which is the error's text.
+REFUSED: dict[tuple[str, str], str] = {
+    ("pipeline", "seq"): _SEQ_IN_STAGES,
+    ("interleaved", "seq"): _SEQ_IN_STAGES,
+    ("pipeline", "ring"): "ring attention does not run inside pipeline stages; use attention.impl=dense with pipe > 1",
+    (
+        "interleaved",
+        "ring",
+    ): "ring attention does not run inside pipeline stages; use attention.impl=dense with pipe > 1",
+    ("pipeline", "allgather"): "all-gather attention does not run inside pipeline stages; use attention.impl=dense",
+    ("interleaved", "allgather"): "all-gather attention does not run inside pipeline stages; use attention.impl=dense",
+    ("pipeline", "moe"): "mixture of experts does not run inside pipeline stages yet; use a mesh with pipe=1",
+    ("interleaved", "moe"): "mixture of experts does not run inside pipeline stages yet; use a mesh with pipe=1",
+    ("pipeline", "compression"): "compressed gradients are not implemented with pipeline parallelism (pipe > 1)",
+    ("interleaved", "compression"): "compressed gradients are not implemented with pipeline parallelism (pipe > 1)",
+    ("pipeline", "accumulation"): _PIPE,
+    ("interleaved", "accumulation"): _PIPE,
+    ("fsdp", "compression"): "compressed gradients need parameters replicated over data; FSDP would need a "
+    "compressed reduce-scatter (use dp or tp)",
+    ("fsdp_tp", "compression"): "compressed gradients need parameters replicated over data; FSDP would need a "
+    "compressed reduce-scatter (use dp or tp)",
+    ("ring", "compression"): f"{_COMPRESS_VMAP}, which the ring's shard_map does not support",
+    ("allgather", "compression"): f"{_COMPRESS_VMAP}, which the all-gather attention's shard_map does not support",
+    ("moe", "compression"): f"{_COMPRESS_VMAP}, which the expert all-to-all does not support",
+    ("seq", "fused"): "fused attention needs the whole sequence on each device; with seq > 1 use ring",
+}
+# Pairs that compose, with what a user should know about the result.
+NOTES: dict[tuple[str, str], str] = {
+    ("moe", "accumulation"): "the load-balancing and z-losses are batch statistics: each microbatch takes its own, "
+    "as a run of batch_size / grad_accum would, so the objective is not the whole batch's",
+}
+# Features that cannot both hold by definition: one preset per run, one attention per run,
+# one pipeline kind per run.
+_EXCLUSIVE_GROUPS = (PRESETS, ("ring", "allgather", "fused"), ("pipeline", "interleaved"))
+
+
+def _key(a: str, b: str) -> frozenset[str]:
+    return frozenset((a, b))
+
+
+def _build_matrix() -> dict[frozenset[str], Cell]:
+    matrix = {_key(a, b): Cell("composes") for a, b in itertools.combinations(NAMES, 2)}
+    for group in _EXCLUSIVE_GROUPS:
+        for a, b in itertools.combinations(group, 2):
+            matrix[_key(a, b)] = Cell("exclusive", "one of them per run")
+    for (a, b), why in REFUSED.items():
+        matrix[_key(a, b)] = Cell("refused", why)
+    return matrix
+
+
+MATRIX: dict[frozenset[str], Cell] = _build_matrix()
+
+
+def cell(a: str, b: str) -> Cell:
+    """The table's cell for two features (in either order)."""
+    if a == b or a not in NAMES or b not in NAMES:
+        raise KeyError(f"no cell for ({a!r}, {b!r}); features: {', '.join(NAMES)}")
+    return MATRIX[_key(a, b)]
+
+
+def active(features: RunFeatures) -> tuple[str, ...]:
+    """The table's features a run holds, in table order."""
+    return tuple(f.name for f in FEATURES if f.active(features))
+
+
+class IncompatibleFeatures(ValueError):
+    """Two features of a run do not compose; the message is the table's reason."""
+
+
+def check(features: RunFeatures, describe: Callable[[str], str] | None = None) -> None:
+    """Raises ``IncompatibleFeatures`` for the first refused pair the run holds.
+
+    ``describe(name)`` turns a feature into the user's terms (the config
+    setting that turned it on); by default the feature's meaning.
+    """
+    names = active(features)
+    meaning = {f.name: f.meaning for f in FEATURES}
+    describe = describe or meaning.__getitem__
+    for a, b in itertools.combinations(names, 2):
+        if (c := cell(a, b)).status == "refused":
+            raise IncompatibleFeatures(f"{describe(a)} does not combine with {describe(b)}: {c.why}")
+
+
+def composing_pairs() -> list[tuple[str, str]]:
+    return [(a, b) for a, b in itertools.combinations(NAMES, 2) if cell(a, b).status == "composes"]
+
+
+def format_matrix(names: Iterable[str] = NAMES) -> str:
+    """The table as text: ``+`` composes, ``x`` refused, ``.`` exclusive; then the reasons."""
+    names = tuple(names)
+    width = max(map(len, names))
+    symbols = {"composes": "+", "refused": "x", "exclusive": "."}
+    header = " " * (width + 2) + " ".join(f"{i:>2}" for i in range(len(names)))
+    lines = ["feature compatibility (+ composes, x refused, . one per run)", header]
+    for i, a in enumerate(names):
+        row = ["--" if a == b else f"{symbols[cell(a, b).status]:>2}" for b in names]
+        lines.append(f"{a:<{width}} {i:>2} " + " ".join(row))
+    lines += ["", "features:"]
+    lines += [f"  {i:>2} {f.name:<{width}}  {f.meaning}" for i, f in enumerate(FEATURES) if f.name in names]
+    lines += ["", "refused:"]
+    lines += [f"  {a} x {b}: {why}" for (a, b), why in REFUSED.items()]
+    lines += ["", "composes, with a note:"]
+    lines += [f"  {a} x {b}: {why}" for (a, b), why in NOTES.items()]
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""Pipeline schedules as data: for every tick and every stage, what runs.
+
+A schedule is a table ``actions[tick][stage]``: ``None`` (idle) or an
+``Action`` (forward or backward of one microbatch on one of the stage's
+virtual chunks). One executor (``shardlib.parallel.pipeline.executor``) runs any table,
+so a new schedule is a new table, not new code.
+
+Each schedule is given by the order in which every stage wants to run its
+actions; ``simulate`` turns those orders into a table by running each stage's
+next action at the first tick its inputs exist. Data moves between stages at
+the end of a tick, so an output made at tick t is usable from tick t + 1.
+
+Tick = one forward or one backward of one chunk. Counting a backward as one
+tick (the same cost as a forward) is the convention under which the classic
+bubble formulas hold: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) for
+interleaved 1F1B with v chunks per stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Literal
+
+Kind = Literal["F", "B"]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Action:
+    """Forward or backward of ``microbatch`` through chunk ``chunk`` of a stage."""
+
+    kind: Kind
+    microbatch: int
+    chunk: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A pipeline schedule over ``stages`` devices, ``microbatches`` microbatches and
+    ``virtual`` chunks per device. Virtual stage ``chunk * stages + stage`` is chunk
+    ``chunk`` of device ``stage``: the model's layers run through virtual stages
+    0, 1, ..., stages * virtual - 1 in order.
+    """
+
+    name: str
+    stages: int
+    microbatches: int
+    virtual: int
+    actions: tuple[tuple[Action | None, ...], ...]  # [tick][stage]
+
+    @property
+    def ticks(self) -> int:
+        return len(self.actions)
+
+    def virtual_stage(self, stage: int, chunk: int) -> int:
+        return chunk * self.stages + stage
+
+    def bubble_fraction(self) -> Fraction:
+        """Idle (tick, stage) slots over all slots."""
+        idle = sum(a is None for row in self.actions for a in row)
+        return Fraction(idle, self.ticks * self.stages)
+
+    def expected_bubble(self) -> Fraction:
+        """The schedule family's formula: (p-1) / (v*m + p-1)."""
+        p, m, v = self.stages, self.microbatches, self.virtual
+        return Fraction(p - 1, v * m + p - 1)
+
+    def max_in_flight(self) -> int:
+        """Most microbatch-chunks any stage holds activations for (forward done, backward not)."""
+        worst = 0
+        for stage in range(self.stages):
+            live = 0
+            for row in self.actions:
+                action = row[stage]
+                if action is not None:
+                    live += 1 if action.kind == "F" else -1
+                    worst = max(worst, live)
+        return worst
+
+    def format(self) -> str:
+        """The table as text: one row per stage, one column per tick."""
+        width = max((len(str(a)) for row in self.actions for a in row if a), default=1)
+        header = f"{self.name}: p={self.stages} m={self.microbatches} v={self.virtual}, {self.ticks} ticks"
+        lines = [f"{header}, bubble {float(self.bubble_fraction()):.3f}"]
+        for stage in range(self.stages):
+            cells = [str(row[stage]) if row[stage] else "." for row in self.actions]
+            lines.append(f"stage {stage}: " + " ".join(c.rjust(width) for c in cells))
+        return "\n".join(lines)
+
+
+class ScheduleError(ValueError):
+    """A table that cannot run: a dependency violated, an action missing or repeated."""
+
+
+def _dependencies(action: Action, stage: int, p: int, v: int) -> list[tuple[int, Action]]:
+    """(stage, action) pairs that must finish, at an earlier tick, before ``action`` runs."""
+    k = action.chunk * p + stage  # virtual stage
+    last = p * v - 1
+    mb = action.microbatch
+    if action.kind == "F":
+        return [] if k == 0 else [((k - 1) % p, Action("F", mb, (k - 1) // p))]
+    deps = [(stage, Action("F", mb, action.chunk))]
+    if k < last:
+        deps.append(((k + 1) % p, Action("B", mb, (k + 1) // p)))
+    return deps
+
+
+def simulate(name: str, orders: Sequence[Sequence[Action]], microbatches: int, virtual: int) -> Schedule:
+    """Runs each stage's action order as early as dependencies allow; returns the table."""
+    p = len(orders)
+    done: dict[tuple[int, Action], int] = {}  # -> tick it ran
+    cursor = [0] * p
+    rows: list[tuple[Action | None, ...]] = []
+    total = sum(len(o) for o in orders)
+    while len(done) < total:
+        tick = len(rows)
+        row: list[Action | None] = []
+        for stage in range(p):
+            action = orders[stage][cursor[stage]] if cursor[stage] < len(orders[stage]) else None
+            ready = action is not None and all(
+                done.get(dep, tick) < tick for dep in _dependencies(action, stage, p, virtual)
+            )
+            row.append(action if ready else None)
+        if not any(row):
+            raise ScheduleError(f"{name}: deadlock at tick {tick}; stage orders: {orders}")
+        for stage, action in enumerate(row):
+            if action is not None:
+                done[(stage, action)] = tick
+                cursor[stage] += 1
+        rows.append(tuple(row))
+    return Schedule(name, p, microbatches, virtual, tuple(rows))
+
+
+def validate(schedule: Schedule) -> None:
+    """Checks without devices that the table can run: every forward and backward of every
+    microbatch on every virtual stage appears exactly once, after its dependencies."""
+    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual
+    seen: dict[tuple[int, Action], int] = {}
+    for tick, row in enumerate(schedule.actions):
+        if len(row) != p:
+            raise ScheduleError(f"tick {tick} has {len(row)} entries for {p} stages")
+        for stage, action in enumerate(row):
+            if action is None:
+                continue
+            if not (0 <= action.microbatch < m and 0 <= action.chunk < v):
+                raise ScheduleError(f"tick {tick}, stage {stage}: {action} is out of range (m={m}, v={v})")
+            if (stage, action) in seen:
+                raise ScheduleError(f"tick {tick}, stage {stage}: {action} already ran at tick {seen[(stage, action)]}")
+            for dep in _dependencies(action, stage, p, v):
+                if seen.get(dep, tick) >= tick:
+                    raise ScheduleError(
+                        f"tick {tick}, stage {stage}: {action} runs before {dep[1]} on stage {dep[0]} has finished"
+                    )
+            seen[(stage, action)] = tick
+    missing = 2 * p * m * v - len(seen)
+    if missing:
+        raise ScheduleError(f"{missing} actions never run")
+
+
+def gpipe(stages: int, microbatches: int) -> Schedule:
+    """All forwards, then all backwards: m microbatches of activations in flight."""
+    order = [Action("F", i) for i in range(microbatches)] + [Action("B", i) for i in range(microbatches)]
+    return simulate("gpipe", [order] * stages, microbatches, 1)
+
+
+def one_f_one_b(stages: int, microbatches: int) -> Schedule:
+    """1F1B (PipeDream-flush): p - s - 1 warm-up forwards, then alternate one forward and
+    one backward, so stage s never holds more than p - s microbatches of activations."""
+    orders = []
+    for stage in range(stages):
+        warmup = min(stages - stage - 1, microbatches)
+        order = [Action("F", i) for i in range(warmup)]
+        for i in range(warmup, microbatches):
+            order += [Action("F", i), Action("B", i - warmup)]
+        order += [Action("B", i) for i in range(microbatches - warmup, microbatches)]
+        orders.append(order)
+    return simulate("1f1b", orders, microbatches, 1)
+
+
+def interleaved_1f1b(stages: int, microbatches: int, virtual: int) -> Schedule:
+    """Interleaved 1F1B (Megatron-LM): each device holds ``virtual`` chunks; microbatches go
+    through the chunks in groups of ``stages``, cutting the bubble by a factor of about v."""
+    p, m, v = stages, microbatches, virtual
+    if m % p:
+        raise ScheduleError(f"interleaved 1F1B needs microbatches ({m}) divisible by stages ({p})")
+    forwards = [Action("F", g * p + i, c) for g in range(m // p) for c in range(v) for i in range(p)]
+    backwards = [Action("B", g * p + i, c) for g in range(m // p) for c in reversed(range(v)) for i in range(p)]
+    orders = []
+    for stage in range(p):
+        warmup = min((p - stage - 1) * 2 + (v - 1) * p, len(forwards))
+        order = forwards[:warmup]
+        for i in range(warmup, len(forwards)):
+            order += [forwards[i], backwards[i - warmup]]
+        order += backwards[len(forwards) - warmup :]
+        orders.append(order)
+    return simulate("interleaved-1f1b", orders, m, v)
+
+
+def make_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
+    """The named schedule (gpipe, 1f1b, interleaved-1f1b); validated."""
+    if name == "gpipe":
+        schedule = gpipe(stages, microbatches)
+    elif name == "1f1b":
+        schedule = one_f_one_b(stages, microbatches)
+    elif name == "interleaved-1f1b":
+        schedule = interleaved_1f1b(stages, microbatches, virtual)
+    else:
+        raise ScheduleError(f"unknown schedule {name!r}; known: gpipe, 1f1b, interleaved-1f1b")
+    if name != "interleaved-1f1b" and virtual != 1:
+        raise ScheduleError(f"{name} runs one chunk per stage; virtual_stages must be 1, got {virtual}")
+    validate(schedule)
+    return schedule

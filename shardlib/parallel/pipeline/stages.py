@@ -1,0 +1,200 @@
+"""Loss and gradients of the transformer through a pipeline schedule.
+
+``plan_pipeline`` turns typed settings into a ``PipelinePlan``: the compiled
+schedule table, how stages branch, and where each logical layer is stored.
+``make_pipeline_grads`` cuts the NNX transformer into the executor's pieces
+(embedding, chunks of the layer stack, head + loss) and runs the table.
+Nothing here reads the training config: the parallel plan
+(``shardlib.training.parallel_plan``) passes settings in.
+
+Layer layout: the stacked layers are sharded contiguously over ``pipe``, and
+with ``virtual_stages > 1`` device s runs its slice as chunks of virtual
+stages s, p + s, ..., so the stored order is not the logical one
+(``layer_order``). ``logical_layers`` undoes it for anything that runs the
+layers in sequence (the eval step), and checkpoints record the order so that
+``relayout`` can move them onto another pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from models.layers import BlockWeights, cross_entropy
+from shardlib.core.rules import rule_axes, without_axes
+from shardlib.core.sharding import ActivationSharding
+from shardlib.parallel.accumulation import split_microbatches
+from shardlib.parallel.attention import AttentionPlan
+from shardlib.parallel.pipeline.executor import StageFunctions, layer_order, pipeline_loss_and_grads, plan_sends
+from shardlib.parallel.pipeline.schedules import make_schedule
+from shardlib.parallel.pipeline.table import TickTable, compile_table
+
+PyTree = Any
+Branching = Literal["cond", "select"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """What the user chose: schedule name, microbatches, chunks per device, branching (auto|cond|select)."""
+
+    schedule: str = "1f1b"
+    microbatches: int = 4
+    virtual_stages: int = 1
+    branching: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePlan:
+    """Everything static about a pipelined step.
+
+    table: the compiled schedule (``shardlib.parallel.pipeline.table.TickTable``), [ticks, stages] arrays.
+    branching: ``cond`` (a stage runs only its branch) or ``select`` (all, then choose).
+    layer_order: [n_layers] logical layer index of each stored layer.
+    """
+
+    table: TickTable
+    branching: Branching
+    layer_order: np.ndarray
+
+    @property
+    def schedule(self):
+        return self.table.schedule
+
+    def sends(self) -> np.ndarray:
+        """[ticks, 2] bool: ticks whose forward (column 0) and backward (1) permute runs."""
+        return plan_sends(self.table)
+
+    def sent_microbatches(self) -> tuple[int, int]:
+        """(forward, backward) permutes per step: the ticks that take each direction."""
+        forward, backward = self.sends().sum(axis=0)
+        return int(forward), int(backward)
+
+
+def plan_pipeline(
+    settings: PipelineSettings,
+    stages: int,
+    n_layers: int,
+    batch_size: int,
+    *,
+    collectives_inside_stages: bool,
+    platform: str,
+) -> PipelinePlan:
+    """The compiled schedule for ``settings`` over ``stages`` devices; errors name the setting that does not fit.
+
+    ``collectives_inside_stages``: a mesh axis the partitioner handles
+    (``model``, ``seq``) has size > 1, so stage branches hold collectives.
+    """
+    chunks = stages * settings.virtual_stages
+    if n_layers % chunks:
+        raise ValueError(
+            f"model.n_layers={n_layers} does not divide into {chunks} pipeline chunks "
+            f"(pipe={stages} x pipeline.virtual_stages={settings.virtual_stages})"
+        )
+    if batch_size % settings.microbatches:
+        raise ValueError(f"batch_size={batch_size} does not divide into pipeline.microbatches={settings.microbatches}")
+    table = compile_table(make_schedule(settings.schedule, stages, settings.microbatches, settings.virtual_stages))
+    return PipelinePlan(
+        table,
+        _branching(settings.branching, collectives_inside_stages, platform),
+        layer_order(n_layers, stages, settings.virtual_stages),
+    )
+
+
+def _branching(choice: str, collectives_inside_stages: bool, platform: str) -> Branching:
+    """``cond`` unless XLA:CPU would run collectives inside stage-dependent branches.
+
+    Collectives over the manual axes (``pipe`` and the batch axes) sit outside
+    the branches; only axes the partitioner handles put collectives inside
+    them, and XLA:CPU runs every collective as one rendezvous of all local
+    devices, so a branch some devices skip would hang.
+    """
+    if choice != "auto":
+        return choice  # type: ignore[return-value]
+    return "select" if platform == "cpu" and collectives_inside_stages else "cond"
+
+
+def logical_layers(layers: PyTree, order: np.ndarray) -> PyTree:
+    """The stacked layers in logical order, from the pipeline's stored order (a gather on the layer axis)."""
+    if np.array_equal(order, np.arange(len(order))):
+        return layers
+    inverse = jnp.asarray(np.argsort(order))
+    return jax.tree.map(lambda w: jnp.take(w, inverse, axis=0), layers)
+
+
+def relayout_index(saved_order: np.ndarray, new_order: np.ndarray) -> np.ndarray | None:
+    """Index i of the new stack = stored index (saved layout) of logical layer new_order[i]; None if equal."""
+    saved_order, new_order = np.asarray(saved_order), np.asarray(new_order)
+    if saved_order.shape != new_order.shape:
+        raise ValueError(f"a checkpoint of {len(saved_order)} layers cannot take a layout of {len(new_order)}")
+    if np.array_equal(saved_order, new_order):
+        return None
+    return np.argsort(saved_order)[new_order]
+
+
+def make_pipeline_grads(
+    graphdef: nnx.GraphDef,
+    abstract_params: PyTree,
+    pipeline: PipelinePlan,
+    mesh: jax.sharding.Mesh,
+    shard: ActivationSharding | None,
+    param_specs: PyTree | None = None,
+    attention: AttentionPlan | None = None,
+) -> Callable[[PyTree, dict], tuple[jax.Array, PyTree, dict]]:
+    """``grads(params, batch) -> (loss, grads, metrics)`` for the transformer's params (pure dict with ``layers``).
+
+    The same contract as ``shardlib.training.step.make_grads_fn``; metrics are empty
+    (the pipeline runs dense models only). ``param_specs``: each parameter's
+    PartitionSpec (from the rules); the batch axes of ``shard``'s rules become
+    manual inside the pipeline. Without ``shard`` and ``param_specs`` (one
+    device), parameters are ``P("pipe")`` for the layers and replicated
+    otherwise. ``attention``: the layers' attention (natural token order only).
+    """
+    manual_batch = rule_axes(shard.rules, "batch") if shard is not None else ()
+    kwargs = {"shard": ActivationSharding(without_axes(shard.rules, manual_batch), mesh)} if shard is not None else {}
+    layer_kwargs = {**kwargs, "attention": attention.fn} if attention is not None else kwargs
+    m = pipeline.schedule.microbatches
+
+    def merged(outer=None):
+        # Each piece reads only some parameters (run_layers takes its weights as
+        # an argument); placeholders keep the merged tree complete without
+        # bringing the whole stack into every piece.
+        tree = jax.tree.map(lambda a: jnp.zeros((1,), a.dtype), abstract_params)
+        return nnx.merge(graphdef, {**tree, **(outer or {})})
+
+    fns = StageFunctions(
+        embed=lambda outer, tokens: merged(outer).embed_tokens(tokens, **kwargs),
+        stage=lambda chunk, x: merged().run_layers(BlockWeights(**chunk), x, **layer_kwargs),
+        loss=lambda outer, x, targets: cross_entropy(merged(outer).logits(x, **kwargs), targets),
+    )
+
+    def grads_fn(params, batch):
+        outer = {k: v for k, v in params.items() if k != "layers"}
+        specs = param_specs or {}
+        loss, layer_grads, outer_grads = pipeline_loss_and_grads(
+            pipeline.table,
+            fns,
+            params["layers"],
+            outer,
+            split_microbatches(batch["inputs"], m, shard),
+            split_microbatches(batch["targets"], m, shard),
+            mesh,
+            pipeline.branching,
+            layer_specs=specs.get("layers"),
+            outer_specs={k: specs[k] for k in outer} if specs else None,
+            batch_axes=manual_batch,
+        )
+        grads = {**outer_grads, "layers": layer_grads}
+        if param_specs is not None:  # the shard_map's out_specs name only its manual axes
+            grads = jax.tree.map(
+                lambda g, spec: jax.lax.with_sharding_constraint(g, NamedSharding(mesh, spec)), grads, param_specs
+            )
+        return loss, grads, {}
+
+    return grads_fn

@@ -1,0 +1,222 @@
+"""The step loop of ``shardlib.training.trainer.train``: dispatch, review, log, evaluate, save.
+
+Per step the host only dispatches work: the step's metrics stay on the device in
+``pending`` until a log step or a save fetches them all at once (a fetch per step
+would stall dispatch), and every check on them (``faults.NanGuard``) runs then.
+Each thing a step may do is one method: :meth:`StepLoop._review`,
+:meth:`StepLoop._log_row`, :meth:`StepLoop._maybe_eval`, :meth:`StepLoop._save`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from shardlib.training.checkpoint import Checkpointer
+from shardlib.training.config import Config
+from shardlib.training.data import BatchLoader
+from shardlib.training.faults import NanGuard, StopSignals
+from shardlib.training.metrics import MetricsWriter, mfu
+from shardlib.training.setup import TrainingSetup
+from shardlib.training.train_state import learning_rate_schedule
+
+
+class Throughput:
+    """Tokens per second over logging windows; excludes compiling, evaluation and the first save's probe."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.window_start: float | None = None
+        self.window_steps = 0
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def step_done(self, metrics: dict) -> None:
+        if self.window_start is None:  # the first step compiled: start timing at its end
+            jax.block_until_ready(metrics)
+            self.restart()
+        else:
+            self.window_steps += 1
+
+    def restart(self) -> None:
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def close_window(self) -> dict[str, float]:
+        """{step_time_s, tokens_per_s} of the steps since the last call (empty if none)."""
+        if not self.window_steps:
+            return {}
+        seconds = time.perf_counter() - self.window_start
+        tokens = self.window_steps * self.tokens_per_step
+        self.tokens += tokens
+        self.seconds += seconds
+        out = {"step_time_s": seconds / self.window_steps, "tokens_per_s": tokens / seconds}
+        self.restart()
+        return out
+
+    @property
+    def overall(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
+
+
+def mean_eval_loss(eval_fn: Callable, params, loader: BatchLoader, batches: int) -> float:
+    """Mean held-out loss over the first ``batches`` (> 0) batches: the same ones at every evaluation."""
+    losses = [eval_fn(params, loader.peek(i)) for i in range(batches)]
+    return float(np.mean([float(x) for x in losses]))
+
+
+def console_line(step: int, total: int, row: dict | None, eval_loss: float | None) -> str:
+    """``step 10/300 | loss 4.5000 | held-out 4.5100 | 3,277 tokens/s | 1.25 s/step``: what is known."""
+    parts = [f"step {step}/{total}"]
+    if row is not None:
+        parts.append(f"loss {row['loss']:.4f}")
+    if eval_loss is not None:
+        parts.append(f"held-out {eval_loss:.4f}")
+    if row is not None and "tokens_per_s" in row:
+        parts += [f"{row['tokens_per_s']:,.0f} tokens/s", f"{row['step_time_s']:.3g} s/step"]
+    if row is not None and row.get("skipped_steps"):
+        parts.append(f"{row['skipped_steps']} skipped")
+    return " | ".join(parts)
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What changes from step to step, on the host: the state's handles and what was fetched."""
+
+    params: object
+    opt_state: object
+    step: int  # the last step dispatched
+    losses: list[float] = dataclasses.field(default_factory=list)  # fetched, of every step so far
+    eval_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    pending: list[dict] = dataclasses.field(default_factory=list)  # metrics dispatched, not fetched yet
+    last_metrics: dict = dataclasses.field(default_factory=dict)  # of the last step, on the device
+    saves: int = 0
+
+
+class StepLoop:
+    """Runs steps of one invocation of ``train``; ``state`` holds the outcome.
+
+    ``console``: print a line per logged step (no progress bar, or stdout not a
+    terminal); ``bar``: show the tqdm progress bar instead.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run: TrainingSetup,
+        state: LoopState,
+        *,
+        loader: BatchLoader,
+        eval_loader: BatchLoader,
+        guard: NanGuard,
+        checkpointer: Checkpointer,
+        writer: MetricsWriter,
+        peak_tflops: float | None,
+        log: Callable[[str], None],
+        is_main: bool,
+        progress: bool,
+    ):
+        self.cfg, self.run, self.state = cfg, run, state
+        self.loader, self.eval_loader = loader, eval_loader
+        self.guard, self.checkpointer, self.writer = guard, checkpointer, writer
+        self.log, self.is_main = log, is_main
+        self.bar = progress and is_main and sys.stdout.isatty()
+        self.console = is_main and not self.bar
+        self.throughput = Throughput(cfg.batch_size * cfg.seq_len)
+        self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
+        self.peak = peak_tflops
+        self.schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
+
+    def run_steps(self, steps: range, stop: StopSignals) -> None:
+        """Steps ``steps`` in order; after a requested stop, the one in flight ends the loop (saved)."""
+        bar = tqdm(steps, disable=not self.bar, desc="train", unit="step")
+        for step in bar:
+            self._dispatch(step, first=step == steps[0])
+            stopping = stop.requested(step)  # every step, on every process: they must agree
+            last = step == steps[-1] or stopping
+            save = self.checkpointer.should_save(step) or last
+            if step % self.cfg.log_every == 0 or save:
+                # Also before every save, so that a bad step never reaches a checkpoint.
+                self._review()
+            row = self._log_row(step) if step % self.cfg.log_every == 0 or last else None
+            eval_loss = None if stopping else self._maybe_eval(step)
+            if row is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}")
+            if self.console and (row is not None or eval_loss is not None):
+                self.log(console_line(step, self.cfg.steps, row, eval_loss))
+            if save:
+                self._save(step)
+            if stopping:
+                break
+        bar.close()
+
+    def _dispatch(self, step: int, *, first: bool) -> None:
+        """Starts ``step`` on the device; the first call compiles, and says so."""
+        s = self.state
+        batch = self.guard.inject(step, self.loader.next())
+        if first and self.is_main:
+            self.log("compiling the training step...")
+        started = time.perf_counter()
+        s.params, s.opt_state, metrics = self.run.train_step(s.params, s.opt_state, batch)
+        if first and self.is_main:  # jit compiles synchronously, then dispatches
+            self.log(f"compiled in {time.perf_counter() - started:.1f} s")
+        s.pending.append(metrics)
+        s.last_metrics = metrics
+        self.throughput.step_done(metrics)
+        s.step = step
+
+    def _review(self) -> None:
+        """Fetches the pending metrics, all at once, and has the guard check them."""
+        s = self.state
+        s.losses += self.guard.review(s.step - len(s.pending) + 1, s.pending)
+        s.pending.clear()
+
+    def _log_row(self, step: int) -> dict:
+        """Writes the train row of ``step`` (just reviewed) and returns it."""
+        metrics = self.state.last_metrics
+        # optax counts updates from 0, so step s used schedule(s - 1); skipped steps do not count.
+        row = {
+            "loss": self.state.losses[-1],
+            "grad_norm": float(metrics["grad_norm"]),
+            "lr": float(self.schedule(step - 1 - self.guard.skipped)),
+        }
+        if self.guard.skipped:
+            row["skipped_steps"] = self.guard.skipped
+        # The model's own metrics (MoE: aux and z losses, dropped-token fraction), last step.
+        row |= {k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm")}
+        row |= self.throughput.close_window()
+        if "tokens_per_s" in row:
+            per_device = row["tokens_per_s"] / self.run.mesh.size
+            if util := mfu(per_device, self.flops_per_token, self.peak):
+                row["mfu"] = util
+        self.writer.write(step, row)
+        return row
+
+    def _maybe_eval(self, step: int) -> float | None:
+        """The held-out loss, at every ``eval_every``-th step and the run's last; never with ``eval_batches: 0``."""
+        cfg = self.cfg
+        due = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+        if not (due and cfg.eval_batches):
+            return None
+        eval_loss = mean_eval_loss(self.run.eval_step, self.state.params, self.eval_loader, cfg.eval_batches)
+        self.state.eval_losses.append((step, eval_loss))
+        self.writer.write(step, {"loss": eval_loss}, split="eval")
+        self.throughput.restart()
+        return eval_loss
+
+    def _save(self, step: int) -> None:
+        """Checks the state of ``step`` on the next batch, then starts its checkpoint (async)."""
+        s = self.state
+        self.guard.check_state(step, self.run.probe(s.params, self.loader.peek(self.loader.position)))
+        meta = {"data_position": self.loader.position, "skipped_updates": self.guard.skipped}
+        meta |= self.run.checkpoint_layout()  # layer order, residuals' mesh: what a restore elsewhere needs
+        self.checkpointer.save(step, s.params, s.opt_state, meta)
+        self.guard.saved(step)
+        s.saves += 1
+        if s.saves == 1:  # the probe compiled: keep it out of tokens/s
+            self.throughput.restart()

@@ -1,0 +1,126 @@
+"""What a checkpoint must record about how its state is laid out, and how to move it onto another plan.
+
+Two parts of the training state depend on the plan, not only on the model:
+
+* the stacked layers' order: an interleaved pipeline stores them in its own
+  order (``shardlib.parallel.pipeline.stages.layer_order``). The checkpoint records the
+  order; restoring onto another pipeline, or none, permutes the layers, and
+  every optimizer moment that mirrors them, into the new plan's order;
+* compressed-gradient residuals (``shardlib.parallel.compression``): one row per
+  device, the flattened local gradient shards of that device. They mean
+  something only on the mesh and preset that made them. The checkpoint
+  records that layout; restoring onto another one resets them to zero with a
+  logged warning (the error feedback restarts; the parameters and moments are
+  exact), never loads them into the wrong devices' rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from shardlib.parallel.pipeline.stages import relayout_index
+
+PyTree = Any
+LAYER_ORDER = "layer_order"
+ERROR_FEEDBACK = "error_feedback_layout"
+
+
+def layout_meta(layer_order: np.ndarray, error_feedback: dict | None) -> dict:
+    """The JSON the checkpoint stores: the layer order and the residuals' layout (or None)."""
+    return {LAYER_ORDER: [int(i) for i in layer_order], ERROR_FEEDBACK: error_feedback}
+
+
+def error_feedback_layout(compression) -> dict | None:
+    """What the residuals' meaning depends on: the mesh's axis sizes, the batch axes and the padded size."""
+    if compression is None:
+        return None
+    return {
+        "mesh": {a: int(n) for a, n in compression.mesh.shape.items()},
+        "batch_axes": list(compression.batch_axes),
+        "flat_size": int(compression.flat_size),
+        "mode": compression.mode,
+    }
+
+
+def residuals_fit(meta: dict, current: dict | None) -> bool:
+    """Whether the checkpoint's residuals belong to this run's layout (True when neither has any)."""
+    saved = meta.get(ERROR_FEEDBACK)
+    return saved == current
+
+
+def relayout_layers(params: PyTree, opt_state: PyTree, tx: optax.GradientTransformation, index: np.ndarray):
+    """Permutes the stacked layers (``params["layers"]`` and the optimizer leaves mirroring them) by ``index``.
+
+    New stored position i takes old stored position ``index[i]``. Runs as one
+    jitted gather per leaf, keeping every leaf's sharding.
+    """
+    take = jax.numpy.asarray(index)
+
+    def permute_layers(tree):
+        return {**tree, "layers": jax.tree.map(lambda w: w[take], tree["layers"])}
+
+    def permute_state(state):
+        return optax.tree_map_params(tx, lambda leaf, is_layer: leaf[take] if is_layer else leaf, state, flags)
+
+    flags = {**jax.tree.map(lambda _: False, params), "layers": jax.tree.map(lambda _: True, params["layers"])}
+    shardings = (jax.tree.map(lambda a: a.sharding, params), jax.tree.map(lambda a: a.sharding, opt_state))
+    fn = jax.jit(lambda p, s: (permute_layers(p), permute_state(s)), out_shardings=shardings)
+    return fn(params, opt_state)
+
+
+def adapt_restored(
+    params: PyTree,
+    opt_state: PyTree,
+    meta: dict,
+    *,
+    layer_order: np.ndarray,
+    tx: optax.GradientTransformation,
+    log: Callable[[str], None],
+) -> tuple[PyTree, PyTree]:
+    """Restored state in this plan's layer order; logs what moved.
+
+    A checkpoint without a recorded order (older versions) is taken to be in
+    the identity order, which is what every non-interleaved run stored.
+    """
+    saved = np.asarray(meta.get(LAYER_ORDER, np.arange(len(layer_order))))
+    index = relayout_index(saved, np.asarray(layer_order))
+    if index is None:
+        return params, opt_state
+    log("checkpoint layers were stored in another pipeline's order; moved into this plan's order")
+    return relayout_layers(params, opt_state, tx, index)
+
+
+def restore_targets(abstract_params: PyTree, abstract_opt_state: PyTree, meta: dict, compression) -> tuple:
+    """(params, opt_state) to restore a step recorded with ``meta`` onto: this plan's targets, except
+    residuals saved for another layout, which are read with their saved shapes (replicated) to be dropped.
+    """
+    current = error_feedback_layout(compression)
+    saved = meta.get(ERROR_FEEDBACK)
+    if current is None or saved is None or saved == current:
+        return abstract_params, abstract_opt_state
+    devices = int(np.prod(list(saved["mesh"].values())))
+    shards = int(np.prod([saved["mesh"][a] for a in saved["batch_axes"]]))
+    replicated = jax.sharding.NamedSharding(compression.mesh, jax.sharding.PartitionSpec())
+    shapes = {"worker": (devices, saved["flat_size"]), "server": (devices, saved["flat_size"] // shards)}
+    error_feedback = {k: jax.ShapeDtypeStruct(s, np.float32, sharding=replicated) for k, s in shapes.items()}
+    return abstract_params, {**abstract_opt_state, "error_feedback": error_feedback}
+
+
+def reset_foreign_residuals(opt_state: PyTree, meta: dict, compression, log: Callable[[str], None]) -> PyTree:
+    """``opt_state`` with zero residuals if the checkpoint's were made on another layout (logged), else as is."""
+    current = error_feedback_layout(compression)
+    saved = meta.get(ERROR_FEEDBACK)
+    if current is None or saved == current:
+        return opt_state
+    log(
+        f"warning: the checkpoint's compressed-gradient residuals belong to mesh {saved and saved['mesh']} "
+        f"({saved and saved['flat_size']} values per device); this run's layout is mesh {current['mesh']} "
+        f"({current['flat_size']}): the residuals restart from zero (parameters and moments are exact)"
+    )
+    zeros = jax.jit(compression.init_error_feedback, out_shardings=compression.error_feedback_shardings())()
+    return {**opt_state, "error_feedback": zeros}

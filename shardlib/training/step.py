@@ -1,0 +1,162 @@
+"""The jitted training and evaluation steps, both built from one ``ParallelPlan``.
+
+One optimizer step = forward and backward over ``grad_accum`` microbatches
+(``shardlib.parallel.accumulation``), or through the pipeline's schedule, or per data
+shard with a compressed reduction; then clipping and AdamW. Shardings are
+explicit on the way in and out, and the old state is donated, so parameters
+and optimizer state are updated in place on every device.
+
+The eval step runs the network the train step trains: the same attention,
+expert dispatch and token order, and the layers in their logical order
+whatever layout the pipeline stores them in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from models.layers import cross_entropy
+from shardlib.core.sharding import ActivationSharding
+from shardlib.parallel.accumulation import Batch, loss_and_grads
+from shardlib.parallel.compression import GradCompression, make_grad_compression
+from shardlib.parallel.pipeline.stages import make_pipeline_grads
+from shardlib.training.parallel_plan import ParallelPlan
+from shardlib.training.train_state import AbstractModel, StateShardings
+
+PyTree = Any
+GradsFn = Callable[[PyTree, Batch], tuple[jax.Array, PyTree, dict[str, jax.Array]]]
+
+__all__ = ["cross_entropy", "make_eval_step", "make_grads_fn", "make_loss_fn", "make_train_step"]
+
+
+def make_loss_fn(
+    graphdef: nnx.GraphDef,
+    plan: ParallelPlan,
+    *,
+    shard: ActivationSharding | None = None,
+    with_metrics: bool = False,
+) -> Callable:
+    """``loss(params, inputs_BxL, targets_BxL) -> scalar``: the mean cross-entropy, the model run in sequence.
+
+    ``with_metrics``: returns ``(objective, metrics)`` instead, the objective
+    adding the model's extra losses (``Transformer.forward``) and metrics
+    holding ``loss`` (the cross-entropy) and the model's metrics.
+
+    The plan supplies the attention function and may reorder every sequence
+    (zig-zag for ring attention): tokens, targets and rotary positions are
+    permuted alike, and the loss, a mean over tokens, is unchanged. ``shard``
+    replaces the plan's activation constraints (per-shard rules under vmap).
+    """
+    order = plan.attention.order
+
+    def loss_fn(params, inputs_BxL, targets_BxL):
+        model = nnx.merge(graphdef, plan.sequential_params(params))
+        kwargs = plan.model_kwargs(shard)
+        if order is not None:
+            order_L = jnp.asarray(order)
+            inputs_BxL, targets_BxL = inputs_BxL[:, order_L], targets_BxL[:, order_L]
+            kwargs["positions_BxL"] = jnp.broadcast_to(order_L, inputs_BxL.shape)
+        logits_BxLxV, extra_loss, metrics = model.forward(inputs_BxL, **kwargs)
+        loss = cross_entropy(logits_BxLxV, targets_BxL)
+        if not with_metrics:
+            return loss
+        if not metrics:  # dense: exactly the cross-entropy
+            return loss, {"loss": loss}
+        return loss + extra_loss, {"loss": loss, **metrics}
+
+    return loss_fn
+
+
+def make_grads_fn(model: AbstractModel, plan: ParallelPlan, shardings: StateShardings) -> GradsFn:
+    """``grads(params, batch) -> (loss, grads, metrics)``: accumulated, or through the plan's pipeline.
+
+    The gradients are those of the training objective: cross-entropy plus the
+    model's extra losses (MoE load-balancing and z-losses); ``loss`` is the
+    cross-entropy, ``metrics`` the model's own (empty for a dense model).
+    """
+    if plan.pipeline is not None:
+        specs = jax.tree.map(lambda s: s.spec, shardings.params)
+        return make_pipeline_grads(
+            model.graphdef, model.params, plan.pipeline, plan.mesh, plan.shard, specs, plan.attention
+        )
+    loss_fn = make_loss_fn(model.graphdef, plan, with_metrics=True)
+
+    def grads_fn(params, batch):
+        (_, metrics), grads = loss_and_grads(loss_fn, params, batch, plan.grad_accum, plan.shard, has_aux=True)
+        metrics = dict(metrics)
+        return metrics.pop("loss"), grads, metrics
+
+    return grads_fn
+
+
+def make_compression(model: AbstractModel, plan: ParallelPlan, shardings: StateShardings) -> GradCompression | None:
+    """The plan's compressed gradient reduction, its per-shard loss the run's own (attention included)."""
+    return make_grad_compression(
+        plan.compression,
+        make_loss=lambda inner: make_loss_fn(model.graphdef, plan, shard=inner),
+        params=model.params,
+        param_shardings=shardings.params,
+        rules=plan.rules,
+        mesh=plan.mesh,
+        batch_spec=plan.batch_sharding.spec,
+        grad_accum=plan.grad_accum,
+    )
+
+
+def make_train_step(
+    grads_fn: GradsFn,
+    tx: optax.GradientTransformation,
+    shardings: StateShardings,
+    batch_sharding: NamedSharding,
+    compression: GradCompression | None = None,
+) -> Callable[[PyTree, PyTree, Batch], tuple[PyTree, PyTree, dict[str, jax.Array]]]:
+    """``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
+
+    ``grads_fn`` gives the loss, gradients and the model's metrics
+    (``make_grads_fn``); params / opt_state arrive and leave with
+    ``shardings`` and are donated; batch arrays carry ``batch_sharding``;
+    metrics (loss, grad_norm and the model's) are replicated scalars.
+
+    ``compression`` (``make_compression``) replaces ``grads_fn``: per-shard
+    gradients reduced compressed over the batch axes, with the error-feedback
+    residuals it keeps in ``opt_state``.
+    """
+
+    def step(params, opt_state, batch):
+        if compression is None:
+            loss, grads, extra = grads_fn(params, batch)
+        else:
+            loss, grads, opt_state = compression.loss_and_grads(params, opt_state, batch)
+            extra = {}
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **extra}
+
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    return jax.jit(
+        step,
+        in_shardings=(shardings.params, shardings.opt_state, batch_shardings),
+        out_shardings=(shardings.params, shardings.opt_state, replicated),
+        donate_argnums=(0, 1),
+    )
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, shardings: StateShardings, plan: ParallelPlan
+) -> Callable[[PyTree, Batch], jax.Array]:
+    """``eval(params, batch) -> loss`` (the cross-entropy, replicated scalar), jitted; nothing is donated."""
+    loss_fn = make_loss_fn(graphdef, plan)
+    batch = plan.batch_sharding
+    return jax.jit(
+        lambda params, b: loss_fn(params, b["inputs"], b["targets"]),
+        in_shardings=(shardings.params, {"inputs": batch, "targets": batch}),
+        out_shardings=NamedSharding(plan.mesh, PartitionSpec()),
+    )

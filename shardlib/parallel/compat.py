@@ -87,8 +87,8 @@ class Cell:
 
 
 _SEQ_IN_STAGES = (
-    "splitting sequences inside pipeline stages leaves seq (and model) to XLA's partitioner inside the "
-    "pipeline's partial-manual region, which aborts it (spmd_partitioner_util.cc); use seq=1 with pipe > 1"
+    "XLA's SPMD partitioner aborts (spmd_partitioner_util.cc) when seq and model are both left to it inside the "
+    "pipeline's partial-manual region; until stages make seq manual, use seq=1 with pipe > 1"
 )
 _PIPE = "the pipeline's microbatches accumulate gradients; set grad_accum=1 and raise pipeline.microbatches"
 _COMPRESS_VMAP = "compressed gradients take per-shard gradients under vmap over the data shards"

@@ -322,8 +322,12 @@ def spike_guard(tmp_path: pathlib.Path, last_checkpoint: int | None = None, **se
     )
 
 
-def step_metrics(losses: list[float]) -> list[dict]:
-    return [{"loss": np.float32(loss), "grad_norm": np.float32(1.0)} for loss in losses]
+def step_metrics(losses: list[float], norms: list[float] | None = None) -> list[dict]:
+    norms = norms or [10.0] * len(losses)
+    return [
+        {"loss": np.float32(loss), "grad_norm": np.float32(1.0), "param_norm": np.float32(norm)}
+        for loss, norm in zip(losses, norms, strict=True)
+    ]
 
 
 def test_a_loss_spike_stops_naming_the_step_the_loss_the_median_and_the_last_good_checkpoint(tmp_path):
@@ -337,16 +341,18 @@ def test_a_loss_spike_stops_naming_the_step_the_loss_the_median_and_the_last_goo
     )
 
 
-def test_the_state_to_be_saved_is_checked_against_the_same_median(tmp_path):
-    guard = spike_guard(tmp_path, spike_factor=3, spike_window=4, spike_warmup=3)
-    guard.review(1, step_metrics([9.0, 3.0, 2.0, 2.0, 2.0]))  # the window keeps the last 4: median 2
-    guard.check_state(5, (np.float32(5.9), np.float32(1.0)))
+def test_the_state_an_update_makes_is_checked_by_its_parameter_norm(tmp_path):
+    """The losses of steps 1..s say nothing of the state update s made; its norm does."""
+    guard = spike_guard(tmp_path, max_norm_growth=2)
+    guard.review(1, step_metrics([5.5, 5.4, 5.3], [10.0, 10.5, 19.9]))  # growth up to 2x passes
     with pytest.raises(
-        TrainingDiverged, match=r"^the state after step 5, on the next batch, has loss 6\.1, above 3 x 2"
+        TrainingDiverged,
+        match=r"^the state after step 4 has parameter norm 50, 2\.51 x the norm one update before "
+        r"\(faults\.max_norm_growth=2\); stopped before saving it\. .* holds no checkpoint of this run",
     ):
-        guard.check_state(5, (np.float32(6.1), np.float32(1.0)))
-    with pytest.raises(TrainingDiverged, match=r"holds no checkpoint of this run: start again with a lower"):
-        guard.check_state(5, (np.float32(2.0), np.float32(np.inf)))
+        guard.review(4, step_metrics([5.2], [50.0]))
+    with pytest.raises(TrainingDiverged, match=r"^the state after step 1 has parameter norm inf; stopped before"):
+        spike_guard(tmp_path).review(1, step_metrics([5.0], [np.inf]))
 
 
 def test_healthy_training_never_trips_the_spike_guard(tmp_path):

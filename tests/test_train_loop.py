@@ -104,7 +104,8 @@ def test_lr_1e6_stops_before_the_diverged_state_reaches_a_checkpoint(tmp_path):
     run = setup_training(cfg, mesh_of(data=4, model=2))
     good = tmp_path / "checkpoints" / "1"
     message = (
-        r"the state after step 2, on the next batch, has loss [\d.]+ and gradient norm nan; stopped before "
+        r"the state after step 2 has parameter norm [\d.e+]+, [\d.e+]+ x the norm one update before "
+        r"\(faults\.max_norm_growth=2\); stopped before "
         rf"saving it\. the last good checkpoint is {re.escape(str(good))}: resume from it with a lower optimizer\.lr"
     )
     with pytest.raises(TrainingDiverged, match=message):

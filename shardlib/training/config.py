@@ -216,6 +216,10 @@ class FaultsConfig(BaseModel):
     spike_factor: Annotated[float, Field(gt=1)] | None = 4.0
     spike_window: PosInt = 50
     spike_warmup: PosInt = 5
+    # The state an update makes is checked too, before it can be saved: a parameter norm that is not
+    # finite, or more than max_norm_growth times the norm one update earlier, ends the run. One AdamW
+    # update moves each weight by about lr, so a sound step changes the norm by a few percent at most.
+    max_norm_growth: Annotated[float, Field(gt=1)] | None = 2.0
 
     @model_validator(mode="after")
     def _check_spike_window(self) -> "FaultsConfig":

@@ -160,8 +160,11 @@ class NanGuard:
     fills its checkpoints with exploded weights long before any NaN shows.
 
     The loss of step s measures the parameters *before* update s, so the losses up to
-    s cannot tell whether the state about to be saved at s is sound; :meth:`check_state`
-    looks at that state itself (its loss and gradient norm on the next batch).
+    s cannot tell whether the state about to be saved at s is sound. The step also
+    reports the norm of the parameters it made (``param_norm``): one that is not
+    finite, or grew more than ``max_norm_growth`` times in one update, stops the run
+    before that state reaches a checkpoint (with lr=1e6, update 2 multiplies the
+    weights by ~1e5 while the losses of steps 1 and 2 are still normal).
     """
 
     def __init__(
@@ -182,6 +185,7 @@ class NanGuard:
         self.last_checkpoint = last_checkpoint  # the newest checkpoint known to hold a sound state
         self.log = log
         self.recent: collections.deque[float] = collections.deque(maxlen=cfg.spike_window)
+        self.last_norm: float | None = None  # parameter norm after the last reviewed update
         self._inject = frozenset(cfg.inject_nan_at)
 
     def inject(self, step: int, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -194,19 +198,20 @@ class NanGuard:
         return {**batch, "inputs": poison(tokens)}
 
     def saved(self, step: int) -> None:
-        """Records that the state of ``step``, checked by :meth:`check_state`, went into a checkpoint."""
+        """Records that the state of ``step``, reviewed before the save, went into a checkpoint."""
         self.last_checkpoint = step
 
     def review(self, first_step: int, metrics: Sequence[dict[str, jax.Array]]) -> list[float]:
         """Losses of steps ``first_step, first_step + 1, ...``; raises TrainingDiverged per the policy."""
-        fetched = jax.device_get([(m["loss"], m["grad_norm"]) for m in metrics])
+        fetched = jax.device_get([(m["loss"], m["grad_norm"], m["param_norm"]) for m in metrics])
         losses = []
-        for step, (loss, grad_norm) in enumerate(fetched, start=first_step):
+        for step, (loss, grad_norm, param_norm) in enumerate(fetched, start=first_step):
             loss, grad_norm = float(loss), float(grad_norm)
             losses.append(loss)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 self._nonfinite(step, loss, grad_norm)
                 continue
+            self._check_state(step, float(param_norm))
             if (median := self._spike_median(loss)) is not None:
                 spike = self._spike(f"loss {loss:.4g} at step {step}", median)
                 raise TrainingDiverged(f"{spike}; stopped before saving it. {self._advice()}")
@@ -214,21 +219,15 @@ class NanGuard:
             self.recent.append(loss)
         return losses
 
-    def check_state(self, step: int, probe: tuple[jax.Array, jax.Array]) -> None:
-        """Raises TrainingDiverged unless the state after ``step``, about to be saved, is sound.
-
-        ``probe``: that state's (loss, gradient norm) on the next training batch, i.e. what
-        step + 1 will report. With lr=1e6, update 2 multiplies the weights by ~1e5 while
-        the losses of steps 1 and 2 are still normal: only this look keeps it out of the
-        checkpoint. Under either ``nan_policy`` a bad probe stops: the next batch is real
-        data (never an injected one), so the state itself is broken.
-        """
-        loss, grad_norm = (float(x) for x in jax.device_get(probe))
-        where = f"the state after step {step}, on the next batch,"
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            why = f"{where} has loss {loss} and gradient norm {grad_norm}"
-        elif (median := self._spike_median(loss)) is not None:
-            why = self._spike(f"{where} has loss {loss:.4g}", median)
+    def _check_state(self, step: int, norm: float) -> None:
+        """Raises TrainingDiverged unless the parameters update ``step`` made are sound (see the class)."""
+        growth = self.cfg.max_norm_growth
+        previous, self.last_norm = self.last_norm, norm
+        where = f"the state after step {step} has parameter norm {norm:.4g}"
+        if not math.isfinite(norm):
+            why = where
+        elif growth is not None and previous and norm > growth * previous:
+            why = f"{where}, {norm / previous:.3g} x the norm one update before (faults.max_norm_growth={growth:g})"
         else:
             return
         raise TrainingDiverged(f"{why}; stopped before saving it. {self._advice()}")

@@ -28,7 +28,7 @@ from shardlib.training.train_state import learning_rate_schedule
 
 
 class Throughput:
-    """Tokens per second over logging windows; excludes compiling, evaluation and the first save's probe."""
+    """Tokens per second over logging windows; excludes compiling and evaluation."""
 
     def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
@@ -210,13 +210,10 @@ class StepLoop:
         return eval_loss
 
     def _save(self, step: int) -> None:
-        """Checks the state of ``step`` on the next batch, then starts its checkpoint (async)."""
+        """Starts the checkpoint of ``step`` (async); its state was reviewed just before (``NanGuard``)."""
         s = self.state
-        self.guard.check_state(step, self.run.probe(s.params, self.loader.peek(self.loader.position)))
         meta = {"data_position": self.loader.position, "skipped_updates": self.guard.skipped}
         meta |= self.run.checkpoint_layout()  # layer order, residuals' mesh: what a restore elsewhere needs
         self.checkpointer.save(step, s.params, s.opt_state, meta)
         self.guard.saved(step)
         s.saves += 1
-        if s.saves == 1:  # the probe compiled: keep it out of tokens/s
-            self.throughput.restart()

@@ -51,7 +51,6 @@ class TrainingSetup:
     train_step: Callable
     eval_step: Callable
     grads: Callable
-    probe: Callable  # (params, batch) -> (loss, gradient norm): the state about to be saved, checked
     compression: GradCompression | None = None
 
     def checkpoint_layout(self) -> dict:
@@ -97,11 +96,5 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh, plan: ParallelPlan | No
         make_train_step(grads_fn, tx, shardings, plan.batch_sharding, compression),
         make_eval_step(model.graphdef, shardings, plan),
         jax.jit(lambda params, batch: grads_fn(params, batch)[:2]),  # (loss, grads), without metrics
-        jax.jit(lambda params, batch: _loss_and_norm(*grads_fn(params, batch)[:2])),
         compression,
     )
-
-
-def _loss_and_norm(loss: jax.Array, grads) -> tuple[jax.Array, jax.Array]:
-    """The gradient norm gives a blown-up state away before the losses do (a forward pass can look fine)."""
-    return loss, optax.tree.norm(grads)

@@ -122,7 +122,7 @@ def make_train_step(
     ``grads_fn`` gives the loss, gradients and the model's metrics
     (``make_grads_fn``); params / opt_state arrive and leave with
     ``shardings`` and are donated; batch arrays carry ``batch_sharding``;
-    metrics (loss, grad_norm and the model's) are replicated scalars.
+    metrics (loss, grad_norm, the updated parameters' norm and the model's) are replicated scalars.
 
     ``compression`` (``make_compression``) replaces ``grads_fn``: per-shard
     gradients reduced compressed over the batch axes, with the error-feedback
@@ -137,7 +137,9 @@ def make_train_step(
             extra = {}
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **extra}
+        # param_norm: the state this update made, checked before it can be saved (faults.NanGuard).
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+        return params, opt_state, {**metrics, **extra}
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             # Each permute sits in a cond the tick's table flag takes or skips (the same on every
             # device); the HLO gives its size, the table how many ticks take it.
             assert len({c.bytes for c in permutes}) == 1, permutes
-            sent = permutes[0].bytes * sum(run.plan.pipeline.sent_microbatches())
+            sent = permutes[0].bytes * sum(run.plan.pipeline.permutes_per_step())
             micro_bytes = 4 * cfg.seq_len * model["d_model"] * 4  # [4, seq, d] fp32 per microbatch
             minimum = 2 * m * v * micro_bytes  # each chunk's input forward, its gradient back
             times = []

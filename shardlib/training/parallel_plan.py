@@ -95,7 +95,7 @@ class ParallelPlan:
             lines.append(f"  experts: {self.features.experts} over expert={self.features.expert} (all-to-all dispatch)")
         if self.pipeline is not None:
             s = self.pipeline.schedule
-            forward, backward = self.pipeline.sent_microbatches()
+            forward, backward = self.pipeline.permutes_per_step()
             lines.append(
                 f"  pipeline {s.name}: p={s.stages} m={s.microbatches} v={s.virtual}, {s.ticks} ticks, bubble "
                 f"{float(s.bubble_fraction()):.3f}, branching {self.pipeline.branching}, sends {forward} forward + "

@@ -47,12 +47,6 @@ def error_feedback_layout(compression) -> dict | None:
     }
 
 
-def residuals_fit(meta: dict, current: dict | None) -> bool:
-    """Whether the checkpoint's residuals belong to this run's layout (True when neither has any)."""
-    saved = meta.get(ERROR_FEEDBACK)
-    return saved == current
-
-
 def relayout_layers(params: PyTree, opt_state: PyTree, tx: optax.GradientTransformation, index: np.ndarray):
     """Permutes the stacked layers (``params["layers"]`` and the optimizer leaves mirroring them) by ``index``.
 

@@ -151,7 +151,7 @@ def pipeline_sends_taken(collectives: list[Collective], pipeline: PipelinePlan, 
     two ops gets the mean of the two directions' counts (the total is exact).
     """
     ticks = pipeline.schedule.ticks
-    taken = pipeline.sent_microbatches()
+    taken = pipeline.permutes_per_step()
     directions = {ring_pairs(mesh, "pipe", 1): taken[0], ring_pairs(mesh, "pipe", -1): taken[1]}
     if len(directions) == 1:  # two stages: forward and backward rings coincide
         total = sum(taken)

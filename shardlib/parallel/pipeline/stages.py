@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +32,17 @@ from shardlib.core.rules import rule_axes, without_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import split_microbatches
 from shardlib.parallel.attention import AttentionPlan
-from shardlib.parallel.pipeline.executor import StageFunctions, layer_order, pipeline_loss_and_grads, plan_sends
+from shardlib.parallel.pipeline.executor import (
+    Branching,
+    StageFunctions,
+    layer_order,
+    pipeline_loss_and_grads,
+    plan_sends,
+)
 from shardlib.parallel.pipeline.schedules import make_schedule
 from shardlib.parallel.pipeline.table import TickTable, compile_table
 
 PyTree = Any
-Branching = Literal["cond", "select"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +76,8 @@ class PipelinePlan:
         """[ticks, 2] bool: ticks whose forward (column 0) and backward (1) permute runs."""
         return plan_sends(self.table)
 
-    def sent_microbatches(self) -> tuple[int, int]:
-        """(forward, backward) permutes per step: the ticks that take each direction."""
+    def permutes_per_step(self) -> tuple[int, int]:
+        """(forward, backward) permutes per step: the ticks that take each direction (``sent_microbatches`` sums them)."""
         forward, backward = self.sends().sum(axis=0)
         return int(forward), int(backward)
 

@@ -47,11 +47,15 @@ FEATURE_SETUP: dict[str, tuple[dict, dict]] = {
     "remat": ({"model.remat": "full"}, {}),
     "bf16": ({"model.compute_dtype": "bfloat16"}, {}),
     "multiprocess": ({}, {}),
+    "diloco": ({"outer": {"algorithm": "diloco", "inner_steps": 2}}, {"data": 2}),
 }
 IMPLIED = {"ring": ("seq",), "allgather": ("seq",)}  # their setups split the sequence
-# Covered in tests/test_multiprocess.py (2 processes x 4 devices against 1 x 8): an SPMD program
-# does not change with the number of processes that hold its devices.
+# Its cells run in tests/test_multiprocess_cells.py: 2 processes x 4 devices, the same cover and
+# reference as here.
 MULTIPROCESS = "multiprocess"
+# A DiLoCo run is not one gradient to hold against one device: its composing cells run against the
+# DiLoCo algorithm itself in tests/test_diloco.py (which test covers which: compat.DILOCO_TESTS).
+DILOCO = "diloco"
 BATCH, SEQ = 8, 16
 
 
@@ -162,12 +166,13 @@ def credited(combo) -> set[frozenset[str]]:
 
 def cover(pairs) -> list[tuple[str, ...]]:
     """Feature combinations whose runs check every pair in ``pairs`` (greedy, deterministic)."""
-    order = [n for n in compat.NAMES if n != MULTIPROCESS]
+    order = list(compat.NAMES)
+    addable = [n for n in order if n not in (MULTIPROCESS, DILOCO, *LOOSE)]  # a run is given those, never adds them
     uncovered, combos = set(pairs), []
     while uncovered:
         combo = _closure(min(uncovered, key=lambda p: sorted(order.index(x) for x in p)))
         while True:
-            options = [_closure(combo | {f}) for f in order if f not in combo and f not in LOOSE]
+            options = [_closure(combo | {f}) for f in addable if f not in combo]
             options = [c for c in options if _runnable(c)]
             gains = [len(credited(c) & uncovered) - len(credited(combo) & uncovered) for c in options]
             if not gains or max(gains) <= 0:
@@ -180,7 +185,7 @@ def cover(pairs) -> list[tuple[str, ...]]:
     return combos
 
 
-COMPOSING = {frozenset(p) for p in compat.composing_pairs() if MULTIPROCESS not in p}
+COMPOSING = {frozenset(p) for p in compat.composing_pairs() if MULTIPROCESS not in p and DILOCO not in p}
 COMBOS = cover(COMPOSING)
 
 

@@ -153,6 +153,64 @@ def test_config_errors(tmp_path):
         corpus_files(cfg("text", []))
 
 
+# --------------------------------------------------------------------------- tokenizers
+
+HF_TINY = REPO / "tests" / "fixtures" / "hf_tiny_llama" / "untied"  # has tokenizer.json (200 ids, eos </s>)
+
+
+def tokenized(paths, tokenizer, heldout_fraction=0.25):
+    return SimpleNamespace(
+        source="text", paths=list(paths), heldout_fraction=heldout_fraction, tokenizer=str(tokenizer)
+    )
+
+
+def test_tokenizer_text_source(tmp_path):
+    """Each file's ids, then end-of-document, in corpus order; from a checkpoint directory or the file itself."""
+    from tokenizers import Tokenizer
+
+    (tmp_path / "a.txt").write_text("Beautiful is better than ugly.\n")
+    (tmp_path / "b.txt").write_text("Simple is better than complex, naïvely.\n")
+    (tmp_path / "c.txt").write_bytes("Flat is better than nested: café.\n".encode("latin-1"))  # not UTF-8
+    (tmp_path / "empty.txt").write_text("")
+    tokenizer = Tokenizer.from_file(str(HF_TINY / "tokenizer.json"))
+    eos = tokenizer.token_to_id("</s>")
+    expected = []
+    for name in ("a.txt", "b.txt", "c.txt"):
+        text = (tmp_path / name).read_bytes().decode("utf-8", errors="replace")
+        expected += [*tokenizer.encode(text, add_special_tokens=False).ids, eos]
+    for spec in (HF_TINY, HF_TINY / "tokenizer.json"):
+        train, heldout = load_token_splits(tokenized([tmp_path], spec))
+        assert train.dtype == np.uint16 and len(heldout) == int(len(expected) * 0.25)
+        assert np.concatenate([train, heldout]).tolist() == expected
+
+
+def test_tokenizer_vocabulary_is_checked_against_the_model(tmp_path):
+    (tmp_path / "a.txt").write_text("Errors should never pass silently. " * 4)
+    data = tokenized([tmp_path], HF_TINY)
+    splits = dict(zip(("train", "held-out"), load_token_splits(data), strict=True))
+    check_token_ids(data, 256, splits)
+    with pytest.raises(ValueError, match=rf"data.tokenizer '{HF_TINY}' has 200 tokens but model.vocab_size is 199"):
+        check_token_ids(data, 199, splits)
+
+
+def test_tokenizer_errors(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    (tmp_path / "a.txt").write_text("a b")
+    with pytest.raises(ValueError, match="no such tokenizer file"):
+        load_token_splits(tokenized([tmp_path / "a.txt"], tmp_path / "missing"))
+    with pytest.raises(ValueError, match="source 'bin' is tokenized already"):
+        load_token_splits(SimpleNamespace(source="bin", paths=[tmp_path], heldout_fraction=0.1, tokenizer=str(HF_TINY)))
+    words = tmp_path / "words"
+    words.mkdir()
+    Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(words / "tokenizer.json"))
+    with pytest.raises(ValueError, match="has no end-of-document token: its vocabulary lacks any of </s>"):
+        load_token_splits(tokenized([tmp_path / "a.txt"], words))
+    (words / "tokenizer_config.json").write_text('{"eos_token": {"content": "<end>"}}')
+    with pytest.raises(ValueError, match="lacks the eos_token '<end>' of"):
+        load_token_splits(tokenized([tmp_path / "a.txt"], words / "tokenizer.json"))
+
+
 # --------------------------------------------------------------------------- batches
 
 # Token k has value k, so a window's first token tells which window it is.

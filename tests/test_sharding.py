@@ -119,7 +119,10 @@ def test_param_without_logical_axes_names_its_path():
         model = Outer()
     with pytest.raises(ShardingError) as err:
         logical_axes_from_state(nnx.state(model))
-    assert str(err.value) == "parameter block/gain has no logical axes (out_sharding metadata)"
+    assert str(err.value) == (
+        "parameter block/gain has no logical axes (no out_sharding metadata or Linen partitioning box); "
+        "to give it axes by path, use shardlib.logical_axes(state, patterns)"
+    )
 
 
 # --- match_logical_axes -----------------------------------------------------------------------
@@ -164,13 +167,13 @@ def test_match_logical_axes_is_strict():
         match_logical_axes(foreign_tree(), PATTERNS[:3])
     assert str(err.value) == (
         "head/w (shape (32, 8)) matches no pattern; patterns tried: "
-        "['dense/kernel$', 'kernel', 'bias$']. Add a pattern for it, or end the table with "
-        "('.*', None) to replicate everything unmatched"
+        "['dense/kernel$', 'kernel', 'bias$']. Add a pattern for it, or pass strict=False to "
+        "replicate every leaf no pattern matches"
     )
 
 
-def test_match_logical_axes_catch_all_makes_it_total():
-    axes = match_logical_axes(foreign_tree(), [(r"kernel", ("embed", "mlp")), (".*", None)])
+def test_match_logical_axes_catch_all_makes_it_total_when_not_strict():
+    axes = match_logical_axes(foreign_tree(), [(r"kernel", ("embed", "mlp")), (".*", None)], strict=False)
     assert axes == {
         "encoder": {"dense": {"kernel": ("embed", "mlp"), "bias": (None,)}},
         "head": {"w": (None, None)},
@@ -179,7 +182,7 @@ def test_match_logical_axes_catch_all_makes_it_total():
 
 def test_match_logical_axes_rank_mismatch():
     with pytest.raises(ShardingError) as err:
-        match_logical_axes(foreign_tree(), [(r"kernel", ("embed",)), (".*", None)])
+        match_logical_axes(foreign_tree(), [(r"kernel", ("embed",)), (".*", None)], strict=False)
     assert str(err.value) == (
         "encoder/dense/kernel: pattern 'kernel' gives logical axes ('embed',) but the leaf has shape (16, 32)"
     )

@@ -108,10 +108,17 @@ def prepare_devices(spec: MeshSpec) -> None:
         jax.config.update("jax_num_cpu_devices", spec.emulate_cpu_devices)
 
 
-def build_mesh(spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """Build the 5-axis mesh (all axes ``AxisType.Auto``) described by ``spec``.
+def build_mesh(
+    spec: MeshSpec, devices: Sequence[jax.Device] | None = None, *, explicit: bool = False
+) -> jax.sharding.Mesh:
+    """Build the 5-axis mesh described by ``spec``: all axes ``AxisType.Auto``, or ``Explicit``.
 
-    ``devices`` defaults to every device of ``spec.platform`` (or of JAX's default backend).
+    ``devices`` defaults to every device of ``spec.platform`` (or of JAX's default backend);
+    pass a subset (``jax.devices()[:1]`` with ``mesh_spec()`` is a one-device reference) and
+    the spec must fit it exactly. ``explicit=True`` builds ``AxisType.Explicit`` axes, for
+    models written for explicit sharding (``out_sharding=`` on their ops, run under
+    ``jax.set_mesh(mesh)``); shardlib's own training runs on Auto axes.
+
     Axes with ``across_hosts`` sizes above 1 span processes: each process is one host, and the
     devices are laid out with ``mesh_utils.create_hybrid_device_mesh`` so that only those axes
     cross the slow links. Raises ``ValueError`` when the sizes do not fit the devices.
@@ -130,7 +137,8 @@ def build_mesh(spec: MeshSpec, devices: Sequence[jax.Device] | None = None) -> j
     if -1 in across.values():
         across = _resolve(across, n_processes, "process", f"{where} (across_hosts)")
     n_hosts = math.prod(across.values())
-    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    axis_type = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    axis_types = (axis_type,) * len(MESH_AXES)
 
     if n_hosts == 1:
         # One host, or a flat mesh over every process's devices: within_host covers them all.

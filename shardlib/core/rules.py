@@ -45,6 +45,10 @@ class ShardingError(ValueError):
     """A tensor cannot be sharded as its logical axes and the rules say."""
 
 
+class ShardingWarning(UserWarning):
+    """Something that usually means a mistake but may be intended (an over-matching pattern)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingIntent:
     """What a user wants, in mesh axes; ``compile_rules`` turns it into a table.
@@ -104,11 +108,90 @@ def compile_rules(intent: ShardingIntent) -> Rules:
     return tuple(rules)
 
 
-def preset_rules(name: str) -> Rules:
-    """The rule table of a named preset (``dp``, ``fsdp``, ``tp``, ``fsdp_tp``)."""
+# Axes a preset names but a mesh may lack without changing its meaning: on a
+# mesh without them they act as size 1 (nothing is split over them).
+OPTIONAL_MESH_AXES: tuple[str, ...] = ("pipe", "expert", "seq")
+
+
+def preset_rules(
+    name: str,
+    *,
+    mesh: jax.sharding.Mesh | Mapping[str, int] | None = None,
+    mesh_axes: Mapping[str, MeshAxes] | None = None,
+) -> Rules:
+    """The rule table of a named preset (``dp``, ``fsdp``, ``tp``, ``fsdp_tp``).
+
+    Presets name shardlib's five mesh axes. For a project's own mesh (any
+    ``jax.sharding.Mesh``, or its axis sizes), pass it as ``mesh``: the
+    table is renamed by ``mesh_axes`` (shardlib axis -> the project's axis, a
+    tuple of them, or None) and fitted to it by ``rename_mesh_axes``, e.g.
+    ``preset_rules("fsdp_tp", mesh=mesh, mesh_axes={"data": "fsdp", "model": "tp"})``.
+    """
     if name not in PRESETS:
         raise ShardingError(f"unknown sharding preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return compile_rules(PRESETS[name])
+    rules = compile_rules(PRESETS[name])
+    if mesh is None and mesh_axes is None:
+        return rules
+    return rename_mesh_axes(rules, mesh_axes or {}, mesh=mesh, what=f"preset {name!r}")
+
+
+def rename_mesh_axes(
+    rules: Rules,
+    mesh_axes: Mapping[str, MeshAxes],
+    *,
+    mesh: jax.sharding.Mesh | Mapping[str, int] | None = None,
+    what: str = "the rules",
+) -> Rules:
+    """The table with mesh axes renamed, so it serves a mesh with other axis names.
+
+    Args:
+      rules: a table naming shardlib's mesh axes (``MESH_AXES``).
+      mesh_axes: shardlib axis -> the project's mesh axis, a tuple of them
+        (the dimension is split over all, in order), or None (never split
+        over it). Axes not in the mapping keep their names.
+      mesh: when given, the result must fit it: a renamed axis the mesh lacks
+        is an error, and so is ``data`` or ``model`` left unmapped on a mesh
+        without them (every parameter would be replicated without a word);
+        ``pipe``, ``expert`` and ``seq`` are dropped where the mesh lacks
+        them, as if they had size 1.
+      what: names the table in error messages.
+    Raises:
+      ShardingError: a mapping from an axis shardlib does not have, or an axis
+        the mesh lacks, naming both and the mesh's axes.
+    """
+    for axis, target in mesh_axes.items():
+        if axis not in MESH_AXES:
+            close = difflib.get_close_matches(str(axis), MESH_AXES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ShardingError(
+                f"mesh_axes maps {axis!r}, which is not a shardlib mesh axis{hint}; "
+                f"keys are shardlib's axes ({', '.join(MESH_AXES)}), values the project's"
+            )
+        if not (target is None or isinstance(target, str) or all(isinstance(a, str) for a in target)):
+            raise ShardingError(f"mesh_axes[{axis!r}] is {target!r}; expected a mesh axis name, a tuple, or None")
+    available = None if mesh is None else tuple(_axis_sizes(mesh))
+    renamed: list[Rule] = []
+    for logical, axes in rules:
+        new_axes: list[str] = []
+        for axis in axes_tuple(axes):
+            if axis in mesh_axes:
+                new_axes += axes_tuple(mesh_axes[axis])
+            elif available is None or axis in available:
+                new_axes.append(axis)
+            elif axis not in OPTIONAL_MESH_AXES:
+                raise ShardingError(
+                    f"{what} splits {logical!r} over mesh axis {axis!r}, which the mesh "
+                    f"({', '.join(available)}) lacks; pass mesh_axes={{{axis!r}: <your axis or None>}}"
+                )
+        if available is not None:
+            for axis in new_axes:
+                if axis not in available:
+                    raise ShardingError(
+                        f"{what}: mesh_axes sends {logical!r} to mesh axis {axis!r}, which the mesh "
+                        f"({', '.join(available)}) lacks"
+                    )
+        renamed.append((logical, _axes_or_none(tuple(dict.fromkeys(new_axes)))))
+    return tuple(renamed)
 
 
 def format_rules(rules: Rules) -> str:

@@ -9,9 +9,15 @@ the error gives), or the two exclude each other by definition (two presets).
 ``check`` raises the table's error for the first refused pair a run holds;
 no other module decides on its own that two features do not combine.
 
+A few composing cells are refused only under a condition on the run
+(``REFUSED_WHEN``: DiLoCo with FSDP when the replica axes leave FSDP nothing
+to shard over); ``check`` raises those too, with their own reason.
+
 A new feature is a new row of ``FEATURES`` and one cell per existing feature:
 ``tests/test_compat.py`` fails while any pair is missing, and runs every
-composing pair against a single-device reference.
+composing pair against a single-device reference (``diloco``'s cells, whose
+runs are compared with the DiLoCo algorithm instead, are covered by
+``tests/test_diloco.py``: see ``DILOCO_TESTS``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Literal
+
+from shardlib.core.rules import PRESETS as PRESET_INTENTS
 
 Status = Literal["composes", "refused", "exclusive"]
 
@@ -45,6 +53,8 @@ class RunFeatures:
     remat: str = "none"
     compute_dtype: str = "float32"
     processes: int = 1
+    outer: str = "none"  # outer.algorithm: none, diloco or local_sgd
+    replica_axes: tuple[str, ...] = ("data",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +85,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature("remat", "remat full or save_matmuls", lambda f: f.remat != "none"),
     Feature("bf16", "compute_dtype bfloat16", lambda f: f.compute_dtype == "bfloat16"),
     Feature("multiprocess", "more than one process (jax.distributed)", lambda f: f.processes > 1),
+    Feature(
+        "diloco",
+        "outer.algorithm diloco or local_sgd: replica groups over outer.replica_axes",
+        lambda f: f.outer != "none",
+    ),
 )
 NAMES = tuple(f.name for f in FEATURES)
 PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")
@@ -92,6 +107,11 @@ _SEQ_IN_STAGES = (
 )
 _PIPE = "the pipeline's microbatches accumulate gradients; set grad_accum=1 and raise pipeline.microbatches"
 _COMPRESS_VMAP = "compressed gradients take per-shard gradients under vmap over the data shards"
+_DILOCO_VMAP = "DiLoCo runs each replica's step under vmap over the replica axes"
+_DILOCO_PIPE = (
+    "the pipeline's shard_map is manual over the batch axes, which DiLoCo's per-replica vmap over the replica "
+    "axes cannot enter; use pipe=1 with outer.algorithm"
+)
 # Refusals: (feature, feature) -> the reason, which is the error's text.
 REFUSED: dict[tuple[str, str], str] = {
     ("pipeline", "seq"): _SEQ_IN_STAGES,
@@ -117,11 +137,53 @@ REFUSED: dict[tuple[str, str], str] = {
     ("allgather", "compression"): f"{_COMPRESS_VMAP}, which the all-gather attention's shard_map does not support",
     ("moe", "compression"): f"{_COMPRESS_VMAP}, which the expert all-to-all does not support",
     ("seq", "fused"): "fused attention needs the whole sequence on each device; with seq > 1 use ring",
+    ("pipeline", "diloco"): _DILOCO_PIPE,
+    ("interleaved", "diloco"): _DILOCO_PIPE,
+    ("ring", "diloco"): f"{_DILOCO_VMAP}, which the ring's shard_map does not support",
+    ("allgather", "diloco"): f"{_DILOCO_VMAP}, which the all-gather attention's shard_map does not support",
+    ("moe", "diloco"): f"{_DILOCO_VMAP}, which the expert all-to-all does not support",
+    ("compression", "diloco"): "DiLoCo's inner steps reduce no gradient over the replica axes; compress its "
+    "pseudo-gradient with outer.compression instead of grad_compression",
+}
+_FSDP_INSIDE = (
+    "under DiLoCo, FSDP shards parameters over its axes (data) that are not replica axes, and "
+    "outer.replica_axes leaves none; use tp, or outer.replica_axes=[expert] to keep data for FSDP inside "
+    "each replica"
+)
+
+
+def _fsdp_axes_all_replicas(f: RunFeatures) -> bool:
+    """FSDP inside a replica would shard over nothing: every FSDP axis of the preset is a replica axis."""
+    return set(PRESET_INTENTS[f.preset].fsdp) <= set(f.replica_axes)
+
+
+# Composing cells refused on a condition of the run: (feature, feature) -> (condition, reason).
+REFUSED_WHEN: dict[tuple[str, str], tuple[Callable[[RunFeatures], bool], str]] = {
+    ("fsdp", "diloco"): (_fsdp_axes_all_replicas, _FSDP_INSIDE),
+    ("fsdp_tp", "diloco"): (_fsdp_axes_all_replicas, _FSDP_INSIDE),
+}
+# The composing diloco cells and the test that runs each (tests/test_diloco.py); multiprocess, as in
+# tests/test_compat.py: an SPMD program does not change with the number of processes holding its devices.
+DILOCO_TESTS: dict[str, str] = {
+    "dp": "test_four_replicas_match_the_papers_algorithm",
+    "fsdp": "test_h1_local_sgd_is_data_parallelism",
+    "tp": "test_inside_replicas_match_the_papers_algorithm[tp+seq+accumulation+remat]",
+    "fsdp_tp": "test_inside_replicas_match_the_papers_algorithm[fsdp_tp+fused]",
+    "seq": "test_inside_replicas_match_the_papers_algorithm[tp+seq+accumulation+remat]",
+    "fused": "test_inside_replicas_match_the_papers_algorithm[fsdp_tp+fused]",
+    "accumulation": "test_inside_replicas_match_the_papers_algorithm[tp+seq+accumulation+remat]",
+    "remat": "test_inside_replicas_match_the_papers_algorithm[tp+seq+accumulation+remat]",
+    "bf16": "test_bfloat16_compute_inside_replicas",
+    "multiprocess": "tests/test_multiprocess.py (the SPMD argument)",
 }
 # Pairs that compose, with what a user should know about the result.
 NOTES: dict[tuple[str, str], str] = {
     ("moe", "accumulation"): "the load-balancing and z-losses are batch statistics: each microbatch takes its own, "
     "as a run of batch_size / grad_accum would, so the objective is not the whole batch's",
+    ("dp", "diloco"): "each replica is data parallel over the batch axes that are not replica axes (if any)",
+    ("fsdp", "diloco"): "FSDP inside each replica, over the preset's FSDP axes (data) that are not replica axes",
+    ("fsdp_tp", "diloco"): "FSDP over data inside each replica (data not a replica axis), TP over model",
+    ("accumulation", "diloco"): "every replica accumulates its own rows' microbatches",
 }
 # Features that cannot both hold by definition: one preset per run, one attention per run,
 # one pipeline kind per run.
@@ -173,6 +235,9 @@ def check(features: RunFeatures, describe: Callable[[str], str] | None = None) -
     for a, b in itertools.combinations(names, 2):
         if (c := cell(a, b)).status == "refused":
             raise IncompatibleFeatures(f"{describe(a)} does not combine with {describe(b)}: {c.why}")
+        condition, why = REFUSED_WHEN.get((a, b)) or REFUSED_WHEN.get((b, a)) or (None, "")
+        if condition is not None and condition(features):
+            raise IncompatibleFeatures(f"{describe(a)} does not combine with {describe(b)}: {why}")
 
 
 def composing_pairs() -> list[tuple[str, str]]:
@@ -195,4 +260,6 @@ def format_matrix(names: Iterable[str] = NAMES) -> str:
     lines += [f"  {a} x {b}: {why}" for (a, b), why in REFUSED.items()]
     lines += ["", "composes, with a note:"]
     lines += [f"  {a} x {b}: {why}" for (a, b), why in NOTES.items()]
+    lines += ["", "composes, but refused when:"]
+    lines += [f"  {a} x {b}: {why}" for (a, b), (_, why) in REFUSED_WHEN.items()]
     return "\n".join(lines)

@@ -1,298 +1,56 @@
-"""Training configuration: pydantic schema, YAML loading and ``key=value`` overrides.
+"""Training configuration: YAML loading, ``key=value`` overrides and error messages.
 
 A run is described by one YAML file (see ``configs/``) plus optional command-line
 overrides such as ``steps=50`` or ``optimizer.lr=1e-3``. Pydantic does the type
-checking so that every mistake surfaces as a :class:`ConfigError` naming the
-offending key, the value given and what was expected, before any device work starts.
+checking (the schema is :mod:`shardlib.training.config_schema`, re-exported here) so
+that every mistake surfaces as a :class:`ConfigError` naming the offending key, the
+value given and what was expected, before any device work starts.
 """
 
 import copy
 import difflib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from shardlib.core.yaml_file import read_yaml
+from shardlib.training.config_schema import (
+    AttentionConfig,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    FaultsConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimizerConfig,
+    PipelineConfig,
+)
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-UnitFloat = Annotated[float, Field(ge=0, le=1)]
-# Adam betas of exactly 1 would make the bias correction divide by zero.
-Beta = Annotated[float, Field(ge=0, lt=1)]
-
-_STRICT = ConfigDict(extra="forbid")
+__all__ = [
+    "AttentionConfig",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FaultsConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PipelineConfig",
+    "apply_overrides",
+    "config_keys",
+    "config_to_dict",
+    "load_config",
+    "validate_config",
+]
 
 
 class ConfigError(ValueError):
     """A config file or override is unusable; the message says what to fix."""
-
-
-class MoEConfig(BaseModel):
-    """Mixture-of-experts MLPs (models.moe); ``n_experts: 0`` keeps every MLP dense."""
-
-    model_config = _STRICT
-
-    n_experts: NonNegInt = 0
-    top_k: Annotated[int, Field(ge=1, le=2)] = 2
-    # Slots per expert per dispatch group: ceil(capacity_factor * tokens * top_k / n_experts).
-    capacity_factor: PosFloat = 1.25
-    # Layer i (from 0) is MoE when (i + 1) % period == 0: 2 = every other layer, 1 = all.
-    period: PosInt = 2
-    expert_d_ff: PosInt | None = None  # hidden width of each expert; default model.d_ff
-    aux_loss_weight: NonNegFloat = 0.01
-    z_loss_weight: NonNegFloat = 0.001
-
-
-class ModelConfig(BaseModel):
-    """Shape and numerics of the decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU)."""
-
-    model_config = _STRICT
-
-    name: Literal["transformer"] = "transformer"
-    vocab_size: PosInt = 256
-    d_model: PosInt
-    n_layers: PosInt
-    n_heads: PosInt
-    n_kv_heads: PosInt
-    head_dim: PosInt | None = None
-    d_ff: PosInt
-    rope_theta: PosFloat = 10000.0
-    tie_embeddings: bool = False
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "full", "save_matmuls"] = "none"
-    norm_eps: PosFloat = 1e-6
-    init_std: PosFloat = 0.02
-    moe: MoEConfig = Field(default_factory=MoEConfig)
-
-    @property
-    def n_moe_layers(self) -> int:
-        """How many layers have a mixture-of-experts MLP (0 for a dense model)."""
-        return self.n_layers // self.moe.period if self.moe.n_experts else 0
-
-    @property
-    def resolved_head_dim(self) -> int:
-        """Per-head width: ``head_dim`` if set, else ``d_model // n_heads``."""
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
-
-    @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelConfig":
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}): "
-                "each key/value head is shared by a whole group of query heads"
-            )
-        if self.head_dim is None and self.d_model % self.n_heads:
-            # Flooring would silently shrink the attention width; make the user choose.
-            raise ValueError(
-                f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); set model.head_dim explicitly"
-            )
-        if self.resolved_head_dim % 2:
-            raise ValueError(
-                f"head_dim ({self.resolved_head_dim}) must be even: rotary embeddings rotate pairs of channels"
-            )
-        moe = self.moe
-        if moe.n_experts and self.n_layers % moe.period:
-            raise ValueError(
-                f"n_layers ({self.n_layers}) must be a multiple of moe.period ({moe.period}): "
-                "layers are scanned in groups of period - 1 dense layers and one MoE layer"
-            )
-        if moe.n_experts and moe.top_k > moe.n_experts:
-            raise ValueError(f"moe.top_k ({moe.top_k}) exceeds moe.n_experts ({moe.n_experts})")
-        return self
-
-    def num_params(self) -> int:
-        """Exact parameter count: embedding, layers, final norm and untied output projection."""
-        d, hd = self.d_model, self.resolved_head_dim
-        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)  # q, o + k, v
-        mlp = 3 * d * self.d_ff  # SwiGLU gate, up, down
-        per_layer = 2 * d + attention + mlp  # two RMSNorm scales, no biases
-        embedding = self.vocab_size * d
-        output = 0 if self.tie_embeddings else embedding
-        return embedding + self.n_layers * per_layer + d + output + self._moe_extra_params(active=False)
-
-    def _moe_extra_params(self, *, active: bool) -> int:
-        """MoE layers' parameters beyond the dense MLPs they replace (all experts, or the top_k a token uses)."""
-        if not self.moe.n_experts:
-            return 0
-        experts = self.moe.top_k if active else self.moe.n_experts
-        expert_mlp = 3 * self.d_model * (self.moe.expert_d_ff or self.d_ff)
-        router = self.d_model * self.moe.n_experts
-        return self.n_moe_layers * (router + experts * expert_mlp - 3 * self.d_model * self.d_ff)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs (forward + backward) per token, as used for MFU.
-
-        Dense part: 6 FLOPs per parameter that takes part in a matmul, i.e. every
-        parameter except the embedding lookup (a gather), with the output projection
-        counted even when it shares the embedding matrix. Attention scores and the
-        weighted sum add ``12 * n_layers * n_heads * head_dim * seq_len``. This counts
-        the full ``seq_len x seq_len`` score matrix although causal masking makes half
-        of it unnecessary, following the MFU formula of PaLM (Chowdhery et al. 2022,
-        appendix B) so that numbers are comparable with published ones.
-        """
-        d = self.d_model
-        num_params = self.num_params()
-        # Untied: drop the lookup table, keep the output matrix. Tied: the single
-        # matrix is the output projection, so nothing is dropped.
-        matmul_params = num_params if self.tie_embeddings else num_params - self.vocab_size * d
-        # A token runs through top_k experts of each MoE layer, not all of them.
-        matmul_params += self._moe_extra_params(active=True) - self._moe_extra_params(active=False)
-        attention = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len
-        return float(6 * matmul_params + attention)
-
-
-class OptimizerConfig(BaseModel):
-    """AdamW with linear warmup and cosine decay to ``lr * min_lr_ratio``."""
-
-    model_config = _STRICT
-
-    lr: PosFloat = 3e-3
-    warmup_steps: NonNegInt = 20
-    min_lr_ratio: UnitFloat = 0.1
-    weight_decay: NonNegFloat = 0.1
-    b1: Beta = 0.9
-    b2: Beta = 0.95
-    eps: PosFloat = 1e-8
-    clip_norm: PosFloat = 1.0
-
-
-class DataConfig(BaseModel):
-    """Where training tokens come from: bundled stdlib sources, text files or token .bin files."""
-
-    model_config = _STRICT
-
-    source: Literal["stdlib", "text", "bin"] = "stdlib"
-    paths: list[str] = []
-    # Held out: the tail of the token stream (see shardlib.training.data).
-    heldout_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.01
-
-    @model_validator(mode="after")
-    def _check_paths(self) -> "DataConfig":
-        if self.source == "stdlib" and self.paths:
-            raise ValueError("source 'stdlib' takes no data.paths; remove them or pick 'text'/'bin'")
-        if self.source != "stdlib" and not self.paths:
-            raise ValueError(f"source '{self.source}' needs at least one file in data.paths")
-        return self
-
-
-class CheckpointConfig(BaseModel):
-    """How often checkpoints are written and how many are kept."""
-
-    model_config = _STRICT
-
-    every: NonNegInt = 100  # 0: only at the last step
-    keep: PosInt = 3
-    async_save: bool = True
-    # A newest checkpoint that fails its checksum or cannot be read: false stops with an error
-    # naming it; true resumes from the newest older one that restores (shardlib.training.checkpoint).
-    fallback: bool = False
-
-
-class FaultsConfig(BaseModel):
-    """What a run does when a step goes bad or a peer process is lost (see shardlib.training.faults)."""
-
-    model_config = _STRICT
-
-    # stop: end the run naming the step, without checkpointing past the last good step;
-    # skip: leave parameters and optimizer state as they were, count the step and go on.
-    nan_policy: Literal["stop", "skip"] = "stop"
-    # With nan_policy=skip: this many skipped steps in a row end the run like nan_policy=stop.
-    max_consecutive_skips: PosInt = 10
-    # A surviving process exits (status 4) at most this long after a peer process stops.
-    peer_timeout_s: Annotated[float, Field(ge=2)] = 60.0
-    # Rehearsal: feed out-of-vocabulary tokens at these steps, which the embedding turns into NaN.
-    inject_nan_at: list[PosInt] = []
-    # Loss-spike guard: a finite loss above spike_factor x the median of the last spike_window
-    # steps' losses (once spike_warmup of them are known) ends the run, whatever nan_policy says,
-    # before that state is saved; null: off. Healthy runs fall from ~ln(vocab) and never rise
-    # anywhere near 4x their recent median; a diverging one does.
-    spike_factor: Annotated[float, Field(gt=1)] | None = 4.0
-    spike_window: PosInt = 50
-    spike_warmup: PosInt = 5
-    # The state an update makes is checked too, before it can be saved: a parameter norm that is not
-    # finite, or more than max_norm_growth times the norm one update earlier, ends the run. One AdamW
-    # update moves each weight by about lr, so a sound step changes the norm by a few percent at most.
-    max_norm_growth: Annotated[float, Field(gt=1)] | None = 2.0
-
-    @model_validator(mode="after")
-    def _check_spike_window(self) -> "FaultsConfig":
-        if self.spike_warmup > self.spike_window:
-            raise ValueError(
-                f"spike_warmup ({self.spike_warmup}) exceeds spike_window ({self.spike_window}): the window "
-                "would never hold enough losses and the spike guard would never check"
-            )
-        return self
-
-
-class PipelineConfig(BaseModel):
-    """Pipeline parallelism over the mesh's ``pipe`` axis (used when pipe > 1)."""
-
-    model_config = _STRICT
-
-    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = "1f1b"
-    microbatches: PosInt = 4
-    virtual_stages: PosInt = 1  # chunks per device; > 1 only with interleaved-1f1b
-    # cond: a stage computes only its own action (GPUs); select: every branch, then
-    # choose (needed on XLA:CPU when `model` collectives run inside a stage).
-    branching: Literal["auto", "cond", "select"] = "auto"
-
-
-class AttentionConfig(BaseModel):
-    """Attention over the mesh's ``seq`` axis (shardlib.parallel.attention); dense keeps it to the compiler."""
-
-    model_config = _STRICT
-
-    # ring: K/V blocks rotate over `seq` (O(S/p) memory); allgather: every device gathers all K/V;
-    # fused: jax.nn.dot_product_attention (cuDNN flash attention on GPUs in bf16), seq = 1 only.
-    impl: Literal["dense", "fused", "ring", "allgather"] = "dense"
-    # zigzag: device i holds chunks i and 2p-1-i of 2p, so causal work is equal on every device.
-    load_balance: Literal["zigzag", "none"] = "zigzag"
-    # ring: keys per inner block of a tile (scratch is linear in the local length).
-    block_k: PosInt = 256
-
-
-class Config(BaseModel):
-    """A complete training run."""
-
-    model_config = _STRICT
-
-    model: ModelConfig
-    sharding: Literal["dp", "fsdp", "tp", "fsdp_tp"] = "dp"  # presets in shardlib.core.rules.PRESETS
-    mesh: str = "meshes/cpu-8.yaml"
-    steps: PosInt = 200
-    run_dir: str = "runs/default"
-    seed: int = 0
-    batch_size: PosInt = 16
-    seq_len: PosInt = 128
-    grad_accum: PosInt = 1
-    # Data-parallel gradient all-reduce: none (XLA's), or compressed with error feedback (shardlib.parallel.compression).
-    grad_compression: Literal["none", "bf16", "int8"] = "none"
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    faults: FaultsConfig = Field(default_factory=FaultsConfig)
-    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    attention: AttentionConfig = Field(default_factory=AttentionConfig)
-    log_every: PosInt = 10
-    eval_every: NonNegInt = 50  # 0: evaluate only at the last step
-    eval_batches: NonNegInt = 4  # held-out batches per evaluation; 0: no held-out evaluation at all
-    peak_tflops: PosFloat | None = None
-
-    @model_validator(mode="after")
-    def _check_batch(self) -> "Config":
-        if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be divisible by grad_accum "
-                f"({self.grad_accum}): every microbatch holds batch_size // grad_accum sequences"
-            )
-        return self
 
 
 def _leaf_fields(model_cls: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:

@@ -4,7 +4,8 @@
 compatibility table (``shardlib.parallel.compat``), and resolves every decision the
 strategies need: the rule table and batch sharding, the attention function
 and token order, the expert dispatch, the pipeline's compiled schedule and
-branching, gradient compression, accumulation and remat. The train step, the
+branching, gradient compression, accumulation and remat; and for DiLoCo or
+local SGD (``outer``), the replica groups and the plan of one of them. The train step, the
 eval step, ``describe``, the report and the planner take this plan; nothing
 else re-derives those decisions, so what runs, what is evaluated, what is
 printed and what is predicted cannot drift apart.
@@ -24,10 +25,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from models.moe import ExpertDispatch
-from shardlib.core.rules import Rules, ShardingError, preset_rules, rule_axes
+from shardlib.core.rules import Rules, ShardingError, axes_tuple, preset_rules, rule_axes, without_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel import compat
 from shardlib.parallel.attention import AttentionPlan, make_attention
+from shardlib.parallel.diloco import OuterSettings, replica_count
 from shardlib.parallel.experts import check_experts_divide, expert_dispatch
 from shardlib.parallel.pipeline.stages import PipelinePlan, PipelineSettings, logical_layers, plan_pipeline
 from shardlib.training.config import Config
@@ -45,6 +47,7 @@ class ParallelPlan:
     experts: the MoE dispatch over the mesh, or None for a dense model.
     pipeline: the compiled schedule, branching and layer layout, or None without ``pipe``.
     compression: ``none``, ``bf16`` or ``int8`` (the data-parallel gradient reduction).
+    outer: DiLoCo or local SGD (``ReplicaPlan``), or None for synchronous training.
     """
 
     mesh: jax.sharding.Mesh
@@ -60,6 +63,7 @@ class ParallelPlan:
     grad_accum: int
     remat: str
     n_layers: int
+    outer: ReplicaPlan | None = None
 
     def model_kwargs(self, shard: ActivationSharding | None = None) -> dict:
         """Keyword arguments of ``Transformer.forward``: shard, attention, experts (``shard`` overrides the plan's)."""
@@ -102,8 +106,62 @@ class ParallelPlan:
                 f"{backward} backward per step"
             )
         lines.append(f"  gradient compression {self.compression}")
+        if self.outer is not None:
+            o = self.outer
+            inside = [a for a in rule_axes(o.plan.rules, "batch") if self.mesh.shape[a] > 1]
+            lines.append(
+                f"  {o.settings.describe()}; {o.replicas} replica groups (batch inside each over "
+                f"{', '.join(inside) or 'no axis'}), pseudo-gradient compression {o.settings.compression}; "
+                "each device also keeps the period's start and the outer momentum"
+            )
         lines.append(f"  features: {', '.join(self.active_features())}")
         return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaPlan:
+    """DiLoCo or local SGD: the outer loop and what runs inside one replica group.
+
+    settings: the algorithm, period and outer optimizer.
+    replicas: R, the product of the replica axes' sizes.
+    batch_axes: the mesh axes the batch's rows are split over, in order, replica axes among them.
+    plan: the plan of one replica, run under vmap over the replica axes: the preset's rules
+      (and the attention built on them) with the replica axes taken out. What FSDP means
+      there follows: the preset's FSDP axes that are not replica axes.
+    """
+
+    settings: OuterSettings
+    replicas: int
+    batch_axes: tuple[str, ...]
+    plan: ParallelPlan
+
+
+def outer_settings(cfg: Config) -> OuterSettings | None:
+    """The DiLoCo strategy's typed settings from the config's ``outer`` section (None: ``none``)."""
+    o = cfg.outer
+    if o.algorithm == "none":
+        return None
+    return OuterSettings(
+        o.algorithm, o.inner_steps, o.learning_rate, o.momentum, o.nesterov, tuple(o.replica_axes), o.compression
+    )
+
+
+def _replica_plan(cfg: Config, plan: ParallelPlan) -> ReplicaPlan | None:
+    settings = outer_settings(cfg)
+    if settings is None:
+        return None
+    axes = settings.replica_axes
+    rules = without_axes(plan.rules, axes)
+    shard = ActivationSharding(rules, plan.mesh)
+    attention = make_attention(
+        cfg.attention.impl, cfg.attention.load_balance, shard, cfg.seq_len, cfg.attention.block_k
+    )
+    spec = plan.batch_sharding.spec
+    split = axes_tuple(spec[0]) if len(spec) else ()
+    batch_axes = tuple(a for a in axes if a not in split) + split  # size-1 replica axes are not in the spec
+    # The replica axes are batch axes, so batch_sharding's check that microbatches divide covers them.
+    inner = dataclasses.replace(plan, rules=rules, shard=shard, attention=attention)
+    return ReplicaPlan(settings, replica_count(plan.mesh, axes), batch_axes, inner)
 
 
 def run_features(cfg: Config, mesh: jax.sharding.Mesh) -> compat.RunFeatures:
@@ -123,6 +181,8 @@ def run_features(cfg: Config, mesh: jax.sharding.Mesh) -> compat.RunFeatures:
         remat=cfg.model.remat,
         compute_dtype=cfg.model.compute_dtype,
         processes=len({d.process_index for d in mesh.devices.flat}),
+        outer=cfg.outer.algorithm,
+        replica_axes=tuple(cfg.outer.replica_axes),
     )
 
 
@@ -146,6 +206,7 @@ def _setting(name: str, cfg: Config, mesh: jax.sharding.Mesh) -> str:
         "remat": f"model.remat={cfg.model.remat}",
         "bf16": "model.compute_dtype=bfloat16",
         "multiprocess": "several processes",
+        "diloco": f"outer.algorithm={cfg.outer.algorithm} (outer.replica_axes={list(cfg.outer.replica_axes)})",
     }[name]
 
 
@@ -197,7 +258,7 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     if cfg.model.moe.n_experts:
         check_experts_divide(cfg.model.moe.n_experts, mesh)
         experts = expert_dispatch(shard)
-    return ParallelPlan(
+    plan = ParallelPlan(
         mesh=mesh,
         preset=cfg.sharding,
         rules=rules,
@@ -212,3 +273,4 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
         remat=cfg.model.remat,
         n_layers=cfg.model.n_layers,
     )
+    return dataclasses.replace(plan, outer=_replica_plan(cfg, plan))

@@ -4,6 +4,11 @@
 rest from it: the abstract model, the optimizer, where every state leaf lives,
 and the train, eval and gradient steps (compiled on first call). The training
 loop (``shardlib.training.trainer``), the report and the tests all start here.
+
+With ``outer`` (DiLoCo, local SGD) the train step is the inner step, the
+parameters carry a leading replica dimension, the optimizer state holds the
+outer loop's too (``shardlib.parallel.diloco.diloco_optimizer``), and
+``outer_step`` runs after every H-th step.
 """
 
 from __future__ import annotations
@@ -16,13 +21,22 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
+from shardlib.core.sharding import optimizer_shardings
 from shardlib.parallel.compression import GradCompression
+from shardlib.parallel.diloco import diloco_optimizer, outer_optimizer, per_replica, replicate
 from shardlib.training.config import Config
 from shardlib.training.data import BatchLoader
 from shardlib.training.faults import optimizer_for_policy
 from shardlib.training.parallel_plan import ParallelPlan, build_plan
 from shardlib.training.state_layout import error_feedback_layout, layout_meta
-from shardlib.training.step import make_compression, make_eval_step, make_grads_fn, make_train_step
+from shardlib.training.step import (
+    make_compression,
+    make_diloco_steps,
+    make_eval_step,
+    make_grads_fn,
+    make_outer_compression,
+    make_train_step,
+)
 from shardlib.training.train_state import (
     AbstractModel,
     StateShardings,
@@ -40,6 +54,11 @@ class TrainingSetup:
     train_step(params, opt_state, batch) -> (params, opt_state, metrics)
     eval_step(params, batch) -> loss
     grads(params, batch) -> (loss, grads): the step's gradients, for tests and tools
+    compression: the compressed reduction whose residuals live in ``opt_state["error_feedback"]``:
+      the gradients' (``grad_compression``), or DiLoCo's pseudo-gradient's (``outer.compression``).
+    outer_step(params, opt_state) -> (params, opt_state): DiLoCo's outer step, due after the
+      steps ``outer_due`` names; None without ``outer``. Its train step's metrics are per
+      replica until ``scalar_metrics`` reduces them.
     """
 
     cfg: Config
@@ -52,10 +71,33 @@ class TrainingSetup:
     eval_step: Callable
     grads: Callable
     compression: GradCompression | None = None
+    outer_step: Callable | None = None
+    reduce_metrics: Callable | None = None
 
     def checkpoint_layout(self) -> dict:
         """What a checkpoint records about how this plan lays out the state (``shardlib.training.state_layout``)."""
-        return layout_meta(self.plan.layer_order, error_feedback_layout(self.compression))
+        return layout_meta(self.plan.layer_order, error_feedback_layout(self.compression), self.shardings.replicas)
+
+    def outer_due(self, step: int) -> bool:
+        """Whether the outer step follows train step ``step`` (DiLoCo: every H-th; never without ``outer``)."""
+        return self.plan.outer is not None and self.plan.outer.settings.due(step)
+
+    def scalar_metrics(self, metrics: dict) -> dict:
+        """A train step's metrics as replicated scalars (DiLoCo's are per replica until this reduces them)."""
+        return metrics if self.reduce_metrics is None else self.reduce_metrics(metrics)
+
+    def state_from(self, params):
+        """(params, opt_state) of a fresh optimizer around ``params`` (one network, e.g. another run's).
+
+        DiLoCo: every replica and the anchor start from ``params``.
+        """
+        replicas = self.shardings.replicas
+
+        def make(p):
+            p = p if replicas is None else replicate(p, replicas)
+            return p, self.tx.init(p)
+
+        return jax.jit(make, out_shardings=(self.shardings.params, self.shardings.opt_state))(params)
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -76,11 +118,24 @@ class TrainingSetup:
         )
 
 
-def setup_training(cfg: Config, mesh: jax.sharding.Mesh, plan: ParallelPlan | None = None) -> TrainingSetup:
-    """The plan of ``cfg`` on ``mesh`` (or the one given) and the jitted steps built from it."""
+def setup_training(
+    cfg: Config,
+    mesh: jax.sharding.Mesh,
+    plan: ParallelPlan | None = None,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+) -> TrainingSetup:
+    """The plan of ``cfg`` on ``mesh`` (or the one given) and the jitted steps built from it.
+
+    ``optimizer`` replaces the config's AdamW (under DiLoCo: the inner optimizer), e.g. plain
+    SGD in tests; ``faults.nan_policy`` still wraps it.
+    """
     plan = plan or build_plan(cfg, mesh)
     model = abstract_model(cfg.model)
-    tx = optimizer_for_policy(make_optimizer(cfg.optimizer, cfg.steps, model.logical_axes), cfg.faults)
+    base = optimizer or make_optimizer(cfg.optimizer, cfg.steps, model.logical_axes)
+    tx = optimizer_for_policy(base, cfg.faults)
+    if plan.outer is not None:
+        return _setup_diloco(cfg, mesh, plan, model, tx)
     shardings = state_shardings(model, tx, plan.rules, mesh)
     grads_fn = make_grads_fn(model, plan, shardings)
     compression = make_compression(model, plan, shardings)
@@ -97,4 +152,41 @@ def setup_training(cfg: Config, mesh: jax.sharding.Mesh, plan: ParallelPlan | No
         make_eval_step(model.graphdef, shardings, plan),
         jax.jit(lambda params, batch: grads_fn(params, batch)[:2]),  # (loss, grads), without metrics
         compression,
+    )
+
+
+def _setup_diloco(
+    cfg: Config, mesh: jax.sharding.Mesh, plan: ParallelPlan, model: AbstractModel, inner_tx
+) -> TrainingSetup:
+    """DiLoCo or local SGD: one replica's shardings and gradients, wrapped per replica (module docstring)."""
+    replica = plan.outer
+    axes = replica.settings.replica_axes
+    inside = state_shardings(model, inner_tx, replica.plan.rules, mesh)  # one replica's layout
+    outer_tx = outer_optimizer(replica.settings)
+    compression = make_outer_compression(model, plan, inside.params)
+    tx = diloco_optimizer(inner_tx, outer_tx, axes, compression and compression.init_error_feedback)
+    opt_state = {
+        "inner": jax.tree.map(lambda s: per_replica(s, axes), inside.opt_state),
+        "anchor": inside.params,
+        "outer": optimizer_shardings(outer_tx, model.params, inside.params, mesh),
+    }
+    if compression is not None:
+        opt_state["error_feedback"] = compression.error_feedback_shardings()
+    params = jax.tree.map(lambda s: per_replica(s, axes), inside.params)
+    shardings = StateShardings(params, opt_state, replicas=replica.replicas)
+    grads_fn = make_grads_fn(model, replica.plan, inside)
+    steps = make_diloco_steps(model, grads_fn, tx, outer_tx, shardings, plan, compression)
+    return TrainingSetup(
+        cfg,
+        mesh,
+        plan,
+        model,
+        tx,
+        shardings,
+        steps.inner,
+        steps.eval,
+        steps.grads,
+        compression,
+        outer_step=steps.outer,
+        reduce_metrics=steps.metrics,
     )

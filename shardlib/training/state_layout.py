@@ -11,7 +11,12 @@ Two parts of the training state depend on the plan, not only on the model:
   something only on the mesh and preset that made them. The checkpoint
   records that layout; restoring onto another one resets them to zero with a
   logged warning (the error feedback restarts; the parameters and moments are
-  exact), never loads them into the wrong devices' rows.
+  exact), never loads them into the wrong devices' rows;
+* DiLoCo's replica count R: every replica's parameters and inner optimizer
+  state have a leading [R] dimension (``shardlib.parallel.diloco``). The
+  checkpoint records R; a run with another R refuses the step with one line
+  (a replica's state has no counterpart in a run with other replicas). The
+  layout inside the replicas may change like any other.
 """
 
 from __future__ import annotations
@@ -24,15 +29,17 @@ import numpy as np
 import optax
 
 from shardlib.parallel.pipeline.stages import relayout_index
+from shardlib.training.checkpoint import CheckpointError
 
 PyTree = Any
 LAYER_ORDER = "layer_order"
 ERROR_FEEDBACK = "error_feedback_layout"
+REPLICAS = "diloco_replicas"
 
 
-def layout_meta(layer_order: np.ndarray, error_feedback: dict | None) -> dict:
-    """The JSON the checkpoint stores: the layer order and the residuals' layout (or None)."""
-    return {LAYER_ORDER: [int(i) for i in layer_order], ERROR_FEEDBACK: error_feedback}
+def layout_meta(layer_order: np.ndarray, error_feedback: dict | None, replicas: int | None = None) -> dict:
+    """The JSON the checkpoint stores: the layer order, the residuals' layout (or None), DiLoCo's R (or None)."""
+    return {LAYER_ORDER: [int(i) for i in layer_order], ERROR_FEEDBACK: error_feedback, REPLICAS: replicas}
 
 
 def error_feedback_layout(compression) -> dict | None:
@@ -92,7 +99,10 @@ def adapt_restored(
 def restore_targets(abstract_params: PyTree, abstract_opt_state: PyTree, meta: dict, compression) -> tuple:
     """(params, opt_state) to restore a step recorded with ``meta`` onto: this plan's targets, except
     residuals saved for another layout, which are read with their saved shapes (replicated) to be dropped.
+
+    Raises CheckpointError for a step saved with another DiLoCo replica count (or with none, or without).
     """
+    _check_replicas(meta, abstract_params, abstract_opt_state)
     current = error_feedback_layout(compression)
     saved = meta.get(ERROR_FEEDBACK)
     if current is None or saved is None or saved == current:
@@ -103,6 +113,23 @@ def restore_targets(abstract_params: PyTree, abstract_opt_state: PyTree, meta: d
     shapes = {"worker": (devices, saved["flat_size"]), "server": (devices, saved["flat_size"] // shards)}
     error_feedback = {k: jax.ShapeDtypeStruct(s, np.float32, sharding=replicated) for k, s in shapes.items()}
     return abstract_params, {**abstract_opt_state, "error_feedback": error_feedback}
+
+
+def _check_replicas(meta: dict, abstract_params: PyTree, abstract_opt_state: PyTree) -> None:
+    """CheckpointError unless the step was saved with this run's DiLoCo replica count (None: no DiLoCo)."""
+    saved = meta.get(REPLICAS)
+    diloco = isinstance(abstract_opt_state, dict) and "anchor" in abstract_opt_state  # diloco_optimizer's state
+    current = jax.tree.leaves(abstract_params)[0].shape[0] if diloco else None
+    if saved == current:
+        return
+
+    def what(r):
+        return "synchronous training's state" if r is None else f"the DiLoCo state of {r} replica groups"
+
+    raise CheckpointError(
+        f"checkpoint step {meta.get('step')} holds {what(saved)}, but this run has {what(current)} "
+        "(outer.algorithm and outer.replica_axes on this mesh); resume with the run's own, or start another run_dir"
+    )
 
 
 def reset_foreign_residuals(opt_state: PyTree, meta: dict, compression, log: Callable[[str], None]) -> PyTree:

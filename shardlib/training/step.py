@@ -9,10 +9,16 @@ and optimizer state are updated in place on every device.
 The eval step runs the network the train step trains: the same attention,
 expert dispatch and token order, and the layers in their logical order
 whatever layout the pipeline stores them in.
+
+DiLoCo and local SGD (``make_diloco_steps``) replace the train step by two:
+the inner step, every replica group's own optimizer step with no collective
+over the replica axes, and the outer step, run after every H-th inner step,
+whose one all-reduce averages the pseudo-gradient (``shardlib.parallel.diloco``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +32,7 @@ from models.layers import cross_entropy
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
+from shardlib.parallel.diloco import outer_update, replica_mean, replica_metrics, split_replicas
 from shardlib.parallel.pipeline.stages import make_pipeline_grads
 from shardlib.training.parallel_plan import ParallelPlan
 from shardlib.training.train_state import AbstractModel, StateShardings
@@ -33,7 +40,16 @@ from shardlib.training.train_state import AbstractModel, StateShardings
 PyTree = Any
 GradsFn = Callable[[PyTree, Batch], tuple[jax.Array, PyTree, dict[str, jax.Array]]]
 
-__all__ = ["cross_entropy", "make_eval_step", "make_grads_fn", "make_loss_fn", "make_train_step"]
+__all__ = [
+    "DiLoCoSteps",
+    "cross_entropy",
+    "make_diloco_steps",
+    "make_eval_step",
+    "make_grads_fn",
+    "make_loss_fn",
+    "make_outer_compression",
+    "make_train_step",
+]
 
 
 def make_loss_fn(
@@ -161,4 +177,109 @@ def make_eval_step(
         lambda params, b: loss_fn(params, b["inputs"], b["targets"]),
         in_shardings=(shardings.params, {"inputs": batch, "targets": batch}),
         out_shardings=NamedSharding(plan.mesh, PartitionSpec()),
+    )
+
+
+def make_outer_compression(
+    model: AbstractModel, plan: ParallelPlan, replica_param_shardings: PyTree
+) -> GradCompression | None:
+    """DiLoCo's compressed pseudo-gradient all-reduce over the replica axes, or None (``outer.compression: none``).
+
+    The gradient compression's own reduction, its "shards" the replicas:
+    ``GradCompression.reduce`` takes [R, *param] arrays sharded over the
+    replica axes, as the pseudo-gradient is; only ``reduce`` and the
+    error-feedback state are used (no loss runs through it).
+    """
+    settings = plan.outer.settings
+    axes = settings.replica_axes
+    return make_grad_compression(
+        settings.compression,
+        make_loss=lambda _: None,
+        params=model.params,
+        param_shardings=replica_param_shardings,
+        rules=plan.outer.plan.rules,
+        mesh=plan.mesh,
+        batch_spec=PartitionSpec(axes[0] if len(axes) == 1 else axes),
+        grad_accum=1,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DiLoCoSteps:
+    """The jitted steps of a DiLoCo or local SGD run (``make_diloco_steps``).
+
+    inner(params_R, opt_state, batch) -> (params_R, opt_state, metrics_R): every metric [R], per replica.
+    outer(params_R, opt_state) -> (params_R, opt_state): the outer step, after every H-th inner step.
+    metrics(metrics_R) -> the run's replicated scalars (``diloco.replica_metrics``).
+    eval(params_R, batch) -> loss: the held-out loss of the replicas' mean.
+    grads(params_R, batch) -> (loss_R, grads_R): every replica's own, for tests and tools.
+    """
+
+    inner: Callable
+    outer: Callable
+    metrics: Callable
+    eval: Callable
+    grads: Callable
+
+
+def make_diloco_steps(
+    model: AbstractModel,
+    grads_fn: GradsFn,
+    tx: optax.GradientTransformation,
+    outer_tx: optax.GradientTransformation,
+    shardings: StateShardings,
+    plan: ParallelPlan,
+    compression: GradCompression | None = None,
+) -> DiLoCoSteps:
+    """The inner, outer, metrics and eval steps of ``plan.outer``.
+
+    ``grads_fn``: one replica's (``make_grads_fn`` of ``plan.outer.plan``),
+    run under vmap over the replica axes on [R, B/R, L] rows; ``tx``:
+    ``diloco.diloco_optimizer`` (the inner optimizer per replica);
+    ``shardings``: params_R and the DiLoCo state's. Both steps donate the state.
+
+    The inner step's metrics stay per replica ([R], sharded over the replica
+    axes): a scalar mean in the step would be an all-reduce over the replica
+    axes at every step; ``metrics`` reduces them when the host reads them
+    (log steps and saves), in a separate program.
+    """
+    replica = plan.outer
+    axes = replica.settings.replica_axes
+    spmd = axes[0] if len(axes) == 1 else axes
+    mesh = plan.mesh
+
+    def replica_grads(params_R, batch):
+        rows = {k: split_replicas(v, replica.batch_axes, axes, mesh) for k, v in batch.items()}
+        return jax.vmap(grads_fn, spmd_axis_name=spmd)(params_R, rows)
+
+    def inner(params_R, opt_state, batch):
+        loss_R, grads_R, extra_R = replica_grads(params_R, batch)
+        updates_R, opt_state = tx.update(grads_R, opt_state, params_R)
+        params_R = optax.apply_updates(params_R, updates_R)
+        norm_R = jax.vmap(optax.tree.norm, spmd_axis_name=spmd)
+        metrics_R = {"loss": loss_R, "grad_norm": norm_R(grads_R), "param_norm": norm_R(params_R), **extra_R}
+        return params_R, opt_state, metrics_R
+
+    def outer(params_R, opt_state):
+        return outer_update(params_R, opt_state, outer_tx, None if compression is None else compression.reduce)
+
+    state = (shardings.params, shardings.opt_state)
+    batch = {"inputs": plan.batch_sharding, "targets": plan.batch_sharding}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    loss_fn = make_loss_fn(model.graphdef, plan)  # the whole mesh's rules: the mean is one network
+    return DiLoCoSteps(
+        inner=jax.jit(
+            inner,
+            in_shardings=(*state, batch),
+            out_shardings=(*state, NamedSharding(mesh, PartitionSpec(spmd))),
+            donate_argnums=(0, 1),
+        ),
+        outer=jax.jit(outer, in_shardings=state, out_shardings=state, donate_argnums=(0, 1)),
+        metrics=jax.jit(replica_metrics, out_shardings=replicated),
+        eval=jax.jit(
+            lambda params_R, b: loss_fn(replica_mean(params_R), b["inputs"], b["targets"]),
+            in_shardings=(shardings.params, batch),
+            out_shardings=replicated,
+        ),
+        grads=jax.jit(lambda params_R, b: replica_grads(params_R, b)[:2]),
     )

@@ -26,6 +26,7 @@ from shardlib.core.sharding import (
     optimizer_shardings,
     tree_shardings,
 )
+from shardlib.parallel.diloco import replicate
 from shardlib.training.config import ModelConfig, OptimizerConfig
 
 PyTree = Any
@@ -107,10 +108,15 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, logical_axes: PyTree)
 
 @dataclasses.dataclass(frozen=True)
 class StateShardings:
-    """Where every leaf of the training state lives."""
+    """Where every leaf of the training state lives.
+
+    replicas: DiLoCo's R when every parameter carries a leading replica
+    dimension (``shardlib.parallel.diloco``), else None.
+    """
 
     params: PyTree
     opt_state: PyTree
+    replicas: int | None = None
 
 
 def state_shardings(
@@ -132,7 +138,8 @@ def init_state(
 
     ``layer_order`` (stored position -> logical layer, from the parallel plan)
     stores the stacked layers in a pipeline's layout, so that every plan
-    starts from the same network for the same seed.
+    starts from the same network for the same seed. With ``shardings.replicas``
+    every replica starts from that network.
     """
 
     def make():
@@ -140,6 +147,8 @@ def init_state(
         if layer_order is not None and not np.array_equal(layer_order, np.arange(len(layer_order))):
             take = np.asarray(layer_order)
             params = {**params, "layers": jax.tree.map(lambda w: w[take], params["layers"])}
+        if shardings.replicas is not None:
+            params = replicate(params, shardings.replicas)
         return params, tx.init(params)
 
     return jax.jit(make, out_shardings=(shardings.params, shardings.opt_state))()
@@ -151,8 +160,11 @@ def abstract_state(model: AbstractModel, tx: optax.GradientTransformation, shard
     def attach(leaf, sharding):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
-    abstract_opt = jax.eval_shape(tx.init, model.params)
+    params = model.params
+    if shardings.replicas is not None:
+        params = jax.eval_shape(lambda p: replicate(p, shardings.replicas), params)
+    abstract_opt = jax.eval_shape(tx.init, params)
     return (
-        jax.tree.map(attach, model.params, shardings.params),
+        jax.tree.map(attach, params, shardings.params),
         jax.tree.map(attach, abstract_opt, shardings.opt_state),
     )

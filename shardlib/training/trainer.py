@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 
 from shardlib.core.mesh import describe_mesh
+from shardlib.interop.init_from import initial_state
 from shardlib.training.checkpoint import Checkpointer, restore_latest
 from shardlib.training.config import Config
 from shardlib.training.data import check_token_ids, load_token_splits
@@ -59,7 +60,7 @@ def _restore_or_init(
         checkpointer, lambda meta: restore_targets(*targets, meta, run.compression), fallback=fallback, log=log
     )
     if restored is None:
-        params, opt_state = run.init_state()
+        params, opt_state = initial_state(run, log)  # cfg.init_from's weights, else random (shardlib.interop)
         return 0, params, opt_state, {"data_position": 0}
     step, params, opt_state, meta = restored
     # The state in this plan's layout: the layers in its pipeline's order, residuals of its own mesh.
@@ -102,19 +103,11 @@ def train(
     or stdout not a terminal) every logged step is also a line through ``log``.
     """
     _check_setup(setup, cfg, mesh)
-    train_tokens, heldout_tokens = load_token_splits(cfg.data)
-    check_token_ids(cfg.data, cfg.model.vocab_size, {"train": train_tokens, "held-out": heldout_tokens})
+    train_tokens, heldout_tokens = _load_tokens(cfg)
     run = setup or setup_training(cfg, mesh)
     is_main = jax.process_index() == 0
     run_dir = pathlib.Path(cfg.run_dir)
-    check_resume(run_dir, cfg)  # before any checkpoint manager: a mismatched start touches nothing
-    check_run_dir(run_dir, _checkpoint_bytes(run), cfg.checkpoint.keep, log=log)
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints",
-        every=cfg.checkpoint.every,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    )
+    checkpointer = _open_checkpoints(cfg, run, run_dir, log)
     end_step = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     if (done := checkpointer.latest_step() or 0) >= end_step:
         checkpointer.close()
@@ -122,25 +115,16 @@ def train(
             f"{run_dir} already holds step {done} of {cfg.steps}: nothing to train (raise steps or use another run_dir)"
         )
         return TrainResult(run_dir, done, done, [], [], 0.0, None)
-    start_step, params, opt_state, meta = _restore_or_init(run, checkpointer, log, fallback=cfg.checkpoint.fallback)
+    try:
+        start_step, params, opt_state, meta = _restore_or_init(run, checkpointer, log, fallback=cfg.checkpoint.fallback)
+    except BaseException:  # an unusable checkpoint or import: leave no manager (or its log filter) behind
+        checkpointer.close()
+        raise
     if is_main:
         record_start(run_dir, cfg, start_step)  # config.json and config-history.jsonl (shardlib.training.run_guard)
-
-    guard = NanGuard(
-        cfg.faults,
-        vocab_size=cfg.model.vocab_size,
-        checkpoint_dir=checkpointer.directory,
-        skipped=int(meta.get("skipped_updates", 0)),
-        last_checkpoint=start_step or None,
-        log=log,
-    )
+    guard = _nan_guard(cfg, checkpointer, meta, start_step, log)
     state = LoopState(params, opt_state, start_step)
-    log(
-        f"model {cfg.model.num_params():,} params | mesh {describe_mesh(mesh)} | sharding {cfg.sharding} | "
-        f"steps {start_step + 1}..{end_step} of {cfg.steps} | {cfg.batch_size * cfg.seq_len:,} tokens/step"
-    )
-    loader = run.loader(train_tokens, seed=cfg.seed, position=int(meta["data_position"]))
-    eval_loader = run.loader(heldout_tokens, seed=cfg.seed + 1)
+    log(_banner(cfg, mesh, start_step, end_step))
     started = time.perf_counter()
     # Signals outermost: a SIGTERM while the last save completes must not kill it.
     with StopSignals() as stop, checkpointer, MetricsWriter(run_dir, enabled=is_main) as writer:
@@ -148,8 +132,8 @@ def train(
             cfg,
             run,
             state,
-            loader=loader,
-            eval_loader=eval_loader,
+            loader=run.loader(train_tokens, seed=cfg.seed, position=int(meta["data_position"])),
+            eval_loader=run.loader(heldout_tokens, seed=cfg.seed + 1),
             guard=guard,
             checkpointer=checkpointer,
             writer=writer,
@@ -159,19 +143,54 @@ def train(
             progress=progress,
         )
         loop.run_steps(range(start_step + 1, end_step + 1), stop)
+    elapsed = time.perf_counter() - started
     result = TrainResult(
-        run_dir,
-        start_step,
-        state.step,
-        state.losses,
-        state.eval_losses,
-        time.perf_counter() - started,
-        loop.throughput.overall,
-        stop.reason,
-        guard.skipped,
-    )
+        run_dir, start_step, state.step, state.losses, state.eval_losses, elapsed, loop.throughput.overall,
+        stop.reason, guard.skipped,
+    )  # fmt: skip
     _summarise(result, cfg, mesh, checkpointer, log, plot=is_main)
     return result
+
+
+def _load_tokens(cfg: Config):
+    """(train, held-out) token arrays of ``cfg.data``, checked against the model's vocabulary."""
+    train_tokens, heldout_tokens = load_token_splits(cfg.data)
+    check_token_ids(cfg.data, cfg.model.vocab_size, {"train": train_tokens, "held-out": heldout_tokens})
+    return train_tokens, heldout_tokens
+
+
+def _open_checkpoints(cfg: Config, run: TrainingSetup, run_dir: pathlib.Path, log) -> Checkpointer:
+    """The run's checkpoint manager, after the checks that must precede it.
+
+    The resume guard comes first, so a mismatched start touches nothing; then the disk check.
+    """
+    check_resume(run_dir, cfg)
+    check_run_dir(run_dir, _checkpoint_bytes(run), cfg.checkpoint.keep, log=log)
+    return Checkpointer(
+        run_dir / "checkpoints",
+        every=cfg.checkpoint.every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+
+
+def _nan_guard(cfg: Config, checkpointer: Checkpointer, meta: dict, start_step: int, log) -> NanGuard:
+    """The fault policy of ``cfg.faults``, carrying the skip count a resumed run had reached."""
+    return NanGuard(
+        cfg.faults,
+        vocab_size=cfg.model.vocab_size,
+        checkpoint_dir=checkpointer.directory,
+        skipped=int(meta.get("skipped_updates", 0)),
+        last_checkpoint=start_step or None,
+        log=log,
+    )
+
+
+def _banner(cfg: Config, mesh: jax.sharding.Mesh, start_step: int, end_step: int) -> str:
+    return (
+        f"model {cfg.model.num_params():,} params | mesh {describe_mesh(mesh)} | sharding {cfg.sharding} | "
+        f"steps {start_step + 1}..{end_step} of {cfg.steps} | {cfg.batch_size * cfg.seq_len:,} tokens/step"
+    )
 
 
 # Config keys only the step loop reads: a setup built for one value serves them all.

@@ -33,7 +33,12 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
   all-to-alls (dispatch, combine) of the capacity-padded [E, b, C, D] buffer
   forward, two backward, two more when remat recomputes the forward pass; the
   experts' gradients are not reduced over the expert axes (each device owns
-  its experts). Without MoE layers the ``expert`` axis only splits the batch.
+  its experts). Without MoE layers the ``expert`` axis only splits the batch;
+* DiLoCo and local SGD (``outer``, ``shardlib.parallel.diloco``): the inner steps
+  reduce nothing over the replica axes (the terms above lose those axes), and
+  every H steps one all-reduce of the pseudo-gradient, 2(R-1)/R of the
+  parameter bytes a device holds (compressed: of its payload), is shown
+  averaged over the H steps it serves.
 
 Bytes are "wire" bytes (see ``collectives.wire_bytes``); multi-axis groups are
 attributed to axes with ``collectives.split_by_axis``, as measured ones are.
@@ -291,15 +296,49 @@ def expert_terms(layout: Layout) -> list[Term]:
     return [t for t in out if t is not None]
 
 
+def diloco_terms(layout: Layout, terms: list[Term]) -> list[Term]:
+    """``terms`` as DiLoCo's inner steps move them (no gradient traffic over the replica axes), plus
+    the outer all-reduce averaged over its period; ``terms`` unchanged without ``outer``."""
+    from shardlib.parallel.compression import CONFIG_MODES, payload_bytes
+
+    outer = getattr(layout.cfg, "outer", None)
+    if outer is None or outer.algorithm == "none":
+        return terms
+    sizes = layout.sizes
+    replica = tuple(a for a in outer.replica_axes if sizes[a] > 1)
+    out: list[Term | None] = []
+    for t in terms:
+        if t.strategy in ("data parallel", "fsdp") and set(t.axes) & set(replica):
+            axes = tuple(a for a in t.axes if a not in replica)
+            t = _term(t.strategy, t.what, t.kind, axes, sizes, t.message_bytes, t.count, t.overlappable, note=t.note)
+        out.append(t)
+    group = int(np.prod([sizes[a] for a in replica]))
+    if group > 1:
+        local = sum(p.bytes_per_device for p in layout.params)
+        mode = CONFIG_MODES.get(outer.compression, "float32")
+        values = int(sum(p.bytes_per_device / p.itemsize for p in layout.params))
+        message = float(local if mode == "float32" else payload_bytes(values, mode))
+        per_period = wire_bytes("all-reduce", message, group)
+        what = (
+            f"pseudo-gradient all-reduce ({outer.compression}), once per {outer.inner_steps} steps, averaged per step"
+        )
+        note = f"{per_period:,.0f} bytes per outer step, which the next period waits for (synchronous DiLoCo)"
+        out.append(
+            Term("diloco", what, "all-reduce", replica, group, message, 1, per_period / outer.inner_steps, False, note)
+        )
+    return [t for t in out if t is not None]
+
+
 def predict_terms(layout: Layout) -> list[Term]:
-    """Every predicted term for ``layout``, in strategy order."""
-    return [
+    """Every predicted term for ``layout``, in strategy order (DiLoCo's last)."""
+    terms = [
         *gradient_terms(layout),
         *tensor_terms(layout),
         *sequence_terms(layout),
         *pipeline_terms(layout),
         *expert_terms(layout),
     ]
+    return diloco_terms(layout, terms)
 
 
 def per_axis(terms: list[Term], sizes) -> dict[str, float]:

@@ -1,0 +1,212 @@
+"""Logical axes from Flax's own annotations, with path patterns for what they miss.
+
+Flax models name their parameters' dimensions themselves:
+
+* Linen: ``nn.with_logical_partitioning(init, ("embed", "mlp"))`` (or
+  ``nn.with_partitioning``) wraps the parameter in an ``nn.LogicallyPartitioned``
+  (``nn.Partitioned``) box whose ``names`` are the axes; ``model.init`` returns
+  the boxes, and JAX shows their paths as ``.../kernel/value``;
+* NNX: ``nnx.with_partitioning(init, names)``, ``kernel_metadata={"out_sharding":
+  names}`` or ``nnx.Param(x, out_sharding=names)`` store the names in the
+  variable's ``out_sharding`` metadata (older code: ``sharding_names``, ``sharding``).
+
+``logical_axes`` reads those names and asks path patterns (``shardlib.core.patterns``)
+only for the leaves without any, such as an NNX model's qk-norm scales or Linen's
+unannotated ``LayerNorm``. ``unbox`` gives the plain tree the axes tree matches.
+The names are the project's own; ``shardlib.core.aliases`` maps them onto a
+rule table's. ``nn.Partitioned`` boxes name mesh axes rather than logical
+names; they are read as logical names all the same, so give them rules
+(``("model", "model")``) or aliases.
+
+``linen_output_constraints`` constrains the outputs of a Linen model's
+submodules without touching its code (``nn.intercept_methods``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+from flax.core import meta
+from jax.sharding import PartitionSpec
+
+from shardlib.core.paths import is_flax_box, param_path, path_str
+from shardlib.core.patterns import AxisPatterns, LeafToAssign, assign_logical_axes, leaf_shape, segment_regex
+from shardlib.core.rules import LogicalAxes, ShardingError
+
+PyTree = Any
+# NNX's metadata keys for logical names, newest first (the older two are deprecated aliases).
+NNX_AXES_KEYS: tuple[str, ...] = ("out_sharding", "sharding_names", "sharding")
+
+
+def _check_tree(tree: PyTree, caller: str) -> None:
+    if isinstance(tree, nnx.Module):
+        raise ShardingError(
+            f"{caller} got an nnx.Module; pass its parameter state, nnx.state(model, nnx.Param), "
+            "(nnx.eval_shape or jax.eval_shape of it for an abstract model)"
+        )
+
+
+def unbox(tree: PyTree) -> PyTree:
+    """The plain tree of arrays under Flax's boxes: what ``jit``, optax and ``tree_shardings`` take.
+
+    An ``nnx.State`` becomes ``nnx.to_pure_dict(state)``; Linen boxes
+    (``nn.LogicallyPartitioned``) and loose ``nnx.Variable`` leaves become their
+    values; anything else is returned as it is. Shapes are unchanged, so the
+    result may hold arrays or ShapeDtypeStructs alike.
+    """
+    _check_tree(tree, "unbox")
+    if isinstance(tree, nnx.State):
+        return nnx.to_pure_dict(tree)
+    return jax.tree.map(unbox_leaf, tree, is_leaf=is_flax_box)
+
+
+def unbox_leaf(leaf: Any) -> Any:
+    """The value in a Flax box or NNX variable; any other leaf as it is."""
+    if isinstance(leaf, nnx.Variable):
+        return leaf.get_value()
+    if isinstance(leaf, meta.AxisMetadata):
+        return leaf.unbox()
+    return leaf
+
+
+def metadata_axes(leaf: Any, path: str = "<leaf>") -> LogicalAxes | None:
+    """The logical names a Flax box or variable carries, or None when it carries none.
+
+    Raises:
+      ShardingError: metadata that is not a sequence of names (an
+        already-resolved ``NamedSharding``, say), naming ``path``.
+    """
+    if isinstance(leaf, meta.Partitioned):  # nn.LogicallyPartitioned is a subclass
+        names = leaf.names
+    elif isinstance(leaf, nnx.Variable):
+        found = leaf.get_metadata()
+        names = next((found[k] for k in NNX_AXES_KEYS if found.get(k) is not None), None)
+    else:
+        return None
+    if names is None:
+        return None
+    if isinstance(names, PartitionSpec):
+        names = tuple(names)
+    if not (isinstance(names, tuple | list) and all(n is None or isinstance(n, str) for n in names)):
+        raise ShardingError(
+            f"{path}: its Flax sharding metadata is {names!r}; expected a tuple of logical names (or None)"
+        )
+    return tuple(names)
+
+
+def _annotated_leaves(tree: PyTree) -> tuple[list[tuple[tuple[str, ...], LeafToAssign]], PyTree]:
+    """(parameter path, leaf to assign) for every leaf of ``tree``, and the plain tree they describe."""
+    entries = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_flax_box)[0]:
+        path = path_str(keypath)
+        entries.append(
+            (param_path(keypath), LeafToAssign(path, leaf_shape(unbox_leaf(leaf)), metadata_axes(leaf, path)))
+        )
+    return entries, unbox(tree)
+
+
+def _axes_tree(plain: PyTree, axes_by_path: dict[tuple[str, ...], LogicalAxes]) -> PyTree:
+    # Looked up by path rather than zipped in flatten order: an nnx.State and its pure dict
+    # need not flatten in the same order.
+    return jax.tree_util.tree_map_with_path(lambda keypath, _: axes_by_path[param_path(keypath)], plain)
+
+
+def logical_axes(tree: PyTree, patterns: AxisPatterns = (), *, strict: bool = True) -> PyTree:
+    """Logical axes of every parameter: Flax's metadata where it has some, else the patterns.
+
+    Args:
+      tree: Linen variables or params as ``init`` returns them (boxed), an
+        ``nnx.State`` (``nnx.state(model, nnx.Param)``, abstract or not), or any
+        plain pytree (then the patterns alone decide, as in
+        ``match_logical_axes``).
+      patterns: ``(regex, logical axes | None)`` pairs for the leaves without
+        metadata, matched against whole segments of the leaf's path without
+        the box's ``/value`` (``params/norm/scale``); first match wins.
+      strict: a leaf neither metadata nor a pattern covers is an error, as
+        are a catch-all pattern and a pattern matching no leaf;
+        ``strict=False`` replicates uncovered leaves (``shardlib.core.patterns``).
+    Returns:
+      A tree with the structure of ``unbox(tree)`` whose leaves are tuples of
+      logical names, one per dimension.
+    Raises:
+      ShardingError: naming the leaf or pattern at fault.
+    """
+    _check_tree(tree, "logical_axes")
+    entries, plain = _annotated_leaves(tree)
+    assigned = assign_logical_axes(
+        [leaf for _, leaf in entries], patterns, strict=strict, unmatched_note="(no Flax metadata either)"
+    )
+    return _axes_tree(plain, {path: axes for (path, _), axes in zip(entries, assigned, strict=True)})
+
+
+def logical_axes_from_state(state: PyTree) -> PyTree:
+    """Logical axes from Flax metadata alone: every parameter must carry them.
+
+    ``state`` is an ``nnx.State`` (the result is a pure dict, like
+    ``nnx.to_pure_dict(state)``) or Linen variables/params with boxes (the
+    result has the structure of ``unbox(state)``). A leaf without metadata is
+    an error naming it: an unannotated parameter would otherwise be replicated
+    silently. To cover such leaves by path patterns, use ``logical_axes``.
+    """
+    _check_tree(state, "logical_axes_from_state")
+    entries, plain = _annotated_leaves(state)
+    for _, leaf in entries:
+        if leaf.metadata_axes is None:
+            raise ShardingError(
+                f"parameter {leaf.path} has no logical axes (no out_sharding metadata or Linen partitioning box); "
+                "to give it axes by path, use shardlib.logical_axes(state, patterns)"
+            )
+        if len(leaf.metadata_axes) != len(leaf.shape):
+            raise ShardingError(
+                f"{leaf.path}: its Flax metadata names logical axes {leaf.metadata_axes} but the leaf has "
+                f"shape {leaf.shape}"
+            )
+    return _axes_tree(plain, {path: leaf.metadata_axes for path, leaf in entries})
+
+
+def linen_output_constraints(
+    shard: Callable[[jax.Array, LogicalAxes], jax.Array], patterns: AxisPatterns
+) -> Callable[..., Any]:
+    """A Linen method interceptor that constrains submodules' outputs by logical names.
+
+    Use it around ``apply`` inside ``jit``, for a model with no activation
+    constraints of its own::
+
+        shard = ActivationSharding(rules, mesh)
+        constrain = linen_output_constraints(shard, [("mlp$", ("batch", "length", "embed"))])
+        with nn.intercept_methods(constrain):
+            logits = model.apply(variables, tokens)
+
+    Args:
+      shard: ``ActivationSharding(rules, mesh)`` or any ``(x, logical axes) -> x``.
+      patterns: ``(regex, logical axes)`` pairs matched, by whole path
+        segments, against the module's path (``block_0/mlp``, as in the
+        parameter paths without ``params/``); the first match wins, None
+        leaves the output alone. Only ``__call__`` outputs that are single
+        arrays are constrained.
+    Raises (when called, at trace time):
+      ShardingError: an output whose rank differs from the pattern's axes,
+        naming the module and the pattern.
+    """
+    table = [(segment_regex(p), p, None if axes is None else tuple(axes)) for p, axes in patterns]
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(out, jax.Array):
+            return out
+        path = "/".join(str(name) for name in context.module.path)
+        for regex, source, axes in table:
+            if regex.search(path):
+                if axes is None:
+                    return out
+                if len(axes) != out.ndim:
+                    raise ShardingError(
+                        f"module {path}: output of shape {out.shape} but pattern {source!r} gives logical axes {axes}"
+                    )
+                return shard(out, axes)
+        return out
+
+    return interceptor

@@ -1,0 +1,267 @@
+"""Write shardlib parameters as a Hugging Face Llama checkpoint: config.json, sharded safetensors, index.
+
+``export_hf`` goes tensor by tensor in HF order and holds at most one output
+file's tensors on the host at a time. Each HF tensor is one layer of a stacked
+parameter (or a whole unstacked one). With one process, it is copied to the
+host straight from the addressable shards that hold it (the devices slice out
+that one layer; nothing is gathered on a device). With several processes,
+where no process can address every shard, that one layer is gathered under
+jit onto every device (all processes must call ``export_hf``); process 0
+writes the files. Files are cut at ``max_shard_bytes``; a single file is
+``model.safetensors`` without an index, as ``transformers`` writes it.
+
+``python -m shardlib.interop.hf_export --run-dir runs/x --out hf/x`` exports the
+newest checkpoint of a run (``export_run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from safetensors.numpy import save_file
+
+from shardlib.interop.hf_config import CONFIG_FILE, hf_config_from_model
+from shardlib.interop.hf_import import INDEX_FILE
+from shardlib.interop.hf_layout import TensorLayout, axis_sizes, llama_layouts, to_hf
+from shardlib.training.config_schema import ModelConfig
+
+PyTree = Any
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """``"48KB"``, ``"2GB"``, ``"1000"`` -> bytes (binary units, as the fixture script's ``max_shard_size``)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?B?)\s*", text.upper())
+    if not match:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 500MB or 2GB")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _from_shards(array: jax.Array) -> np.ndarray:
+    """A fully addressable array on the host, copied shard by shard (each distinct shard once)."""
+    out = np.empty(array.shape, array.dtype)
+    seen = set()
+    for shard in array.addressable_shards:
+        key = tuple(s.indices(n)[:2] for s, n in zip(shard.index, array.shape, strict=True))
+        if key not in seen:
+            seen.add(key)
+            out[shard.index] = np.asarray(shard.data)
+    return out
+
+
+@functools.cache
+def _layer_slicer(sharding: NamedSharding, replicated: bool):
+    """jit of ``(stack, p) -> stack[p]``: sharded like one layer of ``sharding``, or replicated."""
+    spec = PartitionSpec() if replicated else PartitionSpec(*sharding.spec[1:])
+    return jax.jit(lambda w, p: w[p], out_shardings=NamedSharding(sharding.mesh, spec))
+
+
+def _host_block(leaf: jax.Array, position: int | None) -> np.ndarray:
+    """``leaf[position]`` (or all of ``leaf``) as a host array.
+
+    One process: the layer is sliced out on the devices that hold it (one
+    compiled slice per parameter, no gather), then copied shard by shard.
+    Several processes (no process addresses every shard): the layer is
+    gathered onto every device under jit, which every process must call.
+    """
+    if not leaf.is_fully_addressable:
+        replicated = NamedSharding(leaf.sharding.mesh, PartitionSpec())
+        if position is None:
+            block = jax.jit(lambda w: w, out_shardings=replicated)(leaf)
+        else:
+            block = _layer_slicer(leaf.sharding, True)(leaf, position)
+        return np.asarray(block.addressable_data(0))
+    if position is None:
+        return _from_shards(leaf)
+    return _from_shards(_layer_slicer(leaf.sharding, False)(leaf, position))
+
+
+def _get(tree: PyTree, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _plan(model: ModelConfig, itemsize: int) -> list[tuple[str, TensorLayout, int | None, int]]:
+    """(HF name, layout, logical layer or None, bytes) of every tensor, in HF's order (layer by layer)."""
+    sizes = axis_sizes(model)
+    layouts = llama_layouts(model.tie_embeddings)
+    stacked = [lay for lay in layouts if lay.stacked]
+    head = [lay for lay in layouts if not lay.stacked and lay.path.startswith("embed")]
+    tail = [lay for lay in layouts if not lay.stacked and lay not in head]
+
+    def entry(layout, layer):
+        name = layout.hf_name.format(i=layer) if layer is not None else layout.hf_name
+        return name, layout, layer, int(np.prod(layout.hf_shape(sizes))) * itemsize
+
+    return [
+        *(entry(lay, None) for lay in head),
+        *(entry(lay, i) for i in range(model.n_layers) for lay in stacked),
+        *(entry(lay, None) for lay in tail),
+    ]
+
+
+def export_hf(
+    params: PyTree,
+    model: ModelConfig,
+    out_dir: str | pathlib.Path,
+    *,
+    layer_order: Sequence[int] | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_position_embeddings: int = 4096,
+    config_extra: dict | None = None,
+) -> pathlib.Path:
+    """Writes ``params`` (shardlib's pure dict, any sharding) as an HF ``LlamaForCausalLM`` checkpoint.
+
+    ``layer_order``: stored position -> logical layer of the stacked
+    parameters (a pipeline's layout; default 0..L-1); HF layer i is written
+    from the position holding logical layer i. ``dtype`` ("float32" or
+    "bfloat16"; default ``model.param_dtype``) is what the files store. Files
+    hold at most ``max_shard_bytes`` each (one tensor may exceed it alone).
+    Returns ``out_dir``, which gets ``config.json`` and the weights.
+    """
+    out_dir = pathlib.Path(out_dir)
+    dtype = dtype or model.param_dtype
+    np_dtype = jax.numpy.dtype(dtype)
+    order = np.arange(model.n_layers) if layer_order is None else np.asarray(layer_order)
+    position = {int(logical): p for p, logical in enumerate(order)}
+    plan = _plan(model, np_dtype.itemsize)
+    files: list[list] = [[]]
+    for item in plan:
+        if files[-1] and sum(e[3] for e in files[-1]) + item[3] > max_shard_bytes:
+            files.append([])
+        files[-1].append(item)
+    names = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
+    )
+    writer = jax.process_index() == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for name, entries in zip(names, files, strict=True):
+        tensors = {}
+        for hf_name, layout, layer, _ in entries:
+            leaf = _get(params, layout.path)
+            block = _host_block(leaf, None if layer is None else position[layer])
+            tensors[hf_name] = np.ascontiguousarray(to_hf(layout, block).astype(np_dtype))
+        if writer:
+            save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+    if writer:
+        config = hf_config_from_model(
+            model, dtype=dtype, max_position_embeddings=max_position_embeddings, extra=config_extra
+        )
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if len(files) > 1:
+            index = {
+                "metadata": {"total_size": sum(e[3] for e in plan)},
+                "weight_map": {e[0]: name for name, entries in zip(names, files, strict=True) for e in entries},
+            }
+            (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
+
+
+# --------------------------------------------------------------------------- a run's newest checkpoint
+
+
+def export_run(
+    run_dir: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    mesh: jax.sharding.Mesh,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    log: Callable[[str], None] = print,
+) -> pathlib.Path:
+    """Exports the newest complete checkpoint of ``run_dir`` (read with its ``config.json``) onto ``mesh``.
+
+    Restores parameters and optimizer state onto the run's shardings on
+    ``mesh`` (any mesh the config fits), then writes the parameters in logical
+    layer order, and copies the run's tokenizer files if ``data.tokenizer`` names some.
+    """
+    from shardlib.training.checkpoint import Checkpointer, restore_latest
+    from shardlib.training.config import validate_config
+    from shardlib.training.setup import setup_training
+    from shardlib.training.state_layout import LAYER_ORDER, restore_targets
+    from shardlib.training.train_state import abstract_state
+
+    run_dir = pathlib.Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no config.json: not a shardlib run directory")
+    cfg = validate_config(json.loads(config_file.read_text()))
+    run = setup_training(cfg, mesh)
+    targets = abstract_state(run.model, run.tx, run.shardings)
+    with Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.keep, async_save=False) as ckpt:
+        restored = restore_latest(
+            ckpt, lambda meta: restore_targets(*targets, meta, run.compression), fallback=False, log=log
+        )
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint to export")
+    step, params, _, meta = restored
+    export_hf(
+        params,
+        cfg.model,
+        out_dir,
+        layer_order=meta.get(LAYER_ORDER),
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        max_position_embeddings=cfg.seq_len,
+    )
+    if cfg.data.tokenizer and jax.process_index() == 0:
+        from shardlib.training.data import tokenizer_files
+
+        for path in tokenizer_files(cfg.data.tokenizer):
+            shutil.copy(path, pathlib.Path(out_dir) / path.name)
+    log(f"exported step {step} of {run_dir} to {out_dir}")
+    return pathlib.Path(out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m shardlib.interop.hf_export --run-dir runs/x --out hf/x [--mesh M] [--devices N]``."""
+    from shardlib.core.mesh import build_mesh, load_mesh_spec, prepare_devices
+    from shardlib.training.cli import run_guarded
+
+    parser = argparse.ArgumentParser(description="Export a shardlib run's newest checkpoint to Hugging Face format.")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--out", required=True, help="directory for config.json and the safetensors files")
+    parser.add_argument("--mesh", help="mesh YAML to restore onto; default: the run's `mesh`")
+    parser.add_argument("--devices", type=int, help="emulate this many CPU devices")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="stored dtype; default: model.param_dtype")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest file, e.g. 500MB (default 2GB)")
+    parser.add_argument("--traceback", action="store_true")
+    args = parser.parse_args(argv)
+
+    def run(args) -> int:
+        import dataclasses
+
+        config_file = pathlib.Path(args.run_dir) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{args.run_dir} holds no config.json: not a shardlib run directory")
+        run_config = json.loads(config_file.read_text())
+        spec = load_mesh_spec(args.mesh or run_config.get("mesh", "meshes/cpu-8.yaml"))
+        if args.devices is not None:
+            spec = dataclasses.replace(spec, platform="cpu", emulate_cpu_devices=args.devices)
+        prepare_devices(spec)
+        mesh = build_mesh(spec)
+        with jax.set_mesh(mesh):
+            export_run(args.run_dir, args.out, mesh, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size))
+        return 0
+
+    return run_guarded(run, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""Local SGD and DiLoCo across replica groups: H inner steps without a collective, then one all-reduce.
+
+The algorithm (DiLoCo, Douillard et al. 2023, Algorithm 1), R replica groups,
+period length H, anchor θ (the parameters the period started from, the same
+on every replica):
+
+1. every replica r starts the period from θ_r = θ and takes H steps of the
+   inner optimizer (the run's AdamW) on its own rows of every batch; its inner
+   optimizer state is its own and is kept across periods (paper, section 6.1);
+2. the pseudo-gradient Δ = mean_r (θ - θ_r): one all-reduce over the replica
+   axes, 2(R-1)/R of the parameter bytes per device, once per H steps;
+3. the outer optimizer (SGD with Nesterov momentum, lr about 0.7) applies Δ
+   to θ, and every replica restarts from the new θ.
+
+Local SGD is the special case with outer SGD at lr 1 and no momentum: θ
+becomes the replicas' mean. With H = 1, local SGD and a linear inner optimizer
+(plain SGD) is data parallelism.
+
+Layout, and why. Every per-replica array carries a leading replica dimension
+R, sharded over the replica axes: parameters ``params_R`` [R, *shape] with
+spec ``P(replica_axes, *spec)``, the inner optimizer state likewise; the
+anchor and the outer optimizer state have the parameters' own shape and are
+replicated over the replica axes. The inner step runs the run's ordinary
+gradient function under ``jax.vmap(spmd_axis_name=replica_axes)``, so GSPMD
+keeps replica r's forward and backward on replica r's devices, and inside a
+replica the other mesh axes (``model``, ``seq``, a remaining batch axis, FSDP
+over a non-replica axis) stay the compiler's, through the same rule table
+with the replica axes taken out. Two alternatives were weighed:
+
+* parameters that look replicated over the replica axes but are computed per
+  shard (a partial-manual ``shard_map`` over those axes): an array declared
+  replicated whose shards differ is outside GSPMD's semantics (any later
+  reshard may pick any copy) and Orbax would save one copy of it, so the
+  checkpoint could not hold each replica's state; and XLA's partitioner
+  aborts on ``seq`` with ``model`` left to it inside a partial-manual region
+  (``compat._SEQ_IN_STAGES``), which vmap avoids;
+* the leading dimension makes each replica's state an ordinary global array:
+  checkpoints hold every replica's parameters and inner state and restore
+  onto another layout inside the replicas like any array, the mean over
+  replicas is an explicit ``jnp.mean`` (the only collective over the replica
+  axes, in the outer step), and memory per device is unchanged (a device
+  holds its own replica's slice). This is the form chosen.
+
+Streaming DiLoCo (Douillard et al. 2025: the parameters split into fragments
+whose outer steps fall on staggered inner steps, one fragment's all-reduce
+overlapping the next fragment's inner steps) is not built. Its place is
+``outer_update``: a fragment is a subset of the parameter leaves (e.g. a
+range of the stacked layers); the streaming outer step would take a boolean
+mask tree, reduce only the masked leaves, move only their anchor and momentum
+and reset only their replicas, and ``OuterSettings.due`` would return the
+fragment due at a step instead of a bool. The state already holds what each
+fragment needs (anchor and momentum per leaf).
+
+Pure functions of arrays and small settings; the jitted steps with their
+shardings are built in ``shardlib.training.step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+PyTree = Any
+ALGORITHMS = ("diloco", "local_sgd")
+# reduce(delta_R, error_feedback) -> (mean over replicas, new error feedback): a compressed all-reduce.
+Reduce = Callable[[PyTree, dict], tuple[PyTree, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterSettings:
+    """What the outer loop needs: the algorithm, the period H and the outer SGD's hyper-parameters.
+
+    replica_axes: mesh axes whose shards are the replica groups (R = product of their sizes).
+    compression: ``none``, ``bf16`` or ``int8``: how the pseudo-gradient travels.
+    """
+
+    algorithm: str
+    every: int
+    lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+    replica_axes: tuple[str, ...] = ("data",)
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown outer algorithm {self.algorithm!r}; known: {', '.join(ALGORITHMS)}")
+        if self.every < 1:
+            raise ValueError(f"outer.inner_steps must be at least 1 (inner steps per outer step), got {self.every}")
+
+    def due(self, step: int) -> bool:
+        """Whether the outer step follows inner step ``step`` (counted from 1): after H, 2H, ..."""
+        return step % self.every == 0
+
+    def describe(self) -> str:
+        if self.algorithm == "local_sgd":
+            outer = "parameter averaging (outer SGD lr 1)"
+        else:
+            kind = "Nesterov" if self.nesterov and self.momentum else "heavy-ball" if self.momentum else "no"
+            outer = f"outer SGD lr {self.lr:g}, {kind} momentum {self.momentum:g}"
+        return f"{self.algorithm} every {self.every} steps over {', '.join(self.replica_axes)}: {outer}"
+
+
+def outer_optimizer(settings: OuterSettings) -> optax.GradientTransformation:
+    """The outer SGD: Nesterov momentum for DiLoCo, plain SGD at lr 1 for local SGD (averaging)."""
+    if settings.algorithm == "local_sgd":
+        return optax.sgd(1.0)
+    momentum = settings.momentum or None
+    return optax.sgd(settings.lr, momentum=momentum, nesterov=bool(momentum) and settings.nesterov)
+
+
+def _lead(replica_axes: Sequence[str]) -> str | tuple[str, ...]:
+    return replica_axes[0] if len(replica_axes) == 1 else tuple(replica_axes)
+
+
+def replica_count(mesh: jax.sharding.Mesh, replica_axes: Sequence[str]) -> int:
+    """R: the number of replica groups, the product of the replica axes' sizes."""
+    return math.prod(mesh.shape[a] for a in replica_axes)
+
+
+def per_replica(sharding: NamedSharding, replica_axes: Sequence[str]) -> NamedSharding:
+    """The sharding of [R, *shape] given that of [*shape]: R over the replica axes, the rest as before."""
+    return NamedSharding(sharding.mesh, PartitionSpec(_lead(replica_axes), *sharding.spec))
+
+
+def split_replicas(
+    x_BxL: jax.Array, batch_axes: Sequence[str], replica_axes: Sequence[str], mesh: jax.sharding.Mesh
+) -> jax.Array:
+    """[B, L] -> [R, B/R, L]: replica r gets the rows its own devices hold, so no data moves.
+
+    ``batch_axes``: the mesh axes the batch is split over, in the batch
+    spec's order (its rows are blocks in that axes' row-major order); the
+    replica axes are among them. Row blocks are reordered replica axes first,
+    then the others; the result's leading dimension is sharded over the
+    replica axes and its second over the remaining batch axes.
+    """
+    sizes = [mesh.shape[a] for a in batch_axes]
+    b, length = x_BxL.shape
+    block = b // math.prod(sizes)
+    x = x_BxL.reshape(*sizes, block, length)
+    inner = [i for i, a in enumerate(batch_axes) if a not in replica_axes]
+    order = [batch_axes.index(a) for a in replica_axes] + inner
+    x = x.transpose(*order, len(sizes), len(sizes) + 1)
+    r = math.prod(mesh.shape[a] for a in replica_axes)
+    x_RxBxL = x.reshape(r, b // r, length)
+    rest = tuple(batch_axes[i] for i in inner)
+    spec = PartitionSpec(_lead(replica_axes), _lead(rest) if rest else None, None)
+    return lax.with_sharding_constraint(x_RxBxL, NamedSharding(mesh, spec))
+
+
+def replicate(tree: PyTree, replicas: int) -> PyTree:
+    """Every leaf [*shape] -> [R, *shape], R identical copies (a broadcast: each device keeps its own)."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (replicas, *x.shape)), tree)
+
+
+def replica_mean(tree_R: PyTree) -> PyTree:
+    """Mean over the leading replica dimension (an all-reduce over the replica axes)."""
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0, dtype=jnp.float32).astype(x.dtype), tree_R)
+
+
+def diloco_optimizer(
+    inner: optax.GradientTransformation,
+    outer: optax.GradientTransformation,
+    replica_axes: Sequence[str],
+    init_error_feedback: Callable[[], dict] | None = None,
+) -> optax.GradientTransformation:
+    """The inner optimizer run per replica, in a state that also holds the outer loop's.
+
+    init(params_R) -> {"inner": inner state, every leaf [R, ...]; "anchor": params
+    [*shape] (the period's start: replica 0's, all are equal at init); "outer":
+    the outer optimizer's state; "error_feedback": the compressed all-reduce's
+    residuals, when ``init_error_feedback`` is given}.
+    update(grads_R, state, params_R) -> (updates_R, state with the new inner
+    state): each replica's own inner update, nothing crosses the replica axes;
+    ``outer_update`` is what moves the rest.
+    """
+    spmd = _lead(replica_axes)
+
+    def init(params_R):
+        anchor = jax.tree.map(lambda p: p[0], params_R)
+        state = {"inner": jax.vmap(inner.init)(params_R), "anchor": anchor, "outer": outer.init(anchor)}
+        if init_error_feedback is not None:
+            state["error_feedback"] = init_error_feedback()
+        return state
+
+    def update(grads_R, state, params_R=None):
+        updates_R, inner_R = jax.vmap(inner.update, spmd_axis_name=spmd)(grads_R, state["inner"], params_R)
+        return updates_R, {**state, "inner": inner_R}
+
+    return optax.GradientTransformation(init, update)
+
+
+def outer_update(
+    params_R: PyTree, state: dict, outer: optax.GradientTransformation, reduce: Reduce | None = None
+) -> tuple[PyTree, dict]:
+    """The outer step: (params_R, state) at the end of a period -> those that start the next.
+
+    delta_R [R, *shape] = anchor - params_R (each replica's pseudo-gradient,
+    on its own devices); its mean over R is the one all-reduce over the
+    replica axes (``reduce``: compressed, with the residuals in
+    ``state["error_feedback"]``); the outer optimizer moves the anchor by it,
+    and every replica restarts from the new anchor (a broadcast, no traffic).
+    The inner optimizer state is kept.
+    """
+    anchor = state["anchor"]
+    delta_R = jax.tree.map(lambda a, p: a[None] - p, anchor, params_R)
+    state = dict(state)
+    if reduce is None:
+        delta = replica_mean(delta_R)
+    else:
+        delta, state["error_feedback"] = reduce(delta_R, state["error_feedback"])
+    updates, state["outer"] = outer.update(delta, state["outer"], anchor)
+    state["anchor"] = optax.apply_updates(anchor, updates)
+    replicas = jax.tree.leaves(params_R)[0].shape[0]
+    return replicate(state["anchor"], replicas), state
+
+
+def replica_metrics(metrics_R: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-replica metrics [R] -> the run's scalars: means, and root mean squares for norms.
+
+    The loss is the mean of the replicas' losses (equal row counts: the
+    batch's mean); a norm is the root mean square of the replicas' norms, NaN
+    if any replica's is.
+    """
+    out = {}
+    for name, value_R in metrics_R.items():
+        if name.endswith("_norm"):
+            out[name] = jnp.sqrt(jnp.mean(jnp.square(value_R)))
+        else:
+            out[name] = jnp.mean(value_R)
+    return out

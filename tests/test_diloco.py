@@ -1,0 +1,368 @@
+"""DiLoCo and local SGD (``shardlib.parallel.diloco``): against the paper's algorithm, in HLO, across a kill.
+
+* H = 1 with local SGD (outer SGD at lr 1) and a linear inner optimizer is data
+  parallelism: the same losses and parameters within 1e-5 (FSDP inside the replicas).
+* H = 4 on data 4 matches DiLoCo written straight from the paper (Douillard et
+  al. 2023, Algorithm 1): a loop over single-device replicas in plain JAX and
+  optax, its outer Nesterov step by hand; so do tp, fsdp_tp, seq, accumulation,
+  remat and fused attention inside the replicas (``compat.DILOCO_TESTS``).
+* The compiled inner step has no collective over the replica axes; the outer
+  step's all-reduces move 2(R-1)/R of the parameter bytes a device holds.
+* A run killed in the middle of an outer period resumes bitwise.
+
+Compilation dominates on 2 cores: one model initialisation serves every test
+(``state_from``), the single-device reference step compiles once, the module's
+setup compiles its steps once (``compiled``) and serves the paper check, the
+HLO check and the kill trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import signal
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from models.layers import cross_entropy
+from shardlib.analysis.report.analytic import predict_terms
+from shardlib.analysis.report.layout import resolve_layout
+from shardlib.analysis.report.measure import abstract_batch, measure_compiled
+from shardlib.parallel import compat
+from shardlib.parallel.compat import IncompatibleFeatures
+from shardlib.training.checkpoint import Checkpointer, CheckpointError, restore_latest
+from shardlib.training.config import ConfigError, validate_config
+from shardlib.training.data import load_token_splits
+from shardlib.training.setup import TrainingSetup, setup_training
+from shardlib.training.state_layout import REPLICAS, restore_targets
+from shardlib.training.train_state import abstract_state, make_optimizer
+from tests import procs
+from tests.support import assert_trees_close, mesh_of, tiny_config
+
+STEPS, EVERY = 9, 4
+LR, MOMENTUM = 0.7, 0.9
+
+
+def diloco_config(run_dir="runs/test", *, outer=None, **overrides):
+    """One layer, 16 x 16 tokens, 9 steps saved every 3: the outer steps fall at 4 and 8, saves mid-period."""
+    raw = {
+        "model": {"n_layers": 1},
+        "steps": STEPS,
+        "checkpoint": {"every": 3, "keep": 2},
+        "eval_batches": 0,
+        "outer": {"algorithm": "diloco", "inner_steps": EVERY, **(outer or {})},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
+    return tiny_config(run_dir, **raw)
+
+
+def compiled(run: TrainingSetup) -> tuple[TrainingSetup, list, list]:
+    """``run`` with its inner and outer steps compiled ahead (from abstract inputs), and their collectives."""
+    params, opt_state = abstract_state(run.model, run.tx, run.shardings)
+    with jax.set_mesh(run.mesh):
+        inner = run.train_step.lower(params, opt_state, abstract_batch(run.cfg, run.batch_sharding)).compile()
+        outer = run.outer_step.lower(params, opt_state).compile()
+    found = [measure_compiled(c, run.mesh).collectives for c in (inner, outer)]
+    return dataclasses.replace(run, train_step=inner, outer_step=outer), *found
+
+
+def local_param_bytes(run: TrainingSetup) -> int:
+    """Bytes of one network as a device holds it inside its replica (the anchor's shards)."""
+    leaves, shardings = jax.tree.leaves(run.model.params), jax.tree.leaves(run.shardings.opt_state["anchor"])
+    return sum(math.prod(s.shard_shape(p.shape)) * p.dtype.itemsize for p, s in zip(leaves, shardings, strict=True))
+
+
+@functools.cache
+def token_batches(batch_size: int, steps: int = STEPS) -> list[dict[str, np.ndarray]]:
+    """The first ``steps`` batches of the stdlib corpus, as every run here sees them."""
+    tokens, _ = load_token_splits(tiny_config().data)
+    loader = setup_training(tiny_config(batch_size=batch_size), mesh_of(devices=1)).loader(tokens, seed=0)
+    return [{k: np.asarray(v) for k, v in loader.next().items()} for _ in range(steps)]
+
+
+def run_steps(run: TrainingSetup, state, batches, first_step: int = 1):
+    """The training loop's step order (the outer step after every H-th); the per-step mean losses."""
+    params, opt_state = state
+    losses = []
+    for step, batch in enumerate(batches, start=first_step):
+        placed = {k: jax.device_put(v, run.batch_sharding) for k, v in batch.items()}
+        params, opt_state, metrics = run.train_step(params, opt_state, placed)
+        if run.outer_due(step):
+            params, opt_state = run.outer_step(params, opt_state)
+        losses.append(float(run.scalar_metrics(metrics)["loss"]))
+    return params, opt_state, np.array(losses)
+
+
+# --------------------------------------------------------------------------- the paper's algorithm
+
+
+@functools.cache
+def _inner_step(cfg_json: str):
+    """One replica's inner step on one device: plain autodiff of the model's loss, then the run's AdamW."""
+    cfg = tiny_config().model_validate_json(cfg_json)
+    model = setup_training(cfg, mesh_of(devices=1)).model
+    inner = make_optimizer(cfg.optimizer, cfg.steps, model.logical_axes)
+
+    def loss_fn(params, inputs, targets):
+        logits, _, _ = nnx.merge(model.graphdef, params).forward(inputs)
+        return cross_entropy(logits, targets)
+
+    @jax.jit
+    def step(params, state, inputs, targets):
+        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
+        updates, state = inner.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    return step, inner
+
+
+def paper_diloco(cfg, params0, batches, rows, *, every, lr=LR, momentum=MOMENTUM):
+    """DiLoCo (Douillard et al. 2023, Algorithm 1) on ``len(rows)`` single-device replicas.
+
+    rows[r]: the batch rows replica r trains on. Each replica starts every period
+    from the anchor and keeps its own AdamW state across periods; every
+    ``every`` steps the pseudo-gradient is averaged and an outer SGD step with
+    Nesterov momentum moves the anchor: m <- mu m + delta; anchor -= lr (delta + mu m).
+    Returns (per-step mean loss, anchor, replicas' parameters).
+    """
+    clean = cfg.model_copy(update={"grad_accum": 1, "attention": type(cfg.attention)(), "outer": type(cfg.outer)()})
+    clean = clean.model_copy(update={"model": cfg.model.model_copy(update={"remat": "none"})})
+    step, inner = _inner_step(clean.model_dump_json())
+    host = functools.partial(jax.tree.map, lambda x: np.asarray(x, np.float32))
+    anchor, trace = host(params0), jax.tree.map(np.zeros_like, host(params0))
+    replicas = [anchor] * len(rows)
+    states = [inner.init(params0) for _ in rows]
+    losses = []
+    for t, batch in enumerate(batches, start=1):
+        step_losses = []
+        for r, take in enumerate(rows):
+            replicas[r], states[r], loss = step(replicas[r], states[r], batch["inputs"][take], batch["targets"][take])
+            step_losses.append(float(loss))
+        losses.append(np.mean(step_losses))
+        if t % every == 0:
+            delta = jax.tree.map(lambda a, *ps: np.mean([a - np.asarray(p) for p in ps], axis=0), anchor, *replicas)
+            trace = jax.tree.map(lambda m, d: momentum * m + d, trace, delta)
+            anchor = jax.tree.map(lambda a, d, m: a - lr * (d + momentum * m), anchor, delta, trace)
+            replicas = [anchor] * len(rows)
+    return np.array(losses), anchor, host(replicas)
+
+
+def contiguous_rows(batch_size: int, replicas: int) -> list[np.ndarray]:
+    """Replicas over `data`, the batch's only split axis: replica r holds the r-th block of rows."""
+    return list(np.arange(batch_size).reshape(replicas, -1))
+
+
+def assert_matches_paper(run, params_R, opt_state, losses, ref):
+    """Per-step losses, the anchor and every replica's parameters within 1e-5 (relative, per leaf)."""
+    ref_losses, ref_anchor, ref_replicas = ref
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_trees_close(jax.device_get(opt_state["anchor"]), ref_anchor, what="anchor")
+    stacked = jax.tree.map(lambda *ps: np.stack(ps), *ref_replicas)
+    assert_trees_close(jax.device_get(params_R), stacked, what="replica parameters")
+
+
+# --------------------------------------------------------------------------- four replicas over data
+
+
+@dataclasses.dataclass(frozen=True)
+class FourReplicas:
+    run: TrainingSetup  # data 4 x model 2 (meshes/cpu-8.yaml), dp, H = 4; steps compiled ahead
+    inner_collectives: list
+    outer_collectives: list
+    params0: object  # the initial network, on the host: every run here starts from it
+    losses: np.ndarray  # of steps 1..STEPS from init_state, as train() runs them
+    end: tuple  # (params_R, opt_state) after them
+
+
+@pytest.fixture(scope="module")
+def four() -> FourReplicas:
+    run, inner, outer = compiled(setup_training(diloco_config(), mesh_of(data=4, model=2)))
+    state = run.init_state()
+    params0 = jax.tree.map(lambda p: np.asarray(p)[0], jax.device_get(state[0]))
+    params_R, opt_state, losses = run_steps(run, state, token_batches(16))
+    return FourReplicas(run, inner, outer, params0, losses, (params_R, opt_state))
+
+
+def test_four_replicas_match_the_papers_algorithm(four):
+    ref = paper_diloco(four.run.cfg, four.params0, token_batches(16), contiguous_rows(16, 4), every=EVERY)
+    assert_matches_paper(four.run, *four.end, four.losses, ref)
+
+
+def test_inner_steps_never_cross_the_replica_axes_and_the_outer_step_moves_2_n_1_over_n_p(four):
+    assert not [c for c in four.inner_collectives if "data" in c.axes], four.inner_collectives
+    over_data = [c for c in four.outer_collectives if "data" in c.axes]
+    assert {c.kind for c in over_data} == {"all-reduce"}
+    n, p = 4, local_param_bytes(four.run)
+    assert sum(c.total_wire_bytes for c in over_data) == pytest.approx(2 * (n - 1) / n * p)
+    assert sum(c.buffer_bytes * c.count for c in over_data) == p  # the float32 pseudo-gradient, once
+    # The analytic model's bytes per step, averaged over the period, are the compiled outer step's / H.
+    terms = predict_terms(resolve_layout(four.run.cfg, dict(four.run.mesh.shape)))
+    (outer,) = [t for t in terms if t.strategy == "diloco"]
+    assert outer.wire_bytes == pytest.approx(sum(c.total_wire_bytes for c in over_data) / EVERY)
+    assert not [t for t in terms if "data" in t.axes and t is not outer]
+
+
+# --------------------------------------------------------------------------- strategies inside the replicas
+
+
+INSIDE = {
+    # tensor parallel over model, the sequence over seq, 2 microbatches, remat: replicas over data.
+    "tp+seq+accumulation+remat": (
+        {"sharding": "tp", "grad_accum": 2, "model": {"n_layers": 1, "remat": "full"}},
+        {"data": 2, "seq": 2, "model": 2},
+        contiguous_rows(8, 2),
+    ),
+    # Replicas over expert (a batch axis of a dense model), FSDP over data and TP over model inside.
+    "fsdp_tp+fused": (
+        {"sharding": "fsdp_tp", "attention": {"impl": "fused"}, "outer": {"replica_axes": ["expert"]}},
+        {"expert": 2, "data": 2, "model": 2},
+        # Rows are blocks in (data, expert) order, 2 each: replica e holds the blocks of devices (d, e).
+        [np.array([0, 1, 4, 5]), np.array([2, 3, 6, 7])],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", INSIDE)
+def test_inside_replicas_match_the_papers_algorithm(four, name):
+    overrides, sizes, rows = INSIDE[name]
+    outer = {"inner_steps": 2, **overrides.pop("outer", {})} if "outer" in overrides else {"inner_steps": 2}
+    cfg = diloco_config(batch_size=8, outer=outer, **{k: v for k, v in overrides.items()})
+    run, inner, outer_ops = compiled(setup_training(cfg, mesh_of(**sizes)))
+    axes = cfg.outer.replica_axes
+    assert not [c for c in inner if set(c.axes) & set(axes)], "an inner step crossed the replica axes"
+    reduced = [c for c in outer_ops if set(c.axes) & set(axes)]
+    assert sum(c.total_wire_bytes for c in reduced) == pytest.approx(local_param_bytes(run))  # 2(2-1)/2 x P
+    batches = token_batches(8, 4)
+    params_R, opt_state, losses = run_steps(run, run.state_from(four.params0), batches)
+    ref = paper_diloco(cfg, four.params0, batches, rows, every=2)
+    assert_matches_paper(run, params_R, opt_state, losses, ref)
+
+
+def test_bfloat16_compute_inside_replicas(four):
+    """bfloat16 compute in the replicas against the paper's loop in bfloat16 too: the losses of three steps
+    (the third after an outer step) agree to bfloat16's rounding, which a sharding or outer-step mistake
+    (an error of order 1e-2 and more in the loss) exceeds."""
+    cfg = diloco_config(batch_size=8, outer={"inner_steps": 2}, model={"n_layers": 1, "compute_dtype": "bfloat16"})
+    run = setup_training(cfg, mesh_of(data=2))
+    batches = token_batches(8, 3)
+    _, _, losses = run_steps(run, run.state_from(four.params0), batches)
+    ref_losses, _, _ = paper_diloco(cfg, four.params0, batches, contiguous_rows(8, 2), every=2)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2.0**-8 * 6)
+
+
+# --------------------------------------------------------------------------- data parallelism
+
+
+def test_h1_local_sgd_is_data_parallelism(four):
+    """Averaging after every step of plain SGD is data parallelism (AdamW's state is per replica, so not
+    with it). Replicas over expert, FSDP over data inside them, against FSDP over the same mesh."""
+    sgd = optax.sgd(0.05)
+    cfg = diloco_config(
+        batch_size=8, sharding="fsdp", outer={"algorithm": "local_sgd", "inner_steps": 1, "replica_axes": ["expert"]}
+    )
+    mesh = mesh_of(expert=2, data=2)
+    local = setup_training(cfg, mesh, optimizer=sgd)
+    synchronous = setup_training(cfg.model_copy(update={"outer": type(cfg.outer)()}), mesh, optimizer=sgd)
+    batches = token_batches(8, 5)
+    params_R, opt_state, losses = run_steps(local, local.state_from(four.params0), batches)
+    params, _, dp_losses = run_steps(synchronous, synchronous.state_from(four.params0), batches)
+    np.testing.assert_allclose(losses, dp_losses, rtol=1e-5)
+    params = jax.device_get(params)
+    assert_trees_close(jax.device_get(opt_state["anchor"]), params, what="anchor")
+    for r, replica in enumerate(
+        jax.tree.transpose(
+            jax.tree.structure(params), None, jax.tree.map(lambda p: list(np.asarray(p)), jax.device_get(params_R))
+        )
+    ):
+        assert_trees_close(replica, params, what=f"replica {r}")
+
+
+# --------------------------------------------------------------------------- a kill mid-period
+
+
+def test_sigkill_in_the_middle_of_a_period_resumes_bitwise(tmp_path, four):
+    """train.py is killed as soon as its save of step 3 is complete, the period 1..4 half done (it is then
+    at most at step 6: the save of 6 waits for that of 3). Restored as the trainer restores
+    (``restore_latest`` onto ``restore_targets``), the state holds every replica's parameters and inner
+    state, the anchor and the momentum: the steps from there, through the outer steps at 4 and 8, give
+    the uninterrupted run's losses bitwise, and so did the killed process's."""
+    run_dir = tmp_path / "run"
+    config = procs.write_config(diloco_config(run_dir), tmp_path / "diloco.yaml")
+    proc = procs.Proc(
+        ["train.py", "--config", str(config), "--mesh", "meshes/cpu-8.yaml", "--no-progress"], procs.env()
+    )
+    saved = run_dir / "checkpoints" / "3"  # renamed into place only when complete
+    procs.wait_until(saved.is_dir, 300, proc, "a complete checkpoint of step 3")
+    proc.popen.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    logged = {row["step"]: row["loss"] for row in procs.train_rows(run_dir)}
+    assert 3 <= max(logged) < STEPS, f"killed after steps {sorted(logged)}"
+    assert all(loss == four.losses[step - 1] for step, loss in logged.items()), (logged, four.losses)
+
+    run = four.run
+    targets = abstract_state(run.model, run.tx, run.shardings)
+    with Checkpointer(run_dir / "checkpoints", every=0, keep=2) as checkpointer:
+        restored = restore_latest(
+            checkpointer, lambda meta: restore_targets(*targets, meta, run.compression), fallback=False, log=print
+        )
+    step, params_R, opt_state, meta = restored
+    assert (step, meta["data_position"], meta[REPLICAS]) == (3, 3, 4)
+    _, _, losses = run_steps(run, (params_R, opt_state), token_batches(16)[step:], first_step=step + 1)
+    assert list(losses) == list(four.losses[step:])  # bitwise
+
+
+# --------------------------------------------------------------------------- what is refused, and how
+
+
+def test_every_composing_diloco_cell_names_the_test_that_runs_it():
+    composing = {b if a == "diloco" else a for a, b in compat.composing_pairs() if "diloco" in (a, b)}
+    assert set(compat.DILOCO_TESTS) == composing
+    for test in compat.DILOCO_TESTS.values():
+        name = test.split("[")[0]
+        assert name.startswith("tests/") or name in globals(), f"{name} is not a test here"
+
+
+@pytest.mark.parametrize(
+    ("sharding", "axes", "sizes"), [("fsdp", ["data"], {"data": 2}), ("fsdp_tp", ["data", "expert"], {"data": 2})]
+)
+def test_fsdp_with_nothing_left_to_shard_over_is_refused_by_the_table(sharding, axes, sizes):
+    cfg = diloco_config(sharding=sharding, outer={"replica_axes": axes})
+    with pytest.raises(IncompatibleFeatures) as err:
+        setup_training(cfg, mesh_of(**sizes))
+    assert compat.REFUSED_WHEN[(sharding, "diloco")][1] in str(err.value)
+    assert "outer.algorithm=diloco (outer.replica_axes=" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("outer", "message"),
+    [
+        ({"algorithm": "local_sgd", "learning_rate": 0.5}, "outer: local_sgd averages the replicas"),
+        ({"algorithm": "diloco", "inner_steps": 0}, "outer.inner_steps: Input should be greater than 0"),
+        (
+            {"algorithm": "diloco", "replica_axes": ["model"]},
+            "outer.replica_axes.0: Input should be 'data' or 'expert'",
+        ),
+        ({"algorithm": "diloco", "replica_axes": []}, "outer: Value error, replica_axes must name each mesh axis once"),
+        ({"algorithm": "diloco", "compression": "fp8"}, "outer.compression: Input should be 'none', 'bf16' or 'int8'"),
+    ],
+)
+def test_bad_outer_settings_name_their_key(outer, message):
+    raw = tiny_config().model_dump(mode="json") | {"outer": outer}
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    assert message.replace("Value error, ", "") in str(err.value)
+
+
+def test_a_checkpoint_of_another_replica_count_is_refused_in_one_line(four):
+    targets = abstract_state(four.run.model, four.run.tx, four.run.shardings)
+    for saved, what in [(2, "2 replica groups"), (None, "synchronous training's state")]:
+        with pytest.raises(
+            CheckpointError, match=f"checkpoint step 6 holds (the DiLoCo state of )?{what}, but this run"
+        ):
+            restore_targets(*targets, {"step": 6, REPLICAS: saved}, None)

@@ -1,0 +1,63 @@
+"""DiLoCo in the analytic model and the planner: bytes per step averaged over H, and when to propose it.
+
+No device work: layouts and predictions from axis sizes only (``shardlib.analysis.report.layout``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shardlib.analysis.planner import format_plans, make_plans, propose_diloco
+from shardlib.analysis.report.analytic import predict_terms
+from shardlib.analysis.report.hardware import load_profile
+from shardlib.analysis.report.layout import resolve_layout
+from shardlib.training.config import load_config
+
+SIZES = {"data": 4, "model": 2}
+
+
+def tiny(*overrides):
+    return load_config("configs/tiny.yaml", list(overrides))
+
+
+def by_strategy(terms, strategy):
+    return [t for t in terms if t.strategy == strategy]
+
+
+@pytest.mark.parametrize(("compression", "share"), [("none", 1.0), ("bf16", 0.5)])
+def test_diloco_moves_the_data_parallel_bytes_once_per_period(compression, share):
+    synchronous = predict_terms(resolve_layout(tiny(), SIZES))
+    diloco = predict_terms(
+        resolve_layout(tiny("outer.algorithm=diloco", "outer.inner_steps=8", f"outer.compression={compression}"), SIZES)
+    )
+    per_step = sum(t.wire_bytes for t in by_strategy(synchronous, "data parallel"))  # 2(N-1)/N x P
+    (outer,) = by_strategy(diloco, "diloco")
+    assert outer.axes == ("data",) and outer.kind == "all-reduce"
+    assert outer.wire_bytes == pytest.approx(per_step * share / 8)
+    assert not by_strategy(diloco, "data parallel"), "an inner step reduced gradients over data"
+    # Inside a replica nothing else changes: tensor parallelism moves what it moved.
+    assert by_strategy(diloco, "tensor parallel") == by_strategy(synchronous, "tensor parallel")
+
+
+def test_replicas_over_expert_keep_fsdp_over_data_inside():
+    cfg = tiny("sharding=fsdp", "outer.algorithm=diloco", "outer.inner_steps=4", "outer.replica_axes=[expert]")
+    terms = predict_terms(resolve_layout(cfg, {"expert": 2, "data": 2, "model": 1}))
+    assert {t.axes for t in by_strategy(terms, "fsdp")} == {("data",)}
+    assert [t.axes for t in by_strategy(terms, "diloco")] == [("expert",)]
+    assert all("expert" not in t.axes for t in terms if t.strategy != "diloco")
+
+
+def test_the_planner_proposes_diloco_when_data_crosses_slow_links():
+    cfg, profile = tiny(), load_profile("h100")
+    plans = make_plans(cfg, 16, profile)  # 8 per host: a data axis of 8 or more crosses hosts
+    proposal = propose_diloco([p for p in plans if not p.dropped], cfg, profile)
+    assert proposal is not None and proposal.plan.sizes["data"] * proposal.plan.sizes["model"] > 8
+    h = proposal.every
+    assert proposal.outer_s / h <= 0.05 * proposal.inner_s
+    assert h == 1 or proposal.outer_s / (h - 1) > 0.05 * proposal.inner_s  # the smallest such H
+    assert proposal.step_s < proposal.plan.step_s
+    text = format_plans(plans, cfg, 16, profile)
+    assert f"outer.algorithm=diloco outer.inner_steps={h}" in text and "crosses hosts (InfiniBand NDR" in text
+    # Inside one host (8 devices) nothing crosses a slow link; and a DiLoCo run is not told to use DiLoCo.
+    assert propose_diloco(make_plans(cfg, 8, profile), cfg, profile) is None
+    assert propose_diloco(plans, tiny("outer.algorithm=diloco"), profile) is None

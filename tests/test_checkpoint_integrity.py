@@ -36,13 +36,19 @@ def digest_tree(directory: pathlib.Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def garble(step_dir: pathlib.Path, nbytes: int = 32) -> pathlib.Path:
-    """Overwrites ``nbytes`` in the middle of the step's largest array data file with random bytes:
-    same size, same names, as a bad disk or a botched copy leaves it."""
+def garble(step_dir: pathlib.Path, nbytes: int = 32, places: int = 8) -> pathlib.Path:
+    """Overwrites ``nbytes`` at ``places`` spread points of the step's largest array data file with
+    random bytes: same size, same names, as a bad disk or a botched copy leaves it.
+
+    Several points, not one: the data file can hold bytes no array refers to (where they fall
+    depends on the order the asynchronous writes landed in), and garbling only those changes no
+    value, which no checksum of values can see: one full run of the suite did, garbling one point."""
     data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"), key=_size)
     raw = bytearray(data.read_bytes())
-    middle = len(raw) // 2
-    raw[middle : middle + nbytes] = np.random.default_rng(0).bytes(nbytes)
+    noise = np.random.default_rng(0).bytes(nbytes * places)
+    for i in range(places):
+        at = (2 * i + 1) * len(raw) // (2 * places)
+        raw[at : at + nbytes] = noise[i * nbytes : (i + 1) * nbytes]
     data.write_bytes(bytes(raw))
     return data
 

@@ -95,7 +95,7 @@ def run_steps(run: TrainingSetup, state, batches, first_step: int = 1):
         params, opt_state, metrics = run.train_step(params, opt_state, placed)
         if run.outer_due(step):
             params, opt_state = run.outer_step(params, opt_state)
-        losses.append(float(run.scalar_metrics(metrics)["loss"]))
+        losses.append(float(run.scalar_metrics([metrics])[0]["loss"]))
     return params, opt_state, np.array(losses)
 
 

@@ -37,11 +37,13 @@ def waits_for_each_step(run: TrainingSetup) -> bool:
     """DiLoCo on XLA:CPU: the host waits for every step before dispatching the next.
 
     Replica groups never synchronise inside a period, so with steps queued ahead one group's
-    devices run steps ahead of another's; XLA:CPU's collectives block threads of a shared pool
-    while they wait for their peers, and a group's peers can then find no thread. Measured
-    (jax 0.10.2, configs/tiny.yaml on 8 emulated devices, log_every=100): 7 of 9 runs stopped in a
-    rendezvous until XLA's 40 s abort, with 2 steps in flight 2 of 3; waiting for each step, 0 of 4;
-    synchronous data parallelism, whose every step all-reduces over data, 0 of 4 without waiting.
+    devices run ahead of another's, and the first to reach the outer step's all-reduce wait there
+    while the others still run inner steps. XLA:CPU's collectives block threads of a shared pool
+    while they wait for their peers, and the peers can then find no thread. Measured (jax 0.10.2,
+    configs/tiny.yaml on 8 emulated devices, log_every=100): 7 of 9 runs stopped in a rendezvous
+    until XLA's 40 s abort; waiting for each step but not before the outer step, 2 of 4; waiting
+    for both, none in the runs made; synchronous data parallelism, whose every step all-reduces over data,
+    none of 4 without waiting.
     """
     return run.outer_step is not None and run.mesh.devices.flat[0].platform == "cpu"
 
@@ -184,6 +186,8 @@ class StepLoop:
         started = time.perf_counter()
         s.params, s.opt_state, metrics = self.run.train_step(s.params, s.opt_state, batch)
         if self.run.outer_due(step):  # DiLoCo: the period ends with the outer step
+            if self.wait_each_step:  # every group done first: its all-reduce must not wait on a busy pool
+                jax.block_until_ready(s.params)
             s.params, s.opt_state = self.run.outer_step(s.params, s.opt_state)
         if first and self.is_main:  # jit compiles synchronously, then dispatches
             self.log(f"compiled in {time.perf_counter() - started:.1f} s")
@@ -197,13 +201,13 @@ class StepLoop:
     def _review(self) -> None:
         """Fetches the pending metrics, all at once, and has the guard check them."""
         s = self.state
-        pending = [self.run.scalar_metrics(m) for m in s.pending]
+        pending = self.run.scalar_metrics(s.pending)
         s.losses += self.guard.review(s.step - len(s.pending) + 1, pending)
         s.pending.clear()
 
     def _log_row(self, step: int) -> dict:
         """Writes the train row of ``step`` (just reviewed) and returns it."""
-        metrics = self.run.scalar_metrics(self.state.last_metrics)
+        (metrics,) = self.run.scalar_metrics([self.state.last_metrics])
         # optax counts updates from 0, so step s used schedule(s - 1); skipped steps do not count.
         row = {
             "loss": self.state.losses[-1],

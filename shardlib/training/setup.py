@@ -82,8 +82,8 @@ class TrainingSetup:
         """Whether the outer step follows train step ``step`` (DiLoCo: every H-th; never without ``outer``)."""
         return self.plan.outer is not None and self.plan.outer.settings.due(step)
 
-    def scalar_metrics(self, metrics: dict) -> dict:
-        """A train step's metrics as replicated scalars (DiLoCo's are per replica until this reduces them)."""
+    def scalar_metrics(self, metrics: list[dict]) -> list[dict]:
+        """Train steps' metrics as replicated scalars, all in one program (DiLoCo's are per replica until then)."""
         return metrics if self.reduce_metrics is None else self.reduce_metrics(metrics)
 
     def state_from(self, params):

@@ -210,7 +210,7 @@ class DiLoCoSteps:
 
     inner(params_R, opt_state, batch) -> (params_R, opt_state, metrics_R): every metric [R], per replica.
     outer(params_R, opt_state) -> (params_R, opt_state): the outer step, after every H-th inner step.
-    metrics(metrics_R) -> the run's replicated scalars (``diloco.replica_metrics``).
+    metrics([metrics_R, ...]) -> the steps' replicated scalars (``diloco.replica_metrics``), in one program.
     eval(params_R, batch) -> loss: the held-out loss of the replicas' mean.
     grads(params_R, batch) -> (loss_R, grads_R): every replica's own, for tests and tools.
     """
@@ -275,7 +275,9 @@ def make_diloco_steps(
             donate_argnums=(0, 1),
         ),
         outer=jax.jit(outer, in_shardings=state, out_shardings=state, donate_argnums=(0, 1)),
-        metrics=jax.jit(replica_metrics, out_shardings=replicated),
+        # One program for all the steps the host fetches at once: one per step, queued, let XLA:CPU's
+        # emulated devices drift apart and stall in their all-reduces (loop.waits_for_each_step).
+        metrics=jax.jit(lambda steps: [replica_metrics(m) for m in steps], out_shardings=replicated),
         eval=jax.jit(
             lambda params_R, b: loss_fn(replica_mean(params_R), b["inputs"], b["targets"]),
             in_shardings=(shardings.params, batch),

@@ -5,7 +5,8 @@
 
 Trains the config as it is (data parallelism: the default run's steps, schedule
 and batch), then DiLoCo over ``data`` (outer SGD with Nesterov momentum 0.9) for
-each ``--diloco`` item, ``H`` or ``H@lr`` (the outer lr, default 0.7), every run
+each ``--diloco`` item, ``H`` or ``H@lr`` (the outer lr, default 0.7), or ``H@local``
+(local SGD: outer SGD at lr 1 without momentum, i.e. averaging), every run
 from the same initial network on the same batches, and
 evaluates all of them on the same held-out batches every ``eval_every`` steps
 (25 here; 8 batches). Writes one PNG with every curve (training loss, smoothed,
@@ -13,7 +14,9 @@ and held-out loss) and prints a table: the final held-out loss, its ratio to
 data parallelism's, and the wire bytes per device of the compiled programs
 over ``data``: per synchronous step, per inner step (0: no collective crosses
 the replica axes), per outer step, and the outer step's averaged over H.
-The runs' directories (metrics.jsonl, loss.png) are kept under ``--runs``.
+The runs' directories (metrics.jsonl, loss.png) are kept under ``--runs``;
+``--reuse`` keeps a finished one and reads its curves instead of training it again
+(the steps are still compiled, for their bytes).
 """
 
 from __future__ import annotations
@@ -95,9 +98,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--mesh", default="meshes/cpu-8.yaml")
-    parser.add_argument("--diloco", default="4,8,16", help="DiLoCo runs: H or H@outer_lr, comma-separated")
+    parser.add_argument("--diloco", default="4,8,16", help="runs: H, H@outer_lr or H@local, comma-separated")
     parser.add_argument("--out", default="docs/diloco_loss.png")
     parser.add_argument("--runs", default="runs/bench-diloco")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs under --runs, read their curves")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
@@ -113,12 +117,15 @@ def main(argv=None) -> int:
     mesh = build_mesh(spec)
     results = []
     items = (x.partition("@") for x in args.diloco.split(","))
-    for every, lr in [(0, None)] + [(int(h), float(lr) if lr else None) for h, _, lr in items]:
-        name = "dp" if not every else f"diloco-h{every}" + (f"-lr{lr:g}" if lr else "")
+    for every, lr in [(0, "")] + [(int(h), lr) for h, _, lr in items]:
+        local = lr == "local"
+        suffix = f"-lr{lr}" if lr not in ("", "local") else ""
+        name = f"{'local-sgd' if local else 'diloco'}-h{every}{suffix}" if every else "dp"
         run_dir = pathlib.Path(args.runs) / name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        outer = ["outer.algorithm=diloco", f"outer.inner_steps={every}"] if every else []
-        outer += [f"outer.learning_rate={lr}"] if lr else []
+        if not args.reuse:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        outer = [f"outer.algorithm={'local_sgd' if local else 'diloco'}", f"outer.inner_steps={every}"] if every else []
+        outer += [f"outer.learning_rate={float(lr)}"] if lr and not local else []
         cfg = load_config(args.config, [*args.overrides, *EVAL, *outer, f"run_dir={run_dir}"])
         run, (step_bytes, outer_bytes) = compile_ahead(setup_training(cfg, mesh))
         result = train(cfg, mesh, setup=run, progress=False, log=functools.partial(_log, name))
@@ -126,6 +133,7 @@ def main(argv=None) -> int:
         label = (
             f"DiLoCo H={every}, outer lr {cfg.outer.learning_rate:g}" if every else f"data parallel ({cfg.sharding})"
         )
+        label = f"local SGD H={every}" if local else label
         averaged = step_bytes + outer_bytes / every if every else step_bytes
         results.append(
             {
@@ -133,7 +141,7 @@ def main(argv=None) -> int:
                 "every": every,
                 "train": train_curve,
                 "eval": eval_curve,
-                "held_out": result.eval_losses[-1][1],
+                "held_out": eval_curve[-1][1],
                 "step_bytes": step_bytes,
                 "outer_bytes": outer_bytes,
                 "averaged": averaged,
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
         outer = f"{r['outer_bytes']:,.0f}" if r["every"] else "-"
         print(
             f"{r['label']:<32}{r['held_out']:>10.4f}{ratio:>+8.2%}{r['averaged']:>18,.0f}{inner:>10}{outer:>12}"
-            f"{r['tokens_per_s'] or 0:>10,.0f}"
+            + (f"{r['tokens_per_s']:>10,.0f}" if r["tokens_per_s"] else f"{'(reused)':>10}")
         )
     plot(results, args.out, f"{args.config} on {describe_mesh(mesh)}: data parallelism vs DiLoCo over data")
     print(f"\nwrote {args.out}")

@@ -23,7 +23,7 @@ import pytest
 from shardlib.parallel import compat
 from shardlib.parallel.compat import IncompatibleFeatures
 from shardlib.training.setup import setup_training
-from tests.support import mesh_of, tiny_config
+from tests.support import assert_trees_close, mesh_of, tiny_config
 
 # feature -> (config overrides, mesh axis sizes it needs)
 _MOE = {"n_experts": 4, "top_k": 2, "capacity_factor": 4.0, "period": 2}  # capacity >= every token: no drops
@@ -213,12 +213,10 @@ def _tolerances(combo: tuple[str, ...]) -> tuple[float, float]:
     return 1e-5, 1e-5
 
 
-def assert_grads_close(grads, ref, rel: float) -> None:
-    """max|a - b| <= rel * max|b| + 1e-12 for every leaf, naming the leaf that misses."""
-    for (path, g), g_ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref), strict=True):
-        g, g_ref = np.asarray(g, np.float64), np.asarray(g_ref, np.float64)
-        err, scale = np.max(np.abs(g - g_ref)), np.max(np.abs(g_ref))
-        assert err <= rel * scale + 1e-12, f"{jax.tree_util.keystr(path)}: max error {err:.3g}, scale {scale:.3g}"
+def eval_tolerance(combo: tuple[str, ...]) -> float:
+    """How far the eval step's loss may be from the train step's on the same batch: the same
+    network in sequence, so only bf16 compute's rounding order (the loss bound) separates them."""
+    return _tolerances(combo)[0] if "bf16" in combo else 1e-6
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids="+".join)
@@ -236,7 +234,7 @@ def test_composing_features_match_one_device(combo):
     assert abs(float(loss) - ref_loss) <= loss_tol, (float(loss), ref_loss)
     if run.plan.pipeline is not None:  # stored in the pipeline's layer order: compare in logical order
         grads = run.plan.sequential_params(grads)
-    assert_grads_close(jax.device_get(grads), ref_grads, rel)
+    assert_trees_close(jax.device_get(grads), ref_grads, rel=rel, what="gradient")
     if run.plan.pipeline is not None:
         eval_loss = float(run.eval_step(params, batch))  # the same network, in sequence: same rounding bound
-        assert abs(eval_loss - float(loss)) <= (loss_tol if "bf16" in combo else 1e-6), "eval runs another network"
+        assert abs(eval_loss - float(loss)) <= eval_tolerance(combo), "eval runs another network"

@@ -50,7 +50,6 @@ def init_from_hf(run, hf_dir: str | pathlib.Path, log: Callable[[str], None] = p
 
 def initial_state(run, log: Callable[[str], None] = print):
     """A fresh run's (params, opt_state): imported per ``run.cfg.init_from``, else ``run.init_state()``."""
-    spec = getattr(run.cfg, "init_from", None)
-    if not spec:
+    if not run.cfg.init_from:
         return run.init_state()
-    return init_from_hf(run, parse_init_from(spec), log)
+    return init_from_hf(run, parse_init_from(run.cfg.init_from), log)

@@ -37,13 +37,14 @@ def waits_for_each_step(run: TrainingSetup) -> bool:
     """DiLoCo on XLA:CPU: the host waits for every step before dispatching the next.
 
     Replica groups never synchronise inside a period, so with steps queued ahead one group's
-    devices run ahead of another's, and the first to reach the outer step's all-reduce wait there
-    while the others still run inner steps. XLA:CPU's collectives block threads of a shared pool
-    while they wait for their peers, and the peers can then find no thread. Measured (jax 0.10.2,
-    configs/tiny.yaml on 8 emulated devices, log_every=100): 7 of 9 runs stopped in a rendezvous
-    until XLA's 40 s abort; waiting for each step but not before the outer step, 2 of 4; waiting
-    for both, none in the runs made; synchronous data parallelism, whose every step all-reduces over data,
-    none of 4 without waiting.
+    devices run ahead of another's, and the first to reach a collective over the replica axes
+    (the outer step, the metrics' reduction) wait there while the others still run inner steps.
+    XLA:CPU's collectives block threads of a shared pool while they wait for their peers, and the
+    peers can then find no thread. Measured (jax 0.10.2, configs/tiny.yaml for 60 steps on 8
+    emulated devices, log_every=100): without waiting, 3 of 6 runs stopped in a rendezvous until
+    XLA's 40 s abort; waiting for each step and before the outer step, and reducing the fetched
+    metrics in one program (``TrainingSetup.scalar_metrics``), 0 of 6. Synchronous data
+    parallelism, whose every step all-reduces over data, 0 of 4 without waiting.
     """
     return run.outer_step is not None and run.mesh.devices.flat[0].platform == "cpu"
 
@@ -85,9 +86,15 @@ class Throughput:
         return self.tokens / self.seconds if self.seconds else None
 
 
-def mean_eval_loss(eval_fn: Callable, params, loader: BatchLoader, batches: int) -> float:
-    """Mean held-out loss over the first ``batches`` (> 0) batches: the same ones at every evaluation."""
-    losses = [eval_fn(params, loader.peek(i)) for i in range(batches)]
+def mean_eval_loss(eval_fn: Callable, params, loader: BatchLoader, batches: int, *, wait: bool = False) -> float:
+    """Mean held-out loss over the first ``batches`` (> 0) batches: the same ones at every evaluation.
+
+    ``wait``: fetch each loss before the next batch is dispatched (``waits_for_each_step``).
+    """
+    losses = []
+    for i in range(batches):
+        loss = eval_fn(params, loader.peek(i))
+        losses.append(float(loss) if wait else loss)
     return float(np.mean([float(x) for x in losses]))
 
 
@@ -232,7 +239,9 @@ class StepLoop:
         due = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
         if not (due and cfg.eval_batches):
             return None
-        eval_loss = mean_eval_loss(self.run.eval_step, self.state.params, self.eval_loader, cfg.eval_batches)
+        eval_loss = mean_eval_loss(
+            self.run.eval_step, self.state.params, self.eval_loader, cfg.eval_batches, wait=self.wait_each_step
+        )
         self.state.eval_losses.append((step, eval_loss))
         self.writer.write(step, {"loss": eval_loss}, split="eval")
         self.throughput.restart()

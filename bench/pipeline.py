@@ -5,11 +5,11 @@
 For every schedule at p stages and each m: the bubble its table predicts, the
 compiled gradient step's temporary memory per device, the measured time of a
 gradient step (median of --repeats, after one compile), and the bytes each
-device sends to its neighbours (the collective-permute's size from the
-compiled HLO, times the ticks on which the table has an arrival: the executor
-skips the others) against the minimum: every microbatch crosses every
-stage boundary once forward and once backward, so a device sends at least
-2 * m * (one microbatch's activations), less the ends of the pipeline.
+device sends to its neighbours, a mean over the devices (each permute's
+size and pairs from the compiled HLO, times the ticks the table runs it on)
+against the minimum: every microbatch crosses each of the p v - 1
+boundaries between virtual stages once forward and once backward, so the p
+devices send 2 m (p v - 1) microbatches' activations or gradients per step.
 
 Runs on p emulated CPU devices by default (the pipe axis alone, so the
 executor uses real branches), or on whatever accelerators JAX finds with
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_num_cpu_devices", args.stages)
     import numpy as np
 
-    from shardlib.analysis.hlo import collectives, compiled_text
+    from shardlib.analysis.report.measure import measure_compiled, pipeline_sends_taken
     from shardlib.core.mesh import build_mesh, mesh_spec
     from shardlib.training.config import validate_config
     from shardlib.training.setup import setup_training
@@ -75,15 +75,14 @@ def main(argv=None) -> int:
             }
             compiled = run.grads.lower(params, batch).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
-            permutes = [
-                c for c in collectives(compiled_text(run.grads, params, batch)) if c.kind == "collective-permute"
-            ]
-            # Each permute sits in a cond the tick's table flag takes or skips (the same on every
-            # device); the HLO gives its size, the table how many ticks take it.
-            assert len({c.bytes for c in permutes}) == 1, permutes
-            sent = permutes[0].bytes * sum(run.plan.pipeline.permutes_per_step())
+            # Each tick's permute is the branch of a switch over the table's send patterns (the same
+            # on every device); the HLO gives each one's size and pairs, the table how many ticks take it.
+            measured = measure_compiled(compiled, mesh, 0.0).collectives
+            permutes = [c for c in pipeline_sends_taken(measured, run.plan.pipeline, mesh) if c.axes == ("pipe",)]
+            sent = sum(c.total_wire_bytes for c in permutes if c.kind == "collective-permute")
             micro_bytes = 4 * cfg.seq_len * model["d_model"] * 4  # [4, seq, d] fp32 per microbatch
-            minimum = 2 * m * v * micro_bytes  # each chunk's input forward, its gradient back
+            # Each microbatch crosses the p v - 1 boundaries forward and back: a mean per device of
+            minimum = 2 * m * (p * v - 1) / p * micro_bytes
             times = []
             for _ in range(args.repeats + 1):
                 start = time.perf_counter()

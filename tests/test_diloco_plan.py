@@ -5,13 +5,20 @@ No device work: layouts and predictions from axis sizes only (``shardlib.analysi
 
 from __future__ import annotations
 
+import math
+
+import jax
 import pytest
 
 from shardlib.analysis.planner import format_plans, make_plans, propose_diloco
 from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.hardware import load_profile
 from shardlib.analysis.report.layout import resolve_layout
+from shardlib.analysis.report.memory import estimate_memory
 from shardlib.training.config import load_config
+from shardlib.training.setup import setup_training
+from shardlib.training.train_state import abstract_state
+from tests.support import mesh_of, tiny_config
 
 SIZES = {"data": 4, "model": 2}
 
@@ -61,3 +68,23 @@ def test_the_planner_proposes_diloco_when_data_crosses_slow_links():
     # Inside one host (8 devices) nothing crosses a slow link; and a DiLoCo run is not told to use DiLoCo.
     assert propose_diloco(make_plans(cfg, 8, profile), cfg, profile) is None
     assert propose_diloco(plans, tiny("outer.algorithm=diloco"), profile) is None
+
+
+@pytest.mark.parametrize(
+    "outer",
+    [
+        {"algorithm": "diloco", "inner_steps": 4},
+        {"algorithm": "local_sgd", "inner_steps": 4},
+        {"algorithm": "diloco", "inner_steps": 4, "compression": "int8"},
+    ],
+    ids=["diloco", "local_sgd", "diloco-int8"],
+)
+def test_the_memory_estimate_holds_the_outer_loops_state(outer):
+    """The anchor, the outer momentum and the residuals are state: the estimate's between-step
+    bytes match the run's own state shards per device within 1% (without them: 60% of it)."""
+    cfg, mesh = tiny_config(outer=outer), mesh_of(data=4, model=2)
+    run = setup_training(cfg, mesh)
+    leaves = jax.tree.leaves(abstract_state(run.model, run.tx, run.shardings))
+    held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+    estimate = estimate_memory(resolve_layout(cfg, dict(mesh.shape)))
+    assert estimate.state == pytest.approx(held, rel=0.01), (estimate, held)

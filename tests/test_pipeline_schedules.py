@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 
-from shardlib.parallel.pipeline.executor import plan_sends, sent_microbatches
+from shardlib.parallel.pipeline.executor import plan_sends, send_patterns, sent_microbatches
 from shardlib.parallel.pipeline.schedules import (
     Action,
     Schedule,
@@ -104,27 +104,28 @@ def test_table_prints_one_row_per_stage():
 
 
 @pytest.mark.parametrize("name, p, m, v", CASES)
-def test_the_executor_permutes_only_on_ticks_with_an_arrival(name, p, m, v):
-    """Skipped ticks cut the bytes between stages; what is left is the SPMD floor of the schedule."""
+def test_each_tick_permutes_exactly_the_pairs_that_have_an_arrival(name, p, m, v):
+    """The permute patterns send the minimum: 2 m (p v - 1) microbatches per step, no more."""
     schedule = make_schedule(name, p, m, v)
     plan = compile_table(schedule)
-    sends = plan_sends(plan)
-    assert sends.shape == (schedule.ticks, 2) and sends.dtype == bool
-    # Derived from the table alone, not from the plan's slot arrays: an activation arrives at
-    # the end of a tick iff some stage ran a forward on a virtual stage other than the last
-    # (its output goes on to the next virtual stage), and a gradient iff some stage ran a
-    # backward on a virtual stage other than the first (its input's gradient goes back).
+    patterns = send_patterns(plan)
+    assert patterns.tick.shape == (schedule.ticks, 2) and patterns.forward[0] == patterns.backward[0] == ()
+    assert len(set(patterns.forward)) == len(patterns.forward) and len(set(patterns.backward)) == len(patterns.backward)
+    # Derived from the schedule's actions alone, not from the plan's slot arrays: a forward on
+    # virtual stage k < last sends its output to the stage of k + 1, a backward on k > 0 sends
+    # its input's gradient to the stage of k - 1, at the end of the tick.
     last = p * v - 1
     for tick, row in enumerate(schedule.actions):
-        ran = [(a.kind, schedule.virtual_stage(stage, a.chunk)) for stage, a in enumerate(row) if a]
-        forward = any(kind == "F" and k < last for kind, k in ran)
-        backward = any(kind == "B" and k > 0 for kind, k in ran)
-        assert (bool(sends[tick, 0]), bool(sends[tick, 1])) == (forward, backward), (tick, row)
-    assert sent_microbatches(plan) == int(sends.sum())
-    # Every chunk's input crosses each boundary forward and its gradient backward: at least
-    # 2 * m * v - 2 permutes per step (the first and last virtual stages send one way only)...
-    assert sent_microbatches(plan) >= 2 * m * v - 2
-    # ...and fewer than a permute each way on every tick.
-    assert sent_microbatches(plan) < 2 * plan.schedule.ticks
-    if name == "gpipe":  # forward phase, then backward phase: one direction per tick
-        assert sent_microbatches(plan) == 2 * (m + p - 2)
+        forward, backward = set(), set()
+        for stage, a in enumerate(row):
+            k = schedule.virtual_stage(stage, a.chunk) if a else None
+            if a and a.kind == "F" and k < last:
+                forward.add((stage, (k + 1) % p))
+            if a and a.kind == "B" and k > 0:
+                backward.add((stage, (k - 1) % p))
+        got = patterns.forward[patterns.tick[tick, 0]], patterns.backward[patterns.tick[tick, 1]]
+        assert (set(got[0]), set(got[1])) == (forward, backward), (tick, row)
+        assert (bool(plan_sends(plan)[tick, 0]), bool(plan_sends(plan)[tick, 1])) == (bool(forward), bool(backward))
+    assert patterns.sends() == (m * (p * v - 1), m * (p * v - 1))
+    assert sent_microbatches(plan) == 2 * m * (p * v - 1)
+    assert sum(patterns.runs().values()) == int((patterns.tick > 0).sum())

@@ -13,6 +13,9 @@ from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.layout import resolve_layout
 from shardlib.analysis.report.measure import measure
 from shardlib.analysis.report.report import build_report
+from shardlib.parallel.pipeline.executor import send_patterns
+from shardlib.parallel.pipeline.schedules import make_schedule
+from shardlib.parallel.pipeline.table import compile_table
 from tests.support import mesh_of, tiny_config
 
 N = 8
@@ -137,23 +140,24 @@ def test_replica_groups_map_to_mesh_axes_on_three_nontrivial_axes():
     assert {t.strategy for t in predict_terms(layout)} == {"data parallel", "tensor parallel", "sequence"}
 
 
-@pytest.mark.parametrize("schedule, pipe, expected_ratio", [("1f1b", 2, 1.0), ("gpipe", 4, 12 / 8)])
-def test_pipeline_permutes_count_only_the_ticks_that_take_them(schedule, pipe, expected_ratio):
-    """The executor's permutes sit in per-tick conditionals; the report counts the taken ticks.
-
-    p = 2 with 1F1B reaches the minimum (each device sends its m activations or
-    gradients one way); GPipe on p = 4 sends on 2(m + p - 2) = 12 ticks against
-    the 2m = 8 a middle stage needs, since every device joins every permute.
-    """
-    cfg = tiny_config(model={"n_layers": 4}, pipeline={"schedule": schedule, "microbatches": 4})
+@pytest.mark.parametrize("schedule, pipe, virtual", [("1f1b", 2, 1), ("gpipe", 4, 1), ("interleaved-1f1b", 2, 2)])
+def test_pipeline_permutes_send_the_minimum(schedule, pipe, virtual):
+    """Each tick's permute connects only the pairs with an arrival; the report counts the ticks
+    that take each pattern and measures the minimum: m (p v - 1) / p microbatches each way per device."""
+    cfg = tiny_config(
+        model={"n_layers": 4}, pipeline={"schedule": schedule, "microbatches": 4, "virtual_stages": virtual}
+    )
     mesh = mesh_of(pipe=pipe)
     report = build_report(resolve_layout(cfg, dict(mesh.shape)), measured=measure(cfg, mesh))
     (axis,) = [a for a in report.axes if a.axis == "pipe"]
     permutes = [c for c in report.measured.collectives if c.kind == "collective-permute"]
-    assert len(permutes) == 2 and all(c.count < 2 * (4 + pipe - 1) for c in permutes), permutes
+    patterns = send_patterns(compile_table(make_schedule(schedule, pipe, 4, virtual)))
+    assert len(permutes) == len(patterns.forward) - 1 + len(patterns.backward) - 1  # pattern 0: no permute
     sent = sum(c.total_wire_bytes for c in permutes)
-    predicted = sum(t.wire_bytes for t in report.terms if t.strategy == "pipeline" and t.kind == "collective-permute")
-    assert sent == pytest.approx(expected_ratio * predicted, rel=1e-6), (sent, predicted)
+    predicted = [t for t in report.terms if t.strategy == "pipeline" and t.kind == "collective-permute"]
+    micro = cfg.batch_size // 4 * cfg.seq_len * cfg.model.d_model * 4  # one microbatch's fp32 activations
+    assert sum(t.wire_bytes for t in predicted) == pytest.approx(2 * 4 * (pipe * virtual - 1) / pipe * micro)
+    assert sent == pytest.approx(sum(t.wire_bytes for t in predicted), rel=1e-6), (sent, predicted)
     assert axis.measured > 0
 
 

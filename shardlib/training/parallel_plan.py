@@ -99,11 +99,13 @@ class ParallelPlan:
             lines.append(f"  experts: {self.features.experts} over expert={self.features.expert} (all-to-all dispatch)")
         if self.pipeline is not None:
             s = self.pipeline.schedule
-            forward, backward = self.pipeline.permutes_per_step()
+            forward, backward = self.pipeline.sends_per_step()
+            patterns = self.pipeline.send_patterns
             lines.append(
                 f"  pipeline {s.name}: p={s.stages} m={s.microbatches} v={s.virtual}, {s.ticks} ticks, bubble "
-                f"{float(s.bubble_fraction()):.3f}, branching {self.pipeline.branching}, sends {forward} forward + "
-                f"{backward} backward per step"
+                f"{float(s.bubble_fraction()):.3f}, branching {self.pipeline.branching}; sends {forward} stage "
+                f"inputs forward + {backward} gradients back per step (all stages), over "
+                f"{len(patterns.forward) - 1} + {len(patterns.backward) - 1} permute patterns"
             )
         lines.append(f"  gradient compression {self.compression}")
         if self.outer is not None:

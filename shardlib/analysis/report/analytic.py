@@ -26,9 +26,9 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
   for the backward pass unless remat recomputes it); ring attention moves
   the gathers' bytes in p-1 permutes, overlapped with compute, and the
   gradients in p (one more hop home);
-* pipeline (``layers`` over ``pipe``): b*s*D per stage boundary per
-  microbatch each way, and the gradients of the parameters outside the
-  stages (embedding, head) summed over ``pipe``;
+* pipeline (``layers`` over ``pipe``): b*s*D per microbatch and boundary
+  between virtual stages each way (a mean over the stages), and the gradients
+  of the parameters outside the stages (embedding, head) summed over ``pipe``;
 * experts (MoE, ``shardlib.parallel.experts``): per MoE layer and microbatch, two
   all-to-alls (dispatch, combine) of the capacity-padded [E, b, C, D] buffer
   forward, two backward, two more when remat recomputes the forward pass; the
@@ -230,20 +230,36 @@ def sequence_terms(layout: Layout) -> list[Term]:
 def pipeline_terms(layout: Layout) -> list[Term]:
     """Activations across stage boundaries, b*s*D per microbatch each way; the outer parameters' gradients.
 
-    The textbook minimum: each device sends its stage's output forward and its
-    input gradient backward once per microbatch. The executor permutes on the
-    ticks its table needs, but every device joins each permute, so schedules
-    send more (GPipe 2(m+p-2) against 2m, 1F1B 2x); the report's ratio shows it.
+    Every microbatch crosses each of the p*v - 1 boundaries between virtual
+    stages once forward (its activations) and once backward (their gradient):
+    m (p v - 1) messages each way over the p stages, a mean of m (p v - 1) / p
+    per device (the first stage sends nothing back, the last nothing on). The
+    executor's permutes connect only the pairs the table has an arrival for,
+    so this is what it sends.
     """
     if layout.sizes["pipe"] < 2:
         return []
     cfg, sizes = layout.cfg, layout.sizes
     act = layout.tokens_per_device * cfg.model.d_model * np.dtype(cfg.model.compute_dtype).itemsize
-    m = layout.forward_passes
-    outer = sum(p.bytes_per_device for p in layout.params if not p.scanned)
-    boundaries = ("activations to the next stage", "gradients to the previous stage")
-    out = [_term("pipeline", what, "collective-permute", ("pipe",), sizes, act, m, False) for what in boundaries]
+    p, v = sizes["pipe"], cfg.pipeline.virtual_stages
+    sends = layout.forward_passes * (p * v - 1)  # over all stages, each way
+    out = [
+        Term(
+            "pipeline",
+            what,
+            "collective-permute",
+            ("pipe",),
+            p,
+            float(act),
+            sends,
+            act * sends / p,
+            False,
+            note="mean over the stages",
+        )
+        for what in ("activations to the next stage", "gradients to the previous stage")
+    ]
     # Embedding, head and final norm live on every stage but get gradients on one: summed over pipe.
+    outer = sum(param.bytes_per_device for param in layout.params if not param.scanned)
     what = "gradients of the parameters outside the stages"
     out.append(_term("pipeline", what, "all-reduce", ("pipe",), sizes, outer, layout.microbatches, True))
     return [t for t in out if t is not None]

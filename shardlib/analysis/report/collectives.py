@@ -8,7 +8,9 @@ Bytes are counted two ways, both per device:
 * ``wire_bytes``: what a bandwidth-optimal (ring) algorithm sends per device:
   all-reduce 2(n-1)/n of the buffer, all-gather and reduce-scatter (n-1)/n of
   the full (gathered / unscattered) buffer, all-to-all (n-1)/n, a permute its
-  whole buffer. These are the units of the analytic model (``analytic.py``).
+  whole buffer times the share of devices that send (a permute over some pairs
+  only, as a pipeline tick's: the mean over the devices). These are the units
+  of the analytic model (``analytic.py``).
 
 Asynchronous pairs (``all-gather-start`` / ``-done`` on GPU) count once, at
 the start; collectives wrapped in ``async-start`` computations are found in
@@ -214,7 +216,7 @@ def find_collectives(module: HloModule, mesh_shape: Mapping[str, int]) -> list[C
                 exact_axes=exact,
                 group_size=n,
                 buffer_bytes=buffer,
-                wire_bytes=wire_bytes(kind, buffer, n),
+                wire_bytes=wire_bytes(kind, buffer, n) * (len(groups) / num_devices if is_pairs else 1),
                 count=count,
                 dtype=_dtype(module, inst),
                 computation=inst.computation,

@@ -133,33 +133,30 @@ def measure(cfg: Config, mesh: jax.sharding.Mesh) -> Measured:
     return measured
 
 
-def ring_pairs(mesh: jax.sharding.Mesh, axis: str, shift: int) -> frozenset[tuple[int, int]]:
-    """(source, target) device positions of a ring permute by ``shift`` along ``axis`` (positions in ``mesh.devices``)."""
-    index = np.arange(mesh.size).reshape(mesh.devices.shape)
-    dim = list(mesh.axis_names).index(axis)
-    target = np.roll(index, -shift, axis=dim)
-    return frozenset(zip(index.flat, target.flat, strict=True))
+def stage_pairs(mesh: jax.sharding.Mesh, axis: str, pairs) -> frozenset[tuple[int, int]]:
+    """(source, target) device positions (in ``mesh.devices``) of a permute over ``axis`` between the given
+    (source, target) positions along it, at every position of the other axes."""
+    index = np.moveaxis(np.arange(mesh.size).reshape(mesh.devices.shape), list(mesh.axis_names).index(axis), 0)
+    return frozenset((int(a), int(b)) for s, t in pairs for a, b in zip(index[s].flat, index[t].flat, strict=True))
 
 
 def pipeline_sends_taken(collectives: list[Collective], pipeline: PipelinePlan, mesh: jax.sharding.Mesh):
     """The pipeline's permutes counted on the ticks the plan's table takes them, not on every tick.
 
-    They sit in conditionals the schedule table switches per tick (the same on
-    every device), which the HLO alone cannot resolve; the table can. A permute
-    is the pipeline's when its pairs are the ``pipe`` ring and it runs once per
-    tick. With two stages both directions have the same pairs, so each of the
-    two ops gets the mean of the two directions' counts (the total is exact).
+    Each tick's permute is one branch of a switch over the step's distinct send
+    patterns (``PipelinePlan.send_patterns``); the index is the same on every
+    device, which the HLO alone cannot resolve; the table can. A permute is the
+    pipeline's when its pairs are one pattern's and it runs once per tick.
+    Ops with the same pairs (a pattern both directions use, as on two stages)
+    share that pair set's runs evenly (the total is exact).
     """
     ticks = pipeline.schedule.ticks
-    taken = pipeline.permutes_per_step()
-    directions = {ring_pairs(mesh, "pipe", 1): taken[0], ring_pairs(mesh, "pipe", -1): taken[1]}
-    if len(directions) == 1:  # two stages: forward and backward rings coincide
-        total = sum(taken)
-        directions = {pair: total // 2 if total % 2 == 0 else total / 2 for pair in directions}
+    runs = {stage_pairs(mesh, "pipe", pairs): n for pairs, n in pipeline.send_patterns.runs().items()}
+    per_tick = [c for c in collectives if c.kind == "collective-permute" and c.pairs in runs and c.count % ticks == 0]
+    sharing = {pairs: sum(c.pairs == pairs for c in per_tick) for pairs in runs}
     out = []
     for c in collectives:
-        runs = directions.get(c.pairs)
-        if c.kind == "collective-permute" and runs is not None and c.count % ticks == 0:
-            c = dataclasses.replace(c, count=c.count // ticks * runs)
+        if any(c is p for p in per_tick):
+            c = dataclasses.replace(c, count=c.count // ticks * runs[c.pairs] / sharing[c.pairs])
         out.append(c)
     return out

@@ -14,7 +14,12 @@ On top of the stored state the step needs, per device:
   and the AdamW update;
 * FSDP: one layer's gathered weights, and its unsliced gradient;
 * the logits in float32 and their gradient (vocabulary split over ``model``);
-* with remat, the recomputed residuals of the one layer being differentiated.
+* with remat, the recomputed residuals of the one layer being differentiated;
+* DiLoCo and local SGD (``outer``): beside each replica's own parameters and
+  AdamW moments, the period's start (the anchor, sharded like a replica's
+  parameters), the outer momentum (DiLoCo with momentum > 0) and, with
+  ``outer.compression``, the compressed reduction's residuals (1 + 1/R
+  copies): a parameter copy each.
 
 This is a model of what must be alive at the peak, not of XLA's buffer
 assignment; ``shardlib.analysis.planner --verify`` compares it with ``memory_analysis()``.
@@ -46,15 +51,16 @@ class MemoryEstimate:
     gathered: float  # FSDP: one layer's weights gathered, and its unsliced gradient
     activations: float  # residuals of every layer, for one microbatch
     working: float  # logits and the backward working set of one layer
+    outer: float = 0.0  # DiLoCo: the anchor, the outer momentum, the pseudo-gradient's residuals
 
     @property
     def state(self) -> float:
-        """Parameters + optimizer state: what lives between steps."""
-        return self.params + self.optimizer
+        """Parameters + optimizer state (the outer loop's too): what lives between steps."""
+        return self.params + self.optimizer + self.outer
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.batch + self.gathered + self.activations + self.working
+        return self.state + self.grads + self.batch + self.gathered + self.activations + self.working
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self) | {"state": self.state, "total": self.total}
@@ -143,7 +149,20 @@ def estimate_memory(layout: Layout, activation_dtype: str | None = None) -> Memo
         # The backward pass recomputes one layer at a time: what the policy did not
         # save comes back at once; by then the logits are gone (XLA:CPU: within 5%).
         working = max(working, _layer_residual(layout, activation_dtype, "none") - residual)
-    return MemoryEstimate(params, grads, optimizer, batch, gathered, activations, working)
+    return MemoryEstimate(
+        params, grads, optimizer, batch, gathered, activations, working, outer_copies(cfg, layout.sizes) * params
+    )
+
+
+def outer_copies(cfg, sizes) -> float:
+    """Parameter copies the outer loop keeps per device: the anchor, the outer momentum, and the
+    compressed reduction's residuals (a worker copy, and the server's 1/R block: ``compression``)."""
+    outer = cfg.outer
+    if outer.algorithm == "none":
+        return 0.0
+    momentum = outer.algorithm == "diloco" and outer.momentum > 0
+    replicas = int(np.prod([sizes[a] for a in outer.replica_axes]))
+    return 1.0 + momentum + (1.0 + 1.0 / replicas if outer.compression != "none" else 0.0)
 
 
 def _activations(layout: Layout, residual: int, layer_input: int) -> int:

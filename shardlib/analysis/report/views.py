@@ -124,6 +124,7 @@ def _memory_lines(report: Report) -> list[str]:
             fmt_bytes(e.grads),
         ],
         ["optimizer state (AdamW moments)", fmt_bytes(e.optimizer)],
+        *([["DiLoCo: anchor + outer momentum (+ residuals)", fmt_bytes(e.outer)]] if e.outer else []),
         ["batch", fmt_bytes(e.batch)],
         ["FSDP: one gathered layer + its gradient", fmt_bytes(e.gathered)],
         ["activations (residuals of all layers)", fmt_bytes(e.activations)],

@@ -5,8 +5,9 @@ Inside a ``shard_map`` that makes ``pipe`` and the batch axes (``data``,
 share of the batch; ``model`` (and ``seq``) stay automatic, so tensor
 parallelism keeps working through the rules inside each stage. Each tick, a
 stage runs the branch its column of the table names, then activations move one
-stage forward and gradients one stage back with ``ppermute``, each direction
-only on the ticks where the table has an arrival (``plan_sends``). Backward passes
+stage forward and gradients one stage back with ``ppermute``: each tick's
+permute connects only the stage pairs the table has an arrival for
+(``send_patterns``), so a stage with nothing to send sends nothing. Backward passes
 recompute their stage's forward from the saved input (``jax.vjp``), so a stage
 keeps only stage inputs: as many as the table has in flight.
 
@@ -57,9 +58,10 @@ from shardlib.parallel.pipeline.table import (
 
 PyTree = Any
 Branching = Literal["cond", "select"]
-# Named scopes of the two permutes, for profiles and HLO readers; the report counts their runs
-# from the table (``plan_sends``), since a conditional's body looks taken every tick.
+# Named scopes of the permutes, for profiles and HLO readers; the report counts their runs from
+# the table (``send_patterns``), since every branch of a tick's switch looks taken every tick.
 FORWARD_SEND, BACKWARD_SEND = "pipeline_forward_send", "pipeline_backward_send"
+Pairs = tuple[tuple[int, int], ...]  # (source stage, target stage) of one permute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +141,7 @@ def pipeline_loss_and_grads(
         check_vma=False,
     )
     table = {name: jnp.asarray(getattr(plan, name)) for name in _TABLE_FIELDS}
-    return step(layers, outer, tokens_MxBxL, targets_MxBxL, table, jnp.asarray(plan_sends(plan)))
+    return step(layers, outer, tokens_MxBxL, targets_MxBxL, table, jnp.asarray(run.patterns.tick))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +156,11 @@ class _StepRun:
     batch_axes: tuple[str, ...]
     mesh: jax.sharding.Mesh
 
-    def body(self, layers_local, outer_local, tokens, targets, table, sends):
+    @functools.cached_property
+    def patterns(self) -> SendPatterns:
+        return send_patterns(self.plan)
+
+    def body(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
         v = self.plan.schedule.virtual
         layers_local = jax.tree.map(lambda w, s: _gather(w, s, self.batch_axes), layers_local, self.layer_specs)
         outer = jax.tree.map(lambda w, s: _gather(w, s, self.batch_axes), outer_local, self.outer_specs)
@@ -162,29 +168,31 @@ class _StepRun:
         stage = _Stage(self.fns, outer, chunks, tokens, targets)
         carry = stage.initial_carry(self.plan)
         tick = functools.partial(self._tick, stage, jax.lax.axis_index("pipe"))
-        (_, _, layer_g, outer_g, loss), _ = jax.lax.scan(tick, carry, (table, sends))
+        (_, _, layer_g, outer_g, loss), _ = jax.lax.scan(tick, carry, (table, tick_patterns))
         return self._reduce(layer_g, outer_g, loss, layers_local)
 
     def _tick(self, stage: _Stage, index, carry, xs):
-        """One tick: this stage's branch, then each direction's permute where the table has an arrival."""
-        tick_row, tick_sends = xs
+        """One tick: this stage's branch, then each direction's permute over the pairs the table names."""
+        tick_row, tick_pattern = xs
         row = {name: value[index] for name, value in tick_row.items()}
         if self.branching == "cond":
             carry, send_x, send_dx = jax.lax.switch(row["branch"], stage.branches, carry, row)
         else:
             outs = [branch(carry, row) for branch in stage.branches]
             carry, send_x, send_dx = jax.tree.map(lambda *xs: jax.lax.select_n(row["branch"], *xs), *outs)
-        # A tick on which no stage receives skips that direction's permute: the flag is the
-        # same on every device, so all of them take the same side of the cond.
-        p = self.plan.schedule.stages
-        forward, backward = [(s, (s + 1) % p) for s in range(p)], [(s, (s - 1) % p) for s in range(p)]
-        got_x = jax.lax.cond(tick_sends[0], lambda x: _send(x, forward, FORWARD_SEND), jnp.zeros_like, send_x)
-        got_dx = jax.lax.cond(tick_sends[1], lambda x: _send(x, backward, BACKWARD_SEND), jnp.zeros_like, send_dx)
+        # One permute program per distinct pattern, chosen by the tick's pattern index: the same on
+        # every device, so all of them take the same branch (pattern 0: nothing arrives, no permute).
+        got_x = jax.lax.switch(tick_pattern[0], self._permutes(self.patterns.forward, FORWARD_SEND), send_x)
+        got_dx = jax.lax.switch(tick_pattern[1], self._permutes(self.patterns.backward, BACKWARD_SEND), send_dx)
         act_buf, grad_buf, layer_g, outer_g, loss = carry
         # A slot of -1 means nothing arrives: write into a scratch slot past the end.
         act_buf = act_buf.at[_or_scratch(row["recv_act_slot"], self.plan.act_slots)].set(got_x)
         grad_buf = grad_buf.at[_or_scratch(row["recv_grad_slot"], self.plan.grad_slots)].set(got_dx)
         return (act_buf, grad_buf, layer_g, outer_g, loss), None
+
+    @staticmethod
+    def _permutes(patterns: tuple[Pairs, ...], scope: str) -> list[Callable]:
+        return [functools.partial(_send, pairs=pairs, scope=scope) if pairs else jnp.zeros_like for pairs in patterns]
 
     def _reduce(self, layer_g, outer_g, loss, layers_local):
         """The step's mean loss and gradients, reduced over the batch axes as the parameters are sharded."""
@@ -268,19 +276,60 @@ class _Stage:
         return (act_buf, grad_buf, layer_g, outer_g, loss), self.zeros_x, dx
 
 
-def plan_sends(plan: TickTable) -> np.ndarray:
-    """[ticks, 2] bool: whether any stage receives an activation (column 0) or a gradient (1) that tick.
+@dataclasses.dataclass(frozen=True)
+class SendPatterns:
+    """The permutes of a step, as a table: each direction's distinct sets of stage pairs, and which tick uses which.
 
-    The executor permutes only on those ticks. A permute still runs on every
-    device of the ring (SPMD), so a device with nothing to send sends zeros
-    when a neighbour pair needs the tick; ``sent_microbatches`` counts that.
+    forward[i], backward[i]: the (source, target) stage pairs of pattern i; pattern 0 is
+      empty (nothing arrives that tick: no permute runs).
+    tick: [ticks, 2] int32, the forward (column 0) and backward (1) pattern of each tick.
     """
-    return np.stack([(plan.recv_act_slot >= 0).any(axis=1), (plan.recv_grad_slot >= 0).any(axis=1)], axis=1)
+
+    forward: tuple[Pairs, ...]
+    backward: tuple[Pairs, ...]
+    tick: np.ndarray
+
+    def runs(self) -> dict[Pairs, int]:
+        """Ticks per step that run a permute over each distinct set of pairs, both directions together."""
+        runs: dict[Pairs, int] = {}
+        for column, patterns in enumerate((self.forward, self.backward)):
+            for index, count in zip(*np.unique(self.tick[:, column], return_counts=True), strict=True):
+                if patterns[index]:
+                    runs[patterns[index]] = runs.get(patterns[index], 0) + int(count)
+        return runs
+
+    def sends(self) -> tuple[int, int]:
+        """(forward, backward): microbatches sent per step, over all stages (one per pair and tick)."""
+        return tuple(
+            int(sum(len(patterns[i]) for i in self.tick[:, column]))
+            for column, patterns in enumerate((self.forward, self.backward))
+        )
+
+
+def send_patterns(plan: TickTable) -> SendPatterns:
+    """Each tick's permute pairs, from the table's arrivals: an activation arriving at stage s
+    comes from stage s - 1 (mod p), a gradient from s + 1 (mod p)."""
+    p = plan.schedule.stages
+    columns = []
+    for arrivals, step in ((plan.recv_act_slot, -1), (plan.recv_grad_slot, 1)):
+        patterns: dict[Pairs, int] = {(): 0}
+        index = [
+            patterns.setdefault(tuple(((s + step) % p, s) for s in np.flatnonzero(row >= 0)), len(patterns))
+            for row in arrivals
+        ]
+        columns.append((tuple(patterns), index))
+    (forward, f_index), (backward, b_index) = columns
+    return SendPatterns(forward, backward, np.stack([f_index, b_index], axis=1).astype(np.int32))
+
+
+def plan_sends(plan: TickTable) -> np.ndarray:
+    """[ticks, 2] bool: whether any stage receives an activation (column 0) or a gradient (1) that tick."""
+    return send_patterns(plan).tick > 0
 
 
 def sent_microbatches(plan: TickTable) -> int:
-    """Stage inputs or gradients each device sends per step: permuting ticks, both directions."""
-    return int(plan_sends(plan).sum())
+    """Stage inputs and gradients sent per step, over all stages: 2 m (p v - 1), the minimum."""
+    return sum(send_patterns(plan).sends())
 
 
 def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:
@@ -327,9 +376,10 @@ def _reduce(g: jax.Array, spec: P, batch_axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.psum(g, rest) if rest else g
 
 
-def _send(x: jax.Array, ring: list[tuple[int, int]], scope: str) -> jax.Array:
+def _send(x: jax.Array, pairs: Pairs, scope: str) -> jax.Array:
+    """Stage s's ``x`` to stage t for each (s, t) in ``pairs``; a stage no pair targets gets zeros."""
     with jax.named_scope(scope):
-        return jax.lax.ppermute(x, "pipe", ring)
+        return jax.lax.ppermute(x, "pipe", [(int(s), int(t)) for s, t in pairs])
 
 
 def _or_scratch(slot: jax.Array, slots: int) -> jax.Array:

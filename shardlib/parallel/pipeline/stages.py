@@ -18,6 +18,7 @@ layers in sequence (the eval step), and checkpoints record the order so that
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -34,10 +35,11 @@ from shardlib.parallel.accumulation import split_microbatches
 from shardlib.parallel.attention import AttentionPlan
 from shardlib.parallel.pipeline.executor import (
     Branching,
+    SendPatterns,
     StageFunctions,
     layer_order,
     pipeline_loss_and_grads,
-    plan_sends,
+    send_patterns,
 )
 from shardlib.parallel.pipeline.schedules import make_schedule
 from shardlib.parallel.pipeline.table import TickTable, compile_table
@@ -72,14 +74,14 @@ class PipelinePlan:
     def schedule(self):
         return self.table.schedule
 
-    def sends(self) -> np.ndarray:
-        """[ticks, 2] bool: ticks whose forward (column 0) and backward (1) permute runs."""
-        return plan_sends(self.table)
+    @functools.cached_property
+    def send_patterns(self) -> SendPatterns:
+        """Each tick's permute pairs (``executor.send_patterns``): what the step sends, as a table."""
+        return send_patterns(self.table)
 
-    def permutes_per_step(self) -> tuple[int, int]:
-        """(forward, backward) permutes per step: the ticks that take each direction (``sent_microbatches`` sums them)."""
-        forward, backward = self.sends().sum(axis=0)
-        return int(forward), int(backward)
+    def sends_per_step(self) -> tuple[int, int]:
+        """(forward, backward) microbatches sent between stages per step, over all stages."""
+        return self.send_patterns.sends()
 
 
 def plan_pipeline(

@@ -14,7 +14,9 @@ from shardlib.analysis.planner import format_plans, make_plans, propose_diloco
 from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.hardware import load_profile
 from shardlib.analysis.report.layout import resolve_layout
+from shardlib.analysis.report.measure import measure
 from shardlib.analysis.report.memory import estimate_memory
+from shardlib.analysis.report.report import build_report
 from shardlib.training.config import load_config
 from shardlib.training.setup import setup_training
 from shardlib.training.train_state import abstract_state
@@ -88,3 +90,13 @@ def test_the_memory_estimate_holds_the_outer_loops_state(outer):
     held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
     estimate = estimate_memory(resolve_layout(cfg, dict(mesh.shape)))
     assert estimate.state == pytest.approx(held, rel=0.01), (estimate, held)
+
+
+def test_the_report_measures_the_outer_step_averaged_over_h():
+    """The compiled outer step's all-reduce, at 1/H of a run per step, is what the model predicts on data."""
+    cfg, mesh = tiny_config(outer={"algorithm": "diloco", "inner_steps": 4}), mesh_of(data=4, model=2)
+    report = build_report(resolve_layout(cfg, dict(mesh.shape)), measured=measure(cfg, mesh))
+    (data,) = [r for r in report.axes if r.axis == "data"]
+    outer = [c for c in report.measured.collectives if c.op_name.startswith("outer step")]
+    assert outer and all(c.count == pytest.approx(1 / 4) for c in outer)
+    assert data.measured == pytest.approx(data.predicted, rel=1e-6) and data.predicted > 0

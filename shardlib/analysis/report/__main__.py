@@ -45,7 +45,7 @@ def mesh_sizes(spec: MeshSpec, devices: int | None) -> dict[str, int]:
     return {a: within[a] * across[a] for a in MESH_AXES}
 
 
-def _mesh(spec: MeshSpec, sizes: dict[str, int], emulated: bool) -> jax.sharding.Mesh:
+def compile_mesh(spec: MeshSpec, sizes: dict[str, int], emulated: bool) -> jax.sharding.Mesh:
     """The mesh to compile on: one flat mesh of all devices of one process (hosts only matter for links)."""
     if jax.process_count() > 1 and not emulated:
         return build_mesh(spec)
@@ -188,7 +188,7 @@ def _main(args: argparse.Namespace) -> int:
     emulated = args.devices is not None or spec.platform == "cpu"
     if emulated:  # a multi-host CPU mesh (cpu-2x4) compiles on all its devices in this one process
         prepare_devices(dataclasses.replace(spec, platform="cpu", emulate_cpu_devices=total))
-    mesh = None if args.no_compile else _mesh(spec, sizes, emulated)
+    mesh = None if args.no_compile else compile_mesh(spec, sizes, emulated)
 
     report = _report(args, cfg, sizes, spec, mesh, profile)
     print(format_report(report))

@@ -123,14 +123,35 @@ def measure_compiled(compiled, mesh: jax.sharding.Mesh, compile_seconds: float =
 
 
 def measure(cfg: Config, mesh: jax.sharding.Mesh) -> Measured:
-    """Compiles ``cfg``'s train step on ``mesh`` (nothing runs) and measures it."""
+    """Compiles ``cfg``'s train step on ``mesh`` (nothing runs) and measures it.
+
+    With ``outer`` (DiLoCo, local SGD) the outer step is compiled too, and its
+    collectives join the inner step's at 1/H of a run per step: bytes per step
+    averaged over the period, as the analytic model states them.
+    """
     start = time.perf_counter()
     run, compiled = compile_train_step(cfg, mesh)
+    outer = _outer_collectives(run, mesh)
     measured = measure_compiled(compiled, mesh, time.perf_counter() - start)
     if run.plan.pipeline is not None:
         sends = pipeline_sends_taken(measured.collectives, run.plan.pipeline, mesh)
         measured = dataclasses.replace(measured, collectives=sends)
+    if outer:
+        measured = dataclasses.replace(measured, collectives=[*measured.collectives, *outer])
     return measured
+
+
+def _outer_collectives(run, mesh: jax.sharding.Mesh) -> list[Collective]:
+    """The outer step's collectives, each counted 1/H times per step; none without ``outer``."""
+    if run.outer_step is None:
+        return []
+    from shardlib.training.train_state import abstract_state
+
+    every = run.plan.outer.settings.every
+    with jax.set_mesh(mesh):
+        compiled = run.outer_step.lower(*abstract_state(run.model, run.tx, run.shardings)).compile()
+    found = find_collectives(parse_hlo(compiled.as_text()), mesh_axis_sizes(mesh))
+    return [dataclasses.replace(c, count=c.count / every, op_name=f"outer step: {c.op_name}") for c in found]
 
 
 def stage_pairs(mesh: jax.sharding.Mesh, axis: str, pairs) -> frozenset[tuple[int, int]]:

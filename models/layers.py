@@ -6,7 +6,8 @@ this file free of Flax and easy to test against naive references.
 
 Shape suffixes (nanodo style):
   B batch, L query length, M key length, D d_model, H query heads,
-  N kv heads, G query heads per kv head (H = N * G), K head_dim, F d_ff, V vocab.
+  N kv heads, G query heads per kv head (H = N * G), K head_dim, F d_ff, V vocab,
+  C tokens per loss chunk, J = L / C loss chunks.
 """
 
 from __future__ import annotations
@@ -55,6 +56,68 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
     logprobs_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
     picked_BxL = jnp.take_along_axis(logprobs_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return -jnp.mean(picked_BxL)
+
+
+def chunked_cross_entropy(
+    x_BxLxD: jax.Array,
+    targets_BxL: jax.Array,
+    logits_fn: Callable[[jax.Array], jax.Array],
+    chunk: int,
+    *,
+    shard: ShardFn = no_shard,
+) -> jax.Array:
+    """Mean next-token cross-entropy of ``logits_fn(x_BxLxD)`` without ever holding the [B, L, V] logits.
+
+    ``logits_fn`` maps a residual-stream chunk [B, C, D] to float32 logits
+    [B, C, V] token by token (final norm and output projection:
+    ``Transformer.logits``); ``chunk`` is C, the tokens per chunk, which must
+    divide L. The result equals ``cross_entropy(logits_fn(x_BxLxD), targets_BxL)``
+    up to float32 summation order, as do its gradients.
+
+    The sequence is cut into J = L / C chunks, chunk j holding positions
+    j, J + j, 2J + j, ... (L reshaped to [C, J], the loop running over J):
+    strided, like ``split_microbatches``' rows, so that a sequence sharded
+    contiguously over the ``seq`` mesh axis stays where it is, each device
+    holding C / seq tokens of every chunk; a contiguous chunk would live on
+    one device and the loop would have to move it. C must therefore divide
+    over the sequence's mesh axes (``shard`` raises otherwise, an error naming
+    ``model.loss_chunk``). One ``lax.map`` step per chunk computes the chunk's
+    logits (float32 accumulation), their log-softmax and the targets'
+    log-probabilities [B, C] (a one-hot select: local on a vocabulary sharded
+    over ``model``, where a gather would not be); the step is under
+    ``jax.checkpoint``, so the backward pass recomputes each chunk's logits
+    instead of keeping them, and the largest float32 buffer is [B, C, V]. The
+    [B, L] log-probabilities are put back in order and averaged as
+    ``cross_entropy`` averages them, in float32.
+    """
+    batch, length, d = x_BxLxD.shape
+    if chunk <= 0 or length % chunk:
+        raise ValueError(f"model.loss_chunk={chunk} must divide the sequence length {length}")
+    chunks = length // chunk
+    x_JxBxCxD = x_BxLxD.reshape(batch, chunk, chunks, d).transpose(2, 0, 1, 3)
+    targets_JxBxC = targets_BxL.reshape(batch, chunk, chunks).transpose(2, 0, 1)
+    try:
+        x_JxBxCxD = shard(x_JxBxCxD, (None, "batch", "length", "embed"))
+        targets_JxBxC = shard(targets_JxBxC, (None, "batch", "length"))
+    except ValueError as err:  # e.g. C tokens that do not divide over `seq`
+        raise ValueError(f"model.loss_chunk={chunk} does not fit the mesh: {err}") from err
+
+    def chunk_logprobs(xs):
+        x_BxCxD, targets_BxC = xs
+        logprobs_BxCxV = jax.nn.log_softmax(logits_fn(x_BxCxD).astype(jnp.float32), axis=-1)
+        vocab = logprobs_BxCxV.shape[-1]
+        # As ``cross_entropy``'s take_along_axis: a negative id counts from the end, one past it gives NaN.
+        targets_BxC = jnp.where(targets_BxC < 0, targets_BxC + vocab, targets_BxC)
+        hit_BxCxV = targets_BxC[..., None] == jnp.arange(vocab, dtype=targets_BxC.dtype)
+        picked_BxC = jnp.sum(jnp.where(hit_BxCxV, logprobs_BxCxV, 0.0), axis=-1)
+        return jnp.where((targets_BxC >= 0) & (targets_BxC < vocab), picked_BxC, jnp.nan)
+
+    # Inside the loop XLA cannot merge the recomputation with the forward pass,
+    # so prevent_cse would only cost performance (as in ``rematerialize``).
+    picked_JxBxC = jax.lax.map(jax.checkpoint(chunk_logprobs, prevent_cse=False), (x_JxBxCxD, targets_JxBxC))
+    # Back in [B, L] order, reduced as ``cross_entropy`` reduces: the same float32 sum.
+    picked_BxL = shard(picked_JxBxC.transpose(1, 2, 0).reshape(batch, length), ("batch", "length"))
     return -jnp.mean(picked_BxL)
 
 

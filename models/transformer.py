@@ -34,7 +34,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import AttentionFn, BlockWeights, ShardFn, decoder_block, no_shard, normal_init, rms_norm
+from models.layers import (
+    AttentionFn,
+    BlockWeights,
+    ShardFn,
+    chunked_cross_entropy,
+    cross_entropy,
+    decoder_block,
+    no_shard,
+    normal_init,
+    rms_norm,
+)
 from models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, moe_mlp
 
 __all__ = ["ShardFn", "Transformer", "no_shard"]
@@ -127,7 +137,9 @@ class Transformer(nnx.Module):
 
     Reads from `cfg`: vocab_size, d_model, n_layers, n_heads, n_kv_heads,
     resolved_head_dim, d_ff, rope_theta, tie_embeddings, param_dtype,
-    compute_dtype, remat, norm_eps, init_std, and moe / n_moe_layers when present.
+    compute_dtype, remat, norm_eps, init_std, and moe / n_moe_layers and
+    loss_chunk when present (``loss_chunk`` > 0: ``loss`` computes the
+    cross-entropy in chunks of that many tokens, ``chunked_cross_entropy``).
     """
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
@@ -139,6 +151,7 @@ class Transformer(nnx.Module):
         self.rope_theta = float(cfg.rope_theta)
         self.norm_eps = float(cfg.norm_eps)
         self.remat = cfg.remat
+        self.loss_chunk = int(getattr(cfg, "loss_chunk", 0) or 0)
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.embed = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=param_dtype, rngs=rngs)
         self.layers = LayerStack(cfg, dtype=param_dtype, rngs=rngs)
@@ -200,12 +213,47 @@ class Transformer(nnx.Module):
         (``moe_aux_loss``, ``moe_z_loss``) and ``moe_dropped_fraction``, the
         fraction of (token, choice) pairs past capacity over all MoE layers.
         """
+        x_BxLxD, extra_loss, metrics = self.hidden(
+            tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention, experts=experts
+        )
+        return self.logits(x_BxLxD, shard=shard), extra_loss, metrics
+
+    def forward_loss(
+        self,
+        tokens_BxL: jax.Array,
+        targets_BxL: jax.Array,
+        *,
+        positions_BxL: jax.Array | None = None,
+        shard: ShardFn = no_shard,
+        attention: AttentionFn | None = None,
+        experts: ExpertDispatch | None = None,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """(mean cross-entropy of [B, L] targets, extra loss, metrics): ``forward`` with the loss taken by ``loss``.
+
+        With ``loss_chunk`` set the [B, L, V] logits are never formed whole;
+        otherwise this is ``cross_entropy(forward(...)[0], targets_BxL)``.
+        """
+        x_BxLxD, extra_loss, metrics = self.hidden(
+            tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention, experts=experts
+        )
+        return self.loss(x_BxLxD, targets_BxL, shard=shard), extra_loss, metrics
+
+    def hidden(
+        self,
+        tokens_BxL: jax.Array,
+        *,
+        positions_BxL: jax.Array | None = None,
+        shard: ShardFn = no_shard,
+        attention: AttentionFn | None = None,
+        experts: ExpertDispatch | None = None,
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """(residual stream [B, L, D] after the last layer, extra loss, metrics): ``forward`` before ``logits``."""
         x_BxLxD = self.embed_tokens(tokens_BxL, shard=shard)
         if self.moe is None:
             x_BxLxD = self.run_layers(
                 self.layers.weights(), x_BxLxD, positions_BxL=positions_BxL, shard=shard, attention=attention
             )
-            return self.logits(x_BxLxD, shard=shard), jnp.zeros((), jnp.float32), {}
+            return x_BxLxD, jnp.zeros((), jnp.float32), {}
         x_BxLxD, stats = self.run_moe_layers(
             self.layers.weights(),
             self.moe.weights(),
@@ -224,7 +272,7 @@ class Transformer(nnx.Module):
             "moe_dropped_fraction": jnp.sum(stats.dropped) / pairs,
         }
         aux_weight, z_weight = self.moe_loss_weights
-        return self.logits(x_BxLxD, shard=shard), aux_weight * aux_loss + z_weight * z_loss, metrics
+        return x_BxLxD, aux_weight * aux_loss + z_weight * z_loss, metrics
 
     # The three pieces below are what a pipeline places on different devices:
     # embedding on the first stage, slices of the layer stack on every stage,
@@ -330,3 +378,16 @@ class Transformer(nnx.Module):
                 preferred_element_type=jnp.float32,
             )
         return shard(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def loss(self, x_BxLxD: jax.Array, targets_BxL: jax.Array, *, shard: ShardFn = no_shard) -> jax.Array:
+        """Mean cross-entropy (float32 scalar) of the head on residual stream [B, L, D] against [B, L] targets.
+
+        ``loss_chunk`` 0: ``cross_entropy(logits(x_BxLxD), targets_BxL)``; else
+        ``chunked_cross_entropy`` over chunks of ``loss_chunk`` tokens, the same
+        value and gradients without the whole [B, L, V] float32 logits.
+        """
+        if not self.loss_chunk:
+            return cross_entropy(self.logits(x_BxLxD, shard=shard), targets_BxL)
+        return chunked_cross_entropy(
+            x_BxLxD, targets_BxL, functools.partial(self.logits, shard=shard), self.loss_chunk, shard=shard
+        )

@@ -26,7 +26,8 @@ quiet = {"progress": False, "log": lambda _: None}
 
 def loop_config(run_dir, **overrides):
     """4 steps, logged and evaluated every 2, saved only at the end."""
-    return tiny_config(run_dir, steps=4, log_every=2, eval_every=2, checkpoint={"every": 0, "keep": 2}, **overrides)
+    settings = {"steps": 4, "log_every": 2, "eval_every": 2, "checkpoint": {"every": 0, "keep": 2}} | overrides
+    return tiny_config(run_dir, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,32 @@ def test_lr_1e6_stops_before_the_diverged_state_reaches_a_checkpoint(tmp_path):
     checkpointer.close()
     largest = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(jax.device_get(params)))
     assert largest < 10, f"checkpoint 1 holds weights up to {largest}"
+
+
+# --------------------------------------------------------------------------- host syncs
+
+
+def test_steps_between_log_steps_fetch_nothing_from_the_devices(tmp_path, setup, monkeypatch):
+    """Between log steps the host only dispatches: no array is read back (loss, norm or flag),
+    so it runs ahead of the devices. Counted where every read of a jax.Array ends up: its
+    ``_value`` (``float()``, ``np.asarray``, ``jax.device_get``); XLA:CPU arrays live in host
+    memory, so ``jax.transfer_guard`` cannot see these reads here."""
+    from jax._src.array import ArrayImpl
+
+    from shardlib.training.loop import StepLoop
+
+    reads = []
+    value = ArrayImpl._value
+    monkeypatch.setattr(ArrayImpl, "_value", property(lambda self: reads.append(1) or value.fget(self)))
+    started, dispatch = {}, StepLoop._dispatch  # step -> reads so far when it was dispatched
+
+    def counted(self, step, *, first):
+        started[step] = len(reads)
+        return dispatch(self, step, first=first)
+
+    monkeypatch.setattr(StepLoop, "_dispatch", counted)
+    result = train(loop_config(tmp_path, log_every=4, eval_batches=0), setup.mesh, setup=setup, **quiet)
+    assert len(result.losses) == 4
+    # Steps 1-3 are not logged: nothing is read from their dispatch to the next one's.
+    assert [started[s + 1] - started[s] for s in (1, 2, 3)] == [0, 0, 0], started
+    assert len(reads) > started[4]  # step 4, logged and saved, reads its metrics: the counter sees them

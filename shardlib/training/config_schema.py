@@ -53,6 +53,10 @@ class ModelConfig(BaseModel):
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "save_matmuls"] = "none"
+    # Cross-entropy in chunks of this many tokens of each sequence (models.layers.chunked_cross_entropy):
+    # the [batch, seq_len, vocab] float32 logits are never held whole, the backward recomputes each
+    # chunk's. 0: off (the whole logits). Must divide seq_len, and each chunk over the mesh's seq axis.
+    loss_chunk: NonNegInt = 0
     norm_eps: PosFloat = 1e-6
     init_std: PosFloat = 0.02
     moe: MoEConfig = Field(default_factory=MoEConfig)
@@ -323,6 +327,11 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _check_batch(self) -> "Config":
+        if self.model.loss_chunk and self.seq_len % self.model.loss_chunk:
+            raise ValueError(
+                f"model.loss_chunk ({self.model.loss_chunk}) must divide seq_len ({self.seq_len}): "
+                "the cross-entropy is taken in chunks of that many tokens of each sequence"
+            )
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by grad_accum "

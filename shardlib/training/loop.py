@@ -29,6 +29,7 @@ from shardlib.training.config import Config
 from shardlib.training.data import BatchLoader
 from shardlib.training.faults import NanGuard, StopSignals
 from shardlib.training.metrics import MetricsWriter, mfu
+from shardlib.training.prefetch import Prefetcher
 from shardlib.training.setup import TrainingSetup
 from shardlib.training.train_state import learning_rate_schedule
 
@@ -139,7 +140,7 @@ class StepLoop:
         run: TrainingSetup,
         state: LoopState,
         *,
-        loader: BatchLoader,
+        loader: BatchLoader | Prefetcher,
         eval_loader: BatchLoader,
         guard: NanGuard,
         checkpointer: Checkpointer,

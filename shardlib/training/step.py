@@ -61,6 +61,10 @@ def make_loss_fn(
 ) -> Callable:
     """``loss(params, inputs_BxL, targets_BxL) -> scalar``: the mean cross-entropy, the model run in sequence.
 
+    The cross-entropy is ``Transformer.forward_loss``'s: chunked along the
+    sequence when the model has ``loss_chunk`` (never the whole [B, L, V]
+    logits), so the train and eval steps take the same loss.
+
     ``with_metrics``: returns ``(objective, metrics)`` instead, the objective
     adding the model's extra losses (``Transformer.forward``) and metrics
     holding ``loss`` (the cross-entropy) and the model's metrics.
@@ -79,8 +83,8 @@ def make_loss_fn(
             order_L = jnp.asarray(order)
             inputs_BxL, targets_BxL = inputs_BxL[:, order_L], targets_BxL[:, order_L]
             kwargs["positions_BxL"] = jnp.broadcast_to(order_L, inputs_BxL.shape)
-        logits_BxLxV, extra_loss, metrics = model.forward(inputs_BxL, **kwargs)
-        loss = cross_entropy(logits_BxLxV, targets_BxL)
+        # Transformer.forward_loss: cross-entropy of the forward's logits, in chunks with model.loss_chunk.
+        loss, extra_loss, metrics = model.forward_loss(inputs_BxL, targets_BxL, **kwargs)
         if not with_metrics:
             return loss
         if not metrics:  # dense: exactly the cross-entropy

@@ -21,10 +21,13 @@ from shardlib.training.data import check_token_ids, load_token_splits
 from shardlib.training.faults import NanGuard, StopSignals, check_run_dir
 from shardlib.training.loop import LoopState, StepLoop
 from shardlib.training.metrics import MetricsWriter, peak_tflops, plot_loss_curve
+from shardlib.training.prefetch import Prefetcher
 from shardlib.training.run_guard import check_resume, record_start
 from shardlib.training.setup import TrainingSetup, setup_training
 from shardlib.training.state_layout import adapt_restored, reset_foreign_residuals, restore_targets
 from shardlib.training.train_state import abstract_state
+
+PREFETCH = 2  # batches read ahead while a step runs: the next step's, and one more for a slow read
 
 
 @dataclasses.dataclass
@@ -127,12 +130,14 @@ def train(
     log(_banner(cfg, mesh, start_step, end_step))
     started = time.perf_counter()
     # Signals outermost: a SIGTERM while the last save completes must not kill it.
-    with StopSignals() as stop, checkpointer, MetricsWriter(run_dir, enabled=is_main) as writer:
+    # The next batches are read while a step runs (shardlib.training.prefetch).
+    batches = Prefetcher(run.loader(train_tokens, seed=cfg.seed, position=int(meta["data_position"])), PREFETCH)
+    with StopSignals() as stop, checkpointer, MetricsWriter(run_dir, enabled=is_main) as writer, batches:
         loop = StepLoop(
             cfg,
             run,
             state,
-            loader=run.loader(train_tokens, seed=cfg.seed, position=int(meta["data_position"])),
+            loader=batches,
             eval_loader=run.loader(heldout_tokens, seed=cfg.seed + 1),
             guard=guard,
             checkpointer=checkpointer,

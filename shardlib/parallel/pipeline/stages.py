@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from models.layers import BlockWeights, cross_entropy
+from models.layers import BlockWeights
 from shardlib.core.rules import rule_axes, without_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import split_microbatches
@@ -178,7 +178,8 @@ def make_pipeline_grads(
     fns = StageFunctions(
         embed=lambda outer, tokens: merged(outer).embed_tokens(tokens, **kwargs),
         stage=lambda chunk, x: merged().run_layers(BlockWeights(**chunk), x, **layer_kwargs),
-        loss=lambda outer, x, targets: cross_entropy(merged(outer).logits(x, **kwargs), targets),
+        # Transformer.loss: the head's cross-entropy, chunked with model.loss_chunk as the eval step's is.
+        loss=lambda outer, x, targets: merged(outer).loss(x, targets, **kwargs),
     )
 
     def grads_fn(params, batch):

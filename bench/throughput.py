@@ -1,0 +1,210 @@
+"""Throughput of the training step as the trainer runs it: tokens/s, step time, MFU, host time, compile time.
+
+    python bench/throughput.py --config configs/gpt2-124m.yaml --mesh meshes/gpu-1.yaml \
+        [--steps 20] [--warmup 3] [--json out.json] [--trace DIR] [--hlo DIR] [key=value ...]
+
+Compiles the run's train step (the one ``train.py`` calls, with its
+shardings and donation) and times it on the run's own batches:
+
+* ``step_ms``: wall time per step with the host dispatching ahead, as the
+  loop does between log steps (one wait, after the last step);
+* ``synced_step_ms``: wall time per step when the host waits for every step:
+  the device's time per step plus whatever the host adds between steps;
+* ``host_ms``: what the host spends per step on its own, measured in the
+  synced steps (nothing queued): reading and placing the batch
+  (``batch_ms``) and dispatching the step (``dispatch_ms``). Dispatched ahead,
+  the device sits idle between steps only if this exceeds its time per step
+  (on XLA:CPU the "device" is the host's own threads: read it on a GPU);
+* ``compile_s``: lowering and compiling the train step;
+* tokens/s (all devices) and MFU per device, from the config's FLOPs per
+  token (``ModelConfig.flops_per_token``: 6 N plus attention, PaLM's
+  formula) and the chip's dense peak (``shardlib.training.metrics.PEAK_TFLOPS``,
+  or ``peak_tflops=`` in the config); MFU is omitted where the peak is unknown
+  (CPUs).
+
+The JSON (``--json``) holds every figure with the device, JAX version, config
+and commit, so two commits can be compared. ``--trace`` writes a
+``jax.profiler`` trace of the timed steps; ``--hlo`` the compiled HLO text.
+Timed steps run in groups alternating pipelined and synced, so a drifting
+machine shifts both alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from shardlib.training.cli import add_run_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind (pipelined, synced)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run before timing")
+    parser.add_argument("--json", help="write the figures as JSON to this file")
+    parser.add_argument("--trace", help="write a jax.profiler trace of the timed steps into this directory")
+    parser.add_argument("--hlo", help="write the compiled train step's HLO text into this directory")
+    return parser.parse_args(argv)
+
+
+class StepTimer:
+    """Runs the run's train step on its loader's batches, tracking the state it donates."""
+
+    def __init__(self, run, loader, step_fn):
+        self.run, self.loader, self.step_fn = run, loader, step_fn
+        self.params, self.opt_state = run.init_state()
+        self.step = 0
+        self.batch_s: list[float] = []
+        self.dispatch_s: list[float] = []
+
+    def dispatch(self, timed: bool = False):
+        """One step, not waited for; returns its metrics (device arrays). ``timed``: record the host's
+        seconds for the batch and for the dispatch (meaningful when nothing is queued before it)."""
+        start = time.perf_counter()
+        batch = self.loader.next()
+        got_batch = time.perf_counter()
+        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch)
+        self.step += 1
+        if self.run.outer_due(self.step):
+            self.params, self.opt_state = self.run.outer_step(self.params, self.opt_state)
+        if timed:
+            self.batch_s.append(got_batch - start)
+            self.dispatch_s.append(time.perf_counter() - got_batch)
+        return metrics
+
+    def pipelined(self, steps: int) -> float:
+        """Seconds per step, dispatching ahead and waiting once at the end."""
+        import jax
+
+        start = time.perf_counter()
+        for _ in range(steps):
+            metrics = self.dispatch()
+        jax.block_until_ready((self.params, metrics))
+        return (time.perf_counter() - start) / steps
+
+    def synced(self, steps: int) -> list[float]:
+        """Seconds of each step, waiting for every one."""
+        import jax
+
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready((self.dispatch(timed=True), self.params))
+            times.append(time.perf_counter() - start)
+        return times
+
+
+def compile_step(run, hlo_dir: str | None):
+    """(seconds to lower and compile the train step, the compiled step); the HLO text into ``hlo_dir`` if given."""
+    import jax
+
+    from shardlib.analysis.report.measure import abstract_batch
+    from shardlib.training.train_state import abstract_state
+
+    params, opt_state = abstract_state(run.model, run.tx, run.shardings)
+    start = time.perf_counter()
+    with jax.set_mesh(run.mesh):
+        compiled = run.train_step.lower(params, opt_state, abstract_batch(run.cfg, run.batch_sharding)).compile()
+    seconds = time.perf_counter() - start
+    if hlo_dir:
+        path = pathlib.Path(hlo_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "train_step.hlo.txt").write_text(compiled.as_text())
+    return seconds, compiled
+
+
+def figures(cfg, mesh, compile_s, pipelined, synced, batch, dispatch) -> dict:
+    """The JSON document: every figure, and what it was measured on."""
+    import jax
+
+    from shardlib.core.mesh import describe_mesh
+    from shardlib.training.metrics import mfu, peak_tflops
+
+    device = mesh.devices.flat[0]
+    step_s = statistics.median(pipelined)
+    tokens = cfg.batch_size * cfg.seq_len
+    per_device = tokens / step_s / mesh.size
+    peak = cfg.peak_tflops or peak_tflops(device.device_kind, cfg.model.compute_dtype)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return {
+        "device": device.device_kind,
+        "devices": mesh.size,
+        "mesh": describe_mesh(mesh),
+        "jax": jax.__version__,
+        "commit": commit.stdout.strip() or None,
+        "config": cfg.model_dump(mode="json"),
+        "tokens_per_step": tokens,
+        "compile_s": compile_s,
+        "step_ms": 1e3 * step_s,
+        "synced_step_ms": 1e3 * statistics.median(synced),
+        "batch_ms": 1e3 * statistics.median(batch),
+        "dispatch_ms": 1e3 * statistics.median(dispatch),
+        "host_ms": 1e3 * (statistics.median(batch) + statistics.median(dispatch)),
+        "tokens_per_s": tokens / step_s,
+        "flops_per_token": cfg.model.flops_per_token(cfg.seq_len),
+        "peak_tflops": peak,
+        "mfu": mfu(per_device, cfg.model.flops_per_token(cfg.seq_len), peak),
+    }
+
+
+def _main(args: argparse.Namespace) -> int:
+    import jax
+
+    from shardlib.core.mesh import build_mesh
+    from shardlib.training.cli import load_run
+    from shardlib.training.data import load_token_splits
+    from shardlib.training.setup import setup_training
+
+    cfg, spec = load_run(args)
+    mesh = build_mesh(spec)
+    run = setup_training(cfg, mesh)
+    compile_s, compiled = compile_step(run, args.hlo)
+    # The compiled executable itself: calling the jitted function would compile it a second time.
+    timer = StepTimer(run, run.loader(load_token_splits(cfg.data)[0], seed=cfg.seed), compiled)
+    for _ in range(args.warmup):
+        jax.block_until_ready(timer.dispatch())
+    if args.trace:
+        jax.profiler.start_trace(args.trace)
+    pipelined, synced = [], []
+    groups = max(1, args.steps // 5)
+    for _ in range(groups):  # alternate the two kinds, so drift shifts both alike
+        pipelined.append(timer.pipelined(args.steps // groups))
+        synced.extend(timer.synced(args.steps // groups))
+    if args.trace:
+        jax.profiler.stop_trace()
+    result = figures(cfg, mesh, compile_s, pipelined, synced, timer.batch_s, timer.dispatch_s)
+    print(format_figures(result))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_figures(r: dict) -> str:
+    mfu = f", MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOPS" if r["mfu"] is not None else ""
+    return (
+        f"{r['device']} x {r['devices']} ({r['mesh']}), jax {r['jax']}, commit {r['commit']}\n"
+        f"  {r['tokens_per_s']:,.0f} tokens/s{mfu}\n"
+        f"  step {r['step_ms']:.1f} ms dispatched ahead, {r['synced_step_ms']:.1f} ms waited for; "
+        f"host {r['host_ms']:.2f} ms per step (batch {r['batch_ms']:.2f}, dispatch {r['dispatch_ms']:.2f}); "
+        f"compile {r['compile_s']:.1f} s"
+    )
+
+
+def main(argv=None) -> int:
+    from shardlib.training.cli import run_guarded
+
+    return run_guarded(_main, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,6 @@ REL = 1e-5  # gradients: relative to each leaf's largest magnitude
 
 CASES = {
     # preset, mesh sizes, model overrides (loss_chunk among them), other config
-    "one-device": ("dp", {}, {"loss_chunk": 4}, {}),
     # Vocabulary split over `model`; tied embeddings: the other output projection.
     "data4-model2-tied": ("tp", {"data": 4, "model": 2}, {"loss_chunk": 4, "tie_embeddings": True}, {}),
     # The sequence split over `seq`: every chunk's 8 tokens split over it too.

@@ -161,6 +161,19 @@ def test_pipeline_permutes_send_the_minimum(schedule, pipe, virtual):
     assert axis.measured > 0
 
 
+def test_fsdp_inside_a_pipeline_moves_the_minimum():
+    """The executor gathers each parameter once per step and reduce-scatters once (2(N-1)/N of it over
+    data), and sums the outer parameters' gradients over data before pipe, so only their shard crosses pipe."""
+    cfg = tiny_config(sharding="fsdp", model={"n_layers": 4}, pipeline={"schedule": "1f1b", "microbatches": 4})
+    mesh = mesh_of(data=2, pipe=2)
+    report = build_report(resolve_layout(cfg, dict(mesh.shape)), measured=measure(cfg, mesh))
+    rows = {r.axis: r for r in report.axes}
+    # Within 0.5%: the loss and norm scalars' reductions ride along.
+    assert rows["data"].ratio == pytest.approx(1.0, abs=5e-3) and rows["pipe"].ratio == pytest.approx(1.0, abs=5e-3)
+    fsdp = {(t.kind, t.what.split(" (")[0]) for t in report.terms if t.strategy == "fsdp"}
+    assert fsdp == {("all-gather", "gather parameters once per step"), ("reduce-scatter", "reduce-scatter gradients")}
+
+
 def test_gradients_over_data_and_seq_reduced_one_axis_at_a_time_are_explained():
     """data 2 x seq 4: XLA:CPU all-reduces the gradients over seq, then the whole of them again over data.
 

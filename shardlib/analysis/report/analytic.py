@@ -97,7 +97,10 @@ def gradient_terms(layout: Layout) -> list[Term]:
 
     One op per layer per microbatch for the scanned parameters (XLA combines a
     layer's collectives) and one per microbatch for the rest; the message is
-    the sum of the parameters it carries.
+    the sum of the parameters it carries. FSDP inside a pipeline gathers each
+    parameter once per step and reduce-scatters its gradient once
+    (``shardlib.parallel.pipeline.executor``): 2(N-1)/N of it, no backward
+    gather, and the embedding gathered like any parameter.
     """
     sizes, m = layout.sizes, layout.microbatches
     group = layout.token_axes
@@ -105,6 +108,7 @@ def gradient_terms(layout: Layout) -> list[Term]:
         return []
     # (strategy, what, kind, axes, layers, overlappable) -> bytes per op
     messages: dict[tuple, float] = defaultdict(float)
+    pipelined = sizes["pipe"] > 1
     out: list[Term | None] = []
     for p in layout.params:
         # Experts split over a token axis are owned, not gathered: their gradients come whole
@@ -119,7 +123,13 @@ def gradient_terms(layout: Layout) -> list[Term]:
             messages[("data parallel", f"gradient all-reduce ({scope})", "all-reduce", rest, layers, True)] += local
             continue
         gathered = local * int(np.prod([sizes[a] for a in fsdp]))
-        if _is_lookup_table(p) and not layout.cfg.model.tie_embeddings:
+        if pipelined:  # the executor gathers every parameter once per step and reduce-scatters once after it
+            for what, kind in [
+                ("gather parameters once per step", "all-gather"),
+                ("reduce-scatter gradients", "reduce-scatter"),
+            ]:
+                messages[("fsdp", f"{what} (pipeline), {scope}", kind, fsdp, layers, True)] += gathered
+        elif _is_lookup_table(p) and not layout.cfg.model.tie_embeddings:
             out += _lookup_terms(layout, p, fsdp)
         else:
             gathers = [("gather parameters (forward)", "all-gather"), ("gather parameters (backward)", "all-gather")]

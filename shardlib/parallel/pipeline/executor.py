@@ -201,9 +201,10 @@ class _StepRun:
         scale = 1.0 / (self.plan.schedule.microbatches * shards)
         layer_g = jax.tree.map(lambda g, w: (g * scale).reshape(w.shape), layer_g, layers_local)
         layer_g = jax.tree.map(lambda g, s: _reduce(g, s, self.batch_axes), layer_g, self.layer_specs)
-        # Only the first and last stages touch the outer parameters and the loss.
+        # Only the first and last stages touch the outer parameters and the loss. Sums commute:
+        # over the batch axes first, so that with FSDP only the shard crosses pipe.
         outer_g = jax.tree.map(
-            lambda g, s: _reduce(jax.lax.psum(g, "pipe") * scale, s, self.batch_axes), outer_g, self.outer_specs
+            lambda g, s: jax.lax.psum(_reduce(g * scale, s, self.batch_axes), "pipe"), outer_g, self.outer_specs
         )
         return jax.lax.psum(loss, ("pipe", *self.batch_axes)) * scale, layer_g, outer_g
 

@@ -15,7 +15,7 @@ shardings and donation) and times it on the run's own batches:
   (``batch_ms``) and dispatching the step (``dispatch_ms``). Dispatched ahead,
   the device sits idle between steps only if this exceeds its time per step
   (on XLA:CPU the "device" is the host's own threads: read it on a GPU);
-* ``compile_s``: lowering and compiling the train step;
+* ``compile_s``: setting up, lowering and compiling the train step;
 * tokens/s (all devices) and MFU per device, from the config's FLOPs per
   token (``ModelConfig.flops_per_token``: 6 N plus attention, PaLM's
   formula) and the chip's dense peak (``shardlib.training.metrics.PEAK_TFLOPS``,
@@ -103,23 +103,18 @@ class StepTimer:
         return times
 
 
-def compile_step(run, hlo_dir: str | None):
-    """(seconds to lower and compile the train step, the compiled step); the HLO text into ``hlo_dir`` if given."""
-    import jax
+def compile_step(cfg, mesh, hlo_dir: str | None):
+    """(setup, seconds to set up and compile the train step, the compiled step); its HLO into ``hlo_dir``."""
+    from shardlib.analysis.report.measure import compile_train_step
 
-    from shardlib.analysis.report.measure import abstract_batch
-    from shardlib.training.train_state import abstract_state
-
-    params, opt_state = abstract_state(run.model, run.tx, run.shardings)
     start = time.perf_counter()
-    with jax.set_mesh(run.mesh):
-        compiled = run.train_step.lower(params, opt_state, abstract_batch(run.cfg, run.batch_sharding)).compile()
+    run, compiled = compile_train_step(cfg, mesh)
     seconds = time.perf_counter() - start
     if hlo_dir:
         path = pathlib.Path(hlo_dir)
         path.mkdir(parents=True, exist_ok=True)
         (path / "train_step.hlo.txt").write_text(compiled.as_text())
-    return seconds, compiled
+    return run, seconds, compiled
 
 
 def figures(cfg, mesh, compile_s, pipelined, synced, batch, dispatch) -> dict:
@@ -162,12 +157,10 @@ def _main(args: argparse.Namespace) -> int:
     from shardlib.core.mesh import build_mesh
     from shardlib.training.cli import load_run
     from shardlib.training.data import load_token_splits
-    from shardlib.training.setup import setup_training
 
     cfg, spec = load_run(args)
     mesh = build_mesh(spec)
-    run = setup_training(cfg, mesh)
-    compile_s, compiled = compile_step(run, args.hlo)
+    run, compile_s, compiled = compile_step(cfg, mesh, args.hlo)
     # The compiled executable itself: calling the jitted function would compile it a second time.
     timer = StepTimer(run, run.loader(load_token_splits(cfg.data)[0], seed=cfg.seed), compiled)
     for _ in range(args.warmup):

@@ -218,26 +218,6 @@ class Transformer(nnx.Module):
         )
         return self.logits(x_BxLxD, shard=shard), extra_loss, metrics
 
-    def forward_loss(
-        self,
-        tokens_BxL: jax.Array,
-        targets_BxL: jax.Array,
-        *,
-        positions_BxL: jax.Array | None = None,
-        shard: ShardFn = no_shard,
-        attention: AttentionFn | None = None,
-        experts: ExpertDispatch | None = None,
-    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        """(mean cross-entropy of [B, L] targets, extra loss, metrics): ``forward`` with the loss taken by ``loss``.
-
-        With ``loss_chunk`` set the [B, L, V] logits are never formed whole;
-        otherwise this is ``cross_entropy(forward(...)[0], targets_BxL)``.
-        """
-        x_BxLxD, extra_loss, metrics = self.hidden(
-            tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention, experts=experts
-        )
-        return self.loss(x_BxLxD, targets_BxL, shard=shard), extra_loss, metrics
-
     def hidden(
         self,
         tokens_BxL: jax.Array,

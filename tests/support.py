@@ -8,6 +8,8 @@ import numpy as np
 
 from shardlib.core.mesh import build_mesh, mesh_spec
 from shardlib.training.config import Config, validate_config
+from shardlib.training.data import load_token_splits
+from shardlib.training.setup import setup_training
 
 TINY_MODEL = {
     "vocab_size": 256,
@@ -76,3 +78,11 @@ def assert_trees_close(actual, expected, rel: float = 1e-5, floor: float = 1e-12
                 f"(= {rel:g} x scale max|expected| {scale:.3g} + {floor:g}); relative error {error / (scale or 1):.3g}"
             )
     assert not failures, f"{len(failures)} of {len(flat)} leaves differ:\n" + "\n".join(failures)
+
+
+def first_batch(cfg: Config, mesh: jax.sharding.Mesh):
+    """(setup, the run's first training batch, fresh params) for ``cfg`` on ``mesh``."""
+    run = setup_training(cfg, mesh)
+    tokens, _ = load_token_splits(cfg.data)
+    params, _ = run.init_state()
+    return run, run.loader(tokens, seed=cfg.seed).next(), params

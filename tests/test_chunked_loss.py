@@ -16,10 +16,9 @@ from models.layers import chunked_cross_entropy, cross_entropy
 from shardlib.core.rules import preset_rules
 from shardlib.core.sharding import ActivationSharding
 from shardlib.training.config import ConfigError
-from shardlib.training.data import load_token_splits
 from shardlib.training.step import make_loss_fn
 from shardlib.training.trainer import setup_training
-from tests.support import assert_trees_close, mesh_of, tiny_config
+from tests.support import assert_trees_close, first_batch, mesh_of, tiny_config
 
 LOSS_TOL = 1e-6  # absolute, on a loss of about 5.5
 REL = 1e-5  # gradients: relative to each leaf's largest magnitude
@@ -33,13 +32,6 @@ CASES = {
     # The pipeline's last stage takes the chunked loss too.
     "pipe2-data2": ("dp", {"pipe": 2, "data": 2}, {"loss_chunk": 4}, {"pipeline": {"schedule": "1f1b"}}),
 }
-
-
-def first_batch(cfg, mesh):
-    run = setup_training(cfg, mesh)
-    tokens, _ = load_token_splits(cfg.data)
-    params, _ = run.init_state()
-    return run, run.loader(tokens, seed=cfg.seed).next(), params
 
 
 def loss_grads_eval(cfg, mesh):

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from shardlib.parallel.pipeline.executor import layer_order
-from shardlib.training.data import load_token_splits
 from shardlib.training.trainer import setup_training, train
-from tests.support import assert_trees_close, mesh_of, tiny_config
+from tests.support import assert_trees_close, first_batch, mesh_of, tiny_config
 
 TOLERANCE = 1e-5  # the loss: absolute, on a value of about 5
 REL = 1e-5  # gradients: relative to each leaf's largest magnitude (tests.support.assert_trees_close)
@@ -30,14 +29,6 @@ CASES = {
     "interleaved-p2-fsdp_tp-model2-data2": ("interleaved-1f1b", 2, {"pipe": 2, "model": 2, "data": 2}, 4, "fsdp_tp"),
     "1f1b-p4-tp-model2": ("1f1b", 1, {"pipe": 4, "model": 2}, 4, "tp"),
 }
-
-
-def first_batch(cfg, mesh):
-    """(setup, the run's first batch, fresh params) for ``cfg`` on ``mesh``."""
-    run = setup_training(cfg, mesh)
-    tokens, _ = load_token_splits(cfg.data)
-    params, _ = run.init_state()
-    return run, run.loader(tokens, seed=cfg.seed).next(), params
 
 
 def grads_on(cfg, mesh):

@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 
-from shardlib.parallel.pipeline.executor import plan_sends, send_patterns, sent_microbatches
+from shardlib.parallel.pipeline.executor import send_patterns
 from shardlib.parallel.pipeline.schedules import (
     Action,
     Schedule,
@@ -125,7 +125,6 @@ def test_each_tick_permutes_exactly_the_pairs_that_have_an_arrival(name, p, m, v
                 backward.add((stage, (k - 1) % p))
         got = patterns.forward[patterns.tick[tick, 0]], patterns.backward[patterns.tick[tick, 1]]
         assert (set(got[0]), set(got[1])) == (forward, backward), (tick, row)
-        assert (bool(plan_sends(plan)[tick, 0]), bool(plan_sends(plan)[tick, 1])) == (bool(forward), bool(backward))
+        assert (patterns.tick[tick, 0] > 0, patterns.tick[tick, 1] > 0) == (bool(forward), bool(backward))
     assert patterns.sends() == (m * (p * v - 1), m * (p * v - 1))
-    assert sent_microbatches(plan) == 2 * m * (p * v - 1)
     assert sum(patterns.runs().values()) == int((patterns.tick > 0).sum())

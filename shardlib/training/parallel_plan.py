@@ -99,8 +99,8 @@ class ParallelPlan:
             lines.append(f"  experts: {self.features.experts} over expert={self.features.expert} (all-to-all dispatch)")
         if self.pipeline is not None:
             s = self.pipeline.schedule
-            forward, backward = self.pipeline.sends_per_step()
             patterns = self.pipeline.send_patterns
+            forward, backward = patterns.sends()
             lines.append(
                 f"  pipeline {s.name}: p={s.stages} m={s.microbatches} v={s.virtual}, {s.ticks} ticks, bubble "
                 f"{float(s.bubble_fraction()):.3f}, branching {self.pipeline.branching}; sends {forward} stage "

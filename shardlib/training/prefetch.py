@@ -55,10 +55,6 @@ class Prefetcher:
         self._fill()
         return batch
 
-    def peek(self, index: int) -> dict[str, jax.Array]:
-        """Batch ``index`` read now, in this thread (evaluation, tests)."""
-        return self.loader.peek(index)
-
     def close(self) -> None:
         """Stops reading ahead; batches already read are dropped."""
         for future in self._ahead:

@@ -61,7 +61,7 @@ def make_loss_fn(
 ) -> Callable:
     """``loss(params, inputs_BxL, targets_BxL) -> scalar``: the mean cross-entropy, the model run in sequence.
 
-    The cross-entropy is ``Transformer.forward_loss``'s: chunked along the
+    The cross-entropy is ``Transformer.loss`` of the last layer's output: chunked along the
     sequence when the model has ``loss_chunk`` (never the whole [B, L, V]
     logits), so the train and eval steps take the same loss.
 
@@ -83,8 +83,8 @@ def make_loss_fn(
             order_L = jnp.asarray(order)
             inputs_BxL, targets_BxL = inputs_BxL[:, order_L], targets_BxL[:, order_L]
             kwargs["positions_BxL"] = jnp.broadcast_to(order_L, inputs_BxL.shape)
-        # Transformer.forward_loss: cross-entropy of the forward's logits, in chunks with model.loss_chunk.
-        loss, extra_loss, metrics = model.forward_loss(inputs_BxL, targets_BxL, **kwargs)
+        x_BxLxD, extra_loss, metrics = model.hidden(inputs_BxL, **kwargs)
+        loss = model.loss(x_BxLxD, targets_BxL, shard=kwargs["shard"])  # chunked with model.loss_chunk
         if not with_metrics:
             return loss
         if not metrics:  # dense: exactly the cross-entropy

@@ -34,78 +34,11 @@ def _ratio(x: float | None) -> str:
 
 def format_report(report: Report) -> str:
     """The whole report as text for a terminal."""
-    lay = report.layout
-    m = report.measured
-    shown = " x ".join(f"{a}={n}" for a, n in lay.sizes.items() if n > 1) or "one device"
-    how = f"compiled for {m.platform} in {m.compile_seconds:.1f} s" if m else "analytic only (not compiled)"
-    out = [
-        (
-            f"{report.config} on {report.mesh} ({shown}) | preset {lay.sharding} | "
-            f"{lay.cfg.model.num_params():,} params | {lay.cfg.batch_size} x {lay.cfg.seq_len} tokens, "
-            f"grad_accum {lay.cfg.grad_accum} | {how}"
-        ),
-        "",
-        "communication per step and device, by mesh axis (wire bytes; ratio = measured / predicted)",
-    ]
-    rows = []
-    for r in report.axes:
-        rows.append(
-            [
-                r.axis,
-                r.size,
-                fmt_bytes(r.measured),
-                fmt_bytes(r.avoidable),
-                fmt_bytes(r.predicted),
-                _ratio(r.ratio),
-                _ratio(r.ratio_without_avoidable),
-                r.link or "-",
-                format_seconds(r.time_s) if r.time_s is not None else "-",
-            ]
-        )
-    if rows:
-        out += table(
-            ["axis", "size", "measured", "avoidable", "predicted", "ratio", "w/o avoidable", "link", "time"], rows
-        )
-        for r in report.axes:
-            for text in r.responsible:
-                out.append(f"    {r.axis} > 1: {text}")
-    else:
-        out.append("  (one device: nothing to communicate)")
-    if m is not None:
-        out += ["", "measured collectives by kind (runs per step: loop bodies times their trip counts)"]
-        kinds = report.per_kind()
-        out += (
-            table(
-                ["kind", "over", "ops", "runs/step", "bytes/step", "avoidable"],
-                [
-                    [k["kind"], k["axes"], k["ops"], k["count"], fmt_bytes(k["wire_bytes"]), fmt_bytes(k["avoidable"])]
-                    for k in kinds.values()
-                ],
-            )
-            if kinds
-            else ["  (none)"]
-        )
-    out += ["", "predicted (analytic model)"]
-    out += (
-        table(
-            ["strategy", "traffic", "kind", "over", "ops/step", "message", "bytes/step", "overlap"],
-            [
-                [
-                    t.strategy,
-                    t.what,
-                    t.kind,
-                    "+".join(t.axes),
-                    t.count,
-                    fmt_bytes(t.message_bytes),
-                    fmt_bytes(t.wire_bytes),
-                    "yes" if t.overlappable else "no",
-                ]
-                for t in report.terms
-            ],
-        )
-        if report.terms
-        else ["  (nothing)"]
-    )
+    out = [_header(report), ""]
+    out += _axes_lines(report)
+    if report.measured is not None:
+        out += ["", *_measured_lines(report)]
+    out += ["", *_predicted_lines(report)]
     out += ["", "memory per device"] + _memory_lines(report)
     out += ["", "FLOPs per step and device"] + _flops_lines(report)
     if report.time is not None:
@@ -113,6 +46,73 @@ def format_report(report: Report) -> str:
     if report.notes:
         out += ["", "notes"] + [f"  - {n}" for n in report.notes]
     return "\n".join(out)
+
+
+def _header(report: Report) -> str:
+    lay, m = report.layout, report.measured
+    shown = " x ".join(f"{a}={n}" for a, n in lay.sizes.items() if n > 1) or "one device"
+    how = f"compiled for {m.platform} in {m.compile_seconds:.1f} s" if m else "analytic only (not compiled)"
+    return (
+        f"{report.config} on {report.mesh} ({shown}) | preset {lay.sharding} | "
+        f"{lay.cfg.model.num_params():,} params | {lay.cfg.batch_size} x {lay.cfg.seq_len} tokens, "
+        f"grad_accum {lay.cfg.grad_accum} | {how}"
+    )
+
+
+def _axes_lines(report: Report) -> list[str]:
+    """Bytes per mesh axis, measured beside predicted, and what is behind any excess."""
+    out = ["communication per step and device, by mesh axis (wire bytes; ratio = measured / predicted)"]
+    rows = [
+        [
+            r.axis,
+            r.size,
+            fmt_bytes(r.measured),
+            fmt_bytes(r.avoidable),
+            fmt_bytes(r.predicted),
+            _ratio(r.ratio),
+            _ratio(r.ratio_without_avoidable),
+            r.link or "-",
+            format_seconds(r.time_s) if r.time_s is not None else "-",
+        ]
+        for r in report.axes
+    ]
+    if not rows:
+        return [*out, "  (one device: nothing to communicate)"]
+    out += table(["axis", "size", "measured", "avoidable", "predicted", "ratio", "w/o avoidable", "link", "time"], rows)
+    out += [f"    {r.axis} > 1: {text}" for r in report.axes for text in r.responsible]
+    return out
+
+
+def _measured_lines(report: Report) -> list[str]:
+    out = ["measured collectives by kind (runs per step: loop bodies times their trip counts)"]
+    kinds = report.per_kind()
+    if not kinds:
+        return [*out, "  (none)"]
+    rows = [
+        [k["kind"], k["axes"], k["ops"], k["count"], fmt_bytes(k["wire_bytes"]), fmt_bytes(k["avoidable"])]
+        for k in kinds.values()
+    ]
+    return out + table(["kind", "over", "ops", "runs/step", "bytes/step", "avoidable"], rows)
+
+
+def _predicted_lines(report: Report) -> list[str]:
+    out = ["predicted (analytic model)"]
+    if not report.terms:
+        return [*out, "  (nothing)"]
+    rows = [
+        [
+            t.strategy,
+            t.what,
+            t.kind,
+            "+".join(t.axes),
+            t.count,
+            fmt_bytes(t.message_bytes),
+            fmt_bytes(t.wire_bytes),
+            "yes" if t.overlappable else "no",
+        ]
+        for t in report.terms
+    ]
+    return out + table(["strategy", "traffic", "kind", "over", "ops/step", "message", "bytes/step", "overlap"], rows)
 
 
 def _memory_lines(report: Report) -> list[str]:

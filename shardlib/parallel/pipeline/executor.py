@@ -323,16 +323,6 @@ def send_patterns(plan: TickTable) -> SendPatterns:
     return SendPatterns(forward, backward, np.stack([f_index, b_index], axis=1).astype(np.int32))
 
 
-def plan_sends(plan: TickTable) -> np.ndarray:
-    """[ticks, 2] bool: whether any stage receives an activation (column 0) or a gradient (1) that tick."""
-    return send_patterns(plan).tick > 0
-
-
-def sent_microbatches(plan: TickTable) -> int:
-    """Stage inputs and gradients sent per step, over all stages: 2 m (p v - 1), the minimum."""
-    return sum(send_patterns(plan).sends())
-
-
 def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:
     """``specs`` with only the manual axes kept: the partial-manual shard_map's in/out specs.
 

@@ -79,10 +79,6 @@ class PipelinePlan:
         """Each tick's permute pairs (``executor.send_patterns``): what the step sends, as a table."""
         return send_patterns(self.table)
 
-    def sends_per_step(self) -> tuple[int, int]:
-        """(forward, backward) microbatches sent between stages per step, over all stages."""
-        return self.send_patterns.sends()
-
 
 def plan_pipeline(
     settings: PipelineSettings,

@@ -2,8 +2,12 @@
 
     python bench/pipeline.py [--stages 4] [--microbatches 4,8,16] [--repeats 5]
 
-For every schedule at p stages and each m: the bubble its table predicts, the
-compiled gradient step's temporary memory per device, the measured time of a
+For every schedule at p stages and each m: the bubble its table predicts and
+the published formula's (one tick per action), the step time in stage
+forwards and the bubble when every tick lasts as long as its slowest action
+(``Schedule.lockstep_time`` at the executor's ``tick_costs``: how an SPMD
+step runs, its permutes holding the stages together), the compiled gradient step's temporary memory per
+device beside the report's estimate of its activations, the measured time of a
 gradient step (median of --repeats, after one compile), and the bytes each
 device sends to its neighbours, a mean over the devices (each permute's
 size and pairs from the compiled HLO, times the ticks the table runs it on)
@@ -14,6 +18,12 @@ devices send 2 m (p v - 1) microbatches' activations or gradients per step.
 Runs on p emulated CPU devices by default (the pipe axis alone, so the
 executor uses real branches), or on whatever accelerators JAX finds with
 --platform gpu. Numbers from one run are comparable with each other only.
+
+On emulated CPU devices the p stages share the host's cores, so the step
+time is the work of all stages together (idle branches and recomputation
+included), not a pipeline's wall time: a measured bubble needs p real
+accelerators. The zero-bubble table's B recomputes the stage forward (as
+every backward here does) and its W runs only the weight-gradient matmuls.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2))
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1))
 
 
 def main(argv=None) -> int:
@@ -43,8 +53,11 @@ def main(argv=None) -> int:
         jax.config.update("jax_num_cpu_devices", args.stages)
     import numpy as np
 
+    from shardlib.analysis.report.layout import resolve_layout
     from shardlib.analysis.report.measure import measure_compiled, pipeline_sends_taken
+    from shardlib.analysis.report.memory import activation_dtype_on, estimate_memory
     from shardlib.core.mesh import build_mesh, mesh_spec
+    from shardlib.parallel.pipeline.actions import tick_costs
     from shardlib.training.config import validate_config
     from shardlib.training.setup import setup_training
 
@@ -53,7 +66,8 @@ def main(argv=None) -> int:
     model = {"vocab_size": 256, "d_model": 128, "n_layers": 16, "n_heads": 4, "n_kv_heads": 2, "d_ff": 384}
     print(f"{p} stages on {jax.devices(args.platform)[0].platform}; model {model}")
     print(
-        f"{'schedule':<22}{'m':>4}{'bubble':>9}{'temp MiB':>10}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}"
+        f"{'schedule':<22}{'m':>4}{'bubble':>9}{'formula':>9}{'lockstep':>9}{'lock bub':>9}{'temp MiB':>10}"
+        f"{'est MiB':>9}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}"
     )
     for m in (int(x) for x in args.microbatches.split(",")):
         for name, v in SCHEDULES:
@@ -89,10 +103,16 @@ def main(argv=None) -> int:
                 jax.block_until_ready(compiled(params, batch))
                 times.append(time.perf_counter() - start)
             step_ms = 1e3 * statistics.median(times[1:])
-            bubble = float(run.plan.pipeline.schedule.bubble_fraction())
+            schedule = run.plan.pipeline.schedule
+            bubble, formula = float(schedule.bubble_fraction()), float(schedule.expected_bubble())
+            dtype = activation_dtype_on(args.platform, cfg.model.compute_dtype)
+            estimate = estimate_memory(resolve_layout(cfg, dict(mesh.shape)), dtype).activations
+            lockstep, lock_bubble = schedule.lockstep_time(tick_costs(schedule))
             print(
-                f"{name + (f' v={v}' if v > 1 else ''):<22}{m:>4}{bubble:>9.3f}{temp / 2**20:>10.2f}"
-                f"{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}{sent / minimum:>7.2f}"
+                f"{name + (f' v={v}' if v > 1 else ''):<22}{m:>4}{bubble:>9.3f}{formula:>9.3f}"
+                f"{float(lockstep):>9.1f}{float(lock_bubble):>9.3f}{temp / 2**20:>10.2f}"
+                f"{estimate / 2**20:>9.2f}{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}"
+                f"{sent / minimum:>7.2f}"
             )
     return 0
 

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
+    parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "zb-h1"))
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 

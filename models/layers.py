@@ -121,12 +121,90 @@ def chunked_cross_entropy(
     return -jnp.mean(picked_BxL)
 
 
-def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm with float32 statistics; returns the input's dtype."""
+def rms_normalize(x_BxLxD: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) in float32 (RMSNorm before its scale)."""
     x32_BxLxD = x_BxLxD.astype(jnp.float32)
     mean_sq_BxLx1 = jnp.mean(jnp.square(x32_BxLxD), axis=-1, keepdims=True)
-    y_BxLxD = x32_BxLxD * jax.lax.rsqrt(mean_sq_BxLx1 + eps) * scale_D.astype(jnp.float32)
-    return y_BxLxD.astype(x_BxLxD.dtype)
+    return x32_BxLxD * jax.lax.rsqrt(mean_sq_BxLx1 + eps)
+
+
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with float32 statistics; returns the input's dtype."""
+    return (rms_normalize(x_BxLxD, eps) * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+class WeightUseSpec(NamedTuple):
+    """How a decoder layer applies one weight: ``apply(input, weight)``, and the name of that input."""
+
+    apply: Callable[[jax.Array, jax.Array], jax.Array]
+    input: str
+
+
+def _einsum(equation: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    return lambda x, w: jnp.einsum(equation, x, w.astype(x.dtype))
+
+
+# Every use of a layer weight, as a table: the pipeline's split backward (zero-bubble schedules)
+# records each use's input and output cotangent here and later takes the weight gradient from them.
+WEIGHT_USES: dict[str, WeightUseSpec] = {
+    "attn_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_attn"),  # x/rms(x), float32
+    "q": WeightUseSpec(_einsum("bld,dhk->blhk"), "h_attn"),
+    "k": WeightUseSpec(_einsum("bld,dnk->blnk"), "h_attn"),
+    "v": WeightUseSpec(_einsum("bld,dnk->blnk"), "h_attn"),
+    "o": WeightUseSpec(_einsum("blhk,hkd->bld"), "attn"),
+    "mlp_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_mlp"),
+    "gate": WeightUseSpec(_einsum("bld,df->blf"), "h_mlp"),
+    "up": WeightUseSpec(_einsum("bld,df->blf"), "h_mlp"),
+    "down": WeightUseSpec(_einsum("blf,fd->bld"), "hidden"),
+}
+
+WeightUse = Callable[[str, jax.Array, jax.Array], jax.Array]
+"""(weight name in WEIGHT_USES, input, weight) -> output: how ``decoder_block`` applies its weights."""
+
+
+def use_weight(name: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The default ``WeightUse``: ``WEIGHT_USES[name].apply(x, w)`` (in x's dtype)."""
+    return WEIGHT_USES[name].apply(x, w)
+
+
+class WeightTap:
+    """A ``WeightUse`` that records what the weight gradient needs, for a backward split in two.
+
+    Records each use's input (by ``WEIGHT_USES`` input name) and output, and
+    adds ``probes[name]`` (zeros of the output's shape) to each output: the
+    gradient with respect to a probe is that output's cotangent, which the
+    input-gradient pass computes anyway. ``weight_grads`` then needs no
+    recomputation, only the weight-gradient matmuls.
+    """
+
+    def __init__(self, probes: dict[str, jax.Array] | None = None):
+        self.probes = probes
+        self.inputs: dict[str, jax.Array] = {}
+        self.outputs: dict[str, jax.Array] = {}
+
+    def __call__(self, name: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        self.inputs[WEIGHT_USES[name].input] = x
+        y = self.outputs[name] = use_weight(name, x, w)
+        return y if self.probes is None else y + self.probes[name]
+
+
+def weight_grads(w: BlockWeights, inputs: dict[str, jax.Array], dys: dict[str, jax.Array]) -> BlockWeights:
+    """One layer's weight gradients from a ``WeightTap``'s recorded inputs and the outputs' cotangents.
+
+    The W half of a split backward: each weight's gradient is the transpose
+    of its use against the saved input, nothing else. A weight with no
+    recorded use (an MoE layer's dense MLP) gets zeros.
+    """
+
+    def grad(name: str) -> jax.Array:
+        weight = getattr(w, name)
+        if name not in dys:
+            return jnp.zeros_like(weight)
+        x = inputs[WEIGHT_USES[name].input]
+        _, pull = jax.vjp(lambda weight: use_weight(name, x, weight), weight)
+        return pull(dys[name])[0]
+
+    return BlockWeights(**{name: grad(name) for name in BlockWeights._fields})
 
 
 def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -198,10 +276,12 @@ def decoder_block(
     shard: ShardFn = no_shard,
     attention: AttentionFn | None = None,
     mlp: Callable[[jax.Array], jax.Array] | None = None,
+    use: WeightUse = use_weight,
 ) -> jax.Array:
     """One pre-norm decoder layer: x + attn(norm(x)), then + swiglu(norm(x)).
 
     ``mlp`` (normalised [B, L, D] -> [B, L, D]) replaces the SwiGLU MLP.
+    ``use`` applies every weight (``WEIGHT_USES``); a ``WeightTap`` records them.
 
     Matmuls run in x's dtype (the compute dtype); weights are cast at use so
     they can be stored in a different param dtype. ``attention`` (default
@@ -210,23 +290,23 @@ def decoder_block(
     attention = attention or causal_gqa_attention
     dtype = x_BxLxD.dtype
 
-    h_BxLxD = rms_norm(x_BxLxD, w.attn_norm, norm_eps)
-    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", h_BxLxD, w.q.astype(dtype))
-    k_BxLxNxK = jnp.einsum("bld,dnk->blnk", h_BxLxD, w.k.astype(dtype))
-    v_BxLxNxK = jnp.einsum("bld,dnk->blnk", h_BxLxD, w.v.astype(dtype))
+    h_BxLxD = use("attn_norm", rms_normalize(x_BxLxD, norm_eps), w.attn_norm).astype(dtype)
+    q_BxLxHxK = use("q", h_BxLxD, w.q)
+    k_BxLxNxK = use("k", h_BxLxD, w.k)
+    v_BxLxNxK = use("v", h_BxLxD, w.v)
     q_BxLxHxK = shard(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
     k_BxLxNxK = shard(k_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
     v_BxLxNxK = shard(v_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
     q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, rope_theta)
     k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, rope_theta)
     attn_BxLxHxK = attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, positions_BxL)
-    x_BxLxD = x_BxLxD + jnp.einsum("blhk,hkd->bld", attn_BxLxHxK, w.o.astype(dtype))
+    x_BxLxD = x_BxLxD + use("o", attn_BxLxHxK, w.o)
 
-    h_BxLxD = rms_norm(x_BxLxD, w.mlp_norm, norm_eps)
+    h_BxLxD = use("mlp_norm", rms_normalize(x_BxLxD, norm_eps), w.mlp_norm).astype(dtype)
     if mlp is not None:  # e.g. a mixture of experts (models.moe); w.gate/up/down are then unused
         return x_BxLxD + mlp(h_BxLxD)
-    gate_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w.gate.astype(dtype))
-    up_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w.up.astype(dtype))
+    gate_BxLxF = use("gate", h_BxLxD, w.gate)
+    up_BxLxF = use("up", h_BxLxD, w.up)
     hidden_BxLxF = shard(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-    x_BxLxD = x_BxLxD + jnp.einsum("blf,fd->bld", hidden_BxLxF, w.down.astype(dtype))
+    x_BxLxD = x_BxLxD + use("down", hidden_BxLxF, w.down)
     return x_BxLxD

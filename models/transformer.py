@@ -38,6 +38,7 @@ from models.layers import (
     AttentionFn,
     BlockWeights,
     ShardFn,
+    WeightTap,
     chunked_cross_entropy,
     cross_entropy,
     decoder_block,
@@ -280,6 +281,34 @@ class Transformer(nnx.Module):
 
         x_BxLxD, _ = jax.lax.scan(rematerialize(scan_body, self.remat), x_BxLxD, weights)
         return x_BxLxD
+
+    def run_layers_tapped(
+        self,
+        weights: BlockWeights,
+        x_BxLxD: jax.Array,
+        probes: dict[str, jax.Array] | None = None,
+        *,
+        positions_BxL: jax.Array | None = None,
+        shard: ShardFn = no_shard,
+        attention: AttentionFn | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+        """``run_layers`` through a ``WeightTap`` per layer, for a backward split into input and weight gradients.
+
+        ``probes``: {weight name: [n, *that use's output shape]} added to each
+        use's output (None: nothing added). Returns (x_BxLxD, inputs, outputs):
+        each use's input {input name: [n, ...]} and output {weight name: [n, ...]},
+        stacked over the n layers.
+        """
+        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention)
+
+        def scan_body(x_BxLxD, layer):
+            w, layer_probes = layer
+            tap = WeightTap(layer_probes)
+            x_BxLxD = block(x_BxLxD, w, positions_BxL, use=tap)
+            return shard(x_BxLxD, ("batch", "length", "embed")), (tap.inputs, tap.outputs)
+
+        x_BxLxD, (inputs, outputs) = jax.lax.scan(rematerialize(scan_body, self.remat), x_BxLxD, (weights, probes))
+        return x_BxLxD, inputs, outputs
 
     def run_moe_layers(
         self,

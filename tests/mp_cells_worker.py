@@ -32,8 +32,6 @@ def _global(array: np.ndarray, sharding) -> jax.Array:
 
 
 def _run_cell(combo: tuple[str, ...], out: pathlib.Path) -> None:
-    from jax.experimental import multihost_utils
-
     from shardlib.core.mesh import build_mesh, mesh_spec
     from shardlib.training.setup import setup_training
     from tests.test_compat import _batch, _cfg, _config
@@ -51,7 +49,9 @@ def _run_cell(combo: tuple[str, ...], out: pathlib.Path) -> None:
     results = {"loss": loss, "grads": grads}
     if run.plan.pipeline is not None:
         results["eval_loss"] = run.eval_step(params, batch)
-    gathered = multihost_utils.process_allgather(results, tiled=True)
+    # Gathered whole onto every device in one program (process_allgather compiles one for each leaf).
+    whole = jax.jit(lambda tree: tree, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    gathered = jax.tree.map(lambda leaf: np.asarray(leaf.addressable_data(0)), whole(results))
     gathered["grads"] = run.plan.sequential_params(gathered["grads"])  # numpy, in logical layer order
     if jax.process_index() == 0:
         flat = {

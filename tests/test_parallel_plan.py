@@ -11,9 +11,10 @@ import pytest
 
 from shardlib.analysis.describe import main as describe_main
 from shardlib.parallel.attention import AttentionPlan
+from shardlib.parallel.pipeline import schedules
 from shardlib.training.parallel_plan import build_plan
 from shardlib.training.setup import setup_training
-from tests.support import mesh_of, tiny_config
+from tests.support import assert_same_loss, mesh_of, tiny_config
 
 PIPELINE_MESHES = {
     "dp": {"pipe": 2, "data": 2},
@@ -21,7 +22,7 @@ PIPELINE_MESHES = {
     "tp": {"pipe": 2, "model": 2},
     "fsdp_tp": {"pipe": 2, "data": 2, "model": 2},
 }
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 1), ("interleaved-1f1b", 2)]
+SCHEDULES = [(name, 1) for name in schedules.SCHEDULES] + [("interleaved-1f1b", 2)]
 
 
 def _checked_elsewhere() -> set[tuple[str, int, str]]:
@@ -36,6 +37,8 @@ def _checked_elsewhere() -> set[tuple[str, int, str]]:
             checked.add(("1f1b", 1, preset))  # FEATURE_SETUP's pipeline
         if "interleaved" in combo:
             checked.add(("interleaved-1f1b", 2, preset))
+        if "zero-bubble" in combo:
+            checked.add(("zb-h1", 1, preset))
     return checked
 
 
@@ -68,7 +71,7 @@ def test_eval_loss_is_the_training_loss_of_the_same_batch(schedule, virtual, pre
     params, _ = run.init_state()
     batch = _batch(run, cfg.model.vocab_size, 4, 8)
     train_loss, _ = run.grads(params, batch)
-    assert abs(float(run.eval_step(params, batch)) - float(train_loss)) <= 1e-6
+    assert_same_loss(run.eval_step(params, batch), train_loss)
 
 
 @functools.cache

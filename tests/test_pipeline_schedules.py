@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 
+from shardlib.parallel.pipeline.actions import tick_costs
 from shardlib.parallel.pipeline.executor import send_patterns
 from shardlib.parallel.pipeline.schedules import (
     Action,
@@ -20,17 +21,51 @@ CASES = [
     (name, p, m, v)
     for p in (2, 4)
     for m in (4, 8, 16)
-    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4))
+    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4), ("zb-h1", 1))
     if not (name == "interleaved-1f1b" and m % p)
 ]
+
+
+def published_ticks(name: str, p: int, m: int, v: int) -> int:
+    """The papers' makespans in ticks of one action: 2 (v m + p - 1) for GPipe, 1F1B and interleaved
+    1F1B; for ZB-H1 (Qi et al. 2023) m (T_F + T_B + T_W) + (p - 1)(T_F + T_B - T_W) = 3 m + p - 1."""
+    return 3 * m + p - 1 if name == "zb-h1" else 2 * (v * m + p - 1)
 
 
 @pytest.mark.parametrize("name, p, m, v", CASES)
 def test_schedule_is_valid_and_its_bubble_is_the_formula(name, p, m, v):
     schedule = make_schedule(name, p, m, v)
     validate(schedule)
-    assert schedule.bubble_fraction() == Fraction(p - 1, v * m + p - 1)
-    assert schedule.ticks == 2 * (v * m + p - 1)
+    actions = (3 if name == "zb-h1" else 2) * v * m  # per stage
+    assert schedule.ticks == published_ticks(name, p, m, v)
+    assert schedule.bubble_fraction() == Fraction(schedule.ticks - actions, schedule.ticks)
+    assert schedule.expected_bubble() == schedule.bubble_fraction()
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 4), (4, 8), (4, 16), (8, 32)])
+def test_zb_h1_has_a_third_of_1f1b_bubble_at_1f1b_memory(p, m):
+    """Counting a 1F1B backward as B + W (two ticks), 1F1B idles 3 (p - 1) ticks a stage, ZB-H1 p - 1;
+    and no stage holds more microbatches between F and W than 1F1B's first stage does between F and B."""
+    zb = make_schedule("zb-h1", p, m)
+    assert zb.split_backward and not one_f_one_b(p, m).split_backward
+    assert zb.ticks - 3 * m == p - 1  # idle ticks per stage
+    assert zb.max_in_flight() == one_f_one_b(p, m).max_in_flight() == p
+    table = compile_table(zb)
+    assert table.act_slots <= p and table.res_slots <= p
+    when = {(stage, a): t for t, row in enumerate(zb.actions) for stage, a in enumerate(row) if a}
+    for (stage, action), tick in when.items():
+        if action.kind == "W":
+            assert when[(stage, Action("B", action.microbatch))] < tick
+
+
+def test_validate_rejects_a_weight_gradient_before_its_input_gradient():
+    schedule = make_schedule("zb-h1", 2, 2)
+    rows = [list(r) for r in schedule.actions]
+    ((tick_b, stage),) = [(t, s) for t, r in enumerate(rows) for s, a in enumerate(r) if a == Action("B", 1)][:1]
+    tick_w = next(t for t, r in enumerate(rows) if r[stage] == Action("W", 1))
+    rows[tick_b][stage], rows[tick_w][stage] = rows[tick_w][stage], rows[tick_b][stage]
+    with pytest.raises(ScheduleError, match="W1 runs before B1"):
+        validate(_with(schedule, [tuple(r) for r in rows]))
 
 
 @pytest.mark.parametrize("p, m", [(2, 4), (4, 4), (4, 8), (4, 16)])
@@ -128,3 +163,20 @@ def test_each_tick_permutes_exactly_the_pairs_that_have_an_arrival(name, p, m, v
         assert (patterns.tick[tick, 0] > 0, patterns.tick[tick, 1] > 0) == (bool(forward), bool(backward))
     assert patterns.sends() == (m * (p * v - 1), m * (p * v - 1))
     assert sum(patterns.runs().values()) == int((patterns.tick > 0).sum())
+
+
+def test_lockstep_time_is_the_sum_of_each_ticks_slowest_action():
+    # 1f1b p=2 m=2: F0 F1 . B0 . B1 / . F0 B0 F1 B1 . -> ticks cost 1, 1, 3, 3, 3, 3 at F = 1, B = 3.
+    schedule = make_schedule("1f1b", 2, 2)
+    time, bubble = schedule.lockstep_time(tick_costs(schedule))
+    assert time == 14 and bubble == 1 - Fraction(2 * 2 * 4, 2 * 14)
+    equal = {"F": Fraction(1), "B": Fraction(1), "W": Fraction(1)}
+    assert schedule.lockstep_time(equal)[1] == schedule.bubble_fraction()
+
+
+@pytest.mark.parametrize("m", [8, 16])
+def test_zero_bubble_beats_1f1b_in_lockstep_at_1f1b_memory(m):
+    """The executor's B is dearer than its F (it recomputes the forward): ticks that mix them idle
+    the forward stages, which costs 1F1B more than ZB-H1, whose B is lighter (its W is apart)."""
+    ones, zb = one_f_one_b(4, m), make_schedule("zb-h1", 4, m)
+    assert zb.lockstep_time(tick_costs(zb))[0] < ones.lockstep_time(tick_costs(ones))[0]

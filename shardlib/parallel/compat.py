@@ -69,11 +69,18 @@ FEATURES: tuple[Feature, ...] = (
     Feature("fsdp", "preset fsdp: parameters sharded over data (ZeRO-3)", lambda f: f.preset == "fsdp"),
     Feature("tp", "preset tp: Megatron tensor parallelism over model", lambda f: f.preset == "tp"),
     Feature("fsdp_tp", "preset fsdp_tp: both", lambda f: f.preset == "fsdp_tp"),
-    Feature("pipeline", "pipe > 1, gpipe or 1f1b", lambda f: f.pipe > 1 and f.virtual_stages == 1),
+    Feature(
+        "pipeline", "pipe > 1, gpipe or 1f1b", lambda f: f.pipe > 1 and f.virtual_stages == 1 and f.schedule != "zb-h1"
+    ),
     Feature(
         "interleaved",
         "pipe > 1, interleaved-1f1b with virtual_stages > 1",
         lambda f: f.pipe > 1 and f.virtual_stages > 1,
+    ),
+    Feature(
+        "zero-bubble",
+        "pipe > 1, zb-h1: backwards split into input and weight gradients",
+        lambda f: f.pipe > 1 and f.schedule == "zb-h1",
     ),
     Feature("seq", "seq > 1: every sequence split over the seq axis", lambda f: f.seq > 1),
     Feature("ring", "attention.impl=ring (K/V blocks rotate over seq)", lambda f: f.attention == "ring"),
@@ -112,23 +119,20 @@ _DILOCO_PIPE = (
     "the pipeline's shard_map is manual over the batch axes, which DiLoCo's per-replica vmap over the replica "
     "axes cannot enter; use pipe=1 with outer.algorithm"
 )
+# What no pipeline kind (pipeline, interleaved, zero-bubble) runs with: feature -> the reason.
+_NOT_IN_PIPELINES = {
+    "seq": _SEQ_IN_STAGES,
+    "ring": "ring attention does not run inside pipeline stages; use attention.impl=dense with pipe > 1",
+    "allgather": "all-gather attention does not run inside pipeline stages; use attention.impl=dense",
+    "moe": "mixture of experts does not run inside pipeline stages yet; use a mesh with pipe=1",
+    "compression": "compressed gradients are not implemented with pipeline parallelism (pipe > 1)",
+    "accumulation": _PIPE,
+    "diloco": _DILOCO_PIPE,
+}
+PIPELINE_KINDS = ("pipeline", "interleaved", "zero-bubble")
 # Refusals: (feature, feature) -> the reason, which is the error's text.
 REFUSED: dict[tuple[str, str], str] = {
-    ("pipeline", "seq"): _SEQ_IN_STAGES,
-    ("interleaved", "seq"): _SEQ_IN_STAGES,
-    ("pipeline", "ring"): "ring attention does not run inside pipeline stages; use attention.impl=dense with pipe > 1",
-    (
-        "interleaved",
-        "ring",
-    ): "ring attention does not run inside pipeline stages; use attention.impl=dense with pipe > 1",
-    ("pipeline", "allgather"): "all-gather attention does not run inside pipeline stages; use attention.impl=dense",
-    ("interleaved", "allgather"): "all-gather attention does not run inside pipeline stages; use attention.impl=dense",
-    ("pipeline", "moe"): "mixture of experts does not run inside pipeline stages yet; use a mesh with pipe=1",
-    ("interleaved", "moe"): "mixture of experts does not run inside pipeline stages yet; use a mesh with pipe=1",
-    ("pipeline", "compression"): "compressed gradients are not implemented with pipeline parallelism (pipe > 1)",
-    ("interleaved", "compression"): "compressed gradients are not implemented with pipeline parallelism (pipe > 1)",
-    ("pipeline", "accumulation"): _PIPE,
-    ("interleaved", "accumulation"): _PIPE,
+    **{(kind, other): why for kind in PIPELINE_KINDS for other, why in _NOT_IN_PIPELINES.items()},
     ("fsdp", "compression"): "compressed gradients need parameters replicated over data; FSDP would need a "
     "compressed reduce-scatter (use dp or tp)",
     ("fsdp_tp", "compression"): "compressed gradients need parameters replicated over data; FSDP would need a "
@@ -137,8 +141,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("allgather", "compression"): f"{_COMPRESS_VMAP}, which the all-gather attention's shard_map does not support",
     ("moe", "compression"): f"{_COMPRESS_VMAP}, which the expert all-to-all does not support",
     ("seq", "fused"): "fused attention needs the whole sequence on each device; with seq > 1 use ring",
-    ("pipeline", "diloco"): _DILOCO_PIPE,
-    ("interleaved", "diloco"): _DILOCO_PIPE,
     ("ring", "diloco"): f"{_DILOCO_VMAP}, which the ring's shard_map does not support",
     ("allgather", "diloco"): f"{_DILOCO_VMAP}, which the all-gather attention's shard_map does not support",
     ("moe", "diloco"): f"{_DILOCO_VMAP}, which the expert all-to-all does not support",
@@ -187,7 +189,7 @@ NOTES: dict[tuple[str, str], str] = {
 }
 # Features that cannot both hold by definition: one preset per run, one attention per run,
 # one pipeline kind per run.
-_EXCLUSIVE_GROUPS = (PRESETS, ("ring", "allgather", "fused"), ("pipeline", "interleaved"))
+_EXCLUSIVE_GROUPS = (PRESETS, ("ring", "allgather", "fused"), PIPELINE_KINDS)
 
 
 def _key(a: str, b: str) -> frozenset[str]:

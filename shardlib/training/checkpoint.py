@@ -54,6 +54,7 @@ from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
@@ -206,6 +207,26 @@ def _gist(err: BaseException, limit: int = 240) -> str:
 # --------------------------------------------------------------------------- checkpointer
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's handler of the arrays, with jax.Arrays saved one replica at a time.
+
+    Orbax's default on CPU (replica-parallel saving, the default off GPUs)
+    slices every replicated array into per-replica pieces with eager JAX ops,
+    each compiled on first use: about 870 compiles, 3.5 s, on a process's
+    first save of the tiny model on 8 devices (1.1 s without). The files are
+    the same; only which device's copy is written changes. The other types
+    keep Orbax's standard handlers.
+    """
+    handlers = ocp.type_handlers
+    registry = handlers.create_type_handler_registry(
+        *((ty, handlers.ScalarHandler()) for ty in (int, float, bytes, np.number)),
+        (np.ndarray, handlers.NumpyHandler()),
+        (str, handlers.StringHandler()),
+        (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
     """Saves every ``every`` steps, keeps the last ``keep``; async by default."""
 
@@ -221,7 +242,7 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
-            item_names=("state", "meta"),
+            item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()},
         )
         self.noise = _OrbaxErrors()  # removed again by close()
         self.noise.install()
@@ -273,7 +294,7 @@ class Checkpointer:
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
+                    state=ocp.args.PyTreeSave(state),
                     meta=ocp.args.JsonSave({"step": step, **meta, "checksums": checksums}),
                 ),
             )
@@ -295,7 +316,9 @@ class Checkpointer:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
+                    state=ocp.args.PyTreeRestore(
+                        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+                    ),
                     meta=ocp.args.JsonRestore(),
                 ),
             )

@@ -198,6 +198,7 @@ def _setting(name: str, cfg: Config, mesh: jax.sharding.Mesh) -> str:
         "fsdp_tp": "sharding=fsdp_tp",
         "pipeline": f"pipe={shape['pipe']} ({cfg.pipeline.schedule})",
         "interleaved": f"pipe={shape['pipe']} with pipeline.virtual_stages={cfg.pipeline.virtual_stages}",
+        "zero-bubble": f"pipe={shape['pipe']} (zb-h1)",
         "seq": f"seq={shape['seq']}",
         "ring": f"attention.impl=ring (seq={shape['seq']})",
         "allgather": f"attention.impl=allgather (seq={shape['seq']})",

@@ -66,6 +66,31 @@ class MemoryEstimate:
         return dataclasses.asdict(self) | {"state": self.state, "total": self.total}
 
 
+def _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype):
+    """(x, one layer's weights, positions) as shape structs at one device's shapes."""
+    from models.layers import BlockWeights
+
+    def sds(*shape, dt=param_dtype):
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
+
+    w = BlockWeights(
+        sds(d),
+        sds(d, heads, head_dim),
+        sds(d, kv_heads, head_dim),
+        sds(d, kv_heads, head_dim),
+        sds(heads, head_dim, d),
+        sds(d),
+        sds(d, d_ff),
+        sds(d, d_ff),
+        sds(d_ff, d),
+    )
+    return sds(rows, length, d, dt=dtype), w, sds(rows, length, dt="int32")
+
+
+def _bytes(shapes) -> int:
+    return int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes)))
+
+
 @functools.lru_cache(maxsize=256)
 def layer_residual_bytes(
     rows: int,
@@ -80,25 +105,10 @@ def layer_residual_bytes(
     remat: str,
 ) -> int:
     """Bytes one decoder layer keeps for its backward pass, at one device's shapes (layer input excluded)."""
-    from models.layers import BlockWeights, decoder_block
+    from models.layers import decoder_block
     from models.transformer import rematerialize
 
-    def sds(*shape, dt=param_dtype):
-        return jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
-
-    x = sds(rows, length, d, dt=dtype)
-    w = BlockWeights(
-        sds(d),
-        sds(d, heads, head_dim),
-        sds(d, kv_heads, head_dim),
-        sds(d, kv_heads, head_dim),
-        sds(heads, head_dim, d),
-        sds(d),
-        sds(d, d_ff),
-        sds(d, d_ff),
-        sds(d_ff, d),
-    )
-    positions = sds(rows, length, dt="int32")
+    x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
 
     def body(x, w, positions):
         return decoder_block(x, w, positions, rope_theta=10000.0, norm_eps=1e-6)
@@ -110,8 +120,25 @@ def layer_residual_bytes(
         inputs = {id(leaf) for leaf in jax.tree.leaves((x, w, positions))}
         return [leaf for leaf in jax.tree.leaves(vjp_fn) if id(leaf) not in inputs]
 
-    shapes = jax.eval_shape(residuals, x, w, positions)
-    return int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in shapes))
+    return _bytes(jax.eval_shape(residuals, x, w, positions))
+
+
+@functools.lru_cache(maxsize=256)
+def layer_tap_bytes(
+    rows: int, length: int, d: int, heads: int, kv_heads: int, head_dim: int, d_ff: int, dtype: str, param_dtype: str
+) -> int:
+    """Bytes a split backward keeps from one layer's B to its W: every weight use's input and the
+    cotangent of its output (``models.layers.WeightTap``), at one device's shapes."""
+    from models.layers import WeightTap, decoder_block
+
+    x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
+
+    def tapped(x, w, positions):
+        tap = WeightTap()
+        decoder_block(x, w, positions, rope_theta=10000.0, norm_eps=1e-6, use=tap)
+        return tap.inputs, tap.outputs
+
+    return _bytes(jax.eval_shape(tapped, x, w, positions))
 
 
 def estimate_memory(layout: Layout, activation_dtype: str | None = None) -> MemoryEstimate:
@@ -142,7 +169,7 @@ def estimate_memory(layout: Layout, activation_dtype: str | None = None) -> Memo
     rows, length = layout.rows_per_device, cfg.seq_len // layout.seq_shards
     residual = _layer_residual(layout, activation_dtype, m.remat)
     layer_input = rows * length * m.d_model * c
-    activations = _activations(layout, residual, layer_input)
+    activations = _activations(layout, residual, layer_input, activation_dtype)
     logits = rows * length * m.vocab_size / layout.vocab_shards * 4
     working = 2 * logits  # float32 logits and their gradient
     if m.remat != "none":
@@ -165,14 +192,16 @@ def outer_copies(cfg, sizes) -> float:
     return 1.0 + momentum + (1.0 + 1.0 / replicas if outer.compression != "none" else 0.0)
 
 
-def _activations(layout: Layout, residual: int, layer_input: int) -> int:
+def _activations(layout: Layout, residual: int, layer_input: int, activation_dtype: str) -> int:
     """What the forward pass keeps for the backward pass, on one device.
 
     Without a pipeline: every layer's residuals and input for the microbatch.
     With one (``shardlib.parallel.pipeline.executor``): the stage inputs and gradients
     in the buffers the schedule's table needs (GPipe m, 1F1B at most p, plus a
     scratch slot each), and one chunk's residuals while its backward pass
-    recomputes it from the saved input.
+    recomputes it from the saved input. A split (zero-bubble) table also keeps,
+    in each residual slot, what its W needs of a chunk (``layer_tap_bytes``
+    per layer) and the embedding's gradient.
     """
     pipeline = getattr(layout.cfg, "pipeline", None)
     if layout.sizes["pipe"] < 2 or pipeline is None:
@@ -190,12 +219,31 @@ def _activations(layout: Layout, residual: int, layer_input: int) -> int:
         platform="any",
     ).table
     buffers = (plan.act_slots + 1 + plan.grad_slots + 1) * layer_input
-    return buffers + layout.layers_per_device // v * (residual + layer_input)
+    chunk_layers = layout.layers_per_device // v
+    if plan.schedule.split_backward:
+        buffers += (plan.res_slots + 1) * (chunk_layers * _layer_tap(layout, activation_dtype) + layer_input)
+    return buffers + chunk_layers * (residual + layer_input)
 
 
 def activation_dtype_on(platform: str, compute_dtype: str) -> str:
     """The dtype activations really take on ``platform``: XLA:CPU keeps bfloat16 intermediates in float32."""
     return "float32" if platform == "cpu" else compute_dtype
+
+
+def _layer_tap(layout: Layout, dtype: str) -> int:
+    """``layer_tap_bytes`` at ``layout``'s per-device shapes."""
+    m = layout.cfg.model
+    return layer_tap_bytes(
+        layout.rows_per_device,
+        layout.cfg.seq_len // layout.seq_shards,
+        m.d_model,
+        m.n_heads // layout.heads_shards,
+        m.n_kv_heads // layout.kv_shards,
+        m.resolved_head_dim,
+        m.d_ff // layout.mlp_shards,
+        dtype,
+        m.param_dtype,
+    )
 
 
 def _layer_residual(layout: Layout, dtype: str, remat: str) -> int:

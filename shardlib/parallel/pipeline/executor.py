@@ -7,9 +7,10 @@ parallelism keeps working through the rules inside each stage. Each tick, a
 stage runs the branch its column of the table names, then activations move one
 stage forward and gradients one stage back with ``ppermute``: each tick's
 permute connects only the stage pairs the table has an arrival for
-(``send_patterns``), so a stage with nothing to send sends nothing. Backward passes
-recompute their stage's forward from the saved input (``jax.vjp``), so a stage
-keeps only stage inputs: as many as the table has in flight.
+(``send_patterns``), so a stage with nothing to send sends nothing. The
+branches themselves are ``shardlib.parallel.pipeline.actions``; only those the
+table uses are traced. A split (zero-bubble) table's residuals, what each B
+keeps for its W, live in a buffer the branches read and write one slot of.
 
 The batch axes are manual because XLA's SPMD partitioner aborts
 (spmd_partitioner_util.cc, "partition_group_list") when a partial-manual
@@ -44,17 +45,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from shardlib.core.rules import axes_tuple
-from shardlib.parallel.pipeline.table import (
-    BRANCHES,
-    BWD,
-    BWD_FIRST,
-    FWD,
-    FWD_FIRST,
-    FWD_LAST,
-    FWD_ONLY,
-    IDLE,
-    TickTable,
-)
+from shardlib.parallel.pipeline.actions import StageActions, StageFunctions
+from shardlib.parallel.pipeline.table import TickTable
 
 PyTree = Any
 Branching = Literal["cond", "select"]
@@ -62,21 +54,6 @@ Branching = Literal["cond", "select"]
 # the table (``send_patterns``), since every branch of a tick's switch looks taken every tick.
 FORWARD_SEND, BACKWARD_SEND = "pipeline_forward_send", "pipeline_backward_send"
 Pairs = tuple[tuple[int, int], ...]  # (source stage, target stage) of one permute
-
-
-@dataclasses.dataclass(frozen=True)
-class StageFunctions:
-    """The model cut into pipeline pieces (all traced inside the shard_map).
-
-    embed(outer, tokens_BxL) -> x_BxLxD               first virtual stage's input
-    stage(chunk_layers, x_BxLxD) -> x_BxLxD           one chunk of layers
-    loss(outer, x_BxLxD, targets_BxL) -> scalar       last virtual stage's head + loss (mean)
-    ``outer`` is every parameter outside the layer stack (embedding, head).
-    """
-
-    embed: Callable
-    stage: Callable
-    loss: Callable
 
 
 def layer_order(n_layers: int, stages: int, virtual: int) -> np.ndarray:
@@ -95,7 +72,16 @@ def layer_order(n_layers: int, stages: int, virtual: int) -> np.ndarray:
     return order
 
 
-_TABLE_FIELDS = ("branch", "microbatch", "chunk", "act_slot", "grad_slot", "recv_act_slot", "recv_grad_slot")
+_TABLE_FIELDS = (
+    "branch",
+    "microbatch",
+    "chunk",
+    "act_slot",
+    "grad_slot",
+    "recv_act_slot",
+    "recv_grad_slot",
+    "res_slot",
+)
 
 
 def pipeline_loss_and_grads(
@@ -141,6 +127,7 @@ def pipeline_loss_and_grads(
         check_vma=False,
     )
     table = {name: jnp.asarray(getattr(plan, name)) for name in _TABLE_FIELDS}
+    table["branch"] = jnp.asarray(np.searchsorted(run.used_branches, plan.branch).astype(np.int32))
     return step(layers, outer, tokens_MxBxL, targets_MxBxL, table, jnp.asarray(run.patterns.tick))
 
 
@@ -160,39 +147,52 @@ class _StepRun:
     def patterns(self) -> SendPatterns:
         return send_patterns(self.plan)
 
+    @functools.cached_property
+    def used_branches(self) -> np.ndarray:
+        """The branch codes the table uses, sorted: the only branches traced (the table's codes are
+        renumbered to positions in this list), so a split table's branches exist only where it runs."""
+        return np.unique(self.plan.branch)
+
     def body(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
         v = self.plan.schedule.virtual
         layers_local = jax.tree.map(lambda w, s: _gather(w, s, self.batch_axes), layers_local, self.layer_specs)
         outer = jax.tree.map(lambda w, s: _gather(w, s, self.batch_axes), outer_local, self.outer_specs)
         chunks = jax.tree.map(lambda w: w.reshape(v, w.shape[0] // v, *w.shape[1:]), layers_local)
-        stage = _Stage(self.fns, outer, chunks, tokens, targets)
+        stage = StageActions(self.fns, outer, chunks, tokens, targets, split=self.plan.schedule.split_backward)
         carry = stage.initial_carry(self.plan)
         tick = functools.partial(self._tick, stage, jax.lax.axis_index("pipe"))
-        (_, _, layer_g, outer_g, loss), _ = jax.lax.scan(tick, carry, (table, tick_patterns))
-        return self._reduce(layer_g, outer_g, loss, layers_local)
+        carry, _ = jax.lax.scan(tick, carry, (table, tick_patterns))
+        return self._reduce(carry.layer_g, carry.outer_g, carry.loss, layers_local)
 
-    def _tick(self, stage: _Stage, index, carry, xs):
+    def _tick(self, stage: StageActions, index, carry, xs):
         """One tick: this stage's branch, then each direction's permute over the pairs the table names."""
         tick_row, tick_pattern = xs
         row = {name: value[index] for name, value in tick_row.items()}
+        branches = [stage.residual_slot_out(code) for code in self.used_branches]
+        # The residual buffer goes into the switch read-only and comes out as one slot (what a B
+        # keeps, zeros elsewhere), written after it: a buffer the branches passed through would be
+        # copied by each of them.
+        residuals = carry.residuals
         if self.branching == "cond":
-            carry, send_x, send_dx = jax.lax.switch(row["branch"], stage.branches, carry, row)
+            carry, send_x, send_dx = jax.lax.switch(row["branch"], branches, carry, row)
         else:
-            outs = [branch(carry, row) for branch in stage.branches]
+            outs = [branch(carry, row) for branch in branches]
             carry, send_x, send_dx = jax.tree.map(lambda *xs: jax.lax.select_n(row["branch"], *xs), *outs)
+        res_slot = _or_scratch(row["res_slot"], self.plan.res_slots)  # a W's slot is free once it has run
+        residuals = jax.tree.map(lambda buf, kept: buf.at[res_slot].set(kept), residuals, carry.residuals)
+        carry = carry._replace(residuals=residuals)
         # One permute program per distinct pattern, chosen by the tick's pattern index: the same on
         # every device, so all of them take the same branch (pattern 0: nothing arrives, no permute).
         got_x = jax.lax.switch(tick_pattern[0], self._permutes(self.patterns.forward, FORWARD_SEND), send_x)
         got_dx = jax.lax.switch(tick_pattern[1], self._permutes(self.patterns.backward, BACKWARD_SEND), send_dx)
-        act_buf, grad_buf, layer_g, outer_g, loss = carry
         # A slot of -1 means nothing arrives: write into a scratch slot past the end.
-        act_buf = act_buf.at[_or_scratch(row["recv_act_slot"], self.plan.act_slots)].set(got_x)
-        grad_buf = grad_buf.at[_or_scratch(row["recv_grad_slot"], self.plan.grad_slots)].set(got_dx)
-        return (act_buf, grad_buf, layer_g, outer_g, loss), None
+        acts = carry.acts.at[_or_scratch(row["recv_act_slot"], self.plan.act_slots)].set(got_x)
+        grads = carry.grads.at[_or_scratch(row["recv_grad_slot"], self.plan.grad_slots)].set(got_dx)
+        return carry._replace(acts=acts, grads=grads), None
 
     @staticmethod
     def _permutes(patterns: tuple[Pairs, ...], scope: str) -> list[Callable]:
-        return [functools.partial(_send, pairs=pairs, scope=scope) if pairs else jnp.zeros_like for pairs in patterns]
+        return [functools.partial(_send, pairs=pairs, scope=scope) if pairs else _nothing for pairs in patterns]
 
     def _reduce(self, layer_g, outer_g, loss, layers_local):
         """The step's mean loss and gradients, reduced over the batch axes as the parameters are sharded."""
@@ -207,74 +207,6 @@ class _StepRun:
             lambda g, s: jax.lax.psum(_reduce(g * scale, s, self.batch_axes), "pipe"), outer_g, self.outer_specs
         )
         return jax.lax.psum(loss, ("pipe", *self.batch_axes)) * scale, layer_g, outer_g
-
-
-class _Stage:
-    """What one stage can do on a tick, as the branches ``lax.switch`` picks from by the table's code.
-
-    The carry is (activation buffer, gradient buffer, layer grads, outer grads, loss sum);
-    each branch returns (carry, activation to send forward, gradient to send back).
-    """
-
-    def __init__(self, fns: StageFunctions, outer, chunks, tokens, targets):
-        self.fns, self.outer, self.chunks, self.tokens, self.targets = fns, outer, chunks, tokens, targets
-        x_shape = jax.eval_shape(fns.embed, outer, tokens[0])
-        self.x_shape = x_shape
-        self.zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
-        branches = [None] * len(BRANCHES)
-        branches[IDLE] = lambda c, r: (c, self.zeros_x, self.zeros_x)
-        branches[FWD] = lambda c, r: self.forward(c, r, first=False, last=False)
-        branches[FWD_FIRST] = lambda c, r: self.forward(c, r, first=True, last=False)
-        branches[FWD_LAST] = lambda c, r: self.forward(c, r, first=False, last=True)
-        branches[FWD_ONLY] = lambda c, r: self.forward(c, r, first=True, last=True)
-        branches[BWD] = lambda c, r: self.backward(c, r, first=False)
-        branches[BWD_FIRST] = lambda c, r: self.backward(c, r, first=True)
-        self.branches = branches
-
-    def initial_carry(self, plan: TickTable):
-        shape, dtype = self.x_shape.shape, self.x_shape.dtype
-        return (
-            jnp.zeros((plan.act_slots + 1, *shape), dtype),
-            jnp.zeros((plan.grad_slots + 1, *shape), dtype),
-            jax.tree.map(jnp.zeros_like, self.chunks),
-            jax.tree.map(jnp.zeros_like, self.outer),
-            jnp.zeros((), jnp.float32),
-        )
-
-    def chunk(self, c):
-        return jax.tree.map(lambda w: w[c], self.chunks)
-
-    def forward(self, carry, row, first, last):
-        act_buf, grad_buf, layer_g, outer_g, loss = carry
-        mb, c = row["microbatch"], row["chunk"]
-        x = self.fns.embed(self.outer, self.tokens[mb]) if first else act_buf[row["act_slot"]]
-        y = self.fns.stage(self.chunk(c), x)
-        if last:
-            mb_loss, pull = jax.vjp(lambda o, y: self.fns.loss(o, y, self.targets[mb]), self.outer, y)
-            d_outer, dy = pull(jnp.ones_like(mb_loss))
-            grad_buf = grad_buf.at[row["grad_slot"]].set(dy)
-            outer_g = jax.tree.map(jnp.add, outer_g, d_outer)
-            loss = loss + mb_loss
-        return (act_buf, grad_buf, layer_g, outer_g, loss), y, self.zeros_x
-
-    def backward(self, carry, row, first):
-        act_buf, grad_buf, layer_g, outer_g, loss = carry
-        mb, c = row["microbatch"], row["chunk"]
-        dy = grad_buf[row["grad_slot"]]
-        if first:  # recompute the embedding: its parameters need gradients too
-
-            def embed_and_run(o, w):
-                return self.fns.stage(w, self.fns.embed(o, self.tokens[mb]))
-
-            _, pull = jax.vjp(embed_and_run, self.outer, self.chunk(c))
-            d_outer, d_chunk = pull(dy)
-            outer_g = jax.tree.map(jnp.add, outer_g, d_outer)
-            dx = self.zeros_x
-        else:
-            _, pull = jax.vjp(self.fns.stage, self.chunk(c), act_buf[row["act_slot"]])
-            d_chunk, dx = pull(dy)
-        layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), layer_g, d_chunk)
-        return (act_buf, grad_buf, layer_g, outer_g, loss), self.zeros_x, dx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,6 +303,13 @@ def _send(x: jax.Array, pairs: Pairs, scope: str) -> jax.Array:
     """Stage s's ``x`` to stage t for each (s, t) in ``pairs``; a stage no pair targets gets zeros."""
     with jax.named_scope(scope):
         return jax.lax.ppermute(x, "pipe", [(int(s), int(t)) for s, t in pairs])
+
+
+def _nothing(x: jax.Array) -> jax.Array:
+    """What arrives on a tick with no permute: zeros of x's shape and dtype. Not zeros_like: that
+    copies x's sharding, which can name the whole mesh's axes as automatic (a stage's sharding
+    constraint), a mesh JAX refuses inside the manual region."""
+    return jnp.zeros(x.shape, x.dtype)
 
 
 def _or_scratch(slot: jax.Array, slots: int) -> jax.Array:

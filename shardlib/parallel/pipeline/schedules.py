@@ -14,6 +14,15 @@ Tick = one forward or one backward of one chunk. Counting a backward as one
 tick (the same cost as a forward) is the convention under which the classic
 bubble formulas hold: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) for
 interleaved 1F1B with v chunks per stage.
+
+Zero-bubble schedules (Qi et al., "Zero Bubble Pipeline Parallelism", 2023)
+split each backward in two: B, the gradient with respect to the stage's
+input, which the previous stage waits for, and W, the gradient with respect
+to the stage's weights, which nothing waits for and so fills the bubbles.
+A table with W actions is a split table: its B actions are the input
+gradient only. Counting F, B and W as one tick each, the paper's ZB-H1
+bubble (p-1)(T_F + T_B - T_W) is (p-1)/(3m+p-1) of the step, a third of
+1F1B's, at 1F1B's count of microbatches in flight.
 """
 
 from __future__ import annotations
@@ -23,12 +32,13 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Literal
 
-Kind = Literal["F", "B"]
+Kind = Literal["F", "B", "W"]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Action:
-    """Forward or backward of ``microbatch`` through chunk ``chunk`` of a stage."""
+    """Forward (F), backward (B) or weight gradient (W, split tables only) of ``microbatch``
+    through chunk ``chunk`` of a stage."""
 
     kind: Kind
     microbatch: int
@@ -59,24 +69,44 @@ class Schedule:
     def virtual_stage(self, stage: int, chunk: int) -> int:
         return chunk * self.stages + stage
 
+    @property
+    def split_backward(self) -> bool:
+        """Whether backwards are split into B (input gradient) and W (weight gradient) actions."""
+        return any(a is not None and a.kind == "W" for row in self.actions for a in row)
+
     def bubble_fraction(self) -> Fraction:
         """Idle (tick, stage) slots over all slots."""
         idle = sum(a is None for row in self.actions for a in row)
         return Fraction(idle, self.ticks * self.stages)
 
     def expected_bubble(self) -> Fraction:
-        """The schedule family's formula: (p-1) / (v*m + p-1)."""
+        """The schedule family's published formula, one tick per action: (p-1) / (v*m + p-1), or
+        for a split table (p-1) / (3m + p-1) (ZB-H1's (p-1)(T_F + T_B - T_W) with T_F = T_B = T_W)."""
         p, m, v = self.stages, self.microbatches, self.virtual
+        if self.split_backward:
+            return Fraction(p - 1, 3 * v * m + p - 1)
         return Fraction(p - 1, v * m + p - 1)
 
+    def lockstep_time(self, costs: dict[str, Fraction]) -> tuple[Fraction, Fraction]:
+        """(step time, bubble) when every stage starts each tick together, as an SPMD step's
+        per-tick permutes make them: a tick lasts as long as its slowest action (``costs`` per
+        kind, in any unit), and the bubble is the idle share of p times that step time. With
+        equal costs this is ``bubble_fraction``; with a backward dearer than a forward, ticks
+        that mix the two idle the stages running forwards."""
+        time = sum((max((costs[a.kind] for a in row if a is not None), default=0) for row in self.actions), Fraction(0))
+        work = sum((costs[a.kind] for row in self.actions for a in row if a is not None), Fraction(0))
+        return time, 1 - work / (self.stages * time)
+
     def max_in_flight(self) -> int:
-        """Most microbatch-chunks any stage holds activations for (forward done, backward not)."""
+        """Most microbatch-chunks any stage holds activations for: forward done, backward not (or,
+        in a split table, weight gradient not: the weight gradient still needs them)."""
+        done = "W" if self.split_backward else "B"
         worst = 0
         for stage in range(self.stages):
             live = 0
             for row in self.actions:
                 action = row[stage]
-                if action is not None:
+                if action is not None and action.kind in ("F", done):
                     live += 1 if action.kind == "F" else -1
                     worst = max(worst, live)
         return worst
@@ -101,6 +131,8 @@ def _dependencies(action: Action, stage: int, p: int, v: int) -> list[tuple[int,
     k = action.chunk * p + stage  # virtual stage
     last = p * v - 1
     mb = action.microbatch
+    if action.kind == "W":
+        return [(stage, Action("B", mb, action.chunk))]
     if action.kind == "F":
         return [] if k == 0 else [((k - 1) % p, Action("F", mb, (k - 1) // p))]
     deps = [(stage, Action("F", mb, action.chunk))]
@@ -156,7 +188,7 @@ def validate(schedule: Schedule) -> None:
                         f"tick {tick}, stage {stage}: {action} runs before {dep[1]} on stage {dep[0]} has finished"
                     )
             seen[(stage, action)] = tick
-    missing = 2 * p * m * v - len(seen)
+    missing = (3 if schedule.split_backward else 2) * p * m * v - len(seen)
     if missing:
         raise ScheduleError(f"{missing} actions never run")
 
@@ -200,17 +232,50 @@ def interleaved_1f1b(stages: int, microbatches: int, virtual: int) -> Schedule:
     return simulate("interleaved-1f1b", orders, m, v)
 
 
+def zb_h1(stages: int, microbatches: int) -> Schedule:
+    """ZB-H1: 1F1B with each backward split into B and W, and the W's moved into the bubbles.
+
+    Stage s runs p - s forwards, then for each microbatch its B, then the
+    oldest pending W once more than s are pending, then the next F; the W's
+    left over run last. The last stage settles into F B W after p F B pairs,
+    stage 0 into B W F; every stage holds at most p microbatches between F
+    and W (1F1B's peak, on stage 0), and the W's a stage defers fill the
+    cool-down bubble, leaving p - 1 idle ticks per stage instead of 3 (p - 1).
+    """
+    p, m = stages, microbatches
+    orders = []
+    for stage in range(p):
+        warmup = min(p - stage, m)
+        order = [Action("F", i) for i in range(warmup)]
+        next_f, next_w = warmup, 0
+        for i in range(m):
+            order.append(Action("B", i))
+            if i + 1 - next_w > stage:
+                order.append(Action("W", next_w))
+                next_w += 1
+            if next_f < m:
+                order.append(Action("F", next_f))
+                next_f += 1
+        order += [Action("W", i) for i in range(next_w, m)]
+        orders.append(order)
+    return simulate("zb-h1", orders, m, 1)
+
+
+SCHEDULES = {
+    "gpipe": lambda p, m, v: gpipe(p, m),
+    "1f1b": lambda p, m, v: one_f_one_b(p, m),
+    "interleaved-1f1b": interleaved_1f1b,
+    "zb-h1": lambda p, m, v: zb_h1(p, m),
+}
+SINGLE_CHUNK = ("gpipe", "1f1b", "zb-h1")  # schedules that run one chunk per stage
+
+
 def make_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
-    """The named schedule (gpipe, 1f1b, interleaved-1f1b); validated."""
-    if name == "gpipe":
-        schedule = gpipe(stages, microbatches)
-    elif name == "1f1b":
-        schedule = one_f_one_b(stages, microbatches)
-    elif name == "interleaved-1f1b":
-        schedule = interleaved_1f1b(stages, microbatches, virtual)
-    else:
-        raise ScheduleError(f"unknown schedule {name!r}; known: gpipe, 1f1b, interleaved-1f1b")
-    if name != "interleaved-1f1b" and virtual != 1:
+    """The named schedule (one of ``SCHEDULES``); validated."""
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    schedule = SCHEDULES[name](stages, microbatches, virtual)
+    if name in SINGLE_CHUNK and virtual != 1:
         raise ScheduleError(f"{name} runs one chunk per stage; virtual_stages must be 1, got {virtual}")
     validate(schedule)
     return schedule

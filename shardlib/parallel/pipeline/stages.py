@@ -28,15 +28,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from models.layers import BlockWeights
+from models.layers import BlockWeights, weight_grads
 from shardlib.core.rules import rule_axes, without_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import split_microbatches
 from shardlib.parallel.attention import AttentionPlan
+from shardlib.parallel.pipeline.actions import StageFunctions
 from shardlib.parallel.pipeline.executor import (
     Branching,
     SendPatterns,
-    StageFunctions,
     layer_order,
     pipeline_loss_and_grads,
     send_patterns,
@@ -141,6 +141,11 @@ def relayout_index(saved_order: np.ndarray, new_order: np.ndarray) -> np.ndarray
     return np.argsort(saved_order)[new_order]
 
 
+def _chunk_weight_grads(chunk: dict, inputs: dict, dys: dict) -> dict:
+    """``models.layers.weight_grads`` for every layer of a chunk ([n, ...] each): the W of a split backward."""
+    return jax.vmap(weight_grads)(BlockWeights(**chunk), inputs, dys)._asdict()
+
+
 def make_pipeline_grads(
     graphdef: nnx.GraphDef,
     abstract_params: PyTree,
@@ -176,6 +181,11 @@ def make_pipeline_grads(
         stage=lambda chunk, x: merged().run_layers(BlockWeights(**chunk), x, **layer_kwargs),
         # Transformer.loss: the head's cross-entropy, chunked with model.loss_chunk as the eval step's is.
         loss=lambda outer, x, targets: merged(outer).loss(x, targets, **kwargs),
+        # Split (zero-bubble) tables: B records each weight use, W takes the weight gradients from it.
+        tapped_stage=lambda chunk, x, probes: merged().run_layers_tapped(
+            BlockWeights(**chunk), x, probes, **layer_kwargs
+        ),
+        weight_grads=_chunk_weight_grads,
     )
 
     def grads_fn(params, batch):

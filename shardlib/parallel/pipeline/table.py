@@ -5,7 +5,9 @@ the embedding or the loss head where the virtual stage is the first or the
 last), on which microbatch and chunk, and which buffer slots hold the
 activation it reads and the gradient it reads. Slots are assigned here, once,
 by a free list per stage, so the buffers are exactly as large as the table
-needs: m activations in flight for GPipe, p for 1F1B.
+needs: m activations in flight for GPipe, p for 1F1B. A split table's B
+frees the activation and takes a residual slot (what its W needs), which
+the W frees.
 """
 
 from __future__ import annotations
@@ -16,9 +18,22 @@ import numpy as np
 
 from shardlib.parallel.pipeline.schedules import Schedule
 
-IDLE, FWD, FWD_FIRST, FWD_LAST, BWD, BWD_FIRST, FWD_ONLY = range(7)
+IDLE, FWD, FWD_FIRST, FWD_LAST, BWD, BWD_FIRST, FWD_ONLY, BWD_INPUT, BWD_INPUT_FIRST, WGT, WGT_FIRST = range(11)
 # FWD_ONLY: a virtual stage that is both first and last (a one-stage pipeline) embeds and takes the loss.
-BRANCHES = ("idle", "forward", "forward+embed", "forward+loss", "backward", "backward+embed", "forward+embed+loss")
+# BWD_INPUT*, WGT*: a split table's B (input gradient, residuals saved) and W (weight gradient from them).
+BRANCHES = (
+    "idle",
+    "forward",
+    "forward+embed",
+    "forward+loss",
+    "backward",
+    "backward+embed",
+    "forward+embed+loss",
+    "backward-input",
+    "backward-input+embed",
+    "weight-gradient",
+    "weight-gradient+embed",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +48,10 @@ class TickTable:
     grad_slot: np.ndarray  # gradient buffer slot the action reads (backward) or writes (forward+loss)
     recv_act_slot: np.ndarray  # where the activation arriving at the end of the tick goes
     recv_grad_slot: np.ndarray  # where the gradient arriving at the end of the tick goes
+    res_slot: np.ndarray  # residual buffer slot a split B writes and its W reads
     act_slots: int
     grad_slots: int
+    res_slots: int  # 0 unless the table is split
 
 
 class _Slots:
@@ -65,11 +82,13 @@ def compile_table(schedule: Schedule) -> TickTable:
     shape = (schedule.ticks, p)
     arrays = {
         name: np.full(shape, -1, np.int32)
-        for name in ("microbatch", "chunk", "act_slot", "grad_slot", "recv_act_slot", "recv_grad_slot")
+        for name in ("microbatch", "chunk", "act_slot", "grad_slot", "recv_act_slot", "recv_grad_slot", "res_slot")
     }
     branch = np.full(shape, IDLE, np.int32)
     acts = [_Slots() for _ in range(p)]
     grads = [_Slots() for _ in range(p)]
+    residuals = [_Slots() for _ in range(p)]
+    split = schedule.split_backward
 
     for tick, row in enumerate(schedule.actions):
         # Reads happen during the tick; slots they free can take arrivals at its end.
@@ -93,8 +112,15 @@ def compile_table(schedule: Schedule) -> TickTable:
                 if k < last:
                     nxt = (k + 1) % p, (action.microbatch, (k + 1) // p)
                     arrivals.append(("act", *nxt))
+            elif action.kind == "W":
+                branch[tick, stage] = WGT_FIRST if k == 0 else WGT
+                arrays["res_slot"][tick, stage] = residuals[stage].give(key)
             else:
-                branch[tick, stage] = BWD_FIRST if k == 0 else BWD
+                if split:
+                    branch[tick, stage] = BWD_INPUT_FIRST if k == 0 else BWD_INPUT
+                    arrays["res_slot"][tick, stage] = residuals[stage].take(key)
+                else:
+                    branch[tick, stage] = BWD_FIRST if k == 0 else BWD
                 if k > 0:  # the first virtual stage recomputes its input from the tokens
                     arrays["act_slot"][tick, stage] = acts[stage].give(key)
                 arrays["grad_slot"][tick, stage] = grads[stage].give(key)
@@ -114,6 +140,8 @@ def compile_table(schedule: Schedule) -> TickTable:
         arrays["grad_slot"],
         arrays["recv_act_slot"],
         arrays["recv_grad_slot"],
+        arrays["res_slot"],
         max(1, max(a.size for a in acts)),
         max(1, max(g.size for g in grads)),
+        max(r.size for r in residuals),
     )

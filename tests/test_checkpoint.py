@@ -133,5 +133,29 @@ def test_restored_state_equals_saved_state(tmp_path):
     assert jax.tree.structure(restored_opt) == jax.tree.structure(opt_state)
 
 
+def test_a_checkpoint_written_by_orbaxs_standard_handler_restores(tmp_path):
+    """Checkpoints from before the arrays were saved one replica at a time (Orbax's StandardSave,
+    replica-parallel) restore bitwise, with their checksums verified."""
+    import orbax.checkpoint as ocp
+
+    from shardlib.training.checkpoint import DIGEST, tree_digests
+
+    cfg = tiny_config(tmp_path)
+    run = setup_training(cfg, mesh_of(data=4, model=2))
+    params, opt_state = run.init_state()
+    state = {"params": params, "opt_state": opt_state}
+    manager = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state", "meta"))
+    meta = {"step": 1, "checksums": {"algorithm": DIGEST, "arrays": tree_digests(state)}}
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+    manager.close()
+    checkpointer = Checkpointer(tmp_path / "ckpt", every=1, keep=1)
+    restored = checkpointer.restore(1, *abstract_state(run.model, run.tx, run.shardings))
+    checkpointer.close()
+    expected = jax.device_get((params, opt_state))
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(restored[:2])), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _copy_tree(src: pathlib.Path, dst: pathlib.Path) -> None:
     shutil.copytree(src, dst)

@@ -22,6 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from shardlib.parallel.pipeline.schedules import SINGLE_CHUNK
+
 
 def _median_ms(fn, args, repeats: int) -> tuple[float, object]:
     import jax
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "zb-h1"))
+    parser.add_argument("--schedule", default="1f1b", choices=SINGLE_CHUNK)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 

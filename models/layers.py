@@ -170,11 +170,12 @@ def use_weight(name: str, x: jax.Array, w: jax.Array) -> jax.Array:
 class WeightTap:
     """A ``WeightUse`` that records what the weight gradient needs, for a backward split in two.
 
-    Records each use's input (by ``WEIGHT_USES`` input name) and output, and
-    adds ``probes[name]`` (zeros of the output's shape) to each output: the
+    Records each use's input (by ``WEIGHT_USES`` input name) and adds
+    ``probes[name]`` (zeros of the output's shape) to each output: the
     gradient with respect to a probe is that output's cotangent, which the
     input-gradient pass computes anyway. ``weight_grads`` then needs no
-    recomputation, only the weight-gradient matmuls.
+    recomputation, only the weight-gradient matmuls. Without probes it
+    records each output instead, for the probes' shapes.
     """
 
     def __init__(self, probes: dict[str, jax.Array] | None = None):
@@ -184,24 +185,23 @@ class WeightTap:
 
     def __call__(self, name: str, x: jax.Array, w: jax.Array) -> jax.Array:
         self.inputs[WEIGHT_USES[name].input] = x
-        y = self.outputs[name] = use_weight(name, x, w)
-        return y if self.probes is None else y + self.probes[name]
+        y = use_weight(name, x, w)
+        if self.probes is None:
+            self.outputs[name] = y
+            return y
+        return y + self.probes[name]
 
 
 def weight_grads(w: BlockWeights, inputs: dict[str, jax.Array], dys: dict[str, jax.Array]) -> BlockWeights:
     """One layer's weight gradients from a ``WeightTap``'s recorded inputs and the outputs' cotangents.
 
     The W half of a split backward: each weight's gradient is the transpose
-    of its use against the saved input, nothing else. A weight with no
-    recorded use (an MoE layer's dense MLP) gets zeros.
+    of its use against the saved input, nothing else.
     """
 
     def grad(name: str) -> jax.Array:
-        weight = getattr(w, name)
-        if name not in dys:
-            return jnp.zeros_like(weight)
         x = inputs[WEIGHT_USES[name].input]
-        _, pull = jax.vjp(lambda weight: use_weight(name, x, weight), weight)
+        _, pull = jax.vjp(lambda weight: use_weight(name, x, weight), getattr(w, name))
         return pull(dys[name])[0]
 
     return BlockWeights(**{name: grad(name) for name in BlockWeights._fields})

@@ -295,9 +295,9 @@ class Transformer(nnx.Module):
         """``run_layers`` through a ``WeightTap`` per layer, for a backward split into input and weight gradients.
 
         ``probes``: {weight name: [n, *that use's output shape]} added to each
-        use's output (None: nothing added). Returns (x_BxLxD, inputs, outputs):
-        each use's input {input name: [n, ...]} and output {weight name: [n, ...]},
-        stacked over the n layers.
+        use's output. Returns (x_BxLxD, inputs, outputs): each use's input
+        {input name: [n, ...]}, stacked over the n layers, and without probes
+        each use's output {weight name: [n, ...]} (the probes' shapes; {} with them).
         """
         block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention)
 

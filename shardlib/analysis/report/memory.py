@@ -230,10 +230,10 @@ def activation_dtype_on(platform: str, compute_dtype: str) -> str:
     return "float32" if platform == "cpu" else compute_dtype
 
 
-def _layer_tap(layout: Layout, dtype: str) -> int:
-    """``layer_tap_bytes`` at ``layout``'s per-device shapes."""
+def _layer_dims(layout: Layout, dtype: str) -> tuple:
+    """One layer's shapes on one device, as ``layer_residual_bytes`` and ``layer_tap_bytes`` take them."""
     m = layout.cfg.model
-    return layer_tap_bytes(
+    return (
         layout.rows_per_device,
         layout.cfg.seq_len // layout.seq_shards,
         m.d_model,
@@ -244,20 +244,13 @@ def _layer_tap(layout: Layout, dtype: str) -> int:
         dtype,
         m.param_dtype,
     )
+
+
+def _layer_tap(layout: Layout, dtype: str) -> int:
+    """``layer_tap_bytes`` at ``layout``'s per-device shapes."""
+    return layer_tap_bytes(*_layer_dims(layout, dtype))
 
 
 def _layer_residual(layout: Layout, dtype: str, remat: str) -> int:
     """What one layer keeps for the backward pass on one device under ``remat`` (``layer_residual_bytes``)."""
-    m = layout.cfg.model
-    return layer_residual_bytes(
-        layout.rows_per_device,
-        layout.cfg.seq_len // layout.seq_shards,
-        m.d_model,
-        m.n_heads // layout.heads_shards,
-        m.n_kv_heads // layout.kv_shards,
-        m.resolved_head_dim,
-        m.d_ff // layout.mlp_shards,
-        dtype,
-        m.param_dtype,
-        remat,
-    )
+    return layer_residual_bytes(*_layer_dims(layout, dtype), remat)

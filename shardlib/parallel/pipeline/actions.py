@@ -53,8 +53,8 @@ class StageFunctions:
 
     For split tables (zero-bubble: B and W apart), two more:
     tapped_stage(chunk_layers, x_BxLxD, probes) -> (x_BxLxD, inputs, outputs)
-        ``stage`` with ``probes`` (a pytree like ``outputs``, or None) added to
-        the outputs of its weight uses; ``inputs`` and ``outputs`` are those uses'.
+        ``stage`` with ``probes`` added to the outputs of its weight uses;
+        ``inputs`` are those uses' inputs, ``outputs`` (probes None) their outputs.
     weight_grads(chunk_layers, inputs, output_cotangents) -> chunk grads
         the weight gradients from the uses' inputs and output cotangents alone.
     """

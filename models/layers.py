@@ -128,34 +128,52 @@ def rms_normalize(x_BxLxD: jax.Array, eps: float) -> jax.Array:
     return x32_BxLxD * jax.lax.rsqrt(mean_sq_BxLx1 + eps)
 
 
-def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm with float32 statistics; returns the input's dtype."""
-    return (rms_normalize(x_BxLxD, eps) * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
-
-
 class WeightUseSpec(NamedTuple):
-    """How a decoder layer applies one weight: ``apply(input, weight)``, and the name of that input."""
+    """How a layer applies one weight: ``apply(input, weight)``, the input's name, and both activations' axes.
+
+    ``input_axes`` / ``output_axes``: the logical axes of the input and the
+    output (what the caller's ``shard`` constrains them by), for a use that
+    computes the weight gradient on each device's own blocks.
+    """
 
     apply: Callable[[jax.Array, jax.Array], jax.Array]
     input: str
+    input_axes: tuple[str | None, ...] = ("batch", "length", "embed")
+    output_axes: tuple[str | None, ...] = ("batch", "length", "embed")
 
 
 def _einsum(equation: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return lambda x, w: jnp.einsum(equation, x, w.astype(x.dtype))
 
 
-# Every use of a layer weight, as a table: the pipeline's split backward (zero-bubble schedules)
-# records each use's input and output cotangent here and later takes the weight gradient from them.
+def _logits(equation: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The output projection: in x's dtype, accumulated and returned in float32."""
+    return lambda x, w: jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+# Every use of a weight, as a table: the pipeline's split backward (zero-bubble schedules)
+# records each layer use's input and output cotangent here and later takes the weight gradient from
+# them; ``shardlib.parallel.reduction`` reduces each use's weight gradient over the token axes itself.
+_HEADS = ("batch", "length", "heads", "head_dim")
+_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+_MLP = ("batch", "length", "mlp")
+_VOCAB = ("batch", "length", "vocab")
+
 WEIGHT_USES: dict[str, WeightUseSpec] = {
     "attn_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_attn"),  # x/rms(x), float32
-    "q": WeightUseSpec(_einsum("bld,dhk->blhk"), "h_attn"),
-    "k": WeightUseSpec(_einsum("bld,dnk->blnk"), "h_attn"),
-    "v": WeightUseSpec(_einsum("bld,dnk->blnk"), "h_attn"),
-    "o": WeightUseSpec(_einsum("blhk,hkd->bld"), "attn"),
+    "q": WeightUseSpec(_einsum("bld,dhk->blhk"), "h_attn", output_axes=_HEADS),
+    "k": WeightUseSpec(_einsum("bld,dnk->blnk"), "h_attn", output_axes=_KV_HEADS),
+    "v": WeightUseSpec(_einsum("bld,dnk->blnk"), "h_attn", output_axes=_KV_HEADS),
+    "o": WeightUseSpec(_einsum("blhk,hkd->bld"), "attn", input_axes=_HEADS),
     "mlp_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_mlp"),
-    "gate": WeightUseSpec(_einsum("bld,df->blf"), "h_mlp"),
-    "up": WeightUseSpec(_einsum("bld,df->blf"), "h_mlp"),
-    "down": WeightUseSpec(_einsum("blf,fd->bld"), "hidden"),
+    "gate": WeightUseSpec(_einsum("bld,df->blf"), "h_mlp", output_axes=_MLP),
+    "up": WeightUseSpec(_einsum("bld,df->blf"), "h_mlp", output_axes=_MLP),
+    "down": WeightUseSpec(_einsum("blf,fd->bld"), "hidden", input_axes=_MLP),
+    # The weights outside the layers (``models.transformer``): the lookup's input is the token ids.
+    "embedding": WeightUseSpec(lambda ids, table: jnp.take(table, ids, axis=0), "tokens", ("batch", "length")),
+    "final_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_final"),
+    "unembed": WeightUseSpec(_logits("bld,dv->blv"), "head", output_axes=_VOCAB),
+    "tied_unembed": WeightUseSpec(_logits("bld,vd->blv"), "head", output_axes=_VOCAB),
 }
 
 WeightUse = Callable[[str, jax.Array, jax.Array], jax.Array]

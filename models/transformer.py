@@ -39,16 +39,28 @@ from models.layers import (
     BlockWeights,
     ShardFn,
     WeightTap,
+    WeightUse,
     chunked_cross_entropy,
     cross_entropy,
     decoder_block,
     no_shard,
     normal_init,
-    rms_norm,
+    rms_normalize,
+    use_weight,
 )
 from models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, moe_mlp
 
-__all__ = ["ShardFn", "Transformer", "no_shard"]
+__all__ = ["WEIGHT_PARAMS", "ShardFn", "Transformer", "no_shard"]
+
+# Which parameter each weight use (``models.layers.WEIGHT_USES``) reads, by path in the
+# parameter tree; a ``layers/...`` parameter is stacked and each use sees one layer of it.
+WEIGHT_PARAMS: dict[str, tuple[str, ...]] = {
+    **{name: ("layers", name) for name in BlockWeights._fields},
+    "embedding": ("embed", "embedding"),
+    "tied_unembed": ("embed", "embedding"),
+    "final_norm": ("final_norm",),
+    "unembed": ("unembed",),
+}
 
 # Which intermediates a rematerialised layer keeps for the backward pass.
 # "save_matmuls" keeps the outputs of dots with no batch dimensions, i.e. the
@@ -86,14 +98,13 @@ class Embedding(nnx.Module):
             out_sharding=("vocab", "embed"),
         )
 
-    def __call__(self, tokens_BxL: jax.Array, dtype: Any) -> jax.Array:
+    def __call__(self, tokens_BxL: jax.Array, dtype: Any, use: WeightUse = use_weight) -> jax.Array:
         """[B, L] int token ids -> [B, L, D] embeddings in `dtype`."""
-        return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(dtype)
+        return use("embedding", tokens_BxL, self.embedding[...]).astype(dtype)
 
-    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+    def attend(self, x_BxLxD: jax.Array, use: WeightUse = use_weight) -> jax.Array:
         """Tied output projection: [B, L, D] -> float32 logits [B, L, V]."""
-        table_VxD = self.embedding[...].astype(x_BxLxD.dtype)
-        return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD, preferred_element_type=jnp.float32)
+        return use("tied_unembed", x_BxLxD, self.embedding[...])
 
 
 class LayerStack(nnx.Module):
@@ -183,6 +194,7 @@ class Transformer(nnx.Module):
         shard: ShardFn = no_shard,
         attention: AttentionFn | None = None,
         experts: ExpertDispatch | None = None,
+        use: WeightUse = use_weight,
     ) -> jax.Array:
         """[B, L] token ids -> float32 logits [B, L, V].
 
@@ -191,11 +203,14 @@ class Transformer(nnx.Module):
         long as they pass matching positions. `shard` constrains activations at
         layer boundaries by logical axis names. `attention` replaces the dense
         causal attention (e.g. ring attention from `shardlib.parallel.attention`);
-        `experts` moves MoE tokens to their experts (default: all local).
+        `experts` moves MoE tokens to their experts (default: all local);
+        `use` applies every weight (``models.layers.WEIGHT_USES``), e.g. one
+        whose backward reduces the weight gradients itself
+        (``shardlib.parallel.reduction``).
         """
-        return self.forward(tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention, experts=experts)[
-            0
-        ]
+        return self.forward(
+            tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention, experts=experts, use=use
+        )[0]
 
     def forward(
         self,
@@ -205,6 +220,7 @@ class Transformer(nnx.Module):
         shard: ShardFn = no_shard,
         attention: AttentionFn | None = None,
         experts: ExpertDispatch | None = None,
+        use: WeightUse = use_weight,
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """(logits [B, L, V], extra loss, metrics): what training needs besides the logits.
 
@@ -215,9 +231,9 @@ class Transformer(nnx.Module):
         fraction of (token, choice) pairs past capacity over all MoE layers.
         """
         x_BxLxD, extra_loss, metrics = self.hidden(
-            tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention, experts=experts
+            tokens_BxL, positions_BxL=positions_BxL, shard=shard, attention=attention, experts=experts, use=use
         )
-        return self.logits(x_BxLxD, shard=shard), extra_loss, metrics
+        return self.logits(x_BxLxD, shard=shard, use=use), extra_loss, metrics
 
     def hidden(
         self,
@@ -227,12 +243,13 @@ class Transformer(nnx.Module):
         shard: ShardFn = no_shard,
         attention: AttentionFn | None = None,
         experts: ExpertDispatch | None = None,
+        use: WeightUse = use_weight,
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """(residual stream [B, L, D] after the last layer, extra loss, metrics): ``forward`` before ``logits``."""
-        x_BxLxD = self.embed_tokens(tokens_BxL, shard=shard)
+        x_BxLxD = self.embed_tokens(tokens_BxL, shard=shard, use=use)
         if self.moe is None:
             x_BxLxD = self.run_layers(
-                self.layers.weights(), x_BxLxD, positions_BxL=positions_BxL, shard=shard, attention=attention
+                self.layers.weights(), x_BxLxD, positions_BxL=positions_BxL, shard=shard, attention=attention, use=use
             )
             return x_BxLxD, jnp.zeros((), jnp.float32), {}
         x_BxLxD, stats = self.run_moe_layers(
@@ -243,6 +260,7 @@ class Transformer(nnx.Module):
             shard=shard,
             attention=attention,
             experts=experts,
+            use=use,
         )
         batch, length = tokens_BxL.shape
         aux_loss, z_loss = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
@@ -259,9 +277,11 @@ class Transformer(nnx.Module):
     # embedding on the first stage, slices of the layer stack on every stage,
     # the output head on the last.
 
-    def embed_tokens(self, tokens_BxL: jax.Array, *, shard: ShardFn = no_shard) -> jax.Array:
+    def embed_tokens(
+        self, tokens_BxL: jax.Array, *, shard: ShardFn = no_shard, use: WeightUse = use_weight
+    ) -> jax.Array:
         """[B, L] token ids -> residual stream [B, L, D] in the compute dtype."""
-        return shard(self.embed(tokens_BxL, self.compute_dtype), ("batch", "length", "embed"))
+        return shard(self.embed(tokens_BxL, self.compute_dtype, use), ("batch", "length", "embed"))
 
     def run_layers(
         self,
@@ -271,9 +291,10 @@ class Transformer(nnx.Module):
         positions_BxL: jax.Array | None = None,
         shard: ShardFn = no_shard,
         attention: AttentionFn | None = None,
+        use: WeightUse = use_weight,
     ) -> jax.Array:
         """Applies the layers whose stacked weights are given ([n, ...] each, any n) in order."""
-        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention)
+        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use)
 
         def scan_body(x_BxLxD, w):
             x_BxLxD = block(x_BxLxD, w, positions_BxL)
@@ -320,6 +341,7 @@ class Transformer(nnx.Module):
         shard: ShardFn = no_shard,
         attention: AttentionFn | None = None,
         experts: ExpertDispatch | None = None,
+        use: WeightUse = use_weight,
     ) -> tuple[jax.Array, MoEStats]:
         """Applies all layers of an MoE model: a scan over groups of period - 1 dense layers and one MoE layer.
 
@@ -328,7 +350,7 @@ class Transformer(nnx.Module):
         layers' router and experts [M, ...]. Returns the residual stream and
         the per-layer ``MoEStats`` stacked [M].
         """
-        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention)
+        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use)
         period, groups = self.moe_period, moe_weights.router.shape[0]
         mlp_fields = ("gate", "up", "down")
 
@@ -364,39 +386,43 @@ class Transformer(nnx.Module):
 
         return jax.lax.scan(rematerialize(group_body, self.remat), x_BxLxD, (group_weights, moe_weights))
 
-    def _block(self, x_BxLxD, positions_BxL, shard, attention):
+    def _block(self, x_BxLxD, positions_BxL, shard, attention, use=use_weight):
         """(one decoder layer as ``block(x, weights, positions, mlp=None)``, the positions: 0..L-1 by default)."""
         batch, length = x_BxLxD.shape[:2]
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         block = functools.partial(
-            decoder_block, rope_theta=self.rope_theta, norm_eps=self.norm_eps, shard=shard, attention=attention
+            decoder_block,
+            rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps,
+            shard=shard,
+            attention=attention,
+            use=use,
         )
         return block, positions_BxL
 
-    def logits(self, x_BxLxD: jax.Array, *, shard: ShardFn = no_shard) -> jax.Array:
+    def logits(self, x_BxLxD: jax.Array, *, shard: ShardFn = no_shard, use: WeightUse = use_weight) -> jax.Array:
         """Residual stream [B, L, D] -> float32 logits [B, L, V] (final norm, output projection)."""
-        x_BxLxD = rms_norm(x_BxLxD, self.final_norm[...], self.norm_eps)
+        x_BxLxD = use("final_norm", rms_normalize(x_BxLxD, self.norm_eps), self.final_norm[...]).astype(x_BxLxD.dtype)
         if self.unembed is None:
-            logits_BxLxV = self.embed.attend(x_BxLxD)
+            logits_BxLxV = self.embed.attend(x_BxLxD, use)
         else:
-            logits_BxLxV = jnp.einsum(
-                "bld,dv->blv",
-                x_BxLxD,
-                self.unembed[...].astype(self.compute_dtype),
-                preferred_element_type=jnp.float32,
-            )
+            logits_BxLxV = use("unembed", x_BxLxD, self.unembed[...])
         return shard(logits_BxLxV, ("batch", "length", "vocab"))
 
-    def loss(self, x_BxLxD: jax.Array, targets_BxL: jax.Array, *, shard: ShardFn = no_shard) -> jax.Array:
+    def loss(
+        self, x_BxLxD: jax.Array, targets_BxL: jax.Array, *, shard: ShardFn = no_shard, use: WeightUse = use_weight
+    ) -> jax.Array:
         """Mean cross-entropy (float32 scalar) of the head on residual stream [B, L, D] against [B, L] targets.
 
         ``loss_chunk`` 0: ``cross_entropy(logits(x_BxLxD), targets_BxL)``; else
         ``chunked_cross_entropy`` over chunks of ``loss_chunk`` tokens, the same
-        value and gradients without the whole [B, L, V] float32 logits.
+        value and gradients without the whole [B, L, V] float32 logits. The
+        chunks' head applies its weights the default way, not by ``use``: a
+        use that reduces its weight gradient would do so once per chunk.
         """
         if not self.loss_chunk:
-            return cross_entropy(self.logits(x_BxLxD, shard=shard), targets_BxL)
+            return cross_entropy(self.logits(x_BxLxD, shard=shard, use=use), targets_BxL)
         return chunked_cross_entropy(
             x_BxLxD, targets_BxL, functools.partial(self.logits, shard=shard), self.loss_chunk, shard=shard
         )

@@ -23,8 +23,12 @@ N = 8
 
 @functools.cache
 def compiled(preset: str, sizes: tuple, model: tuple = (), **overrides):
-    """(layout, measured) of the tiny config's step; cached so tests sharing a compile pay once."""
-    cfg = tiny_config(sharding=preset, model=dict(model), **overrides)
+    """(layout, measured) of the tiny config's step; cached so tests sharing a compile pay once.
+
+    An override given as a tuple of pairs is a config section (hashable, for the cache).
+    """
+    sections = {k: dict(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+    cfg = tiny_config(sharding=preset, model=dict(model), **sections)
     mesh = mesh_of(**dict(sizes))
     return resolve_layout(cfg, dict(mesh.shape)), measure(cfg, mesh)
 
@@ -49,32 +53,51 @@ def test_data_parallel_moves_2_n_minus_1_over_n_of_the_parameters():
     assert not data.responsible  # nothing to explain
 
 
-def test_fsdp_layers_move_3_n_minus_1_over_n_once_the_sliced_all_reduce_is_a_reduce_scatter():
-    """The issue's 3(N-1)/N * P, for the scanned layers that FSDP gathers per layer.
+def test_fsdp_layers_move_3_n_minus_1_over_n_gathers_and_a_reduce_scatter():
+    """The issue's 3(N-1)/N * P, for the scanned layers that FSDP gathers per layer, as compiled.
 
-    XLA:CPU syncs the sharded gradients with an all-reduce whose result is only
-    dynamic-sliced (4(N-1)/N * P on the wire). The report recognises it and
-    quantifies the excess as (N-1)/N * P; counted as the reduce-scatter XLA:GPU
-    makes of it, the layers move exactly 3(N-1)/N * P.
+    Two all-gathers per layer (forward, backward) from the partitioner, and
+    each weight gradient leaves the backward as a reduce-scatter
+    (``shardlib.parallel.reduction``): XLA:CPU's all-reduce-then-slice, 4(N-1)/N
+    * P on the wire, is gone.
     """
     layout, measured = compiled("fsdp", (("data", N),))
     layers = param_bytes(layout, scanned=True)
     loop = [c for c in measured.collectives if in_loop(c)]
-    assert {c.kind for c in loop} == {"all-gather", "all-reduce"}
-    raw = sum(c.total_wire_bytes for c in loop)
-    excess = sum(c.excess_wire_bytes * c.count for c in loop)
-    assert raw == pytest.approx(4 * (N - 1) / N * layers, rel=0.02)
-    assert excess == pytest.approx((N - 1) / N * layers, rel=0.02)
-    assert raw - excess == pytest.approx(3 * (N - 1) / N * layers, rel=0.02)
-    sliced = [c for c in loop if c.sliced]
-    assert sliced and all(c.kind == "all-reduce" and "only sliced" in c.inefficiency for c in sliced)
+    assert {c.kind for c in loop} == {"all-gather", "reduce-scatter"}
+    gathers = sum(c.total_wire_bytes for c in loop if c.kind == "all-gather")
+    scatters = sum(c.total_wire_bytes for c in loop if c.kind == "reduce-scatter")
+    assert gathers == pytest.approx(2 * (N - 1) / N * layers, rel=0.02)
+    assert scatters == pytest.approx((N - 1) / N * layers, rel=0.02)
+    assert not any(c.sliced for c in measured.collectives)
 
     report = build_report(layout, measured=measured)
     (data,) = report.axes
-    assert data.ratio > 1.25  # raw, as compiled
-    assert data.ratio_without_avoidable == pytest.approx(1.0, abs=0.02)  # the whole step, embedding included
-    assert any("only sliced" in r for r in data.responsible)
-    assert any("avoidable traffic" in n and "ReduceScatterCreator" in n for n in report.notes)
+    assert data.ratio == pytest.approx(1.0, abs=0.01)  # the whole step, embedding included
+    assert data.avoidable < 1e-3 * data.measured  # the loss and norm scalars' addends, nothing more
+
+
+def test_an_all_reduce_only_sliced_is_named_avoidable():
+    """The report's detector on what the partitioner makes of an FSDP gradient left to it on XLA:CPU.
+
+    (The train step no longer leaves it, but the detector serves any program:
+    foreign models, DiLoCo's replicas under vmap.)
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from shardlib.analysis.report.collectives import find_collectives
+    from shardlib.analysis.report.hlo import parse_hlo
+
+    mesh = mesh_of(data=N)
+    rows, split = NamedSharding(mesh, P(("data",), None)), NamedSharding(mesh, P(("data",), None))
+    grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))), in_shardings=(split, rows), out_shardings=split)
+    text = grad.lower(jnp.ones((64, 32)), jnp.ones((16, 64))).compile().as_text()
+    (reduce,) = [c for c in find_collectives(parse_hlo(text), dict(mesh.shape)) if c.kind == "all-reduce"]
+    assert reduce.sliced and "only sliced" in reduce.inefficiency
+    assert reduce.excess_wire_bytes == pytest.approx(reduce.wire_bytes / 2)
 
 
 @pytest.mark.parametrize("model", [2, 4])
@@ -131,8 +154,8 @@ def test_replica_groups_map_to_mesh_axes_on_three_nontrivial_axes():
     assert forward_tp and all(c.axes == ("model",) for c in forward_tp)
     kv = [c for c in measured.collectives if in_loop(c) and c.kind == "all-gather"]
     assert kv and all(c.axes == ("seq",) for c in kv)
-    grads = [c for c in measured.collectives if c.kind == "all-reduce" and "reduce_sum" in c.op_name and in_loop(c)]
-    assert grads and all(set(c.axes) <= {"data", "seq"} for c in grads)
+    grads = [c for c in measured.collectives if c.kind == "all-reduce" and "psum" in c.op_name and in_loop(c)]
+    assert grads and all(c.axes == ("data", "seq") for c in grads)  # one reduction over both (parallel.reduction)
     assert {a for c in measured.collectives for a in c.axes} == {"data", "seq", "model"}
     report = build_report(layout, measured=measured)
     rows = {r.axis: r for r in report.axes}
@@ -174,26 +197,57 @@ def test_fsdp_inside_a_pipeline_moves_the_minimum():
     assert fsdp == {("all-gather", "gather parameters once per step"), ("reduce-scatter", "reduce-scatter gradients")}
 
 
-def test_gradients_over_data_and_seq_reduced_one_axis_at_a_time_are_explained():
-    """data 2 x seq 4: XLA:CPU all-reduces the gradients over seq, then the whole of them again over data.
+def test_gradients_over_data_and_seq_are_one_all_reduce_over_both():
+    """data 2 x seq 4: each weight gradient is one all-reduce over the 8 devices (``parallel.reduction``).
 
-    The minimum (one all-reduce over the 8 devices, or reduce-scatter over
-    seq, all-reduce of the quarter over data, all-gather over seq) puts
-    2(2-1)/2 x P/4 on data; the compiled step moves P there, ratio 4. The
-    model predicts the minimum and the report names the excess and its cause.
+    The partitioner alone all-reduces over seq, then the whole gradient again
+    over data (P on data where the minimum puts 2(2-1)/2 x P/4 there, ratio 4).
     """
-    from shardlib.analysis.report.report import split_reduction_excess
-
     layout, measured = compiled("tp", (("data", 2), ("seq", 4)))
     p = param_bytes(layout)  # tp without a model axis: every parameter replicated
     report = build_report(layout, measured=measured)
     rows = {r.axis: r for r in report.axes}
     assert rows["data"].predicted == pytest.approx(p / 4, rel=1e-6)
-    assert rows["data"].measured == pytest.approx(p, rel=0.02)
-    (excess, ops) = split_reduction_excess(measured.collectives, ("data", "seq"), layout.sizes)["data"]
-    assert excess == pytest.approx(3 / 4 * p, rel=0.02)
-    assert all(c.kind == "all-reduce" and c.axes == ("data",) for c in ops)
-    (note,) = [n for n in report.notes if n.startswith("data: ratio")]
-    assert "separate full all-reduces" in note and "AllReduceFolder" in note and ops[0].name in note
-    assert "without it data would be 1.00" in note
-    assert rows["seq"].ratio_without_avoidable == pytest.approx(1.0, abs=0.02)
+    assert rows["data"].ratio == pytest.approx(1.0, abs=0.01)
+    both = [c for c in measured.collectives if c.axes == ("data", "seq")]
+    assert both and all(c.kind == "all-reduce" for c in both)
+    assert sum(c.total_wire_bytes for c in both) == pytest.approx(2 * 7 / 8 * p, rel=0.01)
+    assert not [n for n in report.notes if n.startswith("data: ratio")]
+
+
+# --------------------------------------------------------------------------- every strategy at the minimum
+# (preset, mesh sizes, config overrides) -> {axis: pinned ratio} for the axes whose floor is above 1.02;
+# every other axis with traffic must sit within 2% of the analytic minimum. Pipelines: see
+# test_pipeline_permutes_send_the_minimum.
+MINIMUM_CASES = {
+    "dp data8": ("dp", (("data", N),), (), {}),
+    "fsdp data8": ("fsdp", (("data", N),), (), {}),
+    # q/k/v's and gate/up's input gradients all-reduced one by one over model, then summed (avoidable).
+    "tp data4 model2": ("tp", (("data", 4), ("model", 2)), (), {"model": 1.60}),
+    "fsdp_tp data4 model2": ("fsdp_tp", (("data", 4), ("model", 2)), (), {"model": 1.60}),
+    "dp data2 seq4 allgather": ("tp", (("data", 2), ("seq", 4)), (("attention", (("impl", "allgather"),)),), {}),
+    "fsdp data2 seq4 ring": ("fsdp", (("data", 2), ("seq", 4)), (("attention", (("impl", "ring"),)),), {}),
+    # XLA's own dense attention over a sharded sequence: the partitioner all-reduces K and V's gradients
+    # and slices them (XLA:GPU's ReduceScatterCreator makes that a reduce-scatter, XLA:CPU does not):
+    # on seq, 1.25 as compiled here, 1.00 without that avoidable part. attention.impl=allgather or ring
+    # reduce-scatter them by construction (the two cases above).
+    "dp data2 seq4 xla attention": ("tp", (("data", 2), ("seq", 4)), (), {"seq": 1.25}),
+}
+
+
+@pytest.mark.parametrize("case", MINIMUM_CASES)
+def test_every_strategy_moves_the_minimum(case):
+    """Measured over minimum per axis, within 2%, or the pinned floor (and then 1.00 without its avoidable part).
+
+    32 x 64 tokens: 256 per device, so the embedding table (256 rows) is gathered for its lookup
+    (``reduction.lookup_gathers_table``).
+    """
+    preset, sizes, overrides, pinned = MINIMUM_CASES[case]
+    layout, measured = compiled(preset, sizes, **dict(overrides), batch_size=32, seq_len=64)
+    report = build_report(layout, measured=measured)
+    rows = {r.axis: r for r in report.axes if r.predicted}
+    assert rows, case
+    for axis, row in rows.items():
+        floor = pinned.get(axis, 1.0)
+        assert row.ratio == pytest.approx(floor, abs=0.02), (case, axis, row)
+        assert row.ratio_without_avoidable == pytest.approx(1.0, abs=0.02), (case, axis, row)

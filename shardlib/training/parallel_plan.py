@@ -48,6 +48,9 @@ class ParallelPlan:
     pipeline: the compiled schedule, branching and layer layout, or None without ``pipe``.
     compression: ``none``, ``bf16`` or ``int8`` (the data-parallel gradient reduction).
     outer: DiLoCo or local SGD (``ReplicaPlan``), or None for synchronous training.
+    reduce_per_use: the weight gradients are reduced over the token axes by the step itself, one
+      reduce-scatter or all-reduce per weight use (``shardlib.parallel.reduction``); False in a
+      pipeline (its executor reduces) and inside DiLoCo's replicas (run under vmap).
     """
 
     mesh: jax.sharding.Mesh
@@ -64,6 +67,7 @@ class ParallelPlan:
     remat: str
     n_layers: int
     outer: ReplicaPlan | None = None
+    reduce_per_use: bool = True
 
     def model_kwargs(self, shard: ActivationSharding | None = None) -> dict:
         """Keyword arguments of ``Transformer.forward``: shard, attention, experts (``shard`` overrides the plan's)."""
@@ -71,6 +75,12 @@ class ParallelPlan:
         if self.experts is not None:
             kwargs["experts"] = self.experts
         return kwargs
+
+    @property
+    def token_axes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(the mesh axes a batch's rows are split over, those its positions are split over), size-1 axes left out."""
+        shape = self.mesh.shape
+        return tuple(tuple(a for a in rule_axes(self.rules, name) if shape[a] > 1) for name in ("batch", "length"))  # type: ignore[return-value]
 
     @property
     def layer_order(self) -> np.ndarray:
@@ -108,6 +118,12 @@ class ParallelPlan:
                 f"{len(patterns.forward) - 1} + {len(patterns.backward) - 1} permute patterns"
             )
         lines.append(f"  gradient compression {self.compression}")
+        rows, positions = self.token_axes
+        if self.reduce_per_use and (rows or positions) and self.compression == "none":
+            lines.append(
+                f"  weight gradients reduced per use over {', '.join(rows + positions)}: a reduce-scatter over the "
+                "axes a weight is sharded over, one all-reduce over the rest"
+            )
         if self.outer is not None:
             o = self.outer
             inside = [a for a in rule_axes(o.plan.rules, "batch") if self.mesh.shape[a] > 1]
@@ -162,7 +178,7 @@ def _replica_plan(cfg: Config, plan: ParallelPlan) -> ReplicaPlan | None:
     split = axes_tuple(spec[0]) if len(spec) else ()
     batch_axes = tuple(a for a in axes if a not in split) + split  # size-1 replica axes are not in the spec
     # The replica axes are batch axes, so batch_sharding's check that microbatches divide covers them.
-    inner = dataclasses.replace(plan, rules=rules, shard=shard, attention=attention)
+    inner = dataclasses.replace(plan, rules=rules, shard=shard, attention=attention, reduce_per_use=False)
     return ReplicaPlan(settings, replica_count(plan.mesh, axes), batch_axes, inner)
 
 
@@ -270,10 +286,11 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
         features=features,
         attention=attention,
         experts=experts,
-        pipeline=_pipeline(cfg, mesh, rules),
+        pipeline=(pipeline := _pipeline(cfg, mesh, rules)),
         compression=cfg.grad_compression,
         grad_accum=cfg.grad_accum,
         remat=cfg.model.remat,
         n_layers=cfg.model.n_layers,
+        reduce_per_use=pipeline is None,
     )
     return dataclasses.replace(plan, outer=_replica_plan(cfg, plan))

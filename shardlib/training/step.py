@@ -28,12 +28,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.layers import cross_entropy
+from models.layers import WEIGHT_USES, WeightUse, cross_entropy, use_weight
+from models.transformer import WEIGHT_PARAMS
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
 from shardlib.parallel.diloco import outer_update, replica_mean, replica_metrics, split_replicas
 from shardlib.parallel.pipeline.stages import make_pipeline_grads
+from shardlib.parallel.reduction import ReducedWeightUse
 from shardlib.training.parallel_plan import ParallelPlan
 from shardlib.training.train_state import AbstractModel, StateShardings
 
@@ -58,6 +60,7 @@ def make_loss_fn(
     *,
     shard: ActivationSharding | None = None,
     with_metrics: bool = False,
+    use: WeightUse = use_weight,
 ) -> Callable:
     """``loss(params, inputs_BxL, targets_BxL) -> scalar``: the mean cross-entropy, the model run in sequence.
 
@@ -72,7 +75,8 @@ def make_loss_fn(
     The plan supplies the attention function and may reorder every sequence
     (zig-zag for ring attention): tokens, targets and rotary positions are
     permuted alike, and the loss, a mean over tokens, is unchanged. ``shard``
-    replaces the plan's activation constraints (per-shard rules under vmap).
+    replaces the plan's activation constraints (per-shard rules under vmap);
+    ``use`` applies the weights (``weight_use``: reduced per use).
     """
     order = plan.attention.order
 
@@ -83,8 +87,8 @@ def make_loss_fn(
             order_L = jnp.asarray(order)
             inputs_BxL, targets_BxL = inputs_BxL[:, order_L], targets_BxL[:, order_L]
             kwargs["positions_BxL"] = jnp.broadcast_to(order_L, inputs_BxL.shape)
-        x_BxLxD, extra_loss, metrics = model.hidden(inputs_BxL, **kwargs)
-        loss = model.loss(x_BxLxD, targets_BxL, shard=kwargs["shard"])  # chunked with model.loss_chunk
+        x_BxLxD, extra_loss, metrics = model.hidden(inputs_BxL, **kwargs, use=use)
+        loss = model.loss(x_BxLxD, targets_BxL, shard=kwargs["shard"], use=use)  # chunked with model.loss_chunk
         if not with_metrics:
             return loss
         if not metrics:  # dense: exactly the cross-entropy
@@ -106,7 +110,7 @@ def make_grads_fn(model: AbstractModel, plan: ParallelPlan, shardings: StateShar
         return make_pipeline_grads(
             model.graphdef, model.params, plan.pipeline, plan.mesh, plan.shard, specs, plan.attention
         )
-    loss_fn = make_loss_fn(model.graphdef, plan, with_metrics=True)
+    loss_fn = make_loss_fn(model.graphdef, plan, with_metrics=True, use=weight_use(plan, shardings))
 
     def grads_fn(params, batch):
         (_, metrics), grads = loss_and_grads(loss_fn, params, batch, plan.grad_accum, plan.shard, has_aux=True)
@@ -114,6 +118,27 @@ def make_grads_fn(model: AbstractModel, plan: ParallelPlan, shardings: StateShar
         return metrics.pop("loss"), grads, metrics
 
     return grads_fn
+
+
+def weight_use(plan: ParallelPlan, shardings: StateShardings) -> WeightUse:
+    """How the train step applies the weights: reducing each use's gradient itself when the plan says so.
+
+    ``ReducedWeightUse`` over the plan's token axes, every weight of
+    ``WEIGHT_PARAMS`` the model has with its parameter's spec (a stacked
+    layer's without the layer dimension); the default ``use_weight`` when the
+    plan leaves the reduction elsewhere or no token axis splits anything.
+    """
+    rows, positions = plan.token_axes
+    if not plan.reduce_per_use or not (rows or positions):
+        return use_weight
+    specs = {}
+    for name, path in WEIGHT_PARAMS.items():
+        node = shardings.params
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, NamedSharding):  # absent: tied embeddings' unembed, MoE-only MLPs
+            specs[name] = PartitionSpec(*tuple(node.spec)[1:]) if path[0] == "layers" else node.spec
+    return ReducedWeightUse(plan.mesh, WEIGHT_USES, specs, plan.shard.spec, rows, positions)
 
 
 def make_compression(model: AbstractModel, plan: ParallelPlan, shardings: StateShardings) -> GradCompression | None:

@@ -12,8 +12,10 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
   3(N-1)/N * P per microbatch for the scanned layers. Parameters outside the
   layer scan (output projection, final norm) are gathered once when they are
   used in their own dtype: the backward pass reuses the forward's copy (XLA
-  merges the two identical gathers). The embedding lookup is the exception:
-  XLA gathers the token ids and all-to-alls the looked-up rows, not the table;
+  merges the two identical gathers). The embedding lookup gathers its table
+  when it has no more rows than a device has tokens
+  (``reduction.lookup_gathers_table``), and otherwise gathers the token ids
+  and all-to-alls the looked-up rows, both ways;
 * tensor parallel (Megatron, heads and MLP over ``model``): per layer two
   all-reduces of the b*s*D activations forward and two backward (one more
   backward with ``remat: full``, which recomputes the attention half), plus
@@ -54,6 +56,7 @@ import numpy as np
 from shardlib.analysis.report.collectives import split_by_axis, wire_bytes
 from shardlib.analysis.report.layout import Layout, ParamLayout
 from shardlib.core.rules import axes_tuple, logical_to_spec, preset_rules
+from shardlib.parallel.reduction import lookup_gathers_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +132,16 @@ def gradient_terms(layout: Layout) -> list[Term]:
                 ("reduce-scatter gradients", "reduce-scatter"),
             ]:
                 messages[("fsdp", f"{what} (pipeline), {scope}", kind, fsdp, layers, True)] += gathered
-        elif _is_lookup_table(p) and not layout.cfg.model.tie_embeddings:
+        elif _is_lookup_table(p) and not layout.cfg.model.tie_embeddings and not _gathers_table(layout, p):
             out += _lookup_terms(layout, p, fsdp)
         else:
             gathers = [("gather parameters (forward)", "all-gather"), ("gather parameters (backward)", "all-gather")]
-            if not p.scanned and layout.cfg.model.compute_dtype == layout.cfg.model.param_dtype:
+            same_dtype = layout.cfg.model.compute_dtype == layout.cfg.model.param_dtype
+            lookup_only = _is_lookup_table(p) and not layout.cfg.model.tie_embeddings
+            if not p.scanned and (same_dtype or lookup_only):
                 # Outside the layer scan the backward pass's gather is the forward's
-                # own (same operand, same program level): XLA keeps one copy.
+                # own (same operand, same program level): XLA keeps one copy. A lookup's
+                # backward needs no table at all (token ids have no gradient).
                 gathers = [("gather parameters (forward, kept for backward)", "all-gather")]
             for what, kind in [*gathers, ("reduce-scatter gradients", "reduce-scatter")]:
                 messages[("fsdp", f"{what}, {scope}", kind, fsdp, layers, True)] += gathered
@@ -146,6 +152,11 @@ def gradient_terms(layout: Layout) -> list[Term]:
     for (strategy, what, kind, axes, layers, overlap), message in messages.items():
         out.append(_term(strategy, what, kind, axes, sizes, message, layers * m, overlap))
     return [t for t in out if t is not None]
+
+
+def _gathers_table(layout: Layout, table: ParamLayout) -> bool:
+    """Whether the step gathers the FSDP-sharded embedding table for its lookup (the step's own rule)."""
+    return lookup_gathers_table(table.shape[0], layout.tokens_per_device)
 
 
 def _lookup_terms(layout: Layout, table: ParamLayout, fsdp: tuple[str, ...]) -> list[Term | None]:
@@ -228,11 +239,27 @@ def sequence_terms(layout: Layout) -> list[Term]:
     kv = 2 * layout.rows_per_device * cfg.seq_len * kv_heads * cfg.model.resolved_head_dim * c
     n = layout.layers_per_device * layout.forward_passes
     forward_count = 2 if cfg.model.remat == "full" else 1
+    # Without remat the allgather kernel's gathered K and V are residuals of its own backward pass;
+    # XLA's dense attention and the ring gather (rotate) them again, and any remat recomputes them.
+    kept = cfg.attention.impl == "allgather" and cfg.model.remat == "none"
+    p = layout.seq_shards
+    ring_hops = p / (p - 1) if cfg.attention.impl == "ring" else 1.0
     note = "ring attention: seq-1 permutes instead of each gather, seq permutes for the gradients"
     out = [
         _term("sequence", "K and V (forward)", "all-gather", ("seq",), sizes, kv, n * forward_count, False, note=note),
-        _term("sequence", "K and V again (backward)", "all-gather", ("seq",), sizes, kv, n, False, note=note),
-        _term("sequence", "K and V gradients", "reduce-scatter", ("seq",), sizes, kv, n, False, note=note),
+        _term(
+            "sequence",
+            "K and V again (backward)",
+            "all-gather",
+            ("seq",),
+            sizes,
+            kv,
+            0 if kept else n,
+            False,
+            note=note,
+        ),
+        # The ring carries each block's gradient p hops, back to its owner: p/(p-1) of a reduce-scatter.
+        _term("sequence", "K and V gradients", "reduce-scatter", ("seq",), sizes, kv * ring_hops, n, False, note=note),
     ]
     return [t for t in out if t is not None]
 

@@ -364,7 +364,8 @@ def _split_reduction_notes(report: Report) -> list[str]:
     for group in _reduction_groups(report.terms, sizes):
         for axis, (excess, ops) in split_reduction_excess(report.measured.collectives, group, sizes).items():
             row = rows.get(axis)
-            if row is None or row.ratio is None:
+            # Scalars (the loss, norms) reduced over one axis are no gradient reduced twice.
+            if row is None or row.ratio is None or excess < RATIO_SLACK * row.predicted:
                 continue
             inner = "+".join(a for a in group if a != axis)
             names = ", ".join(c.name for c in ops[:3]) + (f" and {len(ops) - 3} more" if len(ops) > 3 else "")

@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec as P
 from shardlib.core.rules import axes_tuple
 from shardlib.parallel.pipeline.actions import StageActions, StageFunctions
 from shardlib.parallel.pipeline.table import TickTable
+from shardlib.parallel.reduction import gather_sharded, reduce_gradient
 
 PyTree = Any
 Branching = Literal["cond", "select"]
@@ -155,8 +156,8 @@ class _StepRun:
 
     def body(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
         v = self.plan.schedule.virtual
-        layers_local = jax.tree.map(lambda w, s: _gather(w, s, self.batch_axes), layers_local, self.layer_specs)
-        outer = jax.tree.map(lambda w, s: _gather(w, s, self.batch_axes), outer_local, self.outer_specs)
+        layers_local = jax.tree.map(lambda w, s: gather_sharded(w, s, self.batch_axes), layers_local, self.layer_specs)
+        outer = jax.tree.map(lambda w, s: gather_sharded(w, s, self.batch_axes), outer_local, self.outer_specs)
         chunks = jax.tree.map(lambda w: w.reshape(v, w.shape[0] // v, *w.shape[1:]), layers_local)
         stage = StageActions(self.fns, outer, chunks, tokens, targets, split=self.plan.schedule.split_backward)
         carry = stage.initial_carry(self.plan)
@@ -200,11 +201,11 @@ class _StepRun:
         # Each batch shard holds the gradient of its own mean loss; their mean is the step's.
         scale = 1.0 / (self.plan.schedule.microbatches * shards)
         layer_g = jax.tree.map(lambda g, w: (g * scale).reshape(w.shape), layer_g, layers_local)
-        layer_g = jax.tree.map(lambda g, s: _reduce(g, s, self.batch_axes), layer_g, self.layer_specs)
+        layer_g = jax.tree.map(lambda g, s: reduce_gradient(g, s, self.batch_axes), layer_g, self.layer_specs)
         # Only the first and last stages touch the outer parameters and the loss. Sums commute:
         # over the batch axes first, so that with FSDP only the shard crosses pipe.
         outer_g = jax.tree.map(
-            lambda g, s: jax.lax.psum(_reduce(g * scale, s, self.batch_axes), "pipe"), outer_g, self.outer_specs
+            lambda g, s: jax.lax.psum(reduce_gradient(g * scale, s, self.batch_axes), "pipe"), outer_g, self.outer_specs
         )
         return jax.lax.psum(loss, ("pipe", *self.batch_axes)) * scale, layer_g, outer_g
 
@@ -276,27 +277,6 @@ def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:
         return P(*entries)
 
     return jax.tree_util.tree_map_with_path(keep, specs, is_leaf=lambda x: isinstance(x, P))
-
-
-def _gather(w: jax.Array, spec: P, batch_axes: tuple[str, ...]) -> jax.Array:
-    """The whole parameter (still split over ``pipe``) from its shards over the batch axes."""
-    for dim, entry in enumerate(spec):
-        axes = tuple(a for a in axes_tuple(entry) if a in batch_axes)
-        if axes:
-            w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
-    return w
-
-
-def _reduce(g: jax.Array, spec: P, batch_axes: tuple[str, ...]) -> jax.Array:
-    """Sums a gradient over the batch axes, leaving it sharded as its parameter is."""
-    summed = set()
-    for dim, entry in enumerate(spec):
-        axes = tuple(a for a in axes_tuple(entry) if a in batch_axes)
-        if axes:
-            g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
-            summed.update(axes)
-    rest = tuple(a for a in batch_axes if a not in summed)
-    return jax.lax.psum(g, rest) if rest else g
 
 
 def _send(x: jax.Array, pairs: Pairs, scope: str) -> jax.Array:

@@ -1,0 +1,240 @@
+"""Weight gradients reduced by construction: one reduce-scatter (FSDP) or one all-reduce per weight use.
+
+Left to the partitioner, a weight gradient whose contraction runs over the
+token axes (the batch and sequence axes) is an all-reduce, then a slice when
+the weight is sharded (FSDP): XLA:GPU's ReduceScatterCreator turns the pair
+into a reduce-scatter, XLA:CPU does not, so FSDP moves 2(N-1)/N of the
+gradients where (N-1)/N suffices. With tokens over ``data`` and ``seq``, the
+partitioner also reduces over each axis separately: two all-reduces of the
+whole gradient where one over both axes does.
+
+``ReducedWeightUse`` is a ``models.layers.WeightUse`` whose backward pass
+takes the weight gradient itself. The forward pass and the input gradient
+stay with the partitioner (the FSDP gathers too, so XLA keeps its freedom to
+schedule and overlap them with compute); only the weight-gradient
+contraction runs inside a ``shard_map`` over the token axes, on each device's
+own tokens, and its partial sum leaves through ``reduce_gradient``:
+``psum_scatter`` over the axes the weight is sharded over, then one ``psum``
+of the shard over the other token axes (HSDP's across-host all-reduce is
+such a psum). A custom VJP per use rather than one ``shard_map`` around the
+whole model keeps every other strategy (tensor parallelism over ``model``,
+ring attention over ``seq``, the experts' all-to-all) exactly as it is: they
+never see a manual axis.
+
+Why not explicit sharding mode (``AxisType.Explicit`` with ``reshard``)? It
+states the gradient's output sharding, not the collective: XLA:CPU still
+emits the all-reduce and the slice.
+
+The pipeline's executor, which makes the token axes manual for a whole step,
+gathers and reduces with the same two functions (``gather_sharded``,
+``reduce_gradient``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardlib.core.rules import axes_tuple
+
+Apply = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def gather_sharded(w: jax.Array, spec: P, axes: Sequence[str]) -> jax.Array:
+    """Inside a ``shard_map`` manual over ``axes``: the parameter whole along every dimension ``spec`` splits over them."""
+    for dim, entry in enumerate(spec):
+        split = tuple(a for a in axes_tuple(entry) if a in axes)
+        if split:
+            w = jax.lax.all_gather(w, split, axis=dim, tiled=True)
+    return w
+
+
+def reduce_gradient(g: jax.Array, spec: P, axes: Sequence[str]) -> jax.Array:
+    """Inside a ``shard_map`` manual over ``axes``: the sum of every device's ``g``, sharded as ``spec`` says.
+
+    A reduce-scatter over the axes ``spec`` splits a dimension over, then one
+    all-reduce over the remaining ``axes`` of what is left (a shard, so the
+    slow axis moves the least).
+    """
+    summed: set[str] = set()
+    for dim, entry in enumerate(spec):
+        split = tuple(a for a in axes_tuple(entry) if a in axes)
+        if split:
+            g = jax.lax.psum_scatter(g, split, scatter_dimension=dim, tiled=True)
+            summed.update(split)
+    rest = tuple(a for a in axes if a not in summed)
+    return jax.lax.psum(g, rest) if rest else g
+
+
+def manual_part(spec: P, axes: Sequence[str]) -> P:
+    """``spec`` with only ``axes`` kept: what a ``shard_map`` manual over ``axes`` may be told."""
+    entries = []
+    for entry in spec:
+        kept = tuple(a for a in axes_tuple(entry) if a in axes)
+        entries.append(kept[0] if len(kept) == 1 else (kept or None))
+    return P(*entries)
+
+
+def automatic_part(spec: P, axes: Sequence[str]) -> P:
+    """``spec`` without ``axes``: the parameter gathered over the token axes, still split over the others."""
+    entries = []
+    for entry in spec:
+        kept = tuple(a for a in axes_tuple(entry) if a not in axes)
+        entries.append(kept[0] if len(kept) == 1 else (kept or None))
+    return P(*entries)
+
+
+def lookup_gathers_table(vocab: int, tokens_per_device: int) -> bool:
+    """Whether an embedding table sharded over N devices (FSDP) is best gathered for its lookup.
+
+    Gathering the [V, D] table and reduce-scattering its gradient moves
+    2(N-1)/N of V·D; the other way, each device's token ids gathered over the
+    group and the looked-up rows (1/N of each) all-to-all'd to their tokens
+    and their gradients back, 2(N-1)/N of T·D for T tokens per device, plus
+    the ids. The table is the cheaper one when it has no more rows than a
+    device has tokens.
+    """
+    return vocab <= tokens_per_device
+
+
+class ReducedWeightUse:
+    """A ``WeightUse`` (``use(name, x, w) -> y``) whose weight gradients are reduced by ``reduce_gradient``.
+
+    Args:
+      mesh: the step's mesh (Auto axes).
+      uses: weight name -> its ``models.layers.WeightUseSpec``: ``apply(x, w)``,
+        linear in ``w``, and the input's and output's logical axes.
+      weight_specs: weight name -> the weight's PartitionSpec as the use sees it
+        (a stacked layer weight without its leading layer dimension). Names
+        not in it are applied as ``uses`` says, with the partitioner's gradient.
+      activation_spec: ``(shape, logical axes) -> PartitionSpec`` of an
+        activation (the plan's ``ActivationSharding.spec``).
+      batch_axes, length_axes: the mesh axes the activations' first dimension
+        (rows) and second (positions) are split over.
+      lookups: the uses that are table lookups (input: token ids). A table
+        sharded over a token axis is gathered for them only where
+        ``lookup_gathers_table`` says it is the cheaper way; otherwise the
+        partitioner looks the rows up where the table's shards are.
+
+    The forward pass constrains ``w`` to its spec without the token axes (the
+    FSDP gather) and applies it; the backward pass gives the input gradient
+    by the partitioner and the weight gradient [w's shape, sharded as
+    ``weight_specs``] from each device's own blocks, reduced once. That
+    ``shard_map`` is manual over the token axes and the weight's own (a
+    tensor-parallel weight's ``model``): XLA does not partition a manual
+    collective over the automatic axes, and would reduce-scatter the whole
+    weight on every ``model`` device. A lookup stays automatic over the
+    table's other axes (its ids index the whole vocabulary).
+    """
+
+    def __init__(
+        self,
+        mesh: jax.sharding.Mesh,
+        uses: Mapping[str, Any],
+        weight_specs: Mapping[str, P],
+        activation_spec: Callable[[Sequence[int], tuple], P],
+        batch_axes: Sequence[str],
+        length_axes: Sequence[str] = (),
+        lookups: Sequence[str] = ("embedding",),
+    ):
+        self.mesh = mesh
+        self.token_axes = tuple(a for a in (*batch_axes, *length_axes) if mesh.shape[a] > 1)
+        self.activation_spec = activation_spec
+        self.weight_specs = dict(weight_specs)
+        self.lookups = tuple(lookups)
+        self._plain = {name: spec.apply for name, spec in uses.items()}
+        self._uses = {name: self._reduced(name, uses[name], spec) for name, spec in weight_specs.items()}
+
+    def __call__(self, name: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        use = self._uses.get(name)
+        if use is None or (name in self.lookups and not self._gathers_table(x, w, name)):
+            return self._plain[name](x, w)
+        return use(x, w)
+
+    def _gathers_table(self, ids: jax.Array, table: jax.Array, name: str) -> bool:
+        """Whether a lookup gathers its table: always when the table is whole over the token axes."""
+        if not any(a in self.token_axes for entry in self.weight_specs[name] for a in axes_tuple(entry)):
+            return True
+        tokens = ids.size // math.prod(self.mesh.shape[a] for a in self.token_axes)
+        return lookup_gathers_table(table.shape[0], tokens)
+
+    def _reduced(self, name: str, use_spec: Any, spec: P) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        apply = use_spec.apply
+        gathered = NamedSharding(self.mesh, automatic_part(spec, self.token_axes))
+        own = tuple(a for e in spec for a in axes_tuple(e) if self.mesh.shape[a] > 1)
+        manual = tuple(dict.fromkeys((*self.token_axes, *own)))
+        lookup = name in self.lookups
+
+        def whole(w):
+            return jax.lax.with_sharding_constraint(w, gathered)
+
+        @jax.custom_vjp
+        def use(x, w):
+            return apply(x, whole(w))
+
+        def forward(x, w):
+            return apply(x, whole(w)), (x, w)
+
+        def backward(residuals, dy):
+            x, w = residuals
+            dx = None
+            if jnp.issubdtype(x.dtype, jnp.inexact):  # token ids (the lookup) have no gradient
+                dx = jax.vjp(lambda x_: apply(x_, whole(w)), x)[1](dy)[0]
+            x_spec = manual_part(self.activation_spec(x.shape, use_spec.input_axes), manual)
+            dy_spec = manual_part(self.activation_spec(dy.shape, use_spec.output_axes), manual)
+            grad = self._weight_grad(
+                _rows_lookup if lookup else apply, x, dy, w, (x_spec, dy_spec, manual_part(spec, manual)), manual
+            )
+            return dx, grad
+
+        use.defvjp(forward, backward)
+        return jax.named_call(use, name=f"use_{name}")
+
+    def _weight_grad(self, apply: Apply, x, dy, w, specs: tuple[P, P, P], manual: tuple[str, ...]) -> jax.Array:
+        """[w's shape]: the gradient of ``apply(x, w)`` against ``dy``, reduced over the token axes.
+
+        ``apply`` is the use's own, or ``_rows_lookup`` for a lookup: on a
+        block of the table's rows (the vocabulary over ``model``) the token
+        ids must be shifted to the block's first row, and the others dropped.
+        """
+        x_spec, dy_spec, w_spec = specs
+        row_axes = tuple(a for a in axes_tuple(w_spec[0] if len(w_spec) else None) if a not in self.token_axes)
+        # A device's partial sum covers the whole weight along the token axes (reduce_gradient scatters
+        # it) and its own block along the weight's other manual axes.
+        block = tuple(
+            n // math.prod(self.mesh.shape[a] for a in axes_tuple(entry) if a not in self.token_axes)
+            for n, entry in zip(w.shape, (*w_spec, *(None,) * (w.ndim - len(w_spec))))
+        )
+        partial_struct = jax.ShapeDtypeStruct(block, w.dtype)
+        scatter_spec = manual_part(w_spec, self.token_axes)
+
+        def local(x_l, dy_l):
+            if apply is _rows_lookup:
+                first = jax.lax.axis_index(row_axes) * block[0] if row_axes else 0
+                x_l = (x_l, first)
+            (partial,) = jax.linear_transpose(lambda w_: apply(x_l, w_), partial_struct)(dy_l)
+            return reduce_gradient(partial, scatter_spec, self.token_axes)
+
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(x_spec, dy_spec),
+            out_specs=w_spec,
+            axis_names=set(manual),
+            check_vma=False,
+        )(x, dy)
+
+
+def _rows_lookup(ids_and_first: tuple[jax.Array, jax.Array | int], table_block: jax.Array) -> jax.Array:
+    """The rows of ``table_block`` (the table's rows from ``first`` on) for the ids it holds, zeros for the rest."""
+    ids, first = ids_and_first
+    local = ids - first
+    held = (local >= 0) & (local < table_block.shape[0])
+    rows = jnp.take(table_block, jnp.where(held, local, 0), axis=0)
+    return jnp.where(held[..., None], rows, jnp.zeros((), rows.dtype))

@@ -6,8 +6,21 @@ this file free of Flax and easy to test against naive references.
 
 Shape suffixes (nanodo style):
   B batch, L query length, M key length, D d_model, H query heads,
-  N kv heads, G query heads per kv head (H = N * G), K head_dim, F d_ff, V vocab,
+  N kv heads, G query heads per kv head (H = N * G), S = G + 2 projection slots
+  per kv head (its G queries, its key, its value), K head_dim, F d_ff, V vocab,
   C tokens per loss chunk, J = L / C loss chunks.
+
+Fused projections. Each layer has one q/k/v weight [D, N, S, K] and one
+gate/up weight [D, 2, F] instead of five. Under Megatron tensor parallelism
+(kv heads and the MLP hidden dimension split over a mesh axis) the input
+gradient of a column-parallel projection is a partial sum that must be
+all-reduced; with q, k and v (gate and up) as separate matmuls XLA reduces
+each partial sum on its own and adds them afterwards (3 and 2 all-reduces of
+[B, L, D] per layer instead of 1 each). One weight means one matmul, one input
+gradient, one all-reduce. The q/k/v slots sit under their kv head so that
+splitting N keeps each device's queries with the key and value they attend
+with; query head h = n * G + g is slot g of kv head n, the grouping
+``causal_gqa_attention`` uses.
 """
 
 from __future__ import annotations
@@ -35,14 +48,36 @@ class BlockWeights(NamedTuple):
     """One decoder layer's parameters (a slice of the stacked `layers` params)."""
 
     attn_norm: jax.Array  # [D]
-    q: jax.Array  # [D, H, K]
-    k: jax.Array  # [D, N, K]
-    v: jax.Array  # [D, N, K]
+    qkv: jax.Array  # [D, N, S, K]: slots 0..G-1 queries of kv head n, G its key, G + 1 its value
     o: jax.Array  # [H, K, D]
     mlp_norm: jax.Array  # [D]
-    gate: jax.Array  # [D, F]
-    up: jax.Array  # [D, F]
+    gate_up: jax.Array  # [D, 2, F]: 0 gate, 1 up
     down: jax.Array  # [F, D]
+
+
+def fuse_qkv(q_Dx___xHxK: jax.Array, k_Dx___xNxK: jax.Array, v_Dx___xNxK: jax.Array) -> jax.Array:
+    """q [..., H, K], k, v [..., N, K] weights as the fused [..., N, S, K]: query head h = n * G + g in slot g
+    of kv head n, k in slot G, v in G + 1 (``split_qkv`` undoes it on the projection's output)."""
+    *lead, n_kv, head_dim = k_Dx___xNxK.shape
+    q_Dx___xNxGxK = q_Dx___xHxK.reshape(*lead, n_kv, q_Dx___xHxK.shape[-2] // n_kv, head_dim)
+    return jnp.concatenate([q_Dx___xNxGxK, k_Dx___xNxK[..., None, :], v_Dx___xNxK[..., None, :]], axis=-2)
+
+
+def fuse_gate_up(gate_Dx___xF: jax.Array, up_Dx___xF: jax.Array) -> jax.Array:
+    """gate, up [..., F] weights as the fused [..., 2, F]: 0 gate, 1 up."""
+    return jnp.stack([gate_Dx___xF, up_Dx___xF], axis=-2)
+
+
+def split_qkv(qkv_Bx___xNxSxK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The fused projection's output [..., N, S, K] as (q [..., H, K], k [..., N, K], v [..., N, K]).
+
+    Query head h = n * G + g is slot g of kv head n (S = G + 2): merging N and
+    G, N outer, gives the head order ``causal_gqa_attention`` groups by.
+    """
+    *lead, n_kv, slots, head_dim = qkv_Bx___xNxSxK.shape
+    group = slots - 2
+    q = qkv_Bx___xNxSxK[..., :group, :].reshape(*lead, n_kv * group, head_dim)
+    return q, qkv_Bx___xNxSxK[..., group, :], qkv_Bx___xNxSxK[..., group + 1, :]
 
 
 def normal_init(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
@@ -155,19 +190,17 @@ def _logits(equation: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
 # records each layer use's input and output cotangent here and later takes the weight gradient from
 # them; ``shardlib.parallel.reduction`` reduces each use's weight gradient over the token axes itself.
 _HEADS = ("batch", "length", "heads", "head_dim")
-_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+_QKV = ("batch", "length", "kv_heads", None, "head_dim")  # [B, L, N, G+2, K]: queries, key, value per kv head
 _MLP = ("batch", "length", "mlp")
+_GATE_UP = ("batch", "length", None, "mlp")
 _VOCAB = ("batch", "length", "vocab")
 
 WEIGHT_USES: dict[str, WeightUseSpec] = {
     "attn_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_attn"),  # x/rms(x), float32
-    "q": WeightUseSpec(_einsum("bld,dhk->blhk"), "h_attn", output_axes=_HEADS),
-    "k": WeightUseSpec(_einsum("bld,dnk->blnk"), "h_attn", output_axes=_KV_HEADS),
-    "v": WeightUseSpec(_einsum("bld,dnk->blnk"), "h_attn", output_axes=_KV_HEADS),
+    "qkv": WeightUseSpec(_einsum("bld,dnsk->blnsk"), "h_attn", output_axes=_QKV),
     "o": WeightUseSpec(_einsum("blhk,hkd->bld"), "attn", input_axes=_HEADS),
     "mlp_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_mlp"),
-    "gate": WeightUseSpec(_einsum("bld,df->blf"), "h_mlp", output_axes=_MLP),
-    "up": WeightUseSpec(_einsum("bld,df->blf"), "h_mlp", output_axes=_MLP),
+    "gate_up": WeightUseSpec(_einsum("bld,dcf->blcf"), "h_mlp", output_axes=_GATE_UP),
     "down": WeightUseSpec(_einsum("blf,fd->bld"), "hidden", input_axes=_MLP),
     # The weights outside the layers (``models.transformer``): the lookup's input is the token ids.
     "embedding": WeightUseSpec(lambda ids, table: jnp.take(table, ids, axis=0), "tokens", ("batch", "length")),
@@ -309,9 +342,9 @@ def decoder_block(
     dtype = x_BxLxD.dtype
 
     h_BxLxD = use("attn_norm", rms_normalize(x_BxLxD, norm_eps), w.attn_norm).astype(dtype)
-    q_BxLxHxK = use("q", h_BxLxD, w.q)
-    k_BxLxNxK = use("k", h_BxLxD, w.k)
-    v_BxLxNxK = use("v", h_BxLxD, w.v)
+    # One matmul for q, k and v: one input gradient to reduce under tensor parallelism.
+    qkv_BxLxNxSxK = shard(use("qkv", h_BxLxD, w.qkv), ("batch", "length", "kv_heads", None, "head_dim"))
+    q_BxLxHxK, k_BxLxNxK, v_BxLxNxK = split_qkv(qkv_BxLxNxSxK)
     q_BxLxHxK = shard(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
     k_BxLxNxK = shard(k_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
     v_BxLxNxK = shard(v_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
@@ -321,10 +354,11 @@ def decoder_block(
     x_BxLxD = x_BxLxD + use("o", attn_BxLxHxK, w.o)
 
     h_BxLxD = use("mlp_norm", rms_normalize(x_BxLxD, norm_eps), w.mlp_norm).astype(dtype)
-    if mlp is not None:  # e.g. a mixture of experts (models.moe); w.gate/up/down are then unused
+    if mlp is not None:  # e.g. a mixture of experts (models.moe); w.gate_up/down are then unused
         return x_BxLxD + mlp(h_BxLxD)
-    gate_BxLxF = use("gate", h_BxLxD, w.gate)
-    up_BxLxF = use("up", h_BxLxD, w.up)
+    # One matmul for gate and up, as for q/k/v.
+    gate_up_BxLx2xF = shard(use("gate_up", h_BxLxD, w.gate_up), ("batch", "length", None, "mlp"))
+    gate_BxLxF, up_BxLxF = gate_up_BxLx2xF[:, :, 0], gate_up_BxLx2xF[:, :, 1]
     hidden_BxLxF = shard(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
     x_BxLxD = x_BxLxD + use("down", hidden_BxLxF, w.down)
     return x_BxLxD

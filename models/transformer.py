@@ -9,18 +9,27 @@ contains one layer body regardless of depth.
 Parameter paths (as flattened by `nnx.state(model, nnx.Param)`):
   embed/embedding [V, D]             ("vocab", "embed")
   layers/attn_norm, mlp_norm [L, D]  ("layers", "embed")
-  layers/q [L, D, H, K]              ("layers", "embed", "heads", "head_dim")
-  layers/k, v [L, D, N, K]           ("layers", "embed", "kv_heads", "head_dim")
+  layers/qkv [L, D, N, G + 2, K]     ("layers", "embed", "kv_heads", None, "head_dim")
   layers/o [L, H, K, D]              ("layers", "heads", "head_dim", "embed")
-  layers/gate, up [L, D, F]          ("layers", "embed", "mlp")
+  layers/gate_up [L, D, 2, F]        ("layers", "embed", None, "mlp")
   layers/down [L, F, D]              ("layers", "mlp", "embed")
   final_norm [D]                     ("embed",)
   unembed [D, V]                     ("embed", "vocab")   only if not tie_embeddings
   moe/router, gate, up, down         only with moe.n_experts > 0 (models.moe.MoEStack)
 (Here L is the number of layers; in activations L is the sequence length.)
 
-With mixture of experts, every moe.period-th layer's MLP is a MoE: layers/gate,
-up, down then stack only the dense layers' MLPs, and the layers are scanned in
+q, k and v are one fused weight, and so are gate and up (``models.layers``
+says why: one all-reduce of the input gradient each under tensor
+parallelism). ``qkv[:, :, n, :G]`` are the queries of kv head n (query head
+h = n * G + g), ``qkv[:, :, n, G]`` its key and ``qkv[:, :, n, G + 1]`` its
+value; ``gate_up[:, :, 0]`` is gate, ``gate_up[:, :, 1]`` up. The ``None``
+dimensions are never split: a device holding kv head n holds all its slots.
+Hugging Face checkpoints keep the five separate (``shardlib.interop``), and
+checkpoints saved before the fusion are converted on restore
+(``shardlib.training.fused_projections``).
+
+With mixture of experts, every moe.period-th layer's MLP is a MoE: layers/gate_up
+and down then stack only the dense layers' MLPs, and the layers are scanned in
 groups of period - 1 dense layers and one MoE layer (``run_moe_layers``).
 """
 
@@ -43,6 +52,8 @@ from models.layers import (
     chunked_cross_entropy,
     cross_entropy,
     decoder_block,
+    fuse_gate_up,
+    fuse_qkv,
     no_shard,
     normal_init,
     rms_normalize,
@@ -64,7 +75,7 @@ WEIGHT_PARAMS: dict[str, tuple[str, ...]] = {
 
 # Which intermediates a rematerialised layer keeps for the backward pass.
 # "save_matmuls" keeps the outputs of dots with no batch dimensions, i.e. the
-# weight projections (q/k/v/o, gate/up/down: O(B*L*D) or O(B*L*F) each), while
+# weight projections (qkv, o, gate_up, down: O(B*L*D) or O(B*L*F) each), while
 # the attention einsums carry batch dims (b, n) and so are recomputed: their
 # [B, N, G, L, M] scores are the quadratic-in-length tensors we most want to
 # drop. `checkpoint_dots` would save those too, defeating the point.
@@ -121,20 +132,25 @@ class LayerStack(nnx.Module):
         # MoE layers keep their MLP in models.moe.MoEStack: these are the dense layers' MLPs.
         n_mlp = n_layers - getattr(cfg, "n_moe_layers", 0)
 
+        def draw(shape, scale=std, count=n_layers):
+            return normal_init(rngs.params(), (count, *shape), scale, dtype)
+
         def matrix(shape, names, scale=std, count=n_layers):
-            return nnx.Param(normal_init(rngs.params(), (count, *shape), scale, dtype), out_sharding=("layers", *names))
+            return nnx.Param(draw(shape, scale, count), out_sharding=("layers", *names))
 
         def norm_scale():
             return nnx.Param(jnp.ones((n_layers, d), dtype), out_sharding=("layers", "embed"))
 
+        # The fused weights (models.layers.BlockWeights) are drawn as their parts, in the order and
+        # with the keys the separate q, k, v, o, gate, up, down had: a seed gives the same initial
+        # network as before the fusion (every part N(0, std^2)), only laid out fused.
+        w_q, w_k, w_v = draw((d, h, k)), draw((d, n, k)), draw((d, n, k))
         self.attn_norm = norm_scale()
-        self.q = matrix((d, h, k), ("embed", "heads", "head_dim"))
-        self.k = matrix((d, n, k), ("embed", "kv_heads", "head_dim"))
-        self.v = matrix((d, n, k), ("embed", "kv_heads", "head_dim"))
+        self.qkv = nnx.Param(fuse_qkv(w_q, w_k, w_v), out_sharding=("layers", "embed", "kv_heads", None, "head_dim"))
         self.o = matrix((h, k, d), ("heads", "head_dim", "embed"), out_std)
         self.mlp_norm = norm_scale()
-        self.gate = matrix((d, f), ("embed", "mlp"), count=n_mlp) if n_mlp else None
-        self.up = matrix((d, f), ("embed", "mlp"), count=n_mlp) if n_mlp else None
+        gate_up = fuse_gate_up(draw((d, f), count=n_mlp), draw((d, f), count=n_mlp)) if n_mlp else None
+        self.gate_up = nnx.Param(gate_up, out_sharding=("layers", "embed", None, "mlp")) if n_mlp else None
         self.down = matrix((f, d), ("mlp", "embed"), out_std, count=n_mlp) if n_mlp else None
 
     def weights(self) -> BlockWeights:
@@ -352,7 +368,7 @@ class Transformer(nnx.Module):
         """
         block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use)
         period, groups = self.moe_period, moe_weights.router.shape[0]
-        mlp_fields = ("gate", "up", "down")
+        mlp_fields = ("gate_up", "down")
 
         def grouped(name, w):
             if w is None:  # period 1: no dense MLPs

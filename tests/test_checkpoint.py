@@ -35,18 +35,74 @@ def saved_run(tmp_path_factory):
     return cfg
 
 
-def test_resume_is_bitwise_identical(tmp_path, saved_run):
-    straight = train(tiny_config(tmp_path / "straight", sharding="tp"), mesh_of(data=4, model=2), **quiet)
+@pytest.fixture(scope="module")
+def straight_losses(tmp_path_factory):
+    """The losses of saved_run's config trained 10 steps without a stop."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return train(tiny_config(run_dir, sharding="tp"), mesh_of(data=4, model=2), **quiet).losses
+
+
+def test_resume_is_bitwise_identical(tmp_path, saved_run, straight_losses):
     # saved_run stopped after 5 of 10 steps; copy it so the module fixture stays at step 5.
     resumed_dir = tmp_path / "resumed"
     _copy_tree(pathlib.Path(saved_run.run_dir), resumed_dir)
-    first_half = [straight.losses[i] for i in range(5)]
     second = train(tiny_config(resumed_dir, sharding="tp"), mesh_of(data=4, model=2), **quiet)
 
     assert second.start_step == 5
-    assert len(straight.losses) == 10 and len(second.losses) == 5
-    assert second.losses == straight.losses[5:], "resumed losses differ from the uninterrupted run"
-    assert first_half[0] > straight.losses[-1], "the run did not train"
+    assert len(straight_losses) == 10 and len(second.losses) == 5
+    assert second.losses == straight_losses[5:], "resumed losses differ from the uninterrupted run"
+    assert straight_losses[0] > straight_losses[-1], "the run did not train"
+
+
+def _separate(tree):
+    """Every fused layer stack of ``tree`` split into the five weights checkpoints held before the fusion.
+
+    Written out here, index by index, rather than with shardlib's own conversion: query head
+    h = n * G + g was q[:, :, h]; it is qkv slot g of kv head n; k and v are slots G and G + 1.
+    """
+
+    def split(node):
+        qkv, gate_up = np.asarray(node.pop("qkv")), np.asarray(node.pop("gate_up"))
+        n, slots = qkv.shape[2:4]
+        group = slots - 2
+        q = np.stack([qkv[:, :, h // group, h % group] for h in range(n * group)], axis=2)
+        attention = {"q": q, "k": qkv[:, :, :, group], "v": qkv[:, :, :, group + 1]}
+        return node | attention | {"gate": gate_up[:, :, 0], "up": gate_up[:, :, 1]}
+
+    def is_layers(x):
+        return isinstance(x, dict) and "qkv" in x
+
+    return jax.tree.map(lambda x: split(dict(x)) if is_layers(x) else x, tree, is_leaf=is_layers)
+
+
+def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path, saved_run, straight_losses):
+    """saved_run's step 5 rewritten as the code before the fusion saved it (layers/q, k, v, gate, up in params
+    and in both AdamW moments, no ``projections`` in its meta): the run resumes on the fused model with the
+    very losses of the uninterrupted run, the conversion logged."""
+    from shardlib.training.fused_projections import PROJECTIONS
+
+    run_dir = tmp_path / "old"
+    _copy_tree(pathlib.Path(saved_run.run_dir), run_dir)
+    mesh = mesh_of(data=4, model=2)
+    run = setup_training(saved_run, mesh)
+    with jax.set_mesh(mesh):
+        checkpointer = Checkpointer(run_dir / "checkpoints", every=5, keep=3, async_save=False)
+        params, opt_state, meta = checkpointer.restore(5, *abstract_state(run.model, run.tx, run.shardings))
+        old_params, old_opt_state = _separate(jax.device_get((params, opt_state)))
+        shutil.rmtree(checkpointer.step_path(5))
+        checkpointer.close()
+        checkpointer = Checkpointer(run_dir / "checkpoints", every=5, keep=3, async_save=False)
+        meta = {k: v for k, v in meta.items() if k not in (PROJECTIONS, "step")}
+        replicated = jax.NamedSharding(mesh, jax.P())
+        checkpointer.save(5, *jax.device_put((old_params, old_opt_state), replicated), meta)
+        checkpointer.close()
+    assert "q" in old_params["layers"] and "qkv" not in old_opt_state[1][0].mu["layers"]
+
+    logged = []
+    resumed = train(tiny_config(run_dir, sharding="tp"), mesh, progress=False, log=logged.append)
+    assert resumed.start_step == 5
+    assert resumed.losses == straight_losses[5:], "the converted checkpoint resumed with other losses"
+    assert any("converted to layers/qkv and layers/gate_up" in line for line in logged), logged
 
 
 def test_restore_onto_another_mesh(saved_run):
@@ -62,7 +118,7 @@ def test_restore_onto_another_mesh(saved_run):
         params, _, meta = checkpointer.restore(5, *abstract_state(run.model, run.tx, run.shardings))
         checkpointer.close()
         assert meta["data_position"] == 5
-        assert len(params["layers"]["q"].sharding.device_set) == mesh.size
+        assert len(params["layers"]["qkv"].sharding.device_set) == mesh.size
         tokens, _ = load_token_splits(cfg.data)
         next_batch = run.loader(tokens, seed=cfg.seed, position=meta["data_position"]).next()
         losses[name] = float(run.eval_step(params, next_batch))

@@ -125,7 +125,7 @@ def test_user_errors_are_one_line_not_a_traceback(short_run_dir, args, message):
 def test_describe_command(short_run_dir):
     proc = short_commands(short_run_dir)[("shardlib.analysis.describe", *DESCRIBE_FSDP)]
     assert proc.returncode == 0, proc.stderr
-    assert "layers/q" in proc.stdout and "P(None, 'data', None, None)" in proc.stdout
+    assert "layers/qkv" in proc.stdout and "P(None, 'data', None, None, None)" in proc.stdout
     assert "replicated: 0.0% of parameter bytes" in proc.stdout
 
 

@@ -119,17 +119,18 @@ def test_the_compared_steps_update_the_parameters():
 
 
 def test_the_comparison_catches_a_one_percent_error_in_one_leaf():
-    """The helper holds every leaf to its own scale: 1% off in the q gradient alone fails, though its
-    magnitude is so small that the former whole-tree ``atol=1e-5`` let it through."""
+    """The helper holds every leaf to its own scale: 1% off in the gradient of one query weight alone
+    fails, though its magnitude is so small that the former whole-tree ``atol=1e-5`` let it through."""
     _, _, ref_grads, _, _ = reference()
     assert_trees_close(jax.tree.map(np.copy, ref_grads), ref_grads, rel=REL)  # unperturbed: passes
 
     perturbed = jax.tree.map(np.copy, ref_grads)
-    q = perturbed["layers"]["q"]
-    scale = float(np.max(np.abs(q)))
-    q.flat[int(np.argmax(np.abs(q)))] *= 1.01  # a 1% error in one element of one leaf
-    assert np.allclose(q, ref_grads["layers"]["q"], rtol=0, atol=1e-5), "the old check would have caught it"
-    with pytest.raises(AssertionError, match=r"gradient \['layers'\]\['q'\]: max\|error\| ") as failure:
+    qkv = perturbed["layers"]["qkv"]  # [L, D, N, G + 2, K]: the query slots are 0..G-1
+    scale = float(np.max(np.abs(qkv)))
+    q = qkv[:, :, :, :-2]  # a view: the query slots
+    q[np.unravel_index(int(np.argmax(np.abs(q))), q.shape)] *= 1.01  # a 1% error in one element of one leaf
+    assert np.allclose(qkv, ref_grads["layers"]["qkv"], rtol=0, atol=1e-5), "the old check would have caught it"
+    with pytest.raises(AssertionError, match=r"gradient \['layers'\]\['qkv'\]: max\|error\| ") as failure:
         assert_trees_close(perturbed, ref_grads, rel=REL, what="gradient")
     assert "1 of " in str(failure.value) and f"scale max|expected| {scale:.3g}" in str(failure.value)
 
@@ -148,8 +149,8 @@ def test_sharded_state_is_actually_sharded():
     """Guards the test above against comparing two replicated runs."""
     run = setup_training(config(sharding="fsdp_tp"), mesh_of(data=4, model=2))
     params, opt_state = run.init_state()
-    q = params["layers"]["q"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "data", "model", None)
-    assert q.addressable_shards[0].data.shape == (2, 8, 2, 8)
-    mu = opt_state[1][0].mu["layers"]["q"]
-    assert mu.sharding.spec == q.sharding.spec
+    qkv = params["layers"]["qkv"]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "data", "model", None, None)
+    assert qkv.addressable_shards[0].data.shape == (2, 8, 1, 4, 8)  # one kv head: its 2 queries, k and v
+    mu = opt_state[1][0].mu["layers"]["qkv"]
+    assert mu.sharding.spec == qkv.sharding.spec

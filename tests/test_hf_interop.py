@@ -29,7 +29,7 @@ from shardlib.interop import hf_import
 from shardlib.interop.hf_config import HFFormatError, check_model_matches, model_config_from_hf, read_hf_config
 from shardlib.interop.hf_export import export_hf, export_run, parse_size
 from shardlib.interop.hf_import import INDEX_FILE, load_hf_params, tensor_files
-from shardlib.interop.hf_layout import LLAMA_TABLE, format_table
+from shardlib.interop.hf_layout import LLAMA_TABLE, format_table, llama_layouts, parameters, read_param_block, to_hf
 from shardlib.interop.init_from import initial_state
 from shardlib.training.checkpoint import Checkpointer
 from shardlib.training.config import ConfigError, config_to_dict, load_config
@@ -127,6 +127,35 @@ def test_the_name_table_is_printable_data():
     assert "no q/k permutation" in text
 
 
+def test_a_fused_parameter_is_read_row_by_row_for_the_entries_a_shard_holds():
+    """layers/qkv of one layer from q_proj, k_proj and v_proj: whole, and for a range of slots that ends
+    inside the queries' and starts in them (each HF tensor read only for its part); exported back exactly."""
+    sizes = {"layer": 1, "embed": 3, "heads": 4, "kv_heads": 2, "group": 2, "head_dim": 2}
+    rows = parameters(llama_layouts(tie_embeddings=True))["layers/qkv"]
+    rng = np.random.default_rng(0)
+    hf = {row.hf_name: rng.standard_normal(row.hf_shape(sizes)) for row in rows}
+    read_rows = []
+
+    def read(row, slices):
+        read_rows.append(row.hf_name)
+        return hf[row.hf_name][slices]
+
+    whole = {"embed": (0, 3), "kv_heads": (0, 2), "group": (0, 4), "head_dim": (0, 2)}
+    qkv = read_param_block(rows, sizes, whole, read)  # [D, N, G + 2, K]
+    assert qkv.shape == (3, 2, 4, 2) and len(read_rows) == 3
+    q = hf["model.layers.{i}.self_attn.q_proj.weight"].reshape(2, 2, 2, 3)  # [(n g) k, d] -> n, g, k, d
+    np.testing.assert_array_equal(qkv[:, :, :2], q.transpose(3, 0, 1, 2))
+    np.testing.assert_array_equal(
+        qkv[:, :, 2], hf["model.layers.{i}.self_attn.k_proj.weight"].reshape(2, 2, 3).transpose(2, 0, 1)
+    )
+    read_rows.clear()
+    part = read_param_block(rows, sizes, {**whole, "group": (1, 3)}, read)  # the second query and the key
+    np.testing.assert_array_equal(part, qkv[:, :, 1:3])
+    assert read_rows == ["model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight"]
+    for row in rows:
+        np.testing.assert_array_equal(to_hf(row, qkv, sizes), hf[row.hf_name])
+
+
 # --------------------------------------------------------------------------- import
 
 
@@ -144,7 +173,7 @@ def test_import_onto_a_sharded_mesh(sharded, one_device_params, reference):
     cfg, targets, params, reads = sharded
     for (path, leaf), target in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(targets), strict=True):
         assert leaf.sharding == target, jax.tree_util.keystr(path)
-    assert params["layers"]["q"].sharding.spec == jax.P(None, "data", "model", None)
+    assert params["layers"]["qkv"].sharding.spec == jax.P(None, "data", "model", None, None)
     assert params["embed"]["embedding"].sharding.spec == jax.P("model", "data")
     # Every device's shard was read on its own, each distinct shard once: per tensor, the
     # elements read add up to the tensor, and each q read is one device's [2 heads x 16, 16 of 64].
@@ -250,7 +279,7 @@ def rewrite_tied_weights(hf_dir: Path, edit) -> Path:
         (lambda d: edit_config(d, hidden_act="gelu"), "hidden_act is 'gelu'"),
         (
             lambda d: rewrite_tied_weights(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
-            "tensor model.layers.1.mlp.up_proj.weight (shardlib layers/up) is missing",
+            "tensor model.layers.1.mlp.up_proj.weight (shardlib layers/gate_up) is missing",
         ),
         (
             lambda d: rewrite_tied_weights(d, lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:32]})),

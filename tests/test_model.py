@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from models import Transformer, create_model, no_shard
-from models.layers import apply_rope, causal_gqa_attention
+from models.layers import apply_rope, causal_gqa_attention, normal_init
 from shardlib.training.config import ModelConfig
 
 BATCH, LENGTH = 2, 16
@@ -23,13 +23,10 @@ BATCH, LENGTH = 2, 16
 GOLDEN_PARAMS = {
     "embed/embedding": ((64, 32), ("vocab", "embed")),
     "layers/attn_norm": ((2, 32), ("layers", "embed")),
-    "layers/q": ((2, 32, 4, 8), ("layers", "embed", "heads", "head_dim")),
-    "layers/k": ((2, 32, 2, 8), ("layers", "embed", "kv_heads", "head_dim")),
-    "layers/v": ((2, 32, 2, 8), ("layers", "embed", "kv_heads", "head_dim")),
+    "layers/qkv": ((2, 32, 2, 4, 8), ("layers", "embed", "kv_heads", None, "head_dim")),  # 2 queries, k, v
     "layers/o": ((2, 4, 8, 32), ("layers", "heads", "head_dim", "embed")),
     "layers/mlp_norm": ((2, 32), ("layers", "embed")),
-    "layers/gate": ((2, 32, 64), ("layers", "embed", "mlp")),
-    "layers/up": ((2, 32, 64), ("layers", "embed", "mlp")),
+    "layers/gate_up": ((2, 32, 2, 64), ("layers", "embed", None, "mlp")),
     "layers/down": ((2, 64, 32), ("layers", "mlp", "embed")),
     "final_norm": ((32,), ("embed",)),
     "unembed": ((32, 64), ("embed", "vocab")),
@@ -109,12 +106,15 @@ def _reference_logits(params, tokens_BxL, cfg):
     for i in range(cfg.n_layers):
         w = {name.removeprefix("layers/"): a[i] for name, a in p.items() if name.startswith("layers/")}
         h = _rms_ref(x, w["attn_norm"], cfg.norm_eps)
-        q = _rope_ref(np.einsum("bld,dhk->blhk", h, w["q"]), positions_BxL, cfg.rope_theta)
-        k = _rope_ref(np.einsum("bld,dhk->blhk", h, w["k"]), positions_BxL, cfg.rope_theta)
-        v = np.einsum("bld,dhk->blhk", h, w["v"])
+        # The fused layout, read head by head: query head h is slot h % G of kv head h // G.
+        qkv, group = w["qkv"], cfg.n_heads // cfg.n_kv_heads
+        w_q = np.stack([qkv[:, head // group, head % group] for head in range(cfg.n_heads)], axis=1)
+        q = _rope_ref(np.einsum("bld,dhk->blhk", h, w_q), positions_BxL, cfg.rope_theta)
+        k = _rope_ref(np.einsum("bld,dhk->blhk", h, qkv[:, :, group]), positions_BxL, cfg.rope_theta)
+        v = np.einsum("bld,dhk->blhk", h, qkv[:, :, group + 1])
         x = x + np.einsum("blhk,hkd->bld", _attention_ref(q, k, v), w["o"])
         h = _rms_ref(x, w["mlp_norm"], cfg.norm_eps)
-        gate, up = h @ w["gate"], h @ w["up"]
+        gate, up = h @ w["gate_up"][:, 0], h @ w["gate_up"][:, 1]
         x = x + (gate / (1 + np.exp(-gate)) * up) @ w["down"]
     x = _rms_ref(x, p["final_norm"], cfg.norm_eps)
     unembed = p["embed/embedding"].T if cfg.tie_embeddings else p["unembed"]
@@ -267,9 +267,11 @@ def test_shard_called_with_logical_names(tokens_BxL):
     # One trace of the scanned layer body sits between embedding and logits.
     assert calls == [
         (("batch", "length", "embed"), (*bl, 32)),
+        (("batch", "length", "kv_heads", None, "head_dim"), (*bl, 2, 4, 8)),
         (("batch", "length", "heads", "head_dim"), (*bl, 4, 8)),
         (("batch", "length", "kv_heads", "head_dim"), (*bl, 2, 8)),
         (("batch", "length", "kv_heads", "head_dim"), (*bl, 2, 8)),
+        (("batch", "length", None, "mlp"), (*bl, 2, 64)),
         (("batch", "length", "mlp"), (*bl, 64)),
         (("batch", "length", "embed"), (*bl, 32)),
         (("batch", "length", "vocab"), (*bl, 64)),
@@ -283,3 +285,34 @@ def test_create_model_dispatch():
         with pytest.raises(ValueError, match="known models: transformer"):
             create_model(cfg.model_copy(update={"name": "gpt"}), nnx.Rngs(0))
     assert no_shard(x := jnp.ones(3), ("embed",)) is x
+
+
+def test_fused_projections_keep_the_initial_distribution():
+    """Every q/k/v slot and both gate/up halves draw from N(0, init_std^2): the separate weights' own values."""
+    cfg = tiny_cfg(d_model=64, d_ff=128, init_std=0.05)
+    params = {name: np.asarray(var[...]) for name, var in flat_params(build(cfg, seed=3)).items()}
+    group = cfg.n_heads // cfg.n_kv_heads
+    qkv, gate_up = params["layers/qkv"], params["layers/gate_up"]
+    parts = {"q": qkv[:, :, :, :group], "k": qkv[:, :, :, group], "v": qkv[:, :, :, group + 1]}
+    parts |= {"gate": gate_up[:, :, 0], "up": gate_up[:, :, 1]}
+    for name, part in parts.items():
+        assert abs(part.mean()) < 0.1 * cfg.init_std, name
+        assert part.std() == pytest.approx(cfg.init_std, rel=0.1), name
+    again = {name: np.asarray(var[...]) for name, var in flat_params(build(cfg, seed=3)).items()}
+    assert all(np.array_equal(params[n], again[n]) for n in params)  # deterministic from the seed
+    # The very values the separate weights had: each part drawn with the key it had, in the same order
+    # (embedding, q, k, v, o, gate, up, down), so a seed gives the same initial network as before the fusion.
+    rngs = nnx.Rngs(params=3)
+    rngs.params()  # the embedding's
+    l, d, h, n, k, f = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads, cfg.d_ff
+    drawn = {
+        name: np.asarray(normal_init(rngs.params(), (l, *shape), cfg.init_std, jnp.float32))
+        for name, shape in [("q", (d, h, k)), ("k", (d, n, k)), ("v", (d, n, k))]
+    }
+    rngs.params()  # o's
+    drawn |= {
+        name: np.asarray(normal_init(rngs.params(), (l, d, f), cfg.init_std, jnp.float32)) for name in ("gate", "up")
+    }
+    np.testing.assert_array_equal(parts["q"].reshape(l, d, h, k), drawn["q"])
+    for name in ("k", "v", "gate", "up"):
+        np.testing.assert_array_equal(parts[name], drawn[name], err_msg=name)

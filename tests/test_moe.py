@@ -282,7 +282,7 @@ def test_moe_parameters_are_sharded_over_expert():
     assert rows["moe/gate"].shape == (1, E, 32, 32) and rows["moe/gate"].spec == P(None, "expert", None, None)
     assert rows["moe/down"].spec == P(None, "expert", None, None)
     assert rows["moe/router"].spec == P(None, None, None)
-    assert rows["layers/gate"].shape[0] == 1  # one dense MLP of the two layers
+    assert rows["layers/gate_up"].shape[0] == 1  # one dense MLP of the two layers
     tp = describe(run.model.params, run.model.logical_axes, preset_rules("tp"), mesh_of(expert=4, model=2))
     assert {r.path: r.spec for r in tp.rows}["moe/up"] == P(None, "expert", None, "model")
 

@@ -2,7 +2,9 @@
 
 ``export_hf`` goes tensor by tensor in HF order and holds at most one output
 file's tensors on the host at a time. Each HF tensor is one layer of a stacked
-parameter (or a whole unstacked one). With one process, it is copied to the
+parameter (or a whole unstacked one), or its part of one: q_proj, k_proj and
+v_proj are cut from one layer of ``layers/qkv``, gate_proj and up_proj from
+``layers/gate_up`` (the layer is fetched once for all of them). With one process, it is copied to the
 host straight from the addressable shards that hold it (the devices slice out
 that one layer; nothing is gathered on a device). With several processes,
 where no process can address every shard, that one layer is gathered under
@@ -151,12 +153,15 @@ def export_hf(
     writer = jax.process_index() == 0
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = axis_sizes(model)
+    held: dict[tuple, np.ndarray] = {}  # the last layer block: a fused one serves the next rows too
     for name, entries in zip(names, files, strict=True):
         tensors = {}
         for hf_name, layout, layer, _ in entries:
-            leaf = _get(params, layout.path)
-            block = _host_block(leaf, None if layer is None else position[layer])
-            tensors[hf_name] = np.ascontiguousarray(to_hf(layout, block).astype(np_dtype))
+            key = (layout.path, None if layer is None else position[layer])
+            if key not in held:
+                held = {key: _host_block(_get(params, layout.path), key[1])}
+            tensors[hf_name] = np.ascontiguousarray(to_hf(layout, held[key], sizes).astype(np_dtype))
         if writer:
             save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
     if writer:
@@ -194,7 +199,7 @@ def export_run(
     from shardlib.training.checkpoint import Checkpointer, restore_latest
     from shardlib.training.config import validate_config
     from shardlib.training.setup import setup_training
-    from shardlib.training.state_layout import LAYER_ORDER, restore_targets
+    from shardlib.training.state_layout import LAYER_ORDER, fuse_restored, restore_targets
     from shardlib.training.train_state import abstract_state
 
     run_dir = pathlib.Path(run_dir)
@@ -211,6 +216,7 @@ def export_run(
     if restored is None:
         raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint to export")
     step, params, _, meta = restored
+    params, _ = fuse_restored(params, None, meta, log)  # a checkpoint from before the fused projections
     export_hf(
         params,
         cfg.model,

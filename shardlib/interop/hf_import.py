@@ -5,7 +5,9 @@ or several files listed by ``model.safetensors.index.json``. Every parameter
 is built with ``jax.make_array_from_callback`` on its target ``NamedSharding``:
 the callback runs for this process's devices only and reads, through
 ``safetensors``' lazy ``get_slice``, just the rows and columns of the shard
-that device holds (``hf_layout.read_block``). No parameter is ever whole on
+that device holds (``hf_layout.read_param_block``; a fused parameter such as
+``layers/qkv`` reads each of its HF tensors for the part of the shard it
+fills). No parameter is ever whole on
 one device unless its sharding replicates it, and each distinct shard is read
 once even when several devices hold it. The host holds at most this
 process's shards of one parameter at a time (with one process: at most one
@@ -18,7 +20,6 @@ in ``shardlib.interop.hf_layout``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import pathlib
 from typing import Any
@@ -34,7 +35,14 @@ from shardlib.interop.hf_config import (
     model_config_from_hf,
     read_hf_config,
 )
-from shardlib.interop.hf_layout import IGNORED_SUFFIXES, axis_sizes, llama_layouts, read_block
+from shardlib.interop.hf_layout import (
+    IGNORED_SUFFIXES,
+    axis_sizes,
+    llama_layouts,
+    param_shape,
+    parameters,
+    read_param_block,
+)
 from shardlib.training.config_schema import ModelConfig
 
 PyTree = Any
@@ -114,26 +122,34 @@ def _check_tensors(reader: _Reader, layouts, sizes: dict[str, int], hf_dir: path
         )
 
 
-def _leaf(layout, sizes, reader: _Reader, sharding, dtype, layer_order: np.ndarray) -> jax.Array:
-    """One shardlib parameter, created shard by shard from its HF tensor(s)."""
-    per_layer = tuple(sizes[a] for a in layout.per_layer_axes)
-    shape = (sizes["layer"], *per_layer) if layout.stacked else per_layer
+def _leaf(rows, sizes, reader: _Reader, sharding, dtype, layer_order: np.ndarray) -> jax.Array:
+    """One shardlib parameter, created shard by shard from its HF tensor(s) (several when fused)."""
+    first = rows[0]
+    shape = param_shape(rows, sizes)
     shards: dict[tuple, np.ndarray] = {}  # replicated shards are read once
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         ranges = tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
         if ranges not in shards:
-            axes = dict(zip(layout.per_layer_axes, ranges[1:] if layout.stacked else ranges, strict=True))
-            if layout.stacked:  # stored position p holds logical layer layer_order[p]
-                names = [layout.hf_name.format(i=int(layer_order[p])) for p in range(*ranges[0])]
-                blocks = [read_block(layout, sizes, axes, functools.partial(reader.read, n)) for n in names]
-                block = np.stack(blocks)
+            axes = dict(zip(first.per_layer_axes, ranges[1:] if first.stacked else ranges, strict=True))
+            if first.stacked:  # stored position p holds logical layer layer_order[p]
+                layers = [int(layer_order[p]) for p in range(*ranges[0])]
+                block = np.stack([read_param_block(rows, sizes, axes, _layer_reader(reader, i)) for i in layers])
             else:
-                block = read_block(layout, sizes, axes, functools.partial(reader.read, layout.hf_name))
+                block = read_param_block(rows, sizes, axes, _layer_reader(reader, None))
             shards[ranges] = np.ascontiguousarray(block.astype(dtype))
         return shards[ranges]
 
     return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def _layer_reader(reader: _Reader, layer: int | None):
+    """``read(row, slices)`` of layer ``layer``'s HF tensor of each row (None: an unstacked row)."""
+
+    def read(row, slices):
+        return reader.read(row.hf_name if layer is None else row.hf_name.format(i=layer), slices)
+
+    return read
 
 
 def _get(tree: PyTree, path: str):
@@ -154,8 +170,9 @@ def load_hf_params(
     ``shardings``: a ``NamedSharding`` per parameter, same structure (e.g.
     ``TrainingSetup.shardings.params``); every leaf comes back on it, in
     ``model.param_dtype``. Shapes are those of ``models/transformer.py``
-    (q [L, D, H, K], k/v [L, D, N, K], o [L, H, K, D], gate/up [L, D, F],
-    down [L, F, D], norms [L, D], embed [V, D], unembed [D, V] if untied).
+    (qkv [L, D, N, H/N + 2, K] from q_proj, k_proj, v_proj; o [L, H, K, D];
+    gate_up [L, D, 2, F] from gate_proj, up_proj; down [L, F, D]; norms
+    [L, D]; embed [V, D]; unembed [D, V] if untied).
     ``layer_order`` (stored position -> logical layer; a pipeline's layout)
     stacks the layers in that order; default: 0..L-1.
 
@@ -176,12 +193,12 @@ def load_hf_params(
     with contextlib.ExitStack() as stack:
         reader = _Reader(tensor_files(hf_dir), stack)
         _check_tensors(reader, layouts, sizes, hf_dir, model.tie_embeddings)
-        for layout in layouts:
-            *parents, name = layout.path.split("/")
+        for path, rows in parameters(layouts).items():
+            *parents, name = path.split("/")
             node = params
             for key in parents:
                 node = node.setdefault(key, {})
-            node[name] = _leaf(layout, sizes, reader, _get(shardings, layout.path), dtype, order)
+            node[name] = _leaf(rows, sizes, reader, _get(shardings, path), dtype, order)
     expected = jax.tree_util.tree_structure(shardings)
     if jax.tree_util.tree_structure(params) != expected:  # the table no longer covers the model
         raise RuntimeError(f"hf_layout.LLAMA_TABLE does not cover the model's parameters: {expected}")

@@ -100,8 +100,9 @@ class ModelConfig(BaseModel):
     def num_params(self) -> int:
         """Exact parameter count: embedding, layers, final norm and untied output projection."""
         d, hd = self.d_model, self.resolved_head_dim
-        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)  # q, o + k, v
-        mlp = 3 * d * self.d_ff  # SwiGLU gate, up, down
+        # Fused qkv [D, N, H/N + 2, K] holds H + 2N heads' columns, o [H, K, D] H more.
+        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * d * self.d_ff  # SwiGLU: gate_up [D, 2, F], down [F, D]
         per_layer = 2 * d + attention + mlp  # two RMSNorm scales, no biases
         embedding = self.vocab_size * d
         output = 0 if self.tie_embeddings else embedding

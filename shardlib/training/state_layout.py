@@ -17,6 +17,13 @@ Two parts of the training state depend on the plan, not only on the model:
   checkpoint records R; a run with another R refuses the step with one line
   (a replica's state has no counterpart in a run with other replicas). The
   layout inside the replicas may change like any other.
+
+One part depends on neither, but on when the checkpoint was written: the
+projection weights, five per layer before q/k/v and gate/up were fused, two
+since (``shardlib.training.fused_projections``). A checkpoint records
+``projections: fused``; an older one is restored in its own layout and
+converted (``fuse_restored``), exactly; its compressed-gradient residuals,
+flattened in the old leaf order, restart from zero.
 """
 
 from __future__ import annotations
@@ -30,6 +37,13 @@ import optax
 
 from shardlib.parallel.pipeline.stages import relayout_index
 from shardlib.training.checkpoint import CheckpointError
+from shardlib.training.fused_projections import (
+    FUSED,
+    PROJECTIONS,
+    fuse_separate,
+    saved_projections,
+    separate_targets,
+)
 
 PyTree = Any
 LAYER_ORDER = "layer_order"
@@ -38,8 +52,14 @@ REPLICAS = "diloco_replicas"
 
 
 def layout_meta(layer_order: np.ndarray, error_feedback: dict | None, replicas: int | None = None) -> dict:
-    """The JSON the checkpoint stores: the layer order, the residuals' layout (or None), DiLoCo's R (or None)."""
-    return {LAYER_ORDER: [int(i) for i in layer_order], ERROR_FEEDBACK: error_feedback, REPLICAS: replicas}
+    """The JSON the checkpoint stores: the layer order, the residuals' layout (or None), DiLoCo's R (or None),
+    and that the projections are fused."""
+    return {
+        LAYER_ORDER: [int(i) for i in layer_order],
+        ERROR_FEEDBACK: error_feedback,
+        REPLICAS: replicas,
+        PROJECTIONS: FUSED,
+    }
 
 
 def error_feedback_layout(compression) -> dict | None:
@@ -100,9 +120,12 @@ def restore_targets(abstract_params: PyTree, abstract_opt_state: PyTree, meta: d
     """(params, opt_state) to restore a step recorded with ``meta`` onto: this plan's targets, except
     residuals saved for another layout, which are read with their saved shapes (replicated) to be dropped.
 
+    A step saved before the projections were fused is read in that layout (``fuse_restored`` converts it).
     Raises CheckpointError for a step saved with another DiLoCo replica count (or with none, or without).
     """
     _check_replicas(meta, abstract_params, abstract_opt_state)
+    if saved_projections(meta) != FUSED:
+        abstract_params, abstract_opt_state = separate_targets(abstract_params), separate_targets(abstract_opt_state)
     current = error_feedback_layout(compression)
     saved = meta.get(ERROR_FEEDBACK)
     if current is None or saved is None or saved == current:
@@ -132,16 +155,39 @@ def _check_replicas(meta: dict, abstract_params: PyTree, abstract_opt_state: PyT
     )
 
 
+def fuse_restored(params: PyTree, opt_state: PyTree, meta: dict, log: Callable[[str], None]) -> tuple:
+    """(params, opt_state) with fused projections: converted if the checkpoint predates the fusion (logged)."""
+    if saved_projections(meta) == FUSED:
+        return params, opt_state
+    log(
+        "checkpoint from before the fused projections (layers/q, k, v, gate, up): "
+        "converted to layers/qkv and layers/gate_up, parameters and optimizer moments exactly"
+    )
+    return fuse_separate(params), fuse_separate(opt_state)
+
+
 def reset_foreign_residuals(opt_state: PyTree, meta: dict, compression, log: Callable[[str], None]) -> PyTree:
-    """``opt_state`` with zero residuals if the checkpoint's were made on another layout (logged), else as is."""
+    """``opt_state`` with zero residuals if the checkpoint's were made on another layout (logged), else as is.
+
+    Residuals saved before the projections were fused are flattened over the old
+    parameter leaves, in another order: they restart from zero too.
+    """
     current = error_feedback_layout(compression)
     saved = meta.get(ERROR_FEEDBACK)
-    if current is None or saved == current:
+    if current is None:
         return opt_state
-    log(
-        f"warning: the checkpoint's compressed-gradient residuals belong to mesh {saved and saved['mesh']} "
-        f"({saved and saved['flat_size']} values per device); this run's layout is mesh {current['mesh']} "
-        f"({current['flat_size']}): the residuals restart from zero (parameters and moments are exact)"
-    )
+    if saved == current and saved_projections(meta) != FUSED:
+        log(
+            "warning: the checkpoint's compressed-gradient residuals are flattened over the separate "
+            "projections (layers/q, k, v, gate, up): the residuals restart from zero (parameters and moments are exact)"
+        )
+    elif saved == current:
+        return opt_state
+    else:
+        log(
+            f"warning: the checkpoint's compressed-gradient residuals belong to mesh {saved and saved['mesh']} "
+            f"({saved and saved['flat_size']} values per device); this run's layout is mesh {current['mesh']} "
+            f"({current['flat_size']}): the residuals restart from zero (parameters and moments are exact)"
+        )
     zeros = jax.jit(compression.init_error_feedback, out_shardings=compression.error_feedback_shardings())()
     return {**opt_state, "error_feedback": zeros}

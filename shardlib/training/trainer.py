@@ -24,7 +24,7 @@ from shardlib.training.metrics import MetricsWriter, peak_tflops, plot_loss_curv
 from shardlib.training.prefetch import Prefetcher
 from shardlib.training.run_guard import check_resume, record_start
 from shardlib.training.setup import TrainingSetup, setup_training
-from shardlib.training.state_layout import adapt_restored, reset_foreign_residuals, restore_targets
+from shardlib.training.state_layout import adapt_restored, fuse_restored, reset_foreign_residuals, restore_targets
 from shardlib.training.train_state import abstract_state
 
 PREFETCH = 2  # batches read ahead while a step runs: the next step's, and one more for a slow read
@@ -66,8 +66,10 @@ def _restore_or_init(
         params, opt_state = initial_state(run, log)  # cfg.init_from's weights, else random (shardlib.interop)
         return 0, params, opt_state, {"data_position": 0}
     step, params, opt_state, meta = restored
-    # The state in this plan's layout: the layers in its pipeline's order, residuals of its own mesh.
+    # The state in this plan's layout: the layers in its pipeline's order, residuals of its own mesh,
+    # the projections fused (a checkpoint from before the fusion is converted).
     opt_state = reset_foreign_residuals(opt_state, meta, run.compression, log)
+    params, opt_state = fuse_restored(params, opt_state, meta, log)
     params, opt_state = adapt_restored(params, opt_state, meta, layer_order=run.plan.layer_order, tx=run.tx, log=log)
     log(f"resumed from {checkpointer.step_path(step)} (data position {meta['data_position']})")
     return step, params, opt_state, meta

@@ -65,7 +65,7 @@ class Layout:
     batch_axes: tuple[str, ...]  # mesh axes the batch dimension is split over
     seq_shards: int  # the sequence (length) split, from the rules
     heads_shards: int  # query heads per device = n_heads / heads_shards
-    kv_shards: int
+    kv_shards: int  # the same split: the fused qkv weight keeps a kv head's queries with it
     mlp_shards: int
     vocab_shards: int
 

@@ -67,22 +67,23 @@ class MemoryEstimate:
 
 
 def _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype):
-    """(x, one layer's weights, positions) as shape structs at one device's shapes."""
+    """(x, one layer's weights, positions) as shape structs at one device's shapes.
+
+    ``heads`` and ``kv_heads`` are the device's own: the fused q/k/v weight
+    holds its kv heads with their heads // kv_heads queries each.
+    """
     from models.layers import BlockWeights
 
     def sds(*shape, dt=param_dtype):
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
 
     w = BlockWeights(
-        sds(d),
-        sds(d, heads, head_dim),
-        sds(d, kv_heads, head_dim),
-        sds(d, kv_heads, head_dim),
-        sds(heads, head_dim, d),
-        sds(d),
-        sds(d, d_ff),
-        sds(d, d_ff),
-        sds(d_ff, d),
+        attn_norm=sds(d),
+        qkv=sds(d, kv_heads, heads // kv_heads + 2, head_dim),
+        o=sds(heads, head_dim, d),
+        mlp_norm=sds(d),
+        gate_up=sds(d, 2, d_ff),
+        down=sds(d_ff, d),
     )
     return sds(rows, length, d, dt=dtype), w, sds(rows, length, dt="int32")
 

@@ -40,7 +40,7 @@ CASES = {
 
 def _loss(use):
     def loss(w_DxF, x_BxLxD):
-        return jnp.mean(jnp.tanh(use("gate", x_BxLxD, w_DxF)) ** 2)
+        return jnp.mean(jnp.tanh(use("unembed", x_BxLxD, w_DxF)) ** 2)
 
     return loss
 
@@ -58,7 +58,7 @@ def test_reduced_gradient_equals_the_plain_one_and_moves_the_minimum(case, input
     w_DxF, x_BxLxD = inputs
     reference = jax.grad(_loss(lambda name, x, w: WEIGHT_USES[name].apply(x, w)))(w_DxF, x_BxLxD)
 
-    use = ReducedWeightUse(mesh, WEIGHT_USES, {"gate": spec}, _activation_spec(rows, positions), rows, positions)
+    use = ReducedWeightUse(mesh, WEIGHT_USES, {"unembed": spec}, _activation_spec(rows, positions), rows, positions)
     w_sharding = NamedSharding(mesh, spec)
     x_sharding = NamedSharding(mesh, P(rows, positions or None))
     grad = jax.jit(jax.grad(_loss(use)), in_shardings=(w_sharding, x_sharding), out_shardings=w_sharding)

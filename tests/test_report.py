@@ -122,7 +122,8 @@ def test_tensor_parallel_all_reduces_per_layer(model):
     assert all(c.kind == "all-reduce" and c.count == layers for c in on_model)
     assert all(c.buffer_bytes == act for c in forward)
     # Backward: one b*s*D all-reduce each for the fused q/k/v and gate/up input gradients, nothing avoidable.
-    assert sorted(c.op_name.rsplit("/", 2)[-2] for c in backward) == ["bld,dcf->blcf", "bld,dnsk->blnsk"]
+    for equation in ("bld,dcf->blcf", "bld,dnsk->blnsk"):  # the input gradients of gate_up and qkv
+        assert sum(equation in c.op_name for c in backward) == 1, [c.op_name for c in backward]
     for c in backward:
         assert c.summed_terms == 0 and c.excess_wire_bytes == 0 and c.buffer_bytes == act
     per_layer = sum(c.wire_bytes for c in on_model)

@@ -72,22 +72,23 @@ def reduce_gradient(g: jax.Array, spec: P, axes: Sequence[str]) -> jax.Array:
     return jax.lax.psum(g, rest) if rest else g
 
 
-def manual_part(spec: P, axes: Sequence[str]) -> P:
-    """``spec`` with only ``axes`` kept: what a ``shard_map`` manual over ``axes`` may be told."""
+def _kept(spec: P, keep: Callable[[str], bool]) -> P:
+    """``spec`` with only the mesh axes ``keep`` accepts (a dimension left with none is whole)."""
     entries = []
     for entry in spec:
-        kept = tuple(a for a in axes_tuple(entry) if a in axes)
+        kept = tuple(a for a in axes_tuple(entry) if keep(a))
         entries.append(kept[0] if len(kept) == 1 else (kept or None))
     return P(*entries)
+
+
+def manual_part(spec: P, axes: Sequence[str]) -> P:
+    """``spec`` with only ``axes`` kept: what a ``shard_map`` manual over ``axes`` may be told."""
+    return _kept(spec, lambda a: a in axes)
 
 
 def automatic_part(spec: P, axes: Sequence[str]) -> P:
     """``spec`` without ``axes``: the parameter gathered over the token axes, still split over the others."""
-    entries = []
-    for entry in spec:
-        kept = tuple(a for a in axes_tuple(entry) if a not in axes)
-        entries.append(kept[0] if len(kept) == 1 else (kept or None))
-    return P(*entries)
+    return _kept(spec, lambda a: a not in axes)
 
 
 def lookup_gathers_table(vocab: int, tokens_per_device: int) -> bool:

@@ -1,7 +1,7 @@
 """Bytes per step against the minimum, for every preset on every shipped mesh: one compile per case.
 
     python bench/comms.py [--configs configs/tiny.yaml,configs/small.yaml] [--meshes meshes/*.yaml]
-                          [--presets dp,fsdp,tp,fsdp_tp] [--json out.json]
+                          [--presets dp,fsdp,tp,fsdp_tp,hsdp,hsdp_tp] [--json out.json]
 
 For each (config, mesh, preset), and on a mesh with ``pipe`` for each pipeline
 schedule, compiles the train step (nothing runs) and prints, per mesh axis,
@@ -12,7 +12,8 @@ the ratio once the excess the report attributes to a named XLA:CPU pattern
 (an all-reduce only sliced, addends reduced one by one) is taken out: what
 XLA:GPU's passes would leave. Every mesh compiles on emulated CPU devices, GPU
 meshes included (the program is partitioned the same way; XLA:GPU's own
-passes are not run). A case the plan refuses prints the reason in one line.
+passes are not run). A case the plan refuses prints the reason in one line; the
+HSDP presets run only on meshes that split data into ``data_replica`` groups.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ PIPELINES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2))
 def cases(configs, meshes, presets):
     """(config path, mesh path, preset, overrides) in the order printed."""
     from shardlib.core.mesh import load_mesh_spec
+    from shardlib.core.rules import PRESETS as PRESET_INTENTS
 
     for config in configs:
         for mesh_path in meshes:
             spec = load_mesh_spec(mesh_path)
             pipe = spec.within_host.get("pipe", 1) * spec.across_hosts.get("pipe", 1) > 1
+            replicas = spec.within_host.get("data_replica", 1) * spec.across_hosts.get("data_replica", 1) > 1
             for preset in presets:
+                if PRESET_INTENTS[preset].hierarchical and not replicas:
+                    continue  # HSDP needs a mesh that splits data; elsewhere the plan refuses it
                 if not pipe:
                     yield config, mesh_path, preset, []
                     continue
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="configs/tiny.yaml,configs/small.yaml")
     parser.add_argument("--meshes", default=",".join(sorted(glob.glob("meshes/*.yaml"))))
-    parser.add_argument("--presets", default="dp,fsdp,tp,fsdp_tp")
+    parser.add_argument("--presets", default="dp,fsdp,tp,fsdp_tp,hsdp,hsdp_tp")
     parser.add_argument("--json", help="write every row as JSON to this file")
     args = parser.parse_args(argv)
 
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
     devices = max(math.prod(mesh_sizes(load_mesh_spec(m), None).values()) for m in meshes)
     jax.config.update("jax_num_cpu_devices", devices)
 
-    print(f"{'case':<46}{'axis':>7}{'measured KiB':>14}{'min KiB':>11}{'ratio':>8}{'w/o avoid.':>11}")
+    print(f"{'case':<46}{'axis':>13}{'measured KiB':>14}{'min KiB':>11}{'ratio':>8}{'w/o avoid.':>11}")
     out = []
     for case in cases(args.configs.split(","), meshes, args.presets.split(",")):
         label, rows = measure_case(*case)
@@ -108,7 +113,7 @@ def main(argv=None) -> int:
             print(f"{label:<46}  no communication")
         for i, (axis, measured, minimum, ratio, clean) in enumerate(rows):
             print(
-                f"{label if i == 0 else '':<46}{axis:>7}{(measured or 0) / 1024:>14,.1f}{minimum / 1024:>11,.1f}"
+                f"{label if i == 0 else '':<46}{axis:>13}{(measured or 0) / 1024:>14,.1f}{minimum / 1024:>11,.1f}"
                 f"{_ratio(ratio):>8}{_ratio(clean):>11}",
                 flush=True,
             )

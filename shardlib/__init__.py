@@ -1,7 +1,7 @@
 """shardlib: declarative SPMD sharding for JAX training.
 
-What other projects import: meshes with five named axes (or any
-``jax.sharding.Mesh``, through mesh-axis aliases), one ordered rule table from
+What other projects import: meshes with named axes (the five parallel axes and
+``data_replica``, or any ``jax.sharding.Mesh`` through mesh-axis aliases), one ordered rule table from
 logical axis names to mesh axes, and functions that apply it to parameters
 (Flax annotations read directly, path patterns for the rest), optimizer and
 train states, and activations. Importing shardlib does not start a JAX

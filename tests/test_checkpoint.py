@@ -106,11 +106,13 @@ def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path
 
 
 def test_restore_onto_another_mesh(saved_run):
-    """Saved on 8 devices (data 4 x model 2, tp); restored on 4 (data 2 x model 2, fsdp)."""
+    """Saved on 8 devices (data 4 x model 2, tp); restored on 4 (data 2 x model 2, fsdp) and on 8 under
+    HSDP (data_replica 2 x data 2 x model 2, a copy per replica group)."""
     losses = {}
     for name, sharding, mesh in [
         ("saved mesh", "tp", mesh_of(data=4, model=2)),
         ("other mesh", "fsdp", mesh_of(data=2, model=2)),
+        ("hsdp mesh", "hsdp_tp", mesh_of(data_replica=2, data=2, model=2)),
     ]:
         cfg = saved_run.model_copy(update={"sharding": sharding})
         run = setup_training(cfg, mesh)
@@ -123,6 +125,7 @@ def test_restore_onto_another_mesh(saved_run):
         next_batch = run.loader(tokens, seed=cfg.seed, position=meta["data_position"]).next()
         losses[name] = float(run.eval_step(params, next_batch))
     assert abs(losses["saved mesh"] - losses["other mesh"]) <= 1e-5, losses
+    assert abs(losses["saved mesh"] - losses["hsdp mesh"]) <= 1e-5, losses
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tensorstore's noisy coroutines

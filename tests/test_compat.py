@@ -32,6 +32,7 @@ FEATURE_SETUP: dict[str, tuple[dict, dict]] = {
     "fsdp": ({"sharding": "fsdp"}, {"data": 2}),
     "tp": ({"sharding": "tp"}, {"model": 2}),
     "fsdp_tp": ({"sharding": "fsdp_tp"}, {"data": 2, "model": 2}),
+    "hsdp": ({}, {"data_replica": 2}),
     "pipeline": ({"pipeline": {"schedule": "1f1b", "microbatches": 4}}, {"pipe": 2}),
     "interleaved": (
         {"pipeline": {"schedule": "interleaved-1f1b", "microbatches": 4, "virtual_stages": 2}, "model.n_layers": 4},
@@ -57,7 +58,7 @@ MULTIPROCESS = "multiprocess"
 # A DiLoCo run is not one gradient to hold against one device: its composing cells run against the
 # DiLoCo algorithm itself in tests/test_diloco.py (which test covers which: compat.DILOCO_TESTS).
 DILOCO = "diloco"
-BATCH, SEQ = 8, 16
+BATCH, SEQ = 16, 16  # 16 rows: a pipeline's 4 microbatches still split over 4 data devices (hsdp x dp)
 
 
 def _config(features: tuple[str, ...], *, only: bool = False):

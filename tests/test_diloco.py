@@ -131,7 +131,9 @@ def paper_diloco(cfg, params0, batches, rows, *, every, lr=LR, momentum=MOMENTUM
     Nesterov momentum moves the anchor: m <- mu m + delta; anchor -= lr (delta + mu m).
     Returns (per-step mean loss, anchor, replicas' parameters).
     """
-    clean = cfg.model_copy(update={"grad_accum": 1, "attention": type(cfg.attention)(), "outer": type(cfg.outer)()})
+    clean = cfg.model_copy(
+        update={"grad_accum": 1, "attention": type(cfg.attention)(), "outer": type(cfg.outer)(), "sharding": "dp"}
+    )
     clean = clean.model_copy(update={"model": cfg.model.model_copy(update={"remat": "none"})})
     step, inner = _inner_step(clean.model_dump_json())
     host = functools.partial(jax.tree.map, lambda x: np.asarray(x, np.float32))
@@ -224,6 +226,12 @@ INSIDE = {
         {"expert": 2, "data": 2, "model": 2},
         # Rows are blocks in (data, expert) order, 2 each: replica e holds the blocks of devices (d, e).
         [np.array([0, 1, 4, 5]), np.array([2, 3, 6, 7])],
+    ),
+    # DiLoCo across hosts, HSDP inside: replicas over data_replica, FSDP over data within each.
+    "hsdp": (
+        {"sharding": "hsdp", "outer": {"replica_axes": ["data_replica"]}},
+        {"data_replica": 2, "data": 2},
+        contiguous_rows(8, 2),
     ),
 }
 
@@ -346,7 +354,7 @@ def test_fsdp_with_nothing_left_to_shard_over_is_refused_by_the_table(sharding, 
         ({"algorithm": "diloco", "inner_steps": 0}, "outer.inner_steps: Input should be greater than 0"),
         (
             {"algorithm": "diloco", "replica_axes": ["model"]},
-            "outer.replica_axes.0: Input should be 'data' or 'expert'",
+            "outer.replica_axes.0: Input should be 'data', 'data_replica' or 'expert'",
         ),
         ({"algorithm": "diloco", "replica_axes": []}, "outer: Value error, replica_axes must name each mesh axis once"),
         ({"algorithm": "diloco", "compression": "fp8"}, "outer.compression: Input should be 'none', 'bf16' or 'int8'"),

@@ -60,7 +60,8 @@ def test_the_planner_proposes_diloco_when_data_crosses_slow_links():
     cfg, profile = tiny(), load_profile("h100")
     plans = make_plans(cfg, 16, profile)  # 8 per host: a data axis of 8 or more crosses hosts
     proposal = propose_diloco([p for p in plans if not p.dropped], cfg, profile)
-    assert proposal is not None and proposal.plan.sizes["data"] * proposal.plan.sizes["model"] > 8
+    sizes = proposal.plan.sizes
+    assert proposal is not None and sizes["data_replica"] * sizes["data"] * sizes["model"] > 8
     h = proposal.every
     assert proposal.outer_s / h <= 0.05 * proposal.inner_s
     assert h == 1 or proposal.outer_s / (h - 1) > 0.05 * proposal.inner_s  # the smallest such H

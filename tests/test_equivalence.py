@@ -44,6 +44,8 @@ CASES = {
     "fsdp": ("fsdp", {"data": 8}, {}),
     "tp": ("tp", {"data": 4, "model": 2}, {}),
     "fsdp_tp": ("fsdp_tp", {"data": 4, "model": 2}, {}),
+    # HSDP: FSDP over data inside each of 2 data_replica groups, TP over model.
+    "hsdp_tp": ("hsdp_tp", {"data_replica": 2, "data": 2, "model": 2}, {}),
     # Gradient accumulation must not change the result either.
     "fsdp_tp_accum": ("fsdp_tp", {"data": 4, "model": 2}, {"grad_accum": 2}),
 }

@@ -256,7 +256,7 @@ def test_map_logical_axes_keeps_each_tuple_whole():
 # --- logical aliases --------------------------------------------------------------------------
 
 ALIASES = {"kv": "head_dim", "joined_kv": ("heads", "head_dim"), "embed_mlp": ("embed", "mlp")}
-SIZES = {"data": 2, "pipe": 1, "expert": 1, "seq": 1, "model": 2}
+SIZES = {"data_replica": 1, "data": 2, "pipe": 1, "expert": 1, "seq": 1, "model": 2}
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,14 @@ from shardlib.training.train_state import abstract_model
 from tests.support import mesh_of
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
-MESHES = {"dp": {"data": 8}, "fsdp": {"data": 8}, "tp": {"data": 4, "model": 2}, "fsdp_tp": {"data": 4, "model": 2}}
+MESHES = {
+    "dp": {"data": 8},
+    "fsdp": {"data": 8},
+    "tp": {"data": 4, "model": 2},
+    "fsdp_tp": {"data": 4, "model": 2},
+    "hsdp": {"data_replica": 2, "data": 4},
+    "hsdp_tp": {"data_replica": 2, "data": 2, "model": 2},
+}
 CONFIGS = ["tiny", "small"]
 
 

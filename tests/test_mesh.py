@@ -248,7 +248,7 @@ spec = load_mesh_spec("meshes/cpu-2x4.yaml")
 prepare_devices(spec)
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
 mesh = build_mesh(spec)
-assert mesh_axis_sizes(mesh) == {"data": 4, "pipe": 1, "expert": 1, "seq": 1, "model": 2}
+assert mesh_axis_sizes(mesh) == {"data_replica": 1, "data": 4, "pipe": 1, "expert": 1, "seq": 1, "model": 2}
 # data is the only axis that crosses processes: each half of data lives on one process,
 # and both model peers of a row share a process.
 owners = [[d.process_index for d in row] for row in mesh.devices.reshape(4, 2)]

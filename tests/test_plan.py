@@ -39,7 +39,9 @@ def test_candidates_cover_every_factorization():
     meshes = candidate_meshes(8)
     assert len(meshes) == 10  # ordered triples with product 8
     assert all(m["data"] * m["seq"] * m["model"] == 8 and m["pipe"] == m["expert"] == 1 for m in meshes)
-    assert candidate_meshes(8, ("data",)) == [{"data": 8, "pipe": 1, "expert": 1, "seq": 1, "model": 1}]
+    assert candidate_meshes(8, ("data",)) == [
+        {"data_replica": 1, "data": 8, "pipe": 1, "expert": 1, "seq": 1, "model": 1}
+    ]
 
 
 def test_ample_memory_picks_data_parallel_and_it_compiles_as_predicted():

@@ -263,11 +263,13 @@ def test_gradients_over_data_and_seq_are_one_all_reduce_over_both():
 # (preset, mesh sizes, config overrides) -> {axis: pinned ratio} for the axes whose floor is above 1.02;
 # every other axis with traffic must sit within 2% of the analytic minimum. Pipelines: see
 # test_pipeline_permutes_send_the_minimum.
+HSDP_SIZES = (("data_replica", 2), ("data", 2), ("model", 2))
 MINIMUM_CASES = {
     "dp data8": ("dp", (("data", N),), (), {}),
     "fsdp data8": ("fsdp", (("data", N),), (), {}),
     "tp data4 model2": ("tp", (("data", 4), ("model", 2)), (), {}),
     "fsdp_tp data4 model2": ("fsdp_tp", (("data", 4), ("model", 2)), (), {}),
+    "hsdp_tp data_replica2 data2 model2": ("hsdp_tp", HSDP_SIZES, (), {}),
     "dp data2 seq4 allgather": ("tp", (("data", 2), ("seq", 4)), (("attention", (("impl", "allgather"),)),), {}),
     "fsdp data2 seq4 ring": ("fsdp", (("data", 2), ("seq", 4)), (("attention", (("impl", "ring"),)),), {}),
     # XLA's own dense attention over a sharded sequence: the partitioner all-reduces K and V's gradients
@@ -294,3 +296,19 @@ def test_every_strategy_moves_the_minimum(case):
         floor = pinned.get(axis, 1.0)
         assert row.ratio == pytest.approx(floor, abs=0.02), (case, axis, row)
         assert row.ratio_without_avoidable == pytest.approx(1.0, abs=0.02), (case, axis, row)
+
+
+def test_hsdp_crosses_data_replica_with_one_all_reduce_of_each_gradient_shard():
+    """What HSDP is for: only 2(R-1)/R of the parameter bytes a device holds cross between replica
+    groups (the slow links), as all-reduces; FSDP's gathers and reduce-scatters stay inside a group.
+    The same compile as the minimum-bytes case above."""
+    layout, measured = compiled("hsdp_tp", HSDP_SIZES, batch_size=32, seq_len=64)
+    # The loss's scalar mean spans every token axis, as under dp; what is sized by the parameters:
+    across = [c for c in measured.collectives if "data_replica" in c.axes and c.buffer_bytes > 64]
+    assert {c.kind for c in across} == {"all-reduce"}, across
+    assert all(c.axes == ("data_replica",) for c in across), "a collective spans the groups and more"
+    r = 2
+    held = layout.param_bytes_per_device  # each group shards over data x model: 1/4 of every parameter
+    assert sum(c.total_wire_bytes for c in across) == pytest.approx(2 * (r - 1) / r * held, rel=1e-3)
+    inside = [c for c in measured.collectives if c.kind in ("all-gather", "reduce-scatter")]
+    assert inside and all(c.axes == ("data",) for c in inside), inside

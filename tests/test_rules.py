@@ -18,6 +18,7 @@ from shardlib.core.rules import (
     PRESETS,
     ShardingError,
     ShardingIntent,
+    axes_tuple,
     compile_rules,
     format_rules,
     logical_to_sharding,
@@ -33,7 +34,7 @@ def sizes(**nontrivial):
 
 
 DATA4_MODEL2 = sizes(data=4, model=2)  # the 8-device CPU mesh
-ALL2 = sizes(data=2, pipe=2, expert=2, seq=2, model=2)  # no axis of size 1: nothing is dropped
+ALL2 = sizes(data_replica=2, data=2, pipe=2, expert=2, seq=2, model=2)  # no axis of size 1: nothing is dropped
 
 
 # --- resolution semantics ---------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_rank_mismatch():
 
 def test_rule_naming_an_unknown_mesh_axis():
     rules = (("embed", None), ("batch", "dta"))
-    expected = "rule 1 ('batch') names mesh axis 'dta'; the mesh has data, pipe, expert, seq, model"
+    expected = "rule 1 ('batch') names mesh axis 'dta'; the mesh has data_replica, data, pipe, expert, seq, model"
     with pytest.raises(ShardingError) as err:
         logical_to_spec(("batch",), rules, DATA4_MODEL2)
     assert str(err.value) == expected
@@ -199,7 +200,7 @@ def test_rule_naming_an_unknown_mesh_axis():
 def test_unknown_preset():
     with pytest.raises(ShardingError) as err:
         preset_rules("zero3")
-    assert str(err.value) == "unknown sharding preset 'zero3'; known presets: dp, fsdp, tp, fsdp_tp"
+    assert str(err.value) == "unknown sharding preset 'zero3'; known presets: dp, fsdp, tp, fsdp_tp, hsdp, hsdp_tp"
 
 
 # --- validate_rules ---------------------------------------------------------------------------
@@ -215,13 +216,15 @@ def test_presets_validate(preset):
 def test_validate_rules_names_the_unknown_mesh_axis():
     with pytest.raises(ShardingError) as err:
         validate_rules((("embed", None), ("batch", ("data", "dta"))))
-    assert str(err.value) == ("rule 1 ('batch') names mesh axis 'dta'; the mesh has data, pipe, expert, seq, model")
+    assert str(err.value) == (
+        "rule 1 ('batch') names mesh axis 'dta'; the mesh has data_replica, data, pipe, expert, seq, model"
+    )
 
 
 def test_validate_rules_against_a_smaller_mesh():
     with pytest.raises(ShardingError) as err:
         validate_rules(preset_rules("tp"), {"data": 4, "model": 2})
-    assert str(err.value) == "rule 0 ('batch') names mesh axis 'expert'; the mesh has data, model"
+    assert str(err.value) == "rule 0 ('batch') names mesh axis 'data_replica'; the mesh has data, model"
 
 
 @pytest.mark.parametrize("rule", [("batch",), ("batch", "data", "model"), (3, "data"), "batch"])
@@ -250,7 +253,7 @@ def test_rule_repeating_a_mesh_axis_is_rejected():
 
 def test_fsdp_tp_table():
     assert preset_rules("fsdp_tp") == (
-        ("batch", ("data", "expert")),
+        ("batch", ("data_replica", "data", "expert")),
         ("length", "seq"),
         ("layers", "pipe"),
         ("experts", "expert"),
@@ -267,7 +270,7 @@ def test_fsdp_tp_table():
 def test_dp_replicates_every_weight_name():
     rules = dict(preset_rules("dp"))  # dp has one rule per name
     assert len(rules) == len(preset_rules("dp"))
-    assert rules["batch"] == ("data", "expert")
+    assert rules["batch"] == ("data_replica", "data", "expert")
     for name in ("vocab", "heads", "kv_heads", "mlp", "embed", "head_dim"):
         assert rules[name] is None, name
 
@@ -341,8 +344,13 @@ def test_preset_resolution_on_the_8_device_mesh(preset, axes, expected):
 
 def test_preset_resolution_on_a_mesh_with_every_axis():
     rules = preset_rules("fsdp_tp")
-    assert logical_to_spec(("batch", "length", "embed"), rules, ALL2) == P(("data", "expert"), "seq", None)
+    assert logical_to_spec(("batch", "length", "embed"), rules, ALL2) == P(
+        ("data_replica", "data", "expert"), "seq", None
+    )
     assert logical_to_spec(("layers", "experts", "embed", "mlp"), rules, ALL2) == P("pipe", "expert", "data", "model")
+    # No parameter dimension is ever split over data_replica: HSDP's copies per replica group.
+    for name, axes in rules:
+        assert name == "batch" or "data_replica" not in axes_tuple(axes), name
 
 
 # --- agreement with Flax ----------------------------------------------------------------------

@@ -347,7 +347,7 @@ def test_describe_rows_and_bytes(mesh):
     assert desc.bytes_total == 3 * 4096 + 64
     assert desc.bytes_per_device == 3 * 512 + 16
     assert desc.replicated_fraction == 0.0
-    assert desc.mesh_sizes == {"data": 4, "pipe": 1, "expert": 1, "seq": 1, "model": 2}
+    assert desc.mesh_sizes == {"data_replica": 1, "data": 4, "pipe": 1, "expert": 1, "seq": 1, "model": 2}
     assert desc.warnings == []
 
 
@@ -387,7 +387,7 @@ def test_describe_format(mesh):
     text = describe(PARAMS, AXES, preset_rules("tp"), mesh).format()
     lines = text.splitlines()
     assert lines[0] == "rules (first match wins):"
-    assert "  batch     ->  data x expert" in lines
+    assert "  batch     ->  data_replica x data x expert" in lines
     # The totals; the wording of the AdamW line is free, its number (3 x 6.1 KiB) is not.
     assert "parameters: 3,088 (12.1 KiB total, 6.1 KiB per device on 8 devices)" in lines
     assert "AdamW" in lines[-2] and lines[-2].endswith(": 18.2 KiB per device")

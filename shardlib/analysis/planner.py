@@ -5,7 +5,9 @@
 
 Every way to write N = data x seq x model is tried with every preset that
 uses all of its axes (``tp``/``fsdp_tp`` need model > 1, ``dp``/``tp`` leave
-nothing to shard over data with FSDP, and so on). Plans whose dimensions do
+nothing to shard over data with FSDP, and so on). The HSDP presets (``hsdp``,
+``hsdp_tp``) split each candidate's ``data`` where it crosses hosts
+(``hierarchical_mesh``): FSDP inside a host, ``data_replica`` across. Plans whose dimensions do
 not divide are dropped with the rule's own error; the rest get a per-device
 memory and step-time prediction from the analytic model (``shardlib.analysis.report``)
 on the hardware profile; plans that do not fit in memory are dropped; the rest
@@ -14,8 +16,8 @@ model has no pipeline bubble, so it would rank pipelines too well; report a
 pipelined mesh with ``python -m shardlib.analysis.report``) nor ``expert`` (without
 MoE layers it would only repeat ``data``).
 
-When a fitting plan's ``data`` axis crosses hosts, the planner proposes DiLoCo
-over it (``propose_diloco``) with the H whose outer all-reduce takes at most
+When a fitting plan's ``data`` axis (or, under HSDP, ``data_replica``) crosses hosts, the
+planner proposes DiLoCo over it (``propose_diloco``) with the H whose outer all-reduce takes at most
 ``HIDDEN`` of the H inner steps it follows, when that beats the plan's step.
 
 ``--verify K`` compiles the top K plans on N emulated CPU devices and prints
@@ -32,6 +34,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+from shardlib.core.mesh import MESH_AXES
 from shardlib.core.rules import PRESETS, ShardingError
 from shardlib.training.config import Config, load_config
 
@@ -70,10 +73,21 @@ def candidate_meshes(devices: int, axes: Sequence[str] = PLAN_AXES) -> list[dict
     """Every product of the planned ``axes`` (a subset of data, seq, model) equal to ``devices``; other axes 1."""
     out = []
     for sizes in _factorizations(devices, len(axes)):
-        mesh = {"data": 1, "pipe": 1, "expert": 1, "seq": 1, "model": 1}
+        mesh = dict.fromkeys(MESH_AXES, 1)
         mesh.update(zip(axes, sizes, strict=True))
         out.append(mesh)
     return out
+
+
+def hierarchical_mesh(sizes: dict[str, int], devices_per_host: int) -> dict[str, int]:
+    """``sizes`` with ``data`` split for HSDP: the part inside a host stays ``data``, the rest is ``data_replica``.
+
+    Hosts fill from the innermost axis (``model``) outwards, so ``data`` gets what a host has
+    left after the axes inside it; on one host the split is trivial (``data_replica`` 1).
+    """
+    inside = math.prod(n for a, n in sizes.items() if MESH_AXES.index(a) > MESH_AXES.index("data"))
+    in_host = math.gcd(sizes["data"], max(1, devices_per_host // inside))
+    return {**sizes, "data_replica": sizes["data_replica"] * sizes["data"] // in_host, "data": in_host}
 
 
 def _redundant(sizes: dict[str, int], sharding: str) -> str:
@@ -85,6 +99,8 @@ def _redundant(sizes: dict[str, int], sharding: str) -> str:
         return "model axis unused by the preset: its devices would repeat work"
     if intent.fsdp and sizes["data"] == 1:
         return "no data axis to shard parameters over (same as the preset without FSDP)"
+    if intent.hierarchical and sizes["data_replica"] == 1:
+        return "data fits inside one host: HSDP would be FSDP"
     return ""
 
 
@@ -104,8 +120,10 @@ def make_plans(
     from shardlib.analysis.report.memory import estimate_memory
 
     plans = []
-    for sizes in candidate_meshes(devices, axes):
+    for flat in candidate_meshes(devices, axes):
         for sharding in presets:
+            # An HSDP preset keeps data's FSDP inside a host and replicates across hosts.
+            sizes = hierarchical_mesh(flat, profile.devices_per_host) if PRESETS[sharding].hierarchical else flat
             plan = MeshPlan(sizes, sharding)
             plans.append(plan)
             if reason := _redundant(sizes, sharding):
@@ -143,6 +161,7 @@ class DiLoCoProposal:
     outer_s: float
     outer_bytes: float
     link: str
+    axis: str = "data"  # the replica axis: data, or data_replica under HSDP
 
     @property
     def step_s(self) -> float:
@@ -151,8 +170,12 @@ class DiLoCoProposal:
 
 
 def propose_diloco(plans: list[MeshPlan], cfg: Config, profile, *, mfu: float | None = None) -> DiLoCoProposal | None:
-    """DiLoCo for the fastest plan whose ``data`` axis crosses hosts (no FSDP over data: the replicas
-    would take its axis), or None: a config already running one, or no gain (the plan hides its sync)."""
+    """DiLoCo for the fastest plan whose data-parallel axis crosses hosts, or None: a config already
+    running one, or no gain (the plan hides its sync).
+
+    The replica axis is ``data_replica`` under HSDP (FSDP stays inside each replica, over ``data``),
+    else ``data`` for a plan without FSDP over it (the replicas would take FSDP's axis).
+    """
     from shardlib.analysis.report.analytic import hardware_flops, predict_terms
     from shardlib.analysis.report.hardware import axes_across_hosts, estimate_time
     from shardlib.analysis.report.layout import resolve_layout
@@ -162,9 +185,11 @@ def propose_diloco(plans: list[MeshPlan], cfg: Config, profile, *, mfu: float | 
         return None
     for p in plans:
         slow = axes_across_hosts(p.sizes, profile.devices_per_host)
-        if p.dropped or "data" not in slow or PRESETS[p.sharding].fsdp:
+        axis = "data_replica" if p.sizes["data_replica"] > 1 else "data"
+        if p.dropped or axis not in slow or (axis == "data" and PRESETS[p.sharding].fsdp):
             continue
-        diloco = cfg.model_copy(update={"outer": OuterConfig(algorithm="diloco", inner_steps=1)})
+        outer = OuterConfig(algorithm="diloco", inner_steps=1, replica_axes=[axis])
+        diloco = cfg.model_copy(update={"outer": outer})
         layout = resolve_layout(diloco, p.sizes, p.sharding)
         terms = predict_terms(layout)
         outer = [t for t in terms if t.strategy == "diloco"]
@@ -174,18 +199,19 @@ def propose_diloco(plans: list[MeshPlan], cfg: Config, profile, *, mfu: float | 
         outer_s = estimate_time(outer, p.sizes, 0.0, dtype, profile, n_layers=1, mfu=mfu).step_s
         every = max(1, math.ceil(outer_s / (HIDDEN * inner_s))) if inner_s > 0 else 1
         wire = sum(t.wire_bytes for t in outer)
-        proposal = DiLoCoProposal(p, every, inner_s, outer_s, wire, profile.links.across_hosts.name)
+        proposal = DiLoCoProposal(p, every, inner_s, outer_s, wire, profile.links.across_hosts.name, axis)
         return proposal if proposal.step_s < p.step_s else None
     return None
 
 
 def format_diloco(proposal: DiLoCoProposal) -> str:
     """What the slow link costs the plan now, and DiLoCo's H and average step."""
-    p, h = proposal.plan, proposal.every
+    p, h, axis = proposal.plan, proposal.every, proposal.axis
+    replicas = "" if axis == "data" else f" outer.replica_axes=[{axis}]"
     return (
-        f"DiLoCo: {p.label} ({_ms(p.step_s)} per step) sends its gradients over data, which crosses hosts "
-        f"({proposal.link}: {_ms(p.time.comm_s_per_axis.get('data', 0.0))} per step). With outer.algorithm=diloco "
-        f"outer.inner_steps={h}, an inner step takes {_ms(proposal.inner_s)} with no traffic there, and the outer "
+        f"DiLoCo: {p.label} ({_ms(p.step_s)} per step) sends its gradients over {axis}, which crosses hosts "
+        f"({proposal.link}: {_ms(p.time.comm_s_per_axis.get(axis, 0.0))} per step). With outer.algorithm=diloco "
+        f"outer.inner_steps={h}{replicas}, an inner step takes {_ms(proposal.inner_s)} with no traffic there, and the outer "
         f"all-reduce ({_gib(proposal.outer_bytes)}, {_ms(proposal.outer_s)}) hides behind the {h} inner steps it "
         f"follows (at most {HIDDEN:.0%} of their {_ms(h * proposal.inner_s)}); synchronous DiLoCo, as shardlib runs "
         f"it, averages {_ms(proposal.step_s)} per step ({p.step_s / proposal.step_s:.2f}x). A larger H syncs less "

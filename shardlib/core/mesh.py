@@ -1,8 +1,20 @@
 """Device meshes described by small YAML files.
 
-Every mesh has the same five named axes, in a fixed order (``MESH_AXES``), so sharding rules
+Every mesh has the same named axes, in a fixed order (``MESH_AXES``), so sharding rules
 elsewhere can name any axis without checking whether the mesh has it; unused axes have size 1.
 ``model`` is innermost so tensor-parallel peers land on adjacent (best-connected) devices.
+
+The five parallel axes are ``data``, ``pipe``, ``expert``, ``seq`` and ``model``. A sixth,
+``data_replica``, is the outer part of data parallelism when a mesh splits it in two (hybrid
+sharded data parallelism, HSDP): the batch is split over ``data_replica x data``, but parameters
+and optimizer state are never split over ``data_replica``, so FSDP shards them inside one replica
+group (over ``data``) and the groups hold copies. Rules and presets say ``data`` for both parts;
+only the batch rule names ``data_replica`` (``shardlib.core.rules``). It is outermost, so on
+several hosts it is the axis that crosses the slow links: one all-reduce of each gradient shard
+per step, while the gathers and reduce-scatters of FSDP stay inside a host::
+
+    within_host: {data: 8}             # FSDP over the 8 GPUs of a host
+    across_hosts: {data_replica: 4}    # 4 hosts, each with a full copy of the parameters
 
 A mesh file splits each axis into a size inside one host (ICI/NVLink) and a size across hosts
 (DCN/InfiniBand)::
@@ -33,7 +45,7 @@ from jax.experimental import mesh_utils
 
 from shardlib.core.yaml_file import read_yaml
 
-MESH_AXES: tuple[str, ...] = ("data", "pipe", "expert", "seq", "model")
+MESH_AXES: tuple[str, ...] = ("data_replica", "data", "pipe", "expert", "seq", "model")
 PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
 _FILE_KEYS: tuple[str, ...] = (
     "description",
@@ -64,7 +76,7 @@ class MeshSpec:
     def __post_init__(self) -> None:
         where = f"mesh {self.name!r}"
         # Normalise here rather than only in the parsers, so specs built directly are just as
-        # safe for build_mesh (which relies on all five axes being present, in order).
+        # safe for build_mesh (which relies on every axis being present, in order).
         for level in _LEVELS:
             object.__setattr__(self, level, _check_sizes(getattr(self, level), level, where))
         _check_platform(self.platform, where)
@@ -111,7 +123,7 @@ def prepare_devices(spec: MeshSpec) -> None:
 def build_mesh(
     spec: MeshSpec, devices: Sequence[jax.Device] | None = None, *, explicit: bool = False
 ) -> jax.sharding.Mesh:
-    """Build the 5-axis mesh described by ``spec``: all axes ``AxisType.Auto``, or ``Explicit``.
+    """Build the mesh of ``MESH_AXES`` described by ``spec``: all axes ``AxisType.Auto``, or ``Explicit``.
 
     ``devices`` defaults to every device of ``spec.platform`` (or of JAX's default backend);
     pass a subset (``jax.devices()[:1]`` with ``mesh_spec()`` is a one-device reference) and
@@ -176,8 +188,9 @@ def describe_mesh(mesh: jax.sharding.Mesh) -> str:
     n_processes = len({d.process_index for d in devices})
     if n_processes > 1:
         where += f" in {n_processes} processes"
-    trivial = [name for name, size in sizes.items() if size == 1]
-    if len(trivial) == len(sizes):
+    # data_replica is a part of data, not a strategy: a flat mesh need not say it lacks one.
+    trivial = [name for name, size in sizes.items() if size == 1 and name != "data_replica"]
+    if all(size == 1 for size in sizes.values()):
         return f"single device ({where}; all axes = 1)"
     if trivial:
         where += f"; {', '.join(trivial)} = 1"

@@ -54,18 +54,26 @@ class ShardingIntent:
     """What a user wants, in mesh axes; ``compile_rules`` turns it into a table.
 
     batch:  mesh axes the batch is split over (data parallelism). ``expert``
-            doubles as a data axis for the non-expert layers, as peers do.
+            doubles as a data axis for the non-expert layers, as peers do;
+            ``data_replica`` is the outer part of data (HSDP), and nothing
+            but the batch is ever split over it.
     fsdp:   mesh axes parameters and optimizer state are split over along
             their ``embed`` dimension (ZeRO-3); XLA gathers them per layer.
     tensor: mesh axes for Megatron tensor parallelism: heads and the MLP
             hidden dimension are split, so attention and the MLP each run
             column-parallel then row-parallel with one all-reduce forward and
             one backward; the vocabulary is split too.
+    hierarchical: the preset is HSDP: it needs a mesh that splits data into
+            ``data_replica`` groups (``check_mesh_fits_intent``). Its table is
+            the FSDP preset's: on such a mesh FSDP is hierarchical anyway;
+            the name says it is meant, so a flat mesh is an error, not a
+            silent ZeRO-3 over every data device.
     """
 
-    batch: tuple[str, ...] = ("data", "expert")
+    batch: tuple[str, ...] = ("data_replica", "data", "expert")
     fsdp: tuple[str, ...] = ()
     tensor: tuple[str, ...] = ()
+    hierarchical: bool = False
 
 
 PRESETS: dict[str, ShardingIntent] = {
@@ -73,7 +81,22 @@ PRESETS: dict[str, ShardingIntent] = {
     "fsdp": ShardingIntent(fsdp=("data",)),
     "tp": ShardingIntent(tensor=("model",)),
     "fsdp_tp": ShardingIntent(fsdp=("data",), tensor=("model",)),
+    "hsdp": ShardingIntent(fsdp=("data",), hierarchical=True),
+    "hsdp_tp": ShardingIntent(fsdp=("data",), tensor=("model",), hierarchical=True),
 }
+
+
+def check_mesh_fits_intent(name: str, sizes: Mapping[str, int]) -> None:
+    """Raises ``ShardingError`` when preset ``name`` needs a mesh axis ``sizes`` does not split.
+
+    An HSDP preset on a mesh without ``data_replica`` would quietly be ZeRO-3 over all of data.
+    """
+    if PRESETS[name].hierarchical and sizes.get("data_replica", 1) < 2:
+        raise ShardingError(
+            f"preset {name!r} keeps a copy of the parameters per data_replica group, but the mesh has "
+            f"data_replica=1; use a mesh that splits data (data_replica: 2 in within_host or across_hosts, "
+            f"as meshes/cpu-8-hsdp.yaml does), or preset {name.replace('hsdp', 'fsdp')!r} for FSDP over all of data"
+        )
 
 
 def _axes_or_none(axes: tuple[str, ...]) -> MeshAxes:
@@ -110,7 +133,7 @@ def compile_rules(intent: ShardingIntent) -> Rules:
 
 # Axes a preset names but a mesh may lack without changing its meaning: on a
 # mesh without them they act as size 1 (nothing is split over them).
-OPTIONAL_MESH_AXES: tuple[str, ...] = ("pipe", "expert", "seq")
+OPTIONAL_MESH_AXES: tuple[str, ...] = ("data_replica", "pipe", "expert", "seq")
 
 
 def preset_rules(
@@ -119,9 +142,9 @@ def preset_rules(
     mesh: jax.sharding.Mesh | Mapping[str, int] | None = None,
     mesh_axes: Mapping[str, MeshAxes] | None = None,
 ) -> Rules:
-    """The rule table of a named preset (``dp``, ``fsdp``, ``tp``, ``fsdp_tp``).
+    """The rule table of a named preset (``dp``, ``fsdp``, ``tp``, ``fsdp_tp``, ``hsdp``, ``hsdp_tp``).
 
-    Presets name shardlib's five mesh axes. For a project's own mesh (any
+    Presets name shardlib's mesh axes (``MESH_AXES``). For a project's own mesh (any
     ``jax.sharding.Mesh``, or its axis sizes), pass it as ``mesh``: the
     table is renamed by ``mesh_axes`` (shardlib axis -> the project's axis, a
     tuple of them, or None) and fitted to it by ``rename_mesh_axes``, e.g.

@@ -41,6 +41,7 @@ class RunFeatures:
     """
 
     preset: str
+    data_replica: int = 1
     pipe: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1
@@ -66,9 +67,19 @@ class Feature:
 
 FEATURES: tuple[Feature, ...] = (
     Feature("dp", "preset dp: parameters replicated", lambda f: f.preset == "dp"),
-    Feature("fsdp", "preset fsdp: parameters sharded over data (ZeRO-3)", lambda f: f.preset == "fsdp"),
+    Feature(
+        "fsdp",
+        "preset fsdp (or hsdp): parameters sharded over data (ZeRO-3)",
+        lambda f: f.preset in ("fsdp", "hsdp"),
+    ),
     Feature("tp", "preset tp: Megatron tensor parallelism over model", lambda f: f.preset == "tp"),
-    Feature("fsdp_tp", "preset fsdp_tp: both", lambda f: f.preset == "fsdp_tp"),
+    Feature("fsdp_tp", "preset fsdp_tp (or hsdp_tp): both", lambda f: f.preset in ("fsdp_tp", "hsdp_tp")),
+    Feature(
+        "hsdp",
+        "data_replica > 1: the batch spans data's replica groups, each holding a copy of the parameters "
+        "(with FSDP: sharded inside a group, hybrid sharded data parallelism)",
+        lambda f: f.data_replica > 1,
+    ),
     Feature(
         "pipeline", "pipe > 1, gpipe or 1f1b", lambda f: f.pipe > 1 and f.virtual_stages == 1 and f.schedule != "zb-h1"
     ),
@@ -177,6 +188,7 @@ DILOCO_TESTS: dict[str, str] = {
     "remat": "test_inside_replicas_match_the_papers_algorithm[tp+seq+accumulation+remat]",
     "bf16": "test_bfloat16_compute_inside_replicas",
     "multiprocess": "tests/test_multiprocess.py (the SPMD argument)",
+    "hsdp": "test_inside_replicas_match_the_papers_algorithm[hsdp]",
 }
 # Pairs that compose, with what a user should know about the result.
 NOTES: dict[tuple[str, str], str] = {

@@ -273,7 +273,7 @@ class OuterConfig(BaseModel):
     nesterov: bool = True
     # Mesh axes whose shards are the replica groups: batch axes (`expert` doubles as one for dense
     # models), so that each group trains on its own rows.
-    replica_axes: list[Literal["data", "expert"]] = ["data"]
+    replica_axes: list[Literal["data", "data_replica", "expert"]] = ["data"]
     # The pseudo-gradient's all-reduce, compressed with error feedback (shardlib.parallel.compression).
     compression: Literal["none", "bf16", "int8"] = "none"
 
@@ -301,7 +301,7 @@ class Config(BaseModel):
     model_config = _STRICT
 
     model: ModelConfig
-    sharding: Literal["dp", "fsdp", "tp", "fsdp_tp"] = "dp"  # presets in shardlib.core.rules.PRESETS
+    sharding: Literal["dp", "fsdp", "tp", "fsdp_tp", "hsdp", "hsdp_tp"] = "dp"  # presets in shardlib.core.rules.PRESETS
     mesh: str = "meshes/cpu-8.yaml"
     steps: PosInt = 200
     run_dir: str = "runs/default"

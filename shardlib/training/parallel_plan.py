@@ -25,7 +25,15 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from models.moe import ExpertDispatch
-from shardlib.core.rules import Rules, ShardingError, axes_tuple, preset_rules, rule_axes, without_axes
+from shardlib.core.rules import (
+    Rules,
+    ShardingError,
+    axes_tuple,
+    check_mesh_fits_intent,
+    preset_rules,
+    rule_axes,
+    without_axes,
+)
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel import compat
 from shardlib.parallel.attention import AttentionPlan, make_attention
@@ -187,6 +195,7 @@ def run_features(cfg: Config, mesh: jax.sharding.Mesh) -> compat.RunFeatures:
     shape = mesh.shape
     return compat.RunFeatures(
         preset=cfg.sharding,
+        data_replica=shape["data_replica"],
         pipe=shape["pipe"],
         schedule=cfg.pipeline.schedule,
         virtual_stages=cfg.pipeline.virtual_stages,
@@ -208,10 +217,11 @@ def _setting(name: str, cfg: Config, mesh: jax.sharding.Mesh) -> str:
     """A feature in the user's terms: the setting that turned it on."""
     shape = mesh.shape
     return {
-        "dp": "sharding=dp",
-        "fsdp": "sharding=fsdp",
-        "tp": "sharding=tp",
-        "fsdp_tp": "sharding=fsdp_tp",
+        "dp": f"sharding={cfg.sharding}",
+        "fsdp": f"sharding={cfg.sharding}",
+        "tp": f"sharding={cfg.sharding}",
+        "fsdp_tp": f"sharding={cfg.sharding}",
+        "hsdp": f"data_replica={shape['data_replica']}",
         "pipeline": f"pipe={shape['pipe']} ({cfg.pipeline.schedule})",
         "interleaved": f"pipe={shape['pipe']} with pipeline.virtual_stages={cfg.pipeline.virtual_stages}",
         "zero-bubble": f"pipe={shape['pipe']} (zb-h1)",
@@ -230,14 +240,19 @@ def _setting(name: str, cfg: Config, mesh: jax.sharding.Mesh) -> str:
 
 
 def batch_sharding(cfg: Config, shard: ActivationSharding) -> NamedSharding:
-    """Sharding of the [batch, seq_len] token arrays; checks that microbatches divide too."""
-    micro = cfg.batch_size // cfg.grad_accum
+    """Sharding of the [batch, seq_len] token arrays; checks that microbatches divide too
+    (``grad_accum``'s, or the pipeline's with ``pipe > 1``)."""
+    pipelined = shard.mesh.shape["pipe"] > 1
+    split, key = (cfg.pipeline.microbatches, "pipeline.microbatches") if pipelined else (cfg.grad_accum, "grad_accum")
+    if cfg.batch_size % split:
+        raise ValueError(f"batch_size={cfg.batch_size} does not divide into {key}={split}")
+    micro = cfg.batch_size // split
     try:
         shard.spec((micro, cfg.seq_len), ("batch", "length"))
         spec = shard.spec((cfg.batch_size, cfg.seq_len), ("batch", "length"))
     except ShardingError as err:
         raise ValueError(
-            f"batch_size={cfg.batch_size} with grad_accum={cfg.grad_accum} ({micro} sequences per "
+            f"batch_size={cfg.batch_size} with {key}={split} ({micro} sequences per "
             f"microbatch) and seq_len={cfg.seq_len} do not divide over the mesh: {err}"
         ) from err
     return NamedSharding(shard.mesh, spec)
@@ -268,6 +283,7 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     """The plan for ``cfg`` on ``mesh``; refuses, with the table's one-line reason, what does not compose."""
     features = run_features(cfg, mesh)
     compat.check(features, lambda name: _setting(name, cfg, mesh))
+    check_mesh_fits_intent(cfg.sharding, mesh.shape)
     rules = preset_rules(cfg.sharding)
     shard = ActivationSharding(rules, mesh)
     attention = make_attention(

@@ -199,8 +199,13 @@ def make_train_step(
 def make_eval_step(
     graphdef: nnx.GraphDef, shardings: StateShardings, plan: ParallelPlan
 ) -> Callable[[PyTree, Batch], jax.Array]:
-    """``eval(params, batch) -> loss`` (the cross-entropy, replicated scalar), jitted; nothing is donated."""
-    loss_fn = make_loss_fn(graphdef, plan)
+    """``eval(params, batch) -> loss`` (the cross-entropy, replicated scalar), jitted; nothing is donated.
+
+    The weights are applied as the train step applies them (``weight_use``), so the forward
+    passes are partitioned alike: left to XLA, an FSDP table's lookup on a mesh with
+    ``data_replica`` is resharded through full replication.
+    """
+    loss_fn = make_loss_fn(graphdef, plan, use=weight_use(plan, shardings))
     batch = plan.batch_sharding
     return jax.jit(
         lambda params, b: loss_fn(params, b["inputs"], b["targets"]),

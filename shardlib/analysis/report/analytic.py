@@ -16,6 +16,9 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
   when it has no more rows than a device has tokens
   (``reduction.lookup_gathers_table``), and otherwise gathers the token ids
   and all-to-alls the looked-up rows, both ways;
+* HSDP (``data_replica`` > 1): parameters are never split over ``data_replica``,
+  so the FSDP terms above stay over ``data`` and each gradient shard is
+  all-reduced over ``data_replica``: 2(R-1)/R of the bytes a device holds;
 * tensor parallel (Megatron, heads and MLP over ``model``): per layer two
   all-reduces of the b*s*D activations forward and two backward (one more
   backward with ``remat: full``, which recomputes the attention half), plus

@@ -20,12 +20,12 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from shardlib.core.mesh import MESH_AXES
-from shardlib.core.rules import ShardingError, logical_to_spec, preset_rules, spec_axes
+from shardlib.core.rules import ShardingError, check_mesh_fits_intent, logical_to_spec, preset_rules, spec_axes
 from shardlib.core.sharding import is_logical_axes, path_str, tree_specs
 from shardlib.training.config import Config, ModelConfig
 
 # Mesh axes that split the tokens of a step: gradients are reduced over them.
-TOKEN_AXES = ("data", "expert", "seq")
+TOKEN_AXES = ("data_replica", "data", "expert", "seq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +160,7 @@ def resolve_layout(cfg: Config, sizes: Mapping[str, int], sharding: str | None =
     """
     sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
     sharding = sharding or cfg.sharding
+    check_mesh_fits_intent(sharding, sizes)
     rules = preset_rules(sharding)
     params, logical = abstract_params(cfg.model)
     specs = tree_specs(params, logical, rules, sizes)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
+import re
 import resource
 import shutil
 import signal
@@ -92,18 +94,44 @@ def test_digests_do_not_depend_on_the_sharding():
         assert tree_digests({**tree, "w": jnp.asarray(other)})["w"] != expected["w"]
 
 
-def test_garbled_checkpoint_fails_its_checksum_and_is_kept(tmp_path, finished):
-    """Orbax restores a data file garbled in place without complaint; the checksum does not."""
-    run_dir = copy_of(finished, tmp_path)
-    garble(run_dir / "checkpoints" / "10")
+# Garbled bytes that land in a compressed chunk stop the decoder; those that land in stored values
+# decode to other values, which only the checksum sees. Where they land depends on the order the
+# asynchronous writes took, so a garbled step is refused for either reason.
+GARBLED = r"(fails its checksum|cannot be restored for this config and mesh \(.*(decompress|ZSTD|corrupt))"
+
+
+def _refuse_to_start(run_dir, finished) -> str:
+    """The one-line error of a start on ``run_dir``; nothing under its checkpoints changes."""
     before = digest_tree(run_dir / "checkpoints")
     with pytest.raises(CheckpointError) as err:
         train(integrity_config(run_dir), finished[1].mesh, setup=finished[1], progress=False, log=lambda _: None)
     message = str(err.value)
-    assert f"checkpoint step 10 at {run_dir / 'checkpoints' / '10'} fails its checksum" in message, message
     assert "older complete checkpoints: steps 5" in message and "checkpoint.fallback=true" in message, message
     assert "\n" not in message
     assert digest_tree(run_dir / "checkpoints") == before, "a failed start changed the checkpoints"
+    return message
+
+
+def test_garbled_checkpoint_is_refused_and_kept(tmp_path, finished):
+    run_dir = copy_of(finished, tmp_path)
+    garble(run_dir / "checkpoints" / "10")
+    message = _refuse_to_start(run_dir, finished)
+    assert re.search(f"checkpoint step 10 at {re.escape(str(run_dir / 'checkpoints' / '10'))} {GARBLED}", message)
+
+
+def test_values_that_decode_but_differ_fail_the_checksum(tmp_path, finished):
+    """What Orbax restores without complaint (other values, valid encoding), the checksum refuses:
+    here the record of one array's digest no longer matches the array."""
+    run_dir = copy_of(finished, tmp_path)
+    meta = run_dir / "checkpoints" / "10" / "meta" / "metadata"
+    record = json.loads(meta.read_text())
+    arrays = record["checksums"]["arrays"]
+    name = "params/layers/qkv"
+    kind, digest = arrays[name].split(":")
+    arrays[name] = f"{kind}:{int(digest, 16) ^ 1:016x}"
+    meta.write_text(json.dumps(record))
+    message = _refuse_to_start(run_dir, finished)
+    assert f"checkpoint step 10 at {run_dir / 'checkpoints' / '10'} fails its checksum ({name}" in message, message
 
 
 def truncate(step_dir: pathlib.Path) -> None:
@@ -138,7 +166,7 @@ def test_fallback_resumes_from_the_newest_good_step_and_keeps_the_bad_one(tmp_pa
     assert result.start_step == 5 and result.final_step == STEPS
     assert result.losses[:5] == finished[2][5:10], "the fallback did not resume step 5's state exactly"
     text = "\n".join(log)
-    assert "checkpoint step 10 at" in text and "fails its checksum" in text, text
+    assert "checkpoint step 10 at" in text and re.search(GARBLED, text), text
     assert "checkpoint.fallback: resuming from step 5; step 10 moved to" in text, text
     (kept,) = (run_dir / UNUSABLE_DIR).iterdir()
     assert kept.name.startswith("10-") and digest_tree(kept) == bad, "the bad checkpoint was not kept as it was"

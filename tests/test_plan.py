@@ -37,8 +37,8 @@ def param_bytes(cfg) -> int:
 
 def test_candidates_cover_every_factorization():
     meshes = candidate_meshes(8)
-    assert len(meshes) == 10  # ordered triples with product 8
-    assert all(m["data"] * m["seq"] * m["model"] == 8 and m["pipe"] == m["expert"] == 1 for m in meshes)
+    assert len(meshes) == 20  # ordered quadruples (data, pipe, seq, model) with product 8
+    assert all(m["data"] * m["pipe"] * m["seq"] * m["model"] == 8 and m["expert"] == 1 for m in meshes)
     assert candidate_meshes(8, ("data",)) == [
         {"data_replica": 1, "data": 8, "pipe": 1, "expert": 1, "seq": 1, "model": 1}
     ]
@@ -94,15 +94,21 @@ def test_plans_are_ranked_and_explained():
 
 
 # --------------------------------------------------------------------------- --verify beyond data-only meshes
-# The planner enumerates data, seq and model (not pipe: pipeline schedules are not planned yet, so no
-# pipe plan can be verified). --presets/--axes put the plan under test at the top of the ranking.
+# --presets/--axes put the plan under test at the top of the ranking.
 
 
-def _verified(presets, axes, sizes):
-    """verify() on the one fitting plan of ``presets`` over ``axes`` with mesh ``sizes``: (text, misses)."""
+def _verified(presets, axes, sizes, schedule=None):
+    """verify() on the one fitting plan of ``presets`` over ``axes`` with mesh ``sizes`` (and pipeline
+    ``schedule``): (text, misses)."""
     cfg = config()
     plans = make_plans(cfg, N, flat_profile(2**30), presets=presets, axes=axes)
-    chosen = [p for p in plans if not p.dropped and {a: s for a, s in p.sizes.items() if s > 1} == sizes]
+    chosen = [
+        p
+        for p in plans
+        if not p.dropped
+        and {a: s for a, s in p.sizes.items() if s > 1} == sizes
+        and (schedule is None or p.cfg.pipeline.schedule == schedule)
+    ]
     assert len(chosen) == 1, [p.label for p in plans]
     text, misses = verify(chosen, cfg, 1)
     assert text.startswith(f"verify {chosen[0].label} "), text
@@ -133,6 +139,37 @@ def test_verify_compiles_tensor_parallel_beside_seq_as_predicted():
     assert not misses, text
 
 
+def test_verify_compiles_a_pipelined_plan_as_predicted():
+    """data=4 x pipe=2 under 1F1B, at the planner's microbatches: bytes per axis and memory (from the
+    schedule's table) agree with the compiled step."""
+    text, misses = _verified(("dp",), ("data", "pipe"), {"data": 4, "pipe": 2}, "1f1b")
+    assert not misses, text
+    assert "(1f1b m=" in text and "  pipe   predicted" in text and "GAP" not in text
+
+
+def test_a_batch_too_small_for_the_devices_makes_the_planner_pipeline():
+    """1b with 8 sequences on 8 hosts of 8 H100s: data stops at 8 (one row each) and TP at the 8 KV
+    heads, so without a pipeline data x model = 8 x 8 sends every gradient across hosts. A pipeline
+    of 2 halves what each device holds and sends, bubble and recomputed forwards included, and the
+    planner says so beside the best plan without one."""
+    from shardlib.analysis.report.hardware import load_profile
+    from shardlib.training.config import load_config
+
+    cfg = load_config("configs/1b.yaml", ["batch_size=8", "grad_accum=1"])
+    profile = load_profile("h100")
+    plans = make_plans(cfg, 64, profile)
+    best = plans[0]
+    assert best.sizes["pipe"] > 1 and 0 < best.bubble < 0.5, best.label
+    flat = next(p for p in plans if not p.dropped and p.sizes["pipe"] == 1)
+    assert best.step_s < flat.step_s
+    text = format_plans(plans, cfg, 64, profile, top=len(plans))
+    why = next(line for line in text.splitlines() if line.startswith(f"  beats {flat.label} "))
+    assert "exposed communication" in why and "over InfiniBand" in why, why
+    # The refused combinations are dropped with the compatibility table's reason.
+    assert any(p.dropped.startswith("refused: pipe=2 (1f1b) does not combine with seq=2") for p in plans)
+    assert "dropped, refused by the compatibility table" in text
+
+
 def test_plan_cli_verifies_a_tensor_parallel_plan(capsys):
     """``python -m shardlib.analysis.planner ... --presets tp --axes data,model --verify 1``: the top plan is tp and it agrees."""
     from shardlib.analysis.planner import main
@@ -140,5 +177,5 @@ def test_plan_cli_verifies_a_tensor_parallel_plan(capsys):
     argv = ["--config", "configs/tiny.yaml", "--devices", str(N), "--presets", "tp", "--axes", "data,model"]
     assert main([*argv, "--verify", "1", "batch_size=8", "seq_len=16"]) == 0
     out = capsys.readouterr().out
-    assert "verify data=4 x model=2 tp (compiled in" in out, out
+    assert "verify data=4 x model=2 tp (grad_accum 1) (compiled in" in out, out
     assert "  model  predicted" in out and "GAP" not in out, out

@@ -190,8 +190,8 @@ def test_plan_verify_fails_naming_the_missed_prediction(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "GAP" in captured.out
     assert "prediction(s) off by more than" in captured.err
-    assert "data=8 dp: data communication, ratio without avoidable" in captured.err
-    assert "data=8 dp: memory, ratio" in captured.err
+    assert "data=8 dp (grad_accum 1): data communication, ratio without avoidable" in captured.err
+    assert "data=8 dp (grad_accum 1): memory, ratio" in captured.err
 
 
 def test_user_facing_text_cites_no_issue_numbers():

@@ -3,7 +3,7 @@
     python -m shardlib.analysis.planner --config configs/1b.yaml --devices 64 --hardware h100
     python -m shardlib.analysis.planner --config configs/tiny.yaml --devices 8 --hardware h100 --verify 2
 
-Every way to write N = data x seq x model is tried with every preset that
+Every way to write N = data x pipe x seq x model (x expert) is tried with every preset that
 uses all of its axes (``tp``/``fsdp_tp`` need model > 1, ``dp``/``tp`` leave
 nothing to shard over data with FSDP, and so on). The HSDP presets (``hsdp``,
 ``hsdp_tp``) split each candidate's ``data`` where it crosses hosts
@@ -11,10 +11,15 @@ nothing to shard over data with FSDP, and so on). The HSDP presets (``hsdp``,
 not divide are dropped with the rule's own error; the rest get a per-device
 memory and step-time prediction from the analytic model (``shardlib.analysis.report``)
 on the hardware profile; plans that do not fit in memory are dropped; the rest
-are ranked by step time, then memory. ``pipe`` is not enumerated (the time
-model has no pipeline bubble, so it would rank pipelines too well; report a
-pipelined mesh with ``python -m shardlib.analysis.report``) nor ``expert`` (without
-MoE layers it would only repeat ``data``).
+are ranked by step time, then memory.
+
+``pipe`` is enumerated with the schedules of ``plan_candidates.PIPELINE_SCHEDULES`` (1F1B,
+ZB-H1, interleaved 1F1B), each at the most microbatches that divide the batch (up to 4p):
+activation memory comes from the schedule's table, and the compute time from the table run
+in lockstep as the SPMD executor runs it (its bubble, at the executor's cost per action,
+recomputed forwards included). Combinations the compatibility table refuses (a pipeline with
+seq or experts) are dropped with its reason. ``expert`` is enumerated for MoE configs only
+(without MoE layers it would only repeat ``data``).
 
 When a fitting plan's ``data`` axis (or, under HSDP, ``data_replica``) crosses hosts, the
 planner proposes DiLoCo over it (``propose_diloco``) with the H whose outer all-reduce takes at most
@@ -34,12 +39,21 @@ import math
 import sys
 from collections.abc import Sequence
 
-from shardlib.core.mesh import MESH_AXES
+from shardlib.analysis.plan_candidates import (
+    PLAN_AXES,
+    candidate_meshes,
+    hierarchical_mesh,
+    pipeline_label,
+    pipeline_variants,
+    planned_axes,
+    redundant,
+)
 from shardlib.core.rules import PRESETS, ShardingError
 from shardlib.training.config import Config, load_config
 
+__all__ = ["PLAN_AXES", "candidate_meshes", "hierarchical_mesh", "make_plans", "propose_diloco", "verify"]
+
 TOLERANCE = 0.10
-PLAN_AXES = ("data", "seq", "model")
 EXIT_MISSED = 1  # --verify: a prediction missed its bound (usage errors are 2)
 HIDDEN = 0.05  # DiLoCo: the outer all-reduce's share of the H inner steps it follows, at most
 
@@ -48,60 +62,21 @@ HIDDEN = 0.05  # DiLoCo: the outer all-reduce's share of the H inner steps it fo
 class MeshPlan:
     sizes: dict[str, int]
     sharding: str
+    cfg: Config | None = None  # what this plan runs: the user's config, or a pipelined variant of it
     layout: object = None  # shardlib.analysis.report.layout.Layout
     memory: object = None  # MemoryEstimate
     time: object = None  # TimeEstimate
+    bubble: float = 0.0  # a pipeline's idle share of the step (analytic.pipeline_bubble)
     dropped: str = ""
 
     @property
     def label(self) -> str:
         shown = " x ".join(f"{a}={n}" for a, n in self.sizes.items() if n > 1) or "1 device"
-        return f"{shown} {self.sharding}"
+        return f"{shown} {self.sharding}" + (pipeline_label(self.cfg, self.sizes) if self.cfg else "")
 
     @property
     def step_s(self) -> float:
         return self.time.step_s if self.time else math.inf
-
-
-def _factorizations(n: int, k: int) -> list[tuple[int, ...]]:
-    if k == 1:
-        return [(n,)]
-    return [(d, *rest) for d in range(1, n + 1) if n % d == 0 for rest in _factorizations(n // d, k - 1)]
-
-
-def candidate_meshes(devices: int, axes: Sequence[str] = PLAN_AXES) -> list[dict[str, int]]:
-    """Every product of the planned ``axes`` (a subset of data, seq, model) equal to ``devices``; other axes 1."""
-    out = []
-    for sizes in _factorizations(devices, len(axes)):
-        mesh = dict.fromkeys(MESH_AXES, 1)
-        mesh.update(zip(axes, sizes, strict=True))
-        out.append(mesh)
-    return out
-
-
-def hierarchical_mesh(sizes: dict[str, int], devices_per_host: int) -> dict[str, int]:
-    """``sizes`` with ``data`` split for HSDP: the part inside a host stays ``data``, the rest is ``data_replica``.
-
-    Hosts fill from the innermost axis (``model``) outwards, so ``data`` gets what a host has
-    left after the axes inside it; on one host the split is trivial (``data_replica`` 1).
-    """
-    inside = math.prod(n for a, n in sizes.items() if MESH_AXES.index(a) > MESH_AXES.index("data"))
-    in_host = math.gcd(sizes["data"], max(1, devices_per_host // inside))
-    return {**sizes, "data_replica": sizes["data_replica"] * sizes["data"] // in_host, "data": in_host}
-
-
-def _redundant(sizes: dict[str, int], sharding: str) -> str:
-    """Why a (mesh, preset) pair is not worth planning, or ''."""
-    intent = PRESETS[sharding]
-    if intent.tensor and sizes["model"] == 1:
-        return "no model axis for tensor parallelism (same as the preset without it)"
-    if not intent.tensor and sizes["model"] > 1:
-        return "model axis unused by the preset: its devices would repeat work"
-    if intent.fsdp and sizes["data"] == 1:
-        return "no data axis to shard parameters over (same as the preset without FSDP)"
-    if intent.hierarchical and sizes["data_replica"] == 1:
-        return "data fits inside one host: HSDP would be FSDP"
-    return ""
 
 
 def make_plans(
@@ -114,41 +89,64 @@ def make_plans(
     mfu: float | None = None,
 ) -> list[MeshPlan]:
     """All plans for ``cfg`` on ``devices``: ranked fitting ones first, then the dropped ones."""
-    from shardlib.analysis.report.analytic import hardware_flops, predict_terms
-    from shardlib.analysis.report.hardware import estimate_time
-    from shardlib.analysis.report.layout import resolve_layout
-    from shardlib.analysis.report.memory import estimate_memory
-
     plans = []
-    for flat in candidate_meshes(devices, axes):
+    for flat in candidate_meshes(devices, planned_axes(cfg, axes)):
         for sharding in presets:
             # An HSDP preset keeps data's FSDP inside a host and replicates across hosts.
             sizes = hierarchical_mesh(flat, profile.devices_per_host) if PRESETS[sharding].hierarchical else flat
-            plan = MeshPlan(sizes, sharding)
-            plans.append(plan)
-            if reason := _redundant(sizes, sharding):
-                plan.dropped = reason
-                continue
-            try:
-                plan.layout = resolve_layout(cfg, sizes, sharding)
-            except (ShardingError, ValueError) as err:
-                plan.dropped = f"does not divide: {err}"
-                continue
-            plan.memory = estimate_memory(plan.layout)
-            terms = predict_terms(plan.layout)
-            plan.time = estimate_time(
-                terms,
-                sizes,
-                hardware_flops(plan.layout),
-                cfg.model.compute_dtype,
-                profile,
-                n_layers=cfg.model.n_layers,
-                mfu=mfu,
-            )
-            if plan.memory.total > profile.usable_bytes:
-                plan.dropped = f"needs {_gib(plan.memory.total)} > {_gib(profile.usable_bytes)} usable"
+            variants = [
+                MeshPlan(sizes, sharding, v.model_copy(update={"sharding": sharding}))
+                for v in pipeline_variants(cfg, sizes)
+            ]
+            for plan in variants:
+                _evaluate(plan, profile, mfu)
+            plans += variants if sizes["pipe"] > 1 else [_fastest(variants)]
     fitting = sorted((p for p in plans if not p.dropped), key=lambda p: (p.step_s, p.memory.total))
     return fitting + [p for p in plans if p.dropped]
+
+
+def _fastest(variants: list[MeshPlan]) -> MeshPlan:
+    """The fastest fitting of a mesh's accumulation variants, else the first (the user's ``grad_accum``), dropped."""
+    fitting = [p for p in variants if not p.dropped]
+    return min(fitting, key=lambda p: (p.step_s, p.memory.total)) if fitting else variants[0]
+
+
+def _evaluate(plan: MeshPlan, profile, mfu: float | None) -> None:
+    """Fills in the plan's layout, memory, bubble and time, or says why it was dropped."""
+    from shardlib.analysis.report.analytic import hardware_flops, pipeline_bubble, predict_terms
+    from shardlib.analysis.report.hardware import estimate_time
+    from shardlib.analysis.report.layout import resolve_layout
+    from shardlib.analysis.report.memory import estimate_memory
+    from shardlib.parallel.compat import IncompatibleFeatures, check
+    from shardlib.training.parallel_plan import feature_setting, features_on
+
+    cfg, sizes = plan.cfg, plan.sizes
+    if reason := redundant(sizes, plan.sharding):
+        plan.dropped = reason
+        return
+    try:
+        check(features_on(cfg, sizes), lambda name: feature_setting(name, cfg, sizes))
+        plan.layout = resolve_layout(cfg, sizes, plan.sharding)
+    except IncompatibleFeatures as err:
+        plan.dropped = f"refused: {err}"
+        return
+    except (ShardingError, ValueError) as err:
+        plan.dropped = f"does not divide: {err}"
+        return
+    plan.memory = estimate_memory(plan.layout)
+    plan.bubble = pipeline_bubble(plan.layout)
+    plan.time = estimate_time(
+        predict_terms(plan.layout),
+        sizes,
+        hardware_flops(plan.layout),
+        cfg.model.compute_dtype,
+        profile,
+        n_layers=cfg.model.n_layers,
+        mfu=mfu,
+        bubble=plan.bubble,
+    )
+    if plan.memory.total > profile.usable_bytes:
+        plan.dropped = f"needs {_gib(plan.memory.total)} > {_gib(profile.usable_bytes)} usable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +184,10 @@ def propose_diloco(plans: list[MeshPlan], cfg: Config, profile, *, mfu: float | 
     for p in plans:
         slow = axes_across_hosts(p.sizes, profile.devices_per_host)
         axis = "data_replica" if p.sizes["data_replica"] > 1 else "data"
-        if p.dropped or axis not in slow or (axis == "data" and PRESETS[p.sharding].fsdp):
-            continue
+        if p.dropped or axis not in slow or (axis == "data" and PRESETS[p.sharding].fsdp) or p.sizes["pipe"] > 1:
+            continue  # (DiLoCo does not run with a pipeline: the compatibility table refuses it)
         outer = OuterConfig(algorithm="diloco", inner_steps=1, replica_axes=[axis])
-        diloco = cfg.model_copy(update={"outer": outer})
+        diloco = p.cfg.model_copy(update={"outer": outer})
         layout = resolve_layout(diloco, p.sizes, p.sharding)
         terms = predict_terms(layout)
         outer = [t for t in terms if t.strategy == "diloco"]
@@ -224,7 +222,10 @@ def why_best(best: MeshPlan, other: MeshPlan) -> str:
     a, b = best.time, other.time
     parts = []
     if b.compute_s > a.compute_s * 1.01:
-        parts.append(f"compute {_ms(b.compute_s)} vs {_ms(a.compute_s)} (its devices split less of the work)")
+        why = "its devices split less of the work"
+        if other.bubble > best.bubble + 0.01:
+            why = f"its pipeline idles {other.bubble:.0%} of the step and recomputes each forward"
+        parts.append(f"compute {_ms(b.compute_s)} vs {_ms(a.compute_s)} ({why})")
     if b.exposed_s > a.exposed_s:
         worst = max(b.comm_s_per_axis, key=b.comm_s_per_axis.get, default=None)
         where = f", most on {worst} over {b.link_per_axis[worst]}" if worst else ""
@@ -307,6 +308,11 @@ def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top:
         out.append(f"  ({len(fitting) - top} more fitting plans not shown)")
     if fitting and (proposal := propose_diloco(fitting, cfg, profile, mfu=fitting[0].time.mfu)):
         out += ["", format_diloco(proposal)]
+    refused = [p for p in dropped if p.dropped.startswith("refused")]
+    if refused:
+        out += ["", f"dropped, refused by the compatibility table ({len(refused)}); one per reason:"]
+        reasons = {p.dropped.split(": ", 2)[-1]: p for p in refused}  # the table's reason, not the settings
+        out += [f"  {p.label}: {p.dropped.removeprefix('refused: ')}" for p in reasons.values()]
     memory_drops = [p for p in dropped if p.dropped.startswith("needs")]
     divide_drops = [p for p in dropped if p.dropped.startswith("does not divide")]
     if memory_drops:
@@ -335,7 +341,7 @@ def verify(plans: list[MeshPlan], cfg: Config, k: int) -> tuple[str, list[str]]:
     out, misses = [], []
     for p in [p for p in plans if not p.dropped][:k]:
         mesh = build_mesh(dataclasses.replace(mesh_spec(**p.sizes), platform="cpu"))
-        measured = measure(cfg.model_copy(update={"sharding": p.sharding}), mesh)
+        measured = measure(p.cfg, mesh)
         report = build_report(p.layout, measured=measured)
         out.append(f"verify {p.label} (compiled in {measured.compile_seconds:.1f} s):")
         for row in report.axes:
@@ -420,7 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hardware", default="h100", help="hardware profile: h100, h200 or a YAML file (default h100)")
     parser.add_argument("--mfu", type=float, help="utilisation for compute time (default: the profile's)")
     parser.add_argument("--presets", help="comma-separated presets to consider (default: all)")
-    parser.add_argument("--axes", help="comma-separated mesh axes to plan over (default: data,seq,model)")
+    parser.add_argument(
+        "--axes", help="comma-separated mesh axes to plan over (default: data,pipe,seq,model; expert too for MoE)"
+    )
     parser.add_argument("--top", type=int, default=10, help="fitting plans to show (default 10)")
     parser.add_argument(
         "--verify", type=int, default=0, metavar="K", help="compile the top K plans on emulated CPU devices"

@@ -18,6 +18,7 @@ see the config.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -192,7 +193,11 @@ def _replica_plan(cfg: Config, plan: ParallelPlan) -> ReplicaPlan | None:
 
 def run_features(cfg: Config, mesh: jax.sharding.Mesh) -> compat.RunFeatures:
     """The table's view of a run: which features ``cfg`` on ``mesh`` holds."""
-    shape = mesh.shape
+    return features_on(cfg, mesh.shape, processes=len({d.process_index for d in mesh.devices.flat}))
+
+
+def features_on(cfg: Config, shape: Mapping[str, int], processes: int = 1) -> compat.RunFeatures:
+    """``run_features`` from axis sizes alone (the planner's meshes have no devices)."""
     return compat.RunFeatures(
         preset=cfg.sharding,
         data_replica=shape["data_replica"],
@@ -207,15 +212,14 @@ def run_features(cfg: Config, mesh: jax.sharding.Mesh) -> compat.RunFeatures:
         grad_accum=cfg.grad_accum,
         remat=cfg.model.remat,
         compute_dtype=cfg.model.compute_dtype,
-        processes=len({d.process_index for d in mesh.devices.flat}),
+        processes=processes,
         outer=cfg.outer.algorithm,
         replica_axes=tuple(cfg.outer.replica_axes),
     )
 
 
-def _setting(name: str, cfg: Config, mesh: jax.sharding.Mesh) -> str:
-    """A feature in the user's terms: the setting that turned it on."""
-    shape = mesh.shape
+def feature_setting(name: str, cfg: Config, shape: Mapping[str, int]) -> str:
+    """A feature in the user's terms: the setting that turned it on (``shape``: the mesh's axis sizes)."""
     return {
         "dp": f"sharding={cfg.sharding}",
         "fsdp": f"sharding={cfg.sharding}",
@@ -282,7 +286,7 @@ def _pipeline(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> PipelinePla
 def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     """The plan for ``cfg`` on ``mesh``; refuses, with the table's one-line reason, what does not compose."""
     features = run_features(cfg, mesh)
-    compat.check(features, lambda name: _setting(name, cfg, mesh))
+    compat.check(features, lambda name: feature_setting(name, cfg, mesh.shape))
     check_mesh_fits_intent(cfg.sharding, mesh.shape)
     rules = preset_rules(cfg.sharding)
     shard = ActivationSharding(rules, mesh)

@@ -59,6 +59,8 @@ import numpy as np
 from shardlib.analysis.report.collectives import split_by_axis, wire_bytes
 from shardlib.analysis.report.layout import Layout, ParamLayout
 from shardlib.core.rules import axes_tuple, logical_to_spec, preset_rules
+from shardlib.parallel.pipeline.actions import tick_costs
+from shardlib.parallel.pipeline.schedules import make_schedule
 from shardlib.parallel.reduction import lookup_gathers_table
 
 
@@ -115,6 +117,8 @@ def gradient_terms(layout: Layout) -> list[Term]:
     # (strategy, what, kind, axes, layers, overlappable) -> bytes per op
     messages: dict[tuple, float] = defaultdict(float)
     pipelined = sizes["pipe"] > 1
+    # A pipeline's executor gathers before its tick loop and reduces after it: no compute to hide behind.
+    hides = not pipelined
     out: list[Term | None] = []
     for p in layout.params:
         # Experts split over a token axis are owned, not gathered: their gradients come whole
@@ -126,7 +130,7 @@ def gradient_terms(layout: Layout) -> list[Term]:
         local = p.bytes_per_device / layers  # what this device stores, per layer
         scope = "layer" if p.scanned else "other"
         if not fsdp:
-            messages[("data parallel", f"gradient all-reduce ({scope})", "all-reduce", rest, layers, True)] += local
+            messages[("data parallel", f"gradient all-reduce ({scope})", "all-reduce", rest, layers, hides)] += local
             continue
         gathered = local * int(np.prod([sizes[a] for a in fsdp]))
         if pipelined:  # the executor gathers every parameter once per step and reduce-scatters once after it
@@ -134,7 +138,7 @@ def gradient_terms(layout: Layout) -> list[Term]:
                 ("gather parameters once per step", "all-gather"),
                 ("reduce-scatter gradients", "reduce-scatter"),
             ]:
-                messages[("fsdp", f"{what} (pipeline), {scope}", kind, fsdp, layers, True)] += gathered
+                messages[("fsdp", f"{what} (pipeline), {scope}", kind, fsdp, layers, hides)] += gathered
         elif _is_lookup_table(p) and not layout.cfg.model.tie_embeddings and not _gathers_table(layout, p):
             out += _lookup_terms(layout, p, fsdp)
         else:
@@ -147,10 +151,10 @@ def gradient_terms(layout: Layout) -> list[Term]:
                 # backward needs no table at all (token ids have no gradient).
                 gathers = [("gather parameters (forward, kept for backward)", "all-gather")]
             for what, kind in [*gathers, ("reduce-scatter gradients", "reduce-scatter")]:
-                messages[("fsdp", f"{what}, {scope}", kind, fsdp, layers, True)] += gathered
+                messages[("fsdp", f"{what}, {scope}", kind, fsdp, layers, hides)] += gathered
         if rest:
             messages[
-                ("data parallel", f"gradient all-reduce of the shard ({scope})", "all-reduce", rest, layers, True)
+                ("data parallel", f"gradient all-reduce of the shard ({scope})", "all-reduce", rest, layers, hides)
             ] += local
     for (strategy, what, kind, axes, layers, overlap), message in messages.items():
         out.append(_term(strategy, what, kind, axes, sizes, message, layers * m, overlap))
@@ -427,8 +431,25 @@ def hardware_flops(layout: Layout) -> float:
     recomputed = m.n_layers * (2 * m.d_model * hk * (m.n_heads + m.n_kv_heads) + 2 * m.d_model * m.d_ff)
     attention_forward = 4 * m.n_layers * m.n_heads * hk * cfg.seq_len
     extra = 0.0
+    if layout.sizes["pipe"] > 1:
+        # The pipeline's executor recomputes each chunk's forward in its backward, whatever remat says.
+        return model_flops(layout) * 4 / 3
     if m.remat == "full":
         extra = 2 * recomputed + attention_forward
     elif m.remat == "save_matmuls":
         extra = attention_forward
     return model_flops(layout) + extra * tokens
+
+
+def pipeline_bubble(layout: Layout) -> float:
+    """The share of a pipelined step its stages sit idle, 0 without a pipeline.
+
+    From the schedule's table run in lockstep, as the SPMD executor runs it (every stage
+    starts each tick together), at the executor's cost per action (``tick_costs``): the
+    compute time of a step is its work over (1 - bubble).
+    """
+    pipeline = getattr(layout.cfg, "pipeline", None)
+    if layout.sizes["pipe"] < 2 or pipeline is None:
+        return 0.0
+    schedule = make_schedule(pipeline.schedule, layout.sizes["pipe"], pipeline.microbatches, pipeline.virtual_stages)
+    return float(schedule.lockstep_time(tick_costs(schedule))[1])

@@ -167,10 +167,15 @@ def estimate_time(
     n_layers: int,
     mfu: float | None = None,
     across: Mapping[str, int] | None = None,
+    bubble: float = 0.0,
 ) -> TimeEstimate:
-    """Step time of the predicted ``terms`` plus ``flops`` per device in ``dtype`` on ``profile``."""
+    """Step time of the predicted ``terms`` plus ``flops`` per device in ``dtype`` on ``profile``.
+
+    ``bubble``: the share of the step a pipeline's stages sit idle (``analytic.pipeline_bubble``),
+    which stretches the compute time to ``flops`` over (1 - bubble).
+    """
     mfu = mfu or profile.mfu
-    compute = flops / (profile.peak_flops(dtype) * mfu)
+    compute = flops / (profile.peak_flops(dtype) * mfu) / (1 - bubble)
     slow = axes_across_hosts(sizes, profile.devices_per_host, across)
     links = {a: profile.links.across_hosts if a in slow else profile.links.within_host for a in sizes}
     per_axis: dict[str, float] = defaultdict(float)

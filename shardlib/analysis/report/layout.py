@@ -115,8 +115,9 @@ class Layout:
 
     @property
     def work_shards(self) -> int:
-        """Into how many parts the step's FLOPs are split; other devices repeat work."""
-        return self.batch_shards * self.seq_shards * self.heads_shards
+        """Into how many parts the step's FLOPs are split (a pipeline's stages each run their
+        layers); other devices repeat work."""
+        return self.batch_shards * self.seq_shards * self.heads_shards * self.sizes["pipe"]
 
     @property
     def param_bytes(self) -> int:

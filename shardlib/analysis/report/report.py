@@ -20,7 +20,14 @@ import dataclasses
 import re
 from collections import defaultdict
 
-from shardlib.analysis.report.analytic import Term, hardware_flops, model_flops, per_axis, predict_terms
+from shardlib.analysis.report.analytic import (
+    Term,
+    hardware_flops,
+    model_flops,
+    per_axis,
+    pipeline_bubble,
+    predict_terms,
+)
 from shardlib.analysis.report.collectives import Collective, split_by_axis
 from shardlib.analysis.report.hardware import Profile, TimeEstimate, estimate_time
 from shardlib.analysis.report.layout import Layout
@@ -204,6 +211,7 @@ def build_report(
             n_layers=layout.cfg.model.n_layers,
             mfu=mfu,
             across=across,
+            bubble=pipeline_bubble(layout),
         )
     measured_axes, avoidable = _axis_measured(measured.collectives, layout.sizes) if measured else ({}, {})
     rows = []

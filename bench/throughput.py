@@ -75,7 +75,7 @@ class StepTimer:
         self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch)
         self.step += 1
         if self.run.outer_due(self.step):
-            self.params, self.opt_state = self.run.outer_step(self.params, self.opt_state)
+            self.params, self.opt_state = self.run.outer_step_after(self.step)(self.params, self.opt_state)
         if timed:
             self.batch_s.append(got_batch - start)
             self.dispatch_s.append(time.perf_counter() - got_batch)

@@ -67,9 +67,10 @@ def compiled(run: TrainingSetup) -> tuple[TrainingSetup, list, list]:
     params, opt_state = abstract_state(run.model, run.tx, run.shardings)
     with jax.set_mesh(run.mesh):
         inner = run.train_step.lower(params, opt_state, abstract_batch(run.cfg, run.batch_sharding)).compile()
-        outer = run.outer_step.lower(params, opt_state).compile()
-    found = [measure_compiled(c, run.mesh).collectives for c in (inner, outer)]
-    return dataclasses.replace(run, train_step=inner, outer_step=outer), *found
+        outers = tuple(o.lower(params, opt_state).compile() for o in run.outer_steps)
+    inner_found = measure_compiled(inner, run.mesh).collectives
+    outer_found = [c for o in outers for c in measure_compiled(o, run.mesh).collectives]  # every fragment's
+    return dataclasses.replace(run, train_step=inner, outer_steps=outers), inner_found, outer_found
 
 
 def local_param_bytes(run: TrainingSetup) -> int:
@@ -94,7 +95,7 @@ def run_steps(run: TrainingSetup, state, batches, first_step: int = 1):
         placed = {k: jax.device_put(v, run.batch_sharding) for k, v in batch.items()}
         params, opt_state, metrics = run.train_step(params, opt_state, placed)
         if run.outer_due(step):
-            params, opt_state = run.outer_step(params, opt_state)
+            params, opt_state = run.outer_step_after(step)(params, opt_state)
         losses.append(float(run.scalar_metrics([metrics])[0]["loss"]))
     return params, opt_state, np.array(losses)
 
@@ -122,13 +123,17 @@ def _inner_step(cfg_json: str):
     return step, inner
 
 
-def paper_diloco(cfg, params0, batches, rows, *, every, lr=LR, momentum=MOMENTUM):
+def paper_diloco(cfg, params0, batches, rows, *, every, lr=LR, momentum=MOMENTUM, fragments=None):
     """DiLoCo (Douillard et al. 2023, Algorithm 1) on ``len(rows)`` single-device replicas.
 
     rows[r]: the batch rows replica r trains on. Each replica starts every period
     from the anchor and keeps its own AdamW state across periods; every
     ``every`` steps the pseudo-gradient is averaged and an outer SGD step with
     Nesterov momentum moves the anchor: m <- mu m + delta; anchor -= lr (delta + mu m).
+
+    ``fragments`` (streaming DiLoCo, Douillard et al. 2025): F dicts, leaf path -> the (start, stop)
+    rows of its leading dimension in that fragment. Fragment f's outer step, the same update on
+    its rows only, follows steps (f + 1) H/F, (f + 1) H/F + H, ...
     Returns (per-step mean loss, anchor, replicas' parameters).
     """
     clean = cfg.model_copy(
@@ -147,12 +152,40 @@ def paper_diloco(cfg, params0, batches, rows, *, every, lr=LR, momentum=MOMENTUM
             replicas[r], states[r], loss = step(replicas[r], states[r], batch["inputs"][take], batch["targets"][take])
             step_losses.append(float(loss))
         losses.append(np.mean(step_losses))
-        if t % every == 0:
+        if fragments is not None:
+            stride = every // len(fragments)
+            if t % stride == 0:
+                part = fragments[(t // stride - 1) % len(fragments)]
+                anchor, trace, replicas = _paper_fragment_step(anchor, trace, replicas, part, lr, momentum)
+        elif t % every == 0:
             delta = jax.tree.map(lambda a, *ps: np.mean([a - np.asarray(p) for p in ps], axis=0), anchor, *replicas)
             trace = jax.tree.map(lambda m, d: momentum * m + d, trace, delta)
             anchor = jax.tree.map(lambda a, d, m: a - lr * (d + momentum * m), anchor, delta, trace)
             replicas = [anchor] * len(rows)
     return np.array(losses), anchor, host(replicas)
+
+
+def _paper_fragment_step(anchor, trace, replicas, part, lr, momentum):
+    """One fragment's outer step, element by element on its rows; everything else as it was."""
+    anchor, trace = jax.tree.map(np.copy, anchor), jax.tree.map(np.copy, trace)
+    replicas = [jax.tree.map(lambda x: np.array(x, np.float32), r) for r in replicas]
+    flat = {jax.tree_util.keystr(k): k for k, _ in jax.tree_util.tree_flatten_with_path(anchor)[0]}
+    for name, (start, stop) in part.items():
+        a = _at(anchor, flat[name])
+        t = _at(trace, flat[name])
+        ps = [_at(r, flat[name]) for r in replicas]
+        delta = np.mean([a[start:stop] - p[start:stop] for p in ps], axis=0)
+        t[start:stop] = momentum * t[start:stop] + delta
+        a[start:stop] -= lr * (delta + momentum * t[start:stop])
+        for p in ps:
+            p[start:stop] = a[start:stop]
+    return anchor, trace, replicas
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
 
 
 def contiguous_rows(batch_size: int, replicas: int) -> list[np.ndarray]:
@@ -358,6 +391,11 @@ def test_fsdp_with_nothing_left_to_shard_over_is_refused_by_the_table(sharding, 
         ),
         ({"algorithm": "diloco", "replica_axes": []}, "outer: Value error, replica_axes must name each mesh axis once"),
         ({"algorithm": "diloco", "compression": "fp8"}, "outer.compression: Input should be 'none', 'bf16' or 'int8'"),
+        ({"algorithm": "diloco", "inner_steps": 4, "fragments": 3}, "outer: Value error, fragments=3 must divide"),
+        (
+            {"algorithm": "diloco", "fragments": 2, "compression": "int8"},
+            "outer: Value error, compression with fragments > 1 is not built",
+        ),
     ],
 )
 def test_bad_outer_settings_name_their_key(outer, message):

@@ -41,15 +41,19 @@ with the replica axes taken out. Two alternatives were weighed:
   axes, in the outer step), and memory per device is unchanged (a device
   holds its own replica's slice). This is the form chosen.
 
-Streaming DiLoCo (Douillard et al. 2025: the parameters split into fragments
-whose outer steps fall on staggered inner steps, one fragment's all-reduce
-overlapping the next fragment's inner steps) is not built. Its place is
-``outer_update``: a fragment is a subset of the parameter leaves (e.g. a
-range of the stacked layers); the streaming outer step would take a boolean
-mask tree, reduce only the masked leaves, move only their anchor and momentum
-and reset only their replicas, and ``OuterSettings.due`` would return the
-fragment due at a step instead of a bool. The state already holds what each
-fragment needs (anchor and momentum per leaf).
+Streaming DiLoCo (Douillard et al. 2025): the parameters are split into F
+fragments (``Fragment``: a contiguous range of the stacked layers, with the
+leaves outside the layer stack spread over the lightest fragments), and the
+outer steps are staggered: one fragment's after every H/F-th inner step, so
+each fragment still syncs every H steps but an outer step's all-reduce moves
+P/F, not P (the peak bandwidth over the replica axes falls F-fold; the
+average per step is unchanged). ``outer_update`` takes the fragment: it
+reduces only that fragment's slices, and applies the outer optimizer to the
+whole tree under a mask, so the anchor, the outer momentum and the replicas
+move only inside the fragment and the state keeps one layout for every F
+(checkpoints of F = 1 and F > 1 are alike). Not built: overlapping a
+fragment's all-reduce with the next inner steps (the paper's other half),
+which needs the outer step issued asynchronously beside the inner step.
 
 Pure functions of arrays and small settings; the jitted steps with their
 shardings are built in ``shardlib.training.step``.
@@ -89,16 +93,29 @@ class OuterSettings:
     nesterov: bool = True
     replica_axes: tuple[str, ...] = ("data",)
     compression: str = "none"
+    fragments: int = 1  # streaming DiLoCo's F; 1: every outer step syncs the whole network
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown outer algorithm {self.algorithm!r}; known: {', '.join(ALGORITHMS)}")
         if self.every < 1:
             raise ValueError(f"outer.inner_steps must be at least 1 (inner steps per outer step), got {self.every}")
+        if self.fragments < 1 or self.every % self.fragments:
+            raise ValueError(
+                f"outer.fragments={self.fragments} must divide outer.inner_steps={self.every}: each fragment's "
+                "outer step falls H/F inner steps after the previous fragment's"
+            )
+        if self.fragments > 1 and self.compression != "none":
+            raise ValueError("outer.compression with outer.fragments > 1 is not built; use one of them")
 
     def due(self, step: int) -> bool:
-        """Whether the outer step follows inner step ``step`` (counted from 1): after H, 2H, ..."""
-        return step % self.every == 0
+        """Whether an outer step follows inner step ``step`` (counted from 1): after every H/F-th."""
+        return step % (self.every // self.fragments) == 0
+
+    def fragment_due(self, step: int) -> int:
+        """Which fragment's outer step follows inner step ``step`` (``due``): 0, 1, ..., F-1 in turn, so
+        fragment f syncs after steps (f + 1) H/F + k H (F = 1: fragment 0 after every H-th)."""
+        return (step // (self.every // self.fragments) - 1) % self.fragments
 
     def describe(self) -> str:
         if self.algorithm == "local_sgd":
@@ -106,7 +123,58 @@ class OuterSettings:
         else:
             kind = "Nesterov" if self.nesterov and self.momentum else "heavy-ball" if self.momentum else "no"
             outer = f"outer SGD lr {self.lr:g}, {kind} momentum {self.momentum:g}"
-        return f"{self.algorithm} every {self.every} steps over {', '.join(self.replica_axes)}: {outer}"
+        streaming = f" (streaming: {self.fragments} fragments, one every {self.every // self.fragments})"
+        streaming = streaming if self.fragments > 1 else ""
+        return f"{self.algorithm} every {self.every} steps{streaming} over {', '.join(self.replica_axes)}: {outer}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fragment:
+    """The part of every parameter leaf one streaming outer step syncs, leaves in ``jax.tree.leaves`` order.
+
+    rows[i]: ``(start, stop)`` of leaf i's leading (layer) dimension, or None: leaf i is not in it.
+    A leaf outside the layer stack is whole in one fragment: ``(0, its leading size)``.
+    """
+
+    rows: tuple[tuple[int, int] | None, ...]
+
+
+def split_fragments(shapes: Sequence[tuple[int, ...]], stacked: Sequence[bool], count: int) -> tuple[Fragment, ...]:
+    """``count`` fragments of parameters with leaf ``shapes``: every stacked leaf (``stacked[i]``: its leading
+    dimension is the layers) cut into ``count`` equal row ranges, and each other leaf, largest first,
+    put whole into the fragment holding the fewest elements so far. Raises ValueError when the layers
+    do not divide."""
+    layers = {shape[0] for shape, s in zip(shapes, stacked, strict=True) if s}
+    if count > 1 and (len(layers) != 1 or next(iter(layers)) % count):
+        raise ValueError(f"outer.fragments={count} must divide the stacked layers ({sorted(layers)})")
+    n = next(iter(layers)) if layers else 1
+    rows: list[list[tuple[int, int] | None]] = [[None] * len(shapes) for _ in range(count)]
+    load = [0] * count
+    for i, (shape, s) in enumerate(zip(shapes, stacked, strict=True)):
+        if s:
+            for f in range(count):
+                rows[f][i] = (f * n // count, (f + 1) * n // count)
+                load[f] += math.prod(shape) // count
+    others = sorted((i for i, s in enumerate(stacked) if not s), key=lambda i: -math.prod(shapes[i]))
+    for i in others:
+        f = load.index(min(load))
+        rows[f][i] = (0, shapes[i][0] if shapes[i] else 1)
+        load[f] += math.prod(shapes[i])
+    return tuple(Fragment(tuple(r)) for r in rows)
+
+
+def _mask(x: jax.Array, rows: tuple[int, int] | None, lead: int) -> jax.Array:
+    """Boolean, broadcastable against ``x``: True on the rows of dimension ``lead`` in ``rows``."""
+    if rows is None:
+        return jnp.zeros((), bool)
+    if x.ndim <= lead:
+        return jnp.ones((), bool)
+    index = jnp.arange(x.shape[lead]).reshape((-1,) + (1,) * (x.ndim - lead - 1))
+    return (index >= rows[0]) & (index < rows[1])
+
+
+def _take(x: jax.Array, rows: tuple[int, int], lead: int) -> jax.Array:
+    return x if x.ndim <= lead else lax.slice_in_dim(x, rows[0], rows[1], axis=lead)
 
 
 def outer_optimizer(settings: OuterSettings) -> optax.GradientTransformation:
@@ -196,6 +264,52 @@ def diloco_optimizer(
         return updates_R, {**state, "inner": inner_R}
 
     return optax.GradientTransformation(init, update)
+
+
+def fragment_update(
+    params_R: PyTree, state: dict, outer: optax.GradientTransformation, fragment: Fragment
+) -> tuple[PyTree, dict]:
+    """Streaming DiLoCo's outer step for one ``fragment``: ``outer_update`` inside it, nothing outside.
+
+    Only the fragment's slices of the pseudo-gradient are averaged over the replicas (the one
+    all-reduce, of the fragment's bytes); the outer optimizer then runs on the whole tree with
+    zeros elsewhere, and a mask keeps the anchor, every parameter-shaped state leaf (the
+    momentum) and the replicas as they were outside the fragment, so the optimizer is optax's own.
+    """
+    treedef = jax.tree.structure(state["anchor"])
+    anchors, replicas = jax.tree.leaves(state["anchor"]), jax.tree.leaves(params_R)
+    deltas, masks = [], []
+    for a, p_R, rows in zip(anchors, replicas, fragment.rows, strict=True):
+        masks.append(_mask(a, rows, 0))
+        if rows is None:
+            deltas.append(jnp.zeros_like(a))
+            continue
+        mean = replica_mean(_take(a, rows, 0)[None] - _take(p_R, rows, 1))  # the fragment's all-reduce
+        deltas.append(mean if a.ndim == 0 else lax.dynamic_update_slice_in_dim(jnp.zeros_like(a), mean, rows[0], 0))
+    delta = jax.tree.unflatten(treedef, deltas)
+    mask = jax.tree.unflatten(treedef, masks)
+    updates, outer_state = outer.update(delta, state["outer"], state["anchor"])
+    updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
+    anchor = optax.apply_updates(state["anchor"], updates)
+    state = {**state, "anchor": anchor, "outer": _inside(outer_state, state["outer"], mask)}
+    params_R = jax.tree.map(lambda p_R, a, m: jnp.where(m[None], a[None], p_R), params_R, anchor, mask)
+    return params_R, state
+
+
+def _inside(new: PyTree, old: PyTree, mask: PyTree) -> PyTree:
+    """``new`` inside the fragment, ``old`` outside, for every state subtree shaped like the parameters
+    (optax's momentum trace); other leaves (counts) take ``new``."""
+    params_def = jax.tree.structure(mask)
+
+    def is_params_like(node) -> bool:
+        return jax.tree.structure(node) == params_def
+
+    def keep(new_node, old_node):
+        if is_params_like(new_node):
+            return jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new_node, old_node, mask)
+        return new_node
+
+    return jax.tree.map(keep, new, old, is_leaf=is_params_like)
 
 
 def outer_update(

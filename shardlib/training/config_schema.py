@@ -276,11 +276,20 @@ class OuterConfig(BaseModel):
     replica_axes: list[Literal["data", "data_replica", "expert"]] = ["data"]
     # The pseudo-gradient's all-reduce, compressed with error feedback (shardlib.parallel.compression).
     compression: Literal["none", "bf16", "int8"] = "none"
+    # Streaming DiLoCo: F fragments of the layers, one synced every inner_steps / F steps (F divides H).
+    fragments: PosInt = 1
 
     @model_validator(mode="after")
     def _check_outer(self) -> "OuterConfig":
         if len(set(self.replica_axes)) != len(self.replica_axes) or not self.replica_axes:
             raise ValueError(f"replica_axes must name each mesh axis once, at least one (got {self.replica_axes})")
+        if self.inner_steps % self.fragments:
+            raise ValueError(
+                f"fragments={self.fragments} must divide inner_steps={self.inner_steps}: streaming DiLoCo syncs "
+                "one fragment every inner_steps / fragments steps"
+            )
+        if self.fragments > 1 and self.compression != "none":
+            raise ValueError("compression with fragments > 1 is not built; use one of them")
         # Compared with the defaults, not with what was written: a dumped config holds every key.
         given = {
             k

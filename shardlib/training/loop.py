@@ -196,7 +196,7 @@ class StepLoop:
         if self.run.outer_due(step):  # DiLoCo: the period ends with the outer step
             if self.wait_each_step:  # every group done first: its all-reduce must not wait on a busy pool
                 jax.block_until_ready(s.params)
-            s.params, s.opt_state = self.run.outer_step(s.params, s.opt_state)
+            s.params, s.opt_state = self.run.outer_step_after(step)(s.params, s.opt_state)
         if first and self.is_main:  # jit compiles synchronously, then dispatches
             self.log(f"compiled in {time.perf_counter() - started:.1f} s")
         s.pending.append(metrics)

@@ -169,7 +169,14 @@ def outer_settings(cfg: Config) -> OuterSettings | None:
     if o.algorithm == "none":
         return None
     return OuterSettings(
-        o.algorithm, o.inner_steps, o.learning_rate, o.momentum, o.nesterov, tuple(o.replica_axes), o.compression
+        o.algorithm,
+        o.inner_steps,
+        o.learning_rate,
+        o.momentum,
+        o.nesterov,
+        tuple(o.replica_axes),
+        o.compression,
+        o.fragments,
     )
 
 

@@ -56,8 +56,9 @@ class TrainingSetup:
     grads(params, batch) -> (loss, grads): the step's gradients, for tests and tools
     compression: the compressed reduction whose residuals live in ``opt_state["error_feedback"]``:
       the gradients' (``grad_compression``), or DiLoCo's pseudo-gradient's (``outer.compression``).
-    outer_step(params, opt_state) -> (params, opt_state): DiLoCo's outer step, due after the
-      steps ``outer_due`` names; None without ``outer``. Its train step's metrics are per
+    outer_steps[f](params, opt_state) -> (params, opt_state): DiLoCo's outer step of fragment f (one
+      fragment, the whole network, unless streaming), due after the steps ``outer_due`` names,
+      ``outer_step_after`` picks the one; () without ``outer``. Its train step's metrics are per
       replica until ``scalar_metrics`` reduces them.
     """
 
@@ -71,8 +72,17 @@ class TrainingSetup:
     eval_step: Callable
     grads: Callable
     compression: GradCompression | None = None
-    outer_step: Callable | None = None
+    outer_steps: tuple[Callable, ...] = ()
     reduce_metrics: Callable | None = None
+
+    @property
+    def outer_step(self) -> Callable | None:
+        """The first fragment's outer step (the whole network's unless streaming); None without ``outer``."""
+        return self.outer_steps[0] if self.outer_steps else None
+
+    def outer_step_after(self, step: int) -> Callable:
+        """The outer step due after train step ``step`` (``outer_due``): its fragment's, when streaming."""
+        return self.outer_steps[self.plan.outer.settings.fragment_due(step)]
 
     def checkpoint_layout(self) -> dict:
         """What a checkpoint records about how this plan lays out the state (``shardlib.training.state_layout``)."""
@@ -187,6 +197,6 @@ def _setup_diloco(
         steps.eval,
         steps.grads,
         compression,
-        outer_step=steps.outer,
+        outer_steps=steps.outer,
         reduce_metrics=steps.metrics,
     )

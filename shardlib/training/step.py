@@ -30,10 +30,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from models.layers import WEIGHT_USES, WeightUse, cross_entropy, use_weight
 from models.transformer import WEIGHT_PARAMS
-from shardlib.core.sharding import ActivationSharding
+from shardlib.core.sharding import ActivationSharding, is_logical_axes
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
-from shardlib.parallel.diloco import outer_update, replica_mean, replica_metrics, split_replicas
+from shardlib.parallel.diloco import (
+    Fragment,
+    fragment_update,
+    outer_update,
+    replica_mean,
+    replica_metrics,
+    split_fragments,
+    split_replicas,
+)
 from shardlib.parallel.pipeline.stages import make_pipeline_grads
 from shardlib.parallel.reduction import ReducedWeightUse
 from shardlib.training.parallel_plan import ParallelPlan
@@ -243,17 +251,26 @@ class DiLoCoSteps:
     """The jitted steps of a DiLoCo or local SGD run (``make_diloco_steps``).
 
     inner(params_R, opt_state, batch) -> (params_R, opt_state, metrics_R): every metric [R], per replica.
-    outer(params_R, opt_state) -> (params_R, opt_state): the outer step, after every H-th inner step.
+    outer[f](params_R, opt_state) -> (params_R, opt_state): the outer step of fragment f, after the inner
+      steps ``OuterSettings.fragment_due`` names (one fragment, the whole network, unless streaming).
     metrics([metrics_R, ...]) -> the steps' replicated scalars (``diloco.replica_metrics``), in one program.
     eval(params_R, batch) -> loss: the held-out loss of the replicas' mean.
     grads(params_R, batch) -> (loss_R, grads_R): every replica's own, for tests and tools.
     """
 
     inner: Callable
-    outer: Callable
+    outer: tuple[Callable, ...]
     metrics: Callable
     eval: Callable
     grads: Callable
+
+
+def model_fragments(model: AbstractModel, count: int) -> tuple[Fragment, ...]:
+    """Streaming DiLoCo's fragments of ``model``'s parameters: the layer stack cut in ``count``
+    (``diloco.split_fragments``; stacked leaves are those whose first logical axis is ``layers``)."""
+    shapes = [tuple(p.shape) for p in jax.tree.leaves(model.params)]
+    axes = jax.tree.leaves(model.logical_axes, is_leaf=is_logical_axes)
+    return split_fragments(shapes, [bool(a) and a[0] == "layers" for a in axes], count)
 
 
 def make_diloco_steps(
@@ -297,6 +314,12 @@ def make_diloco_steps(
     def outer(params_R, opt_state):
         return outer_update(params_R, opt_state, outer_tx, None if compression is None else compression.reduce)
 
+    def fragment_outer(fragment):
+        return lambda params_R, opt_state: fragment_update(params_R, opt_state, outer_tx, fragment)
+
+    fragments = replica.settings.fragments
+    outers = [outer] if fragments == 1 else [fragment_outer(f) for f in model_fragments(model, fragments)]
+
     state = (shardings.params, shardings.opt_state)
     batch = {"inputs": plan.batch_sharding, "targets": plan.batch_sharding}
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -308,7 +331,7 @@ def make_diloco_steps(
             out_shardings=(*state, NamedSharding(mesh, PartitionSpec(spmd))),
             donate_argnums=(0, 1),
         ),
-        outer=jax.jit(outer, in_shardings=state, out_shardings=state, donate_argnums=(0, 1)),
+        outer=tuple(jax.jit(o, in_shardings=state, out_shardings=state, donate_argnums=(0, 1)) for o in outers),
         # One program for all the steps the host fetches at once: one per step, queued, let XLA:CPU's
         # emulated devices drift apart and stall in their all-reduces (loop.waits_for_each_step).
         metrics=jax.jit(lambda steps: [replica_metrics(m) for m in steps], out_shardings=replicated),

@@ -383,6 +383,16 @@ def diloco_terms(layout: Layout, terms: list[Term]) -> list[Term]:
             f"pseudo-gradient all-reduce ({outer.compression}), once per {outer.inner_steps} steps, averaged per step"
         )
         note = f"{per_period:,.0f} bytes per outer step, which the next period waits for (synchronous DiLoCo)"
+        fragments = getattr(outer, "fragments", 1)
+        if fragments > 1:
+            what = (
+                f"pseudo-gradient all-reduce, {fragments} fragments (streaming), each once per "
+                f"{outer.inner_steps} steps, averaged per step"
+            )
+            note = (
+                f"about {per_period / fragments:,.0f} bytes per outer step, one fragment every "
+                f"{outer.inner_steps // fragments} steps ({per_period:,.0f} per period in all)"
+            )
         out.append(
             Term("diloco", what, "all-reduce", replica, group, message, 1, per_period / outer.inner_steps, False, note)
         )

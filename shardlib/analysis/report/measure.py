@@ -142,16 +142,19 @@ def measure(cfg: Config, mesh: jax.sharding.Mesh) -> Measured:
 
 
 def _outer_collectives(run, mesh: jax.sharding.Mesh) -> list[Collective]:
-    """The outer step's collectives, each counted 1/H times per step; none without ``outer``."""
-    if run.outer_step is None:
-        return []
+    """The outer steps' collectives, each counted 1/H times per step (every fragment's, when streaming:
+    each fragment syncs once per H steps); none without ``outer``."""
     from shardlib.training.train_state import abstract_state
 
-    every = run.plan.outer.settings.every
-    with jax.set_mesh(mesh):
-        compiled = run.outer_step.lower(*abstract_state(run.model, run.tx, run.shardings)).compile()
-    found = find_collectives(parse_hlo(compiled.as_text()), mesh_axis_sizes(mesh))
-    return [dataclasses.replace(c, count=c.count / every, op_name=f"outer step: {c.op_name}") for c in found]
+    every = run.plan.outer.settings.every if run.outer_steps else 1
+    out = []
+    for f, outer_step in enumerate(run.outer_steps):
+        with jax.set_mesh(mesh):
+            compiled = outer_step.lower(*abstract_state(run.model, run.tx, run.shardings)).compile()
+        found = find_collectives(parse_hlo(compiled.as_text()), mesh_axis_sizes(mesh))
+        name = "outer step" if len(run.outer_steps) == 1 else f"outer step of fragment {f}"
+        out += [dataclasses.replace(c, count=c.count / every, op_name=f"{name}: {c.op_name}") for c in found]
+    return out
 
 
 def stage_pairs(mesh: jax.sharding.Mesh, axis: str, pairs) -> frozenset[tuple[int, int]]:

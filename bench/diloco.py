@@ -51,10 +51,9 @@ def compile_ahead(run):
     params, opt_state = abstract_state(run.model, run.tx, run.shardings)
     with jax.set_mesh(run.mesh):
         step = run.train_step.lower(params, opt_state, abstract_batch(run.cfg, run.batch_sharding)).compile()
-        outer = run.outer_step.lower(params, opt_state).compile() if run.outer_step is not None else None
-    steps = {"train_step": step} | ({"outer_step": outer} if outer is not None else {})
-    bytes_ = (data_wire_bytes(step, run.mesh), data_wire_bytes(outer, run.mesh) if outer is not None else 0.0)
-    return dataclasses.replace(run, **steps), bytes_
+        outers = tuple(o.lower(params, opt_state).compile() for o in run.outer_steps)  # one per fragment
+    bytes_ = (data_wire_bytes(step, run.mesh), sum(data_wire_bytes(o, run.mesh) for o in outers))
+    return dataclasses.replace(run, train_step=step, outer_steps=outers), bytes_
 
 
 def curves(run_dir) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

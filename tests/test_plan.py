@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from shardlib.analysis.planner import candidate_meshes, format_plans, make_plans, verify
+from shardlib.analysis.plan_candidates import candidate_meshes
+from shardlib.analysis.planner import format_plans, make_plans, verify
 from shardlib.analysis.report.hardware import Profile
 from tests.support import tiny_config
 

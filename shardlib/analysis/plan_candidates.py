@@ -1,8 +1,8 @@
 """What the planner tries: meshes over N devices, the presets worth pairing with each, and pipelines.
 
-A candidate is (axis sizes, preset, config): the config is the user's, or for a mesh with
-``pipe > 1`` one copy per pipeline schedule the planner weighs (``pipeline_variants``), with
-its microbatch count. Everything here is axis sizes and configs, no devices, so a 64-GPU
+A candidate is (axis sizes, preset, config): the config is the user's at each ``grad_accum``
+dividing its own, or for a mesh with ``pipe > 1`` one copy per pipeline schedule the planner
+weighs, with its microbatch count (``config_variants``). Everything here is axis sizes and configs, no devices, so a 64-GPU
 mesh is planned on a laptop.
 """
 
@@ -73,7 +73,7 @@ def redundant(sizes: dict[str, int], sharding: str) -> str:
     return ""
 
 
-def pipeline_variants(cfg: Config, sizes: dict[str, int]) -> list[Config]:
+def config_variants(cfg: Config, sizes: dict[str, int]) -> list[Config]:
     """The configs to plan ``cfg`` with on ``sizes``: without ``pipe``, its ``accumulation_variants``;
     with it, one per schedule.
 
@@ -108,7 +108,7 @@ def accumulation_variants(cfg: Config) -> list[Config]:
     return [cfg.model_copy(update={"grad_accum": k}) for k in range(g, 0, -1) if g % k == 0]
 
 
-def pipeline_label(cfg: Config, sizes: dict[str, int]) -> str:
+def variant_label(cfg: Config, sizes: dict[str, int]) -> str:
     """`` (1f1b m=16)`` for a pipelined plan, `` (grad_accum 2)`` otherwise (the variant it runs)."""
     if sizes["pipe"] == 1:
         return f" (grad_accum {cfg.grad_accum})"

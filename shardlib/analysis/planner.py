@@ -42,16 +42,14 @@ from collections.abc import Sequence
 from shardlib.analysis.plan_candidates import (
     PLAN_AXES,
     candidate_meshes,
+    config_variants,
     hierarchical_mesh,
-    pipeline_label,
-    pipeline_variants,
     planned_axes,
     redundant,
+    variant_label,
 )
 from shardlib.core.rules import PRESETS, ShardingError
 from shardlib.training.config import Config, load_config
-
-__all__ = ["PLAN_AXES", "candidate_meshes", "hierarchical_mesh", "make_plans", "propose_diloco", "verify"]
 
 TOLERANCE = 0.10
 EXIT_MISSED = 1  # --verify: a prediction missed its bound (usage errors are 2)
@@ -62,7 +60,7 @@ HIDDEN = 0.05  # DiLoCo: the outer all-reduce's share of the H inner steps it fo
 class MeshPlan:
     sizes: dict[str, int]
     sharding: str
-    cfg: Config | None = None  # what this plan runs: the user's config, or a pipelined variant of it
+    cfg: Config  # what this plan runs: the user's config at another grad_accum, or a pipelined variant of it
     layout: object = None  # shardlib.analysis.report.layout.Layout
     memory: object = None  # MemoryEstimate
     time: object = None  # TimeEstimate
@@ -72,7 +70,7 @@ class MeshPlan:
     @property
     def label(self) -> str:
         shown = " x ".join(f"{a}={n}" for a, n in self.sizes.items() if n > 1) or "1 device"
-        return f"{shown} {self.sharding}" + (pipeline_label(self.cfg, self.sizes) if self.cfg else "")
+        return f"{shown} {self.sharding}{variant_label(self.cfg, self.sizes)}"
 
     @property
     def step_s(self) -> float:
@@ -96,7 +94,7 @@ def make_plans(
             sizes = hierarchical_mesh(flat, profile.devices_per_host) if PRESETS[sharding].hierarchical else flat
             variants = [
                 MeshPlan(sizes, sharding, v.model_copy(update={"sharding": sharding}))
-                for v in pipeline_variants(cfg, sizes)
+                for v in config_variants(cfg, sizes)
             ]
             for plan in variants:
                 _evaluate(plan, profile, mfu)

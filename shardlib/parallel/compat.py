@@ -70,10 +70,14 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "fsdp",
         "preset fsdp (or hsdp): parameters sharded over data (ZeRO-3)",
-        lambda f: f.preset in ("fsdp", "hsdp"),
+        lambda f: bool(PRESET_INTENTS[f.preset].fsdp) and not PRESET_INTENTS[f.preset].tensor,
     ),
     Feature("tp", "preset tp: Megatron tensor parallelism over model", lambda f: f.preset == "tp"),
-    Feature("fsdp_tp", "preset fsdp_tp (or hsdp_tp): both", lambda f: f.preset in ("fsdp_tp", "hsdp_tp")),
+    Feature(
+        "fsdp_tp",
+        "preset fsdp_tp (or hsdp_tp): both",
+        lambda f: bool(PRESET_INTENTS[f.preset].fsdp and PRESET_INTENTS[f.preset].tensor),
+    ),
     Feature(
         "hsdp",
         "data_replica > 1: the batch spans data's replica groups, each holding a copy of the parameters "

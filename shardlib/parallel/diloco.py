@@ -163,13 +163,13 @@ def split_fragments(shapes: Sequence[tuple[int, ...]], stacked: Sequence[bool], 
     return tuple(Fragment(tuple(r)) for r in rows)
 
 
-def _mask(x: jax.Array, rows: tuple[int, int] | None, lead: int) -> jax.Array:
-    """Boolean, broadcastable against ``x``: True on the rows of dimension ``lead`` in ``rows``."""
+def _mask(x: jax.Array, rows: tuple[int, int] | None) -> jax.Array:
+    """Boolean, broadcastable against ``x``: True on the leading rows in ``rows`` (all of a scalar)."""
     if rows is None:
         return jnp.zeros((), bool)
-    if x.ndim <= lead:
+    if x.ndim == 0:
         return jnp.ones((), bool)
-    index = jnp.arange(x.shape[lead]).reshape((-1,) + (1,) * (x.ndim - lead - 1))
+    index = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
     return (index >= rows[0]) & (index < rows[1])
 
 
@@ -280,7 +280,7 @@ def fragment_update(
     anchors, replicas = jax.tree.leaves(state["anchor"]), jax.tree.leaves(params_R)
     deltas, masks = [], []
     for a, p_R, rows in zip(anchors, replicas, fragment.rows, strict=True):
-        masks.append(_mask(a, rows, 0))
+        masks.append(_mask(a, rows))
         if rows is None:
             deltas.append(jnp.zeros_like(a))
             continue

@@ -47,7 +47,7 @@ def waits_for_each_step(run: TrainingSetup) -> bool:
     metrics in one program (``TrainingSetup.scalar_metrics``), 0 of 6. Synchronous data
     parallelism, whose every step all-reduces over data, 0 of 4 without waiting.
     """
-    return run.outer_step is not None and run.mesh.devices.flat[0].platform == "cpu"
+    return bool(run.outer_steps) and run.mesh.devices.flat[0].platform == "cpu"
 
 
 class Throughput:

@@ -75,11 +75,6 @@ class TrainingSetup:
     outer_steps: tuple[Callable, ...] = ()
     reduce_metrics: Callable | None = None
 
-    @property
-    def outer_step(self) -> Callable | None:
-        """The first fragment's outer step (the whole network's unless streaming); None without ``outer``."""
-        return self.outer_steps[0] if self.outer_steps else None
-
     def outer_step_after(self, step: int) -> Callable:
         """The outer step due after train step ``step`` (``outer_due``): its fragment's, when streaming."""
         return self.outer_steps[self.plan.outer.settings.fragment_due(step)]

@@ -13,7 +13,8 @@ device sends to its neighbours, a mean over the devices (each permute's
 size and pairs from the compiled HLO, times the ticks the table runs it on)
 against the minimum: every microbatch crosses each of the p v - 1
 boundaries between virtual stages once forward and once backward, so the p
-devices send 2 m (p v - 1) microbatches' activations or gradients per step.
+devices send 2 m (p v - 1) microbatches' activations or gradients per step
+(a V's turn stays on its device: 2 m (2p - 2)).
 
 Runs on p emulated CPU devices by default (the pipe axis alone, so the
 executor uses real branches), or on whatever accelerators JAX finds with
@@ -36,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1))
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zb-v", 2))
 
 
 def main(argv=None) -> int:
@@ -95,8 +96,8 @@ def main(argv=None) -> int:
             permutes = [c for c in pipeline_sends_taken(measured, run.plan.pipeline, mesh) if c.axes == ("pipe",)]
             sent = sum(c.total_wire_bytes for c in permutes if c.kind == "collective-permute")
             micro_bytes = 4 * cfg.seq_len * model["d_model"] * 4  # [4, seq, d] fp32 per microbatch
-            # Each microbatch crosses the p v - 1 boundaries forward and back: a mean per device of
-            minimum = 2 * m * (p * v - 1) / p * micro_bytes
+            # Each microbatch crosses the boundaries between devices forward and back: a mean per device of
+            minimum = 2 * m * run.plan.pipeline.schedule.cross_device_boundaries() / p * micro_bytes
             times = []
             for _ in range(args.repeats + 1):
                 start = time.perf_counter()
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
             estimate = estimate_memory(resolve_layout(cfg, dict(mesh.shape)), dtype).activations
             lockstep, lock_bubble = schedule.lockstep_time(tick_costs(schedule))
             print(
-                f"{name + (f' v={v}' if v > 1 else ''):<22}{m:>4}{bubble:>9.3f}{formula:>9.3f}"
+                f"{name + (f' v={v}' if v > 1 and name != 'zb-v' else ''):<22}{m:>4}{bubble:>9.3f}{formula:>9.3f}"
                 f"{float(lockstep):>9.1f}{float(lock_bubble):>9.3f}{temp / 2**20:>10.2f}"
                 f"{estimate / 2**20:>9.2f}{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}"
                 f"{sent / minimum:>7.2f}"

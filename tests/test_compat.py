@@ -39,6 +39,10 @@ FEATURE_SETUP: dict[str, tuple[dict, dict]] = {
         {"pipe": 2},
     ),
     "zero-bubble": ({"pipeline": {"schedule": "zb-h1", "microbatches": 4}}, {"pipe": 2}),
+    "zero-bubble-v": (
+        {"pipeline": {"schedule": "zb-v", "microbatches": 4, "virtual_stages": 2}, "model.n_layers": 4},
+        {"pipe": 2},
+    ),
     "seq": ({}, {"seq": 2}),
     "ring": ({"attention": {"impl": "ring"}}, {"seq": 2}),
     "allgather": ({"attention": {"impl": "allgather"}}, {"seq": 2}),

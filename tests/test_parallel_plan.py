@@ -22,7 +22,9 @@ PIPELINE_MESHES = {
     "tp": {"pipe": 2, "model": 2},
     "fsdp_tp": {"pipe": 2, "data": 2, "model": 2},
 }
-SCHEDULES = [(name, 1) for name in schedules.SCHEDULES] + [("interleaved-1f1b", 2)]
+SCHEDULES = [(name, 1) for name in schedules.SINGLE_CHUNK] + [("interleaved-1f1b", 1), ("interleaved-1f1b", 2)]
+SCHEDULES += [(name, 2) for name in schedules.TWO_CHUNK]
+assert {name for name, _ in SCHEDULES} == set(schedules.SCHEDULES)
 
 
 def _checked_elsewhere() -> set[tuple[str, int, str]]:
@@ -39,6 +41,8 @@ def _checked_elsewhere() -> set[tuple[str, int, str]]:
             checked.add(("interleaved-1f1b", 2, preset))
         if "zero-bubble" in combo:
             checked.add(("zb-h1", 1, preset))
+        if "zero-bubble-v" in combo:
+            checked.add(("zb-v", 2, preset))
     return checked
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from shardlib.parallel.pipeline.executor import layer_order
+from shardlib.parallel.pipeline.schedules import placement
 from shardlib.training.trainer import setup_training, train
 from tests.support import assert_same_loss, assert_trees_close, first_batch, mesh_of, tiny_config
 
@@ -32,6 +33,11 @@ CASES = {
     # tests/test_compat.py runs it on 2 stages beside every preset.
     "zb-h1-p4-fsdp-data2": ("zb-h1", 1, {"pipe": 4, "data": 2}, 8, "fsdp"),
     "zb-h1-p4-tp-model2": ("zb-h1", 1, {"pipe": 4, "model": 2}, 4, "tp"),
+    # ZB-V: two chunks per stage in a V (the turn and the loss stay on a device), beside data,
+    # FSDP and tensor parallelism; tests/test_compat.py runs it on 2 stages beside every preset.
+    "zb-v-p2-data2": ("zb-v", 2, {"pipe": 2, "data": 2}, 4, "dp"),
+    "zb-v-p4-fsdp-data2": ("zb-v", 2, {"pipe": 4, "data": 2}, 8, "fsdp"),
+    "zb-v-p4-tp-model2": ("zb-v", 2, {"pipe": 4, "model": 2}, 4, "tp"),
 }
 
 
@@ -61,7 +67,7 @@ def test_schedule_matches_sequential(case):
 
     # The stack is stored in pipeline order: stored layer i is logical layer order[i]. The run
     # starts from the same network as the reference, in that layout, so it computes the same loss.
-    order = layer_order(MODEL["n_layers"], sizes["pipe"], virtual)
+    order = layer_order(MODEL["n_layers"], sizes["pipe"], virtual, placement(schedule))
     for name, stored in params["layers"].items():
         np.testing.assert_array_equal(stored, ref_params["layers"][name][order], err_msg="both runs start alike")
     ref_grads = {**ref_grads, "layers": jax.tree.map(lambda g: g[order], ref_grads["layers"])}  # storage order
@@ -70,7 +76,7 @@ def test_schedule_matches_sequential(case):
     assert_trees_close(grads, ref_grads, rel=REL, what="gradient")
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "zb-v"])
 def test_one_stage_pipeline_matches_sequential(schedule):
     """p = 1: the single stage embeds and takes the loss in one branch (what bench/pipeline_overhead.py times)."""
     from shardlib.parallel.pipeline.stages import PipelineSettings, make_pipeline_grads, plan_pipeline
@@ -78,7 +84,12 @@ def test_one_stage_pipeline_matches_sequential(schedule):
     mesh = mesh_of(devices=1)
     run, batch, params = first_batch(tiny_config(model=MODEL), mesh)
     plan = plan_pipeline(
-        PipelineSettings(schedule, 4), 1, MODEL["n_layers"], 16, collectives_inside_stages=False, platform="cpu"
+        PipelineSettings(schedule, 4, 2 if schedule == "zb-v" else 1),
+        1,
+        MODEL["n_layers"],
+        16,
+        collectives_inside_stages=False,
+        platform="cpu",
     )
     grads_fn = jax.jit(make_pipeline_grads(run.model.graphdef, run.model.params, plan, mesh, None))
     loss, grads, metrics = grads_fn(params, batch)

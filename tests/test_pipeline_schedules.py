@@ -2,10 +2,11 @@
 
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from shardlib.parallel.pipeline.actions import tick_costs
-from shardlib.parallel.pipeline.executor import send_patterns
+from shardlib.parallel.pipeline.executor import layer_order, send_patterns
 from shardlib.parallel.pipeline.schedules import (
     Action,
     Schedule,
@@ -13,6 +14,7 @@ from shardlib.parallel.pipeline.schedules import (
     gpipe,
     make_schedule,
     one_f_one_b,
+    placement,
     validate,
 )
 from shardlib.parallel.pipeline.table import compile_table
@@ -21,22 +23,31 @@ CASES = [
     (name, p, m, v)
     for p in (2, 4)
     for m in (4, 8, 16)
-    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4), ("zb-h1", 1))
+    for name, v in (
+        ("gpipe", 1),
+        ("1f1b", 1),
+        ("interleaved-1f1b", 2),
+        ("interleaved-1f1b", 4),
+        ("zb-h1", 1),
+        ("zb-v", 2),
+    )
     if not (name == "interleaved-1f1b" and m % p)
 ]
+SPLIT = ("zb-h1", "zb-v")
 
 
 def published_ticks(name: str, p: int, m: int, v: int) -> int:
     """The papers' makespans in ticks of one action: 2 (v m + p - 1) for GPipe, 1F1B and interleaved
-    1F1B; for ZB-H1 (Qi et al. 2023) m (T_F + T_B + T_W) + (p - 1)(T_F + T_B - T_W) = 3 m + p - 1."""
-    return 3 * m + p - 1 if name == "zb-h1" else 2 * (v * m + p - 1)
+    1F1B; for ZB-H1 (Qi et al. 2023) m (T_F + T_B + T_W) + (p - 1)(T_F + T_B - T_W) = 3 m + p - 1;
+    for ZB-V (m >= p) 2 m chunks of F, B and W, and the p - 1 ticks of a synchronous step's fill."""
+    return 3 * v * m + p - 1 if name in SPLIT else 2 * (v * m + p - 1)
 
 
 @pytest.mark.parametrize("name, p, m, v", CASES)
 def test_schedule_is_valid_and_its_bubble_is_the_formula(name, p, m, v):
     schedule = make_schedule(name, p, m, v)
     validate(schedule)
-    actions = (3 if name == "zb-h1" else 2) * v * m  # per stage
+    actions = (3 if name in SPLIT else 2) * v * m  # per stage
     assert schedule.ticks == published_ticks(name, p, m, v)
     assert schedule.bubble_fraction() == Fraction(schedule.ticks - actions, schedule.ticks)
     assert schedule.expected_bubble() == schedule.bubble_fraction()
@@ -56,6 +67,41 @@ def test_zb_h1_has_a_third_of_1f1b_bubble_at_1f1b_memory(p, m):
     for (stage, action), tick in when.items():
         if action.kind == "W":
             assert when[(stage, Action("B", action.microbatch))] < tick
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("per_stage", [1, 2, 4])
+def test_zb_v_idles_only_the_fill_at_1f1b_memory_and_beats_zb_h1_in_lockstep(p, per_stage):
+    """ZB-V with m >= p: p - 1 idle ticks a stage (the paper's zero bubble plus a synchronous step's
+    fill), at most 2p half-stage chunks between F and W (1F1B's p stage inputs), the embedding and
+    the loss on stage 0, the V's turn (the only send to itself) on stage p - 1; and, with B dearer
+    than F and W, a shorter step in lockstep than ZB-H1's at the same m.
+
+    In this executor the residual slots (a chunk's weight-use inputs and cotangents, per layer)
+    hold as many layers as ZB-H1's; the stage-input slots are 2p + 1 of [B, L, D] against ZB-H1's
+    p (a chunk's input is a whole activation, and one more arrives before its forward runs)."""
+    m = per_stage * p
+    zv, zh = make_schedule("zb-v", p, m, 2), make_schedule("zb-h1", p, m)
+    assert zv.ticks - 6 * m == p - 1
+    assert zv.max_in_flight() <= 2 * one_f_one_b(p, m).max_in_flight() == 2 * p
+    assert (zv.device_of(0), zv.device_of(2 * p - 1), zv.device_of(p - 1), zv.device_of(p)) == (
+        (0, 0),
+        (0, 1),
+        (p - 1, 0),
+        (p - 1, 1),
+    )
+    table, h1 = compile_table(zv), compile_table(zh)
+    assert table.res_slots / 2 <= h1.res_slots == p  # in layers: half a stage's per slot
+    assert table.act_slots <= 2 * p + 1
+    assert set(np.flatnonzero((table.recv_self_slot >= 0).any(axis=0))) == {p - 1}
+    assert zv.lockstep_time(tick_costs(zv))[0] < zh.lockstep_time(tick_costs(zh))[0]
+
+
+def test_zb_v_needs_two_chunks_and_fills_its_layers_in_a_v():
+    with pytest.raises(ScheduleError, match="virtual_stages must be 2"):
+        make_schedule("zb-v", 2, 4, 1)
+    # 8 layers on 2 stages: stage 0 stores logical layers 0-1 (chunk 0) and 6-7 (chunk 1).
+    assert layer_order(8, 2, 2, placement("zb-v")).tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
 
 
 def test_validate_rejects_a_weight_gradient_before_its_input_gradient():
@@ -144,24 +190,30 @@ def test_each_tick_permutes_exactly_the_pairs_that_have_an_arrival(name, p, m, v
     schedule = make_schedule(name, p, m, v)
     plan = compile_table(schedule)
     patterns = send_patterns(plan)
-    assert patterns.tick.shape == (schedule.ticks, 2) and patterns.forward[0] == patterns.backward[0] == ()
-    assert len(set(patterns.forward)) == len(patterns.forward) and len(set(patterns.backward)) == len(patterns.backward)
+    assert patterns.tick.shape == (schedule.ticks, 2) and patterns.down[0] == patterns.up[0] == ()
+    assert len(set(patterns.down)) == len(patterns.down) and len(set(patterns.up)) == len(patterns.up)
     # Derived from the schedule's actions alone, not from the plan's slot arrays: a forward on
     # virtual stage k < last sends its output to the stage of k + 1, a backward on k > 0 sends
-    # its input's gradient to the stage of k - 1, at the end of the tick.
+    # its input's gradient to the stage of k - 1, at the end of the tick; to the stage below
+    # (s + 1) or above (s - 1), or nowhere when that stage is the sender itself (a V's turn).
     last = p * v - 1
     for tick, row in enumerate(schedule.actions):
-        forward, backward = set(), set()
+        down, up = set(), set()
         for stage, a in enumerate(row):
             k = schedule.virtual_stage(stage, a.chunk) if a else None
+            target = None
             if a and a.kind == "F" and k < last:
-                forward.add((stage, (k + 1) % p))
+                target = schedule.device_of(k + 1)[0]
             if a and a.kind == "B" and k > 0:
-                backward.add((stage, (k - 1) % p))
-        got = patterns.forward[patterns.tick[tick, 0]], patterns.backward[patterns.tick[tick, 1]]
-        assert (set(got[0]), set(got[1])) == (forward, backward), (tick, row)
-        assert (patterns.tick[tick, 0] > 0, patterns.tick[tick, 1] > 0) == (bool(forward), bool(backward))
-    assert patterns.sends() == (m * (p * v - 1), m * (p * v - 1))
+                target = schedule.device_of(k - 1)[0]
+            if target is not None and target != stage:
+                (down if (target - stage) % p == 1 else up).add((stage, target))
+        got = patterns.down[patterns.tick[tick, 0]], patterns.up[patterns.tick[tick, 1]]
+        assert (set(got[0]), set(got[1])) == (down, up), (tick, row)
+        assert (patterns.tick[tick, 0] > 0, patterns.tick[tick, 1] > 0) == (bool(down), bool(up))
+    crossings = p * v - 1 - (p > 1 and name == "zb-v")  # a V turns on one device
+    assert schedule.cross_device_boundaries() == crossings
+    assert sum(patterns.sends()) == 2 * m * crossings
     assert sum(patterns.runs().values()) == int((patterns.tick > 0).sum())
 
 

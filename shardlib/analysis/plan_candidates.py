@@ -18,7 +18,7 @@ from shardlib.training.config import Config
 PLAN_AXES = ("data", "pipe", "seq", "model")
 # A pipeline is planned with these schedules. GPipe is left out: 1F1B has its bubble with at most
 # p microbatches in flight instead of m, so it is never worse in the model.
-PIPELINE_SCHEDULES = (("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2))
+PIPELINE_SCHEDULES = (("1f1b", 1), ("zb-h1", 1), ("zb-v", 2), ("interleaved-1f1b", 2))
 # Microbatches per step tried, as multiples of p, largest first: the bubble shrinks with m and the
 # 1F1B memory does not grow, so the largest that divides the batch wins; 4p keeps the bubble
 # small without splitting microbatches so thin that the matmuls (which the time model treats as
@@ -113,5 +113,5 @@ def variant_label(cfg: Config, sizes: dict[str, int]) -> str:
     if sizes["pipe"] == 1:
         return f" (grad_accum {cfg.grad_accum})"
     p = cfg.pipeline
-    virtual = f" v={p.virtual_stages}" if p.virtual_stages > 1 else ""
+    virtual = f" v={p.virtual_stages}" if p.virtual_stages > 1 and p.schedule != "zb-v" else ""
     return f" ({p.schedule} m={p.microbatches}{virtual})"

@@ -13,7 +13,7 @@ memory and step-time prediction from the analytic model (``shardlib.analysis.rep
 on the hardware profile; plans that do not fit in memory are dropped; the rest
 are ranked by step time, then memory.
 
-``pipe`` is enumerated with the schedules of ``plan_candidates.PIPELINE_SCHEDULES`` (1F1B,
+``pipe`` is enumerated with the schedules of ``plan_candidates.PIPELINE_SCHEDULES`` (1F1B, ZB-V,
 ZB-H1, interleaved 1F1B), each at the most microbatches that divide the batch (up to 4p):
 activation memory comes from the schedule's table, and the compute time from the table run
 in lockstep as the SPMD executor runs it (its bubble, at the executor's cost per action,

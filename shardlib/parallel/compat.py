@@ -84,18 +84,21 @@ FEATURES: tuple[Feature, ...] = (
         "(with FSDP: sharded inside a group, hybrid sharded data parallelism)",
         lambda f: f.data_replica > 1,
     ),
-    Feature(
-        "pipeline", "pipe > 1, gpipe or 1f1b", lambda f: f.pipe > 1 and f.virtual_stages == 1 and f.schedule != "zb-h1"
-    ),
+    Feature("pipeline", "pipe > 1, gpipe or 1f1b", lambda f: f.pipe > 1 and f.schedule in ("gpipe", "1f1b")),
     Feature(
         "interleaved",
         "pipe > 1, interleaved-1f1b with virtual_stages > 1",
-        lambda f: f.pipe > 1 and f.virtual_stages > 1,
+        lambda f: f.pipe > 1 and f.schedule == "interleaved-1f1b",
     ),
     Feature(
         "zero-bubble",
         "pipe > 1, zb-h1: backwards split into input and weight gradients",
         lambda f: f.pipe > 1 and f.schedule == "zb-h1",
+    ),
+    Feature(
+        "zero-bubble-v",
+        "pipe > 1, zb-v: two chunks per stage in a V, backwards split",
+        lambda f: f.pipe > 1 and f.schedule == "zb-v",
     ),
     Feature("seq", "seq > 1: every sequence split over the seq axis", lambda f: f.seq > 1),
     Feature("ring", "attention.impl=ring (K/V blocks rotate over seq)", lambda f: f.attention == "ring"),
@@ -134,7 +137,7 @@ _DILOCO_PIPE = (
     "the pipeline's shard_map is manual over the batch axes, which DiLoCo's per-replica vmap over the replica "
     "axes cannot enter; use pipe=1 with outer.algorithm"
 )
-# What no pipeline kind (pipeline, interleaved, zero-bubble) runs with: feature -> the reason.
+# What no pipeline kind (PIPELINE_KINDS) runs with: feature -> the reason.
 _NOT_IN_PIPELINES = {
     "seq": _SEQ_IN_STAGES,
     "ring": "ring attention does not run inside pipeline stages; use attention.impl=dense with pipe > 1",
@@ -144,7 +147,7 @@ _NOT_IN_PIPELINES = {
     "accumulation": _PIPE,
     "diloco": _DILOCO_PIPE,
 }
-PIPELINE_KINDS = ("pipeline", "interleaved", "zero-bubble")
+PIPELINE_KINDS = ("pipeline", "interleaved", "zero-bubble", "zero-bubble-v")
 # Refusals: (feature, feature) -> the reason, which is the error's text.
 REFUSED: dict[tuple[str, str], str] = {
     **{(kind, other): why for kind in PIPELINE_KINDS for other, why in _NOT_IN_PIPELINES.items()},

@@ -230,9 +230,9 @@ class PipelineConfig(BaseModel):
 
     model_config = _STRICT
 
-    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"] = "1f1b"
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v"] = "1f1b"
     microbatches: PosInt = 4
-    virtual_stages: PosInt = 1  # chunks per device; > 1 only with interleaved-1f1b
+    virtual_stages: PosInt = 1  # chunks per device: > 1 with interleaved-1f1b, 2 with zb-v
     # cond: a stage computes only its own action (GPUs); select: every branch, then
     # choose (needed on XLA:CPU when `model` collectives run inside a stage).
     branching: Literal["auto", "cond", "select"] = "auto"

@@ -119,12 +119,12 @@ class ParallelPlan:
         if self.pipeline is not None:
             s = self.pipeline.schedule
             patterns = self.pipeline.send_patterns
-            forward, backward = patterns.sends()
+            down, up = patterns.sends()
             lines.append(
                 f"  pipeline {s.name}: p={s.stages} m={s.microbatches} v={s.virtual}, {s.ticks} ticks, bubble "
-                f"{float(s.bubble_fraction()):.3f}, branching {self.pipeline.branching}; sends {forward} stage "
-                f"inputs forward + {backward} gradients back per step (all stages), over "
-                f"{len(patterns.forward) - 1} + {len(patterns.backward) - 1} permute patterns"
+                f"{float(s.bubble_fraction()):.3f}, branching {self.pipeline.branching}; sends {down} microbatches "
+                f"down + {up} up per step (all stages; activations and gradients), over "
+                f"{len(patterns.down) - 1} + {len(patterns.up) - 1} permute patterns"
             )
         lines.append(f"  gradient compression {self.compression}")
         rows, positions = self.token_axes
@@ -236,6 +236,7 @@ def feature_setting(name: str, cfg: Config, shape: Mapping[str, int]) -> str:
         "pipeline": f"pipe={shape['pipe']} ({cfg.pipeline.schedule})",
         "interleaved": f"pipe={shape['pipe']} with pipeline.virtual_stages={cfg.pipeline.virtual_stages}",
         "zero-bubble": f"pipe={shape['pipe']} (zb-h1)",
+        "zero-bubble-v": f"pipe={shape['pipe']} (zb-v)",
         "seq": f"seq={shape['seq']}",
         "ring": f"attention.impl=ring (seq={shape['seq']})",
         "allgather": f"attention.impl=allgather (seq={shape['seq']})",

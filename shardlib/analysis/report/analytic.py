@@ -60,7 +60,7 @@ from shardlib.analysis.report.collectives import split_by_axis, wire_bytes
 from shardlib.analysis.report.layout import Layout, ParamLayout
 from shardlib.core.rules import axes_tuple, logical_to_spec, preset_rules
 from shardlib.parallel.pipeline.actions import tick_costs
-from shardlib.parallel.pipeline.schedules import make_schedule
+from shardlib.parallel.pipeline.schedules import cross_device_boundaries, make_schedule, placement
 from shardlib.parallel.reduction import lookup_gathers_table
 
 
@@ -277,16 +277,18 @@ def pipeline_terms(layout: Layout) -> list[Term]:
     Every microbatch crosses each of the p*v - 1 boundaries between virtual
     stages once forward (its activations) and once backward (their gradient):
     m (p v - 1) messages each way over the p stages, a mean of m (p v - 1) / p
-    per device (the first stage sends nothing back, the last nothing on). The
-    executor's permutes connect only the pairs the table has an arrival for,
-    so this is what it sends.
+    per device (the first stage sends nothing back, the last nothing on). A V
+    (zb-v) turns on one device, so one boundary of its 2p - 1 sends nothing.
+    The executor's permutes connect only the pairs the table has an arrival
+    for, so this is what it sends.
     """
     if layout.sizes["pipe"] < 2:
         return []
     cfg, sizes = layout.cfg, layout.sizes
     act = layout.tokens_per_device * cfg.model.d_model * np.dtype(cfg.model.compute_dtype).itemsize
     p, v = sizes["pipe"], cfg.pipeline.virtual_stages
-    sends = layout.forward_passes * (p * v - 1)  # over all stages, each way
+    crossings = cross_device_boundaries(placement(cfg.pipeline.schedule), p, v)
+    sends = layout.forward_passes * crossings  # over all stages, each way
     out = [
         Term(
             "pipeline",

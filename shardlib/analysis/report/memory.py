@@ -198,8 +198,8 @@ def _activations(layout: Layout, residual: int, layer_input: int, activation_dty
 
     Without a pipeline: every layer's residuals and input for the microbatch.
     With one (``shardlib.parallel.pipeline.executor``): the stage inputs and gradients
-    in the buffers the schedule's table needs (GPipe m, 1F1B at most p, plus a
-    scratch slot each), and one chunk's residuals while its backward pass
+    in the buffer the schedule's table needs (GPipe m, 1F1B at most p, plus a
+    scratch slot), and one chunk's residuals while its backward pass
     recomputes it from the saved input. A split (zero-bubble) table also keeps,
     in each residual slot, what its W needs of a chunk (``layer_tap_bytes``
     per layer) and the embedding's gradient.
@@ -219,7 +219,7 @@ def _activations(layout: Layout, residual: int, layer_input: int, activation_dty
         collectives_inside_stages=False,  # branching does not change the buffers
         platform="any",
     ).table
-    buffers = (plan.act_slots + 1 + plan.grad_slots + 1) * layer_input
+    buffers = (plan.buffer_slots + 1) * layer_input  # stage inputs and gradients share one buffer
     chunk_layers = layout.layers_per_device // v
     if plan.schedule.split_backward:
         buffers += (plan.res_slots + 1) * (chunk_layers * _layer_tap(layout, activation_dtype) + layer_input)

@@ -84,16 +84,16 @@ def tick_costs(schedule: Schedule) -> dict[str, Fraction]:
 class Carry(NamedTuple):
     """What a stage carries from tick to tick.
 
-    acts, grads: [slots + 1, B, L, D] stage inputs and output gradients in flight (the last slot
-      is scratch, where a tick with nothing to keep writes).
+    held: [act slots + grad slots + 1, B, L, D] stage inputs and output gradients in flight, in one
+      buffer (``TickTable.buffer_slots``; the last slot is scratch, where a tick with nothing to
+      keep writes).
     residuals: a split table's weight-use inputs and output cotangents ([slots + 1, ...] each,
       ``StageFunctions.tapped_stage``) from B to W, and the first stage's embedding gradient;
       {} for other tables. A branch reads the buffer and returns one slot: what a B keeps, else zeros.
     layer_g, outer_g, loss: the gradient and loss sums.
     """
 
-    acts: jax.Array
-    grads: jax.Array
+    held: jax.Array
     residuals: PyTree
     layer_g: PyTree
     outer_g: PyTree
@@ -103,8 +103,8 @@ class Carry(NamedTuple):
 class StageActions:
     """What one stage can do on a tick, as the branches ``lax.switch`` picks from by the table's code.
 
-    Each branch takes and returns the ``Carry``, with the activation to send
-    forward and the gradient to send back.
+    Each branch takes and returns the ``Carry``, with what it sends: a forward's
+    activation, a backward's input gradient, zeros where it sends nothing.
     """
 
     def __init__(self, fns: StageFunctions, outer, chunks, tokens, targets, *, split: bool):
@@ -114,7 +114,7 @@ class StageActions:
         self.zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
         self.residual_shapes = self._residual_shapes() if split else {}
         branches = [None] * len(BRANCHES)
-        branches[IDLE] = lambda c, r: (c, self.zeros_x, self.zeros_x)
+        branches[IDLE] = lambda c, r: (c, self.zeros_x)
         branches[FWD] = lambda c, r: self.forward(c, r, first=False, last=False)
         branches[FWD_FIRST] = lambda c, r: self.forward(c, r, first=True, last=False)
         branches[FWD_LAST] = lambda c, r: self.forward(c, r, first=False, last=True)
@@ -140,17 +140,16 @@ class StageActions:
             return branch
 
         def run(carry, row):
-            carry, send_x, send_dx = branch(carry, row)
+            carry, send = branch(carry, row)
             zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.residual_shapes)
-            return carry._replace(residuals=zeros), send_x, send_dx
+            return carry._replace(residuals=zeros), send
 
         return run
 
     def initial_carry(self, plan: TickTable) -> Carry:
         shape, dtype = self.x_shape.shape, self.x_shape.dtype
         return Carry(
-            jnp.zeros((plan.act_slots + 1, *shape), dtype),
-            jnp.zeros((plan.grad_slots + 1, *shape), dtype),
+            jnp.zeros((plan.buffer_slots + 1, *shape), dtype),
             jax.tree.map(lambda a: jnp.zeros((plan.res_slots + 1, *a.shape), a.dtype), self.residual_shapes),
             jax.tree.map(jnp.zeros_like, self.chunks),
             jax.tree.map(jnp.zeros_like, self.outer),
@@ -162,21 +161,21 @@ class StageActions:
 
     def forward(self, carry: Carry, row, first, last):
         mb, c = row["microbatch"], row["chunk"]
-        x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.acts[row["act_slot"]]
+        x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.held[row["act_slot"]]
         y = self.fns.stage(self.chunk(c), x)
         if last:
             mb_loss, pull = jax.vjp(lambda o, y: self.fns.loss(o, y, self.targets[mb]), self.outer, y)
             d_outer, dy = pull(jnp.ones_like(mb_loss))
             carry = carry._replace(
-                grads=carry.grads.at[row["grad_slot"]].set(dy),
+                held=carry.held.at[row["grad_slot"]].set(dy),
                 outer_g=jax.tree.map(jnp.add, carry.outer_g, d_outer),
                 loss=carry.loss + mb_loss,
             )
-        return carry, y, self.zeros_x
+        return carry, self.zeros_x if last else y
 
     def backward(self, carry: Carry, row, first):
         mb, c = row["microbatch"], row["chunk"]
-        dy = carry.grads[row["grad_slot"]]
+        dy = carry.held[row["grad_slot"]]
         outer_g = carry.outer_g
         if first:  # recompute the embedding: its parameters need gradients too
 
@@ -188,17 +187,17 @@ class StageActions:
             outer_g = jax.tree.map(jnp.add, outer_g, d_outer)
             dx = self.zeros_x
         else:
-            _, pull = jax.vjp(self.fns.stage, self.chunk(c), carry.acts[row["act_slot"]])
+            _, pull = jax.vjp(self.fns.stage, self.chunk(c), carry.held[row["act_slot"]])
             d_chunk, dx = pull(dy)
         layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), carry.layer_g, d_chunk)
-        return carry._replace(layer_g=layer_g, outer_g=outer_g), self.zeros_x, dx
+        return carry._replace(layer_g=layer_g, outer_g=outer_g), dx
 
     def backward_input(self, carry: Carry, row, first):
         """A split table's B: the gradient with respect to the stage input (sent back), recomputing
         the forward once; the weight uses' inputs and output cotangents are kept for its W."""
         mb, c = row["microbatch"], row["chunk"]
-        dy = carry.grads[row["grad_slot"]]
-        x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.acts[row["act_slot"]]
+        dy = carry.held[row["grad_slot"]]
+        x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.held[row["act_slot"]]
         probes = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.residual_shapes["dys"])
 
         def run(x, probes):
@@ -208,7 +207,7 @@ class StageActions:
         _, pull, inputs = jax.vjp(run, x, probes, has_aux=True)
         dx, dys = pull(dy)
         kept = {"inputs": inputs, "dys": dys, "d_embed": dx if first else self.zeros_x}
-        return carry._replace(residuals=kept), self.zeros_x, self.zeros_x if first else dx
+        return carry._replace(residuals=kept), self.zeros_x if first else dx
 
     def weight_gradient(self, carry: Carry, row, first):
         """A split table's W: the chunk's weight gradients (and the embedding's, on the first
@@ -221,4 +220,4 @@ class StageActions:
         if first:
             _, pull = jax.vjp(lambda o: self.fns.embed(o, self.tokens[mb]), self.outer)
             outer_g = jax.tree.map(jnp.add, outer_g, pull(kept["d_embed"])[0])
-        return carry._replace(layer_g=layer_g, outer_g=outer_g), self.zeros_x, self.zeros_x
+        return carry._replace(layer_g=layer_g, outer_g=outer_g), self.zeros_x

@@ -4,10 +4,12 @@ Inside a ``shard_map`` that makes ``pipe`` and the batch axes (``data``,
 ``expert``) manual, every stage holds its slice of the stacked layers and its
 share of the batch; ``model`` (and ``seq``) stay automatic, so tensor
 parallelism keeps working through the rules inside each stage. Each tick, a
-stage runs the branch its column of the table names, then activations move one
-stage forward and gradients one stage back with ``ppermute``: each tick's
-permute connects only the stage pairs the table has an arrival for
-(``send_patterns``), so a stage with nothing to send sends nothing. The
+stage runs the branch its column of the table names, then its one output (an
+activation or a gradient) moves to its neighbour below or above with
+``ppermute``, or stays on the stage where the next virtual stage is its own
+(a V's turn): each tick's two permutes connect only the stage pairs the table
+has an arrival for (``send_patterns``), so a stage with nothing to send sends
+nothing. The
 branches themselves are ``shardlib.parallel.pipeline.actions``; only those the
 table uses are traced. A split (zero-bubble) table's residuals, what each B
 keeps for its W, live in a buffer the branches read and write one slot of.
@@ -46,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlib.core.rules import axes_tuple
 from shardlib.parallel.pipeline.actions import StageActions, StageFunctions
+from shardlib.parallel.pipeline.schedules import Placement, virtual_stage_of
 from shardlib.parallel.pipeline.table import TickTable
 from shardlib.parallel.reduction import gather_sharded, reduce_gradient
 
@@ -53,23 +56,25 @@ PyTree = Any
 Branching = Literal["cond", "select"]
 # Named scopes of the permutes, for profiles and HLO readers; the report counts their runs from
 # the table (``send_patterns``), since every branch of a tick's switch looks taken every tick.
-FORWARD_SEND, BACKWARD_SEND = "pipeline_forward_send", "pipeline_backward_send"
+SEND_DOWN, SEND_UP = "pipeline_send_down", "pipeline_send_up"
 Pairs = tuple[tuple[int, int], ...]  # (source stage, target stage) of one permute
 
 
-def layer_order(n_layers: int, stages: int, virtual: int) -> np.ndarray:
+def layer_order(n_layers: int, stages: int, virtual: int, placement: Placement = "loop") -> np.ndarray:
     """Logical layer index of each stored layer.
 
     The stack is sharded contiguously over ``pipe``, so device s stores layers
     [s*L/p, (s+1)*L/p), which it runs as its chunks 0..v-1; chunk c of device s
-    is virtual stage c*p + s. With v = 1 this is the identity.
+    is virtual stage ``virtual_stage_of(placement, p, s, c)``: c*p + s for a loop,
+    s and 2p-1-s for a V. With v = 1 this is the identity.
     """
     per_chunk = n_layers // (stages * virtual)
     order = np.empty(n_layers, np.int64)
     for s in range(stages):
         for c in range(virtual):
+            k = virtual_stage_of(placement, stages, s, c)
             for j in range(per_chunk):
-                order[s * virtual * per_chunk + c * per_chunk + j] = (c * stages + s) * per_chunk + j
+                order[s * virtual * per_chunk + c * per_chunk + j] = k * per_chunk + j
     return order
 
 
@@ -79,8 +84,9 @@ _TABLE_FIELDS = (
     "chunk",
     "act_slot",
     "grad_slot",
-    "recv_act_slot",
-    "recv_grad_slot",
+    "recv_below_slot",
+    "recv_above_slot",
+    "recv_self_slot",
     "res_slot",
 )
 
@@ -166,7 +172,7 @@ class _StepRun:
         return self._reduce(carry.layer_g, carry.outer_g, carry.loss, layers_local)
 
     def _tick(self, stage: StageActions, index, carry, xs):
-        """One tick: this stage's branch, then each direction's permute over the pairs the table names."""
+        """One tick: this stage's branch, then its output's permute down or up, over the pairs the table names."""
         tick_row, tick_pattern = xs
         row = {name: value[index] for name, value in tick_row.items()}
         branches = [stage.residual_slot_out(code) for code in self.used_branches]
@@ -175,21 +181,26 @@ class _StepRun:
         # copied by each of them.
         residuals = carry.residuals
         if self.branching == "cond":
-            carry, send_x, send_dx = jax.lax.switch(row["branch"], branches, carry, row)
+            carry, send = jax.lax.switch(row["branch"], branches, carry, row)
         else:
             outs = [branch(carry, row) for branch in branches]
-            carry, send_x, send_dx = jax.tree.map(lambda *xs: jax.lax.select_n(row["branch"], *xs), *outs)
+            carry, send = jax.tree.map(lambda *xs: jax.lax.select_n(row["branch"], *xs), *outs)
         res_slot = _or_scratch(row["res_slot"], self.plan.res_slots)  # a W's slot is free once it has run
         residuals = jax.tree.map(lambda buf, kept: buf.at[res_slot].set(kept), residuals, carry.residuals)
         carry = carry._replace(residuals=residuals)
         # One permute program per distinct pattern, chosen by the tick's pattern index: the same on
         # every device, so all of them take the same branch (pattern 0: nothing arrives, no permute).
-        got_x = jax.lax.switch(tick_pattern[0], self._permutes(self.patterns.forward, FORWARD_SEND), send_x)
-        got_dx = jax.lax.switch(tick_pattern[1], self._permutes(self.patterns.backward, BACKWARD_SEND), send_dx)
+        arrivals = {
+            "recv_below_slot": jax.lax.switch(tick_pattern[0], self._permutes(self.patterns.down, SEND_DOWN), send),
+            "recv_above_slot": jax.lax.switch(tick_pattern[1], self._permutes(self.patterns.up, SEND_UP), send),
+        }
+        if self.plan.sends_to_itself:
+            arrivals["recv_self_slot"] = send
         # A slot of -1 means nothing arrives: write into a scratch slot past the end.
-        acts = carry.acts.at[_or_scratch(row["recv_act_slot"], self.plan.act_slots)].set(got_x)
-        grads = carry.grads.at[_or_scratch(row["recv_grad_slot"], self.plan.grad_slots)].set(got_dx)
-        return carry._replace(acts=acts, grads=grads), None
+        held = carry.held
+        for column, got in arrivals.items():
+            held = held.at[_or_scratch(row[column], self.plan.buffer_slots)].set(got)
+        return carry._replace(held=held), None
 
     @staticmethod
     def _permutes(patterns: tuple[Pairs, ...], scope: str) -> list[Callable]:
@@ -214,46 +225,47 @@ class _StepRun:
 class SendPatterns:
     """The permutes of a step, as a table: each direction's distinct sets of stage pairs, and which tick uses which.
 
-    forward[i], backward[i]: the (source, target) stage pairs of pattern i; pattern 0 is
-      empty (nothing arrives that tick: no permute runs).
-    tick: [ticks, 2] int32, the forward (column 0) and backward (1) pattern of each tick.
+    down[i], up[i]: the (source, target) stage pairs of pattern i, sends to stage s + 1 (mod p)
+      and to s - 1; pattern 0 is empty (nothing arrives that tick: no permute runs). Down
+      carries 1F1B's activations and up its gradients; a V sends both ways in both.
+    tick: [ticks, 2] int32, the down (column 0) and up (1) pattern of each tick.
     """
 
-    forward: tuple[Pairs, ...]
-    backward: tuple[Pairs, ...]
+    down: tuple[Pairs, ...]
+    up: tuple[Pairs, ...]
     tick: np.ndarray
 
     def runs(self) -> dict[Pairs, int]:
         """Ticks per step that run a permute over each distinct set of pairs, both directions together."""
         runs: dict[Pairs, int] = {}
-        for column, patterns in enumerate((self.forward, self.backward)):
+        for column, patterns in enumerate((self.down, self.up)):
             for index, count in zip(*np.unique(self.tick[:, column], return_counts=True), strict=True):
                 if patterns[index]:
                     runs[patterns[index]] = runs.get(patterns[index], 0) + int(count)
         return runs
 
     def sends(self) -> tuple[int, int]:
-        """(forward, backward): microbatches sent per step, over all stages (one per pair and tick)."""
+        """(down, up): microbatches sent per step, over all stages (one per pair and tick)."""
         return tuple(
             int(sum(len(patterns[i]) for i in self.tick[:, column]))
-            for column, patterns in enumerate((self.forward, self.backward))
+            for column, patterns in enumerate((self.down, self.up))
         )
 
 
 def send_patterns(plan: TickTable) -> SendPatterns:
-    """Each tick's permute pairs, from the table's arrivals: an activation arriving at stage s
-    comes from stage s - 1 (mod p), a gradient from s + 1 (mod p)."""
+    """Each tick's permute pairs, from the table's arrivals: what arrives at stage s from below
+    comes from stage s - 1 (mod p), from above from s + 1 (mod p)."""
     p = plan.schedule.stages
     columns = []
-    for arrivals, step in ((plan.recv_act_slot, -1), (plan.recv_grad_slot, 1)):
+    for arrivals, step in ((plan.recv_below_slot, -1), (plan.recv_above_slot, 1)):
         patterns: dict[Pairs, int] = {(): 0}
         index = [
             patterns.setdefault(tuple(((s + step) % p, s) for s in np.flatnonzero(row >= 0)), len(patterns))
             for row in arrivals
         ]
         columns.append((tuple(patterns), index))
-    (forward, f_index), (backward, b_index) = columns
-    return SendPatterns(forward, backward, np.stack([f_index, b_index], axis=1).astype(np.int32))
+    (down, d_index), (up, u_index) = columns
+    return SendPatterns(down, up, np.stack([d_index, u_index], axis=1).astype(np.int32))
 
 
 def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:

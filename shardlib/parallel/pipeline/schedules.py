@@ -5,6 +5,13 @@ A schedule is a table ``actions[tick][stage]``: ``None`` (idle) or an
 virtual chunks). One executor (``shardlib.parallel.pipeline.executor``) runs any table,
 so a new schedule is a new table, not new code.
 
+Placement: where each virtual stage runs. ``loop`` (Megatron's interleaving):
+virtual stage k is chunk k // p of device k % p, so microbatches loop through
+the devices v times. ``v`` (the V of ZB-V, two chunks): virtual stage k < p
+is chunk 0 of device k, and k >= p is chunk 1 of device 2p - 1 - k, so a
+microbatch goes down the devices and back up; the turn at device p - 1, and
+the loss on device 0 beside the embedding, need no send.
+
 Each schedule is given by the order in which every stage wants to run its
 actions; ``simulate`` turns those orders into a table by running each stage's
 next action at the first tick its inputs exist. Data moves between stages at
@@ -33,6 +40,21 @@ from fractions import Fraction
 from typing import Literal
 
 Kind = Literal["F", "B", "W"]
+Placement = Literal["loop", "v"]
+
+
+def virtual_stage_of(placement: Placement, p: int, stage: int, chunk: int) -> int:
+    """Virtual stage (position in the layer order) of ``chunk`` on device ``stage``."""
+    if placement == "v":
+        return stage if chunk == 0 else 2 * p - 1 - stage
+    return chunk * p + stage
+
+
+def device_of(placement: Placement, p: int, k: int) -> tuple[int, int]:
+    """(stage, chunk) that runs virtual stage ``k``: the inverse of ``virtual_stage_of``."""
+    if placement == "v":
+        return (k, 0) if k < p else (2 * p - 1 - k, 1)
+    return k % p, k // p
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -61,13 +83,23 @@ class Schedule:
     microbatches: int
     virtual: int
     actions: tuple[tuple[Action | None, ...], ...]  # [tick][stage]
+    placement: Placement = "loop"
 
     @property
     def ticks(self) -> int:
         return len(self.actions)
 
     def virtual_stage(self, stage: int, chunk: int) -> int:
-        return chunk * self.stages + stage
+        return virtual_stage_of(self.placement, self.stages, stage, chunk)
+
+    def device_of(self, k: int) -> tuple[int, int]:
+        """(stage, chunk) that runs virtual stage ``k``."""
+        return device_of(self.placement, self.stages, k)
+
+    def cross_device_boundaries(self) -> int:
+        """Of the p v - 1 boundaries between consecutive virtual stages, those between two devices:
+        each microbatch sends across them once each way (a V turns, and ends, on one device)."""
+        return cross_device_boundaries(self.placement, self.stages, self.virtual)
 
     @property
     def split_backward(self) -> bool:
@@ -81,7 +113,9 @@ class Schedule:
 
     def expected_bubble(self) -> Fraction:
         """The schedule family's published formula, one tick per action: (p-1) / (v*m + p-1), or
-        for a split table (p-1) / (3m + p-1) (ZB-H1's (p-1)(T_F + T_B - T_W) with T_F = T_B = T_W)."""
+        for a split table (p-1) / (3vm + p-1): ZB-H1's (p-1)(T_F + T_B - T_W) with T_F = T_B = T_W,
+        and for ZB-V the p - 1 ticks of one chunk that a synchronous step's fill leaves each
+        stage (the paper's "zero bubble" counts none: it overlaps them with the next step's)."""
         p, m, v = self.stages, self.microbatches, self.virtual
         if self.split_backward:
             return Fraction(p - 1, 3 * v * m + p - 1)
@@ -126,22 +160,34 @@ class ScheduleError(ValueError):
     """A table that cannot run: a dependency violated, an action missing or repeated."""
 
 
-def _dependencies(action: Action, stage: int, p: int, v: int) -> list[tuple[int, Action]]:
+def cross_device_boundaries(placement: Placement, p: int, v: int) -> int:
+    """Boundaries k -> k + 1 between virtual stages that run on different devices."""
+    return sum(device_of(placement, p, k)[0] != device_of(placement, p, k + 1)[0] for k in range(p * v - 1))
+
+
+def _dependencies(action: Action, stage: int, p: int, v: int, placement: Placement) -> list[tuple[int, Action]]:
     """(stage, action) pairs that must finish, at an earlier tick, before ``action`` runs."""
-    k = action.chunk * p + stage  # virtual stage
+    k = virtual_stage_of(placement, p, stage, action.chunk)
     last = p * v - 1
     mb = action.microbatch
+
+    def at(k: int, kind: Kind) -> tuple[int, Action]:
+        where, chunk = device_of(placement, p, k)
+        return where, Action(kind, mb, chunk)
+
     if action.kind == "W":
         return [(stage, Action("B", mb, action.chunk))]
     if action.kind == "F":
-        return [] if k == 0 else [((k - 1) % p, Action("F", mb, (k - 1) // p))]
+        return [] if k == 0 else [at(k - 1, "F")]
     deps = [(stage, Action("F", mb, action.chunk))]
     if k < last:
-        deps.append(((k + 1) % p, Action("B", mb, (k + 1) // p)))
+        deps.append(at(k + 1, "B"))
     return deps
 
 
-def simulate(name: str, orders: Sequence[Sequence[Action]], microbatches: int, virtual: int) -> Schedule:
+def simulate(
+    name: str, orders: Sequence[Sequence[Action]], microbatches: int, virtual: int, placement: Placement = "loop"
+) -> Schedule:
     """Runs each stage's action order as early as dependencies allow; returns the table."""
     p = len(orders)
     done: dict[tuple[int, Action], int] = {}  # -> tick it ran
@@ -154,7 +200,7 @@ def simulate(name: str, orders: Sequence[Sequence[Action]], microbatches: int, v
         for stage in range(p):
             action = orders[stage][cursor[stage]] if cursor[stage] < len(orders[stage]) else None
             ready = action is not None and all(
-                done.get(dep, tick) < tick for dep in _dependencies(action, stage, p, virtual)
+                done.get(dep, tick) < tick for dep in _dependencies(action, stage, p, virtual, placement)
             )
             row.append(action if ready else None)
         if not any(row):
@@ -164,7 +210,7 @@ def simulate(name: str, orders: Sequence[Sequence[Action]], microbatches: int, v
                 done[(stage, action)] = tick
                 cursor[stage] += 1
         rows.append(tuple(row))
-    return Schedule(name, p, microbatches, virtual, tuple(rows))
+    return Schedule(name, p, microbatches, virtual, tuple(rows), placement)
 
 
 def validate(schedule: Schedule) -> None:
@@ -182,7 +228,7 @@ def validate(schedule: Schedule) -> None:
                 raise ScheduleError(f"tick {tick}, stage {stage}: {action} is out of range (m={m}, v={v})")
             if (stage, action) in seen:
                 raise ScheduleError(f"tick {tick}, stage {stage}: {action} already ran at tick {seen[(stage, action)]}")
-            for dep in _dependencies(action, stage, p, v):
+            for dep in _dependencies(action, stage, p, v, schedule.placement):
                 if seen.get(dep, tick) >= tick:
                     raise ScheduleError(
                         f"tick {tick}, stage {stage}: {action} runs before {dep[1]} on stage {dep[0]} has finished"
@@ -261,21 +307,86 @@ def zb_h1(stages: int, microbatches: int) -> Schedule:
     return simulate("zb-h1", orders, m, 1)
 
 
+# ZB-V's choice on every tick, first ready wins. B's are on the critical path (a neighbour waits
+# for each), chunk 1's first since the backward reaches it first; a chunk-1 forward brings a
+# microbatch to the loss, and so to its backwards, sooner; W's fill what is left before a new
+# microbatch enters. Of the orders tried, this one left every stage only the fill's p - 1 idle
+# ticks at every p and m tested, and the smallest bubble in lockstep (tests/test_pipeline_schedules.py).
+_ZB_V_PRIORITY = (("B", 1), ("B", 0), ("F", 1), ("W", None), ("F", 0))
+
+
+def zb_v(stages: int, microbatches: int) -> Schedule:
+    """ZB-V (Qi et al., "Pipeline Parallelism with Controllable Memory", 2024): two chunks per
+    device in a V (``placement`` "v"), backwards split into B and W.
+
+    Built tick by tick: each stage runs the first action of ``_ZB_V_PRIORITY`` that is
+    ready, an F only while the stage holds fewer than 2p chunk-microbatches between F and W
+    (a chunk is half a stage, so this is 1F1B's p stage inputs). With F, B and W one tick
+    each, every stage idles p - 1 ticks, the fill of a synchronous step; the V puts the
+    embedding and the loss on stage 0 and its turn on stage p - 1, where nothing is sent.
+    """
+    p, m = stages, microbatches
+    cap = 2 * p
+    orders: list[list[Action]] = [[] for _ in range(p)]
+    done: dict[tuple[int, Action], int] = {}
+    pending_w: list[list[Action]] = [[] for _ in range(p)]
+    started = [{"F": [0, 0], "B": [0, 0]} for _ in range(p)]  # next microbatch, per kind and chunk
+    held = [0] * p
+    tick = 0
+    while len(done) < 6 * p * m:
+        ran = []
+        for stage in range(p):
+            for kind, chunk in _ZB_V_PRIORITY:
+                if kind == "W":
+                    action = pending_w[stage][0] if pending_w[stage] else None
+                else:
+                    mb = started[stage][kind][chunk]
+                    action = Action(kind, mb, chunk) if mb < m else None
+                if action is None or (kind == "F" and held[stage] >= cap):
+                    continue
+                if all(done.get(dep, tick) < tick for dep in _dependencies(action, stage, p, 2, "v")):
+                    ran.append((stage, action))
+                    break
+        for stage, action in ran:
+            done[(stage, action)] = tick
+            orders[stage].append(action)
+            if action.kind == "W":
+                pending_w[stage].pop(0)
+                held[stage] -= 1
+            else:
+                started[stage][action.kind][action.chunk] += 1
+                held[stage] += action.kind == "F"
+                if action.kind == "B":
+                    pending_w[stage].append(Action("W", action.microbatch, action.chunk))
+        tick += 1
+    return simulate("zb-v", orders, m, 2, "v")
+
+
 SCHEDULES = {
     "gpipe": lambda p, m, v: gpipe(p, m),
     "1f1b": lambda p, m, v: one_f_one_b(p, m),
     "interleaved-1f1b": interleaved_1f1b,
     "zb-h1": lambda p, m, v: zb_h1(p, m),
+    "zb-v": lambda p, m, v: zb_v(p, m),
 }
 SINGLE_CHUNK = ("gpipe", "1f1b", "zb-h1")  # schedules that run one chunk per stage
+TWO_CHUNK = ("zb-v",)  # schedules that run two chunks per stage, in a V
+PLACEMENTS: dict[str, Placement] = {"zb-v": "v"}  # every other schedule loops
+
+
+def placement(name: str) -> Placement:
+    """Where the named schedule runs each virtual stage (``virtual_stage_of``)."""
+    return PLACEMENTS.get(name, "loop")
 
 
 def make_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
     """The named schedule (one of ``SCHEDULES``); validated."""
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
-    schedule = SCHEDULES[name](stages, microbatches, virtual)
     if name in SINGLE_CHUNK and virtual != 1:
         raise ScheduleError(f"{name} runs one chunk per stage; virtual_stages must be 1, got {virtual}")
+    if name in TWO_CHUNK and virtual != 2:
+        raise ScheduleError(f"{name} runs two chunks per stage, in a V; virtual_stages must be 2, got {virtual}")
+    schedule = SCHEDULES[name](stages, microbatches, virtual)
     validate(schedule)
     return schedule

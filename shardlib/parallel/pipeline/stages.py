@@ -41,7 +41,7 @@ from shardlib.parallel.pipeline.executor import (
     pipeline_loss_and_grads,
     send_patterns,
 )
-from shardlib.parallel.pipeline.schedules import make_schedule
+from shardlib.parallel.pipeline.schedules import make_schedule, placement
 from shardlib.parallel.pipeline.table import TickTable, compile_table
 
 PyTree = Any
@@ -106,7 +106,7 @@ def plan_pipeline(
     return PipelinePlan(
         table,
         _branching(settings.branching, collectives_inside_stages, platform),
-        layer_order(n_layers, stages, settings.virtual_stages),
+        layer_order(n_layers, stages, settings.virtual_stages, placement(settings.schedule)),
     )
 
 

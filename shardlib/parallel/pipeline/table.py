@@ -44,14 +44,35 @@ class TickTable:
     branch: np.ndarray
     microbatch: np.ndarray
     chunk: np.ndarray
-    act_slot: np.ndarray  # activation buffer slot the action reads
-    grad_slot: np.ndarray  # gradient buffer slot the action reads (backward) or writes (forward+loss)
-    recv_act_slot: np.ndarray  # where the activation arriving at the end of the tick goes
-    recv_grad_slot: np.ndarray  # where the gradient arriving at the end of the tick goes
+    act_slot: np.ndarray  # buffer slot of the activation the action reads
+    grad_slot: np.ndarray  # buffer slot of the gradient the action reads (backward) or writes (forward+loss)
+    recv_below_slot: np.ndarray  # where what stage s - 1 sends at the end of the tick goes
+    recv_above_slot: np.ndarray  # where what stage s + 1 sends goes
+    recv_self_slot: np.ndarray  # where the stage's own output goes, when its next virtual stage is local
     res_slot: np.ndarray  # residual buffer slot a split B writes and its W reads
     act_slots: int
     grad_slots: int
     res_slots: int  # 0 unless the table is split
+
+    @property
+    def buffer_slots(self) -> int:
+        """Slots of the shared activation and gradient buffer, before its scratch slot."""
+        return self.act_slots + self.grad_slots
+
+    @property
+    def sends_to_itself(self) -> bool:
+        return bool((self.recv_self_slot >= 0).any())
+
+
+_ARRIVALS = ("recv_below_slot", "recv_above_slot", "recv_self_slot")
+
+
+def _arrival_column(source: int, target: int, p: int) -> str:
+    """Which of a target stage's arrival columns a send from ``source`` lands in. With p = 2 the
+    stage below is the stage above; both sends then ride the one permute "below" names."""
+    if source == target:
+        return "recv_self_slot"
+    return "recv_below_slot" if (target - source) % p == 1 else "recv_above_slot"
 
 
 class _Slots:
@@ -80,11 +101,10 @@ def compile_table(schedule: Schedule) -> TickTable:
     p, v = schedule.stages, schedule.virtual
     last = p * v - 1
     shape = (schedule.ticks, p)
-    arrays = {
-        name: np.full(shape, -1, np.int32)
-        for name in ("microbatch", "chunk", "act_slot", "grad_slot", "recv_act_slot", "recv_grad_slot", "res_slot")
-    }
+    names = ("microbatch", "chunk", "act_slot", "grad_slot", "recv_below_slot", "recv_above_slot", "recv_self_slot")
+    arrays = {name: np.full(shape, -1, np.int32) for name in (*names, "res_slot")}
     branch = np.full(shape, IDLE, np.int32)
+    is_grad = {name: np.zeros(shape, bool) for name in _ARRIVALS}  # arrivals taking a gradient slot
     acts = [_Slots() for _ in range(p)]
     grads = [_Slots() for _ in range(p)]
     residuals = [_Slots() for _ in range(p)]
@@ -110,8 +130,7 @@ def compile_table(schedule: Schedule) -> TickTable:
                 if k == last:  # the loss head's gradient is this stage's own incoming gradient
                     arrays["grad_slot"][tick, stage] = grads[stage].take(key)
                 if k < last:
-                    nxt = (k + 1) % p, (action.microbatch, (k + 1) // p)
-                    arrivals.append(("act", *nxt))
+                    arrivals.append(("act", stage, k + 1, action.microbatch))
             elif action.kind == "W":
                 branch[tick, stage] = WGT_FIRST if k == 0 else WGT
                 arrays["res_slot"][tick, stage] = residuals[stage].give(key)
@@ -125,23 +144,23 @@ def compile_table(schedule: Schedule) -> TickTable:
                     arrays["act_slot"][tick, stage] = acts[stage].give(key)
                 arrays["grad_slot"][tick, stage] = grads[stage].give(key)
                 if k > 0:
-                    prev = (k - 1) % p, (action.microbatch, (k - 1) // p)
-                    arrivals.append(("grad", *prev))
-        for kind, stage, key in arrivals:
-            pool, name = (acts, "recv_act_slot") if kind == "act" else (grads, "recv_grad_slot")
-            arrays[name][tick, stage] = pool[stage].take(key)
+                    arrivals.append(("grad", stage, k - 1, action.microbatch))
+        for kind, source, k, microbatch in arrivals:
+            target, chunk = schedule.device_of(k)
+            column = _arrival_column(source, target, p)
+            pool = acts if kind == "act" else grads
+            arrays[column][tick, target] = pool[target].take((microbatch, chunk))
+            is_grad[column][tick, target] = kind == "grad"
 
+    act_slots = max(1, max(a.size for a in acts))
+    is_grad["grad_slot"] = arrays["grad_slot"] >= 0
+    for name, grad in is_grad.items():  # gradient slots follow the activation slots in the shared buffer
+        arrays[name] = np.where(grad, arrays[name] + act_slots, arrays[name])
     return TickTable(
         schedule,
         branch,
-        arrays["microbatch"],
-        arrays["chunk"],
-        arrays["act_slot"],
-        arrays["grad_slot"],
-        arrays["recv_act_slot"],
-        arrays["recv_grad_slot"],
-        arrays["res_slot"],
-        max(1, max(a.size for a in acts)),
-        max(1, max(g.size for g in grads)),
-        max(r.size for r in residuals),
+        **{name: arrays[name] for name in (*names, "res_slot")},
+        act_slots=act_slots,
+        grad_slots=max(1, max(g.size for g in grads)),
+        res_slots=max(r.size for r in residuals),
     )

@@ -3,13 +3,19 @@
     python bench/pipeline_overhead.py [--config configs/gpt2-124m.yaml] [--microbatches 4]
                                       [--batch-size 16] [--seq-len 1024] [--repeats 10]
 
-Both sides compute the loss and gradients of the same batch, split into the
-same m microbatches: the sequential side with the plain model and gradient
-accumulation (`grad_accum=m`), the pipeline side with the schedule executor on
-a one-stage `pipe` axis (every tick's branch, the activation buffers and the
-loss/gradient plumbing, without any neighbour to talk to). The ratio of their
-median step times is the executor's overhead; the loss both report is printed
-so a mismatch shows. Run it on a GPU (it uses JAX's default backend).
+Every side computes the loss and gradients of the same batch, split into the
+same m microbatches: the sequential sides with the plain model and gradient
+accumulation (`grad_accum=m`), once as configured and once with
+`model.remat=full` (the recomputation the executor's backward does: it keeps
+only stage inputs and recomputes the stage forward), and the pipeline side
+with the schedule executor on a one-stage `pipe` axis (every tick's branch,
+the activation buffers and the loss/gradient plumbing, without any neighbour
+to talk to). The sides alternate, one step each per round, so the ratios of
+their median step times compare like with like on a noisy machine:
+pipeline / sequential is the executor's whole overhead, and pipeline /
+sequential-with-remat what is left of it beyond the recomputation (ticks,
+branches, buffers). The loss each reports is printed so a mismatch shows. It
+uses JAX's default backend.
 """
 
 from __future__ import annotations
@@ -22,19 +28,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardlib.parallel.pipeline.schedules import SINGLE_CHUNK
+from shardlib.parallel.pipeline.schedules import SINGLE_CHUNK, TWO_CHUNK
 
 
-def _median_ms(fn, args, repeats: int) -> tuple[float, object]:
+def _alternating_median_ms(sides: dict, args, repeats: int) -> dict[str, tuple[float, object]]:
+    """name -> (median step ms, last output), the sides run one step each per round."""
     import jax
 
-    out = jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
+    outs = {name: jax.block_until_ready(fn(*args)) for name, fn in sides.items()}  # compile and warm up
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), out
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            outs[name] = jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: (1e3 * statistics.median(times[name]), outs[name]) for name in sides}
 
 
 def main(argv=None) -> int:
@@ -43,7 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--schedule", default="1f1b", choices=SINGLE_CHUNK)
+    parser.add_argument("--schedule", default="1f1b", choices=SINGLE_CHUNK + TWO_CHUNK)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
@@ -63,6 +71,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     mesh = build_mesh(mesh_spec(), [device])
     run = setup_training(cfg, mesh)  # its grads: the plain model, accumulated over m microbatches
+    remat = setup_training(load_config(args.config, [*overrides, "model.remat=full"]), mesh)
     params, _ = run.init_state()
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
@@ -70,26 +79,30 @@ def main(argv=None) -> int:
     shard = ActivationSharding(preset_rules("dp"), mesh)
 
     plan = plan_pipeline(
-        PipelineSettings(args.schedule, m, 1, "cond"),
+        PipelineSettings(args.schedule, m, 2 if args.schedule in TWO_CHUNK else 1, "cond"),
         1,
         cfg.model.n_layers,
         cfg.batch_size,
         collectives_inside_stages=False,
         platform=device.platform,
     )
-    sequential = run.grads
-    pipelined = jax.jit(make_pipeline_grads(run.model.graphdef, run.model.params, plan, mesh, shard))
-    seq_ms, (seq_loss, _) = _median_ms(sequential, (params, batch), args.repeats)
-    pipe_ms, (pipe_loss, *_) = _median_ms(pipelined, (params, batch), args.repeats)
+    sides = {
+        "sequential": run.grads,
+        "sequential+remat": remat.grads,
+        "pipeline": jax.jit(make_pipeline_grads(run.model.graphdef, run.model.params, plan, mesh, shard)),
+    }
+    results = _alternating_median_ms(sides, (params, batch), args.repeats)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     print(
         f"device: {device.device_kind}; config {args.config}; batch {cfg.batch_size} x {cfg.seq_len}, "
-        f"m={m}, schedule {args.schedule} on one stage; median of {args.repeats}"
+        f"m={m}, schedule {args.schedule} on one stage; medians of {args.repeats}, sides alternating"
     )
-    print(f"{'':<12}{'step ms':>10}{'tokens/s':>12}{'loss':>12}")
-    print(f"{'sequential':<12}{seq_ms:>10.2f}{tokens_per_step / seq_ms * 1e3:>12.0f}{float(seq_loss):>12.6f}")
-    print(f"{'pipeline':<12}{pipe_ms:>10.2f}{tokens_per_step / pipe_ms * 1e3:>12.0f}{float(pipe_loss):>12.6f}")
-    print(f"overhead: pipeline / sequential = {pipe_ms / seq_ms:.3f}")
+    print(f"{'':<18}{'step ms':>10}{'tokens/s':>12}{'loss':>12}")
+    for name, (ms, out) in results.items():
+        print(f"{name:<18}{ms:>10.2f}{tokens_per_step / ms * 1e3:>12.0f}{float(out[0]):>12.6f}")
+    pipe_ms = results["pipeline"][0]
+    print(f"overhead: pipeline / sequential = {pipe_ms / results['sequential'][0]:.3f}")
+    print(f"beyond the recomputation: pipeline / sequential+remat = {pipe_ms / results['sequential+remat'][0]:.3f}")
     return 0
 
 

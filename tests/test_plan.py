@@ -98,10 +98,10 @@ def test_plans_are_ranked_and_explained():
 # --presets/--axes put the plan under test at the top of the ranking.
 
 
-def _verified(presets, axes, sizes, schedule=None):
+def _verified(presets, axes, sizes, schedule=None, cfg=None):
     """verify() on the one fitting plan of ``presets`` over ``axes`` with mesh ``sizes`` (and pipeline
-    ``schedule``): (text, misses)."""
-    cfg = config()
+    ``schedule``) of ``cfg`` (default ``config()``): (text, misses)."""
+    cfg = cfg or config()
     plans = make_plans(cfg, N, flat_profile(2**30), presets=presets, axes=axes)
     chosen = [
         p
@@ -140,12 +140,14 @@ def test_verify_compiles_tensor_parallel_beside_seq_as_predicted():
     assert not misses, text
 
 
-def test_verify_compiles_a_pipelined_plan_as_predicted():
-    """data=4 x pipe=2 under 1F1B, at the planner's microbatches: bytes per axis and memory (from the
-    schedule's table) agree with the compiled step."""
-    text, misses = _verified(("dp",), ("data", "pipe"), {"data": 4, "pipe": 2}, "1f1b")
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "zb-v"])
+def test_verify_compiles_a_pipelined_plan_as_predicted(schedule):
+    """data=4 x pipe=2, at the planner's microbatches: bytes per axis and memory (from the schedule's
+    table, and the gradient sums the tick loop carries) agree with the compiled step."""
+    cfg = tiny_config(batch_size=8, seq_len=8, model={"n_layers": 4})  # 4 layers: ZB-V's 2 x 2 chunks
+    text, misses = _verified(("dp",), ("data", "pipe"), {"data": 4, "pipe": 2}, schedule, cfg)
     assert not misses, text
-    assert "(1f1b m=" in text and "  pipe   predicted" in text and "GAP" not in text
+    assert f"({schedule} m=" in text and "  pipe   predicted" in text and "GAP" not in text
 
 
 def test_a_batch_too_small_for_the_devices_makes_the_planner_pipeline():

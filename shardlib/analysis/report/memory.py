@@ -9,8 +9,8 @@ layer plus each layer's input. Only one microbatch is alive at a time.
 
 On top of the stored state the step needs, per device:
 
-* the gradients (sharded like the parameters) and, with ``grad_accum`` > 1,
-  the accumulator beside them, plus half a copy of temporaries for clipping
+* the gradients (sharded like the parameters) and, with ``grad_accum`` > 1 or
+  a pipeline, the accumulator beside them, plus half a copy of temporaries for clipping
   and the AdamW update;
 * FSDP: one layer's gathered weights, and its unsliced gradient;
 * the logits in float32 and their gradient (vocabulary split over ``model``);
@@ -155,7 +155,9 @@ def estimate_memory(layout: Layout, activation_dtype: str | None = None) -> Memo
     params = layout.param_bytes_per_device
     # The gradients, the accumulator beside them, and half a copy more for the update
     # (clipping and AdamW's temporaries: XLA:CPU holds about that much, measured 0.4-0.7).
-    grads = params * (2.5 if cfg.grad_accum > 1 else 1.5)
+    # A pipeline accumulates over its microbatches too: the tick loop carries the sums.
+    accumulates = cfg.grad_accum > 1 or layout.sizes["pipe"] > 1
+    grads = params * (2.5 if accumulates else 1.5)
     optimizer = OPTIMIZER_COPIES * params
     batch = 2 * cfg.batch_size * cfg.seq_len * 4 / (layout.batch_shards * layout.seq_shards)
 

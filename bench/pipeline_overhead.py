@@ -10,11 +10,13 @@ accumulation (`grad_accum=m`), once as configured and once with
 only stage inputs and recomputes the stage forward), and the pipeline side
 with the schedule executor on a one-stage `pipe` axis (every tick's branch,
 the activation buffers and the loss/gradient plumbing, without any neighbour
-to talk to). The sides alternate, one step each per round, so the ratios of
-their median step times compare like with like on a noisy machine:
-pipeline / sequential is the executor's whole overhead, and pipeline /
-sequential-with-remat what is left of it beyond the recomputation (ticks,
-branches, buffers). The loss each reports is printed so a mismatch shows. It
+to talk to), once recomputing each forward in its backward (the default) and
+once keeping the forward's residuals for it (`pipeline.recompute=false`). The
+sides alternate, one step each per round, so the ratios of their median step
+times compare like with like on a noisy machine: pipeline / sequential is the
+executor's whole overhead, pipeline / sequential-with-remat what is left of it
+beyond the recomputation, and pipeline-saved / sequential the overhead without
+it (ticks, branches, buffers). The loss each reports is printed so a mismatch shows. It
 uses JAX's default backend.
 """
 
@@ -78,19 +80,23 @@ def main(argv=None) -> int:
     batch = {"inputs": jax.device_put(tokens[:, :-1]), "targets": jax.device_put(tokens[:, 1:])}
     shard = ActivationSharding(preset_rules("dp"), mesh)
 
-    plan = plan_pipeline(
-        PipelineSettings(args.schedule, m, 2 if args.schedule in TWO_CHUNK else 1, "cond"),
-        1,
-        cfg.model.n_layers,
-        cfg.batch_size,
-        collectives_inside_stages=False,
-        platform=device.platform,
-    )
+    def plan(recompute: bool):
+        virtual = 2 if args.schedule in TWO_CHUNK else 1
+        settings = PipelineSettings(args.schedule, m, virtual, "cond", recompute)
+        return plan_pipeline(
+            settings, 1, cfg.model.n_layers, cfg.batch_size, collectives_inside_stages=False, platform=device.platform
+        )
+
+    def pipelined(recompute: bool):
+        return jax.jit(make_pipeline_grads(run.model.graphdef, run.model.params, plan(recompute), mesh, shard))
+
     sides = {
         "sequential": run.grads,
         "sequential+remat": remat.grads,
-        "pipeline": jax.jit(make_pipeline_grads(run.model.graphdef, run.model.params, plan, mesh, shard)),
+        "pipeline": pipelined(True),
     }
+    if args.schedule not in ("zb-h1", "zb-v"):  # split tables always recompute
+        sides["pipeline-saved"] = pipelined(False)
     results = _alternating_median_ms(sides, (params, batch), args.repeats)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     print(
@@ -103,6 +109,10 @@ def main(argv=None) -> int:
     pipe_ms = results["pipeline"][0]
     print(f"overhead: pipeline / sequential = {pipe_ms / results['sequential'][0]:.3f}")
     print(f"beyond the recomputation: pipeline / sequential+remat = {pipe_ms / results['sequential+remat'][0]:.3f}")
+    if "pipeline-saved" in results:
+        print(
+            f"without it: pipeline-saved / sequential = {results['pipeline-saved'][0] / results['sequential'][0]:.3f}"
+        )
     return 0
 
 

@@ -32,7 +32,7 @@ def _checked_elsewhere() -> set[tuple[str, int, str]]:
     from tests.test_compat import COMBOS
     from tests.test_pipeline import CASES
 
-    checked = {(schedule, v, preset) for schedule, v, _, _, preset in CASES.values()}
+    checked = {(schedule, v, preset) for schedule, v, _, _, preset, *_ in CASES.values()}
     for combo in COMBOS:
         preset = next(p for p in PIPELINE_MESHES if p in combo)
         if "pipeline" in combo:

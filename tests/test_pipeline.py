@@ -38,6 +38,10 @@ CASES = {
     "zb-v-p2-data2": ("zb-v", 2, {"pipe": 2, "data": 2}, 4, "dp"),
     "zb-v-p4-fsdp-data2": ("zb-v", 2, {"pipe": 4, "data": 2}, 8, "fsdp"),
     "zb-v-p4-tp-model2": ("zb-v", 2, {"pipe": 4, "model": 2}, 4, "tp"),
+    # pipeline.recompute=false: each forward keeps its residuals, each backward only applies them.
+    "1f1b-saved-p2-data2": ("1f1b", 1, {"pipe": 2, "data": 2}, 4, "dp", False),
+    "interleaved-saved-p2-fsdp-data2": ("interleaved-1f1b", 2, {"pipe": 2, "data": 2}, 4, "fsdp", False),
+    "gpipe-saved-p4-tp-model2": ("gpipe", 1, {"pipe": 4, "model": 2}, 4, "tp", False),
 }
 
 
@@ -55,8 +59,9 @@ def reference():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_schedule_matches_sequential(case):
-    schedule, virtual, sizes, microbatches, sharding = CASES[case]
+    schedule, virtual, sizes, microbatches, sharding, *recompute = CASES[case]
     pipeline = {"schedule": schedule, "virtual_stages": virtual, "microbatches": microbatches}
+    pipeline["recompute"] = recompute[0] if recompute else True
     cfg = tiny_config(model=MODEL, pipeline=pipeline, sharding=sharding)
     run, batch, params = first_batch(cfg, mesh_of(**sizes))
     loss, grads = run.grads(params, batch)
@@ -97,6 +102,15 @@ def test_one_stage_pipeline_matches_sequential(schedule):
     ref_loss, ref_grads, _ = reference()
     assert abs(float(loss) - ref_loss) <= TOLERANCE, (float(loss), ref_loss)
     assert_trees_close(jax.device_get(grads), ref_grads, rel=REL, what="gradient")
+
+
+def test_split_tables_refuse_to_skip_recomputation():
+    from shardlib.parallel.pipeline.stages import PipelineSettings, plan_pipeline
+
+    with pytest.raises(ValueError, match="pipeline.recompute=false does not apply to zb-h1"):
+        plan_pipeline(
+            PipelineSettings("zb-h1", 4, recompute=False), 2, 8, 16, collectives_inside_stages=False, platform="cpu"
+        )
 
 
 def test_1f1b_needs_less_activation_memory_than_gpipe():

@@ -217,6 +217,12 @@ def test_each_tick_permutes_exactly_the_pairs_that_have_an_arrival(name, p, m, v
     assert sum(patterns.runs().values()) == int((patterns.tick > 0).sum())
 
 
+def test_a_backward_without_recomputation_costs_two_forwards():
+    schedule = make_schedule("1f1b", 2, 2)
+    assert tick_costs(schedule, recompute=False) == {"F": 1, "B": 2}
+    assert tick_costs(schedule)["B"] == 3
+
+
 def test_lockstep_time_is_the_sum_of_each_ticks_slowest_action():
     # 1f1b p=2 m=2: F0 F1 . B0 . B1 / . F0 B0 F1 B1 . -> ticks cost 1, 1, 3, 3, 3, 3 at F = 1, B = 3.
     schedule = make_schedule("1f1b", 2, 2)

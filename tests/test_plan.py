@@ -140,11 +140,13 @@ def test_verify_compiles_tensor_parallel_beside_seq_as_predicted():
     assert not misses, text
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "zb-v"])
-def test_verify_compiles_a_pipelined_plan_as_predicted(schedule):
+@pytest.mark.parametrize("schedule, recompute", [("1f1b", True), ("1f1b", False), ("zb-h1", True), ("zb-v", True)])
+def test_verify_compiles_a_pipelined_plan_as_predicted(schedule, recompute):
     """data=4 x pipe=2, at the planner's microbatches: bytes per axis and memory (from the schedule's
-    table, and the gradient sums the tick loop carries) agree with the compiled step."""
-    cfg = tiny_config(batch_size=8, seq_len=8, model={"n_layers": 4})  # 4 layers: ZB-V's 2 x 2 chunks
+    table, the gradient sums the tick loop carries and, without recomputation, the residuals kept
+    from each forward to its backward) agree with the compiled step."""
+    pipeline = {"recompute": recompute}
+    cfg = tiny_config(batch_size=8, seq_len=8, model={"n_layers": 4}, pipeline=pipeline)  # ZB-V: 2 x 2 chunks
     text, misses = _verified(("dp",), ("data", "pipe"), {"data": 4, "pipe": 2}, schedule, cfg)
     assert not misses, text
     assert f"({schedule} m=" in text and "  pipe   predicted" in text and "GAP" not in text

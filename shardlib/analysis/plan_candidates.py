@@ -19,6 +19,7 @@ PLAN_AXES = ("data", "pipe", "seq", "model")
 # A pipeline is planned with these schedules. GPipe is left out: 1F1B has its bubble with at most
 # p microbatches in flight instead of m, so it is never worse in the model.
 PIPELINE_SCHEDULES = (("1f1b", 1), ("zb-h1", 1), ("zb-v", 2), ("interleaved-1f1b", 2))
+SPLIT_SCHEDULES = ("zb-h1", "zb-v")  # backwards split into B and W
 # Microbatches per step tried, as multiples of p, largest first: the bubble shrinks with m and the
 # 1F1B memory does not grow, so the largest that divides the batch wins; 4p keeps the bubble
 # small without splitting microbatches so thin that the matmuls (which the time model treats as
@@ -93,9 +94,10 @@ def config_variants(cfg: Config, sizes: dict[str, int]) -> list[Config]:
         fits = [k * p for k in MICROBATCHES_PER_STAGE if cfg.batch_size % (k * p * rows_split) == 0]
         if not fits:
             continue
-        pipeline = cfg.pipeline.model_copy(
-            update={"schedule": schedule, "virtual_stages": virtual, "microbatches": fits[0]}
-        )
+        update = {"schedule": schedule, "virtual_stages": virtual, "microbatches": fits[0]}
+        if schedule in SPLIT_SCHEDULES:
+            update["recompute"] = True  # their B recomputes the forward, whatever the config says
+        pipeline = cfg.pipeline.model_copy(update=update)
         out.append(cfg.model_copy(update={"pipeline": pipeline, "grad_accum": 1}))
     return out or [cfg]  # nothing divides: the plain config, which resolve_layout drops with the reason
 

@@ -236,6 +236,10 @@ class PipelineConfig(BaseModel):
     # cond: a stage computes only its own action (GPUs); select: every branch, then
     # choose (needed on XLA:CPU when `model` collectives run inside a stage).
     branching: Literal["auto", "cond", "select"] = "auto"
+    # true: each backward recomputes its stage's forward from the stage input (keeps only
+    # stage inputs); false: each forward keeps its residuals for its backward (a third less
+    # matmul work, the plain model's activations per microbatch in flight; not zb-h1/zb-v).
+    recompute: bool = True
 
 
 class AttentionConfig(BaseModel):

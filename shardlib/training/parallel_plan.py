@@ -273,7 +273,7 @@ def batch_sharding(cfg: Config, shard: ActivationSharding) -> NamedSharding:
 def pipeline_settings(cfg: Config) -> PipelineSettings:
     """The pipeline strategy's typed settings from the config's ``pipeline`` section."""
     p = cfg.pipeline
-    return PipelineSettings(p.schedule, p.microbatches, p.virtual_stages, p.branching)
+    return PipelineSettings(p.schedule, p.microbatches, p.virtual_stages, p.branching, p.recompute)
 
 
 def _pipeline(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> PipelinePlan | None:

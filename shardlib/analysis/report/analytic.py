@@ -443,7 +443,7 @@ def hardware_flops(layout: Layout) -> float:
     recomputed = m.n_layers * (2 * m.d_model * hk * (m.n_heads + m.n_kv_heads) + 2 * m.d_model * m.d_ff)
     attention_forward = 4 * m.n_layers * m.n_heads * hk * cfg.seq_len
     extra = 0.0
-    if layout.sizes["pipe"] > 1:
+    if layout.sizes["pipe"] > 1 and pipeline_recomputes(cfg):
         # The pipeline's executor recomputes each chunk's forward in its backward, whatever remat says.
         return model_flops(layout) * 4 / 3
     if m.remat == "full":
@@ -464,4 +464,11 @@ def pipeline_bubble(layout: Layout) -> float:
     if layout.sizes["pipe"] < 2 or pipeline is None:
         return 0.0
     schedule = make_schedule(pipeline.schedule, layout.sizes["pipe"], pipeline.microbatches, pipeline.virtual_stages)
-    return float(schedule.lockstep_time(tick_costs(schedule))[1])
+    return float(schedule.lockstep_time(tick_costs(schedule, pipeline_recomputes(layout.cfg)))[1])
+
+
+def pipeline_recomputes(cfg) -> bool:
+    """Whether the executor's backwards recompute their forward (``pipeline.recompute``, the
+    default; split tables, whose B recomputes, refuse it off)."""
+    pipeline = getattr(cfg, "pipeline", None)
+    return pipeline is None or pipeline.recompute

@@ -6,7 +6,8 @@ turns them into one branch per code of ``shardlib.parallel.pipeline.table``
 halves), each taking and returning the ``Carry`` a stage holds from tick to
 tick. Every backward recomputes its chunk's forward from the saved stage
 input (``jax.vjp``), so a stage keeps only stage inputs, as many as the
-table has in flight. A split (zero-bubble) table's B runs the chunk through
+table has in flight; with ``recompute`` off, each forward keeps its
+pullback's residuals for its backward instead (``saved``). A split (zero-bubble) table's B runs the chunk through
 ``StageFunctions.tapped_stage`` and keeps each weight use's input and output
 cotangent; its W takes the weight gradients from them alone
 (``StageFunctions.weight_grads``), with no second recomputation.
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from shardlib.parallel.pipeline.saved import forward_keeping, pullback, residual_layout
 from shardlib.parallel.pipeline.schedules import Schedule
 from shardlib.parallel.pipeline.table import (
     BRANCHES,
@@ -66,19 +68,19 @@ class StageFunctions:
     weight_grads: Callable | None = None
 
 
-def tick_costs(schedule: Schedule) -> dict[str, Fraction]:
+def tick_costs(schedule: Schedule, recompute: bool = True) -> dict[str, Fraction]:
     """What each action costs this executor, in forwards of a whole stage (its v chunks).
 
-    Every backward recomputes its chunk's forward from the saved input, and a
-    forward, an input gradient and a weight gradient take about the same
-    matmul work: a whole backward is 3 forwards, a split table's B 2 (the
-    recomputation and the input gradient) and its W 1 (the weight-gradient
-    matmuls from what B kept).
+    A forward, an input gradient and a weight gradient take about the same
+    matmul work. Every backward recomputes its chunk's forward from the saved
+    input unless ``recompute`` is off: a whole backward is 3 forwards (2
+    without recomputation), a split table's B 2 (the recomputation and the
+    input gradient) and its W 1 (the weight-gradient matmuls from what B kept).
     """
     chunk = Fraction(1, schedule.virtual)
     if schedule.split_backward:
         return {"F": chunk, "B": 2 * chunk, "W": chunk}
-    return {"F": chunk, "B": 3 * chunk}
+    return {"F": chunk, "B": (3 if recompute else 2) * chunk}
 
 
 class Carry(NamedTuple):
@@ -107,12 +109,20 @@ class StageActions:
     activation, a backward's input gradient, zeros where it sends nothing.
     """
 
-    def __init__(self, fns: StageFunctions, outer, chunks, tokens, targets, *, split: bool):
+    def __init__(self, fns: StageFunctions, outer, chunks, tokens, targets, *, split: bool, recompute: bool = True):
         self.fns, self.outer, self.chunks, self.tokens, self.targets = fns, outer, chunks, tokens, targets
         x_shape = jax.eval_shape(fns.embed, outer, tokens[0])
         self.x_shape = x_shape
         self.zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
-        self.residual_shapes = self._residual_shapes() if split else {}
+        # What the residual buffer holds: a split table's B keeps its W's inputs; without
+        # recomputation an F keeps its B's pullback residuals (``saved``); else nothing.
+        self.saved = None if recompute or split else residual_layout(fns.stage, self.chunk(0), self.zeros_x)
+        if split:
+            self.residual_shapes = self._residual_shapes()
+            self.keeping = (BWD_INPUT, BWD_INPUT_FIRST)
+        else:
+            self.residual_shapes = {} if self.saved is None else {"saved": self.saved.stored}
+            self.keeping = () if self.saved is None else (FWD, FWD_FIRST, FWD_LAST, FWD_ONLY)
         branches = [None] * len(BRANCHES)
         branches[IDLE] = lambda c, r: (c, self.zeros_x)
         branches[FWD] = lambda c, r: self.forward(c, r, first=False, last=False)
@@ -134,9 +144,9 @@ class StageActions:
         return {"inputs": inputs, "dys": outputs, "d_embed": self.x_shape}
 
     def residual_slot_out(self, code: int) -> Callable:
-        """Branch ``code`` returning one residual slot in the carry: a B's, or zeros."""
+        """Branch ``code`` returning one residual slot in the carry: what it keeps, or zeros."""
         branch = self.branches[code]
-        if code in (BWD_INPUT, BWD_INPUT_FIRST):
+        if code in self.keeping:
             return branch
 
         def run(carry, row):
@@ -146,11 +156,21 @@ class StageActions:
 
         return run
 
+    @property
+    def residual_column(self) -> str:
+        """The table column naming each tick's residual slot: what a B keeps for its W (``res_slot``),
+        or without recomputation what an F keeps for its B (``saved_slot``)."""
+        return "saved_slot" if self.saved is not None else "res_slot"
+
+    def residual_slots(self, plan: TickTable) -> int:
+        return plan.saved_slots if self.saved is not None else plan.res_slots
+
     def initial_carry(self, plan: TickTable) -> Carry:
         shape, dtype = self.x_shape.shape, self.x_shape.dtype
+        slots = self.residual_slots(plan)
         return Carry(
             jnp.zeros((plan.buffer_slots + 1, *shape), dtype),
-            jax.tree.map(lambda a: jnp.zeros((plan.res_slots + 1, *a.shape), a.dtype), self.residual_shapes),
+            jax.tree.map(lambda a: jnp.zeros((slots + 1, *a.shape), a.dtype), self.residual_shapes),
             jax.tree.map(jnp.zeros_like, self.chunks),
             jax.tree.map(jnp.zeros_like, self.outer),
             jnp.zeros((), jnp.float32),
@@ -162,7 +182,11 @@ class StageActions:
     def forward(self, carry: Carry, row, first, last):
         mb, c = row["microbatch"], row["chunk"]
         x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.held[row["act_slot"]]
-        y = self.fns.stage(self.chunk(c), x)
+        if self.saved is None:
+            y = self.fns.stage(self.chunk(c), x)
+        else:
+            y, kept = forward_keeping(self.saved, self.fns.stage, self.chunk(c), x)
+            carry = carry._replace(residuals={"saved": kept})
         if last:
             mb_loss, pull = jax.vjp(lambda o, y: self.fns.loss(o, y, self.targets[mb]), self.outer, y)
             d_outer, dy = pull(jnp.ones_like(mb_loss))
@@ -177,6 +201,8 @@ class StageActions:
         mb, c = row["microbatch"], row["chunk"]
         dy = carry.held[row["grad_slot"]]
         outer_g = carry.outer_g
+        if self.saved is not None:
+            return self._backward_from_saved(carry, row, first, dy)
         if first:  # recompute the embedding: its parameters need gradients too
 
             def embed_and_run(o, w):
@@ -190,6 +216,21 @@ class StageActions:
             _, pull = jax.vjp(self.fns.stage, self.chunk(c), carry.held[row["act_slot"]])
             d_chunk, dx = pull(dy)
         layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), carry.layer_g, d_chunk)
+        return carry._replace(layer_g=layer_g, outer_g=outer_g), dx
+
+    def _backward_from_saved(self, carry: Carry, row, first, dy):
+        """A backward applying the pullback its F kept (``saved``): no forward is recomputed
+        but the embedding's, a lookup, whose gradient the first virtual stage needs."""
+        mb, c = row["microbatch"], row["chunk"]
+        x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.held[row["act_slot"]]
+        stored = tuple(buf[row["saved_slot"]] for buf in carry.residuals["saved"])
+        d_chunk, dx = pullback(self.saved, stored, self.chunk(c), x)(dy)
+        layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), carry.layer_g, d_chunk)
+        outer_g = carry.outer_g
+        if first:
+            _, pull = jax.vjp(lambda o: self.fns.embed(o, self.tokens[mb]), self.outer)
+            outer_g = jax.tree.map(jnp.add, outer_g, pull(dx)[0])
+            dx = self.zeros_x
         return carry._replace(layer_g=layer_g, outer_g=outer_g), dx
 
     def backward_input(self, carry: Carry, row, first):

@@ -88,6 +88,7 @@ _TABLE_FIELDS = (
     "recv_above_slot",
     "recv_self_slot",
     "res_slot",
+    "saved_slot",
 )
 
 
@@ -104,6 +105,7 @@ def pipeline_loss_and_grads(
     layer_specs: PyTree | None = None,
     outer_specs: PyTree | None = None,
     batch_axes: tuple[str, ...] = (),
+    recompute: bool = True,
 ) -> tuple[jax.Array, PyTree, PyTree]:
     """Mean loss over the microbatches and its gradients, by running ``plan``.
 
@@ -117,13 +119,16 @@ def pipeline_loss_and_grads(
         for the step and their gradients reduce-scattered, other mesh axes are
         left to the partitioner.
       batch_axes: mesh axes the batch is split over, made manual here.
+      recompute: each backward recomputes its chunk's forward from the stage input (memory of
+        the stage inputs only); off, each forward keeps its residuals for its backward
+        (``shardlib.parallel.pipeline.saved``; split tables recompute regardless).
     Returns:
       (loss, layer grads sharded like ``layers``, outer grads sharded like ``outer``).
     """
     manual = {"pipe", *batch_axes}
     layer_specs = _manual_only(layer_specs or jax.tree.map(lambda _: P("pipe"), layers), manual, "layers")
     outer_specs = _manual_only(outer_specs or jax.tree.map(lambda _: P(), outer), manual, "outer")
-    run = _StepRun(plan, fns, branching, layer_specs, outer_specs, batch_axes, mesh)
+    run = _StepRun(plan, fns, branching, layer_specs, outer_specs, batch_axes, mesh, recompute)
     batch_spec = P(None, batch_axes or None)
     step = jax.shard_map(
         run.body,
@@ -149,6 +154,7 @@ class _StepRun:
     outer_specs: PyTree
     batch_axes: tuple[str, ...]
     mesh: jax.sharding.Mesh
+    recompute: bool = True
 
     @functools.cached_property
     def patterns(self) -> SendPatterns:
@@ -165,7 +171,8 @@ class _StepRun:
         layers_local = jax.tree.map(lambda w, s: gather_sharded(w, s, self.batch_axes), layers_local, self.layer_specs)
         outer = jax.tree.map(lambda w, s: gather_sharded(w, s, self.batch_axes), outer_local, self.outer_specs)
         chunks = jax.tree.map(lambda w: w.reshape(v, w.shape[0] // v, *w.shape[1:]), layers_local)
-        stage = StageActions(self.fns, outer, chunks, tokens, targets, split=self.plan.schedule.split_backward)
+        split = self.plan.schedule.split_backward
+        stage = StageActions(self.fns, outer, chunks, tokens, targets, split=split, recompute=self.recompute)
         carry = stage.initial_carry(self.plan)
         tick = functools.partial(self._tick, stage, jax.lax.axis_index("pipe"))
         carry, _ = jax.lax.scan(tick, carry, (table, tick_patterns))
@@ -185,7 +192,8 @@ class _StepRun:
         else:
             outs = [branch(carry, row) for branch in branches]
             carry, send = jax.tree.map(lambda *xs: jax.lax.select_n(row["branch"], *xs), *outs)
-        res_slot = _or_scratch(row["res_slot"], self.plan.res_slots)  # a W's slot is free once it has run
+        # A W's (or B's, without recomputation) slot is free once it has run: its zeros may go there.
+        res_slot = _or_scratch(row[stage.residual_column], stage.residual_slots(self.plan))
         residuals = jax.tree.map(lambda buf, kept: buf.at[res_slot].set(kept), residuals, carry.residuals)
         carry = carry._replace(residuals=residuals)
         # One permute program per distinct pattern, chosen by the tick's pattern index: the same on

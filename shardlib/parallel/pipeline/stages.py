@@ -49,12 +49,14 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
-    """What the user chose: schedule name, microbatches, chunks per device, branching (auto|cond|select)."""
+    """What the user chose: schedule name, microbatches, chunks per device, branching (auto|cond|select),
+    and whether backwards recompute their forward (``pipeline_loss_and_grads``'s ``recompute``)."""
 
     schedule: str = "1f1b"
     microbatches: int = 4
     virtual_stages: int = 1
     branching: str = "auto"
+    recompute: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +66,13 @@ class PipelinePlan:
     table: the compiled schedule (``shardlib.parallel.pipeline.table.TickTable``), [ticks, stages] arrays.
     branching: ``cond`` (a stage runs only its branch) or ``select`` (all, then choose).
     layer_order: [n_layers] logical layer index of each stored layer.
+    recompute: backwards recompute their chunk's forward (else forwards keep their residuals).
     """
 
     table: TickTable
     branching: Branching
     layer_order: np.ndarray
+    recompute: bool = True
 
     @property
     def schedule(self):
@@ -103,10 +107,16 @@ def plan_pipeline(
     if batch_size % settings.microbatches:
         raise ValueError(f"batch_size={batch_size} does not divide into pipeline.microbatches={settings.microbatches}")
     table = compile_table(make_schedule(settings.schedule, stages, settings.microbatches, settings.virtual_stages))
+    if not settings.recompute and table.schedule.split_backward:
+        raise ValueError(
+            f"pipeline.recompute=false does not apply to {settings.schedule}: its B recomputes the forward "
+            "and keeps what its W needs; use 1f1b, gpipe or interleaved-1f1b, or recompute=true"
+        )
     return PipelinePlan(
         table,
         _branching(settings.branching, collectives_inside_stages, platform),
         layer_order(n_layers, stages, settings.virtual_stages, placement(settings.schedule)),
+        settings.recompute,
     )
 
 
@@ -203,6 +213,7 @@ def make_pipeline_grads(
             layer_specs=specs.get("layers"),
             outer_specs={k: specs[k] for k in outer} if specs else None,
             batch_axes=manual_batch,
+            recompute=pipeline.recompute,
         )
         grads = {**outer_grads, "layers": layer_grads}
         if param_specs is not None:  # the shard_map's out_specs name only its manual axes

@@ -50,9 +50,11 @@ class TickTable:
     recv_above_slot: np.ndarray  # where what stage s + 1 sends goes
     recv_self_slot: np.ndarray  # where the stage's own output goes, when its next virtual stage is local
     res_slot: np.ndarray  # residual buffer slot a split B writes and its W reads
+    saved_slot: np.ndarray  # slot of the stage's residuals an F keeps for its B (executor without recomputation)
     act_slots: int
     grad_slots: int
     res_slots: int  # 0 unless the table is split
+    saved_slots: int  # microbatch-chunks between F and B, at most
 
     @property
     def buffer_slots(self) -> int:
@@ -102,12 +104,13 @@ def compile_table(schedule: Schedule) -> TickTable:
     last = p * v - 1
     shape = (schedule.ticks, p)
     names = ("microbatch", "chunk", "act_slot", "grad_slot", "recv_below_slot", "recv_above_slot", "recv_self_slot")
-    arrays = {name: np.full(shape, -1, np.int32) for name in (*names, "res_slot")}
+    arrays = {name: np.full(shape, -1, np.int32) for name in (*names, "res_slot", "saved_slot")}
     branch = np.full(shape, IDLE, np.int32)
     is_grad = {name: np.zeros(shape, bool) for name in _ARRIVALS}  # arrivals taking a gradient slot
     acts = [_Slots() for _ in range(p)]
     grads = [_Slots() for _ in range(p)]
     residuals = [_Slots() for _ in range(p)]
+    saved = [_Slots() for _ in range(p)]
     split = schedule.split_backward
 
     for tick, row in enumerate(schedule.actions):
@@ -120,6 +123,9 @@ def compile_table(schedule: Schedule) -> TickTable:
             key = (action.microbatch, action.chunk)
             arrays["microbatch"][tick, stage] = action.microbatch
             arrays["chunk"][tick, stage] = action.chunk
+            if action.kind in ("F", "B"):
+                pool = saved[stage]
+                arrays["saved_slot"][tick, stage] = pool.take(key) if action.kind == "F" else pool.give(key)
             if action.kind == "F":
                 if k == 0:
                     branch[tick, stage] = FWD_ONLY if k == last else FWD_FIRST
@@ -159,8 +165,9 @@ def compile_table(schedule: Schedule) -> TickTable:
     return TickTable(
         schedule,
         branch,
-        **{name: arrays[name] for name in (*names, "res_slot")},
+        **{name: arrays[name] for name in (*names, "res_slot", "saved_slot")},
         act_slots=act_slots,
         grad_slots=max(1, max(g.size for g in grads)),
         res_slots=max(r.size for r in residuals),
+        saved_slots=max(s.size for s in saved),
     )

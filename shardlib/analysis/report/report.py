@@ -197,8 +197,11 @@ def build_report(
     mfu: float | None = None,
     across: dict[str, int] | None = None,
 ) -> Report:
-    """Analytic model for ``layout``, beside the measurement and a time estimate when given."""
-    terms = predict_terms(layout)
+    """Analytic model for ``layout``, beside the measurement and a time estimate when given.
+
+    With a measurement, the prediction is for the platform it compiled on (a pipeline's branching).
+    """
+    terms = predict_terms(layout, measured.platform if measured is not None else None)
     predicted = per_axis(terms, layout.sizes)
     time = None
     if profile is not None:

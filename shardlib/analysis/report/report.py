@@ -317,6 +317,12 @@ def _sequence_note(layout: Layout, terms: list[Term]) -> str:
     ``seq`` is not a mystery.
     """
     impl = layout.cfg.attention.impl
+    if layout.sizes["pipe"] > 1 and impl != "ring":
+        return (
+            f"sequence: inside the pipeline's stages (seq manual) attention.impl={impl} runs the all-gather "
+            "kernel: K and V gathered over seq on every forward (F, and B's recomputation), their gradients "
+            "reduce-scattered in float32; on XLA:CPU (select branching) every used branch runs every tick"
+        )
     if impl == "ring":
         p = layout.seq_shards
         scatter = sum(t.wire_bytes for t in terms if t.strategy == "sequence" and t.kind == "reduce-scatter")

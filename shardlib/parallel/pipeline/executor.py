@@ -1,9 +1,10 @@
 """One executor for every pipeline schedule: a scan over the ticks of a compiled table.
 
-Inside a ``shard_map`` that makes ``pipe`` and the batch axes (``data``,
-``expert``) manual, every stage holds its slice of the stacked layers and its
-share of the batch; ``model`` (and ``seq``) stay automatic, so tensor
-parallelism keeps working through the rules inside each stage. Each tick, a
+Inside a ``shard_map`` that makes ``pipe``, the batch axes (``data``,
+``expert``) and the length axes (``seq``) manual, every stage holds its slice
+of the stacked layers and its share of the tokens (its rows, its block of
+every sequence); ``model`` stays automatic, so tensor parallelism keeps
+working through the rules inside each stage. Each tick, a
 stage runs the branch its column of the table names, then activations move one
 stage forward and gradients one stage back with ``ppermute``: each tick's
 permute connects only the stage pairs the table has an arrival for
@@ -12,9 +13,10 @@ branches themselves are ``shardlib.parallel.pipeline.actions``; only those the
 table uses are traced. A split (zero-bubble) table's residuals, what each B
 keeps for its W, live in a buffer the branches read and write one slot of.
 
-The batch axes are manual because XLA's SPMD partitioner aborts
+The token axes are manual because XLA's SPMD partitioner aborts
 (spmd_partitioner_util.cc, "partition_group_list") when a partial-manual
-region leaves both a batch axis and ``model`` automatic. Manual batch axes
+region leaves both a token axis (a batch axis, or ``seq``) and ``model``
+automatic. Manual batch axes
 also put the data-parallel gradient reduction where it belongs: once per step,
 after the last tick, rather than wherever the partitioner chooses. Parameters
 sharded over a batch axis (FSDP) are all-gathered once at the start of the

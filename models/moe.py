@@ -103,8 +103,23 @@ def _top_k(probs_BxLxE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
-def route(h_BxLxD: jax.Array, router_DxE: jax.Array, top_k: int) -> Routing:
-    """Top-k routing in float32, with the load-balancing and z losses over all tokens."""
+TokenMean = Callable[[jax.Array], jax.Array]
+"""``mean(x_BxLx___) -> x___``: the mean of a per-token statistic over every token of the batch.
+
+The default, ``mean_over_tokens``, averages the array it is given; a caller
+holding only its own block of the batch (inside a ``shard_map`` manual over
+the token axes: the pipeline's stages) passes one that also averages over
+the other blocks, so that the losses are the whole batch's, as on one device.
+"""
+
+
+def mean_over_tokens(x_BxLx___: jax.Array) -> jax.Array:
+    """The default ``TokenMean``: the mean over the batch and length dimensions."""
+    return jnp.mean(x_BxLx___, axis=(0, 1))
+
+
+def route(h_BxLxD: jax.Array, router_DxE: jax.Array, top_k: int, token_mean: TokenMean = mean_over_tokens) -> Routing:
+    """Top-k routing in float32, with the load-balancing and z losses over all tokens (``token_mean``'s)."""
     n_experts = router_DxE.shape[-1]
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({n_experts})")
@@ -114,10 +129,10 @@ def route(h_BxLxD: jax.Array, router_DxE: jax.Array, top_k: int) -> Routing:
     weight_BxLxR = top_BxLxR / jnp.sum(top_BxLxR, axis=-1, keepdims=True) if top_k > 1 else top_BxLxR
     # f_e counts routing decisions (not differentiable); P_e carries the gradient.
     chosen_BxLxE = jnp.sum(jax.nn.one_hot(expert_BxLxR, n_experts, dtype=jnp.float32), axis=2)
-    fraction_E = jnp.mean(chosen_BxLxE, axis=(0, 1)) / top_k
-    mean_prob_E = jnp.mean(probs_BxLxE, axis=(0, 1))
+    fraction_E = token_mean(chosen_BxLxE) / top_k
+    mean_prob_E = token_mean(probs_BxLxE)
     aux_loss = n_experts * jnp.sum(fraction_E * mean_prob_E)
-    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BxLxE, axis=-1)))
+    z_loss = token_mean(jnp.square(jax.nn.logsumexp(logits_BxLxE, axis=-1)))
     return Routing(expert_BxLxR.astype(jnp.int32), weight_BxLxR, aux_loss, z_loss)
 
 
@@ -222,18 +237,49 @@ def moe_mlp(
     top_k: int,
     capacity_factor: float,
     dispatch: ExpertDispatch | None = None,
+    token_mean: TokenMean = mean_over_tokens,
 ) -> tuple[jax.Array, MoEStats]:
     """The MoE replacement of the SwiGLU MLP: normalised input [B, L, D] -> output [B, L, D].
 
     ``dispatch`` moves tokens to their experts and back (expert parallelism
     over a mesh, ``shardlib.parallel.experts``); None runs every expert locally.
+    ``token_mean`` takes the router's losses over the batch (``TokenMean``).
     """
-    routing = route(h_BxLxD, w.router, top_k)
+    routing = route(h_BxLxD, w.router, top_k, token_mean)
     dispatch = dispatch or local_dispatch
     y_BxLxD, dropped = dispatch(
         h_BxLxD, routing.expert_BxLxR, routing.weight_BxLxR, w.experts, capacity_factor=capacity_factor
     )
     return y_BxLxD.astype(h_BxLxD.dtype), MoEStats(routing.aux_loss, routing.z_loss, dropped)
+
+
+@jax.custom_vjp
+def attach_loss(x: jax.Array, loss: jax.Array) -> jax.Array:
+    """``x`` unchanged, carrying ``loss`` (a float32 scalar) into the gradients: differentiating
+    anything of ``x`` also differentiates ``loss`` with cotangent 1, as if ``loss`` were added to the
+    objective.
+
+    For a function that may return only an activation (a pipeline stage,
+    ``shardlib.parallel.pipeline.actions``) while its layers add an auxiliary
+    loss (the router's): the caller adds the loss's value to what it reports itself.
+    """
+    del loss
+    return x
+
+
+def _attach_forward(x, loss):
+    if loss.shape != () or loss.dtype != jnp.float32:
+        raise ValueError(f"attach_loss takes a float32 scalar loss, got {loss.dtype}{list(loss.shape)}")
+    return x, None
+
+
+def _attach_backward(_, dx):
+    # Not ones_like of a residual: that would copy a sharding on the whole mesh's automatic axes
+    # into a caller's manual region (a pipeline stage's shard_map), which JAX refuses.
+    return dx, jnp.ones((), jnp.float32)
+
+
+attach_loss.defvjp(_attach_forward, _attach_backward)
 
 
 class MoEStack(nnx.Module):

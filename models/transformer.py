@@ -59,7 +59,7 @@ from models.layers import (
     rms_normalize,
     use_weight,
 )
-from models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, moe_mlp
+from models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, TokenMean, mean_over_tokens, moe_mlp
 
 __all__ = ["WEIGHT_PARAMS", "ShardFn", "Transformer", "no_shard"]
 
@@ -358,15 +358,63 @@ class Transformer(nnx.Module):
         attention: AttentionFn | None = None,
         experts: ExpertDispatch | None = None,
         use: WeightUse = use_weight,
+        token_mean: TokenMean = mean_over_tokens,
     ) -> tuple[jax.Array, MoEStats]:
         """Applies all layers of an MoE model: a scan over groups of period - 1 dense layers and one MoE layer.
 
         ``weights`` holds attention and norms of all layers [n_layers, ...] and
         the dense layers' MLPs [n_layers - M, ...]; ``moe_weights`` the MoE
         layers' router and experts [M, ...]. Returns the residual stream and
-        the per-layer ``MoEStats`` stacked [M].
+        the per-layer ``MoEStats`` stacked [M]. ``token_mean``: the router
+        losses' mean over the batch (``models.moe.TokenMean``).
         """
-        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use)
+        x_BxLxD, (stats, _, _) = self._scan_moe_groups(
+            weights, moe_weights, x_BxLxD, None, positions_BxL, shard, attention, experts, token_mean, use
+        )
+        return x_BxLxD, stats
+
+    def run_moe_layers_tapped(
+        self,
+        weights: BlockWeights,
+        moe_weights: MoEWeights,
+        x_BxLxD: jax.Array,
+        probes: dict | None = None,
+        *,
+        positions_BxL: jax.Array | None = None,
+        shard: ShardFn = no_shard,
+        attention: AttentionFn | None = None,
+        experts: ExpertDispatch | None = None,
+        token_mean: TokenMean = mean_over_tokens,
+    ) -> tuple[jax.Array, MoEStats, dict, dict]:
+        """``run_moe_layers`` for a backward split into input and weight gradients (``run_layers_tapped``).
+
+        Every layer's weight uses go through a ``WeightTap``; the MoE weights
+        (router and experts), whose uses are not in ``WEIGHT_USES``, get their
+        probe added to the weight itself, so the probe's cotangent is the
+        weight's gradient (computed with the input gradient, not deferred).
+        ``probes``: {"uses": {weight name: [count, *output]}, "moe": MoEWeights of
+        [M, ...]}, count the layers that use the weight (n, or n - M for the
+        MLP's). Returns (x, stats, inputs {input name: [count, ...]}, outputs):
+        without probes, the probes' shapes ({} with them).
+        """
+        x_BxLxD, (stats, inputs, outputs) = self._scan_moe_groups(
+            weights, moe_weights, x_BxLxD, probes or {}, positions_BxL, shard, attention, experts, token_mean
+        )
+        if probes is None:
+            outputs = {"uses": outputs, "moe": moe_weights}
+        return x_BxLxD, stats, inputs, {} if probes is not None else outputs
+
+    def _scan_moe_groups(
+        self, weights, moe_weights, x_BxLxD, probes, positions_BxL, shard, attention, experts, token_mean, use=None
+    ):
+        """The scan of ``run_moe_layers``: (x, (stats [M], inputs, outputs)).
+
+        ``probes`` None: weights applied by ``use``; {} or probes: through a
+        ``WeightTap`` per layer, the taps' inputs and outputs stacked by weight
+        use as ``run_moe_layers_tapped`` says (layer order within each group).
+        """
+        tapped = probes is not None
+        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use or use_weight)
         period, groups = self.moe_period, moe_weights.router.shape[0]
         mlp_fields = ("gate_up", "down")
 
@@ -376,9 +424,14 @@ class Transformer(nnx.Module):
             return w.reshape(groups, period - (name in mlp_fields), *w.shape[1:])
 
         group_weights = BlockWeights(**{n: grouped(n, getattr(weights, n)) for n in BlockWeights._fields})
+        use_probes = {n: grouped(n, p) for n, p in probes.get("uses", {}).items()} if tapped else {}
+        moe_probes = probes.get("moe") if tapped else None
 
         def group_body(x_BxLxD, ws):
-            w, mw = ws
+            w, mw, up, mp = ws
+            if mp is not None:  # the probe's cotangent is the MoE weights' gradient
+                mw = jax.tree.map(jnp.add, mw, mp)
+            taps = []
             for j in range(period):
                 is_moe = j == period - 1
                 layer = BlockWeights(
@@ -391,16 +444,31 @@ class Transformer(nnx.Module):
 
                 def mlp(h_BxLxD, mw=mw, stats=stats):
                     y_BxLxD, layer_stats = moe_mlp(
-                        h_BxLxD, mw, top_k=self.moe_top_k, capacity_factor=self.moe_capacity_factor, dispatch=experts
+                        h_BxLxD,
+                        mw,
+                        top_k=self.moe_top_k,
+                        capacity_factor=self.moe_capacity_factor,
+                        dispatch=experts,
+                        token_mean=token_mean,
                     )
                     stats.append(layer_stats)
                     return y_BxLxD
 
-                x_BxLxD = block(x_BxLxD, layer, positions_BxL, mlp=mlp if is_moe else None)
+                kwargs = {}
+                if tapped:
+                    layer_probes = {n: p[j] for n, p in up.items() if not (is_moe and n in mlp_fields)}
+                    taps.append(WeightTap(layer_probes if up else None))
+                    kwargs["use"] = taps[-1]
+                x_BxLxD = block(x_BxLxD, layer, positions_BxL, mlp=mlp if is_moe else None, **kwargs)
                 x_BxLxD = shard(x_BxLxD, ("batch", "length", "embed"))
-            return x_BxLxD, stats[0]
+            return x_BxLxD, (stats[0], *_stack_taps(taps))
 
-        return jax.lax.scan(rematerialize(group_body, self.remat), x_BxLxD, (group_weights, moe_weights))
+        x_BxLxD, (stats, inputs, outputs) = jax.lax.scan(
+            rematerialize(group_body, self.remat), x_BxLxD, (group_weights, moe_weights, use_probes, moe_probes)
+        )
+        # [groups, layers of the group, ...] -> [layers, ...], the stored order.
+        inputs, outputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), (inputs, outputs))
+        return x_BxLxD, (stats, inputs, outputs)
 
     def _block(self, x_BxLxD, positions_BxL, shard, attention, use=use_weight):
         """(one decoder layer as ``block(x, weights, positions, mlp=None)``, the positions: 0..L-1 by default)."""
@@ -442,3 +510,16 @@ class Transformer(nnx.Module):
         return chunked_cross_entropy(
             x_BxLxD, targets_BxL, functools.partial(self.logits, shard=shard), self.loss_chunk, shard=shard
         )
+
+
+def _stack_taps(taps: list[WeightTap]) -> tuple[dict, dict]:
+    """One group's taps (a layer each) as (inputs, outputs) stacked over the layers that recorded each name."""
+    if not taps:
+        return {}, {}
+    stacked = []
+    for field in ("inputs", "outputs"):
+        names = dict.fromkeys(n for tap in taps for n in getattr(tap, field))
+        stacked.append(
+            {n: jnp.stack([getattr(tap, field)[n] for tap in taps if n in getattr(tap, field)]) for n in names}
+        )
+    return tuple(stacked)

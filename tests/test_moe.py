@@ -288,8 +288,12 @@ def test_moe_parameters_are_sharded_over_expert():
 
 
 def test_unsupported_combinations_are_refused():
-    with pytest.raises(ValueError, match=r"pipe=2 \(1f1b\) does not combine with model.moe.n_experts=8: mixture of"):
-        setup_training(moe_config(), mesh_of(data=4, pipe=2))
+    interleaved = moe_config(model={"n_layers": 4}, pipeline={"schedule": "interleaved-1f1b", "virtual_stages": 2})
+    with pytest.raises(ValueError, match=r"virtual_stages=2 does not combine with model.moe.n_experts=8: two or more"):
+        setup_training(interleaved, mesh_of(data=4, pipe=2))
+    v_shape = moe_config(model={"n_layers": 4}, pipeline={"schedule": "zb-v", "virtual_stages": 2})
+    with pytest.raises(ValueError, match=r"\(zb-v\) does not combine with model.moe.n_experts=8: two or more"):
+        setup_training(v_shape, mesh_of(data=4, pipe=2))
     with pytest.raises(ValueError, match="does not combine with grad_compression=bf16"):
         setup_training(moe_config(grad_compression="bf16"), expert_mesh())
     two_experts = moe_config()

@@ -34,7 +34,7 @@ def _checked_elsewhere() -> set[tuple[str, int, str]]:
 
     checked = {(schedule, v, preset) for schedule, v, _, _, preset, *_ in CASES.values()}
     for combo in COMBOS:
-        preset = next(p for p in PIPELINE_MESHES if p in combo)
+        preset = next((p for p in PIPELINE_MESHES if p in combo), "dp")  # no preset's setup: the default
         if "pipeline" in combo:
             checked.add(("1f1b", 1, preset))  # FEATURE_SETUP's pipeline
         if "interleaved" in combo:

@@ -170,9 +170,32 @@ def test_a_batch_too_small_for_the_devices_makes_the_planner_pipeline():
     text = format_plans(plans, cfg, 64, profile, top=len(plans))
     why = next(line for line in text.splitlines() if line.startswith(f"  beats {flat.label} "))
     assert "exposed communication" in why and "over InfiniBand" in why, why
-    # The refused combinations are dropped with the compatibility table's reason.
-    assert any(p.dropped.startswith("refused: pipe=2 (1f1b) does not combine with seq=2") for p in plans)
-    assert "dropped, refused by the compatibility table" in text
+    # Pipelines beside seq are weighed (the compatibility table lets them compose).
+    assert any(p.sizes["pipe"] > 1 and p.sizes["seq"] > 1 and not p.dropped.startswith("refused") for p in plans)
+
+
+def test_pipelines_beside_seq_and_experts_are_planned_and_verified():
+    """pipe x seq and, for MoE, pipe x expert plans are ranked; only two chunks per stage (interleaved,
+    ZB-V) with MoE are refused (the table's reason); data 2 x pipe 2 x expert 2 compiles as predicted (the experts'
+    all-to-alls inside the stages, on every used branch of every tick)."""
+    moe = tiny_config(batch_size=8, seq_len=8, model={"n_layers": 4, "moe": {"n_experts": 4, "period": 2}})
+    plans = make_plans(moe, N, flat_profile(2**30))
+    ranked = [p for p in plans if not p.dropped]
+    assert any(p.sizes["pipe"] > 1 and p.sizes["seq"] > 1 for p in ranked)
+    assert any(p.sizes["pipe"] > 1 and p.sizes["expert"] > 1 for p in ranked)
+    refused = [p for p in plans if p.dropped.startswith("refused")]
+    two_chunks = ("virtual_stages=2 does not combine with model.moe", "(zb-v) does not combine with model.moe")
+    assert refused and all(any(why in p.dropped for why in two_chunks) for p in refused)
+    chosen = [
+        p
+        for p in ranked
+        if {a: s for a, s in p.sizes.items() if s > 1} == {"data": 2, "pipe": 2, "expert": 2}
+        and p.cfg.pipeline.schedule == "1f1b"
+        and p.sharding == "dp"
+    ]
+    text, misses = verify(chosen, moe, 1)
+    assert not misses, text
+    assert "  expert predicted" in text and "GAP" not in text
 
 
 def test_plan_cli_verifies_a_tensor_parallel_plan(capsys):

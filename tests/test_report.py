@@ -316,3 +316,34 @@ def test_hsdp_crosses_data_replica_with_one_all_reduce_of_each_gradient_shard():
     assert sum(c.total_wire_bytes for c in across) == pytest.approx(2 * (r - 1) / r * held, rel=1e-3)
     inside = [c for c in measured.collectives if c.kind in ("all-gather", "reduce-scatter")]
     assert inside and all(c.axes == ("data",) for c in inside), inside
+
+
+# Attention over seq and the experts' all-to-alls inside pipeline stages: counted by the executor's
+# actions, and on XLA:CPU (select branching) by every used branch on every tick
+# (shardlib.analysis.report.stage_passes).
+_MOE_MODEL = (("n_layers", 4), ("moe", (("n_experts", 4), ("top_k", 2), ("capacity_factor", 1.0), ("period", 2))))
+STAGE_CASES = {
+    "ring p2 seq2 data2 1f1b": ((("pipe", 2), ("seq", 2), ("data", 2)), (("n_layers", 4),), "ring", "1f1b", "seq"),
+    "allgather p2 seq2 data2 zb-h1": (
+        (("pipe", 2), ("seq", 2), ("data", 2)),
+        (("n_layers", 4),),
+        "allgather",
+        "zb-h1",
+        "seq",
+    ),
+    "moe p2 expert2 data2 1f1b": ((("pipe", 2), ("expert", 2), ("data", 2)), _MOE_MODEL, "dense", "1f1b", "expert"),
+}
+
+
+@pytest.mark.parametrize("case", STAGE_CASES)
+def test_collectives_inside_pipeline_stages_are_predicted(case):
+    sizes, model, impl, schedule, axis = STAGE_CASES[case]
+    model = {k: dict(v) if isinstance(v, tuple) else v for k, v in model}
+    cfg = tiny_config(
+        model=model, attention={"impl": impl}, pipeline={"schedule": schedule, "microbatches": 4}, sharding="dp"
+    )
+    mesh = mesh_of(**dict(sizes))
+    report = build_report(resolve_layout(cfg, dict(mesh.shape)), measured=measure(cfg, mesh))
+    rows = {r.axis: r for r in report.axes if r.predicted}
+    assert rows[axis].ratio == pytest.approx(1.0, abs=0.01), (case, rows[axis])
+    assert rows["data"].ratio == pytest.approx(1.0, abs=0.02), (case, rows["data"])

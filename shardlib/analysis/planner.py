@@ -17,8 +17,9 @@ are ranked by step time, then memory.
 ZB-H1, interleaved 1F1B), each at the most microbatches that divide the batch (up to 4p):
 activation memory comes from the schedule's table, and the compute time from the table run
 in lockstep as the SPMD executor runs it (its bubble, at the executor's cost per action,
-recomputed forwards included). Combinations the compatibility table refuses (a pipeline with
-seq or experts) are dropped with its reason. ``expert`` is enumerated for MoE configs only
+recomputed forwards included). Combinations the compatibility table refuses (interleaved
+stages with MoE, a pipeline with compressed gradients) are dropped with its reason; pipelines
+beside ``seq`` and ``expert`` are planned like any other. ``expert`` is enumerated for MoE configs only
 (without MoE layers it would only repeat ``data``).
 
 When a fitting plan's ``data`` axis (or, under HSDP, ``data_replica``) crosses hosts, the

@@ -110,7 +110,14 @@ class ActivationSharding:
         )
 
     def __call__(self, x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
-        sharding = NamedSharding(self.mesh, self.spec(x.shape, logical_axes))
+        spec = self.spec(x.shape, logical_axes)
+        context = jax.sharding.get_abstract_mesh()
+        if not context.empty and AxisType.Manual in tuple(context.axis_types):
+            # Inside a shard_map (a pipeline stage): the constraint is on the context's mesh, whose manual
+            # axes the rules leave out. One on the whole mesh would type x as sharded over automatic
+            # axes the region does not have, and a cotangent meeting x in a transpose could not be cast to it.
+            return jax.lax.with_sharding_constraint(x, NamedSharding(context, spec))
+        sharding = NamedSharding(self.mesh, spec)
         if AxisType.Explicit in tuple(self.mesh.axis_types):
             return jax.sharding.reshard(x, sharding)
         return jax.lax.with_sharding_constraint(x, sharding)

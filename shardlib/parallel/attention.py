@@ -27,9 +27,11 @@ every device; the loss is a mean over tokens, so the order does not change it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from models.layers import causal_gqa_attention
@@ -51,10 +53,15 @@ class AttentionPlan:
 
     fn(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_positions_BxL, kv_positions_BxM) -> [B, L, H, K]
     order: [seq_len] original position of each stored token, or None (natural order).
+    local: the same attention on a device's own block of every sequence ([B, L/seq, ...], stored
+      order), for callers already inside a ``shard_map`` that makes the sequence axis manual (the
+      pipeline's stages): the kernel without ``fn``'s own shard_map. Dense attention runs there as
+      the all-gather kernel (what XLA makes of it over ``seq``). None: no such kernel (fused).
     """
 
     fn: AttentionFn
     order: np.ndarray | None = None
+    local: AttentionFn | None = None
 
 
 def sequence_axis(shard: ActivationSharding) -> str:
@@ -98,12 +105,15 @@ def make_attention(
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {', '.join(IMPLS)}")
     if load_balance not in ("zigzag", "none"):
         raise ValueError(f"unknown attention load_balance {load_balance!r}; expected zigzag or none")
-    if impl == "dense":
-        return AttentionPlan(causal_gqa_attention)
     if impl == "fused":
         if int(shard.mesh.shape[sequence_axis(shard)]) > 1:
             raise ValueError("attention.impl=fused needs the whole sequence on each device; with seq > 1 use ring")
         return AttentionPlan(fused_causal_attention)
+    if impl == "dense":
+        if _sequence_size(shard) == 1:
+            return AttentionPlan(causal_gqa_attention, local=causal_gqa_attention)
+        # seq > 1: left to XLA, in natural order; inside a manual region, the all-gather kernel.
+        return AttentionPlan(causal_gqa_attention, local=_gather_kernel(sequence_axis(shard), float32_gradients=True))
     axis = sequence_axis(shard)
     p = int(shard.mesh.shape[axis])
     order = None
@@ -122,29 +132,73 @@ def make_attention(
         if load_balance == "zigzag" and p > 1:
             order = token_order(seq_len, p, "zigzag")
     layout = load_balance
+    gather_body = _gather_kernel(axis)
 
     if impl == "ring":
 
-        def ring_body(q, k, v):
-            return ring_attention(q, k, v, axis_name=axis, axis_size=p, layout=layout, block_k=block_k)
+        def ring_body(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_positions_BxL=None, kv_positions_BxM=None):
+            # The kernel masks by the layout; positions only drive the rotary embedding.
+            del q_positions_BxL, kv_positions_BxM
+            return ring_attention(
+                q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, axis_name=axis, axis_size=p, layout=layout, block_k=block_k
+            )
 
         ring = _manual(shard, ring_body, (_Q_AXES, _KV_AXES, _KV_AXES), _Q_AXES)
 
         def attend(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_positions_BxL, kv_positions_BxM):
-            # The kernel masks by the layout; positions only drive the rotary embedding.
             del q_positions_BxL, kv_positions_BxM
             return ring(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK)
 
-        return AttentionPlan(attend, order)
-
-    def gather_body(q, k, v, q_pos, kv_pos):
-        k_all = jax.lax.all_gather(k, axis, axis=1, tiled=True)
-        v_all = jax.lax.all_gather(v, axis, axis=1, tiled=True)
-        kv_pos_all = jax.lax.all_gather(kv_pos, axis, axis=1, tiled=True)
-        return causal_gqa_attention(q, k_all, v_all, q_pos, kv_pos_all)
+        return AttentionPlan(attend, order, local=ring_body)
 
     gathered = _manual(shard, gather_body, (_Q_AXES, _KV_AXES, _KV_AXES, _POS_AXES, _POS_AXES), _Q_AXES)
-    return AttentionPlan(gathered, order)
+    return AttentionPlan(gathered, order, local=_gather_kernel(axis, float32_gradients=True))
+
+
+def _gather_kernel(axis: str, float32_gradients: bool = False) -> AttentionFn:
+    """All-gather attention on local blocks, ``axis`` manual: each device's queries against every K/V block.
+
+    ``float32_gradients``: K and V's gradients are reduce-scattered in float32 (only a lower
+    precision changes anything). For the kernel inside a partial-manual region (a pipeline stage):
+    there XLA:CPU aborts compiling the bfloat16 reduce-scatter that transposes the gather
+    (hlo_instruction.cc "Invalid binary instruction opcode copy", from ChangeOpDataType's
+    CloneAllReduce); the forward gather keeps the compute dtype.
+    """
+    gather = functools.partial(_gather_f32_transpose, axis) if float32_gradients else _plain_gather(axis)
+
+    def gather_body(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_positions_BxL, kv_positions_BxM):
+        kv_pos_all = jax.lax.all_gather(kv_positions_BxM, axis, axis=1, tiled=True)
+        return causal_gqa_attention(q_BxLxHxK, gather(k_BxMxNxK), gather(v_BxMxNxK), q_positions_BxL, kv_pos_all)
+
+    return gather_body
+
+
+def _plain_gather(axis: str) -> Callable[[jax.Array], jax.Array]:
+    return lambda x_BxMxNxK: jax.lax.all_gather(x_BxMxNxK, axis, axis=1, tiled=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gather_f32_transpose(axis: str, x_BxMxNxK: jax.Array) -> jax.Array:
+    """All-gather over ``axis`` along the length; its transpose (a reduce-scatter) runs in float32."""
+    return jax.lax.all_gather(x_BxMxNxK, axis, axis=1, tiled=True)
+
+
+def _gather_forward(axis, x_BxMxNxK):
+    return _gather_f32_transpose(axis, x_BxMxNxK), None
+
+
+def _gather_backward(axis, _, d_all_BxMxNxK):
+    d_BxMxNxK = jax.lax.psum_scatter(d_all_BxMxNxK.astype(jnp.float32), axis, scatter_dimension=1, tiled=True)
+    return (d_BxMxNxK.astype(d_all_BxMxNxK.dtype),)
+
+
+_gather_f32_transpose.defvjp(_gather_forward, _gather_backward)
+
+
+def _sequence_size(shard: ActivationSharding) -> int:
+    """Devices the ``length`` dimension is split over (1 where the rules or the mesh leave it whole)."""
+    axes = rule_axes(shard.rules, "length")
+    return int(np.prod([shard.mesh.shape[a] for a in axes if a in shard.mesh.shape]))
 
 
 def fused_causal_attention(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_positions_BxL, kv_positions_BxM) -> jax.Array:

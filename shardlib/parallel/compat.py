@@ -126,10 +126,6 @@ class Cell:
     why: str = ""
 
 
-_SEQ_IN_STAGES = (
-    "XLA's SPMD partitioner aborts (spmd_partitioner_util.cc) when seq and model are both left to it inside the "
-    "pipeline's partial-manual region; until stages make seq manual, use seq=1 with pipe > 1"
-)
 _PIPE = "the pipeline's microbatches accumulate gradients; set grad_accum=1 and raise pipeline.microbatches"
 _COMPRESS_VMAP = "compressed gradients take per-shard gradients under vmap over the data shards"
 _DILOCO_VMAP = "DiLoCo runs each replica's step under vmap over the replica axes"
@@ -139,18 +135,21 @@ _DILOCO_PIPE = (
 )
 # What no pipeline kind (PIPELINE_KINDS) runs with: feature -> the reason.
 _NOT_IN_PIPELINES = {
-    "seq": _SEQ_IN_STAGES,
-    "ring": "ring attention does not run inside pipeline stages; use attention.impl=dense with pipe > 1",
-    "allgather": "all-gather attention does not run inside pipeline stages; use attention.impl=dense",
-    "moe": "mixture of experts does not run inside pipeline stages yet; use a mesh with pipe=1",
     "compression": "compressed gradients are not implemented with pipeline parallelism (pipe > 1)",
     "accumulation": _PIPE,
     "diloco": _DILOCO_PIPE,
 }
 PIPELINE_KINDS = ("pipeline", "interleaved", "zero-bubble", "zero-bubble-v")
+_MOE_LAYER_ORDER = (
+    "two or more chunks per stage store the layer stack in pipeline order (layer_order), which does not yet "
+    "reorder an MoE model's own stacks (its MoE layers' router and experts, and the dense layers' MLPs, fewer "
+    "than n_layers); use pipeline.virtual_stages=1 (gpipe, 1f1b or zb-h1)"
+)
 # Refusals: (feature, feature) -> the reason, which is the error's text.
 REFUSED: dict[tuple[str, str], str] = {
     **{(kind, other): why for kind in PIPELINE_KINDS for other, why in _NOT_IN_PIPELINES.items()},
+    ("interleaved", "moe"): _MOE_LAYER_ORDER,
+    ("zero-bubble-v", "moe"): _MOE_LAYER_ORDER,
     ("fsdp", "compression"): "compressed gradients need parameters replicated over data; FSDP would need a "
     "compressed reduce-scatter (use dp or tp)",
     ("fsdp_tp", "compression"): "compressed gradients need parameters replicated over data; FSDP would need a "
@@ -201,6 +200,16 @@ DILOCO_TESTS: dict[str, str] = {
 NOTES: dict[tuple[str, str], str] = {
     ("moe", "accumulation"): "the load-balancing and z-losses are batch statistics: each microbatch takes its own, "
     "as a run of batch_size / grad_accum would, so the objective is not the whole batch's",
+    ("pipeline", "moe"): "the load-balancing and z-losses are taken per microbatch (pipeline.microbatches), as "
+    "with grad_accum; the expert all-to-alls run inside each stage",
+    ("zero-bubble", "moe"): "the load-balancing and z-losses are taken per microbatch (pipeline.microbatches); the "
+    "MoE layers' router and expert gradients are computed in B (their weights are probed, not their uses), so "
+    "only the dense weight uses' gradients are deferred to W",
+    **{
+        (kind, "seq"): "seq is manual inside the stages: each stage runs on its own block of every sequence; "
+        "dense attention runs there as the all-gather kernel (K and V gathered over seq)"
+        for kind in PIPELINE_KINDS
+    },
     ("dp", "diloco"): "each replica is data parallel over the batch axes that are not replica axes (if any)",
     ("fsdp", "diloco"): "FSDP inside each replica, over the preset's FSDP axes (data) that are not replica axes",
     ("fsdp_tp", "diloco"): "FSDP over data inside each replica (data not a replica axis), TP over model",

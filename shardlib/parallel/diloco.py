@@ -33,7 +33,7 @@ with the replica axes taken out. Two alternatives were weighed:
   reshard may pick any copy) and Orbax would save one copy of it, so the
   checkpoint could not hold each replica's state; and XLA's partitioner
   aborts on ``seq`` with ``model`` left to it inside a partial-manual region
-  (``compat._SEQ_IN_STAGES``), which vmap avoids;
+  (why the pipeline's stages make ``seq`` manual too), which vmap avoids;
 * the leading dimension makes each replica's state an ordinary global array:
   checkpoints hold every replica's parameters and inner state and restore
   onto another layout inside the replicas like any array, the mean over

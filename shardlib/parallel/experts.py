@@ -33,10 +33,11 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.moe import ExpertDispatch, ExpertWeights, capacity, expert_ffn, through_experts
+from models.moe import ExpertDispatch, ExpertWeights, TokenMean, capacity, expert_ffn, through_experts
 from shardlib.core.rules import axes_tuple
 
 
@@ -138,3 +139,44 @@ def expert_parallel_dispatch(
         out_specs=(x_spec, P()),
     )
     return run(x_BxLxD, expert_BxLxR, weight_BxLxR, experts)
+
+
+def dispatch_in_manual_region(token_axes: tuple[str, ...], ep_axes: tuple[str, ...], ep_size: int) -> ExpertDispatch:
+    """The ``ExpertDispatch`` for code already inside a ``shard_map`` manual over ``token_axes`` (the batch
+    and sequence axes, ``ep_axes``, of ``ep_size`` devices, among them): the per-shard body of
+    ``expert_parallel_dispatch``, run as is.
+
+    Each device holds its own rows and sequence blocks, and its experts' weights
+    ([E/X, D, F], split over the manual ``ep_axes``): its tokens' capacity groups
+    go out with one ``all_to_all`` and come back with another, as in
+    ``expert_parallel_dispatch``. Other mesh axes stay automatic: under tensor
+    parallelism XLA partitions each expert's hidden units over ``model`` itself
+    (one all-reduce of the buffer each way). ``dropped`` is summed over the token axes.
+    """
+    ep_name = ep_axes[0] if len(ep_axes) == 1 else ep_axes
+
+    def dispatch(x_GxTxD, expert_GxTxR, weight_GxTxR, experts: ExpertWeights, *, capacity_factor: float):
+        n_experts = experts.gate.shape[0] * ep_size
+
+        def run_experts(dispatch_ExGxCxD):
+            if not ep_axes:
+                return expert_ffn(dispatch_ExGxCxD, experts)
+            local_ExXGxCxD = jax.lax.all_to_all(dispatch_ExGxCxD, ep_name, split_axis=0, concat_axis=1, tiled=True)
+            out_ExXGxCxD = expert_ffn(local_ExXGxCxD, experts)
+            return jax.lax.all_to_all(out_ExXGxCxD, ep_name, split_axis=1, concat_axis=0, tiled=True)
+
+        y_GxTxD, dropped = through_experts(x_GxTxD, expert_GxTxR, weight_GxTxR, n_experts, capacity_factor, run_experts)
+        return y_GxTxD, jax.lax.psum(dropped, token_axes) if token_axes else dropped
+
+    return dispatch
+
+
+def token_mean_in_manual_region(token_axes: tuple[str, ...]) -> TokenMean:
+    """``models.moe.TokenMean`` inside a ``shard_map`` manual over ``token_axes``: every block holds as many
+    tokens, so the batch's mean is the mean of the blocks' means (the same value on every block)."""
+
+    def mean(x_BxLx___: jax.Array) -> jax.Array:
+        local = jnp.mean(x_BxLx___, axis=(0, 1))
+        return jax.lax.pmean(local, token_axes) if token_axes else local
+
+    return mean

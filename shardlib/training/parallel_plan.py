@@ -279,15 +279,20 @@ def pipeline_settings(cfg: Config) -> PipelineSettings:
 def _pipeline(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> PipelinePlan | None:
     if mesh.shape["pipe"] == 1:
         return None
-    manual = {"pipe", *rule_axes(rules, "batch")}
-    automatic = [axis for axis, size in mesh.shape.items() if axis not in manual and size > 1]
+    batch, length = rule_axes(rules, "batch"), rule_axes(rules, "length")
+    automatic = [axis for axis, size in mesh.shape.items() if axis not in {"pipe", *batch, *length} and size > 1]
+    # Inside the stages: the partitioner's collectives (automatic axes), attention's over the sequence
+    # axis, and an MoE model's all-to-alls and router statistics over every token axis.
+    split = [a for a in (*batch, *length) if mesh.shape[a] > 1] if cfg.model.moe.n_experts else ()
+    sequence = [a for a in length if mesh.shape[a] > 1]
     return plan_pipeline(
         pipeline_settings(cfg),
         mesh.shape["pipe"],
         cfg.model.n_layers,
         cfg.batch_size,
-        collectives_inside_stages=bool(automatic),
+        collectives_inside_stages=bool(automatic or sequence or split),
         platform=mesh.devices.flat[0].platform,
+        moe_period=cfg.model.moe.period if cfg.model.moe.n_experts else 0,
     )
 
 

@@ -58,6 +58,7 @@ import numpy as np
 
 from shardlib.analysis.report.collectives import split_by_axis, wire_bytes
 from shardlib.analysis.report.layout import Layout, ParamLayout
+from shardlib.analysis.report.stage_passes import pipelined_layer_passes
 from shardlib.core.rules import axes_tuple, logical_to_spec, preset_rules
 from shardlib.parallel.pipeline.actions import tick_costs
 from shardlib.parallel.pipeline.schedules import cross_device_boundaries, make_schedule, placement
@@ -235,8 +236,14 @@ def tensor_terms(layout: Layout) -> list[Term]:
     return [t for t in out if t is not None]
 
 
-def sequence_terms(layout: Layout) -> list[Term]:
-    """K and V over the ``seq`` axis: gathered (dense, allgather) or passed round the ring, the same bytes."""
+def sequence_terms(layout: Layout, platform: str | None = None) -> list[Term]:
+    """K and V over the ``seq`` axis: gathered (dense, allgather) or passed round the ring, the same bytes.
+
+    In a pipeline they run inside the stages: counted by the executor's actions
+    (``stage_passes``, on ``platform``'s branching), dense attention there is
+    the all-gather kernel, and that kernel's gradients are reduce-scattered in
+    float32 (``shardlib.parallel.attention._gather_kernel``).
+    """
     if layout.seq_shards < 2:
         return []
     cfg, sizes = layout.cfg, layout.sizes
@@ -244,29 +251,37 @@ def sequence_terms(layout: Layout) -> list[Term]:
     kv_heads = cfg.model.n_kv_heads // layout.kv_shards
     # K and V (2 of them) of the whole sequence, as each device needs them for its queries.
     kv = 2 * layout.rows_per_device * cfg.seq_len * kv_heads * cfg.model.resolved_head_dim * c
-    n = layout.layers_per_device * layout.forward_passes
-    forward_count = 2 if cfg.model.remat == "full" else 1
-    # Without remat the allgather kernel's gathered K and V are residuals of its own backward pass;
-    # XLA's dense attention and the ring gather (rotate) them again, and any remat recomputes them.
-    kept = cfg.attention.impl == "allgather" and cfg.model.remat == "none"
+    ring = cfg.attention.impl == "ring"
+    grad_bytes = kv
+    if sizes["pipe"] > 1:
+        passes = pipelined_layer_passes(layout, platform)
+        forwards, again, backwards = passes.forward, passes.backward if ring else 0, passes.backward
+        if not ring:
+            grad_bytes = kv * 4 / c
+    else:
+        n = layout.layers_per_device * layout.forward_passes
+        # Without remat the allgather kernel's gathered K and V are residuals of its own backward pass;
+        # XLA's dense attention and the ring gather (rotate) them again, and any remat recomputes them.
+        kept = cfg.attention.impl == "allgather" and cfg.model.remat == "none"
+        forwards, again, backwards = n * (2 if cfg.model.remat == "full" else 1), 0 if kept else n, n
     p = layout.seq_shards
-    ring_hops = p / (p - 1) if cfg.attention.impl == "ring" else 1.0
+    ring_hops = p / (p - 1) if ring else 1.0
     note = "ring attention: seq-1 permutes instead of each gather, seq permutes for the gradients"
     out = [
-        _term("sequence", "K and V (forward)", "all-gather", ("seq",), sizes, kv, n * forward_count, False, note=note),
+        _term("sequence", "K and V (forward)", "all-gather", ("seq",), sizes, kv, forwards, False, note=note),
+        _term("sequence", "K and V again (backward)", "all-gather", ("seq",), sizes, kv, again, False, note=note),
+        # The ring carries each block's gradient p hops, back to its owner: p/(p-1) of a reduce-scatter.
         _term(
             "sequence",
-            "K and V again (backward)",
-            "all-gather",
+            "K and V gradients",
+            "reduce-scatter",
             ("seq",),
             sizes,
-            kv,
-            0 if kept else n,
+            grad_bytes * ring_hops,
+            backwards,
             False,
             note=note,
         ),
-        # The ring carries each block's gradient p hops, back to its owner: p/(p-1) of a reduce-scatter.
-        _term("sequence", "K and V gradients", "reduce-scatter", ("seq",), sizes, kv * ring_hops, n, False, note=note),
     ]
     return [t for t in out if t is not None]
 
@@ -311,7 +326,7 @@ def pipeline_terms(layout: Layout) -> list[Term]:
     return [t for t in out if t is not None]
 
 
-def expert_terms(layout: Layout) -> list[Term]:
+def expert_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     """MoE dispatch/combine all-to-alls of the [E, b, C, D] buffer: 2 forward + 2 backward per MoE layer.
 
     C = ceil(capacity_factor * s * k / E) slots per expert and sequence (s the
@@ -330,7 +345,11 @@ def expert_terms(layout: Layout) -> list[Term]:
     cap = capacity(cfg.seq_len // layout.seq_shards, moe.n_experts, moe.top_k, moe.capacity_factor)
     buffer = moe.n_experts * layout.rows_per_device * cap * cfg.model.d_model * c
     n = cfg.model.n_moe_layers * layout.forward_passes
-    forward = 2 if cfg.model.remat == "none" else 4
+    forwards, backwards = n * (1 if cfg.model.remat == "none" else 2), n
+    if sizes["pipe"] > 1:  # inside the stages: the executor's forwards and backwards (``stage_passes``)
+        passes = pipelined_layer_passes(layout, platform)
+        share = cfg.model.n_moe_layers / cfg.model.n_layers
+        forwards, backwards = round(passes.forward * share), round(passes.backward * share)
     out = [
         _term(
             "experts",
@@ -339,10 +358,10 @@ def expert_terms(layout: Layout) -> list[Term]:
             axes,
             sizes,
             buffer,
-            n * forward,
+            2 * forwards,
             False,
         ),
-        _term("experts", "their gradients (backward)", "all-to-all", axes, sizes, buffer, 2 * n, False),
+        _term("experts", "their gradients (backward)", "all-to-all", axes, sizes, buffer, 2 * backwards, False),
     ]
     # Tensor parallelism inside the experts: the hidden dim over the `mlp` axes, one
     # all-reduce of the received buffer forward (again under remat) and one backward.
@@ -352,8 +371,8 @@ def expert_terms(layout: Layout) -> list[Term]:
     if tensor and not set(tensor) & set(layout.batch_axes):
         what = "expert outputs summed over hidden-dim shards"
         out += [
-            _term("tensor parallel", f"{what} (forward)", "all-reduce", tensor, sizes, buffer, n * forward // 2, False),
-            _term("tensor parallel", f"{what}: input gradients", "all-reduce", tensor, sizes, buffer, n, False),
+            _term("tensor parallel", f"{what} (forward)", "all-reduce", tensor, sizes, buffer, forwards, False),
+            _term("tensor parallel", f"{what}: input gradients", "all-reduce", tensor, sizes, buffer, backwards, False),
         ]
     return [t for t in out if t is not None]
 
@@ -401,14 +420,19 @@ def diloco_terms(layout: Layout, terms: list[Term]) -> list[Term]:
     return [t for t in out if t is not None]
 
 
-def predict_terms(layout: Layout) -> list[Term]:
-    """Every predicted term for ``layout``, in strategy order (DiLoCo's last)."""
+def predict_terms(layout: Layout, platform: str | None = None) -> list[Term]:
+    """Every predicted term for ``layout``, in strategy order (DiLoCo's last).
+
+    ``platform``: where the step compiles ("cpu" for a measured step on emulated
+    devices), which decides a pipeline's branching and so how often the stages'
+    collectives run (``stage_passes``); None predicts the table's own actions.
+    """
     terms = [
         *gradient_terms(layout),
         *tensor_terms(layout),
-        *sequence_terms(layout),
+        *sequence_terms(layout, platform),
         *pipeline_terms(layout),
-        *expert_terms(layout),
+        *expert_terms(layout, platform),
     ]
     return diloco_terms(layout, terms)
 

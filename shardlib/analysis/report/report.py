@@ -197,8 +197,11 @@ def build_report(
     mfu: float | None = None,
     across: dict[str, int] | None = None,
 ) -> Report:
-    """Analytic model for ``layout``, beside the measurement and a time estimate when given."""
-    terms = predict_terms(layout)
+    """Analytic model for ``layout``, beside the measurement and a time estimate when given.
+
+    With a measurement, the prediction is for the platform it compiled on (a pipeline's branching).
+    """
+    terms = predict_terms(layout, measured.platform if measured is not None else None)
     predicted = per_axis(terms, layout.sizes)
     time = None
     if profile is not None:
@@ -314,6 +317,12 @@ def _sequence_note(layout: Layout, terms: list[Term]) -> str:
     ``seq`` is not a mystery.
     """
     impl = layout.cfg.attention.impl
+    if layout.sizes["pipe"] > 1 and impl != "ring":
+        return (
+            f"sequence: inside the pipeline's stages (seq manual) attention.impl={impl} runs the all-gather "
+            "kernel: K and V gathered over seq on every forward (F, and B's recomputation), their gradients "
+            "reduce-scattered in float32; on XLA:CPU (select branching) every used branch runs every tick"
+        )
     if impl == "ring":
         p = layout.seq_shards
         scatter = sum(t.wire_bytes for t in terms if t.strategy == "sequence" and t.kind == "reduce-scatter")

@@ -53,6 +53,12 @@ class StageFunctions:
     loss(outer, x_BxLxD, targets_BxL) -> scalar       last virtual stage's head + loss (mean)
     ``outer`` is every parameter outside the layer stack (embedding, head).
 
+    With ``stats`` (zeros of a pytree of float32 scalars, e.g. a mixture of
+    experts' load-balancing loss), ``stage`` returns ``(x_BxLxD, stats)``: the
+    forward passes sum them over microbatches (``Carry.stats``); backward
+    passes take ``x`` alone, so any loss among the statistics must reach the
+    gradients through ``x`` itself (``models.moe.attach_loss``).
+
     For split tables (zero-bubble: B and W apart), two more:
     tapped_stage(chunk_layers, x_BxLxD, probes) -> (x_BxLxD, inputs, outputs)
         ``stage`` with ``probes`` added to the outputs of its weight uses;
@@ -66,6 +72,12 @@ class StageFunctions:
     loss: Callable
     tapped_stage: Callable | None = None
     weight_grads: Callable | None = None
+    stats: PyTree | None = None
+
+    def stage_output(self, chunk_layers, x_BxLxD):
+        """``stage``'s activation alone (what backward passes differentiate)."""
+        y = self.stage(chunk_layers, x_BxLxD)
+        return y if self.stats is None else y[0]
 
 
 def tick_costs(schedule: Schedule, recompute: bool = True) -> dict[str, Fraction]:
@@ -93,6 +105,7 @@ class Carry(NamedTuple):
       ``StageFunctions.tapped_stage``) from B to W, and the first stage's embedding gradient;
       {} for other tables. A branch reads the buffer and returns one slot: what a B keeps, else zeros.
     layer_g, outer_g, loss: the gradient and loss sums.
+    stats: the sums of ``StageFunctions.stats`` over the forward passes ({} without).
     """
 
     held: jax.Array
@@ -100,6 +113,7 @@ class Carry(NamedTuple):
     layer_g: PyTree
     outer_g: PyTree
     loss: jax.Array
+    stats: PyTree
 
 
 class StageActions:
@@ -116,7 +130,11 @@ class StageActions:
         self.zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
         # What the residual buffer holds: a split table's B keeps its W's inputs; without
         # recomputation an F keeps its B's pullback residuals (``saved``); else nothing.
-        self.saved = None if recompute or split else residual_layout(fns.stage, self.chunk(0), self.zeros_x)
+        self.saved = (
+            None
+            if recompute or split
+            else residual_layout(fns.stage, self.chunk(0), self.zeros_x, has_aux=fns.stats is not None)
+        )
         if split:
             self.residual_shapes = self._residual_shapes()
             self.keeping = (BWD_INPUT, BWD_INPUT_FIRST)
@@ -174,6 +192,7 @@ class StageActions:
             jax.tree.map(jnp.zeros_like, self.chunks),
             jax.tree.map(jnp.zeros_like, self.outer),
             jnp.zeros((), jnp.float32),
+            jax.tree.map(jnp.zeros_like, self.fns.stats or {}),
         )
 
     def chunk(self, c):
@@ -187,6 +206,9 @@ class StageActions:
         else:
             y, kept = forward_keeping(self.saved, self.fns.stage, self.chunk(c), x)
             carry = carry._replace(residuals={"saved": kept})
+        if self.fns.stats is not None:
+            y, stats = y
+            carry = carry._replace(stats=jax.tree.map(jnp.add, carry.stats, stats))
         if last:
             mb_loss, pull = jax.vjp(lambda o, y: self.fns.loss(o, y, self.targets[mb]), self.outer, y)
             d_outer, dy = pull(jnp.ones_like(mb_loss))
@@ -206,14 +228,14 @@ class StageActions:
         if first:  # recompute the embedding: its parameters need gradients too
 
             def embed_and_run(o, w):
-                return self.fns.stage(w, self.fns.embed(o, self.tokens[mb]))
+                return self.fns.stage_output(w, self.fns.embed(o, self.tokens[mb]))
 
             _, pull = jax.vjp(embed_and_run, self.outer, self.chunk(c))
             d_outer, d_chunk = pull(dy)
             outer_g = jax.tree.map(jnp.add, outer_g, d_outer)
             dx = self.zeros_x
         else:
-            _, pull = jax.vjp(self.fns.stage, self.chunk(c), carry.held[row["act_slot"]])
+            _, pull = jax.vjp(self.fns.stage_output, self.chunk(c), carry.held[row["act_slot"]])
             d_chunk, dx = pull(dy)
         layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), carry.layer_g, d_chunk)
         return carry._replace(layer_g=layer_g, outer_g=outer_g), dx

@@ -1,22 +1,23 @@
 """One executor for every pipeline schedule: a scan over the ticks of a compiled table.
 
-Inside a ``shard_map`` that makes ``pipe`` and the batch axes (``data``,
-``expert``) manual, every stage holds its slice of the stacked layers and its
-share of the batch; ``model`` (and ``seq``) stay automatic, so tensor
-parallelism keeps working through the rules inside each stage. Each tick, a
-stage runs the branch its column of the table names, then its one output (an
-activation or a gradient) moves to its neighbour below or above with
-``ppermute``, or stays on the stage where the next virtual stage is its own
-(a V's turn): each tick's two permutes connect only the stage pairs the table
-has an arrival for (``send_patterns``), so a stage with nothing to send sends
-nothing. The
+Inside a ``shard_map`` that makes ``pipe``, the batch axes (``data``,
+``expert``) and the length axes (``seq``) manual, every stage holds its slice
+of the stacked layers and its share of the tokens (its rows, its block of
+every sequence); ``model`` stays automatic, so tensor parallelism keeps
+working through the rules inside each stage. Each tick, a stage runs the
+branch its column of the table names, then its one output (an activation or
+a gradient) moves to its neighbour below or above with ``ppermute``, or stays
+on the stage where the next virtual stage is its own (a V's turn): each
+tick's two permutes connect only the stage pairs the table has an arrival
+for (``send_patterns``), so a stage with nothing to send sends nothing. The
 branches themselves are ``shardlib.parallel.pipeline.actions``; only those the
 table uses are traced. A split (zero-bubble) table's residuals, what each B
 keeps for its W, live in a buffer the branches read and write one slot of.
 
-The batch axes are manual because XLA's SPMD partitioner aborts
+The token axes are manual because XLA's SPMD partitioner aborts
 (spmd_partitioner_util.cc, "partition_group_list") when a partial-manual
-region leaves both a batch axis and ``model`` automatic. Manual batch axes
+region leaves both a token axis (a batch axis, or ``seq``) and ``model``
+automatic. Manual batch axes
 also put the data-parallel gradient reduction where it belongs: once per step,
 after the last tick, rather than wherever the partitioner chooses. Parameters
 sharded over a batch axis (FSDP) are all-gathered once at the start of the
@@ -105,8 +106,10 @@ def pipeline_loss_and_grads(
     layer_specs: PyTree | None = None,
     outer_specs: PyTree | None = None,
     batch_axes: tuple[str, ...] = (),
+    length_axes: tuple[str, ...] = (),
+    owned_axes: tuple[str, ...] = (),
     recompute: bool = True,
-) -> tuple[jax.Array, PyTree, PyTree]:
+) -> tuple[jax.Array, PyTree, PyTree, PyTree]:
     """Mean loss over the microbatches and its gradients, by running ``plan``.
 
     Args:
@@ -119,22 +122,26 @@ def pipeline_loss_and_grads(
         for the step and their gradients reduce-scattered, other mesh axes are
         left to the partitioner.
       batch_axes: mesh axes the batch is split over, made manual here.
+      length_axes: mesh axes the sequence is split over (``seq``), made manual too: each
+        stage then runs on its own block of every sequence (``StageFunctions`` must say how).
       recompute: each backward recomputes its chunk's forward from the stage input (memory of
         the stage inputs only); off, each forward keeps its residuals for its backward
         (``shardlib.parallel.pipeline.saved``; split tables recompute regardless).
     Returns:
-      (loss, layer grads sharded like ``layers``, outer grads sharded like ``outer``).
+      (loss, layer grads sharded like ``layers``, outer grads sharded like ``outer``,
+      the stages' statistics summed over microbatches and stages: ``StageFunctions.stats``, {} without).
     """
-    manual = {"pipe", *batch_axes}
+    manual = {"pipe", *batch_axes, *length_axes}
     layer_specs = _manual_only(layer_specs or jax.tree.map(lambda _: P("pipe"), layers), manual, "layers")
     outer_specs = _manual_only(outer_specs or jax.tree.map(lambda _: P(), outer), manual, "outer")
-    run = _StepRun(plan, fns, branching, layer_specs, outer_specs, batch_axes, mesh, recompute)
-    batch_spec = P(None, batch_axes or None)
+    token_axes = (*batch_axes, *length_axes)
+    run = _StepRun(plan, fns, branching, layer_specs, outer_specs, token_axes, mesh, owned_axes, recompute)
+    batch_spec = P(None, batch_axes or None, length_axes or None)
     step = jax.shard_map(
         run.body,
         mesh=mesh,
         in_specs=(layer_specs, outer_specs, batch_spec, batch_spec, P(), P()),
-        out_specs=(P(), layer_specs, outer_specs),
+        out_specs=(P(), layer_specs, outer_specs, P()),
         axis_names=manual,
         check_vma=False,
     )
@@ -152,9 +159,15 @@ class _StepRun:
     branching: Branching
     layer_specs: PyTree
     outer_specs: PyTree
-    batch_axes: tuple[str, ...]
+    token_axes: tuple[str, ...]  # the batch axes, then the length axes: every token's shard
     mesh: jax.sharding.Mesh
+    owned_axes: tuple[str, ...] = ()
     recompute: bool = True
+
+    def _axes(self, spec: P) -> tuple[str, ...]:
+        """The token axes a parameter of ``spec`` is gathered and its gradient reduced over."""
+        own = {a for entry in spec for a in axes_tuple(entry) if a in self.owned_axes}
+        return tuple(a for a in self.token_axes if a not in own)
 
     @functools.cached_property
     def patterns(self) -> SendPatterns:
@@ -168,15 +181,15 @@ class _StepRun:
 
     def body(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
         v = self.plan.schedule.virtual
-        layers_local = jax.tree.map(lambda w, s: gather_sharded(w, s, self.batch_axes), layers_local, self.layer_specs)
-        outer = jax.tree.map(lambda w, s: gather_sharded(w, s, self.batch_axes), outer_local, self.outer_specs)
+        layers_local = jax.tree.map(lambda w, s: gather_sharded(w, s, self._axes(s)), layers_local, self.layer_specs)
+        outer = jax.tree.map(lambda w, s: gather_sharded(w, s, self._axes(s)), outer_local, self.outer_specs)
         chunks = jax.tree.map(lambda w: w.reshape(v, w.shape[0] // v, *w.shape[1:]), layers_local)
         split = self.plan.schedule.split_backward
         stage = StageActions(self.fns, outer, chunks, tokens, targets, split=split, recompute=self.recompute)
         carry = stage.initial_carry(self.plan)
         tick = functools.partial(self._tick, stage, jax.lax.axis_index("pipe"))
         carry, _ = jax.lax.scan(tick, carry, (table, tick_patterns))
-        return self._reduce(carry.layer_g, carry.outer_g, carry.loss, layers_local)
+        return (*self._reduce(carry.layer_g, carry.outer_g, carry.loss, layers_local), self._stats(carry.stats))
 
     def _tick(self, stage: StageActions, index, carry, xs):
         """One tick: this stage's branch, then its output's permute down or up, over the pairs the table names."""
@@ -215,18 +228,24 @@ class _StepRun:
         return [functools.partial(_send, pairs=pairs, scope=scope) if pairs else _nothing for pairs in patterns]
 
     def _reduce(self, layer_g, outer_g, loss, layers_local):
-        """The step's mean loss and gradients, reduced over the batch axes as the parameters are sharded."""
-        shards = int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
-        # Each batch shard holds the gradient of its own mean loss; their mean is the step's.
+        """The step's mean loss and gradients, reduced over the token axes as the parameters are sharded."""
+        shards = int(np.prod([self.mesh.shape[a] for a in self.token_axes]))
+        # Each token shard (rows and sequence blocks alike) holds the gradient of its own mean loss;
+        # they all hold as many tokens, so their mean is the step's.
         scale = 1.0 / (self.plan.schedule.microbatches * shards)
         layer_g = jax.tree.map(lambda g, w: (g * scale).reshape(w.shape), layer_g, layers_local)
-        layer_g = jax.tree.map(lambda g, s: reduce_gradient(g, s, self.batch_axes), layer_g, self.layer_specs)
+        layer_g = jax.tree.map(lambda g, s: reduce_gradient(g, s, self._axes(s)), layer_g, self.layer_specs)
         # Only the first and last stages touch the outer parameters and the loss. Sums commute:
         # over the batch axes first, so that with FSDP only the shard crosses pipe.
         outer_g = jax.tree.map(
-            lambda g, s: jax.lax.psum(reduce_gradient(g * scale, s, self.batch_axes), "pipe"), outer_g, self.outer_specs
+            lambda g, s: jax.lax.psum(reduce_gradient(g * scale, s, self._axes(s)), "pipe"), outer_g, self.outer_specs
         )
-        return jax.lax.psum(loss, ("pipe", *self.batch_axes)) * scale, layer_g, outer_g
+        return jax.lax.psum(loss, ("pipe", *self.token_axes)) * scale, layer_g, outer_g
+
+    @staticmethod
+    def _stats(stats):
+        """The stages' statistics summed over the stages; each stage's are already whole over the token axes."""
+        return jax.tree.map(lambda s: jax.lax.psum(s, "pipe"), stats)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,11 +33,13 @@ class ResidualLayout:
     treedef: the pullback's pytree structure (the same for every chunk and microbatch).
     sources: per leaf, the index of the primal leaf it is (not stored), or None (stored).
     stored: the shapes and dtypes of the stored leaves, in order.
+    has_aux: the function returns (output, statistics); only the output is differentiated.
     """
 
     treedef: Any
     sources: tuple[int | None, ...]
     stored: tuple[jax.ShapeDtypeStruct, ...]
+    has_aux: bool = False
 
 
 def _sources(pull, primals) -> tuple[list, tuple[int | None, ...], Any]:
@@ -46,24 +48,25 @@ def _sources(pull, primals) -> tuple[list, tuple[int | None, ...], Any]:
     return leaves, tuple(by_id.get(id(leaf)) for leaf in leaves), treedef
 
 
-def residual_layout(fn: Callable, *primals) -> ResidualLayout:
-    """The layout of ``jax.vjp(fn, *primals)``'s residuals, from an abstract trace (no compute)."""
+def residual_layout(fn: Callable, *primals, has_aux: bool = False) -> ResidualLayout:
+    """The layout of ``jax.vjp(fn, *primals, has_aux=has_aux)``'s residuals, from an abstract trace (no compute)."""
     found = {}
 
     def run(*primals):
-        y, pull = jax.vjp(fn, *primals)
+        y, pull, *_ = jax.vjp(fn, *primals, has_aux=has_aux)
         leaves, sources, treedef = _sources(pull, primals)
         stored = tuple(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf, s in zip(leaves, sources) if s is None)
-        found["layout"] = ResidualLayout(treedef, sources, stored)
+        found["layout"] = ResidualLayout(treedef, sources, stored, has_aux)
         return y
 
     jax.eval_shape(run, *primals)
     return found["layout"]
 
 
-def forward_keeping(layout: ResidualLayout, fn: Callable, *primals) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+def forward_keeping(layout: ResidualLayout, fn: Callable, *primals) -> tuple[Any, tuple[jax.Array, ...]]:
     """(fn(*primals), the residuals to store): what an F runs."""
-    y, pull = jax.vjp(fn, *primals)
+    y, pull, *aux = jax.vjp(fn, *primals, has_aux=layout.has_aux)
+    y = (y, aux[0]) if layout.has_aux else y
     leaves, sources, _ = _sources(pull, primals)
     if sources != layout.sources:
         raise ValueError(

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from models.layers import BlockWeights, weight_grads
+from models.layers import BlockWeights, causal_gqa_attention, weight_grads
 from shardlib.core.rules import rule_axes, without_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import split_microbatches
@@ -41,6 +41,7 @@ from shardlib.parallel.pipeline.executor import (
     pipeline_loss_and_grads,
     send_patterns,
 )
+from shardlib.parallel.pipeline.moe_stages import MoEStages
 from shardlib.parallel.pipeline.schedules import make_schedule, placement
 from shardlib.parallel.pipeline.table import TickTable, compile_table
 
@@ -92,17 +93,26 @@ def plan_pipeline(
     *,
     collectives_inside_stages: bool,
     platform: str,
+    moe_period: int = 0,
 ) -> PipelinePlan:
     """The compiled schedule for ``settings`` over ``stages`` devices; errors name the setting that does not fit.
 
-    ``collectives_inside_stages``: a mesh axis the partitioner handles
-    (``model``, ``seq``) has size > 1, so stage branches hold collectives.
+    ``collectives_inside_stages``: stage branches hold collectives (a mesh axis
+    the partitioner handles, ``model``, has size > 1; or ``seq``; or an MoE
+    model's token axes). ``moe_period``: an MoE model's ``moe.period`` (0:
+    dense), whose groups of layers must not straddle two chunks.
     """
     chunks = stages * settings.virtual_stages
     if n_layers % chunks:
         raise ValueError(
             f"model.n_layers={n_layers} does not divide into {chunks} pipeline chunks "
             f"(pipe={stages} x pipeline.virtual_stages={settings.virtual_stages})"
+        )
+    if moe_period and (n_layers // chunks) % moe_period:
+        raise ValueError(
+            f"model.moe.period={moe_period} does not divide the {n_layers // chunks} layers of each pipeline "
+            f"chunk (model.n_layers={n_layers} over pipe={stages} x pipeline.virtual_stages="
+            f"{settings.virtual_stages}): a chunk must hold whole groups of dense layers and their MoE layer"
         )
     if batch_size % settings.microbatches:
         raise ValueError(f"batch_size={batch_size} does not divide into pipeline.microbatches={settings.microbatches}")
@@ -153,7 +163,34 @@ def relayout_index(saved_order: np.ndarray, new_order: np.ndarray) -> np.ndarray
 
 def _chunk_weight_grads(chunk: dict, inputs: dict, dys: dict) -> dict:
     """``models.layers.weight_grads`` for every layer of a chunk ([n, ...] each): the W of a split backward."""
-    return jax.vmap(weight_grads)(BlockWeights(**chunk), inputs, dys)._asdict()
+    return {"layers": jax.vmap(weight_grads)(BlockWeights(**chunk["layers"]), inputs, dys)._asdict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageLayout:
+    """How a stage sees its tokens: the manual token axes and each local block's rotary positions.
+
+    batch_axes, length_axes: the mesh axes the rows and the positions are split over (manual in the stages).
+    order: [seq_len] original position of each stored token (the attention's layout), or None.
+    """
+
+    batch_axes: tuple[str, ...]
+    length_axes: tuple[str, ...]
+    order: np.ndarray | None
+
+    @property
+    def token_axes(self) -> tuple[str, ...]:
+        return (*self.batch_axes, *self.length_axes)
+
+    def positions(self, x_BxLxD: jax.Array) -> jax.Array:
+        """[B, L/seq] int32: the original positions of this device's block of every sequence."""
+        batch, local = x_BxLxD.shape[:2]
+        first = jax.lax.axis_index(self.length_axes) * local if self.length_axes else 0
+        if self.order is None:  # natural order, split contiguously
+            positions_L = first + jnp.arange(local, dtype=jnp.int32)
+        else:
+            positions_L = jax.lax.dynamic_slice(jnp.asarray(self.order, jnp.int32), (first,), (local,))
+        return jnp.broadcast_to(positions_L, (batch, local))
 
 
 def make_pipeline_grads(
@@ -167,17 +204,37 @@ def make_pipeline_grads(
 ) -> Callable[[PyTree, dict], tuple[jax.Array, PyTree, dict]]:
     """``grads(params, batch) -> (loss, grads, metrics)`` for the transformer's params (pure dict with ``layers``).
 
-    The same contract as ``shardlib.training.step.make_grads_fn``; metrics are empty
-    (the pipeline runs dense models only). ``param_specs``: each parameter's
-    PartitionSpec (from the rules); the batch axes of ``shard``'s rules become
-    manual inside the pipeline. Without ``shard`` and ``param_specs`` (one
-    device), parameters are ``P("pipe")`` for the layers and replicated
-    otherwise. ``attention``: the layers' attention (natural token order only).
+    The same contract as ``shardlib.training.step.make_grads_fn``: ``loss`` the
+    cross-entropy, the gradients those of the objective (with a mixture of
+    experts, plus each microbatch's load-balancing and z-losses), ``metrics``
+    the model's (MoE: ``moe_aux_loss``, ``moe_z_loss``, ``moe_dropped_fraction``,
+    means over the microbatches; {} for a dense model).
+
+    ``param_specs``: each parameter's PartitionSpec (from the rules); the batch
+    axes and the sequence axis of ``shard``'s rules become manual inside the
+    pipeline, so each stage runs on its own rows and its own block of every
+    sequence: ``attention.local`` (ring or all-gather attention over ``seq``,
+    in ``attention.order``'s layout), the rotary positions of its block, the
+    experts' all-to-all (``experts.dispatch_in_manual_region``), the loss on
+    its block. Without ``shard`` and ``param_specs`` (one device), parameters
+    are ``P("pipe")`` for the layers and replicated otherwise.
     """
     manual_batch = rule_axes(shard.rules, "batch") if shard is not None else ()
-    kwargs = {"shard": ActivationSharding(without_axes(shard.rules, manual_batch), mesh)} if shard is not None else {}
-    layer_kwargs = {**kwargs, "attention": attention.fn} if attention is not None else kwargs
+    length_axes = tuple(a for a in rule_axes(shard.rules, "length") if a in mesh.shape) if shard is not None else ()
+    attention = attention or AttentionPlan(causal_gqa_attention, local=causal_gqa_attention)
+    local_attention = attention.local
+    if local_attention is None:  # its own function is whole-sequence attention: right where seq has one device
+        if any(mesh.shape[a] > 1 for a in length_axes):
+            raise ValueError("this attention has no kernel for a pipeline stage's own block of the sequence")
+        local_attention = attention.fn
+    layout = _StageLayout(manual_batch, length_axes, attention.order)
+    kwargs = {}
+    if shard is not None:
+        kwargs["shard"] = ActivationSharding(without_axes(shard.rules, layout.token_axes), mesh)
+    layer_kwargs = {**kwargs, "attention": local_attention}
     m = pipeline.schedule.microbatches
+    # The stacked parameters the stages split over pipe: the layers, and an MoE model's experts.
+    stacked_names = ("layers", "moe") if "moe" in abstract_params else ("layers",)
 
     def merged(outer=None):
         # Each piece reads only some parameters (run_layers takes its weights as
@@ -186,40 +243,59 @@ def make_pipeline_grads(
         tree = jax.tree.map(lambda a: jnp.zeros((1,), a.dtype), abstract_params)
         return nnx.merge(graphdef, {**tree, **(outer or {})})
 
+    def stage(chunk, x):
+        return merged().run_layers(
+            BlockWeights(**chunk["layers"]), x, positions_BxL=layout.positions(x), **layer_kwargs
+        )
+
+    def tapped_stage(chunk, x, probes):
+        return merged().run_layers_tapped(
+            BlockWeights(**chunk["layers"]), x, probes, positions_BxL=layout.positions(x), **layer_kwargs
+        )
+
     fns = StageFunctions(
         embed=lambda outer, tokens: merged(outer).embed_tokens(tokens, **kwargs),
-        stage=lambda chunk, x: merged().run_layers(BlockWeights(**chunk), x, **layer_kwargs),
+        stage=stage,
         # Transformer.loss: the head's cross-entropy, chunked with model.loss_chunk as the eval step's is.
         loss=lambda outer, x, targets: merged(outer).loss(x, targets, **kwargs),
         # Split (zero-bubble) tables: B records each weight use, W takes the weight gradients from it.
-        tapped_stage=lambda chunk, x, probes: merged().run_layers_tapped(
-            BlockWeights(**chunk), x, probes, **layer_kwargs
-        ),
+        tapped_stage=tapped_stage,
         weight_grads=_chunk_weight_grads,
     )
+    moe = None
+    if "moe" in abstract_params:
+        moe = MoEStages(merged(), abstract_params["moe"], layout.token_axes, mesh, shard)
+        fns = moe.functions(fns, merged, layout.positions, layer_kwargs)
 
     def grads_fn(params, batch):
-        outer = {k: v for k, v in params.items() if k != "layers"}
+        inputs, targets = batch["inputs"], batch["targets"]
+        if layout.order is not None:  # the attention's layout: tokens and targets alike
+            inputs, targets = inputs[:, layout.order], targets[:, layout.order]
+        outer = {k: v for k, v in params.items() if k not in stacked_names}
+        stacks = {k: params[k] for k in stacked_names}
         specs = param_specs or {}
-        loss, layer_grads, outer_grads = pipeline_loss_and_grads(
+        loss, stack_grads, outer_grads, stats = pipeline_loss_and_grads(
             pipeline.table,
             fns,
-            params["layers"],
+            stacks,
             outer,
-            split_microbatches(batch["inputs"], m, shard),
-            split_microbatches(batch["targets"], m, shard),
+            split_microbatches(inputs, m, shard),
+            split_microbatches(targets, m, shard),
             mesh,
             pipeline.branching,
-            layer_specs=specs.get("layers"),
+            layer_specs={k: specs[k] for k in stacked_names} if specs else None,
             outer_specs={k: specs[k] for k in outer} if specs else None,
             batch_axes=manual_batch,
+            length_axes=length_axes,
+            owned_axes=moe.expert_axes if moe is not None else (),
             recompute=pipeline.recompute,
         )
-        grads = {**outer_grads, "layers": layer_grads}
+        grads = {**outer_grads, **stack_grads}
         if param_specs is not None:  # the shard_map's out_specs name only its manual axes
             grads = jax.tree.map(
                 lambda g, spec: jax.lax.with_sharding_constraint(g, NamedSharding(mesh, spec)), grads, param_specs
             )
-        return loss, grads, {}
+        metrics = moe.metrics(stats, m, inputs.shape) if moe is not None else {}
+        return loss, grads, metrics
 
     return grads_fn

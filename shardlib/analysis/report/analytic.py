@@ -180,8 +180,11 @@ def _lookup_terms(layout: Layout, table: ParamLayout, fsdp: tuple[str, ...]) -> 
     ]
 
 
-def tensor_terms(layout: Layout) -> list[Term]:
-    """Megatron tensor parallelism over ``model`` (heads and MLP sharded)."""
+def tensor_terms(layout: Layout, platform: str | None = None) -> list[Term]:
+    """Megatron tensor parallelism over ``model`` (heads and MLP sharded).
+
+    Inside pipeline stages the layers' all-reduces follow the executor's forwards (recomputed
+    ones included) and backwards on ``platform``'s branching (``stage_passes``)."""
     sizes, cfg = layout.sizes, layout.cfg
     axes = ("model",) if layout.heads_shards > 1 or layout.mlp_shards > 1 else ()
     if not axes:
@@ -194,20 +197,15 @@ def tensor_terms(layout: Layout) -> list[Term]:
     # One all-reduce for attention and one for the MLP per layer each way; a MoE
     # layer's MLP sums its expert buffer instead (``expert_terms``).
     dense_mlps = layers - getattr(cfg.model, "n_moe_layers", 0)
-    forward = layers + dense_mlps
-    backward = layers + dense_mlps + (layers if cfg.model.remat == "full" else 0)
+    if sizes["pipe"] > 1:
+        passes, per_layer = pipelined_layer_passes(layout, platform), (layers + dense_mlps) / layers
+        forwards, backwards = passes.forward * per_layer, passes.backward * per_layer
+    else:
+        forwards = (layers + dense_mlps) * m
+        backwards = (layers + dense_mlps + (layers if cfg.model.remat == "full" else 0)) * m
     out = [
-        _term("tensor parallel", "layer activations (forward)", "all-reduce", axes, sizes, act, forward * m, False),
-        _term(
-            "tensor parallel",
-            "layer activations (backward)",
-            "all-reduce",
-            axes,
-            sizes,
-            act,
-            backward * m,
-            False,
-        ),
+        _term("tensor parallel", "layer activations (forward)", "all-reduce", axes, sizes, act, forwards, False),
+        _term("tensor parallel", "layer activations (backward)", "all-reduce", axes, sizes, act, backwards, False),
     ]
     if layout.vocab_shards > 1:
         out += [
@@ -429,7 +427,7 @@ def predict_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     """
     terms = [
         *gradient_terms(layout),
-        *tensor_terms(layout),
+        *tensor_terms(layout, platform),
         *sequence_terms(layout, platform),
         *pipeline_terms(layout),
         *expert_terms(layout, platform),

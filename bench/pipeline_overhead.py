@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardlib.parallel.pipeline.schedules import SINGLE_CHUNK, TWO_CHUNK
+from shardlib.parallel.pipeline.schedules import SINGLE_CHUNK, SPLIT_BACKWARD, TWO_CHUNK
 
 
 def _alternating_median_ms(sides: dict, args, repeats: int) -> dict[str, tuple[float, object]]:
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         "sequential+remat": remat.grads,
         "pipeline": pipelined(True),
     }
-    if args.schedule not in ("zb-h1", "zb-v"):  # split tables always recompute
+    if args.schedule not in SPLIT_BACKWARD:  # split tables always recompute
         sides["pipeline-saved"] = pipelined(False)
     results = _alternating_median_ms(sides, (params, batch), args.repeats)
     tokens_per_step = cfg.batch_size * cfg.seq_len

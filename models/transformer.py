@@ -30,7 +30,8 @@ checkpoints saved before the fusion are converted on restore
 
 With mixture of experts, every moe.period-th layer's MLP is a MoE: layers/gate_up
 and down then stack only the dense layers' MLPs, and the layers are scanned in
-groups of period - 1 dense layers and one MoE layer (``run_moe_layers``).
+groups of period - 1 dense layers and one MoE layer (``run_moe_layers``,
+``models.moe_layers``); remat policies are ``models.remat``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ from models.layers import (
     rms_normalize,
     use_weight,
 )
-from models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, TokenMean, mean_over_tokens, moe_mlp
+from models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, TokenMean, mean_over_tokens
+from models.moe_layers import scan_moe_groups
+from models.remat import REMAT_CHOICES, rematerialize
 
 __all__ = ["WEIGHT_PARAMS", "ShardFn", "Transformer", "no_shard"]
 
@@ -72,32 +75,6 @@ WEIGHT_PARAMS: dict[str, tuple[str, ...]] = {
     "final_norm": ("final_norm",),
     "unembed": ("unembed",),
 }
-
-# Which intermediates a rematerialised layer keeps for the backward pass.
-# "save_matmuls" keeps the outputs of dots with no batch dimensions, i.e. the
-# weight projections (qkv, o, gate_up, down: O(B*L*D) or O(B*L*F) each), while
-# the attention einsums carry batch dims (b, n) and so are recomputed: their
-# [B, N, G, L, M] scores are the quadratic-in-length tensors we most want to
-# drop. `checkpoint_dots` would save those too, defeating the point.
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-REMAT_CHOICES = ("none", *_REMAT_POLICIES)
-
-
-def rematerialize(body, remat: str):
-    """``body`` under the named remat policy (``none``: unchanged): the one place remat is applied.
-
-    prevent_cse guards against XLA merging recomputation with the forward
-    pass; inside scan that cannot happen, and the guard only costs
-    performance (per the jax.checkpoint docs).
-    """
-    if remat not in REMAT_CHOICES:
-        raise ValueError(f"unknown remat {remat!r}; expected one of {', '.join(REMAT_CHOICES)}")
-    if remat == "none":
-        return body
-    return jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
 
 
 class Embedding(nnx.Module):
@@ -373,6 +350,37 @@ class Transformer(nnx.Module):
         )
         return x_BxLxD, stats
 
+    def _scan_moe_groups(
+        self,
+        weights,
+        moe_weights,
+        x_BxLxD,
+        probes,
+        positions_BxL,
+        shard,
+        attention,
+        experts,
+        token_mean,
+        use=use_weight,
+    ):
+        """``models.moe_layers.scan_moe_groups`` with this model's block, period, routing and remat."""
+        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use)
+        return scan_moe_groups(
+            block,
+            weights,
+            moe_weights,
+            x_BxLxD,
+            probes,
+            positions_BxL=positions_BxL,
+            shard=shard,
+            period=self.moe_period,
+            top_k=self.moe_top_k,
+            capacity_factor=self.moe_capacity_factor,
+            remat=self.remat,
+            experts=experts,
+            token_mean=token_mean,
+        )
+
     def run_moe_layers_tapped(
         self,
         weights: BlockWeights,
@@ -403,72 +411,6 @@ class Transformer(nnx.Module):
         if probes is None:
             outputs = {"uses": outputs, "moe": moe_weights}
         return x_BxLxD, stats, inputs, {} if probes is not None else outputs
-
-    def _scan_moe_groups(
-        self, weights, moe_weights, x_BxLxD, probes, positions_BxL, shard, attention, experts, token_mean, use=None
-    ):
-        """The scan of ``run_moe_layers``: (x, (stats [M], inputs, outputs)).
-
-        ``probes`` None: weights applied by ``use``; {} or probes: through a
-        ``WeightTap`` per layer, the taps' inputs and outputs stacked by weight
-        use as ``run_moe_layers_tapped`` says (layer order within each group).
-        """
-        tapped = probes is not None
-        block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use or use_weight)
-        period, groups = self.moe_period, moe_weights.router.shape[0]
-        mlp_fields = ("gate_up", "down")
-
-        def grouped(name, w):
-            if w is None:  # period 1: no dense MLPs
-                return None
-            return w.reshape(groups, period - (name in mlp_fields), *w.shape[1:])
-
-        group_weights = BlockWeights(**{n: grouped(n, getattr(weights, n)) for n in BlockWeights._fields})
-        use_probes = {n: grouped(n, p) for n, p in probes.get("uses", {}).items()} if tapped else {}
-        moe_probes = probes.get("moe") if tapped else None
-
-        def group_body(x_BxLxD, ws):
-            w, mw, up, mp = ws
-            if mp is not None:  # the probe's cotangent is the MoE weights' gradient
-                mw = jax.tree.map(jnp.add, mw, mp)
-            taps = []
-            for j in range(period):
-                is_moe = j == period - 1
-                layer = BlockWeights(
-                    **{
-                        n: (None if is_moe else getattr(w, n)[j]) if n in mlp_fields else getattr(w, n)[j]
-                        for n in BlockWeights._fields
-                    }
-                )
-                stats = []  # filled by the MoE MLP, in this same trace
-
-                def mlp(h_BxLxD, mw=mw, stats=stats):
-                    y_BxLxD, layer_stats = moe_mlp(
-                        h_BxLxD,
-                        mw,
-                        top_k=self.moe_top_k,
-                        capacity_factor=self.moe_capacity_factor,
-                        dispatch=experts,
-                        token_mean=token_mean,
-                    )
-                    stats.append(layer_stats)
-                    return y_BxLxD
-
-                kwargs = {}
-                if tapped:
-                    layer_probes = {n: p[j] for n, p in up.items() if not (is_moe and n in mlp_fields)}
-                    taps.append(WeightTap(layer_probes if up else None))
-                    kwargs["use"] = taps[-1]
-                x_BxLxD = block(x_BxLxD, layer, positions_BxL, mlp=mlp if is_moe else None, **kwargs)
-                x_BxLxD = shard(x_BxLxD, ("batch", "length", "embed"))
-            return x_BxLxD, (stats[0], *_stack_taps(taps))
-
-        x_BxLxD, (stats, inputs, outputs) = jax.lax.scan(
-            rematerialize(group_body, self.remat), x_BxLxD, (group_weights, moe_weights, use_probes, moe_probes)
-        )
-        # [groups, layers of the group, ...] -> [layers, ...], the stored order.
-        inputs, outputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), (inputs, outputs))
-        return x_BxLxD, (stats, inputs, outputs)
 
     def _block(self, x_BxLxD, positions_BxL, shard, attention, use=use_weight):
         """(one decoder layer as ``block(x, weights, positions, mlp=None)``, the positions: 0..L-1 by default)."""
@@ -510,16 +452,3 @@ class Transformer(nnx.Module):
         return chunked_cross_entropy(
             x_BxLxD, targets_BxL, functools.partial(self.logits, shard=shard), self.loss_chunk, shard=shard
         )
-
-
-def _stack_taps(taps: list[WeightTap]) -> tuple[dict, dict]:
-    """One group's taps (a layer each) as (inputs, outputs) stacked over the layers that recorded each name."""
-    if not taps:
-        return {}, {}
-    stacked = []
-    for field in ("inputs", "outputs"):
-        names = dict.fromkeys(n for tap in taps for n in getattr(tap, field))
-        stacked.append(
-            {n: jnp.stack([getattr(tap, field)[n] for tap in taps if n in getattr(tap, field)]) for n in names}
-        )
-    return tuple(stacked)

@@ -8,6 +8,7 @@ import pytest
 from shardlib.parallel.pipeline.actions import tick_costs
 from shardlib.parallel.pipeline.executor import layer_order, send_patterns
 from shardlib.parallel.pipeline.schedules import (
+    SPLIT_BACKWARD,
     Action,
     Schedule,
     ScheduleError,
@@ -33,7 +34,7 @@ CASES = [
     )
     if not (name == "interleaved-1f1b" and m % p)
 ]
-SPLIT = ("zb-h1", "zb-v")
+SPLIT = SPLIT_BACKWARD
 
 
 def published_ticks(name: str, p: int, m: int, v: int) -> int:

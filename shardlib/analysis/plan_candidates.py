@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 from shardlib.core.mesh import MESH_AXES
 from shardlib.core.rules import PRESETS
+from shardlib.parallel.pipeline.schedules import SPLIT_BACKWARD
 from shardlib.training.config import Config
 
 PLAN_AXES = ("data", "pipe", "seq", "model")
 # A pipeline is planned with these schedules. GPipe is left out: 1F1B has its bubble with at most
 # p microbatches in flight instead of m, so it is never worse in the model.
 PIPELINE_SCHEDULES = (("1f1b", 1), ("zb-h1", 1), ("zb-v", 2), ("interleaved-1f1b", 2))
-SPLIT_SCHEDULES = ("zb-h1", "zb-v")  # backwards split into B and W
 # Microbatches per step tried, as multiples of p, largest first: the bubble shrinks with m and the
 # 1F1B memory does not grow, so the largest that divides the batch wins; 4p keeps the bubble
 # small without splitting microbatches so thin that the matmuls (which the time model treats as
@@ -95,7 +95,7 @@ def config_variants(cfg: Config, sizes: dict[str, int]) -> list[Config]:
         if not fits:
             continue
         update = {"schedule": schedule, "virtual_stages": virtual, "microbatches": fits[0]}
-        if schedule in SPLIT_SCHEDULES:
+        if schedule in SPLIT_BACKWARD:
             update["recompute"] = True  # their B recomputes the forward, whatever the config says
         pipeline = cfg.pipeline.model_copy(update=update)
         out.append(cfg.model_copy(update={"pipeline": pipeline, "grad_accum": 1}))

@@ -107,7 +107,7 @@ def layer_residual_bytes(
 ) -> int:
     """Bytes one decoder layer keeps for its backward pass, at one device's shapes (layer input excluded)."""
     from models.layers import decoder_block
-    from models.transformer import rematerialize
+    from models.remat import rematerialize
 
     x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
 

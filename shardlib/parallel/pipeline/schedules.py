@@ -371,6 +371,7 @@ SCHEDULES = {
 }
 SINGLE_CHUNK = ("gpipe", "1f1b", "zb-h1")  # schedules that run one chunk per stage
 TWO_CHUNK = ("zb-v",)  # schedules that run two chunks per stage, in a V
+SPLIT_BACKWARD = ("zb-h1", "zb-v")  # schedules whose backwards are split into B and W (Schedule.split_backward)
 PLACEMENTS: dict[str, Placement] = {"zb-v": "v"}  # every other schedule loops
 
 

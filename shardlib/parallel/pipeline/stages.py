@@ -193,6 +193,61 @@ class _StageLayout:
         return jnp.broadcast_to(positions_L, (batch, local))
 
 
+def _stage_layout(
+    shard: ActivationSharding | None, mesh: jax.sharding.Mesh, attention: AttentionPlan | None
+) -> tuple[_StageLayout, Callable]:
+    """The stages' token layout (the rules' batch and length axes, made manual) and the attention
+    kernel that runs on a stage's own block of the sequence."""
+    batch_axes = rule_axes(shard.rules, "batch") if shard is not None else ()
+    length_axes = tuple(a for a in rule_axes(shard.rules, "length") if a in mesh.shape) if shard is not None else ()
+    attention = attention or AttentionPlan(causal_gqa_attention, local=causal_gqa_attention)
+    local_attention = attention.local
+    if local_attention is None:  # its own function is whole-sequence attention: right where seq has one device
+        if any(mesh.shape[a] > 1 for a in length_axes):
+            raise ValueError("this attention has no kernel for a pipeline stage's own block of the sequence")
+        local_attention = attention.fn
+    return _StageLayout(batch_axes, length_axes, attention.order), local_attention
+
+
+def _merger(graphdef: nnx.GraphDef, abstract_params: PyTree) -> Callable:
+    """``merged(outer=None)``: the model with ``outer``'s parameters and placeholders for the rest.
+
+    Each piece reads only some parameters (run_layers takes its weights as an
+    argument); placeholders keep the merged tree complete without bringing the
+    whole stack into every piece.
+    """
+
+    def merged(outer=None):
+        tree = jax.tree.map(lambda a: jnp.zeros((1,), a.dtype), abstract_params)
+        return nnx.merge(graphdef, {**tree, **(outer or {})})
+
+    return merged
+
+
+def _dense_stage_functions(merged: Callable, layout: _StageLayout, kwargs: dict, layer_kwargs: dict) -> StageFunctions:
+    """The transformer cut into the executor's pieces, each on a stage's own rows and sequence block."""
+
+    def stage(chunk, x):
+        return merged().run_layers(
+            BlockWeights(**chunk["layers"]), x, positions_BxL=layout.positions(x), **layer_kwargs
+        )
+
+    def tapped_stage(chunk, x, probes):
+        return merged().run_layers_tapped(
+            BlockWeights(**chunk["layers"]), x, probes, positions_BxL=layout.positions(x), **layer_kwargs
+        )
+
+    return StageFunctions(
+        embed=lambda outer, tokens: merged(outer).embed_tokens(tokens, **kwargs),
+        stage=stage,
+        # Transformer.loss: the head's cross-entropy, chunked with model.loss_chunk as the eval step's is.
+        loss=lambda outer, x, targets: merged(outer).loss(x, targets, **kwargs),
+        # Split (zero-bubble) tables: B records each weight use, W takes the weight gradients from it.
+        tapped_stage=tapped_stage,
+        weight_grads=_chunk_weight_grads,
+    )
+
+
 def make_pipeline_grads(
     graphdef: nnx.GraphDef,
     abstract_params: PyTree,
@@ -219,15 +274,7 @@ def make_pipeline_grads(
     its block. Without ``shard`` and ``param_specs`` (one device), parameters
     are ``P("pipe")`` for the layers and replicated otherwise.
     """
-    manual_batch = rule_axes(shard.rules, "batch") if shard is not None else ()
-    length_axes = tuple(a for a in rule_axes(shard.rules, "length") if a in mesh.shape) if shard is not None else ()
-    attention = attention or AttentionPlan(causal_gqa_attention, local=causal_gqa_attention)
-    local_attention = attention.local
-    if local_attention is None:  # its own function is whole-sequence attention: right where seq has one device
-        if any(mesh.shape[a] > 1 for a in length_axes):
-            raise ValueError("this attention has no kernel for a pipeline stage's own block of the sequence")
-        local_attention = attention.fn
-    layout = _StageLayout(manual_batch, length_axes, attention.order)
+    layout, local_attention = _stage_layout(shard, mesh, attention)
     kwargs = {}
     if shard is not None:
         kwargs["shard"] = ActivationSharding(without_axes(shard.rules, layout.token_axes), mesh)
@@ -235,33 +282,8 @@ def make_pipeline_grads(
     m = pipeline.schedule.microbatches
     # The stacked parameters the stages split over pipe: the layers, and an MoE model's experts.
     stacked_names = ("layers", "moe") if "moe" in abstract_params else ("layers",)
-
-    def merged(outer=None):
-        # Each piece reads only some parameters (run_layers takes its weights as
-        # an argument); placeholders keep the merged tree complete without
-        # bringing the whole stack into every piece.
-        tree = jax.tree.map(lambda a: jnp.zeros((1,), a.dtype), abstract_params)
-        return nnx.merge(graphdef, {**tree, **(outer or {})})
-
-    def stage(chunk, x):
-        return merged().run_layers(
-            BlockWeights(**chunk["layers"]), x, positions_BxL=layout.positions(x), **layer_kwargs
-        )
-
-    def tapped_stage(chunk, x, probes):
-        return merged().run_layers_tapped(
-            BlockWeights(**chunk["layers"]), x, probes, positions_BxL=layout.positions(x), **layer_kwargs
-        )
-
-    fns = StageFunctions(
-        embed=lambda outer, tokens: merged(outer).embed_tokens(tokens, **kwargs),
-        stage=stage,
-        # Transformer.loss: the head's cross-entropy, chunked with model.loss_chunk as the eval step's is.
-        loss=lambda outer, x, targets: merged(outer).loss(x, targets, **kwargs),
-        # Split (zero-bubble) tables: B records each weight use, W takes the weight gradients from it.
-        tapped_stage=tapped_stage,
-        weight_grads=_chunk_weight_grads,
-    )
+    merged = _merger(graphdef, abstract_params)
+    fns = _dense_stage_functions(merged, layout, kwargs, layer_kwargs)
     moe = None
     if "moe" in abstract_params:
         moe = MoEStages(merged(), abstract_params["moe"], layout.token_axes, mesh, shard)
@@ -285,8 +307,8 @@ def make_pipeline_grads(
             pipeline.branching,
             layer_specs={k: specs[k] for k in stacked_names} if specs else None,
             outer_specs={k: specs[k] for k in outer} if specs else None,
-            batch_axes=manual_batch,
-            length_axes=length_axes,
+            batch_axes=layout.batch_axes,
+            length_axes=layout.length_axes,
             owned_axes=moe.expert_axes if moe is not None else (),
             recompute=pipeline.recompute,
         )

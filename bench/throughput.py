@@ -72,7 +72,9 @@ class StepTimer:
         start = time.perf_counter()
         batch = self.loader.next()
         got_batch = time.perf_counter()
-        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch)
+        planned = self.run.train_step_for(self.step + 1)  # DiLoCo overlapped: an outer step inside
+        step_fn = self.step_fn if planned is self.run.train_step else planned
+        self.params, self.opt_state, metrics = step_fn(self.params, self.opt_state, batch)
         self.step += 1
         if self.run.outer_due(self.step):
             self.params, self.opt_state = self.run.outer_step_after(self.step)(self.params, self.opt_state)

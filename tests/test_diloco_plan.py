@@ -68,6 +68,11 @@ def test_the_planner_proposes_diloco_when_data_crosses_slow_links():
     assert proposal.step_s < proposal.plan.step_s
     text = format_plans(plans, cfg, 16, profile)
     assert f"outer.algorithm=diloco outer.inner_steps={h}" in text and "crosses hosts (InfiniBand NDR" in text
+    # Overlapped, the fewest fragments whose all-reduce is no longer than an inner step.
+    f = proposal.overlap_fragments(cfg.model.n_layers)
+    assert f is not None and proposal.outer_s / f <= proposal.inner_s
+    assert f == 1 or proposal.outer_s / max(d for d in range(1, f) if cfg.model.n_layers % d == 0) > proposal.inner_s
+    assert "outer.overlap_steps=1" in text and "runs beside one inner step" in text
     # Inside one host (8 devices) nothing crosses a slow link; and a DiLoCo run is not told to use DiLoCo.
     assert propose_diloco(make_plans(cfg, 8, profile), cfg, profile) is None
     assert propose_diloco(plans, tiny("outer.algorithm=diloco"), profile) is None

@@ -7,6 +7,7 @@ in this process.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pathlib
@@ -261,3 +262,30 @@ def test_losing_process_0_ends_the_others_at_once(tmp_path, compile_cache):
     procs.wait_until(lambda: procs.last_logged_step(run_dir) >= 3, 300, proc, "step 3")
     assert kill_and_time_the_survivor(proc, victim=0) <= PEER_TIMEOUT + 1.0
     assert "[launch] process 1 ended: killed by SIGABRT" in proc.output or "lost process 0 of 2" in proc.output
+
+
+def test_diloco_across_two_processes_matches_one_and_resumes_mid_period(tmp_path, compile_cache):
+    """DiLoCo (H = 4) over ``data``, which crosses the two processes: the inner steps, the outer
+    all-reduce between them and a save mid-period (step 6), launched. Reference: the same run in this
+    process on 8 devices, the launched mesh's shape; then step 6's checkpoint, written by two
+    processes, resumed here: steps 7..10 continue the reference."""
+    steps, every = 10, 4
+    outer = {"algorithm": "diloco", "inner_steps": every}
+    cfg = functools.partial(mp_config, steps=steps, outer=outer, checkpoint={"every": 6, "keep": 3})
+    reference = train(cfg(tmp_path / "reference"), mesh_of(data=4, model=2), **quiet)
+    expected = dict(enumerate(reference.losses, start=1))
+
+    run_dir = tmp_path / "two"
+    proc = launch_train(procs.write_config(cfg(run_dir), tmp_path / "two.yaml"), compile_cache)
+    assert proc.wait(timeout=300) == 0, proc.output[-4000:]
+    launched = losses_by_step(run_dir)
+    assert sorted(launched) == list(range(1, steps + 1))
+    worst = max(abs(loss - expected[step]) for step, loss in launched.items())
+    assert worst <= SAME_SHAPE, f"DiLoCo on 2 x 4 devices differs from 1 x 8 by {worst:.2e}"
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(run_dir / "checkpoints" / "6", resumed_dir / "checkpoints" / "6")
+    resumed = train(cfg(resumed_dir), mesh_of(data=4, model=2), **quiet)
+    assert resumed.start_step == 6
+    worst = max(abs(loss - expected[step]) for step, loss in enumerate(resumed.losses, start=7))
+    assert worst <= SAME_SHAPE, f"resumed from the two processes' mid-period save, the losses differ by {worst:.2e}"

@@ -165,6 +165,13 @@ class DiLoCoProposal:
         """Synchronous DiLoCo's average step: the inner step plus 1/H of the outer all-reduce."""
         return self.inner_s + self.outer_s / self.every
 
+    def overlap_fragments(self, n_layers: int) -> int | None:
+        """The fewest streaming fragments F (dividing the layers) whose all-reduce, P/F, takes no longer than
+        one inner step, so that ``outer.overlap_steps: 1`` hides it whole; None if no F does."""
+        needed = max(1, math.ceil(self.outer_s / self.inner_s)) if self.inner_s > 0 else None
+        fits = [f for f in range(1, n_layers + 1) if n_layers % f == 0 and needed is not None and f >= needed]
+        return fits[0] if fits else None
+
 
 def propose_diloco(plans: list[MeshPlan], cfg: Config, profile, *, mfu: float | None = None) -> DiLoCoProposal | None:
     """DiLoCo for the fastest plan whose data-parallel axis crosses hosts, or None: a config already
@@ -202,9 +209,30 @@ def propose_diloco(plans: list[MeshPlan], cfg: Config, profile, *, mfu: float | 
 
 
 def format_diloco(proposal: DiLoCoProposal) -> str:
-    """What the slow link costs the plan now, and DiLoCo's H and average step."""
-    p, h, axis = proposal.plan, proposal.every, proposal.axis
+    """What the slow link costs the plan now, DiLoCo's H and average step, and the fragments that would
+    let the all-reduce hide behind the inner steps' compute."""
+    h, axis = proposal.every, proposal.axis
     replicas = "" if axis == "data" else f" outer.replica_axes=[{axis}]"
+    return _format_synchronous(proposal, h, axis, replicas) + _format_overlap(proposal, h)
+
+
+def _format_overlap(proposal: DiLoCoProposal, h: int) -> str:
+    fragments = proposal.overlap_fragments(proposal.plan.cfg.model.n_layers)
+    if fragments is None:
+        return " No streaming fragments make one all-reduce as short as an inner step on this model."
+    every = -(-h // fragments) * fragments  # H a multiple of F
+    flags = "outer.overlap_steps=1" + (f" outer.fragments={fragments}" if fragments > 1 else "")
+    if every != h:
+        flags += f" outer.inner_steps={every}"
+    return (
+        f" With {flags}, each all-reduce ({_ms(proposal.outer_s / fragments)}) runs beside one inner step "
+        f"instead of before it: the average step is the inner step's, {_ms(proposal.inner_s)}, if the "
+        "collectives overlap compute (GPUs; XLA:CPU runs them in turn)."
+    )
+
+
+def _format_synchronous(proposal: DiLoCoProposal, h: int, axis: str, replicas: str) -> str:
+    p = proposal.plan
     return (
         f"DiLoCo: {p.label} ({_ms(p.step_s)} per step) sends its gradients over {axis}, which crosses hosts "
         f"({proposal.link}: {_ms(p.time.comm_s_per_axis.get(axis, 0.0))} per step). With outer.algorithm=diloco "

@@ -193,7 +193,7 @@ DILOCO_TESTS: dict[str, str] = {
     "accumulation": "test_inside_replicas_match_the_papers_algorithm[tp+seq+accumulation+remat]",
     "remat": "test_inside_replicas_match_the_papers_algorithm[tp+seq+accumulation+remat]",
     "bf16": "test_bfloat16_compute_inside_replicas",
-    "multiprocess": "tests/test_multiprocess.py (the SPMD argument)",
+    "multiprocess": "tests/test_multiprocess.py::test_diloco_across_two_processes_matches_one_and_resumes_mid_period",
     "hsdp": "test_inside_replicas_match_the_papers_algorithm[hsdp]",
 }
 # Pairs that compose, with what a user should know about the result.

@@ -38,6 +38,11 @@ replicated over the batch axes by construction, see 5.). Parameters must
 not be sharded over the batch axes (``dp`` and ``tp`` presets; FSDP would
 need a compressed reduce-scatter instead).
 
+Segments (streaming DiLoCo's fragments, ``make_grad_compression(segments=...)``): the flat
+vector is the concatenation of separately reduced segments, each some rows of some leaves'
+leading dimension, padded to whole blocks, and ``reduce_segment`` reduces one of them, with
+its own slices of both residuals; one segment of every leaf whole is the layout above.
+
 Error-feedback state is per device: ``worker`` [devices, S_local] and
 ``server`` [devices, S_local/N] float32, device d holding row d (S_local: its
 gradient shards flattened and padded). It lives in the optimizer state as
@@ -170,6 +175,47 @@ def _pad_to(x: jax.Array, unit: int) -> jax.Array:
 # --------------------------------------------------------------------------- training integration
 
 
+Rows = tuple[int, int] | None  # a leaf's leading rows [start, stop) in a segment, or None: not in it
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One separately reduced part of the flat vector (module docstring, "Segments").
+
+    rows[i]: leaf i's rows in it, or None; pieces: the indices of the leaves in it, and
+    piece_shapes their per-device shapes; [offset, offset + size) of the worker residual (and
+    [offset / N, (offset + size) / N) of the server's) are its own.
+    """
+
+    rows: tuple[Rows, ...]
+    pieces: tuple[int, ...]
+    piece_shapes: tuple[tuple[int, ...], ...]
+    offset: int
+    size: int
+
+
+def _segments(
+    rows_per_segment: tuple[tuple[Rows, ...], ...], shapes, local_shapes, specs, n: int, mode: str, group: int
+) -> tuple[Segment, ...]:
+    """The segments' pieces and places in the flat vector; a leaf cut into rows must not be sharded on them."""
+    unit = group if mode == "int8" else 1
+    out, offset = [], 0
+    for rows in rows_per_segment:
+        pieces, piece_shapes = [], []
+        for i, r in enumerate(rows):
+            if r is None:
+                continue
+            whole = not shapes[i] or r == (0, shapes[i][0])
+            if not whole and len(specs[i]) and specs[i][0] is not None:
+                raise ValueError(f"leaf {i} is cut into rows {r} but sharded on them ({specs[i]})")
+            pieces.append(i)
+            piece_shapes.append(local_shapes[i] if whole else (r[1] - r[0], *local_shapes[i][1:]))
+        size = padded_size(sum(-(-math.prod(s) // unit) * unit for s in piece_shapes), n, mode, group)
+        out.append(Segment(tuple(rows), tuple(pieces), tuple(piece_shapes), offset, size))
+        offset += size
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class GradCompression:
     """Everything static about compressed gradient reduction on one mesh; see the module docstring.
@@ -182,10 +228,11 @@ class GradCompression:
     batch_axes: tuple[str, ...]  # mesh axes (size > 1) the batch is split over
     param_shardings: PyTree
     local_shapes: tuple[tuple[int, ...], ...]  # per parameter leaf, in tree order
-    flat_size: int  # per device, padded
+    flat_size: int  # per device, padded: the segments' sizes summed
     loss_fn: Callable  # loss(params, inputs, targets) with per-shard activation sharding
     shard: ActivationSharding  # the same, for microbatching
     grad_accum: int
+    segments: tuple[Segment, ...]  # one, every leaf whole, unless made with segments
     group: int = INT8_GROUP
 
     @property
@@ -261,36 +308,51 @@ class GradCompression:
 
     def reduce(self, grads_S: PyTree, error_feedback: dict[str, jax.Array]):
         """Per-shard gradients [S, *param] -> (mean gradients, new residuals), compressed on the wire."""
+        if len(self.segments) != 1:
+            raise ValueError("a compression made of segments reduces one at a time: reduce_segment")
         leaves, treedef = jax.tree.flatten(grads_S)
-        specs = [s.spec for s in jax.tree.leaves(self.param_shardings)]
+        reduced, error_feedback = self.reduce_segment(0, leaves, error_feedback)
+        return jax.tree.unflatten(treedef, reduced), error_feedback
+
+    def reduce_segment(self, index: int, pieces_S: list[jax.Array], error_feedback: dict[str, jax.Array]):
+        """Segment ``index``'s pieces -> (their means, residuals with this segment's slices updated).
+
+        pieces_S[k]: [S, *piece] for leaf ``segments[index].pieces[k]``, its rows in the segment
+        (sharded as the leaf is, over the batch axes on S); returns [*piece] each, replicated over
+        the batch axes. Only this segment's values cross the wire.
+        """
+        segment = self.segments[index]
+        specs = [jax.tree.leaves(self.param_shardings)[i].spec for i in segment.pieces]
         all_axes = tuple(self.mesh.axis_names)
         per_device = PartitionSpec(all_axes)
         lead = self.batch_axes or None
-
         unit = self.leaf_unit
+        lo, hi = segment.offset, segment.offset + segment.size
+        n = self.shards
 
         def body(worker, server, *local):
             # Every leaf starts a new int8 group: a group mixing a replicated leaf with a tensor-parallel
             # one would give the replicated leaf another scale on each tensor peer, and its replicas
             # would drift apart.
             flat = jnp.concatenate([_pad_to(g.reshape(-1).astype(jnp.float32), unit) for g in local])
-            flat = jnp.pad(flat, (0, self.flat_size - flat.size))
+            flat = jnp.pad(flat, (0, segment.size - flat.size))
+            own_worker, own_server = worker[0, lo:hi], server[0, lo // n : hi // n]
             mean, new_worker, new_server = compressed_mean(
-                flat, worker[0], server[0], self.axis_name, self.mode, group=self.group
+                flat, own_worker, own_server, self.axis_name, self.mode, group=self.group
             )
             # int8 would round a NaN to a number, hiding it from faults.nan_policy and keeping it
             # in the residual for good. Every device learns whether any gradient was not finite
             # (one 4-byte all-reduce), then all return NaN and keep their residuals.
             bad = lax.psum(jnp.logical_not(jnp.all(jnp.isfinite(flat))).astype(jnp.int32), all_axes) > 0
             mean = jnp.where(bad, jnp.nan, mean)
-            worker = jnp.where(bad, worker[0], new_worker)
-            server = jnp.where(bad, server[0], new_server)
+            worker = worker.at[0, lo:hi].set(jnp.where(bad, own_worker, new_worker))
+            server = server.at[0, lo // n : hi // n].set(jnp.where(bad, own_server, new_server))
             out, offset = [], 0
-            for g, shape in zip(local, self.local_shapes, strict=True):
+            for g, shape in zip(local, segment.piece_shapes, strict=True):
                 size = math.prod(shape)
                 out.append(mean[offset : offset + size].reshape(shape).astype(g.dtype))
                 offset += -(-size // unit) * unit
-            return worker[None], server[None], *out
+            return worker, server, *out
 
         mapped = jax.shard_map(
             body,
@@ -299,8 +361,8 @@ class GradCompression:
             out_specs=(per_device, per_device, *specs),
             check_vma=False,  # outputs are identical across the batch axes by construction
         )
-        worker, server, *reduced = mapped(error_feedback["worker"], error_feedback["server"], *leaves)
-        return jax.tree.unflatten(treedef, reduced), {"worker": worker, "server": server}
+        worker, server, *reduced = mapped(error_feedback["worker"], error_feedback["server"], *pieces_S)
+        return reduced, {"worker": worker, "server": server}
 
     def loss_and_grads(self, params: PyTree, opt_state: dict, batch: dict[str, jax.Array]):
         """The train step's (loss, mean gradients), and opt_state with updated residuals.
@@ -325,6 +387,7 @@ def make_grad_compression(
     batch_spec: PartitionSpec,
     grad_accum: int,
     group: int = INT8_GROUP,
+    segments: tuple[tuple[Rows, ...], ...] | None = None,
 ) -> GradCompression | None:
     """The compression a config's ``grad_compression`` asks for, or None for ``none``.
 
@@ -332,7 +395,8 @@ def make_grad_compression(
     (its attention included) constraining activations with ``shard``, the
     rules without the batch axes (vmap adds them back on the shard dimension).
     params: abstract parameters (shapes); batch_spec: the [batch, length]
-    token arrays' spec, whose first entry names the batch axes.
+    token arrays' spec, whose first entry names the batch axes; segments: per segment, each leaf's
+    leading rows in it or None (module docstring, "Segments"); None: one segment, every leaf whole.
     Which features it combines with is the compatibility table's business
     (``shardlib.parallel.compat``); a parameter sharded over a batch axis is refused here
     too, since compressed reduce-scatter (FSDP) is not implemented.
@@ -356,8 +420,10 @@ def make_grad_compression(
     local_shapes = tuple(
         tuple(s.shard_shape(p.shape)) for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings))
     )
-    unit = group if mode == "int8" else 1
-    flat = padded_size(sum(-(-math.prod(s) // unit) * unit for s in local_shapes), n, mode, group)
+    shapes = [tuple(p.shape) for p in jax.tree.leaves(params)]
+    whole = (tuple((0, s[0]) if s else (0, 1) for s in shapes),)
+    specs = [s.spec for s in jax.tree.leaves(param_shardings)]
+    parts = _segments(segments or whole, shapes, local_shapes, specs, n, mode, group)
     inner = ActivationSharding(without_axes(rules, batch_axes), mesh)
     return GradCompression(
         mode=mode,
@@ -365,9 +431,10 @@ def make_grad_compression(
         batch_axes=batch_axes,
         param_shardings=param_shardings,
         local_shapes=local_shapes,
-        flat_size=flat,
+        flat_size=sum(p.size for p in parts),
         loss_fn=make_loss(inner),
         shard=inner,
         grad_accum=grad_accum,
+        segments=parts,
         group=group,
     )

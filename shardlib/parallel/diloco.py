@@ -51,9 +51,21 @@ average per step is unchanged). ``outer_update`` takes the fragment: it
 reduces only that fragment's slices, and applies the outer optimizer to the
 whole tree under a mask, so the anchor, the outer momentum and the replicas
 move only inside the fragment and the state keeps one layout for every F
-(checkpoints of F = 1 and F > 1 are alike). Not built: overlapping a
-fragment's all-reduce with the next inner steps (the paper's other half),
-which needs the outer step issued asynchronously beside the inner step.
+(checkpoints of F = 1 and F > 1 are alike). A compressed pseudo-gradient
+(``outer.compression``) reduces each fragment as a segment of its own, with
+its own slices of the error-feedback residuals.
+
+Overlap (the paper's tau, ``OuterSettings.overlap``): with tau = 1 the
+outer step due after inner step t is not a program of its own; it is folded
+into step t+1's (``fragment_pseudo_gradient`` of the parameters the step
+starts from, the inner step, then ``apply_fragment``), so the all-reduce
+depends on nothing the inner step computes and XLA's scheduler may run it
+beside the forward and backward; its result lands after step t+1, where each
+replica keeps ``mixing`` (alpha) of its own parameters. Larger tau would need
+a collective that outlives the program that starts it, which an SPMD program
+cannot express; tau = 1 hides the all-reduce behind one inner step, which is
+P/F bytes against a whole step's compute. A checkpoint never holds an outer
+step in flight: the step that carries it recomputes it from the saved state.
 
 Pure functions of arrays and small settings; the jitted steps with their
 shardings are built in ``shardlib.training.step``.
@@ -76,6 +88,8 @@ PyTree = Any
 ALGORITHMS = ("diloco", "local_sgd")
 # reduce(delta_R, error_feedback) -> (mean over replicas, new error feedback): a compressed all-reduce.
 Reduce = Callable[[PyTree, dict], tuple[PyTree, dict]]
+# The same for one fragment: its pieces [R, *rows] in leaf order -> their means (compression.reduce_segment).
+FragmentReduce = Callable[[list, dict], tuple[list, dict]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +108,12 @@ class OuterSettings:
     replica_axes: tuple[str, ...] = ("data",)
     compression: str = "none"
     fragments: int = 1  # streaming DiLoCo's F; 1: every outer step syncs the whole network
+    # 1: an outer step's all-reduce runs inside the next inner step's program, beside its compute, and
+    # its result lands one inner step late (streaming DiLoCo's tau = 1); 0: between two inner steps.
+    overlap: int = 0
+    # alpha: where an outer step lands, each replica keeps this share of its own parameters and takes
+    # 1 - alpha of the new anchor's (0: it restarts from the anchor, as in DiLoCo).
+    mixing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -105,8 +125,13 @@ class OuterSettings:
                 f"outer.fragments={self.fragments} must divide outer.inner_steps={self.every}: each fragment's "
                 "outer step falls H/F inner steps after the previous fragment's"
             )
-        if self.fragments > 1 and self.compression != "none":
-            raise ValueError("outer.compression with outer.fragments > 1 is not built; use one of them")
+        if self.overlap not in (0, 1):
+            raise ValueError(
+                f"outer.overlap_steps={self.overlap}: 0 or 1 (an all-reduce can only hide behind the inner step "
+                "in the same program)"
+            )
+        if not 0.0 <= self.mixing < 1.0:
+            raise ValueError(f"outer.mixing={self.mixing} must be in [0, 1): the replicas' own share")
 
     def due(self, step: int) -> bool:
         """Whether an outer step follows inner step ``step`` (counted from 1): after every H/F-th."""
@@ -125,7 +150,10 @@ class OuterSettings:
             outer = f"outer SGD lr {self.lr:g}, {kind} momentum {self.momentum:g}"
         streaming = f" (streaming: {self.fragments} fragments, one every {self.every // self.fragments})"
         streaming = streaming if self.fragments > 1 else ""
-        return f"{self.algorithm} every {self.every} steps{streaming} over {', '.join(self.replica_axes)}: {outer}"
+        late = ", each all-reduce beside the next inner step" if self.overlap else ""
+        late += f", replicas keep {self.mixing:g} of their own" if self.mixing else ""
+        over = ", ".join(self.replica_axes)
+        return f"{self.algorithm} every {self.every} steps{streaming} over {over}: {outer}{late}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,34 +294,71 @@ def diloco_optimizer(
     return optax.GradientTransformation(init, update)
 
 
-def fragment_update(
-    params_R: PyTree, state: dict, outer: optax.GradientTransformation, fragment: Fragment
+def fragment_pseudo_gradient(
+    params_R: PyTree, state: dict, fragment: Fragment, reduce: FragmentReduce | None = None
 ) -> tuple[PyTree, dict]:
-    """Streaming DiLoCo's outer step for one ``fragment``: ``outer_update`` inside it, nothing outside.
+    """The fragment's pseudo-gradient, averaged over the replicas: (delta [*shape] per leaf, zero outside
+    the fragment; state with the compressed reduction's new residuals).
 
-    Only the fragment's slices of the pseudo-gradient are averaged over the replicas (the one
-    all-reduce, of the fragment's bytes); the outer optimizer then runs on the whole tree with
-    zeros elsewhere, and a mask keeps the anchor, every parameter-shaped state leaf (the
-    momentum) and the replicas as they were outside the fragment, so the optimizer is optax's own.
+    Only the fragment's slices are averaged: the one all-reduce, of the fragment's bytes (``reduce``:
+    compressed, with the residuals in ``state["error_feedback"]``).
+    """
+    anchors, replicas = jax.tree.leaves(state["anchor"]), jax.tree.leaves(params_R)
+    inside = [i for i, rows in enumerate(fragment.rows) if rows is not None]
+    pieces_R = [_take(anchors[i], fragment.rows[i], 0)[None] - _take(replicas[i], fragment.rows[i], 1) for i in inside]
+    if reduce is None:
+        means = replica_mean(pieces_R)
+    else:
+        means, error_feedback = reduce(pieces_R, state["error_feedback"])
+        state = {**state, "error_feedback": error_feedback}
+    deltas = [jnp.zeros_like(a) for a in anchors]
+    for i, mean in zip(inside, means, strict=True):
+        a = anchors[i]
+        deltas[i] = mean if a.ndim == 0 else lax.dynamic_update_slice_in_dim(deltas[i], mean, fragment.rows[i][0], 0)
+    return jax.tree.unflatten(jax.tree.structure(state["anchor"]), deltas), state
+
+
+def apply_fragment(
+    params_R: PyTree,
+    state: dict,
+    outer: optax.GradientTransformation,
+    fragment: Fragment,
+    delta: PyTree,
+    mixing: float = 0.0,
+) -> tuple[PyTree, dict]:
+    """The outer optimizer's step by ``delta`` inside ``fragment``, nothing outside.
+
+    It runs on the whole tree (zeros outside), and a mask keeps the anchor, every
+    parameter-shaped state leaf (the momentum) and the replicas as they were outside the
+    fragment, so the optimizer is optax's own. Inside, every replica becomes
+    ``mixing * itself + (1 - mixing) * the new anchor`` (0: the anchor).
     """
     treedef = jax.tree.structure(state["anchor"])
-    anchors, replicas = jax.tree.leaves(state["anchor"]), jax.tree.leaves(params_R)
-    deltas, masks = [], []
-    for a, p_R, rows in zip(anchors, replicas, fragment.rows, strict=True):
-        masks.append(_mask(a, rows))
-        if rows is None:
-            deltas.append(jnp.zeros_like(a))
-            continue
-        mean = replica_mean(_take(a, rows, 0)[None] - _take(p_R, rows, 1))  # the fragment's all-reduce
-        deltas.append(mean if a.ndim == 0 else lax.dynamic_update_slice_in_dim(jnp.zeros_like(a), mean, rows[0], 0))
-    delta = jax.tree.unflatten(treedef, deltas)
-    mask = jax.tree.unflatten(treedef, masks)
+    mask = jax.tree.unflatten(treedef, [_mask(a, r) for a, r in zip(jax.tree.leaves(state["anchor"]), fragment.rows)])
     updates, outer_state = outer.update(delta, state["outer"], state["anchor"])
     updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
     anchor = optax.apply_updates(state["anchor"], updates)
     state = {**state, "anchor": anchor, "outer": _inside(outer_state, state["outer"], mask)}
-    params_R = jax.tree.map(lambda p_R, a, m: jnp.where(m[None], a[None], p_R), params_R, anchor, mask)
-    return params_R, state
+
+    def land(p_R, a, m):
+        new = a[None] if not mixing else (mixing * p_R + (1.0 - mixing) * a[None]).astype(p_R.dtype)
+        return jnp.where(m[None], new, p_R)
+
+    return jax.tree.map(land, params_R, anchor, mask), state
+
+
+def fragment_update(
+    params_R: PyTree,
+    state: dict,
+    outer: optax.GradientTransformation,
+    fragment: Fragment,
+    reduce: FragmentReduce | None = None,
+    mixing: float = 0.0,
+) -> tuple[PyTree, dict]:
+    """Streaming DiLoCo's outer step for one ``fragment``: its pseudo-gradient's all-reduce
+    (``fragment_pseudo_gradient``), then the outer step inside it (``apply_fragment``)."""
+    delta, state = fragment_pseudo_gradient(params_R, state, fragment, reduce)
+    return apply_fragment(params_R, state, outer, fragment, delta, mixing)
 
 
 def _inside(new: PyTree, old: PyTree, mask: PyTree) -> PyTree:

@@ -282,6 +282,12 @@ class OuterConfig(BaseModel):
     compression: Literal["none", "bf16", "int8"] = "none"
     # Streaming DiLoCo: F fragments of the layers, one synced every inner_steps / F steps (F divides H).
     fragments: PosInt = 1
+    # 1: each outer step's all-reduce runs beside the next inner step, in its program, and lands after
+    # it (streaming DiLoCo's overlap, tau = 1); 0: the inner steps wait for it.
+    overlap_steps: Annotated[int, Field(ge=0, le=1)] = 0
+    # Where an outer step lands, each replica keeps this share of its own parameters (streaming DiLoCo's
+    # alpha; 0: it restarts from the new anchor).
+    mixing: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
     @model_validator(mode="after")
     def _check_outer(self) -> "OuterConfig":
@@ -292,8 +298,6 @@ class OuterConfig(BaseModel):
                 f"fragments={self.fragments} must divide inner_steps={self.inner_steps}: streaming DiLoCo syncs "
                 "one fragment every inner_steps / fragments steps"
             )
-        if self.fragments > 1 and self.compression != "none":
-            raise ValueError("compression with fragments > 1 is not built; use one of them")
         # Compared with the defaults, not with what was written: a dumped config holds every key.
         given = {
             k

@@ -192,7 +192,7 @@ class StepLoop:
         if first and self.is_main:
             self.log("compiling the training step...")
         started = time.perf_counter()
-        s.params, s.opt_state, metrics = self.run.train_step(s.params, s.opt_state, batch)
+        s.params, s.opt_state, metrics = self.run.train_step_for(step)(s.params, s.opt_state, batch)
         if self.run.outer_due(step):  # DiLoCo: the period ends with the outer step
             if self.wait_each_step:  # every group done first: its all-reduce must not wait on a busy pool
                 jax.block_until_ready(s.params)

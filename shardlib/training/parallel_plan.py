@@ -177,6 +177,8 @@ def outer_settings(cfg: Config) -> OuterSettings | None:
         tuple(o.replica_axes),
         o.compression,
         o.fragments,
+        o.overlap_steps,
+        o.mixing,
     )
 
 

@@ -36,6 +36,7 @@ from shardlib.training.step import (
     make_grads_fn,
     make_outer_compression,
     make_train_step,
+    model_fragments,
 )
 from shardlib.training.train_state import (
     AbstractModel,
@@ -73,19 +74,28 @@ class TrainingSetup:
     grads: Callable
     compression: GradCompression | None = None
     outer_steps: tuple[Callable, ...] = ()
+    overlapped_steps: tuple[Callable, ...] = ()
     reduce_metrics: Callable | None = None
 
     def outer_step_after(self, step: int) -> Callable:
         """The outer step due after train step ``step`` (``outer_due``): its fragment's, when streaming."""
         return self.outer_steps[self.plan.outer.settings.fragment_due(step)]
 
+    def train_step_for(self, step: int) -> Callable:
+        """The program of train step ``step``: ``train_step``, or with ``outer.overlap_steps: 1`` after a
+        step an outer step is due after, that fragment's overlapped step (the outer step inside it)."""
+        if self.overlapped_steps and self.plan.outer.settings.due(step - 1) and step > 1:
+            return self.overlapped_steps[self.plan.outer.settings.fragment_due(step - 1)]
+        return self.train_step
+
     def checkpoint_layout(self) -> dict:
         """What a checkpoint records about how this plan lays out the state (``shardlib.training.state_layout``)."""
         return layout_meta(self.plan.layer_order, error_feedback_layout(self.compression), self.shardings.replicas)
 
     def outer_due(self, step: int) -> bool:
-        """Whether the outer step follows train step ``step`` (DiLoCo: every H-th; never without ``outer``)."""
-        return self.plan.outer is not None and self.plan.outer.settings.due(step)
+        """Whether an outer step program follows train step ``step`` (DiLoCo: every H-th, or H/F-th when
+        streaming; never without ``outer``, nor when overlapped: ``train_step_for`` has it then)."""
+        return self.plan.outer is not None and not self.overlapped_steps and self.plan.outer.settings.due(step)
 
     def scalar_metrics(self, metrics: list[dict]) -> list[dict]:
         """Train steps' metrics as replicated scalars, all in one program (DiLoCo's are per replica until then)."""
@@ -168,7 +178,7 @@ def _setup_diloco(
     axes = replica.settings.replica_axes
     inside = state_shardings(model, inner_tx, replica.plan.rules, mesh)  # one replica's layout
     outer_tx = outer_optimizer(replica.settings)
-    compression = make_outer_compression(model, plan, inside.params)
+    compression = make_outer_compression(model, plan, inside.params, model_fragments(model, replica.settings.fragments))
     tx = diloco_optimizer(inner_tx, outer_tx, axes, compression and compression.init_error_feedback)
     opt_state = {
         "inner": jax.tree.map(lambda s: per_replica(s, axes), inside.opt_state),
@@ -193,5 +203,6 @@ def _setup_diloco(
         steps.grads,
         compression,
         outer_steps=steps.outer,
+        overlapped_steps=steps.overlapped,
         reduce_metrics=steps.metrics,
     )

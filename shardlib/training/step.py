@@ -19,6 +19,7 @@ whose one all-reduce averages the pseudo-gradient (``shardlib.parallel.diloco``)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
 from shardlib.parallel.diloco import (
     Fragment,
+    apply_fragment,
+    fragment_pseudo_gradient,
     fragment_update,
     outer_update,
     replica_mean,
@@ -223,14 +226,15 @@ def make_eval_step(
 
 
 def make_outer_compression(
-    model: AbstractModel, plan: ParallelPlan, replica_param_shardings: PyTree
+    model: AbstractModel, plan: ParallelPlan, replica_param_shardings: PyTree, fragments: tuple[Fragment, ...] = ()
 ) -> GradCompression | None:
     """DiLoCo's compressed pseudo-gradient all-reduce over the replica axes, or None (``outer.compression: none``).
 
     The gradient compression's own reduction, its "shards" the replicas:
     ``GradCompression.reduce`` takes [R, *param] arrays sharded over the
     replica axes, as the pseudo-gradient is; only ``reduce`` and the
-    error-feedback state are used (no loss runs through it).
+    error-feedback state are used (no loss runs through it). With ``fragments`` (streaming),
+    each fragment is a segment of its own (``reduce_segment``) with its own residuals.
     """
     settings = plan.outer.settings
     axes = settings.replica_axes
@@ -243,6 +247,7 @@ def make_outer_compression(
         mesh=plan.mesh,
         batch_spec=PartitionSpec(axes[0] if len(axes) == 1 else axes),
         grad_accum=1,
+        segments=tuple(f.rows for f in fragments) if len(fragments) > 1 else None,
     )
 
 
@@ -253,6 +258,10 @@ class DiLoCoSteps:
     inner(params_R, opt_state, batch) -> (params_R, opt_state, metrics_R): every metric [R], per replica.
     outer[f](params_R, opt_state) -> (params_R, opt_state): the outer step of fragment f, after the inner
       steps ``OuterSettings.fragment_due`` names (one fragment, the whole network, unless streaming).
+    overlapped[f](params_R, opt_state, batch) -> as inner: with ``outer.overlap_steps: 1``, the inner
+      step that follows those, with fragment f's outer step in it: the all-reduce of the pseudo-gradient
+      the step's input holds, independent of the inner step's compute (so XLA may run them at once),
+      applied after it. () otherwise, and ``outer`` is then what the loop never runs.
     metrics([metrics_R, ...]) -> the steps' replicated scalars (``diloco.replica_metrics``), in one program.
     eval(params_R, batch) -> loss: the held-out loss of the replicas' mean.
     grads(params_R, batch) -> (loss_R, grads_R): every replica's own, for tests and tools.
@@ -260,6 +269,7 @@ class DiLoCoSteps:
 
     inner: Callable
     outer: tuple[Callable, ...]
+    overlapped: tuple[Callable, ...]
     metrics: Callable
     eval: Callable
     grads: Callable
@@ -311,27 +321,49 @@ def make_diloco_steps(
         metrics_R = {"loss": loss_R, "grad_norm": norm_R(grads_R), "param_norm": norm_R(params_R), **extra_R}
         return params_R, opt_state, metrics_R
 
+    settings = replica.settings
+
     def outer(params_R, opt_state):
         return outer_update(params_R, opt_state, outer_tx, None if compression is None else compression.reduce)
 
-    def fragment_outer(fragment):
-        return lambda params_R, opt_state: fragment_update(params_R, opt_state, outer_tx, fragment)
+    def reduce_of(k: int):
+        return None if compression is None else functools.partial(compression.reduce_segment, k)
 
-    fragments = replica.settings.fragments
-    outers = [outer] if fragments == 1 else [fragment_outer(f) for f in model_fragments(model, fragments)]
+    def fragment_outer(k: int, fragment: Fragment):
+        def step(params_R, opt_state):
+            return fragment_update(params_R, opt_state, outer_tx, fragment, reduce_of(k), settings.mixing)
+
+        return step
+
+    def overlapped_step(k: int, fragment: Fragment):
+        def step(params_R, opt_state, batch):
+            delta, opt_state = fragment_pseudo_gradient(params_R, opt_state, fragment, reduce_of(k))
+            params_R, opt_state, metrics_R = inner(params_R, opt_state, batch)
+            params_R, opt_state = apply_fragment(params_R, opt_state, outer_tx, fragment, delta, settings.mixing)
+            return params_R, opt_state, metrics_R
+
+        return step
+
+    fragments = model_fragments(model, settings.fragments)
+    whole = settings.fragments == 1 and not settings.mixing  # DiLoCo's own outer step
+    outers = [outer] if whole else [fragment_outer(k, f) for k, f in enumerate(fragments)]
+    overlapped = [overlapped_step(k, f) for k, f in enumerate(fragments)] if settings.overlap else []
 
     state = (shardings.params, shardings.opt_state)
     batch = {"inputs": plan.batch_sharding, "targets": plan.batch_sharding}
     replicated = NamedSharding(mesh, PartitionSpec())
     loss_fn = make_loss_fn(model.graphdef, plan)  # the whole mesh's rules: the mean is one network
+    per_replica_metrics = NamedSharding(mesh, PartitionSpec(spmd))
+
+    def stepping(fn):
+        return jax.jit(
+            fn, in_shardings=(*state, batch), out_shardings=(*state, per_replica_metrics), donate_argnums=(0, 1)
+        )
+
     return DiLoCoSteps(
-        inner=jax.jit(
-            inner,
-            in_shardings=(*state, batch),
-            out_shardings=(*state, NamedSharding(mesh, PartitionSpec(spmd))),
-            donate_argnums=(0, 1),
-        ),
+        inner=stepping(inner),
         outer=tuple(jax.jit(o, in_shardings=state, out_shardings=state, donate_argnums=(0, 1)) for o in outers),
+        overlapped=tuple(stepping(o) for o in overlapped),
         # One program for all the steps the host fetches at once: one per step, queued, let XLA:CPU's
         # emulated devices drift apart and stall in their all-reduces (loop.waits_for_each_step).
         metrics=jax.jit(lambda steps: [replica_metrics(m) for m in steps], out_shardings=replicated),

@@ -405,15 +405,30 @@ def diloco_terms(layout: Layout, terms: list[Term]) -> list[Term]:
         fragments = getattr(outer, "fragments", 1)
         if fragments > 1:
             what = (
-                f"pseudo-gradient all-reduce, {fragments} fragments (streaming), each once per "
+                f"pseudo-gradient all-reduce ({outer.compression}), {fragments} fragments (streaming), each once per "
                 f"{outer.inner_steps} steps, averaged per step"
             )
             note = (
                 f"about {per_period / fragments:,.0f} bytes per outer step, one fragment every "
                 f"{outer.inner_steps // fragments} steps ({per_period:,.0f} per period in all)"
             )
+        overlapped = bool(getattr(outer, "overlap_steps", 0))
+        if overlapped:
+            note += "; it runs beside the next inner step (outer.overlap_steps: 1)"
+            note = note.replace(", which the next period waits for (synchronous DiLoCo)", "")
         out.append(
-            Term("diloco", what, "all-reduce", replica, group, message, 1, per_period / outer.inner_steps, False, note)
+            Term(
+                "diloco",
+                what,
+                "all-reduce",
+                replica,
+                group,
+                message,
+                1,
+                per_period / outer.inner_steps,
+                overlapped,
+                note,
+            )
         )
     return [t for t in out if t is not None]
 

@@ -90,19 +90,24 @@ def test_each_outer_step_all_reduces_one_fragment(streaming):
     )
 
 
-def test_a_checkpoint_between_two_fragments_outer_steps_resumes_bitwise(tmp_path, streaming):
-    """Saved after step 3 (fragment 0 synced at 2, fragment 1 due at 4) and restored: steps 4..9 give
-    the uninterrupted run's losses bitwise (each fragment's anchor and momentum come back)."""
-    run, _, _ = streaming
+def resumes_bitwise(run, tmp_path, saved_at: int) -> None:
+    """Saved after step ``saved_at`` and restored: the rest of the 9 steps give the uninterrupted run's
+    losses bitwise."""
     batches = token_batches(8)
     _, _, straight = run_steps(run, run.init_state(), batches)
-    params_R, opt_state, first = run_steps(run, run.init_state(), batches[:3])
-    with Checkpointer(tmp_path / "checkpoints", every=3, keep=2) as checkpointer:
-        checkpointer.save(3, params_R, opt_state, {"data_position": 3, **run.checkpoint_layout()})
+    params_R, opt_state, first = run_steps(run, run.init_state(), batches[:saved_at])
+    with Checkpointer(tmp_path / "checkpoints", every=saved_at, keep=2) as checkpointer:
+        checkpointer.save(saved_at, params_R, opt_state, {"data_position": saved_at, **run.checkpoint_layout()})
         checkpointer.wait()
-        params_R, opt_state, _ = checkpointer.restore(3, *abstract_state(run.model, run.tx, run.shardings))
-    _, _, rest = run_steps(run, (params_R, opt_state), batches[3:], first_step=4)
+        params_R, opt_state, _ = checkpointer.restore(saved_at, *abstract_state(run.model, run.tx, run.shardings))
+    _, _, rest = run_steps(run, (params_R, opt_state), batches[saved_at:], first_step=saved_at + 1)
     assert list(first) + list(rest) == list(straight)
+
+
+def test_a_checkpoint_between_two_fragments_outer_steps_resumes_bitwise(tmp_path, streaming):
+    """Saved after step 3 (fragment 0 synced at 2, fragment 1 due at 4): each fragment's anchor and
+    momentum come back."""
+    resumes_bitwise(streaming[0], tmp_path, saved_at=3)
 
 
 # --------------------------------------------------------------------------- the pseudo-gradient compressed
@@ -239,15 +244,6 @@ def test_an_overlapped_steps_all_reduce_waits_for_nothing_the_inner_step_compute
 
 
 def test_a_checkpoint_with_an_outer_step_in_flight_resumes_bitwise(tmp_path, overlapped):
-    """Saved after step 2, whose fragment's all-reduce runs inside step 3: restored, steps 3..9 give the
-    uninterrupted run's losses bitwise (the in-flight step is taken again from the saved parameters)."""
-    run = overlapped
-    batches = token_batches(8)
-    _, _, straight = run_steps(run, run.init_state(), batches)
-    params_R, opt_state, first = run_steps(run, run.init_state(), batches[:2])
-    with Checkpointer(tmp_path / "checkpoints", every=2, keep=2) as checkpointer:
-        checkpointer.save(2, params_R, opt_state, {"data_position": 2, **run.checkpoint_layout()})
-        checkpointer.wait()
-        params_R, opt_state, _ = checkpointer.restore(2, *abstract_state(run.model, run.tx, run.shardings))
-    _, _, rest = run_steps(run, (params_R, opt_state), batches[2:], first_step=3)
-    assert list(first) + list(rest) == list(straight)
+    """Saved after step 2, whose fragment's all-reduce runs inside step 3: the in-flight outer step is
+    taken again from the saved parameters."""
+    resumes_bitwise(overlapped, tmp_path, saved_at=2)

@@ -6,7 +6,9 @@
 Trains the config as it is (data parallelism: the default run's steps, schedule
 and batch), then DiLoCo over ``data`` (outer SGD with Nesterov momentum 0.9) for
 each ``--diloco`` item, ``H`` or ``H@lr`` (the outer lr, default 0.7), or ``H@local``
-(local SGD: outer SGD at lr 1 without momentum, i.e. averaging), every run
+(local SGD: outer SGD at lr 1 without momentum, i.e. averaging), any of them with
+``+first`` or ``+both`` (``outer.average_moments``: AdamW's mu, or mu and nu, averaged
+over the groups at every outer step), every run
 from the same initial network on the same batches, and
 evaluates all of them on the same held-out batches every ``eval_every`` steps
 (25 here; 8 batches). Writes one PNG with every curve (training loss, smoothed,
@@ -62,6 +64,13 @@ def curves(run_dir) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     return tuple([(r["step"], r["loss"]) for r in rows if r["split"] == split] for split in ("train", "eval"))
 
 
+def parse_item(text: str) -> tuple[int, str, str]:
+    """``H[@lr|@local][+first|+both]`` -> (H, the outer lr or "local" or "", the averaged AdamW moments)."""
+    text, _, moments = text.partition("+")
+    every, _, lr = text.partition("@")
+    return int(every), lr, moments or "none"
+
+
 def _log(name: str, line: str) -> None:
     print(f"[{name}] {line}", flush=True)
 
@@ -97,7 +106,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--mesh", default="meshes/cpu-8.yaml")
-    parser.add_argument("--diloco", default="4,8,16", help="runs: H, H@outer_lr or H@local, comma-separated")
+    parser.add_argument(
+        "--diloco",
+        default="4,8,16",
+        help="runs: H, H@outer_lr or H@local, each +first or +both to average AdamW's moments",
+    )
     parser.add_argument("--out", default="docs/diloco_loss.png")
     parser.add_argument("--runs", default="runs/bench-diloco")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs under --runs, read their curves")
@@ -115,16 +128,17 @@ def main(argv=None) -> int:
     prepare_devices(spec)
     mesh = build_mesh(spec)
     results = []
-    items = (x.partition("@") for x in args.diloco.split(","))
-    for every, lr in [(0, "")] + [(int(h), lr) for h, _, lr in items]:
+    for every, lr, moments in [(0, "", "none")] + [parse_item(x) for x in args.diloco.split(",")]:
         local = lr == "local"
         suffix = f"-lr{lr}" if lr not in ("", "local") else ""
+        suffix += f"-moments-{moments}" if moments != "none" else ""
         name = f"{'local-sgd' if local else 'diloco'}-h{every}{suffix}" if every else "dp"
         run_dir = pathlib.Path(args.runs) / name
         if not args.reuse:
             shutil.rmtree(run_dir, ignore_errors=True)
         outer = [f"outer.algorithm={'local_sgd' if local else 'diloco'}", f"outer.inner_steps={every}"] if every else []
         outer += [f"outer.learning_rate={float(lr)}"] if lr and not local else []
+        outer += [f"outer.average_moments={moments}"] if every else []
         cfg = load_config(args.config, [*args.overrides, *EVAL, *outer, f"run_dir={run_dir}"])
         run, (step_bytes, outer_bytes) = compile_ahead(setup_training(cfg, mesh))
         result = train(cfg, mesh, setup=run, progress=False, log=functools.partial(_log, name))
@@ -133,6 +147,7 @@ def main(argv=None) -> int:
             f"DiLoCo H={every}, outer lr {cfg.outer.learning_rate:g}" if every else f"data parallel ({cfg.sharding})"
         )
         label = f"local SGD H={every}" if local else label
+        label += {"none": "", "first": ", mu averaged", "both": ", mu and nu averaged"}[moments]
         averaged = step_bytes + outer_bytes / every if every else step_bytes
         results.append(
             {

@@ -125,7 +125,18 @@ def _inner_step(cfg_json: str):
 
 
 def paper_diloco(
-    cfg, params0, batches, rows, *, every, lr=LR, momentum=MOMENTUM, fragments=None, overlap=0, mixing=0.0
+    cfg,
+    params0,
+    batches,
+    rows,
+    *,
+    every,
+    lr=LR,
+    momentum=MOMENTUM,
+    fragments=None,
+    overlap=0,
+    mixing=0.0,
+    moments="none",
 ):
     """DiLoCo (Douillard et al. 2023, Algorithm 1) on ``len(rows)`` single-device replicas.
 
@@ -138,7 +149,8 @@ def paper_diloco(
     rows of its leading dimension in that fragment. Fragment f's outer step, the same update on
     its rows only, follows steps (f + 1) H/F, (f + 1) H/F + H, ... ``overlap`` (tau, 0 or 1): the
     pseudo-gradient taken after such a step lands tau steps later, where each replica keeps ``mixing``
-    (alpha) of its own rows and takes 1 - alpha of the new anchor's.
+    (alpha) of its own rows and takes 1 - alpha of the new anchor's. ``moments`` (``first``: mu,
+    ``both``: mu and nu): the replicas' AdamW moments averaged at each outer step, on its rows.
     Returns (per-step mean loss, anchor, replicas' parameters).
     """
     clean = cfg.model_copy(
@@ -169,17 +181,47 @@ def paper_diloco(
                     anchor, trace, replicas = _paper_fragment_step(
                         anchor, trace, replicas, *pending, lr, momentum, mixing
                     )
+                    states = _paper_average_moments(states, moments, part)
                     pending = None
         elif t % every == 0:
             delta = jax.tree.map(lambda a, *ps: np.mean([a - np.asarray(p) for p in ps], axis=0), anchor, *replicas)
             trace = jax.tree.map(lambda m, d: momentum * m + d, trace, delta)
             anchor = jax.tree.map(lambda a, d, m: a - lr * (d + momentum * m), anchor, delta, trace)
             replicas = [anchor] * len(rows)
+            states = _paper_average_moments(states, moments)
     return np.array(losses), anchor, host(replicas)
 
 
 def _paths(tree) -> dict:
     return {jax.tree_util.keystr(k): k for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _paper_average_moments(states, moments, part=None):
+    """Every replica's AdamW mu (``first``) or mu and nu (``both``) set to their mean over the replicas, on
+    ``part``'s rows (leaf path -> (start, stop); None: every leaf whole)."""
+    names = {"none": (), "first": ("mu",), "both": ("mu", "nu")}[moments]
+    if not names:
+        return states
+
+    def is_adam(node):
+        return isinstance(node, optax.ScaleByAdamState)
+
+    flats = [jax.tree.flatten(s, is_leaf=is_adam) for s in states]
+    for k, node in enumerate(flats[0][0]):
+        if not is_adam(node):
+            continue
+        for name in names:
+            trees = [jax.tree.map(lambda x: np.array(x, np.float32), getattr(f[0][k], name)) for f in flats]
+            paths = _paths(trees[0])
+            for leaf, (start, stop) in (part or dict.fromkeys(paths, (None, None))).items():
+                xs = [_at(t, paths[leaf]) for t in trees]
+                cut = ... if xs[0].ndim == 0 else slice(start, stop)
+                mean = np.mean([x[cut] for x in xs], axis=0)
+                for x in xs:
+                    x[cut] = mean
+            for f, t in zip(flats, trees, strict=True):
+                f[0][k] = f[0][k]._replace(**{name: t})
+    return [jax.tree.unflatten(treedef, leaves) for leaves, treedef in flats]
 
 
 def _paper_fragment_delta(anchor, replicas, part) -> dict:

@@ -98,9 +98,12 @@ def test_the_memory_estimate_holds_the_outer_loops_state(outer):
     assert estimate.state == pytest.approx(held, rel=0.01), (estimate, held)
 
 
-def test_the_report_measures_the_outer_step_averaged_over_h():
-    """The compiled outer step's all-reduce, at 1/H of a run per step, is what the model predicts on data."""
-    cfg, mesh = tiny_config(outer={"algorithm": "diloco", "inner_steps": 4}), mesh_of(data=4, model=2)
+@pytest.mark.parametrize("moments", ["none", "both"])
+def test_the_report_measures_the_outer_step_averaged_over_h(moments):
+    """The compiled outer step's all-reduces (the pseudo-gradient's, and the averaged AdamW moments'), at 1/H
+    of a run per step, are what the model predicts on data."""
+    outer = {"algorithm": "diloco", "inner_steps": 4, "average_moments": moments}
+    cfg, mesh = tiny_config(outer=outer), mesh_of(data=4, model=2)
     report = build_report(resolve_layout(cfg, dict(mesh.shape)), measured=measure(cfg, mesh))
     (data,) = [r for r in report.axes if r.axis == "data"]
     outer = [c for c in report.measured.collectives if c.op_name.startswith("outer step")]

@@ -30,6 +30,7 @@ from tests.test_diloco import (
     compiled,
     contiguous_rows,
     diloco_config,
+    local_param_bytes,
     paper_diloco,
     run_steps,
     token_batches,
@@ -247,3 +248,26 @@ def test_a_checkpoint_with_an_outer_step_in_flight_resumes_bitwise(tmp_path, ove
     """Saved after step 2, whose fragment's all-reduce runs inside step 3: the in-flight outer step is
     taken again from the saved parameters."""
     resumes_bitwise(overlapped, tmp_path, saved_at=2)
+
+
+# --------------------------------------------------------------------------- the inner moments averaged
+
+
+@pytest.mark.parametrize("count, moments", [(1, "both"), (F, "first")], ids=["whole-both", "2-fragments-first"])
+def test_averaged_inner_moments_match_the_papers_algorithm_and_cost_one_all_reduce_each(count, moments):
+    """At each outer step the replicas' AdamW mu (and nu) become their mean, on the fragment's rows: the
+    paper's loop with that averaging within 1e-5, and each outer step all-reduces the pseudo-gradient and
+    each averaged moment, 2(R-1)/R of the fragment's float32 bytes apiece."""
+    outer = {"inner_steps": EVERY, "fragments": count, "average_moments": moments}
+    run, _, outer_collectives = compiled(
+        setup_training(diloco_config(batch_size=8, model={"n_layers": 2}, outer=outer), mesh_of(data=2, model=2))
+    )
+    params0 = jax.tree.map(lambda p: p[0], jax.device_get(run.init_state()[0]))
+    batches = token_batches(8)
+    params_R, opt_state, losses = run_steps(run, run.state_from(params0), batches)
+    parts = _fragment_parts(run, count) if count > 1 else None
+    ref = paper_diloco(run.cfg, params0, batches, contiguous_rows(8, 2), every=EVERY, fragments=parts, moments=moments)
+    assert_matches_paper(run, params_R, opt_state, losses, ref)
+    over_data = sum(c.total_wire_bytes for c in outer_collectives if "data" in c.axes)
+    copies = 1 + {"first": 1, "both": 2}[moments]
+    assert over_data == pytest.approx(2 * (2 - 1) / 2 * local_param_bytes(run) * copies)

@@ -41,31 +41,8 @@ with the replica axes taken out. Two alternatives were weighed:
   axes, in the outer step), and memory per device is unchanged (a device
   holds its own replica's slice). This is the form chosen.
 
-Streaming DiLoCo (Douillard et al. 2025): the parameters are split into F
-fragments (``Fragment``: a contiguous range of the stacked layers, with the
-leaves outside the layer stack spread over the lightest fragments), and the
-outer steps are staggered: one fragment's after every H/F-th inner step, so
-each fragment still syncs every H steps but an outer step's all-reduce moves
-P/F, not P (the peak bandwidth over the replica axes falls F-fold; the
-average per step is unchanged). ``outer_update`` takes the fragment: it
-reduces only that fragment's slices, and applies the outer optimizer to the
-whole tree under a mask, so the anchor, the outer momentum and the replicas
-move only inside the fragment and the state keeps one layout for every F
-(checkpoints of F = 1 and F > 1 are alike). A compressed pseudo-gradient
-(``outer.compression``) reduces each fragment as a segment of its own, with
-its own slices of the error-feedback residuals.
-
-Overlap (the paper's tau, ``OuterSettings.overlap``): with tau = 1 the
-outer step due after inner step t is not a program of its own; it is folded
-into step t+1's (``fragment_pseudo_gradient`` of the parameters the step
-starts from, the inner step, then ``apply_fragment``), so the all-reduce
-depends on nothing the inner step computes and XLA's scheduler may run it
-beside the forward and backward; its result lands after step t+1, where each
-replica keeps ``mixing`` (alpha) of its own parameters. Larger tau would need
-a collective that outlives the program that starts it, which an SPMD program
-cannot express; tau = 1 hides the all-reduce behind one inner step, which is
-P/F bytes against a whole step's compute. A checkpoint never holds an outer
-step in flight: the step that carries it recomputes it from the saved state.
+Streaming DiLoCo (fragments synced on staggered steps, and the outer step
+overlapped with the next inner step) is ``shardlib.parallel.diloco_streaming``.
 
 Pure functions of arrays and small settings; the jitted steps with their
 shardings are built in ``shardlib.training.step``.
@@ -86,10 +63,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 PyTree = Any
 ALGORITHMS = ("diloco", "local_sgd")
+MOMENTS = ("none", "first", "both")  # the inner AdamW moments averaged at outer steps (average_moments)
 # reduce(delta_R, error_feedback) -> (mean over replicas, new error feedback): a compressed all-reduce.
 Reduce = Callable[[PyTree, dict], tuple[PyTree, dict]]
-# The same for one fragment: its pieces [R, *rows] in leaf order -> their means (compression.reduce_segment).
-FragmentReduce = Callable[[list, dict], tuple[list, dict]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +90,9 @@ class OuterSettings:
     # alpha: where an outer step lands, each replica keeps this share of its own parameters and takes
     # 1 - alpha of the new anchor's (0: it restarts from the anchor, as in DiLoCo).
     mixing: float = 0.0
+    # The inner AdamW's moments averaged over the replicas at each outer step (``average_moments``):
+    # none, first (mu) or both (mu and nu).
+    moments: str = "none"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -129,6 +108,13 @@ class OuterSettings:
             raise ValueError(
                 f"outer.overlap_steps={self.overlap}: 0 or 1 (an all-reduce can only hide behind the inner step "
                 "in the same program)"
+            )
+        if self.moments not in MOMENTS:
+            raise ValueError(f"outer.average_moments={self.moments!r}; known: {', '.join(MOMENTS)}")
+        if self.moments != "none" and self.overlap:
+            raise ValueError(
+                "outer.average_moments with outer.overlap_steps=1 is not built: the moments' all-reduce would wait "
+                "for the inner step that updates them"
             )
         if not 0.0 <= self.mixing < 1.0:
             raise ValueError(f"outer.mixing={self.mixing} must be in [0, 1): the replicas' own share")
@@ -152,56 +138,13 @@ class OuterSettings:
         streaming = streaming if self.fragments > 1 else ""
         late = ", each all-reduce beside the next inner step" if self.overlap else ""
         late += f", replicas keep {self.mixing:g} of their own" if self.mixing else ""
+        late += {"none": "", "first": ", AdamW's mu averaged", "both": ", AdamW's mu and nu averaged"}[self.moments]
         over = ", ".join(self.replica_axes)
         return f"{self.algorithm} every {self.every} steps{streaming} over {over}: {outer}{late}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Fragment:
-    """The part of every parameter leaf one streaming outer step syncs, leaves in ``jax.tree.leaves`` order.
-
-    rows[i]: ``(start, stop)`` of leaf i's leading (layer) dimension, or None: leaf i is not in it.
-    A leaf outside the layer stack is whole in one fragment: ``(0, its leading size)``.
-    """
-
-    rows: tuple[tuple[int, int] | None, ...]
-
-
-def split_fragments(shapes: Sequence[tuple[int, ...]], stacked: Sequence[bool], count: int) -> tuple[Fragment, ...]:
-    """``count`` fragments of parameters with leaf ``shapes``: every stacked leaf (``stacked[i]``: its leading
-    dimension is the layers) cut into ``count`` equal row ranges, and each other leaf, largest first,
-    put whole into the fragment holding the fewest elements so far. Raises ValueError when the layers
-    do not divide."""
-    layers = {shape[0] for shape, s in zip(shapes, stacked, strict=True) if s}
-    if count > 1 and (len(layers) != 1 or next(iter(layers)) % count):
-        raise ValueError(f"outer.fragments={count} must divide the stacked layers ({sorted(layers)})")
-    n = next(iter(layers)) if layers else 1
-    rows: list[list[tuple[int, int] | None]] = [[None] * len(shapes) for _ in range(count)]
-    load = [0] * count
-    for i, (shape, s) in enumerate(zip(shapes, stacked, strict=True)):
-        if s:
-            for f in range(count):
-                rows[f][i] = (f * n // count, (f + 1) * n // count)
-                load[f] += math.prod(shape) // count
-    others = sorted((i for i, s in enumerate(stacked) if not s), key=lambda i: -math.prod(shapes[i]))
-    for i in others:
-        f = load.index(min(load))
-        rows[f][i] = (0, shapes[i][0] if shapes[i] else 1)
-        load[f] += math.prod(shapes[i])
-    return tuple(Fragment(tuple(r)) for r in rows)
-
-
-def _mask(x: jax.Array, rows: tuple[int, int] | None) -> jax.Array:
-    """Boolean, broadcastable against ``x``: True on the leading rows in ``rows`` (all of a scalar)."""
-    if rows is None:
-        return jnp.zeros((), bool)
-    if x.ndim == 0:
-        return jnp.ones((), bool)
-    index = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
-    return (index >= rows[0]) & (index < rows[1])
-
-
-def _take(x: jax.Array, rows: tuple[int, int], lead: int) -> jax.Array:
+def take_rows(x: jax.Array, rows: tuple[int, int], lead: int) -> jax.Array:
+    """``x``'s rows [start, stop) of dimension ``lead`` (the layers); a leaf with no such dimension whole."""
     return x if x.ndim <= lead else lax.slice_in_dim(x, rows[0], rows[1], axis=lead)
 
 
@@ -294,91 +237,50 @@ def diloco_optimizer(
     return optax.GradientTransformation(init, update)
 
 
-def fragment_pseudo_gradient(
-    params_R: PyTree, state: dict, fragment: Fragment, reduce: FragmentReduce | None = None
-) -> tuple[PyTree, dict]:
-    """The fragment's pseudo-gradient, averaged over the replicas: (delta [*shape] per leaf, zero outside
-    the fragment; state with the compressed reduction's new residuals).
+def _is_adam(node) -> bool:
+    return isinstance(node, optax.ScaleByAdamState)
 
-    Only the fragment's slices are averaged: the one all-reduce, of the fragment's bytes (``reduce``:
-    compressed, with the residuals in ``state["error_feedback"]``).
+
+def average_moments(inner_R: PyTree, which: str, rows: Sequence[tuple[int, int] | None] | None = None) -> PyTree:
+    """The inner optimizer state [R, ...] with AdamW's moments averaged over the replicas: ``first`` mu,
+    ``both`` mu and nu, ``none`` nothing (SlowMo's buffer averaging, Wang et al. 2020).
+
+    rows[i]: leaf i's leading rows to average (streaming: the fragment's; None: leave it), in the
+    parameters' leaf order; rows None: every leaf whole. Each moment is one more all-reduce over the
+    replica axes, of the pseudo-gradient's float32 bytes. Why: with beta1 = 0.9, mu remembers about
+    10 steps, longer than a short period, so without it each replica re-enters the next period
+    along its own noise.
     """
-    anchors, replicas = jax.tree.leaves(state["anchor"]), jax.tree.leaves(params_R)
-    inside = [i for i, rows in enumerate(fragment.rows) if rows is not None]
-    pieces_R = [_take(anchors[i], fragment.rows[i], 0)[None] - _take(replicas[i], fragment.rows[i], 1) for i in inside]
-    if reduce is None:
-        means = replica_mean(pieces_R)
-    else:
-        means, error_feedback = reduce(pieces_R, state["error_feedback"])
-        state = {**state, "error_feedback": error_feedback}
-    deltas = [jnp.zeros_like(a) for a in anchors]
-    for i, mean in zip(inside, means, strict=True):
-        a = anchors[i]
-        deltas[i] = mean if a.ndim == 0 else lax.dynamic_update_slice_in_dim(deltas[i], mean, fragment.rows[i][0], 0)
-    return jax.tree.unflatten(jax.tree.structure(state["anchor"]), deltas), state
+    names = {"none": (), "first": ("mu",), "both": ("mu", "nu")}[which]
 
+    def average_leaf(x_R: jax.Array, r: tuple[int, int] | None, whole: bool) -> jax.Array:
+        if r is None and not whole:
+            return x_R  # outside the fragment
+        if whole or x_R.ndim == 1 or r == (0, x_R.shape[1]):
+            return jnp.broadcast_to(jnp.mean(x_R, axis=0), x_R.shape)
+        mean = jnp.broadcast_to(
+            jnp.mean(take_rows(x_R, r, 1), axis=0, keepdims=True), (x_R.shape[0], r[1] - r[0], *x_R.shape[2:])
+        )
+        return lax.dynamic_update_slice_in_dim(x_R, mean, r[0], 1)
 
-def apply_fragment(
-    params_R: PyTree,
-    state: dict,
-    outer: optax.GradientTransformation,
-    fragment: Fragment,
-    delta: PyTree,
-    mixing: float = 0.0,
-) -> tuple[PyTree, dict]:
-    """The outer optimizer's step by ``delta`` inside ``fragment``, nothing outside.
+    def average(tree_R):
+        leaves = jax.tree.leaves(tree_R)
+        picked = [None] * len(leaves) if rows is None else list(rows)
+        out = [average_leaf(x_R, r, rows is None) for x_R, r in zip(leaves, picked, strict=True)]
+        return jax.tree.unflatten(jax.tree.structure(tree_R), out)
 
-    It runs on the whole tree (zeros outside), and a mask keeps the anchor, every
-    parameter-shaped state leaf (the momentum) and the replicas as they were outside the
-    fragment, so the optimizer is optax's own. Inside, every replica becomes
-    ``mixing * itself + (1 - mixing) * the new anchor`` (0: the anchor).
-    """
-    treedef = jax.tree.structure(state["anchor"])
-    mask = jax.tree.unflatten(treedef, [_mask(a, r) for a, r in zip(jax.tree.leaves(state["anchor"]), fragment.rows)])
-    updates, outer_state = outer.update(delta, state["outer"], state["anchor"])
-    updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
-    anchor = optax.apply_updates(state["anchor"], updates)
-    state = {**state, "anchor": anchor, "outer": _inside(outer_state, state["outer"], mask)}
+    def fix(node):
+        return node._replace(**{n: average(getattr(node, n)) for n in names}) if _is_adam(node) else node
 
-    def land(p_R, a, m):
-        new = a[None] if not mixing else (mixing * p_R + (1.0 - mixing) * a[None]).astype(p_R.dtype)
-        return jnp.where(m[None], new, p_R)
-
-    return jax.tree.map(land, params_R, anchor, mask), state
-
-
-def fragment_update(
-    params_R: PyTree,
-    state: dict,
-    outer: optax.GradientTransformation,
-    fragment: Fragment,
-    reduce: FragmentReduce | None = None,
-    mixing: float = 0.0,
-) -> tuple[PyTree, dict]:
-    """Streaming DiLoCo's outer step for one ``fragment``: its pseudo-gradient's all-reduce
-    (``fragment_pseudo_gradient``), then the outer step inside it (``apply_fragment``)."""
-    delta, state = fragment_pseudo_gradient(params_R, state, fragment, reduce)
-    return apply_fragment(params_R, state, outer, fragment, delta, mixing)
-
-
-def _inside(new: PyTree, old: PyTree, mask: PyTree) -> PyTree:
-    """``new`` inside the fragment, ``old`` outside, for every state subtree shaped like the parameters
-    (optax's momentum trace); other leaves (counts) take ``new``."""
-    params_def = jax.tree.structure(mask)
-
-    def is_params_like(node) -> bool:
-        return jax.tree.structure(node) == params_def
-
-    def keep(new_node, old_node):
-        if is_params_like(new_node):
-            return jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new_node, old_node, mask)
-        return new_node
-
-    return jax.tree.map(keep, new, old, is_leaf=is_params_like)
+    return jax.tree.map(fix, inner_R, is_leaf=_is_adam) if names else inner_R
 
 
 def outer_update(
-    params_R: PyTree, state: dict, outer: optax.GradientTransformation, reduce: Reduce | None = None
+    params_R: PyTree,
+    state: dict,
+    outer: optax.GradientTransformation,
+    reduce: Reduce | None = None,
+    moments: str = "none",
 ) -> tuple[PyTree, dict]:
     """The outer step: (params_R, state) at the end of a period -> those that start the next.
 
@@ -387,7 +289,7 @@ def outer_update(
     replica axes (``reduce``: compressed, with the residuals in
     ``state["error_feedback"]``); the outer optimizer moves the anchor by it,
     and every replica restarts from the new anchor (a broadcast, no traffic).
-    The inner optimizer state is kept.
+    The inner optimizer state is kept, its ``moments`` averaged (``average_moments``).
     """
     anchor = state["anchor"]
     delta_R = jax.tree.map(lambda a, p: a[None] - p, anchor, params_R)
@@ -398,6 +300,7 @@ def outer_update(
         delta, state["error_feedback"] = reduce(delta_R, state["error_feedback"])
     updates, state["outer"] = outer.update(delta, state["outer"], anchor)
     state["anchor"] = optax.apply_updates(anchor, updates)
+    state["inner"] = average_moments(state["inner"], moments)
     replicas = jax.tree.leaves(params_R)[0].shape[0]
     return replicate(state["anchor"], replicas), state
 

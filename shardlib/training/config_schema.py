@@ -288,6 +288,9 @@ class OuterConfig(BaseModel):
     # Where an outer step lands, each replica keeps this share of its own parameters (streaming DiLoCo's
     # alpha; 0: it restarts from the new anchor).
     mixing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # The inner AdamW's moments averaged over the replicas at each outer step (one more all-reduce of
+    # the pseudo-gradient's float32 bytes per moment): none, first (mu), both (mu and nu).
+    average_moments: Literal["none", "first", "both"] = "none"
 
     @model_validator(mode="after")
     def _check_outer(self) -> "OuterConfig":
@@ -297,6 +300,11 @@ class OuterConfig(BaseModel):
             raise ValueError(
                 f"fragments={self.fragments} must divide inner_steps={self.inner_steps}: streaming DiLoCo syncs "
                 "one fragment every inner_steps / fragments steps"
+            )
+        if self.average_moments != "none" and self.overlap_steps:
+            raise ValueError(
+                "average_moments with overlap_steps=1 is not built: the moments' all-reduce would wait for the "
+                "inner step that updates them; use one of them"
             )
         # Compared with the defaults, not with what was written: a dumped config holds every key.
         given = {

@@ -179,6 +179,7 @@ def outer_settings(cfg: Config) -> OuterSettings | None:
         o.fragments,
         o.overlap_steps,
         o.mixing,
+        o.average_moments,
     )
 
 

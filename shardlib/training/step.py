@@ -34,16 +34,13 @@ from models.transformer import WEIGHT_PARAMS
 from shardlib.core.sharding import ActivationSharding, is_logical_axes
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
-from shardlib.parallel.diloco import (
+from shardlib.parallel.diloco import outer_update, replica_mean, replica_metrics, split_replicas
+from shardlib.parallel.diloco_streaming import (
     Fragment,
     apply_fragment,
     fragment_pseudo_gradient,
     fragment_update,
-    outer_update,
-    replica_mean,
-    replica_metrics,
     split_fragments,
-    split_replicas,
 )
 from shardlib.parallel.pipeline.stages import make_pipeline_grads
 from shardlib.parallel.reduction import ReducedWeightUse
@@ -324,14 +321,17 @@ def make_diloco_steps(
     settings = replica.settings
 
     def outer(params_R, opt_state):
-        return outer_update(params_R, opt_state, outer_tx, None if compression is None else compression.reduce)
+        reduce = None if compression is None else compression.reduce
+        return outer_update(params_R, opt_state, outer_tx, reduce, settings.moments)
 
     def reduce_of(k: int):
         return None if compression is None else functools.partial(compression.reduce_segment, k)
 
     def fragment_outer(k: int, fragment: Fragment):
         def step(params_R, opt_state):
-            return fragment_update(params_R, opt_state, outer_tx, fragment, reduce_of(k), settings.mixing)
+            return fragment_update(
+                params_R, opt_state, outer_tx, fragment, reduce_of(k), settings.mixing, settings.moments
+            )
 
         return step
 

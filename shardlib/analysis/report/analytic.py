@@ -375,6 +375,21 @@ def expert_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     return [t for t in out if t is not None]
 
 
+def _moment_terms(outer, replica: tuple[str, ...], group: int, values: int) -> list[Term]:
+    """``outer.average_moments``: one float32 all-reduce of the parameters' size per averaged moment
+    (AdamW's mu, and nu), once per outer step, averaged per step."""
+    count = {"none": 0, "first": 1, "both": 2}[getattr(outer, "average_moments", "none")]
+    if not count:
+        return []
+    message = 4.0 * values
+    per_period = count * wire_bytes("all-reduce", message, group)
+    what = f"inner AdamW moments all-reduce ({outer.average_moments}), once per {outer.inner_steps} steps, per step"
+    note = f"{per_period:,.0f} bytes per outer step, float32, uncompressed"
+    return [
+        Term("diloco", what, "all-reduce", replica, group, message, count, per_period / outer.inner_steps, False, note)
+    ]
+
+
 def diloco_terms(layout: Layout, terms: list[Term]) -> list[Term]:
     """``terms`` as DiLoCo's inner steps move them (no gradient traffic over the replica axes), plus
     the outer all-reduce averaged over its period; ``terms`` unchanged without ``outer``."""
@@ -416,20 +431,9 @@ def diloco_terms(layout: Layout, terms: list[Term]) -> list[Term]:
         if overlapped:
             note += "; it runs beside the next inner step (outer.overlap_steps: 1)"
             note = note.replace(", which the next period waits for (synchronous DiLoCo)", "")
-        out.append(
-            Term(
-                "diloco",
-                what,
-                "all-reduce",
-                replica,
-                group,
-                message,
-                1,
-                per_period / outer.inner_steps,
-                overlapped,
-                note,
-            )
-        )
+        period = per_period / outer.inner_steps
+        out.append(Term("diloco", what, "all-reduce", replica, group, message, 1, period, overlapped, note))
+        out += _moment_terms(outer, replica, group, values)
     return [t for t in out if t is not None]
 
 

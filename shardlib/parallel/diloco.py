@@ -300,7 +300,8 @@ def outer_update(
         delta, state["error_feedback"] = reduce(delta_R, state["error_feedback"])
     updates, state["outer"] = outer.update(delta, state["outer"], anchor)
     state["anchor"] = optax.apply_updates(anchor, updates)
-    state["inner"] = average_moments(state["inner"], moments)
+    if moments != "none":
+        state["inner"] = average_moments(state["inner"], moments)
     replicas = jax.tree.leaves(params_R)[0].shape[0]
     return replicate(state["anchor"], replicas), state
 

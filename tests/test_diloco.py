@@ -463,6 +463,10 @@ def test_fsdp_with_nothing_left_to_shard_over_is_refused_by_the_table(sharding, 
         ({"algorithm": "diloco", "compression": "fp8"}, "outer.compression: Input should be 'none', 'bf16' or 'int8'"),
         ({"algorithm": "diloco", "inner_steps": 4, "fragments": 3}, "outer: Value error, fragments=3 must divide"),
         (
+            {"algorithm": "diloco", "overlap_steps": 1, "average_moments": "first"},
+            "outer: Value error, average_moments with overlap_steps=1 is not built",
+        ),
+        (
             {"algorithm": "diloco", "overlap_steps": 2},
             "outer.overlap_steps: Input should be less than or equal to 1",
         ),

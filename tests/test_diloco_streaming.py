@@ -22,6 +22,7 @@ from shardlib.parallel.compression import payload_bytes
 from shardlib.training.checkpoint import Checkpointer
 from shardlib.training.parallel_plan import build_plan
 from shardlib.training.setup import setup_training
+from shardlib.training.state_layout import error_feedback_layout
 from shardlib.training.step import model_fragments
 from shardlib.training.train_state import abstract_state
 from tests.support import mesh_of
@@ -160,6 +161,8 @@ def test_an_int8_fragment_step_sends_its_own_values_compressed_and_keeps_its_own
         over_data = [c for c in measure_compiled(outer, run.mesh).collectives if "data" in c.axes]
         sent = sum(c.total_wire_bytes for c in over_data if c.buffer_bytes > 4)  # less the 4-byte NaN check
         assert sent == pytest.approx(2 * (2 - 1) / 2 * payload_bytes(segment.size, "int8"))
+    # A checkpoint records the segments: resumed with another F, the residuals restart from zero.
+    assert error_feedback_layout(run.compression)["segments"] == [s.size for s in segments]
     first, second = segments
     state = run.init_state()
     for step, moved in ((1, [first]), (3, [first, second])):  # fragment 0 syncs after 2, fragment 1 after 4

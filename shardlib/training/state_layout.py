@@ -63,15 +63,19 @@ def layout_meta(layer_order: np.ndarray, error_feedback: dict | None, replicas: 
 
 
 def error_feedback_layout(compression) -> dict | None:
-    """What the residuals' meaning depends on: the mesh's axis sizes, the batch axes and the padded size."""
+    """What the residuals' meaning depends on: the mesh's axis sizes, the batch axes, the padded size and,
+    for streaming DiLoCo's fragments, the segments' sizes (a resume with another F restarts them)."""
     if compression is None:
         return None
-    return {
+    layout = {
         "mesh": {a: int(n) for a, n in compression.mesh.shape.items()},
         "batch_axes": list(compression.batch_axes),
         "flat_size": int(compression.flat_size),
         "mode": compression.mode,
     }
+    if len(compression.segments) > 1:
+        layout["segments"] = [int(s.size) for s in compression.segments]
+    return layout
 
 
 def relayout_layers(params: PyTree, opt_state: PyTree, tx: optax.GradientTransformation, index: np.ndarray):

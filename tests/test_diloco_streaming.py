@@ -20,10 +20,10 @@ from shardlib.analysis.report.measure import abstract_batch, measure_compiled
 from shardlib.core.mesh import mesh_axis_sizes
 from shardlib.parallel.compression import payload_bytes
 from shardlib.training.checkpoint import Checkpointer
+from shardlib.training.diloco_steps import model_fragments
 from shardlib.training.parallel_plan import build_plan
 from shardlib.training.setup import setup_training
 from shardlib.training.state_layout import error_feedback_layout
-from shardlib.training.step import model_fragments
 from shardlib.training.train_state import abstract_state
 from tests.support import mesh_of
 from tests.test_diloco import (

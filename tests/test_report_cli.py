@@ -9,7 +9,8 @@ import pytest
 from shardlib.analysis.describe import main as describe_main
 from shardlib.analysis.planner import main as plan_main
 from shardlib.analysis.report.__main__ import main as report_main
-from shardlib.analysis.report.analytic import hardware_flops, predict_terms
+from shardlib.analysis.report.analytic import predict_terms
+from shardlib.analysis.report.compute import hardware_flops
 from shardlib.analysis.report.hardware import estimate_time, load_profile
 from shardlib.analysis.report.layout import resolve_layout
 from shardlib.analysis.report.report import build_report, fmt_bytes

@@ -65,7 +65,7 @@ class MeshPlan:
     layout: object = None  # shardlib.analysis.report.layout.Layout
     memory: object = None  # MemoryEstimate
     time: object = None  # TimeEstimate
-    bubble: float = 0.0  # a pipeline's idle share of the step (analytic.pipeline_bubble)
+    bubble: float = 0.0  # a pipeline's idle share of the step (compute.pipeline_bubble)
     dropped: str = ""
 
     @property
@@ -112,7 +112,8 @@ def _fastest(variants: list[MeshPlan]) -> MeshPlan:
 
 def _evaluate(plan: MeshPlan, profile, mfu: float | None) -> None:
     """Fills in the plan's layout, memory, bubble and time, or says why it was dropped."""
-    from shardlib.analysis.report.analytic import hardware_flops, pipeline_bubble, predict_terms
+    from shardlib.analysis.report.analytic import predict_terms
+    from shardlib.analysis.report.compute import hardware_flops, pipeline_bubble
     from shardlib.analysis.report.hardware import estimate_time
     from shardlib.analysis.report.layout import resolve_layout
     from shardlib.analysis.report.memory import estimate_memory
@@ -180,7 +181,8 @@ def propose_diloco(plans: list[MeshPlan], cfg: Config, profile, *, mfu: float | 
     The replica axis is ``data_replica`` under HSDP (FSDP stays inside each replica, over ``data``),
     else ``data`` for a plan without FSDP over it (the replicas would take FSDP's axis).
     """
-    from shardlib.analysis.report.analytic import hardware_flops, predict_terms
+    from shardlib.analysis.report.analytic import predict_terms
+    from shardlib.analysis.report.compute import hardware_flops
     from shardlib.analysis.report.hardware import axes_across_hosts, estimate_time
     from shardlib.analysis.report.layout import resolve_layout
     from shardlib.training.config_schema import OuterConfig

@@ -322,7 +322,8 @@ class GradCompression:
         the batch axes. Only this segment's values cross the wire.
         """
         segment = self.segments[index]
-        specs = [jax.tree.leaves(self.param_shardings)[i].spec for i in segment.pieces]
+        shardings = jax.tree.leaves(self.param_shardings)
+        specs = [shardings[i].spec for i in segment.pieces]
         all_axes = tuple(self.mesh.axis_names)
         per_device = PartitionSpec(all_axes)
         lead = self.batch_axes or None

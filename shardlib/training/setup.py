@@ -26,18 +26,11 @@ from shardlib.parallel.compression import GradCompression
 from shardlib.parallel.diloco import diloco_optimizer, outer_optimizer, per_replica, replicate
 from shardlib.training.config import Config
 from shardlib.training.data import BatchLoader
+from shardlib.training.diloco_steps import make_diloco_steps, make_outer_compression, model_fragments
 from shardlib.training.faults import optimizer_for_policy
 from shardlib.training.parallel_plan import ParallelPlan, build_plan
 from shardlib.training.state_layout import error_feedback_layout, layout_meta
-from shardlib.training.step import (
-    make_compression,
-    make_diloco_steps,
-    make_eval_step,
-    make_grads_fn,
-    make_outer_compression,
-    make_train_step,
-    model_fragments,
-)
+from shardlib.training.step import make_compression, make_eval_step, make_grads_fn, make_train_step
 from shardlib.training.train_state import (
     AbstractModel,
     StateShardings,
@@ -84,7 +77,7 @@ class TrainingSetup:
     def train_step_for(self, step: int) -> Callable:
         """The program of train step ``step``: ``train_step``, or with ``outer.overlap_steps: 1`` after a
         step an outer step is due after, that fragment's overlapped step (the outer step inside it)."""
-        if self.overlapped_steps and self.plan.outer.settings.due(step - 1) and step > 1:
+        if self.overlapped_steps and step > 1 and self.plan.outer.settings.due(step - 1):
             return self.overlapped_steps[self.plan.outer.settings.fragment_due(step - 1)]
         return self.train_step
 

@@ -13,7 +13,8 @@ Modules, one concern each:
 * ``collectives``: every collective with its bytes and runs per step;
 * ``measure``: lower and compile the step from abstract inputs, and measure it;
 * ``layout``: a config resolved on mesh axis sizes, without devices;
-* ``analytic``: bytes per strategy and axis; ``memory``: bytes per device;
+* ``analytic``: bytes per strategy and axis; ``compute``: FLOPs and the pipeline bubble;
+  ``memory``: bytes per device;
 * ``hardware``: profiles (``profiles/*.yaml``) and the step-time estimate;
 * ``report``: the comparison; ``views`` / ``plots``: text, JSON, PNG.
 

@@ -60,8 +60,7 @@ from shardlib.analysis.report.collectives import split_by_axis, wire_bytes
 from shardlib.analysis.report.layout import Layout, ParamLayout
 from shardlib.analysis.report.stage_passes import pipelined_layer_passes
 from shardlib.core.rules import axes_tuple, logical_to_spec, preset_rules
-from shardlib.parallel.pipeline.actions import tick_costs
-from shardlib.parallel.pipeline.schedules import cross_device_boundaries, make_schedule, placement
+from shardlib.parallel.pipeline.schedules import cross_device_boundaries, placement
 from shardlib.parallel.reduction import lookup_gathers_table
 
 
@@ -461,55 +460,3 @@ def per_axis(terms: list[Term], sizes) -> dict[str, float]:
         for axis, value in term.per_axis(sizes).items():
             out[axis] += value
     return dict(out)
-
-
-def model_flops(layout: Layout) -> float:
-    """Model FLOPs per step per device: (6 x params + attention) per token, split over the work shards."""
-    cfg = layout.cfg
-    return cfg.model.flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len / layout.work_shards
-
-
-def hardware_flops(layout: Layout) -> float:
-    """FLOPs the device executes: model FLOPs plus the forward recomputed by ``remat: full``.
-
-    ``full`` recomputes every matmul of a layer but the MLP's down projection
-    (whose output only feeds the next layer, not this layer's backward pass);
-    ``save_matmuls`` keeps every weight matmul output, so only the attention
-    einsums (batched dots, not saved) are recomputed.
-    """
-    cfg = layout.cfg
-    m = cfg.model
-    tokens = cfg.batch_size * cfg.seq_len / layout.work_shards
-    hk = m.resolved_head_dim
-    recomputed = m.n_layers * (2 * m.d_model * hk * (m.n_heads + m.n_kv_heads) + 2 * m.d_model * m.d_ff)
-    attention_forward = 4 * m.n_layers * m.n_heads * hk * cfg.seq_len
-    extra = 0.0
-    if layout.sizes["pipe"] > 1 and pipeline_recomputes(cfg):
-        # The pipeline's executor recomputes each chunk's forward in its backward, whatever remat says.
-        return model_flops(layout) * 4 / 3
-    if m.remat == "full":
-        extra = 2 * recomputed + attention_forward
-    elif m.remat == "save_matmuls":
-        extra = attention_forward
-    return model_flops(layout) + extra * tokens
-
-
-def pipeline_bubble(layout: Layout) -> float:
-    """The share of a pipelined step its stages sit idle, 0 without a pipeline.
-
-    From the schedule's table run in lockstep, as the SPMD executor runs it (every stage
-    starts each tick together), at the executor's cost per action (``tick_costs``): the
-    compute time of a step is its work over (1 - bubble).
-    """
-    pipeline = getattr(layout.cfg, "pipeline", None)
-    if layout.sizes["pipe"] < 2 or pipeline is None:
-        return 0.0
-    schedule = make_schedule(pipeline.schedule, layout.sizes["pipe"], pipeline.microbatches, pipeline.virtual_stages)
-    return float(schedule.lockstep_time(tick_costs(schedule, pipeline_recomputes(layout.cfg)))[1])
-
-
-def pipeline_recomputes(cfg) -> bool:
-    """Whether the executor's backwards recompute their forward (``pipeline.recompute``, the
-    default; split tables, whose B recomputes, refuse it off)."""
-    pipeline = getattr(cfg, "pipeline", None)
-    return pipeline is None or pipeline.recompute

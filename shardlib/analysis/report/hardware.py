@@ -171,7 +171,7 @@ def estimate_time(
 ) -> TimeEstimate:
     """Step time of the predicted ``terms`` plus ``flops`` per device in ``dtype`` on ``profile``.
 
-    ``bubble``: the share of the step a pipeline's stages sit idle (``analytic.pipeline_bubble``),
+    ``bubble``: the share of the step a pipeline's stages sit idle (``compute.pipeline_bubble``),
     which stretches the compute time to ``flops`` over (1 - bubble).
     """
     mfu = mfu or profile.mfu

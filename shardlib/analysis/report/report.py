@@ -20,15 +20,9 @@ import dataclasses
 import re
 from collections import defaultdict
 
-from shardlib.analysis.report.analytic import (
-    Term,
-    hardware_flops,
-    model_flops,
-    per_axis,
-    pipeline_bubble,
-    predict_terms,
-)
+from shardlib.analysis.report.analytic import Term, per_axis, predict_terms
 from shardlib.analysis.report.collectives import Collective, split_by_axis
+from shardlib.analysis.report.compute import hardware_flops, model_flops, pipeline_bubble
 from shardlib.analysis.report.hardware import Profile, TimeEstimate, estimate_time
 from shardlib.analysis.report.layout import Layout
 from shardlib.analysis.report.measure import Measured

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Extra train.py arguments, e.g. make train ARGS="steps=50 run_dir=runs/try1"
 ARGS ?=
 
-.PHONY: train test test-quick describe clean-venv
+.PHONY: train test test-quick describe clean-venv gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ test-quick: $(STAMP)
 
 describe: $(STAMP)
 	$(BIN)/python -m shardlib.analysis.describe --config configs/tiny.yaml --mesh meshes/cpu-8.yaml
+
+# The wheels the GPU machine's image lacks (it has JAX, Flax, Optax, Orbax, chex...; not pydantic
+# or tensorboardX), for its Python 3.12 on x86-64, into .whl/ (ignored): name .whl in the device
+# tool's carry, and bench/gpu_env.sh installs them there.
+GPU_WHEELS := pydantic pydantic_core annotated_types typing_inspection typing_extensions tensorboardx
+gpu-wheels: $(STAMP)
+	rm -rf .whl /tmp/shardlib-wheels
+	$(BIN)/python -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --dest /tmp/shardlib-wheels "pydantic>=2.6" "tensorboardX>=2.6"
+	mkdir -p .whl && for w in $(GPU_WHEELS); do cp /tmp/shardlib-wheels/$$w-*.whl .whl/; done
+	ls .whl
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,14 +10,7 @@ out=${1:-${OUT:-/tmp/gpu_checks}}
 shift || true
 only=" ${*:-gpt2 pipeline ring} "
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
-if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels (see docs in README)
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-$py -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$out/device.txt"
+source bench/gpu_env.sh
 
 if [[ $only == *" gpt2 "* ]]; then
     for variant in "einsum:" "fused:attention.impl=fused" "fused-noremat:attention.impl=fused model.remat=none"; do

@@ -23,8 +23,12 @@ shardings and donation) and times it on the run's own batches:
   (CPUs).
 
 The JSON (``--json``) holds every figure with the device, JAX version, config
-and commit, so two commits can be compared. ``--trace`` writes a
-``jax.profiler`` trace of the timed steps; ``--hlo`` the compiled HLO text.
+and commit, so two commits can be compared. ``--trace`` records
+``--trace-steps`` more steps with ``jax.profiler`` (not timed: the profiler
+slows what it records) and prints where their time goes by op category
+(``shardlib.analysis.step_profile``: matmul, attention, elementwise and
+fusions, copies, exposed collectives, idle device); the JSON holds it as
+``profile``. ``--hlo`` writes the compiled HLO text.
 Timed steps run in groups alternating pipelined and synced, so a drifting
 machine shifts both alike; medians are reported.
 """
@@ -51,7 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind (pipelined, synced)")
     parser.add_argument("--warmup", type=int, default=3, help="steps run before timing")
     parser.add_argument("--json", help="write the figures as JSON to this file")
-    parser.add_argument("--trace", help="write a jax.profiler trace of the timed steps into this directory")
+    parser.add_argument(
+        "--trace", help="trace --trace-steps more steps (after the timed ones) into this directory, and break them down"
+    )
+    parser.add_argument("--trace-steps", type=int, default=5, help="steps the trace holds (dispatched ahead)")
     parser.add_argument("--hlo", help="write the compiled train step's HLO text into this directory")
     return parser.parse_args(argv)
 
@@ -119,7 +126,7 @@ def compile_step(cfg, mesh, hlo_dir: str | None):
     return run, seconds, compiled
 
 
-def figures(cfg, mesh, compile_s, pipelined, synced, batch, dispatch) -> dict:
+def figures(cfg, mesh, compiled, compile_s, pipelined, synced, batch, dispatch) -> dict:
     """The JSON document: every figure, and what it was measured on."""
     import jax
 
@@ -150,6 +157,25 @@ def figures(cfg, mesh, compile_s, pipelined, synced, batch, dispatch) -> dict:
         "flops_per_token": cfg.model.flops_per_token(cfg.seq_len),
         "peak_tflops": peak,
         "mfu": mfu(per_device, cfg.model.flops_per_token(cfg.seq_len), peak),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "memory": memory_figures(compiled, device),
+    }
+
+
+def memory_figures(compiled, device) -> dict:
+    """Bytes per device: what the compiled step holds (arguments, outputs, temporaries) and, where
+    the backend tracks it (GPUs), the most the device has held and can hold."""
+    from shardlib.analysis.report.measure import compiled_memory
+
+    held = compiled_memory(compiled)
+    stats = device.memory_stats() or {}
+    return {
+        "arguments": held and held.arguments,
+        "outputs": held and held.outputs,
+        "aliased": held and held.aliased,
+        "temporaries": held and held.temporaries,
+        "peak_in_use": stats.get("peak_bytes_in_use"),
+        "limit": stats.get("bytes_limit"),
     }
 
 
@@ -167,21 +193,37 @@ def _main(args: argparse.Namespace) -> int:
     timer = StepTimer(run, run.loader(load_token_splits(cfg.data)[0], seed=cfg.seed), compiled)
     for _ in range(args.warmup):
         jax.block_until_ready(timer.dispatch())
-    if args.trace:
-        jax.profiler.start_trace(args.trace)
     pipelined, synced = [], []
     groups = max(1, args.steps // 5)
     for _ in range(groups):  # alternate the two kinds, so drift shifts both alike
         pipelined.append(timer.pipelined(args.steps // groups))
         synced.extend(timer.synced(args.steps // groups))
-    if args.trace:
-        jax.profiler.stop_trace()
-    result = figures(cfg, mesh, compile_s, pipelined, synced, timer.batch_s, timer.dispatch_s)
+    result = figures(cfg, mesh, compiled, compile_s, pipelined, synced, timer.batch_s, timer.dispatch_s)
     print(format_figures(result))
+    if args.trace:
+        result["profile"] = trace_steps(timer, args.trace, args.trace_steps, compiled.as_text())
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def trace_steps(timer: StepTimer, trace_dir: str, steps: int, hlo_text: str) -> dict:
+    """Traces ``steps`` steps dispatched ahead, prints where their time goes, and returns that breakdown.
+
+    These steps are not the timed ones: the profiler slows what it records.
+    """
+    import jax
+
+    from shardlib.analysis.step_profile import format_profile, profile_steps
+
+    jax.block_until_ready(timer.params)
+    jax.profiler.start_trace(trace_dir)
+    timer.pipelined(steps)
+    jax.profiler.stop_trace()
+    profile = profile_steps(trace_dir, hlo_text, steps)
+    print(format_profile(profile))
+    return profile.as_dict()
 
 
 def format_figures(r: dict) -> str:
@@ -191,8 +233,17 @@ def format_figures(r: dict) -> str:
         f"  {r['tokens_per_s']:,.0f} tokens/s{mfu}\n"
         f"  step {r['step_ms']:.1f} ms dispatched ahead, {r['synced_step_ms']:.1f} ms waited for; "
         f"host {r['host_ms']:.2f} ms per step (batch {r['batch_ms']:.2f}, dispatch {r['dispatch_ms']:.2f}); "
-        f"compile {r['compile_s']:.1f} s"
+        f"compile {r['compile_s']:.1f} s{_memory_line(r['memory'])}"
     )
+
+
+def _memory_line(m: dict) -> str:
+    gib = 2.0**30
+    held = [m[k] for k in ("arguments", "temporaries") if m.get(k) is not None]
+    line = f"\n  memory: arguments + temporaries {sum(held) / gib:.2f} GiB" if held else ""
+    if m.get("peak_in_use") is not None and m.get("limit"):
+        line += f", peak in use {m['peak_in_use'] / gib:.2f} of {m['limit'] / gib:.2f} GiB"
+    return line
 
 
 def main(argv=None) -> int:

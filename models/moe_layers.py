@@ -38,10 +38,12 @@ def scan_moe_groups(
     remat: str,
     experts: ExpertDispatch | None,
     token_mean: TokenMean,
+    unroll: int = 1,
 ) -> tuple[jax.Array, tuple[MoEStats, dict[str, Any], dict[str, Any]]]:
     """(x_BxLxD after every layer, (the MoE layers' stats [M], the taps' inputs, their outputs)).
 
     ``block(x, weights, positions, mlp=None, use=...)``: one decoder layer (``Transformer._block``).
+    ``unroll``: groups per iteration of the scan over groups (``lax.scan``'s unroll).
     ``probes`` None: weights applied as ``block`` applies them, and no taps ({} inputs and outputs).
     {} or probes ({"uses": {name: [count, ...]}, "moe": MoEWeights [M, ...]}): every layer through a
     ``WeightTap``, the MoE weights with their probe added; the taps' inputs and outputs come back
@@ -96,7 +98,7 @@ def scan_moe_groups(
         return x_BxLxD, (stats[0], *_stack_taps(taps))
 
     x_BxLxD, (stats, inputs, outputs) = jax.lax.scan(
-        rematerialize(group_body, remat), x_BxLxD, (group_weights, moe_weights, use_probes, moe_probes)
+        rematerialize(group_body, remat), x_BxLxD, (group_weights, moe_weights, use_probes, moe_probes), unroll=unroll
     )
     # [groups, layers of the group, ...] -> [layers, ...], the stored order.
     inputs, outputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), (inputs, outputs))

@@ -142,8 +142,8 @@ class Transformer(nnx.Module):
 
     Reads from `cfg`: vocab_size, d_model, n_layers, n_heads, n_kv_heads,
     resolved_head_dim, d_ff, rope_theta, tie_embeddings, param_dtype,
-    compute_dtype, remat, norm_eps, init_std, and moe / n_moe_layers and
-    loss_chunk when present (``loss_chunk`` > 0: ``loss`` computes the
+    compute_dtype, remat, norm_eps, init_std, and moe / n_moe_layers,
+    scan_unroll and loss_chunk when present (``loss_chunk`` > 0: ``loss`` computes the
     cross-entropy in chunks of that many tokens, ``chunked_cross_entropy``).
     """
 
@@ -156,6 +156,7 @@ class Transformer(nnx.Module):
         self.rope_theta = float(cfg.rope_theta)
         self.norm_eps = float(cfg.norm_eps)
         self.remat = cfg.remat
+        self.scan_unroll = int(getattr(cfg, "scan_unroll", 1) or 1)
         self.loss_chunk = int(getattr(cfg, "loss_chunk", 0) or 0)
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.embed = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=param_dtype, rngs=rngs)
@@ -293,7 +294,7 @@ class Transformer(nnx.Module):
             x_BxLxD = block(x_BxLxD, w, positions_BxL)
             return shard(x_BxLxD, ("batch", "length", "embed")), None
 
-        x_BxLxD, _ = jax.lax.scan(rematerialize(scan_body, self.remat), x_BxLxD, weights)
+        x_BxLxD, _ = jax.lax.scan(rematerialize(scan_body, self.remat), x_BxLxD, weights, unroll=self.scan_unroll)
         return x_BxLxD
 
     def run_layers_tapped(
@@ -321,7 +322,9 @@ class Transformer(nnx.Module):
             x_BxLxD = block(x_BxLxD, w, positions_BxL, use=tap)
             return shard(x_BxLxD, ("batch", "length", "embed")), (tap.inputs, tap.outputs)
 
-        x_BxLxD, (inputs, outputs) = jax.lax.scan(rematerialize(scan_body, self.remat), x_BxLxD, (weights, probes))
+        x_BxLxD, (inputs, outputs) = jax.lax.scan(
+            rematerialize(scan_body, self.remat), x_BxLxD, (weights, probes), unroll=self.scan_unroll
+        )
         return x_BxLxD, inputs, outputs
 
     def run_moe_layers(
@@ -377,6 +380,7 @@ class Transformer(nnx.Module):
             top_k=self.moe_top_k,
             capacity_factor=self.moe_capacity_factor,
             remat=self.remat,
+            unroll=self.scan_unroll,
             experts=experts,
             token_mean=token_mean,
         )

@@ -238,6 +238,22 @@ def test_remat_policies_agree(tokens_BxL):
             np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_an_unrolled_layer_scan_computes_what_the_loop_does(tokens_BxL, moe):
+    """scan_unroll changes the program's shape, not its function: loss and every gradient as the loop's."""
+    extra = {"moe": {"n_experts": 2, "period": 1}} if moe else {}
+    results = {}
+    for unroll in (1, 2):
+        graphdef, state = nnx.split(build(tiny_cfg(scan_unroll=unroll, **extra)))
+        jaxpr = jax.make_jaxpr(_loss, static_argnums=0)(graphdef, state, tokens_BxL).jaxpr
+        assert {eqn.params["unroll"] for eqn in _iter_eqns(jaxpr) if eqn.primitive.name == "scan"} == {unroll}
+        results[unroll] = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(graphdef, state, tokens_BxL)
+    (loss_ref, grads_ref), (loss, grads) = results[1], results[2]
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        assert np.max(np.abs(g - g_ref)) <= 1e-5 * np.max(np.abs(g_ref)) + 1e-12
+
+
 def test_bf16_close_to_fp32(tokens_BxL):
     logits32 = logits_of(build(tiny_cfg(init_std=0.2)), tokens_BxL)
     model = build(tiny_cfg(init_std=0.2, param_dtype="bfloat16", compute_dtype="bfloat16"))

@@ -57,6 +57,9 @@ class ModelConfig(BaseModel):
     # the [batch, seq_len, vocab] float32 logits are never held whole, the backward recomputes each
     # chunk's. 0: off (the whole logits). Must divide seq_len, and each chunk over the mesh's seq axis.
     loss_chunk: NonNegInt = 0
+    # Layers per iteration of the scan over layers (lax.scan's unroll): 1 keeps one loop body and
+    # the smallest program; n_layers unrolls it whole, so XLA may fuse and schedule across layers.
+    scan_unroll: PosInt = 1
     norm_eps: PosFloat = 1e-6
     init_std: PosFloat = 0.02
     moe: MoEConfig = Field(default_factory=MoEConfig)

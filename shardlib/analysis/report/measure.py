@@ -79,7 +79,8 @@ def compile_train_step(cfg: Config, mesh: jax.sharding.Mesh):
     return run, compiled
 
 
-def _memory(compiled) -> CompiledMemory | None:
+def compiled_memory(compiled) -> CompiledMemory | None:
+    """What the compiled program holds per device (None where the backend does not say)."""
     try:
         stats = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it; the report says so
@@ -113,7 +114,7 @@ def measure_compiled(compiled, mesh: jax.sharding.Mesh, compile_seconds: float =
     collectives = find_collectives(module, mesh_axis_sizes(mesh))
     return Measured(
         collectives=collectives,
-        memory=_memory(compiled),
+        memory=compiled_memory(compiled),
         xla_flops=_xla_flops(compiled),
         dot_flops=dot_flops(module),
         compile_seconds=compile_seconds,

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Transformer, create_model, no_shard
+from models import Transformer, create_model, no_shard, remat
 from models.layers import apply_rope, causal_gqa_attention, normal_init
+from models.remat import rematerialize
 from shardlib.training.config import ModelConfig
 
 BATCH, LENGTH = 2, 16
@@ -214,28 +215,61 @@ def _iter_eqns(jaxpr):
             yield from _iter_eqns(sub)
 
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = {"none": None, **remat.REMAT_POLICIES}
 
 
 def test_remat_policies_agree(tokens_BxL):
     results = {}
-    for remat, policy in REMAT_POLICIES.items():
-        graphdef, state = nnx.split(build(tiny_cfg(remat=remat)))
+    for name, policy in REMAT_POLICIES.items():
+        graphdef, state = nnx.split(build(tiny_cfg(remat=name)))
         jaxpr = jax.make_jaxpr(_loss, static_argnums=0)(graphdef, state, tokens_BxL).jaxpr
         used = [eqn.params["policy"] for eqn in _iter_eqns(jaxpr) if eqn.primitive.name in ("remat2", "checkpoint")]
         assert used == ([] if policy is None else [policy])
         loss_and_grad = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
-        results[remat] = loss_and_grad(graphdef, state, tokens_BxL)
+        results[name] = loss_and_grad(graphdef, state, tokens_BxL)
     loss_ref, grads_ref = results["none"]
-    for remat in ("full", "save_matmuls"):
-        loss, grads = results[remat]
+    for policy in ("full", "save_matmuls", "save_matmuls_attention"):
+        loss, grads = results[policy]
         np.testing.assert_allclose(loss, loss_ref, rtol=1e-6, atol=1e-6)
         for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
             np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def _stand_in_fused_attention():
+    """A custom_vjp shaped like cuDNN's fused attention (which a CPU cannot trace): its forward is one
+    primitive named like cuDNN's, whose output the backward reads as a residual."""
+    forward_p = jax.extend.core.Primitive(remat.FUSED_ATTENTION_FORWARD + "_stand_in")
+    forward_p.def_impl(jnp.sin)
+    forward_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+
+    @jax.custom_vjp
+    def attention(x):
+        return forward_p.bind(x)
+
+    def attention_fwd(x):
+        y = forward_p.bind(x)
+        return y, (x, y)
+
+    # The backward reads the forward's output, as cuDNN's reads its output and statistics.
+    attention.defvjp(attention_fwd, lambda res, g: (g * jnp.cos(res[0]) * (1 + 0 * res[1]),))
+    return attention, forward_p
+
+
+@pytest.mark.parametrize("policy, forwards", [("save_matmuls", 2), ("save_matmuls_attention", 1)])
+def test_save_matmuls_attention_keeps_the_fused_kernels_outputs(policy, forwards):
+    """Under save_matmuls the backward reruns a custom_vjp's forward for its residuals; the policy that
+    saves the fused attention primitive's outputs runs it once (and the gradient is the same)."""
+    attention, forward_p = _stand_in_fused_attention()
+    w = jnp.linspace(0.5, 1.5, 12).reshape(4, 3)
+
+    def layer(x_BxD):
+        return jnp.sum(jnp.tanh(attention(x_BxD @ w) @ w.T))
+
+    x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+    grad = jax.grad(rematerialize(layer, policy))
+    jaxpr = jax.make_jaxpr(grad)(x).jaxpr
+    assert sum(eqn.primitive is forward_p for eqn in _iter_eqns(jaxpr)) == forwards
+    np.testing.assert_allclose(grad(x), jax.grad(layer)(x), rtol=1e-6)
 
 
 @pytest.mark.parametrize("moe", [False, True])

@@ -118,6 +118,22 @@ def test_hardware_profiles(tmp_path):
     assert across.exposed_s <= across.comm_s + 1e-12
 
 
+def test_the_recomputed_forward_follows_the_remat_policy_and_the_attention():
+    """save_matmuls recomputes the attention's forward; save_matmuls_attention does not with cuDNN's
+    fused kernel (whose outputs it keeps), and is save_matmuls with any other attention."""
+    from shardlib.analysis.report.compute import model_flops
+
+    def flops(remat, impl):
+        layout = resolve_layout(tiny_config(model={"remat": remat}, attention={"impl": impl}), {"data": 1})
+        return hardware_flops(layout), model_flops(layout)
+
+    keeps_matmuls, model = flops("save_matmuls", "fused")
+    assert flops("none", "fused") == (model, model) and keeps_matmuls > model
+    assert flops("save_matmuls_attention", "fused")[0] == model
+    assert flops("save_matmuls_attention", "dense")[0] == keeps_matmuls == flops("save_matmuls", "dense")[0]
+    assert flops("full", "fused")[0] > keeps_matmuls
+
+
 def _no_compile(monkeypatch):
     """Makes any compile fail the test: what these checks catch must be caught before one starts."""
 

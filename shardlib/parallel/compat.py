@@ -107,7 +107,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("moe", "mixture of experts (model.moe.n_experts > 0)", lambda f: f.experts > 0),
     Feature("compression", "grad_compression bf16 or int8", lambda f: f.compression != "none"),
     Feature("accumulation", "grad_accum > 1", lambda f: f.grad_accum > 1),
-    Feature("remat", "remat full or save_matmuls", lambda f: f.remat != "none"),
+    Feature("remat", "remat full, save_matmuls or save_matmuls_attention", lambda f: f.remat != "none"),
     Feature("bf16", "compute_dtype bfloat16", lambda f: f.compute_dtype == "bfloat16"),
     Feature("multiprocess", "more than one process (jax.distributed)", lambda f: f.processes > 1),
     Feature(

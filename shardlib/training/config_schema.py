@@ -52,7 +52,7 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = False
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "full", "save_matmuls"] = "none"
+    remat: Literal["none", "full", "save_matmuls", "save_matmuls_attention"] = "none"
     # Cross-entropy in chunks of this many tokens of each sequence (models.layers.chunked_cross_entropy):
     # the [batch, seq_len, vocab] float32 logits are never held whole, the backward recomputes each
     # chunk's. 0: off (the whole logits). Must divide seq_len, and each chunk over the mesh's seq axis.

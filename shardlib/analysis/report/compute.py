@@ -26,7 +26,9 @@ def hardware_flops(layout: Layout) -> float:
     ``full`` recomputes every matmul of a layer but the MLP's down projection
     (whose output only feeds the next layer, not this layer's backward pass);
     ``save_matmuls`` keeps every weight matmul output, so only the attention
-    einsums (batched dots, not saved) are recomputed.
+    einsums (batched dots, not saved) are recomputed; ``save_matmuls_attention``
+    with ``attention.impl: fused`` (cuDNN's kernel on a GPU) keeps its outputs
+    too, and recomputes no matmul.
     """
     cfg = layout.cfg
     m = cfg.model
@@ -40,7 +42,7 @@ def hardware_flops(layout: Layout) -> float:
         return model_flops(layout) * 4 / 3
     if m.remat == "full":
         extra = 2 * recomputed + attention_forward
-    elif m.remat == "save_matmuls":
+    elif m.remat == "save_matmuls" or (m.remat == "save_matmuls_attention" and cfg.attention.impl != "fused"):
         extra = attention_forward
     return model_flops(layout) + extra * tokens
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shardlib.training.metrics import read_metrics
+from shardlib.training.metrics import loss_by_step, read_metrics
 
 
 def train_losses(path: str) -> dict[int, float]:
     """Step -> training loss of a run's metrics file (the later record wins for a repeated step)."""
-    return {r["step"]: r["loss"] for r in read_metrics(path) if r.get("split") == "train" and "loss" in r}
+    return dict(zip(*loss_by_step(read_metrics(path), "train"), strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 
+from shardlib.analysis.report.collectives import KINDS
 from shardlib.analysis.report.hlo import HloModule, Instruction, parse_hlo
 
 MATMUL, ATTENTION, COLLECTIVE, ELEMENTWISE, COPY = "matmul", "attention", "collective", "elementwise", "copy"
@@ -32,21 +33,8 @@ HOST_TRANSFER, OTHER, CONTAINER = "host_transfer", "other", "container"
 # first one active takes it): compute first, so "collective" is the communication left exposed.
 CATEGORIES = (MATMUL, ATTENTION, ELEMENTWISE, COPY, OTHER, COLLECTIVE, HOST_TRANSFER)
 
-_COLLECTIVE_OPCODES = frozenset(
-    {
-        "all-reduce",
-        "all-gather",
-        "reduce-scatter",
-        "all-to-all",
-        "collective-permute",
-        "collective-broadcast",
-        "ragged-all-to-all",
-        "send",
-        "recv",
-        "send-done",
-        "recv-done",
-    }
-)
+# The report's collective kinds (their -start/-done halves too), and the point-to-point and ragged ones.
+_COLLECTIVE_OPCODES = frozenset(KINDS) | {"ragged-all-to-all", "send", "recv"}
 # Ops that only move or reinterpret bytes.
 _MOVEMENT_OPCODES = frozenset(
     {
@@ -114,10 +102,9 @@ def hlo_categories(text: str) -> dict[str, str]:
 
 
 def _category(module: HloModule, inst: Instruction, fused: dict[str, str]) -> str:
-    op = inst.opcode.removesuffix("-start").removesuffix("-done").removesuffix("-update")
-    if op in _COLLECTIVE_OPCODES or inst.opcode in _COLLECTIVE_OPCODES:
+    if inst.opcode.removesuffix("-start").removesuffix("-done") in _COLLECTIVE_OPCODES:
         return COLLECTIVE
-    if op in _MATMUL_OPCODES:
+    if inst.opcode in _MATMUL_OPCODES:
         return MATMUL
     if inst.opcode in _CONTAINER_OPCODES:
         return CONTAINER
@@ -150,20 +137,15 @@ def _called_category(module: HloModule, inst: Instruction, fused: dict[str, str]
         if callee not in fused:
             fused[callee] = _computation_category(module, callee, fused)
         kinds.add(fused[callee])
-    for category in (ATTENTION, MATMUL, COLLECTIVE, ELEMENTWISE, OTHER, COPY):
-        if category in kinds:
-            return category
-    return COPY if kinds else ELEMENTWISE
+    return _heaviest(kinds) if kinds else ELEMENTWISE
 
 
 def _computation_category(module: HloModule, name: str, fused: dict[str, str]) -> str:
-    """The heaviest kind of op in a called computation: attention > matmul > collective > compute > movement."""
-    kinds = set()
-    for inner in module.computations[name].instructions:
-        if inner.opcode in _NEUTRAL_OPCODES:
-            continue
-        kinds.add(_category(module, inner, fused))
-    for category in (ATTENTION, MATMUL, COLLECTIVE, ELEMENTWISE, OTHER):
-        if category in kinds:
-            return category
-    return COPY
+    """The heaviest kind of op in a called computation (nothing but movement: a copy)."""
+    inner = module.computations[name].instructions
+    return _heaviest({_category(module, i, fused) for i in inner if i.opcode not in _NEUTRAL_OPCODES})
+
+
+def _heaviest(kinds: set[str]) -> str:
+    """What a group of ops is taken for: attention > matmul > collective > compute > other > movement."""
+    return next((c for c in (ATTENTION, MATMUL, COLLECTIVE, ELEMENTWISE, OTHER) if c in kinds), COPY)

@@ -136,7 +136,7 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
     return records
 
 
-def _loss_by_step(records: list[dict], split: str) -> tuple[list[int], list[float]]:
+def loss_by_step(records: list[dict], split: str) -> tuple[list[int], list[float]]:
     """Steps and losses of ``split``, sorted by step.
 
     A resumed run repeats the steps logged after its last checkpoint; the later record wins,
@@ -163,8 +163,8 @@ def plot_loss_curve(
     from matplotlib.figure import Figure
 
     records = read_metrics(jsonl_path)
-    train_steps, train_loss = _loss_by_step(records, "train")
-    eval_steps, eval_loss = _loss_by_step(records, "eval")
+    train_steps, train_loss = loss_by_step(records, "train")
+    eval_steps, eval_loss = loss_by_step(records, "eval")
     if not train_steps and not eval_steps:
         raise ValueError(f"{jsonl_path}: no 'loss' values in the 'train' or 'eval' split to plot")
 

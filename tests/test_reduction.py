@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from models.layers import WEIGHT_USES
 from shardlib.analysis.report.collectives import find_collectives
 from shardlib.analysis.report.hlo import parse_hlo
-from shardlib.parallel.reduction import ReducedWeightUse, lookup_gathers_table
+from shardlib.parallel.reduction import ReducedWeightUse, lookup_gathers_table, reduce_deferred
 from tests.support import assert_trees_close, mesh_of
 
 
@@ -122,3 +122,70 @@ def test_a_vocabulary_parallel_lookups_gradient_is_reduced_on_each_rows_block(si
     reductions = [c for c in find_collectives(parse_hlo(text), dict(mesh.shape)) if "shard_map" in c.op_name]
     block = table_VxD.size * 4 // 2  # the rows block of one model device
     assert [(c.axes, c.buffer_bytes) for c in reductions] == [(("data",), block)], reductions
+
+
+def _table_grad_fn(mesh, use, table_spec, ids_spec):
+    sharding = NamedSharding(mesh, table_spec)
+    return jax.jit(
+        jax.grad(lambda t, i: jnp.sum(jnp.sin(use("embedding", i, t)))),
+        in_shardings=(sharding, NamedSharding(mesh, ids_spec)),
+        out_shardings=sharding,
+    )
+
+
+def test_a_table_larger_than_the_tokens_stays_sharded_and_the_ids_travel():
+    """HSDP x TP (data_replica 2 x data 2 x model 2), 256 rows against 16 tokens a device: the ids are
+    gathered over ``data`` and the rows all-to-all'd both ways, no collective is table-sized but the one
+    all-reduce of the device's own block over ``data_replica`` (the slow axis moves the least)."""
+    mesh = mesh_of(data_replica=2, data=2, model=2)
+    table_spec, ids_spec = P("model", "data"), P(("data_replica", "data"))
+    table_VxD = jnp.asarray(np.random.default_rng(2).normal(size=(256, 16)), jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 256, (8, 8)), jnp.int32)  # 16 tokens a device
+    rows = ("data_replica", "data")
+    use = ReducedWeightUse(mesh, WEIGHT_USES, {"embedding": table_spec}, _activation_spec(rows, ()), rows)
+    fn = _table_grad_fn(mesh, use, table_spec, ids_spec)
+    plain = jax.grad(lambda t, i: jnp.sum(jnp.sin(jnp.take(t, i, axis=0))))(table_VxD, ids)
+    assert_trees_close(fn(table_VxD, ids), plain, what="table gradient")
+    forward = jax.jit(lambda t, i: use("embedding", i, t))(table_VxD, ids)
+    assert_trees_close(forward, jnp.take(table_VxD, ids, axis=0), what="rows")
+
+    found = find_collectives(parse_hlo(fn.lower(table_VxD, ids).compile().as_text()), dict(mesh.shape))
+    block = table_VxD.size * 4 // 4  # a device's [V / model, D / data] block
+    table_sized = sorted((c.kind, c.axes) for c in found if c.buffer_bytes >= block)
+    assert table_sized == [("all-reduce", ("data_replica",))], found
+    kinds = {(c.kind, c.axes) for c in found}
+    assert {("all-gather", ("data",)), ("all-to-all", ("data",))} <= kinds, found
+    assert sum(c.count for c in found if c.kind == "all-to-all") == 2  # rows there, their gradients back
+
+
+def test_a_deferred_gradient_is_each_devices_partial_until_reduce_deferred():
+    """``deferred``: the all-reduce over the axes a weight is not split over waits for ``reduce_deferred``,
+    so summing two microbatches' partials and reducing once equals the sum of both reduced gradients."""
+    mesh = mesh_of(data=2, seq=4)
+    w_DxF = jax.random.normal(jax.random.key(4), (32, 32)) / 4
+    xs = jax.random.normal(jax.random.key(5), (2, 8, 16, 32))
+    spec, rows, positions = P(), ("data",), ("seq",)
+    eager = ReducedWeightUse(mesh, WEIGHT_USES, {"unembed": spec}, _activation_spec(rows, positions), rows, positions)
+    deferred = ReducedWeightUse(
+        mesh, WEIGHT_USES, {"unembed": spec}, _activation_spec(rows, positions), rows, positions, deferred=True
+    )
+    w_sharding = NamedSharding(mesh, spec)
+    xs_sharding = NamedSharding(mesh, P(None, rows, positions))
+
+    def summed(use, finish):
+        def fn(w, xs):
+            g = jax.grad(_loss(use))(w, xs[0]) + jax.grad(_loss(use))(w, xs[1])
+            return finish(g)
+
+        return jax.jit(fn, in_shardings=(w_sharding, xs_sharding), out_shardings=w_sharding)
+
+    reference = summed(eager, lambda g: g)(w_DxF, xs)
+    once = summed(deferred, lambda g: reduce_deferred(g, spec, mesh, rows + positions))
+    assert_trees_close(once(w_DxF, xs), reference, what="two microbatches reduced once")
+    found = find_collectives(parse_hlo(once.lower(w_DxF, xs).compile().as_text()), dict(mesh.shape))
+    assert [(c.kind, c.axes, c.count) for c in found if c.buffer_bytes >= w_DxF.size * 4] == [
+        ("all-reduce", ("data", "seq"), 1)
+    ], found
+    # Without the final reduction the result is one device's partial sum, not the gradient.
+    partial = summed(deferred, lambda g: g)(w_DxF, xs)
+    assert not np.allclose(np.asarray(partial), np.asarray(reference), rtol=1e-2)

@@ -172,17 +172,29 @@ def test_separate_projections_are_found_reduced_addend_by_addend():
 
 
 def test_trip_counts_multiply_nested_loops():
-    """3 scanned layers inside 2 accumulation microbatches: the layer body's all-reduce runs 6 times."""
-    layout, measured = compiled("dp", (("data", N),), (("n_layers", 3),), grad_accum=2)
+    """3 scanned layers inside 2 accumulation microbatches: a layer's reduce-scatter (FSDP) runs 6 times."""
+    _, measured = compiled("fsdp", (("data", N),), (("n_layers", 3),), grad_accum=2)
     assert measured.unknown_trip_counts == 0
-    layer_reduces = [c for c in measured.collectives if c.op_name.count("while/body") == 2]
-    assert layer_reduces and all(c.count == 3 * 2 for c in layer_reduces)
-    # Per microbatch one full gradient all-reduce (shardlib's step reduces every microbatch).
-    total = sum(c.total_wire_bytes for c in measured.collectives)
-    assert total == pytest.approx(2 * 2 * (N - 1) / N * param_bytes(layout), rel=0.02)
+    layer_scatters = [
+        c for c in measured.collectives if c.op_name.count("while/body") == 2 and c.kind == "reduce-scatter"
+    ]
+    assert layer_scatters and all(c.count == 3 * 2 for c in layer_scatters)
     # Outside the layer scan, once per microbatch.
-    outer = [c for c in measured.collectives if c.op_name.count("while/body") == 1]
+    outer = [c for c in measured.collectives if c.op_name.count("while/body") == 1 and c.kind == "reduce-scatter"]
     assert outer and all(c.count == 2 for c in outer)
+
+
+def test_accumulated_data_parallel_gradients_are_reduced_once_per_step():
+    """grad_accum 4 on data 8: each device sums its microbatches' partial gradients, then one all-reduce
+    of every gradient per step, the bytes of grad_accum 1 (the step's own ``reduce_deferred``), and the
+    analytic model says so."""
+    layout, measured = compiled("dp", (("data", N),), grad_accum=4, batch_size=32, seq_len=64)
+    reduces = [c for c in measured.collectives if c.kind == "all-reduce" and c.buffer_bytes > 64]
+    assert reduces and all("while/body" not in c.op_name and c.count == 1 for c in reduces), reduces
+    assert sum(c.total_wire_bytes for c in reduces) == pytest.approx(2 * (N - 1) / N * param_bytes(layout), rel=1e-3)
+    (data,) = build_report(layout, measured=measured).axes
+    assert data.predicted == pytest.approx(2 * (N - 1) / N * param_bytes(layout), rel=1e-3)
+    assert data.ratio == pytest.approx(1.0, abs=1e-3)
 
 
 def test_replica_groups_map_to_mesh_axes_on_three_nontrivial_axes():
@@ -281,6 +293,13 @@ MINIMUM_CASES = {
     # on seq, 1.25 as compiled here, 1.00 without that avoidable part. attention.impl=allgather or ring
     # reduce-scatter them by construction (the two cases above).
     "dp data2 seq4 xla attention": ("tp", (("data", 2), ("seq", 4)), (), {"seq": 1.25}),
+    # Accumulation: the all-reduce over the axes a weight is not split over, once per step (HSDP's across
+    # data_replica); FSDP's gathers and reduce-scatters stay per microbatch.
+    "dp data8 grad_accum4": ("dp", (("data", N),), (("grad_accum", 4),), {}),
+    "hsdp_tp grad_accum4": ("hsdp_tp", HSDP_SIZES, (("grad_accum", 4),), {}),
+    # A vocabulary larger than a device's tokens: the ids travel, the table stays sharded (sharded_lookup).
+    "fsdp data8 vocab1024": ("fsdp", (("data", N),), (("model", (("vocab_size", 1024),)),), {}),
+    "hsdp_tp vocab1024": ("hsdp_tp", HSDP_SIZES, (("model", (("vocab_size", 1024),)),), {}),
 }
 
 
@@ -288,8 +307,8 @@ MINIMUM_CASES = {
 def test_every_strategy_moves_the_minimum(case):
     """Measured over minimum per axis, within 2%, or the pinned floor (and then 1.00 without its avoidable part).
 
-    32 x 64 tokens: 256 per device, so the embedding table (256 rows) is gathered for its lookup
-    (``reduction.lookup_gathers_table``).
+    32 x 64 tokens: 256 per device (512 on the HSDP mesh), so the embedding table (256 rows) is gathered
+    for its lookup (``reduction.lookup_gathers_table``); the vocab1024 cases move the ids instead.
     """
     preset, sizes, overrides, pinned = MINIMUM_CASES[case]
     layout, measured = compiled(preset, sizes, **dict(overrides), batch_size=32, seq_len=64)

@@ -40,8 +40,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import DTypeLike
 
 from shardlib.core.rules import axes_tuple
+from shardlib.parallel.sharded_lookup import make_sharded_lookup, token_group
+from shardlib.parallel.spec_parts import automatic_part, manual_part
 
 Apply = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -55,13 +58,21 @@ def gather_sharded(w: jax.Array, spec: P, axes: Sequence[str]) -> jax.Array:
     return w
 
 
-def reduce_gradient(g: jax.Array, spec: P, axes: Sequence[str]) -> jax.Array:
+def reduce_gradient(
+    g: jax.Array, spec: P, axes: Sequence[str], *, deferred: bool = False, dtype: DTypeLike | None = None
+) -> jax.Array:
     """Inside a ``shard_map`` manual over ``axes``: the sum of every device's ``g``, sharded as ``spec`` says.
 
     A reduce-scatter over the axes ``spec`` splits a dimension over, then one
     all-reduce over the remaining ``axes`` of what is left (a shard, so the
-    slow axis moves the least).
+    slow axis moves the least). ``deferred``: the all-reduce is left out, for
+    ``reduce_deferred`` once the caller has summed every microbatch's shards.
+    ``dtype``: what the collectives carry (the result is cast back to ``g``'s
+    dtype); None: ``g``'s own.
     """
+    out_dtype = g.dtype
+    if dtype is not None:
+        g = g.astype(dtype)
     summed: set[str] = set()
     for dim, entry in enumerate(spec):
         split = tuple(a for a in axes_tuple(entry) if a in axes)
@@ -69,26 +80,42 @@ def reduce_gradient(g: jax.Array, spec: P, axes: Sequence[str]) -> jax.Array:
             g = jax.lax.psum_scatter(g, split, scatter_dimension=dim, tiled=True)
             summed.update(split)
     rest = tuple(a for a in axes if a not in summed)
-    return jax.lax.psum(g, rest) if rest else g
+    if rest and not deferred:
+        g = jax.lax.psum(g, rest)
+    return g.astype(out_dtype)
 
 
-def _kept(spec: P, keep: Callable[[str], bool]) -> P:
-    """``spec`` with only the mesh axes ``keep`` accepts (a dimension left with none is whole)."""
-    entries = []
-    for entry in spec:
-        kept = tuple(a for a in axes_tuple(entry) if keep(a))
-        entries.append(kept[0] if len(kept) == 1 else (kept or None))
-    return P(*entries)
+def unreduced_axes(spec: P, axes: Sequence[str]) -> tuple[str, ...]:
+    """The token ``axes`` a gradient sharded as ``spec`` is all-reduced over (those ``spec`` does not split)."""
+    split = {a for entry in spec for a in axes_tuple(entry)}
+    return tuple(a for a in axes if a not in split)
 
 
-def manual_part(spec: P, axes: Sequence[str]) -> P:
-    """``spec`` with only ``axes`` kept: what a ``shard_map`` manual over ``axes`` may be told."""
-    return _kept(spec, lambda a: a in axes)
+def reduce_deferred(
+    g: jax.Array, spec: P, mesh: jax.sharding.Mesh, token_axes: Sequence[str], *, dtype: DTypeLike | None = None
+) -> jax.Array:
+    """The all-reduce ``reduce_gradient(..., deferred=True)`` left out, of a sum of such partial gradients.
 
+    ``g``: [w's shape] sharded as ``spec``, typed as replicated over the
+    ``unreduced_axes`` but holding each device's own partial sum there (what
+    ``ReducedWeightUse(deferred=True)`` returns, summed over microbatches with
+    elementwise adds only: nothing between may move it across devices).
+    Returns the true sum over those axes, one all-reduce, carried in ``dtype``.
+    """
+    rest = unreduced_axes(spec, [a for a in token_axes if mesh.shape[a] > 1])
+    if not rest:
+        return g
+    own = tuple(a for entry in spec for a in axes_tuple(entry) if mesh.shape[a] > 1)
+    manual = tuple(dict.fromkeys((*rest, *own)))
+    local_spec = manual_part(spec, manual)
 
-def automatic_part(spec: P, axes: Sequence[str]) -> P:
-    """``spec`` without ``axes``: the parameter gathered over the token axes, still split over the others."""
-    return _kept(spec, lambda a: a not in axes)
+    def local(g_l):
+        out = jax.lax.psum(g_l if dtype is None else g_l.astype(dtype), rest)
+        return out.astype(g_l.dtype)
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=local_spec, out_specs=local_spec, axis_names=set(manual), check_vma=False
+    )(g)
 
 
 def lookup_gathers_table(vocab: int, tokens_per_device: int) -> bool:
@@ -121,7 +148,14 @@ class ReducedWeightUse:
       lookups: the uses that are table lookups (input: token ids). A table
         sharded over a token axis is gathered for them only where
         ``lookup_gathers_table`` says it is the cheaper way; otherwise the
-        partitioner looks the rows up where the table's shards are.
+        token ids travel to the table's shards (``sharded_lookup``).
+      deferred: every weight gradient leaves without its all-reduce over the
+        token axes the weight is not sharded over (``reduce_gradient``'s
+        ``deferred``): typed as replicated there, it holds each device's own
+        partial sum, for gradient accumulation to sum over microbatches and
+        ``reduce_deferred`` to reduce once per step. Only elementwise adds
+        may touch such a gradient before that.
+      reduce_dtype: the dtype the gradients' collectives carry (None: the weight's).
 
     The forward pass constrains ``w`` to its spec without the token axes (the
     FSDP gather) and applies it; the backward pass gives the input gradient
@@ -143,24 +177,44 @@ class ReducedWeightUse:
         batch_axes: Sequence[str],
         length_axes: Sequence[str] = (),
         lookups: Sequence[str] = ("embedding",),
+        *,
+        deferred: bool = False,
+        reduce_dtype: DTypeLike | None = None,
     ):
         self.mesh = mesh
+        self.deferred = deferred
+        self.reduce_dtype = reduce_dtype
         self.token_axes = tuple(a for a in (*batch_axes, *length_axes) if mesh.shape[a] > 1)
         self.activation_spec = activation_spec
         self.weight_specs = dict(weight_specs)
         self.lookups = tuple(lookups)
         self._plain = {name: spec.apply for name, spec in uses.items()}
+        self._input_axes = {name: spec.input_axes for name, spec in uses.items()}
         self._uses = {name: self._reduced(name, uses[name], spec) for name, spec in weight_specs.items()}
 
     def __call__(self, name: str, x: jax.Array, w: jax.Array) -> jax.Array:
         use = self._uses.get(name)
-        if use is None or (name in self.lookups and not self._gathers_table(x, w, name)):
+        if use is None:
             return self._plain[name](x, w)
+        if name in self.lookups and not self._gathers_table(x, w, name):
+            return self._sharded_lookup(name, x)(x, w)
         return use(x, w)
+
+    def _sharded_lookup(self, name: str, ids: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        """The lookup that moves token ids to the table's shards (``sharded_lookup``), for ids shaped as ``ids``."""
+        ids_spec = self.activation_spec(ids.shape, self._input_axes[name])
+        return make_sharded_lookup(
+            self.mesh,
+            self.weight_specs[name],
+            ids_spec,
+            self.token_axes,
+            deferred=self.deferred,
+            dtype=self.reduce_dtype,
+        )
 
     def _gathers_table(self, ids: jax.Array, table: jax.Array, name: str) -> bool:
         """Whether a lookup gathers its table: always when the table is whole over the token axes."""
-        if not any(a in self.token_axes for entry in self.weight_specs[name] for a in axes_tuple(entry)):
+        if not token_group(self.weight_specs[name], self.token_axes):
             return True
         tokens = ids.size // math.prod(self.mesh.shape[a] for a in self.token_axes)
         return lookup_gathers_table(table.shape[0], tokens)
@@ -220,7 +274,9 @@ class ReducedWeightUse:
                 first = jax.lax.axis_index(row_axes) * block[0] if row_axes else 0
                 x_l = (x_l, first)
             (partial,) = jax.linear_transpose(lambda w_: apply(x_l, w_), partial_struct)(dy_l)
-            return reduce_gradient(partial, scatter_spec, self.token_axes)
+            return reduce_gradient(
+                partial, scatter_spec, self.token_axes, deferred=self.deferred, dtype=self.reduce_dtype
+            )
 
         return jax.shard_map(
             local,

@@ -31,7 +31,7 @@ from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
 from shardlib.parallel.pipeline.stages import make_pipeline_grads
-from shardlib.parallel.reduction import ReducedWeightUse
+from shardlib.parallel.reduction import ReducedWeightUse, reduce_deferred
 from shardlib.training.parallel_plan import ParallelPlan
 from shardlib.training.train_state import AbstractModel, StateShardings
 
@@ -103,17 +103,35 @@ def make_grads_fn(model: AbstractModel, plan: ParallelPlan, shardings: StateShar
         return make_pipeline_grads(
             model.graphdef, model.params, plan.pipeline, plan.mesh, plan.shard, specs, plan.attention
         )
-    loss_fn = make_loss_fn(model.graphdef, plan, with_metrics=True, use=weight_use(plan, shardings))
+    # With accumulation, each use's all-reduce waits for the last microbatch: one per step, not per microbatch.
+    use = weight_use(plan, shardings, deferred=plan.grad_accum > 1)
+    loss_fn = make_loss_fn(model.graphdef, plan, with_metrics=True, use=use)
 
     def grads_fn(params, batch):
         (_, metrics), grads = loss_and_grads(loss_fn, params, batch, plan.grad_accum, plan.shard, has_aux=True)
+        if isinstance(use, ReducedWeightUse) and use.deferred:
+            grads = _reduce_deferred_grads(grads, use, shardings)
         metrics = dict(metrics)
         return metrics.pop("loss"), grads, metrics
 
     return grads_fn
 
 
-def weight_use(plan: ParallelPlan, shardings: StateShardings) -> WeightUse:
+def _reduce_deferred_grads(grads: PyTree, use: ReducedWeightUse, shardings: StateShardings) -> PyTree:
+    """``grads`` with the leaves ``use`` applies (each device's partial sums until now) reduced once."""
+    reduced = {WEIGHT_PARAMS[name] for name in use.weight_specs}
+    out = dict(grads)
+    for path in reduced:
+        node, sharding = out, shardings.params
+        for key in path[:-1]:
+            node[key] = dict(node[key])  # copy the branch before replacing its leaf
+            node, sharding = node[key], sharding[key]
+        spec = sharding[path[-1]].spec
+        node[path[-1]] = reduce_deferred(node[path[-1]], spec, use.mesh, use.token_axes, dtype=use.reduce_dtype)
+    return out
+
+
+def weight_use(plan: ParallelPlan, shardings: StateShardings, *, deferred: bool = False) -> WeightUse:
     """How the train step applies the weights: reducing each use's gradient itself when the plan says so.
 
     ``ReducedWeightUse`` over the plan's token axes, every weight of
@@ -131,7 +149,7 @@ def weight_use(plan: ParallelPlan, shardings: StateShardings) -> WeightUse:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, NamedSharding):  # absent: tied embeddings' unembed, MoE-only MLPs
             specs[name] = PartitionSpec(*tuple(node.spec)[1:]) if path[0] == "layers" else node.spec
-    return ReducedWeightUse(plan.mesh, WEIGHT_USES, specs, plan.shard.spec, rows, positions)
+    return ReducedWeightUse(plan.mesh, WEIGHT_USES, specs, plan.shard.spec, rows, positions, deferred=deferred)
 
 
 def make_compression(model: AbstractModel, plan: ParallelPlan, shardings: StateShardings) -> GradCompression | None:

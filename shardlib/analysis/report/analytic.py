@@ -5,8 +5,11 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
 (b sequences, s = seq_len / seq positions) and c the compute dtype's bytes:
 
 * data parallel (parameters replicated over the token axes): one gradient
-  all-reduce per microbatch, 2(N-1)/N * P each (shardlib's step reduces every
-  microbatch: the accumulator has the parameters' sharding);
+  all-reduce per step, 2(N-1)/N * P: with ``grad_accum`` > 1 the step sums
+  each device's partial gradients over the microbatches and reduces once
+  (``shardlib.parallel.reduction.reduce_deferred``). The weights it does not
+  reduce per use (a mixture of experts' router and experts, DiLoCo's inner
+  steps) are the partitioner's: one all-reduce per microbatch;
 * FSDP (parameters sharded over ``data``): all-gather in the forward pass,
   again in the backward pass, reduce-scatter of the gradients:
   3(N-1)/N * P per microbatch for the scanned layers. Parameters outside the
@@ -18,7 +21,8 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
   and all-to-alls the looked-up rows, both ways;
 * HSDP (``data_replica`` > 1): parameters are never split over ``data_replica``,
   so the FSDP terms above stay over ``data`` and each gradient shard is
-  all-reduced over ``data_replica``: 2(R-1)/R of the bytes a device holds;
+  all-reduced over ``data_replica``: 2(R-1)/R of the bytes a device holds,
+  once per step like data parallelism's all-reduce;
 * tensor parallel (Megatron, heads and MLP over ``model``): per layer two
   all-reduces of the b*s*D activations forward and two backward (one more
   backward with ``remat: full``, which recomputes the attention half), plus
@@ -103,10 +107,14 @@ def _is_lookup_table(p: ParamLayout) -> bool:
 def gradient_terms(layout: Layout) -> list[Term]:
     """Data parallel and FSDP: gradient reduction over the token axes, and FSDP's parameter gathers.
 
-    One op per layer per microbatch for the scanned parameters (XLA combines a
-    layer's collectives) and one per microbatch for the rest; the message is
-    the sum of the parameters it carries. FSDP inside a pipeline gathers each
-    parameter once per step and reduce-scatters its gradient once
+    Per microbatch: one op per layer for the scanned parameters (XLA combines
+    a layer's collectives) and one for the rest; the message is the sum of the
+    parameters it carries. With ``grad_accum`` > 1, a parameter outside the
+    layer scan is gathered once per step (the gather does not depend on the
+    microbatch: XLA hoists it out of the accumulation loop), and the
+    all-reduce of a gradient the step reduces per use waits for the last
+    microbatch: one per step (``_reduced_per_use``). FSDP inside a pipeline
+    gathers each parameter once per step and reduce-scatters its gradient once
     (``shardlib.parallel.pipeline.executor``): 2(N-1)/N of it, no backward
     gather, and the embedding gathered like any parameter.
     """
@@ -114,7 +122,8 @@ def gradient_terms(layout: Layout) -> list[Term]:
     group = layout.token_axes
     if not group:
         return []
-    # (strategy, what, kind, axes, layers, overlappable) -> bytes per op
+    per_use = _reduced_per_use(layout)
+    # (strategy, what, kind, axes, ops per step, overlappable) -> bytes per op
     messages: dict[tuple, float] = defaultdict(float)
     pipelined = sizes["pipe"] > 1
     # A pipeline's executor gathers before its tick loop and reduces after it: no compute to hide behind.
@@ -129,8 +138,13 @@ def gradient_terms(layout: Layout) -> list[Term]:
         layers = p.shape[0] // (sizes["pipe"] if "pipe" in p.mesh_axes else 1) if p.scanned else 1
         local = p.bytes_per_device / layers  # what this device stores, per layer
         scope = "layer" if p.scanned else "other"
+        # The all-reduce over the axes the parameter is not split over: once per step when the step
+        # reduces it per use (a stacked parameter in one op), else per layer and microbatch.
+        ops, message = (1, local * layers) if m > 1 and p.path in per_use else (layers * m, local)
+        all_reduce = "gradient all-reduce" + (" of the shard" if fsdp else "")
+        if rest:
+            messages[("data parallel", f"{all_reduce} ({scope})", "all-reduce", rest, ops, hides)] += message
         if not fsdp:
-            messages[("data parallel", f"gradient all-reduce ({scope})", "all-reduce", rest, layers, hides)] += local
             continue
         gathered = local * int(np.prod([sizes[a] for a in fsdp]))
         if pipelined:  # the executor gathers every parameter once per step and reduce-scatters once after it
@@ -150,15 +164,26 @@ def gradient_terms(layout: Layout) -> list[Term]:
                 # own (same operand, same program level): XLA keeps one copy. A lookup's
                 # backward needs no table at all (token ids have no gradient).
                 gathers = [("gather parameters (forward, kept for backward)", "all-gather")]
-            for what, kind in [*gathers, ("reduce-scatter gradients", "reduce-scatter")]:
-                messages[("fsdp", f"{what}, {scope}", kind, fsdp, layers, hides)] += gathered
-        if rest:
-            messages[
-                ("data parallel", f"gradient all-reduce of the shard ({scope})", "all-reduce", rest, layers, hides)
-            ] += local
-    for (strategy, what, kind, axes, layers, overlap), message in messages.items():
-        out.append(_term(strategy, what, kind, axes, sizes, message, layers * m, overlap))
+            gather_ops = layers * m if p.scanned else 1
+            for what, kind in gathers:
+                messages[("fsdp", f"{what}, {scope}", kind, fsdp, gather_ops, hides)] += gathered
+            messages[("fsdp", f"reduce-scatter gradients, {scope}", "reduce-scatter", fsdp, layers * m, hides)] += (
+                gathered
+            )
+    for (strategy, what, kind, axes, ops, overlap), message in messages.items():
+        out.append(_term(strategy, what, kind, axes, sizes, message, ops, overlap))
     return [t for t in out if t is not None]
+
+
+def _reduced_per_use(layout: Layout) -> set[str]:
+    """The parameter paths whose gradients the step reduces per use (``training.step.weight_use``):
+    every weight the model applies through ``WEIGHT_PARAMS``, outside a pipeline and DiLoCo."""
+    from models.transformer import WEIGHT_PARAMS
+
+    outer = getattr(layout.cfg, "outer", None)
+    if layout.sizes["pipe"] > 1 or (outer is not None and outer.algorithm != "none"):
+        return set()
+    return {"/".join(path) for path in WEIGHT_PARAMS.values()}
 
 
 def _gathers_table(layout: Layout, table: ParamLayout) -> bool:

@@ -1,7 +1,8 @@
 """Bytes per step against the minimum, for every preset on every shipped mesh: one compile per case.
 
     python bench/comms.py [--configs configs/tiny.yaml,configs/small.yaml] [--meshes meshes/*.yaml]
-                          [--presets dp,fsdp,tp,fsdp_tp,hsdp,hsdp_tp] [--json out.json]
+                          [--presets dp,fsdp,tp,fsdp_tp,hsdp,hsdp_tp] [--variants base,accum4,vocab8192]
+                          [--memory] [--json out.json]
 
 For each (config, mesh, preset), and on a mesh with ``pipe`` for each pipeline
 schedule, compiles the train step (nothing runs) and prints, per mesh axis,
@@ -10,7 +11,10 @@ the wire bytes per device per step that the compiled program moves
 (``shardlib.analysis.report.analytic``) and their ratio; "w/o avoidable" is
 the ratio once the excess the report attributes to a named XLA:CPU pattern
 (an all-reduce only sliced, addends reduced one by one) is taken out: what
-XLA:GPU's passes would leave. Every mesh compiles on emulated CPU devices, GPU
+XLA:GPU's passes would leave. "step MiB" is the compiled step's arguments and
+temporaries per device; with ``--memory``, "XLA red." is the same step with
+the partitioner's gradient reductions instead of the step's own, which the
+step must not exceed. Every mesh compiles on emulated CPU devices, GPU
 meshes included (the program is partitioned the same way; XLA:GPU's own
 passes are not run). A case the plan refuses prints the reason in one line; the
 HSDP presets run only on meshes that split data into ``data_replica`` groups.
@@ -28,10 +32,21 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PIPELINES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2))
+# Each case also runs as these variants: gradient accumulation (one all-reduce per step, not per
+# microbatch), and a vocabulary larger than a device's tokens (the lookup moves token ids, not the table).
+VARIANTS = {"base": [], "accum4": ["grad_accum=4"], "vocab8192": ["model.vocab_size=8192"]}
 
 
-def cases(configs, meshes, presets):
+def cases(configs, meshes, presets, variants=("base",)):
     """(config path, mesh path, preset, overrides) in the order printed."""
+    for variant in variants:
+        for config, mesh_path, preset, overrides in _base_cases(configs, meshes, presets):
+            if variant == "accum4" and any("pipeline" in o for o in overrides):
+                continue  # a pipeline accumulates over its own microbatches (grad_accum 1)
+            yield config, mesh_path, preset, [*overrides, *VARIANTS[variant]]
+
+
+def _base_cases(configs, meshes, presets):
     from shardlib.core.mesh import load_mesh_spec
     from shardlib.core.rules import PRESETS as PRESET_INTENTS
 
@@ -59,8 +74,11 @@ def cases(configs, meshes, presets):
                     )
 
 
-def measure_case(config, mesh_path, preset, overrides):
-    """(label, [(axis, measured, minimum, ratio, ratio without avoidable)]) or (label, refusal)."""
+def measure_case(config, mesh_path, preset, overrides, memory=False):
+    """(label, [(axis, measured, minimum, ratio, ratio without avoidable)], (step MiB, partitioner's MiB))
+    or (label, refusal, None). The step's memory is its compiled arguments and temporaries per device;
+    ``memory``: also the same step with the partitioner's gradient reductions (``reduce_per_use`` off),
+    the layout before the step reduced them itself, which it must not exceed."""
     from shardlib.analysis.report.__main__ import compile_mesh, mesh_sizes
     from shardlib.analysis.report.layout import resolve_layout
     from shardlib.analysis.report.measure import measure
@@ -74,14 +92,42 @@ def measure_case(config, mesh_path, preset, overrides):
     label = f"{os.path.basename(config)} {os.path.basename(mesh_path)} {preset}" + "".join(
         f" {o.split('=')[1]}" for o in overrides if "schedule" in o
     )
+    label += "".join(f" {o}" for o in overrides if not o.startswith("pipeline."))
     try:
         cfg = load_config(config, [f"sharding={preset}", *overrides])
         mesh = compile_mesh(spec, sizes, emulated=True)
-        report = build_report(resolve_layout(cfg, sizes), measured=measure(cfg, mesh))
+        measured = measure(cfg, mesh)
+        report = build_report(resolve_layout(cfg, sizes), measured=measured)
     except USER_ERRORS as err:  # a refused combination: its one-line reason, as train.py would print it
-        return label, f"refused: {str(err).splitlines()[0][:140]}"
+        return label, f"refused: {str(err).splitlines()[0][:140]}", None
     rows = [(r.axis, r.measured, r.predicted, r.ratio, r.ratio_without_avoidable) for r in report.axes]
-    return label, rows
+    held = _held_mib(measured.memory)
+    return label, rows, (held, _partitioner_mib(cfg, mesh) if memory else None)
+
+
+def _held_mib(memory) -> float | None:
+    return None if memory is None else (memory.arguments + memory.temporaries) / 2**20
+
+
+def _partitioner_mib(cfg, mesh) -> float | None:
+    """The step's memory with the partitioner's gradient reductions instead of its own (none in a pipeline)."""
+    import dataclasses
+
+    import jax
+
+    from shardlib.analysis.report.measure import abstract_batch, compiled_memory
+    from shardlib.training.parallel_plan import build_plan
+    from shardlib.training.setup import setup_training
+    from shardlib.training.train_state import abstract_state
+
+    plan = build_plan(cfg, mesh)
+    if not plan.reduce_per_use:
+        return None
+    run = setup_training(cfg, mesh, dataclasses.replace(plan, reduce_per_use=False))
+    with jax.set_mesh(mesh):
+        state = abstract_state(run.model, run.tx, run.shardings)
+        compiled = run.train_step.lower(*state, abstract_batch(cfg, run.batch_sharding)).compile()
+    return _held_mib(compiled_memory(compiled))
 
 
 def main(argv=None) -> int:
@@ -89,6 +135,10 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="configs/tiny.yaml,configs/small.yaml")
     parser.add_argument("--meshes", default=",".join(sorted(glob.glob("meshes/*.yaml"))))
     parser.add_argument("--presets", default="dp,fsdp,tp,fsdp_tp,hsdp,hsdp_tp")
+    parser.add_argument("--variants", default="base,accum4,vocab8192", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--memory", action="store_true", help="also compile each step with the partitioner's reductions"
+    )
     parser.add_argument("--json", help="write every row as JSON to this file")
     args = parser.parse_args(argv)
 
@@ -101,24 +151,34 @@ def main(argv=None) -> int:
     devices = max(math.prod(mesh_sizes(load_mesh_spec(m), None).values()) for m in meshes)
     jax.config.update("jax_num_cpu_devices", devices)
 
-    print(f"{'case':<46}{'axis':>13}{'measured KiB':>14}{'min KiB':>11}{'ratio':>8}{'w/o avoid.':>11}")
+    print(
+        f"{'case':<72}{'axis':>13}{'measured KiB':>14}{'min KiB':>11}{'ratio':>8}{'w/o avoid.':>11}"
+        f"{'step MiB':>10}{'XLA red.':>10}"
+    )
     out = []
-    for case in cases(args.configs.split(","), meshes, args.presets.split(",")):
-        label, rows = measure_case(*case)
+    for case in cases(args.configs.split(","), meshes, args.presets.split(","), args.variants.split(",")):
+        label, rows, memory = measure_case(*case, memory=args.memory)
         if isinstance(rows, str):
-            print(f"{label:<46}  {rows}")
+            print(f"{label:<72}  {rows}")
             out.append({"case": label, "refused": rows})
             continue
+        held, partitioner = memory
+        mem = f"{_mib(held):>10}{_mib(partitioner):>10}"
         if not rows:
-            print(f"{label:<46}  no communication")
+            print(f"{label:<72}  no communication{mem:>70}")
         for i, (axis, measured, minimum, ratio, clean) in enumerate(rows):
             print(
-                f"{label if i == 0 else '':<46}{axis:>13}{(measured or 0) / 1024:>14,.1f}{minimum / 1024:>11,.1f}"
-                f"{_ratio(ratio):>8}{_ratio(clean):>11}",
+                f"{label if i == 0 else '':<72}{axis:>13}{(measured or 0) / 1024:>14,.1f}{minimum / 1024:>11,.1f}"
+                f"{_ratio(ratio):>8}{_ratio(clean):>11}{mem if i == 0 else ''}",
                 flush=True,
             )
         out.append(
-            {"case": label, "axes": [dict(zip(("axis", "measured", "minimum", "ratio", "clean"), r)) for r in rows]}
+            {
+                "case": label,
+                "axes": [dict(zip(("axis", "measured", "minimum", "ratio", "clean"), r)) for r in rows],
+                "step_mib": held,
+                "partitioner_mib": partitioner,
+            }
         )
     if args.json:
         with open(args.json, "w") as f:
@@ -127,6 +187,10 @@ def main(argv=None) -> int:
 
 
 def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _mib(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 

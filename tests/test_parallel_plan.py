@@ -128,3 +128,9 @@ def test_describe_prints_the_plan(capsys):
     assert describe_main(["--config", "configs/tiny.yaml", "--mesh", "meshes/cpu-8-pipe.yaml"]) == 0
     out = capsys.readouterr().out
     assert "parallel plan: data=4 x pipe=2, preset tp" in out and "pipeline 1f1b" in out
+
+
+def test_a_reduction_dtype_beside_compressed_gradients_is_refused_naming_both():
+    """``grad_compression`` sets what the reduction carries; ``model.reduce_dtype`` would be ignored."""
+    with pytest.raises(ValueError, match=r"model\.reduce_dtype=bfloat16 does not combine with grad_compression=int8"):
+        tiny_config(model={"reduce_dtype": "bfloat16"}, grad_compression="int8")

@@ -5,6 +5,8 @@ One weight use, x_BxLxD @ w_DxF, on 8 emulated devices: FSDP (w split over
 (w split over ``seq`` standing in for the in-host part, tokens over both).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +191,38 @@ def test_a_deferred_gradient_is_each_devices_partial_until_reduce_deferred():
     # Without the final reduction the result is one device's partial sum, not the gradient.
     partial = summed(deferred, lambda g: g)(w_DxF, xs)
     assert not np.allclose(np.asarray(partial), np.asarray(reference), rtol=1e-2)
+
+
+def test_reductions_carry_the_reduce_dtype_the_use_is_given():
+    """``reduce_dtype``: the program asks for bf16 reduce-scatters and all-reduces (what a GPU sends) and
+    returns the gradient in the weight's float32. Only the StableHLO is checked: XLA:CPU rewrites bf16
+    reductions as float32 (AllReducePromotion), and in a partly manual ``shard_map`` that pass aborts
+    (jaxlib 0.10.2: "Invalid binary instruction opcode copy"), so the plan never asks for them there."""
+    sizes, rows, positions, spec, _ = CASES["shard_then_replicas"]
+    mesh = mesh_of(**sizes)
+    keys = jax.random.split(jax.random.key(6), 2)
+    w_DxF, x_BxLxD = jax.random.normal(keys[0], (32, 32)) / 4, jax.random.normal(keys[1], (8, 16, 32))
+    w_sharding, x_sharding = NamedSharding(mesh, spec), NamedSharding(mesh, P(rows, positions))
+
+    def grad_fn(reduce_dtype):
+        use = ReducedWeightUse(
+            mesh,
+            WEIGHT_USES,
+            {"unembed": spec},
+            _activation_spec(rows, positions),
+            rows,
+            positions,
+            reduce_dtype=reduce_dtype,
+        )
+        return jax.jit(jax.grad(_loss(use)), in_shardings=(w_sharding, x_sharding), out_shardings=w_sharding)
+
+    exact, rounded = grad_fn(None), grad_fn(jnp.bfloat16)
+
+    def carried(fn):  # {(op, operand type)} of the program's reductions, as it asks for them
+        text = fn.lower(w_DxF, x_BxLxD).as_text()
+        return set(re.findall(r'"stablehlo\.(reduce_scatter|all_reduce)".*?\}\) : \((tensor<[^>]*>)', text, re.DOTALL))
+
+    assert {op for op, _ in carried(rounded)} == {"reduce_scatter", "all_reduce"}
+    assert all(t.endswith("xbf16>") for _, t in carried(rounded)), carried(rounded)
+    assert all(t.endswith("xf32>") for _, t in carried(exact)), carried(exact)
+    assert rounded.eval_shape(w_DxF, x_BxLxD).dtype == jnp.float32

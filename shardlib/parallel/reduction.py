@@ -156,6 +156,12 @@ class ReducedWeightUse:
         ``reduce_deferred`` to reduce once per step. Only elementwise adds
         may touch such a gradient before that.
       reduce_dtype: the dtype the gradients' collectives carry (None: the weight's).
+      ordered: the uses whose backward gathers the weight for the input gradient only
+        after the use's own partial sum is reduced: one full-size buffer less at the
+        peak than letting that gather overlap another use's reduction (what lets a GPU
+        hide both collectives behind compute), for a platform whose collectives run in
+        turn anyway (XLA:CPU). Not for a weight outside a loop, whose forward gather
+        XLA keeps for the backward: ordering would gather it twice.
 
     The forward pass constrains ``w`` to its spec without the token axes (the
     FSDP gather) and applies it; the backward pass gives the input gradient
@@ -180,8 +186,10 @@ class ReducedWeightUse:
         *,
         deferred: bool = False,
         reduce_dtype: DTypeLike | None = None,
+        ordered: Sequence[str] = (),
     ):
         self.mesh = mesh
+        self.ordered = frozenset(ordered)
         self.deferred = deferred
         self.reduce_dtype = reduce_dtype
         self.token_axes = tuple(a for a in (*batch_axes, *length_axes) if mesh.shape[a] > 1)
@@ -238,14 +246,16 @@ class ReducedWeightUse:
 
         def backward(residuals, dy):
             x, w = residuals
-            dx = None
-            if jnp.issubdtype(x.dtype, jnp.inexact):  # token ids (the lookup) have no gradient
-                dx = jax.vjp(lambda x_: apply(x_, whole(w)), x)[1](dy)[0]
             x_spec = manual_part(self.activation_spec(x.shape, use_spec.input_axes), manual)
             dy_spec = manual_part(self.activation_spec(dy.shape, use_spec.output_axes), manual)
             grad = self._weight_grad(
                 _rows_lookup if lookup else apply, x, dy, w, (x_spec, dy_spec, manual_part(spec, manual)), manual
             )
+            dx = None
+            if jnp.issubdtype(x.dtype, jnp.inexact):  # token ids (the lookup) have no gradient
+                if name in self.ordered:  # the weight gathered for dx only once this use's partial sum is reduced
+                    grad, w = jax.lax.optimization_barrier((grad, w))
+                dx = jax.vjp(lambda x_: apply(x_, whole(w)), x)[1](dy)[0]
             return dx, grad
 
         use.defvjp(forward, backward)

@@ -52,6 +52,11 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = False
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # What the gradient reductions the step makes itself carry (per weight use, once per step with
+    # grad_accum, a pipeline's): null = param_dtype. The precision policy in full: parameters and
+    # optimizer state in param_dtype, matmuls in compute_dtype, logits, softmax and loss in float32,
+    # gradient reductions in reduce_dtype (ParallelPlan.describe prints it).
+    reduce_dtype: Literal["float32", "bfloat16"] | None = None
     remat: Literal["none", "full", "save_matmuls", "save_matmuls_attention"] = "none"
     # Cross-entropy in chunks of this many tokens of each sequence (models.layers.chunked_cross_entropy):
     # the [batch, seq_len, vocab] float32 logits are never held whole, the backward recomputes each
@@ -360,6 +365,11 @@ class Config(BaseModel):
             raise ValueError(
                 f"model.loss_chunk ({self.model.loss_chunk}) must divide seq_len ({self.seq_len}): "
                 "the cross-entropy is taken in chunks of that many tokens of each sequence"
+            )
+        if self.model.reduce_dtype is not None and self.grad_compression != "none":
+            raise ValueError(
+                f"model.reduce_dtype={self.model.reduce_dtype} does not combine with grad_compression="
+                f"{self.grad_compression}: the compressed reduction sets what the gradients carry"
             )
         if self.batch_size % self.grad_accum:
             raise ValueError(

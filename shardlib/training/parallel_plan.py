@@ -47,6 +47,52 @@ PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
+class Precision:
+    """The run's precision policy: what each kind of value is held, computed or sent in.
+
+    params: parameters and optimizer state (``model.param_dtype``); compute: the matmuls and
+    activations (``model.compute_dtype``); output: the logits, softmax and loss (always float32:
+    a bf16 log-softmax over a large vocabulary loses the loss's low bits); reduce: what the
+    gradient reductions the step makes itself carry (``model.reduce_dtype``, default the
+    parameters'): per weight use, once per step with accumulation, a pipeline's. The
+    partitioner's own (a mixture of experts' router and experts, DiLoCo's inner steps) and the
+    compressed reduction (``grad_compression``, which refuses ``model.reduce_dtype``) carry their own.
+    """
+
+    params: str = "float32"
+    compute: str = "float32"
+    output: str = "float32"
+    reduce: str = "float32"
+    note: str = ""  # why ``reduce`` is not what the config asked for, if it is not
+
+    def describe(self) -> str:
+        text = (
+            f"precision: parameters {self.params}, compute {self.compute}, logits and loss {self.output}, "
+            f"gradient reductions {self.reduce}"
+        )
+        return f"{text} ({self.note})" if self.note else text
+
+
+# XLA:CPU's AllReducePromotion rewrites every bfloat16 all-reduce and reduce-scatter as a float32 one.
+CPU_PROMOTED = "model.reduce_dtype=bfloat16 carries float32 on XLA:CPU, which promotes bf16 reductions"
+
+
+def reduction_dtype(requested: str | None, param_dtype: str, platform: str | None) -> tuple[str, str]:
+    """(the dtype the step's gradient reductions carry on ``platform``, why it differs from ``requested``)."""
+    dtype = requested or param_dtype
+    if dtype == "bfloat16" and platform == "cpu":
+        return "float32", CPU_PROMOTED
+    return dtype, ""
+
+
+def precision_of(cfg: Config, platform: str | None = None) -> Precision:
+    """The config's precision policy (``Precision``) on ``platform`` (where the step compiles)."""
+    m = cfg.model
+    reduce, note = reduction_dtype(m.reduce_dtype, m.param_dtype, platform)
+    return Precision(m.param_dtype, m.compute_dtype, "float32", reduce, note)
+
+
+@dataclasses.dataclass(frozen=True)
 class ParallelPlan:
     """Every decision about how one training step runs on ``mesh``.
 
@@ -60,6 +106,8 @@ class ParallelPlan:
     reduce_per_use: the weight gradients are reduced over the token axes by the step itself, one
       reduce-scatter or all-reduce per weight use (``shardlib.parallel.reduction``); False in a
       pipeline (its executor reduces) and inside DiLoCo's replicas (run under vmap).
+    precision: the dtypes of the parameters, compute, output (logits and loss) and the gradient
+      reductions the step makes itself (``Precision``).
     """
 
     mesh: jax.sharding.Mesh
@@ -77,6 +125,7 @@ class ParallelPlan:
     n_layers: int
     outer: ReplicaPlan | None = None
     reduce_per_use: bool = True
+    precision: Precision = dataclasses.field(default_factory=lambda: Precision())
 
     def model_kwargs(self, shard: ActivationSharding | None = None) -> dict:
         """Keyword arguments of ``Transformer.forward``: shard, attention, experts (``shard`` overrides the plan's)."""
@@ -127,6 +176,7 @@ class ParallelPlan:
                 f"{len(patterns.down) - 1} + {len(patterns.up) - 1} permute patterns"
             )
         lines.append(f"  gradient compression {self.compression}")
+        lines.append(f"  {self.precision.describe()}")
         rows, positions = self.token_axes
         if self.reduce_per_use and (rows or positions) and self.compression == "none":
             lines.append(
@@ -328,5 +378,6 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
         remat=cfg.model.remat,
         n_layers=cfg.model.n_layers,
         reduce_per_use=pipeline is None,
+        precision=precision_of(cfg, mesh.devices.flat[0].platform),
     )
     return dataclasses.replace(plan, outer=_replica_plan(cfg, plan))

@@ -149,7 +149,25 @@ def weight_use(plan: ParallelPlan, shardings: StateShardings, *, deferred: bool 
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, NamedSharding):  # absent: tied embeddings' unembed, MoE-only MLPs
             specs[name] = PartitionSpec(*tuple(node.spec)[1:]) if path[0] == "layers" else node.spec
-    return ReducedWeightUse(plan.mesh, WEIGHT_USES, specs, plan.shard.spec, rows, positions, deferred=deferred)
+    return ReducedWeightUse(
+        plan.mesh,
+        WEIGHT_USES,
+        specs,
+        plan.shard.spec,
+        rows,
+        positions,
+        deferred=deferred,
+        reduce_dtype=plan.precision.reduce,
+        ordered=_ordered_uses(plan, specs),
+    )
+
+
+def _ordered_uses(plan: ParallelPlan, specs: dict) -> list[str]:
+    """The uses whose backward gathers only after reducing (``ReducedWeightUse``'s ``ordered``): the layers'
+    on XLA:CPU, which runs collectives in turn (nothing to overlap, so it takes the lower peak)."""
+    if plan.mesh.devices.flat[0].platform != "cpu":
+        return []
+    return [name for name in specs if WEIGHT_PARAMS[name][0] == "layers"]
 
 
 def make_compression(model: AbstractModel, plan: ParallelPlan, shardings: StateShardings) -> GradCompression | None:

@@ -104,7 +104,7 @@ def _is_lookup_table(p: ParamLayout) -> bool:
     return p.logical_axes == ("vocab", "embed")
 
 
-def gradient_terms(layout: Layout) -> list[Term]:
+def gradient_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     """Data parallel and FSDP: gradient reduction over the token axes, and FSDP's parameter gathers.
 
     Per microbatch: one op per layer for the scanned parameters (XLA combines
@@ -140,7 +140,9 @@ def gradient_terms(layout: Layout) -> list[Term]:
         scope = "layer" if p.scanned else "other"
         # The all-reduce over the axes the parameter is not split over: once per step when the step
         # reduces it per use (a stacked parameter in one op), else per layer and microbatch.
-        ops, message = (1, local * layers) if m > 1 and p.path in per_use else (layers * m, local)
+        # What the reductions carry: model.reduce_dtype for the step's own (per use, a pipeline's).
+        reduced = local * _reduce_itemsize(layout, p, per_use, platform) / p.itemsize
+        ops, message = (1, reduced * layers) if m > 1 and p.path in per_use else (layers * m, reduced)
         all_reduce = "gradient all-reduce" + (" of the shard" if fsdp else "")
         if rest:
             messages[("data parallel", f"{all_reduce} ({scope})", "all-reduce", rest, ops, hides)] += message
@@ -148,31 +150,43 @@ def gradient_terms(layout: Layout) -> list[Term]:
             continue
         gathered = local * int(np.prod([sizes[a] for a in fsdp]))
         if pipelined:  # the executor gathers every parameter once per step and reduce-scatters once after it
-            for what, kind in [
-                ("gather parameters once per step", "all-gather"),
-                ("reduce-scatter gradients", "reduce-scatter"),
-            ]:
-                messages[("fsdp", f"{what} (pipeline), {scope}", kind, fsdp, layers, hides)] += gathered
+            what = "gather parameters once per step (pipeline)"
+            messages[("fsdp", f"{what}, {scope}", "all-gather", fsdp, layers, hides)] += gathered
+            what = "reduce-scatter gradients (pipeline)"
+            messages[("fsdp", f"{what}, {scope}", "reduce-scatter", fsdp, layers, hides)] += gathered * reduced / local
         elif _is_lookup_table(p) and not layout.cfg.model.tie_embeddings and not _gathers_table(layout, p):
             out += _lookup_terms(layout, p, fsdp)
         else:
             gathers = [("gather parameters (forward)", "all-gather"), ("gather parameters (backward)", "all-gather")]
             same_dtype = layout.cfg.model.compute_dtype == layout.cfg.model.param_dtype
             lookup_only = _is_lookup_table(p) and not layout.cfg.model.tie_embeddings
-            if not p.scanned and (same_dtype or lookup_only):
+            if not p.scanned and (same_dtype or lookup_only or m > 1):
                 # Outside the layer scan the backward pass's gather is the forward's
-                # own (same operand, same program level): XLA keeps one copy. A lookup's
-                # backward needs no table at all (token ids have no gradient).
+                # own (same operand, same program level, or both hoisted out of the
+                # accumulation loop): XLA keeps one copy. A lookup's backward needs no
+                # table at all (token ids have no gradient).
                 gathers = [("gather parameters (forward, kept for backward)", "all-gather")]
             gather_ops = layers * m if p.scanned else 1
             for what, kind in gathers:
                 messages[("fsdp", f"{what}, {scope}", kind, fsdp, gather_ops, hides)] += gathered
             messages[("fsdp", f"reduce-scatter gradients, {scope}", "reduce-scatter", fsdp, layers * m, hides)] += (
-                gathered
+                gathered * reduced / local
             )
     for (strategy, what, kind, axes, ops, overlap), message in messages.items():
         out.append(_term(strategy, what, kind, axes, sizes, message, ops, overlap))
     return [t for t in out if t is not None]
+
+
+def _reduce_itemsize(layout: Layout, p: ParamLayout, per_use: set[str], platform: str | None) -> int:
+    """Bytes per value of ``p``'s gradient reductions: ``model.reduce_dtype`` (as ``platform`` carries it)
+    where the step makes them (per use, and in a pipeline's executor), the parameter's own dtype where
+    the partitioner does."""
+    from shardlib.training.parallel_plan import reduction_dtype
+
+    if not (p.path in per_use or layout.sizes["pipe"] > 1):
+        return p.itemsize
+    dtype, _ = reduction_dtype(getattr(layout.cfg.model, "reduce_dtype", None), layout.cfg.model.param_dtype, platform)
+    return np.dtype(dtype).itemsize
 
 
 def _reduced_per_use(layout: Layout) -> set[str]:
@@ -469,7 +483,7 @@ def predict_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     collectives run (``stage_passes``); None predicts the table's own actions.
     """
     terms = [
-        *gradient_terms(layout),
+        *gradient_terms(layout, platform),
         *tensor_terms(layout, platform),
         *sequence_terms(layout, platform),
         *pipeline_terms(layout),

@@ -152,8 +152,9 @@ def apply_overrides(cfg_dict: dict, overrides: Sequence[str], model_cls: type[Ba
     A key is a full dotted path (``optimizer.lr``) or a leaf name that occurs once in
     the schema (``lr``), unless it is a word for settings of two sections (``WORD_SENSES``:
     ``learning_rate``, ``compression``, ``momentum``), an error naming them; ``load_config``
-    also refuses a leaf name in a section the run never reads (``check_short_names``). Values are parsed with ``yaml.safe_load`` so ``true``,
-    ``[a, b]`` and ``null`` work; type checking is left to pydantic, whose lax mode
+    also refuses a leaf name in a section the run never reads (``check_short_names``).
+    Values are parsed with ``yaml.safe_load`` so ``true``, ``[a, b]`` and ``null``
+    work; type checking is left to pydantic, whose lax mode
     also accepts the ``1e-3`` that YAML 1.1 reads as a string. ``model_cls`` selects
     the schema the keys are resolved against.
     """

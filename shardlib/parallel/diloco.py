@@ -265,7 +265,7 @@ def average_moments(inner_R: PyTree, which: str, rows: Sequence[tuple[int, int] 
     10 steps, longer than a short period, so without it each replica re-enters the next period
     along its own noise.
     """
-    names = {"none": (), "first": ("mu",), "both": ("mu", "nu")}[which]  # the fields of MOMENT_NAMES
+    names = {"none": (), "first": ("mu",), "both": ("mu", "nu")}[which]
 
     def average_leaf(x_R: jax.Array, r: tuple[int, int] | None, whole: bool) -> jax.Array:
         if r is None and not whole:

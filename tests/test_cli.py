@@ -86,6 +86,12 @@ USER_ERRORS = [
     (["--mesh", "meshes/cpu-4.yaml", "--devices", "8"], "needs 4 devices (data=2 x model=2) but 8 cpu devices"),
     (["batch_size=30"], "batch_size=30"),
     (["model.n_heads=3"], "n_heads"),
+    # A word for two settings, and a leaf name in a section the run never reads (tiny runs without DiLoCo).
+    (
+        ["learning_rate=1e-3"],
+        "ambiguous config key 'learning_rate'; use the full name: optimizer.lr, outer.learning_rate",
+    ),
+    (["nesterov=false"], "override 'nesterov=false' sets outer.nesterov, which this run never reads"),
 ]
 DESCRIBE_FSDP = ["--config", "configs/tiny.yaml", "--mesh", "meshes/cpu-8-fsdp.yaml", "--sharding", "fsdp"]
 DESCRIBE_DP = ["--config", "configs/tiny.yaml", "--sharding", "dp"]

@@ -290,3 +290,85 @@ def test_data_paths_match_source():
 
 def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+# --- short names: what a leaf name alone may mean ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, keys",
+    [
+        # The run's AdamW or DiLoCo's outer SGD? A word for two settings is an error naming both.
+        ("learning_rate=1e-3", "optimizer.lr, outer.learning_rate"),
+        ("compression=int8", "grad_compression, outer.compression"),
+        ("momentum=0.95", "optimizer.b1, outer.momentum"),
+    ],
+)
+def test_a_word_for_settings_of_two_sections_is_ambiguous(override, keys):
+    with pytest.raises(
+        ConfigError, match=rf"ambiguous config key '{override.split('=')[0]}'; use the full name: {keys}$"
+    ):
+        load_config(TINY, [override])
+    diloco = ["outer.algorithm=diloco", "outer.inner_steps=4"]
+    with pytest.raises(ConfigError, match="ambiguous"):  # on with DiLoCo as well: both sections are read then
+        load_config(TINY, [*diloco, override])
+
+
+@pytest.mark.parametrize(
+    "override, key, switch",
+    [
+        ("nesterov=false", "outer.nesterov", "outer.algorithm"),
+        ("inner_steps=8", "outer.inner_steps", "outer.algorithm"),
+        ("mixing=0.5", "outer.mixing", "outer.algorithm"),
+        ("top_k=1", "model.moe.top_k", "model.moe.n_experts"),
+    ],
+)
+def test_a_short_name_in_a_section_the_run_does_not_read_is_refused(override, key, switch):
+    """tiny runs without DiLoCo and without experts: these would be set and never read."""
+    with pytest.raises(
+        ConfigError, match=rf"override '{override}' sets {key}, which this run never reads \({switch} is"
+    ):
+        load_config(TINY, [override])
+    assert load_config(TINY, [f"{key}={override.split('=')[1]}"])  # the full name sets it on purpose
+
+
+def test_a_short_name_in_a_section_the_run_reads_is_set():
+    cfg = load_config(TINY, ["nesterov=false", "algorithm=diloco", "inner_steps=4"])  # order does not matter
+    assert (cfg.outer.algorithm, cfg.outer.nesterov, cfg.outer.inner_steps) == ("diloco", False, 4)
+    assert load_config(TINY, ["n_experts=4", "top_k=1"]).model.moe.top_k == 1
+    assert load_config(TINY, ["lr=1e-3"]).optimizer.lr == 1e-3  # lr stays the optimizer's
+
+
+@pytest.mark.parametrize(
+    "text, hint",
+    [
+        ("learning_rate: 1.0e-3\n", "learning_rate: unknown key; did you mean: optimizer.lr, outer.learning_rate?"),
+        ("optimizer: {learning_rate: 1.0e-3}\n", "did you mean: optimizer.lr, outer.learning_rate"),
+    ],
+)
+def test_a_file_key_of_another_name_hints_every_setting_it_may_mean(tmp_path, text, hint):
+    model = "model: {d_model: 64, n_layers: 1, n_heads: 2, n_kv_heads: 1, d_ff: 8}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, model + text))
+    assert hint in str(info.value)
+
+
+def test_a_mistyped_word_hints_every_setting_it_may_mean():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'lerning_rate'; did you mean: optimizer\.lr, outer\.lea"
+    ):
+        load_config(TINY, ["lerning_rate=1e-3"])
+
+
+# --- DiLoCo's overlap --------------------------------------------------------------------------
+
+
+def test_an_overlapped_outer_step_keeps_half_of_each_replicas_step_by_default():
+    """Streaming DiLoCo's alpha (Douillard et al. 2025, Figs. 8, 10: alpha = 0.5 with tau = 1): at 0, every
+    replica would throw away the inner step that ran beside the all-reduce, on the fragment."""
+    diloco = ["outer.algorithm=diloco", "outer.inner_steps=4"]
+    assert load_config(TINY, [*diloco, "outer.overlap_steps=1"]).outer.mixing == 0.5
+    assert load_config(TINY, [*diloco, "outer.overlap_steps=1", "outer.mixing=0"]).outer.mixing == 0.0  # as written
+    assert load_config(TINY, diloco).outer.mixing == 0.0  # no overlap: each replica restarts from the anchor
+    cfg = load_config(TINY, [*diloco, "outer.overlap_steps=1"])
+    assert validate_config(json.loads(json.dumps(config_to_dict(cfg)))) == cfg

@@ -39,6 +39,7 @@ from shardlib.parallel.compat import IncompatibleFeatures
 from shardlib.training.checkpoint import Checkpointer, CheckpointError, restore_latest
 from shardlib.training.config import ConfigError, validate_config
 from shardlib.training.data import load_token_splits
+from shardlib.training.parallel_plan import outer_settings
 from shardlib.training.setup import TrainingSetup, setup_training
 from shardlib.training.state_layout import REPLICAS, restore_targets
 from shardlib.training.train_state import abstract_state, make_optimizer
@@ -477,6 +478,23 @@ def test_bad_outer_settings_name_their_key(outer, message):
     with pytest.raises(ConfigError) as err:
         validate_config(raw)
     assert message.replace("Value error, ", "") in str(err.value)
+
+
+@pytest.mark.parametrize("moments", ["first", "both"])
+def test_averaging_the_moments_of_an_optimizer_without_them_is_refused(moments):
+    """optax.sgd keeps no Adam moments: averaging them would do nothing, without a word."""
+    cfg = diloco_config(outer={"average_moments": moments})
+    with pytest.raises(ValueError, match=rf"outer.average_moments={moments} averages the inner optimizer's Adam"):
+        setup_training(cfg, mesh_of(data=4), optimizer=optax.sgd(0.1, momentum=0.9))
+    adam = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))  # found inside a chain
+    assert setup_training(cfg, mesh_of(data=4), optimizer=adam).plan.outer.settings.moments == moments
+
+
+def test_an_overlapped_run_keeps_half_of_each_replicas_overlapped_step():
+    """outer.mixing unset under overlap_steps 1 reaches the strategy as the paper's alpha (test_config)."""
+    cfg = diloco_config(outer={"overlap_steps": 1})
+    assert outer_settings(cfg).mixing == 0.5
+    assert outer_settings(diloco_config(outer={"overlap_steps": 1, "mixing": 0.0})).mixing == 0.0
 
 
 def test_a_checkpoint_of_another_replica_count_is_refused_in_one_line(four):

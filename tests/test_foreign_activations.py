@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ from shardlib import (
     MESH_AXES,
     ActivationSharding,
     ShardingError,
+    ShardingWarning,
     build_mesh,
     linen_output_constraints,
     logical_axes,
@@ -65,7 +68,9 @@ def test_linen_outputs_constrained_by_interceptor():
         with nn.intercept_methods(constrain):
             return LinenModel().apply(variables, x)
 
-    text = jax.jit(apply).lower(variables, x).as_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every pattern matches a module that returns one array
+        text = jax.jit(apply).lower(variables, x).as_text()
     assert constraints_in(text) == ['[{"data"}, {"model"}]', '[{"data"}, {}]']  # mlp/up, then mlp; not mlp/down
 
 
@@ -78,6 +83,50 @@ def test_linen_interceptor_names_a_rank_mismatch():
     assert str(err.value) == (
         "module mlp/up: output of shape (8, 32) but pattern 'mlp/up$' gives logical axes ('batch', 'length', 'mlp')"
     )
+
+
+class LinenPair(nn.Module):
+    """A block that returns (output, auxiliary), as blocks under nn.scan and MoE layers do."""
+
+    @nn.compact
+    def __call__(self, x):
+        return LinenMLP(name="mlp")(x), jnp.zeros(())
+
+
+class LinenPairModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y, aux = LinenPair(name="block")(x)
+        return y + aux
+
+
+def _trace_with(constrain, model):
+    x = jnp.ones((8, 16))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    with nn.intercept_methods(constrain):
+        return jax.eval_shape(model.apply, variables, x)
+
+
+def test_linen_interceptor_names_a_pattern_that_matches_no_module():
+    patterns = [("mlp/up$", ("batch", "mlp")), ("mlp/gate$", ("batch", "mlp"))]
+    with pytest.raises(
+        ShardingError,
+        match=r"pattern\(s\) \['mlp/gate\$'\] match no module.*called: \(the model\), mlp, mlp/up, mlp/down\)",
+    ):
+        _trace_with(linen_output_constraints(lambda x, axes: x, patterns), LinenModel())
+    with pytest.warns(ShardingWarning, match=r"\['mlp/gate\$'\] match no module"):
+        _trace_with(linen_output_constraints(lambda x, axes: x, patterns, strict=False), LinenModel())
+
+
+def test_linen_interceptor_names_a_module_whose_output_is_not_one_array():
+    patterns = [("block$", ("batch", "embed")), ("mlp$", ("batch", "embed"))]
+    with pytest.raises(ShardingError, match=r"module block returns a tuple.*pattern 'block\$' cannot constrain"):
+        _trace_with(linen_output_constraints(lambda x, axes: x, patterns), LinenPairModel())
+    with pytest.warns(ShardingWarning, match=r"module block returns a tuple"):
+        _trace_with(linen_output_constraints(lambda x, axes: x, patterns, strict=False), LinenPairModel())
+    with warnings.catch_warnings():  # None leaves it alone, on purpose
+        warnings.simplefilter("error")
+        _trace_with(linen_output_constraints(lambda x, axes: x, [("block$", None), *patterns[1:]]), LinenPairModel())
 
 
 class NNXMLP(nnx.Module):

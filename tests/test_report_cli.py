@@ -1,11 +1,15 @@
 """The report and plan command lines on every shipped config and mesh; hardware profiles; plots and JSON."""
 
 import importlib
+import importlib.util
 import json
 import pathlib
+import re
+import runpy
 
 import pytest
 
+import shardlib.analysis.planner
 from shardlib.analysis.describe import main as describe_main
 from shardlib.analysis.planner import main as plan_main
 from shardlib.analysis.report.__main__ import main as report_main
@@ -71,7 +75,7 @@ def test_compiled_report_with_sweep_json_and_plots(tmp_path, capsys):
     [
         (["--sweep", "seq_len"], "--sweep wants key=v1,v2"),
         (["--hardware", "tpu9"], "unknown hardware profile 'tpu9'"),
-        (["--devices", "4"], "has 8 devices"),
+        (["--devices", "4"], "mesh 'cpu-8' has 8 devices (data=4 x model=2) but --devices is 4"),
         (["model.d_ff=385"], "does not divide"),
     ],
 )
@@ -88,6 +92,85 @@ def test_plan_cli(capsys):
     assert "best:" in out and "InfiniBand" in out
     assert plan_main(["--config", str(ROOT / "configs/tiny.yaml"), "--devices", "8", "--presets", "zero3"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+def test_plan_exits_non_zero_listing_why_when_no_plan_fits(tmp_path, capsys):
+    """On 8 H100s (one host) every HSDP candidate is FSDP; with 1 MiB a device nothing fits in memory."""
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--devices", "8", "--hardware"]
+    assert plan_main([*argv, "h100", "--presets", "hsdp"]) == shardlib.analysis.planner.EXIT_NO_PLAN != 0
+    captured = capsys.readouterr()
+    dropped = re.search(
+        r"error: no plan fits 8 x h100: all (\d+) candidates were dropped, for the reasons above", captured.err
+    )
+    assert dropped, captured.err
+    assert f"dropped, not worth planning ({dropped.group(1)}); one per reason:" in captured.out
+    assert "data fits inside one host: HSDP would be FSDP" in captured.out
+    small = tmp_path / "small.yaml"
+    small.write_text(
+        "name: small\npeak_tflops: {float32: 10}\nmemory_gib: 0.001\ndevices_per_host: 8\nmfu: 0.5\n"
+        "links:\n  within_host: {name: pcie, bandwidth_gb_s: 16}\n  across_hosts: {name: eth, bandwidth_gb_s: 1}\n"
+    )
+    assert plan_main([*argv, str(small), "--presets", "dp,fsdp"]) == shardlib.analysis.planner.EXIT_NO_PLAN
+    captured = capsys.readouterr()
+    assert "error: no plan fits 8 x small" in captured.err and "dropped, out of memory (" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("shardlib.report", "shardlib.analysis.report"),
+        ("shardlib.plan", "shardlib.analysis.planner"),
+        ("shardlib.describe", "shardlib.analysis.describe"),
+        ("shardlib.launch", "shardlib.cluster.launch"),
+    ],
+)
+def test_a_moved_command_says_where_it_went(old, new, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", [old, "--config", "configs/tiny.yaml"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module(old, run_name="__main__")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: python -m {old} moved to python -m {new}; run: python -m {new} --config configs/tiny.yaml\n"
+    )
+    with pytest.raises(ImportError, match=rf"^{old} moved to {new}; import it from there$"):
+        importlib.import_module(old)
+    assert importlib.util.find_spec(new) is not None
+
+
+DOCS = [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("bench/*"))]
+
+
+def test_the_docs_name_modules_that_exist_and_commands_that_run():
+    """Every ``shardlib.x.y`` the docs name imports (a module, or an attribute of one), or is a former
+    path; every ``python -m shardlib...`` is a module of its own that runs, not one that only says where
+    it moved."""
+    from shardlib._moved import MOVED
+
+    for path in DOCS:
+        text = path.read_text()
+        for name in sorted(set(re.findall(r"\bshardlib(?:\.\w+)+", text))):
+            assert name in MOVED or _resolves(name), f"{path.name} names {name}, which does not import"
+        for module in sorted(set(re.findall(r"python -m (shardlib[\w.]*)", text))):
+            assert module not in MOVED, f"{path.name} runs python -m {module}, which moved to {MOVED[module]}"
+            spec = importlib.util.find_spec(module)
+            main = importlib.util.find_spec(f"{module}.__main__") if spec.submodule_search_locations else spec
+            assert main is not None and "__main__" in main.loader.get_source(main.name), f"{path.name}: {module}"
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[i:]:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            return False
+        return True
+    return False
 
 
 def test_hardware_profiles(tmp_path):
@@ -198,8 +281,6 @@ def test_plan_rejects_a_device_count_below_1(devices, capsys):
 
 def test_plan_verify_fails_naming_the_missed_prediction(monkeypatch, capsys):
     """A prediction outside its bound is an exit status, not only a GAP in the text."""
-    import shardlib.analysis.planner
-
     monkeypatch.setattr(shardlib.analysis.planner, "TOLERANCE", -1.0)  # every prediction misses
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--devices", "8", "--presets", "dp", "--axes", "data"]
     argv += ["--verify", "1", "model.n_layers=1", "batch_size=8", "seq_len=16"]
@@ -212,8 +293,6 @@ def test_plan_verify_fails_naming_the_missed_prediction(monkeypatch, capsys):
 
 
 def test_user_facing_text_cites_no_issue_numbers():
-    import shardlib.analysis.planner
-
     assert "issue #" not in shardlib.analysis.planner.__doc__
     for impl in ("dense", "ring", "allgather"):
         cfg = tiny_config(attention={"impl": impl})

@@ -19,6 +19,7 @@ from shardlib.core.rules import (
     ShardingError,
     ShardingIntent,
     axes_tuple,
+    check_mesh_fits_intent,
     compile_rules,
     format_rules,
     logical_to_sharding,
@@ -201,6 +202,45 @@ def test_unknown_preset():
     with pytest.raises(ShardingError) as err:
         preset_rules("zero3")
     assert str(err.value) == "unknown sharding preset 'zero3'; known presets: dp, fsdp, tp, fsdp_tp, hsdp, hsdp_tp"
+
+
+# --- presets that need a mesh of their own shape ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("preset", "mesh", "message"),
+    [
+        # Without replica groups, HSDP would be FSDP over every data device ...
+        ("hsdp_tp", sizes(data=4, model=2), r"data_replica=1.*meshes/cpu-8-hsdp.yaml.*'fsdp_tp'"),
+        # ... and without data inside each group, plain data parallelism: nothing left to shard over.
+        ("hsdp", sizes(data_replica=8), r"preset 'hsdp' shards the parameters over data inside each data_replica"),
+        ("hsdp_tp", sizes(data_replica=4, model=2), r"has data=1 \(data_replica=4\).*or preset 'tp'"),
+    ],
+)
+def test_an_hsdp_preset_is_refused_on_a_mesh_it_would_not_be_hsdp_on(preset, mesh, message):
+    with pytest.raises(ShardingError, match=message):
+        check_mesh_fits_intent(preset, mesh)
+    with pytest.raises(ShardingError, match=message):  # the rules alone, given the mesh, as the trainer's
+        preset_rules(preset, mesh=mesh)
+    preset_rules(preset)  # without a mesh: the table, for any mesh
+    check_mesh_fits_intent(preset, sizes(data_replica=2, data=2, model=2))
+
+
+def test_an_hsdp_preset_on_a_projects_mesh_reads_the_axes_it_is_renamed_to():
+    mesh = {"replica": 2, "fsdp": 2}
+    rules = preset_rules("hsdp", mesh=mesh, mesh_axes={"data_replica": "replica", "data": "fsdp"})
+    assert logical_to_spec(("batch", "embed"), rules, mesh) == P(("replica", "fsdp"), None)
+    with pytest.raises(ShardingError, match=r"preset 'hsdp' keeps a copy of the parameters per data_replica group"):
+        preset_rules("hsdp", mesh=mesh, mesh_axes={"data": "fsdp", "data_replica": None})
+
+
+def test_the_trainer_refuses_hsdp_on_replica_groups_of_one_device():
+    """``sharding=hsdp`` on ``{data_replica: 8}`` would train as plain data parallelism."""
+    from shardlib.training.setup import setup_training
+    from tests.support import mesh_of, tiny_config
+
+    with pytest.raises(ShardingError, match=r"preset 'hsdp' shards the parameters over data inside each"):
+        setup_training(tiny_config(sharding="hsdp"), mesh_of(data_replica=8))
 
 
 # --- validate_rules ---------------------------------------------------------------------------

@@ -29,7 +29,8 @@ planner proposes DiLoCo over it (``propose_diloco``) with the H whose outer all-
 ``--verify K`` compiles the top K plans on N emulated CPU devices and prints
 predicted against compiled communication (per axis, with the avoidable
 traffic of XLA:CPU taken out) and memory; each must agree within 10%, else
-the command exits with status 1 and names the predictions that missed.
+the command exits with status 1 and names the predictions that missed. When no candidate fits,
+it lists why each kind was dropped and exits with status 1 (``EXIT_NO_PLAN``); usage errors are 2.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from shardlib.training.config import Config, load_config
 
 TOLERANCE = 0.10
 EXIT_MISSED = 1  # --verify: a prediction missed its bound (usage errors are 2)
+EXIT_NO_PLAN = 1  # no candidate fits: the answer is no (as grep's 1 for no match), the reasons printed
 HIDDEN = 0.05  # DiLoCo: the outer all-reduce's share of the H inner steps it follows, at most
 
 
@@ -344,6 +346,7 @@ def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top:
         out += [f"  {p.label}: {p.dropped.removeprefix('refused: ')}" for p in reasons.values()]
     memory_drops = [p for p in dropped if p.dropped.startswith("needs")]
     divide_drops = [p for p in dropped if p.dropped.startswith("does not divide")]
+    redundant_drops = [p for p in dropped if not p.dropped.startswith(("refused", "needs", "does not divide"))]
     if memory_drops:
         out += ["", f"dropped, out of memory ({len(memory_drops)}):"]
         out += [f"  {p.label}: {p.dropped}" for p in sorted(memory_drops, key=lambda p: p.memory.total)[:6]]
@@ -353,6 +356,12 @@ def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top:
         for p in divide_drops:  # key: what failed (a parameter path, or the batch), not the mesh
             reasons.setdefault(p.dropped.removeprefix("does not divide: ").split(":")[0], p)
         out += [f"  {p.label}: {p.dropped.removeprefix('does not divide: ')}" for p in reasons.values()]
+    if redundant_drops:  # plan_candidates.redundant: the same as another candidate, or an axis left idle
+        out += ["", f"dropped, not worth planning ({len(redundant_drops)}); one per reason:"]
+        reasons = {}
+        for p in redundant_drops:
+            reasons.setdefault(p.dropped, p)
+        out += [f"  {p.label}: {p.dropped}" for p in reasons.values()]
     return "\n".join(out)
 
 
@@ -432,6 +441,13 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"--axes takes some of {', '.join(PLAN_AXES)}, got {args.axes!r}")
     plans = make_plans(cfg, args.devices, profile, presets=presets, axes=axes, mfu=args.mfu)
     print(format_plans(plans, cfg, args.devices, profile, top=args.top))
+    if all(p.dropped for p in plans):
+        print(
+            f"error: no plan fits {args.devices} x {profile.name}: all {len(plans)} candidates were dropped, "
+            "for the reasons above",
+            file=sys.stderr,
+        )
+        return EXIT_NO_PLAN
     if args.verify:
         text, misses = verify(plans, cfg, args.verify)
         print("\n" + text)

@@ -19,11 +19,14 @@ names; they are read as logical names all the same, so give them rules
 (``("model", "model")``) or aliases.
 
 ``linen_output_constraints`` constrains the outputs of a Linen model's
-submodules without touching its code (``nn.intercept_methods``).
+submodules without touching its code (``nn.intercept_methods``), and says
+which of its patterns matched nothing, and which matched an output it
+cannot constrain.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +37,7 @@ from jax.sharding import PartitionSpec
 
 from shardlib.core.paths import is_flax_box, param_path, path_str
 from shardlib.core.patterns import AxisPatterns, LeafToAssign, assign_logical_axes, leaf_shape, segment_regex
-from shardlib.core.rules import LogicalAxes, ShardingError
+from shardlib.core.rules import LogicalAxes, ShardingError, ShardingWarning
 
 PyTree = Any
 # NNX's metadata keys for logical names, newest first (the older two are deprecated aliases).
@@ -168,7 +171,7 @@ def logical_axes_from_state(state: PyTree) -> PyTree:
 
 
 def linen_output_constraints(
-    shard: Callable[[jax.Array, LogicalAxes], jax.Array], patterns: AxisPatterns
+    shard: Callable[[jax.Array, LogicalAxes], jax.Array], patterns: AxisPatterns, *, strict: bool = True
 ) -> Callable[..., Any]:
     """A Linen method interceptor that constrains submodules' outputs by logical names.
 
@@ -186,27 +189,83 @@ def linen_output_constraints(
         segments, against the module's path (``block_0/mlp``, as in the
         parameter paths without ``params/``); the first match wins, None
         leaves the output alone. Only ``__call__`` outputs that are single
-        arrays are constrained.
+        arrays can be constrained.
+      strict: at the end of each outermost call (one ``apply``), a pattern
+        that matched no module's ``__call__`` is an error, and so is a module
+        whose first matching pattern gives axes while it returns something
+        other than one array (a tuple); ``strict=False`` warns instead
+        (``ShardingWarning``), e.g. for an ``apply`` of a method that runs only
+        part of the model.
     Raises (when called, at trace time):
       ShardingError: an output whose rank differs from the pattern's axes,
-        naming the module and the pattern.
+        naming the module and the pattern; with ``strict``, the two above.
     """
-    table = [(segment_regex(p), p, None if axes is None else tuple(axes)) for p, axes in patterns]
+    return _OutputConstraints(shard, patterns, strict)
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__" or not isinstance(out, jax.Array):
-            return out
+
+class _OutputConstraints:
+    """``linen_output_constraints``'s interceptor; one pass is one outermost call (an ``apply``)."""
+
+    def __init__(self, shard: Callable[[jax.Array, LogicalAxes], jax.Array], patterns: AxisPatterns, strict: bool):
+        self.shard, self.strict = shard, strict
+        self.table = [(segment_regex(p), p, None if axes is None else tuple(axes)) for p, axes in patterns]
+        self.depth = 0
+        self.called: list[str] = []  # the pass's module paths, in call order (the model first)
+        self.used: set[int] = set()  # the patterns that matched one of them
+
+    def __call__(self, next_fun, args, kwargs, context):
+        self.depth += 1
         path = "/".join(str(name) for name in context.module.path)
-        for regex, source, axes in table:
-            if regex.search(path):
-                if axes is None:
-                    return out
-                if len(axes) != out.ndim:
-                    raise ShardingError(
-                        f"module {path}: output of shape {out.shape} but pattern {source!r} gives logical axes {axes}"
-                    )
-                return shard(out, axes)
+        if context.method_name == "__call__":
+            self.called.append(path)
+        try:
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__":
+                out = self._constrain(out, path)
+        except BaseException:
+            self._start_pass()
+            raise
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and context.method_name != "setup":  # the outermost call is done (setup runs first)
+            self._end_pass()
         return out
 
-    return interceptor
+    def _constrain(self, out: Any, path: str) -> Any:
+        matching = [i for i, (regex, _, _) in enumerate(self.table) if regex.search(path)]
+        self.used.update(matching)
+        if not matching or self.table[matching[0]][2] is None:
+            return out
+        _, source, axes = self.table[matching[0]]
+        if not isinstance(out, jax.Array):
+            self._report(
+                f"module {path or '(the model)'} returns a {type(out).__name__} from __call__, which pattern "
+                f"{source!r} cannot constrain (only one array); anchor the pattern to the submodule whose output "
+                "it means, or give it None"
+            )
+            return out
+        if len(axes) != out.ndim:
+            raise ShardingError(
+                f"module {path}: output of shape {out.shape} but pattern {source!r} gives logical axes {axes}"
+            )
+        return self.shard(out, axes)
+
+    def _end_pass(self) -> None:
+        unused = [source for i, (_, source, _) in enumerate(self.table) if i not in self.used]
+        shown = self.called[:12]
+        called = ", ".join(p or "(the model)" for p in shown) + (", ..." if len(self.called) > len(shown) else "")
+        self._start_pass()
+        if unused:
+            fix = " Remove them, or pass strict=False to only warn" if self.strict else ""
+            self._report(
+                f"pattern(s) {unused} match no module's __call__ (modules called: {called}); mistyped, or for "
+                f"another model?{fix}"
+            )
+
+    def _start_pass(self) -> None:
+        self.called, self.used = [], set()
+
+    def _report(self, message: str) -> None:
+        if self.strict:
+            raise ShardingError(message)
+        warnings.warn(message, ShardingWarning, stacklevel=5)

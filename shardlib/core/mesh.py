@@ -159,7 +159,7 @@ def build_mesh(
 
     if n_hosts != n_processes:
         raise ValueError(
-            f"{where} needs {n_hosts} processes (across_hosts {_format_sizes(across)}) but the "
+            f"{where} needs {n_hosts} processes (across_hosts {format_sizes(across)}) but the "
             f"{_count(len(devices), kind + ' device')} belong to {_count(n_processes, 'process')}; "
             "start one process per host and call jax.distributed.initialize() first"
         )
@@ -194,7 +194,7 @@ def describe_mesh(mesh: jax.sharding.Mesh) -> str:
         return f"single device ({where}; all axes = 1)"
     if trivial:
         where += f"; {', '.join(trivial)} = 1"
-    return f"{_format_sizes(sizes)} ({where})"
+    return f"{format_sizes(sizes)} ({where})"
 
 
 # --- parsing and validation -----------------------------------------------------------------
@@ -279,12 +279,12 @@ def _resolve(sizes: dict[str, int], available: int, noun: str, where: str, *, pe
     if absorbing:
         if available % fixed:
             raise ValueError(
-                f"{where}: {_format_sizes(sizes)} needs a multiple of {fixed} {_plural(generic)}"
+                f"{where}: {format_sizes(sizes)} needs a multiple of {fixed} {_plural(generic)}"
                 f"{scope} for {absorbing[0]}=-1 to absorb, but {have}"
             )
         return {axis: available // fixed if size == -1 else size for axis, size in sizes.items()}
     if fixed != available:
-        raise ValueError(f"{where} needs {_count(fixed, generic)}{scope} ({_format_sizes(sizes)}) but {have}")
+        raise ValueError(f"{where} needs {_count(fixed, generic)}{scope} ({format_sizes(sizes)}) but {have}")
     return dict(sizes)
 
 
@@ -310,7 +310,8 @@ def _suggest(word: Any, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _format_sizes(sizes: Mapping[str, int]) -> str:
+def format_sizes(sizes: Mapping[str, int]) -> str:
+    """Axis sizes as people write them: ``data=4 x model=2`` (size-1 axes left out)."""
     shown = [f"{axis}={size}" for axis, size in sizes.items() if size != 1]
     return " x ".join(shown) if shown else "all axes 1"
 

@@ -64,10 +64,11 @@ class ShardingIntent:
             column-parallel then row-parallel with one all-reduce forward and
             one backward; the vocabulary is split too.
     hierarchical: the preset is HSDP: it needs a mesh that splits data into
-            ``data_replica`` groups (``check_mesh_fits_intent``). Its table is
-            the FSDP preset's: on such a mesh FSDP is hierarchical anyway;
-            the name says it is meant, so a flat mesh is an error, not a
-            silent ZeRO-3 over every data device.
+            ``data_replica`` groups of more than one ``data`` device each
+            (``check_mesh_fits_intent``). Its table is the FSDP preset's: on
+            such a mesh FSDP is hierarchical anyway; the name says it is
+            meant, so a flat mesh is an error, not a silent ZeRO-3 over every
+            data device, and so are groups of one device (data parallelism).
     """
 
     batch: tuple[str, ...] = ("data_replica", "data", "expert")
@@ -89,14 +90,36 @@ PRESETS: dict[str, ShardingIntent] = {
 def check_mesh_fits_intent(name: str, sizes: Mapping[str, int]) -> None:
     """Raises ``ShardingError`` when preset ``name`` needs a mesh axis ``sizes`` does not split.
 
-    An HSDP preset on a mesh without ``data_replica`` would quietly be ZeRO-3 over all of data.
+    An HSDP preset needs both parts of data split: on a mesh without ``data_replica`` it would
+    quietly be ZeRO-3 over all of data; on one with ``data=1`` (``{data_replica: 8}``) every group
+    would hold whole parameters, plain data parallelism. ``sizes``: shardlib's axes (one absent: 1).
     """
-    if PRESETS[name].hierarchical and sizes.get("data_replica", 1) < 2:
+    intent = PRESETS[name]
+    if not intent.hierarchical:
+        return
+    replicas, data = sizes.get("data_replica", 1), sizes.get("data", 1)
+    if replicas < 2:
         raise ShardingError(
             f"preset {name!r} keeps a copy of the parameters per data_replica group, but the mesh has "
             f"data_replica=1; use a mesh that splits data (data_replica: 2 in within_host or across_hosts, "
             f"as meshes/cpu-8-hsdp.yaml does), or preset {name.replace('hsdp', 'fsdp')!r} for FSDP over all of data"
         )
+    if data < 2:
+        flat = next(p for p, i in PRESETS.items() if i == ShardingIntent(tensor=intent.tensor))
+        raise ShardingError(
+            f"preset {name!r} shards the parameters over data inside each data_replica group, but the mesh has "
+            f"data=1 (data_replica={replicas}): every group would hold them whole, which is data parallelism; "
+            f"split data_replica into data_replica x data (as meshes/cpu-8-hsdp.yaml does), or preset {flat!r}"
+        )
+
+
+def _shardlib_axis_sizes(sizes: Mapping[str, int], mesh_axes: Mapping[str, MeshAxes]) -> dict[str, int]:
+    """The size of each of shardlib's axes on a mesh of ``sizes``, read through ``mesh_axes`` (an axis
+    renamed to several is their product, to None or one the mesh lacks 1)."""
+    return {
+        axis: math.prod(sizes.get(a, 1) for a in (axes_tuple(mesh_axes[axis]) if axis in mesh_axes else (axis,)))
+        for axis in MESH_AXES
+    }
 
 
 def _axes_or_none(axes: tuple[str, ...]) -> MeshAxes:
@@ -149,10 +172,14 @@ def preset_rules(
     table is renamed by ``mesh_axes`` (shardlib axis -> the project's axis, a
     tuple of them, or None) and fitted to it by ``rename_mesh_axes``, e.g.
     ``preset_rules("fsdp_tp", mesh=mesh, mesh_axes={"data": "fsdp", "model": "tp"})``.
+    Given a mesh, a preset it does not fit is refused as the trainer refuses it
+    (``check_mesh_fits_intent``: ``hsdp``/``hsdp_tp`` need both ``data_replica`` and ``data``).
     """
     if name not in PRESETS:
         raise ShardingError(f"unknown sharding preset {name!r}; known presets: {', '.join(PRESETS)}")
     rules = compile_rules(PRESETS[name])
+    if mesh is not None:
+        check_mesh_fits_intent(name, _shardlib_axis_sizes(_axis_sizes(mesh), mesh_axes or {}))
     if mesh is None and mesh_axes is None:
         return rules
     return rename_mesh_axes(rules, mesh_axes or {}, mesh=mesh, what=f"preset {name!r}")

@@ -64,6 +64,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 PyTree = Any
 ALGORITHMS = ("diloco", "local_sgd")
 MOMENTS = ("none", "first", "both")  # the inner AdamW moments averaged at outer steps (average_moments)
+MOMENT_NAMES = {"first": "mu", "both": "mu and nu"}
 # reduce(delta_R, error_feedback) -> (mean over replicas, new error feedback): a compressed all-reduce.
 Reduce = Callable[[PyTree, dict], tuple[PyTree, dict]]
 
@@ -239,6 +240,19 @@ def diloco_optimizer(
 
 def _is_adam(node) -> bool:
     return isinstance(node, optax.ScaleByAdamState)
+
+
+def check_moments(inner_state: PyTree, which: str) -> None:
+    """Raises ValueError when ``which`` moments (``average_moments``) are to be averaged and the inner
+    optimizer's state (any tree of its structure: arrays, abstract, or shardings) holds no Adam moments
+    (``optax.ScaleByAdamState``, which AdamW, Adam and their chains keep): averaging would do nothing."""
+    if which == "none" or any(_is_adam(n) for n in jax.tree.leaves(inner_state, is_leaf=_is_adam)):
+        return
+    raise ValueError(
+        f"outer.average_moments={which} averages the inner optimizer's Adam moments ({MOMENT_NAMES[which]}), but "
+        "its state holds none (no optax.ScaleByAdamState, as in optax.sgd's, with or without momentum), so it "
+        "would do nothing; use outer.average_moments: none, or an inner optimizer built on optax.scale_by_adam"
+    )
 
 
 def average_moments(inner_R: PyTree, which: str, rows: Sequence[tuple[int, int] | None] | None = None) -> PyTree:

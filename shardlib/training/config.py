@@ -9,6 +9,7 @@ value given and what was expected, before any device work starts.
 
 import copy
 import difflib
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from pydantic.fields import FieldInfo
 
 from shardlib.core.yaml_file import read_yaml
 from shardlib.training.config_schema import (
+    CONDITIONAL_SECTIONS,
+    WORD_SENSES,
     AttentionConfig,
     CheckpointConfig,
     Config,
@@ -42,6 +45,7 @@ __all__ = [
     "OptimizerConfig",
     "PipelineConfig",
     "apply_overrides",
+    "check_short_names",
     "config_keys",
     "config_to_dict",
     "load_config",
@@ -68,23 +72,64 @@ def config_keys(model_cls: type[BaseModel] = Config) -> list[str]:
     return [key for key, _ in _leaf_fields(model_cls)]
 
 
+def _word_senses(model_cls: type[BaseModel]) -> dict[str, tuple[str, ...]]:
+    """``WORD_SENSES`` whose keys are all in ``model_cls`` (another schema has none of them)."""
+    keys = set(config_keys(model_cls))
+    return {word: senses for word, senses in WORD_SENSES.items() if keys.issuperset(senses)}
+
+
+def _by_leaf(keys: Sequence[str]) -> dict[str, list[str]]:
+    by_leaf: dict[str, list[str]] = {}
+    for dotted in keys:
+        by_leaf.setdefault(dotted.rpartition(".")[2], []).append(dotted)
+    return by_leaf
+
+
+def _close_keys(key: str, model_cls: type[BaseModel], *, sections: bool = False) -> list[str]:
+    """The keys a mistyped ``key`` may have meant: close dotted keys and unique leaf names, and every key
+    a word of ``WORD_SENSES`` close to ``key`` (or to its last part) stands for. ``sections``: section
+    names too (a config file's mistyped ``optimiser:``)."""
+    keys = config_keys(model_cls)
+    senses = _word_senses(model_cls)
+    unique = [leaf for leaf, found in _by_leaf(keys).items() if len(found) == 1 and leaf not in keys + list(senses)]
+    names = keys + unique + list(senses) + (list(model_cls.model_fields) if sections else [])
+    words = difflib.get_close_matches(key.rpartition(".")[2], list(senses), n=1)
+    words += difflib.get_close_matches(key, names, n=3)
+    return list(dict.fromkeys(k for word in words for k in senses.get(word, (word,))))
+
+
 def _resolve_key(key: str, model_cls: type[BaseModel]) -> tuple[str, FieldInfo]:
     """Map a full dotted key or a unique leaf name to its dotted key and field."""
     fields = dict(_leaf_fields(model_cls))
     if key in fields:
         return key, fields[key]
-    by_leaf: dict[str, list[str]] = {}
-    for dotted in fields:
-        by_leaf.setdefault(dotted.rpartition(".")[2], []).append(dotted)
-    candidates = by_leaf.get(key, [])
+    candidates = _word_senses(model_cls).get(key) or _by_leaf(list(fields)).get(key, [])
     if len(candidates) == 1:
         return candidates[0], fields[candidates[0]]
     if candidates:
         raise ConfigError(f"ambiguous config key '{key}'; use the full name: {', '.join(candidates)}")
-    unique_leaves = [leaf for leaf, keys in by_leaf.items() if len(keys) == 1 and leaf not in fields]
-    close = difflib.get_close_matches(key, list(fields) + unique_leaves, n=3)
+    close = _close_keys(key, model_cls)
     hint = f"did you mean: {', '.join(close)}?" if close else f"valid keys: {', '.join(fields)}"
     raise ConfigError(f"unknown config key '{key}'; {hint}")
+
+
+def check_short_names(cfg: Config, overrides: Sequence[str]) -> None:
+    """Raises ConfigError for an override by leaf name (``nesterov=false``) whose key is in a section
+    ``cfg`` never reads (``CONDITIONAL_SECTIONS``: ``outer`` without DiLoCo, ``model.moe`` without
+    experts): it would be set and change nothing. The full name (``outer.nesterov=false``) is taken
+    as meant, and so is a leaf name in a section the same overrides (or the file) turn on."""
+    for override in overrides:
+        key, _, raw = override.partition("=")
+        key = key.strip()
+        dotted, _ = _resolve_key(key, Config)
+        section = next((s for s in CONDITIONAL_SECTIONS if dotted.startswith(s.prefix)), None)
+        if dotted == key or section is None or dotted == section.switch or section.is_on(cfg):
+            continue
+        value = functools.reduce(getattr, section.switch.split("."), cfg)
+        raise ConfigError(
+            f"override '{override}' sets {dotted}, which this run never reads ({section.switch} is {value!r}); "
+            f"set {section.how} to use it, or write the full name {dotted}={raw.strip()} to set it while it is off"
+        )
 
 
 def _parse_value(override: str, raw: str, field: FieldInfo) -> Any:
@@ -105,8 +150,11 @@ def apply_overrides(cfg_dict: dict, overrides: Sequence[str], model_cls: type[Ba
     """Return a copy of ``cfg_dict`` with ``key=value`` overrides applied, in order.
 
     A key is a full dotted path (``optimizer.lr``) or a leaf name that occurs once in
-    the schema (``lr``). Values are parsed with ``yaml.safe_load`` so ``true``,
-    ``[a, b]`` and ``null`` work; type checking is left to pydantic, whose lax mode
+    the schema (``lr``), unless it is a word for settings of two sections (``WORD_SENSES``:
+    ``learning_rate``, ``compression``, ``momentum``), an error naming them; ``load_config``
+    also refuses a leaf name in a section the run never reads (``check_short_names``).
+    Values are parsed with ``yaml.safe_load`` so ``true``, ``[a, b]`` and ``null``
+    work; type checking is left to pydantic, whose lax mode
     also accepts the ``1e-3`` that YAML 1.1 reads as a string. ``model_cls`` selects
     the schema the keys are resolved against.
     """
@@ -143,8 +191,7 @@ def _describe_error(error: dict, model_cls: type[BaseModel]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "config"
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
-        known = dict.fromkeys(config_keys(model_cls) + list(model_cls.model_fields))
-        close = difflib.get_close_matches(key, list(known), n=3)
+        close = _close_keys(key, model_cls, sections=True)
         message = "unknown key" + (f"; did you mean: {', '.join(close)}?" if close else "")
     elif kind == "value_error":
         message = message.removeprefix("Value error, ")
@@ -179,7 +226,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
             f"invalid config in {path}: the top level must be a mapping of keys, got {type(raw).__name__}"
         )
     source = f"in {path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
-    return validate_config(apply_overrides(raw, overrides), source)
+    cfg = validate_config(apply_overrides(raw, overrides), source)
+    check_short_names(cfg, overrides)
+    return cfg
 
 
 def config_to_dict(cfg: BaseModel) -> dict:

@@ -4,6 +4,8 @@ Loading, ``key=value`` overrides and the error messages live in
 :mod:`shardlib.training.config`, which re-exports these classes; import them from there.
 """
 
+import dataclasses
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -264,6 +266,10 @@ class AttentionConfig(BaseModel):
     block_k: PosInt = 256
 
 
+# Streaming DiLoCo's alpha where an overlapped outer step lands, when the config does not set outer.mixing.
+OVERLAP_MIXING = 0.5
+
+
 class OuterConfig(BaseModel):
     """Local SGD and DiLoCo across replica groups (``shardlib.parallel.diloco``); ``none``: synchronous.
 
@@ -294,7 +300,9 @@ class OuterConfig(BaseModel):
     # it (streaming DiLoCo's overlap, tau = 1); 0: the inner steps wait for it.
     overlap_steps: Annotated[int, Field(ge=0, le=1)] = 0
     # Where an outer step lands, each replica keeps this share of its own parameters (streaming DiLoCo's
-    # alpha; 0: it restarts from the new anchor).
+    # alpha; 0: it restarts from the new anchor). Unset: 0.5 with overlap_steps 1, the paper's alpha for
+    # tau = 1 (Douillard et al. 2025, Figs. 8 and 10), since at 0 every replica would throw away, on the
+    # fragment, the inner step that ran beside the all-reduce; 0 without overlap (DiLoCo's restart).
     mixing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # The inner AdamW's moments averaged over the replicas at each outer step (one more all-reduce of
     # the pseudo-gradient's float32 bytes per moment): none, first (mu), both (mu and nu).
@@ -302,6 +310,8 @@ class OuterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_outer(self) -> "OuterConfig":
+        if self.overlap_steps and "mixing" not in self.model_fields_set:
+            self.mixing = OVERLAP_MIXING
         if len(set(self.replica_axes)) != len(self.replica_axes) or not self.replica_axes:
             raise ValueError(f"replica_axes must name each mesh axis once, at least one (got {self.replica_axes})")
         if self.inner_steps % self.fragments:
@@ -326,6 +336,35 @@ class OuterConfig(BaseModel):
                 "has no meaning; use algorithm: diloco to set the outer optimizer"
             )
         return self
+
+
+# Words a user may type for a setting the schema names otherwise, with every key each may stand for: such
+# a word alone (``learning_rate=1e-3``) is ambiguous, the run's AdamW or DiLoCo's outer SGD, so an override
+# must write the full name (shardlib.training.config). ``lr`` stays optimizer.lr.
+WORD_SENSES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("optimizer.lr", "outer.learning_rate"),
+    "compression": ("grad_compression", "outer.compression"),
+    "momentum": ("optimizer.b1", "outer.momentum"),  # AdamW's first-moment decay, or the outer SGD's
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionalSection:
+    """A section a run reads only when its switch turns it on: a leaf name alone that lands in it while it is
+    off would change nothing, so an override by leaf name is refused then (the full name still sets it)."""
+
+    prefix: str  # the section's dotted keys start with it
+    switch: str  # the key that turns it on (itself always read)
+    is_on: Callable[["Config"], bool]
+    how: str  # an override that turns it on, for the error
+
+
+CONDITIONAL_SECTIONS = (
+    ConditionalSection("outer.", "outer.algorithm", lambda c: c.outer.algorithm != "none", "outer.algorithm=diloco"),
+    ConditionalSection(
+        "model.moe.", "model.moe.n_experts", lambda c: c.model.moe.n_experts > 0, "model.moe.n_experts=8"
+    ),
+)
 
 
 class Config(BaseModel):

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 
 from shardlib.core.sharding import optimizer_shardings
 from shardlib.parallel.compression import GradCompression
-from shardlib.parallel.diloco import diloco_optimizer, outer_optimizer, per_replica, replicate
+from shardlib.parallel.diloco import check_moments, diloco_optimizer, outer_optimizer, per_replica, replicate
 from shardlib.training.config import Config
 from shardlib.training.data import BatchLoader
 from shardlib.training.diloco_steps import make_diloco_steps, make_outer_compression, model_fragments
@@ -170,6 +170,7 @@ def _setup_diloco(
     replica = plan.outer
     axes = replica.settings.replica_axes
     inside = state_shardings(model, inner_tx, replica.plan.rules, mesh)  # one replica's layout
+    check_moments(inside.opt_state, replica.settings.moments)
     outer_tx = outer_optimizer(replica.settings)
     compression = make_outer_compression(model, plan, inside.params, model_fragments(model, replica.settings.fragments))
     tx = diloco_optimizer(inner_tx, outer_tx, axes, compression and compression.init_error_feedback)

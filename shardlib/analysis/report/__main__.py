@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import jax
 
-from shardlib.core.mesh import MESH_AXES, MeshSpec, build_mesh, mesh_spec, prepare_devices
+from shardlib.core.mesh import MESH_AXES, MeshSpec, build_mesh, format_sizes, mesh_spec, prepare_devices
 from shardlib.core.rules import PRESETS
 from shardlib.training.config import load_config
 
@@ -181,7 +181,9 @@ def _main(args: argparse.Namespace) -> int:
     sizes = mesh_sizes(spec, args.devices)
     total = math.prod(sizes.values())
     if args.devices is not None and args.devices != total:
-        raise ValueError(f"mesh {spec.name!r} has {total} devices ({sizes}) but --devices is {args.devices}")
+        raise ValueError(
+            f"mesh {spec.name!r} has {total} devices ({format_sizes(sizes)}) but --devices is {args.devices}"
+        )
     sweep = _parse_sweep(args.sweep) if args.sweep else None
     swept = _sweep_configs(args, *sweep, sizes) if sweep else []
     profile = load_profile(args.hardware) if args.hardware else None

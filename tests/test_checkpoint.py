@@ -75,12 +75,25 @@ def _separate(tree):
     return jax.tree.map(lambda x: split(dict(x)) if is_layers(x) else x, tree, is_leaf=is_layers)
 
 
-def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path, saved_run, straight_losses):
-    """saved_run's step 5 rewritten as the code before the fusion saved it (layers/q, k, v, gate, up in params
-    and in both AdamW moments, no ``projections`` in its meta): the run resumes on the fused model with the
-    very losses of the uninterrupted run, the conversion logged."""
-    from shardlib.training.fused_projections import PROJECTIONS
+def _save_as_before_checksums(directory: pathlib.Path, step: int, state: dict, meta: dict) -> None:
+    """A step as the code before checksums (and before the fused projections) wrote it: Orbax's standard
+    handler, and a meta of the step, the data position and the skip count only."""
+    import orbax.checkpoint as ocp
 
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    meta = {"step": step, "data_position": meta["data_position"], "skipped_updates": meta["skipped_updates"]}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_a_checkpoint_from_before_the_checksums_and_the_fused_projections_resumes_exactly(
+    tmp_path, saved_run, straight_losses
+):
+    """saved_run's step 5 rewritten as the code before the checksums and the fusion saved it (layers/q, k, v,
+    gate, up in params and in both AdamW moments; a meta without checksums, layout or ``projections``): the run
+    resumes on the fused model with the very losses of the uninterrupted run, saying that the step was not
+    verified and that it was converted."""
     run_dir = tmp_path / "old"
     _copy_tree(pathlib.Path(saved_run.run_dir), run_dir)
     mesh = mesh_of(data=4, model=2)
@@ -91,11 +104,9 @@ def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path
         old_params, old_opt_state = _separate(jax.device_get((params, opt_state)))
         shutil.rmtree(checkpointer.step_path(5))
         checkpointer.close()
-        checkpointer = Checkpointer(run_dir / "checkpoints", every=5, keep=3, async_save=False)
-        meta = {k: v for k, v in meta.items() if k not in (PROJECTIONS, "step")}
         replicated = jax.NamedSharding(mesh, jax.P())
-        checkpointer.save(5, *jax.device_put((old_params, old_opt_state), replicated), meta)
-        checkpointer.close()
+        old_state = jax.device_put({"params": old_params, "opt_state": old_opt_state}, replicated)
+        _save_as_before_checksums(run_dir / "checkpoints", 5, old_state, meta)
     assert "q" in old_params["layers"] and "qkv" not in old_opt_state[1][0].mu["layers"]
 
     logged = []
@@ -103,6 +114,8 @@ def test_a_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path
     assert resumed.start_step == 5
     assert resumed.losses == straight_losses[5:], "the converted checkpoint resumed with other losses"
     assert any("converted to layers/qkv and layers/gate_up" in line for line in logged), logged
+    unverified = f"warning: checkpoint step 5 at {run_dir / 'checkpoints' / '5'} predates checksums"
+    assert any(line.startswith(unverified) for line in logged), logged
 
 
 def test_restore_onto_another_mesh(saved_run):
@@ -154,7 +167,10 @@ def test_checkpoint_of_another_config_is_a_clear_error(tmp_path, saved_run):
         (run_dir / record).unlink()
     before = _tree_digest(run_dir / "checkpoints")
     wider = tiny_config(run_dir, sharding="tp", model={"d_model": 64})
-    with pytest.raises(CheckpointError, match=r"checkpoint step 5 at .*checkpoints/5 cannot be restored") as err:
+    misfit = (
+        r"cannot be restored for this config and mesh \(it holds \S+ of shape \(\d+, 32\), this run needs \(\d+, 64\)\)"
+    )
+    with pytest.raises(CheckpointError, match=rf"checkpoint step 5 at .*checkpoints/5 {misfit}") as err:
         train(wider, mesh_of(data=4, model=2), **quiet)
     assert "\n" not in str(err.value) and "no older checkpoint" in str(err.value), str(err.value)
     assert _tree_digest(run_dir / "checkpoints") == before
@@ -194,10 +210,11 @@ def test_restored_state_equals_saved_state(tmp_path):
 
 def test_a_checkpoint_written_by_orbaxs_standard_handler_restores(tmp_path):
     """Checkpoints from before the arrays were saved one replica at a time (Orbax's StandardSave,
-    replica-parallel) restore bitwise, with their checksums verified."""
+    replica-parallel) and before file digests restore bitwise, with their checksums verified, saying
+    that the rest is not."""
     import orbax.checkpoint as ocp
 
-    from shardlib.training.checkpoint import DIGEST, tree_digests
+    from shardlib.training.checkpoint_integrity import DIGEST, tree_digests
 
     cfg = tiny_config(tmp_path)
     run = setup_training(cfg, mesh_of(data=4, model=2))
@@ -209,8 +226,14 @@ def test_a_checkpoint_written_by_orbaxs_standard_handler_restores(tmp_path):
     manager.wait_until_finished()
     manager.close()
     checkpointer = Checkpointer(tmp_path / "ckpt", every=1, keep=1)
+    logged: list[str] = []
+    checkpointer.read_meta(1, log=logged.append)
     restored = checkpointer.restore(1, *abstract_state(run.model, run.tx, run.shardings))
     checkpointer.close()
+    unverified = (
+        "predates file digests: its arrays are verified by their checksums, its metadata and other files are not"
+    )
+    assert logged == [f"warning: checkpoint step 1 at {tmp_path / 'ckpt' / '1'} {unverified}"], logged
     expected = jax.device_get((params, opt_state))
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(restored[:2])), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -218,3 +241,22 @@ def test_a_checkpoint_written_by_orbaxs_standard_handler_restores(tmp_path):
 
 def _copy_tree(src: pathlib.Path, dst: pathlib.Path) -> None:
     shutil.copytree(src, dst)
+
+
+def test_the_gist_of_a_tensorstore_error_keeps_what_was_read_and_why():
+    """What tensorstore said when restoring a step whose index file was cut to 10 bytes (its long path
+    shortened here), specs included: the array, the file and the reason survive; the specs go."""
+    from shardlib.training.checkpoint_noise import gist
+
+    state = "/very/long/path/of/a/run/directory/on/a/cluster/filesystem/checkpoints/10/state"
+    spec = '{\\"context\\":{\\"cache_pool\\":{}},\\"driver\\":\\"zarr\\"}'
+    error = ValueError(
+        'OUT_OF_RANGE: Error opening "cast" driver: Error opening "zarr" driver: Error reading '
+        f'"params.unembed/.zarray" in OCDBT database at local file "{state}/": Error reading Byte range '
+        f'[0, 2834) of local file "{state}/d/0539432570faf28110c7d75a321c777e": Requested byte range [0, 2834) '
+        f"is not valid for value of size 10 [tensorstore_spec='{spec * 20}'] [tensorstore_spec[1]='{spec * 20}']"
+    )
+    text = gist(error)
+    assert len(text) <= 260 and "tensorstore_spec" not in text and "driver" not in text, text
+    for kept in ('"params.unembed/.zarray"', "d/0539432570faf28110c7d75a321c777e", "is not valid for value of size 10"):
+        assert kept in text, text

@@ -1,8 +1,12 @@
-"""Checkpoint integrity: checksums verified on restore, falling back to an older step, a full disk mid-run."""
+"""Checkpoint integrity: every file of a step and every array checked on restore, each damage named by
+step, file and kind; falling back to an older step; a full disk mid-run.
+
+One finished run (steps 5 and 10 saved) serves every case: each damages a copy of its directory."""
 
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import re
 import resource
@@ -13,11 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 from jax._src import compilation_cache as jax_compilation_cache
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlib.training.checkpoint import UNUSABLE_DIR, Checkpointer, CheckpointError, tree_digests
+from shardlib.training import checkpoint_integrity
+from shardlib.training.checkpoint import UNUSABLE_DIR, Checkpointer, CheckpointError
+from shardlib.training.checkpoint_integrity import FILE_DIGESTS, tree_digests, write_file_digests
 from shardlib.training.cli import train_main
 from shardlib.training.train_state import abstract_state
 from shardlib.training.trainer import setup_training, train
@@ -40,12 +47,8 @@ def digest_tree(directory: pathlib.Path) -> dict[str, bytes]:
 
 def garble(step_dir: pathlib.Path, nbytes: int = 32, places: int = 8) -> pathlib.Path:
     """Overwrites ``nbytes`` at ``places`` spread points of the step's largest array data file with
-    random bytes: same size, same names, as a bad disk or a botched copy leaves it.
-
-    Several points, not one: the data file can hold bytes no array refers to (where they fall
-    depends on the order the asynchronous writes landed in), and garbling only those changes no
-    value, which no checksum of values can see: one full run of the suite did, garbling one point."""
-    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"), key=_size)
+    random bytes: same size, same names, as a bad disk or a botched copy leaves it. Returns the file."""
+    data = _largest_data_file(step_dir)
     raw = bytearray(data.read_bytes())
     noise = np.random.default_rng(0).bytes(nbytes * places)
     for i in range(places):
@@ -94,12 +97,6 @@ def test_digests_do_not_depend_on_the_sharding():
         assert tree_digests({**tree, "w": jnp.asarray(other)})["w"] != expected["w"]
 
 
-# Garbled bytes that land in a compressed chunk stop the decoder; those that land in stored values
-# decode to other values, which only the checksum sees. Where they land depends on the order the
-# asynchronous writes took, so a garbled step is refused for either reason.
-GARBLED = r"(fails its checksum|cannot be restored for this config and mesh \(.*(decompress|ZSTD|corrupt))"
-
-
 def _refuse_to_start(run_dir, finished) -> str:
     """The one-line error of a start on ``run_dir``; nothing under its checkpoints changes."""
     before = digest_tree(run_dir / "checkpoints")
@@ -112,26 +109,168 @@ def _refuse_to_start(run_dir, finished) -> str:
     return message
 
 
-def test_garbled_checkpoint_is_refused_and_kept(tmp_path, finished):
-    run_dir = copy_of(finished, tmp_path)
-    garble(run_dir / "checkpoints" / "10")
-    message = _refuse_to_start(run_dir, finished)
-    assert re.search(f"checkpoint step 10 at {re.escape(str(run_dir / 'checkpoints' / '10'))} {GARBLED}", message)
+def rewrite_array(step_dir: pathlib.Path, name: str = "params.layers.qkv", factor: float = 1.01) -> None:
+    """Rewrites one array of the step through tensorstore, in Orbax's own format (zarr in the step's OCDBT
+    database): every file decodes, to other values."""
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{step_dir / 'state'}/"}, "path": name}
+    store = ts.open(spec).result()
+    store.write(store.read().result() * np.float32(factor)).result()
 
 
-def test_values_that_decode_but_differ_fail_the_checksum(tmp_path, finished):
-    """What Orbax restores without complaint (other values, valid encoding), the checksum refuses:
-    here the record of one array's digest no longer matches the array."""
-    run_dir = copy_of(finished, tmp_path)
-    meta = run_dir / "checkpoints" / "10" / "meta" / "metadata"
-    record = json.loads(meta.read_text())
-    arrays = record["checksums"]["arrays"]
-    name = "params/layers/qkv"
-    kind, digest = arrays[name].split(":")
-    arrays[name] = f"{kind}:{int(digest, 16) ^ 1:016x}"
-    meta.write_text(json.dumps(record))
-    message = _refuse_to_start(run_dir, finished)
-    assert f"checkpoint step 10 at {run_dir / 'checkpoints' / '10'} fails its checksum ({name}" in message, message
+def restore_error(step_dir: pathlib.Path, finished, dtype=None) -> str:
+    """The CheckpointError of restoring ``step_dir`` onto the run's targets (parameters in ``dtype``, if given)."""
+    run = finished[1]
+    params, opt_state = abstract_state(run.model, run.tx, run.shardings)
+    if dtype is not None:
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding), params)
+    checkpointer = Checkpointer(step_dir.parent, every=5, keep=3)
+    with pytest.raises(CheckpointError) as err:
+        checkpointer.restore(int(step_dir.name), params, opt_state)
+    checkpointer.close()
+    return str(err.value)
+
+
+def test_values_rewritten_in_orbaxs_format_fail_the_checksum_in_any_target_dtype(tmp_path, finished):
+    """What Orbax restores without complaint (a valid encoding of other values) is refused: by the file
+    digests first (the rewrite added and changed files); listed again, as if the values had changed before
+    the files were listed (in memory, on the way to disk), by the array checksum, also for a target of
+    another dtype (verified in the dtype it was stored in, then cast)."""
+    step_dir = copy_of(finished, tmp_path) / "checkpoints" / "10"
+    rewrite_array(step_dir)
+    message = restore_error(step_dir, finished)
+    assert f"checkpoint step 10 at {step_dir} is damaged: state/manifest.ocdbt differs from what" in message, message
+    write_file_digests(step_dir)
+    for dtype in (None, jnp.bfloat16):
+        message = restore_error(step_dir, finished, dtype)
+        assert f"checkpoint step 10 at {step_dir} fails its checksum (params/layers/qkv differs" in message, message
+
+
+def test_a_clean_step_restores_under_another_dtype_cast_from_the_stored_one(tmp_path, finished):
+    run = finished[1]
+    params, opt_state = abstract_state(run.model, run.tx, run.shardings)
+    bf16 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=a.sharding), params)
+    checkpointer = Checkpointer(copy_of(finished, tmp_path) / "checkpoints", every=5, keep=3)
+    stored, _, _ = checkpointer.restore(10, params, opt_state)
+    cast, _, _ = checkpointer.restore(10, bf16, opt_state)
+    checkpointer.close()
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(cast), strict=True):
+        assert b.dtype == jnp.bfloat16 and b.sharding == a.sharding
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a.astype(jnp.bfloat16)))
+
+
+def edit_meta(step_dir: pathlib.Path, edit) -> None:
+    """Rewrites the step's meta item as valid JSON, changed by ``edit(record)``."""
+    path = step_dir / "meta" / "metadata"
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+
+
+META_EDITS = {
+    "data_position": lambda record: record.update(data_position=record["data_position"] - 3),
+    "checksums deleted": lambda record: record.pop("checksums"),
+}
+
+
+@pytest.mark.parametrize("edit", META_EDITS)
+def test_edited_metadata_is_refused(tmp_path, finished, edit):
+    """The meta item is covered by the file digests: another data position would resume on other batches."""
+    step_dir = copy_of(finished, tmp_path) / "checkpoints" / "10"
+    edit_meta(step_dir, META_EDITS[edit])
+    message = _refuse_to_start(step_dir.parent.parent, finished)
+    assert f"checkpoint step 10 at {step_dir} is damaged: meta/metadata differs from what" in message, message
+
+
+def test_missing_checksums_are_an_error_unless_the_checkpoint_predates_them(tmp_path, finished):
+    """Without its checksums and its file digests, a step whose meta was written by a version that records
+    them is refused; one whose meta holds only what the versions before checksums wrote restores, saying so."""
+    step_dir = copy_of(finished, tmp_path) / "checkpoints" / "10"
+    edit_meta(step_dir, META_EDITS["checksums deleted"])
+    (step_dir / FILE_DIGESTS).unlink()
+    message = _refuse_to_start(step_dir.parent.parent, finished)
+    assert f"checkpoint step 10 at {step_dir} is damaged: meta/metadata records no checksums" in message, message
+
+    edit_meta(
+        step_dir, lambda record: [record.pop(k) for k in set(record) - {"step", "data_position", "skipped_updates"}]
+    )
+    log: list[str] = []
+    checkpointer = Checkpointer(step_dir.parent, every=5, keep=3)
+    meta = checkpointer.read_meta(10, log=log.append)
+    checkpointer.close()
+    assert meta == {"step": 10, "data_position": 10, "skipped_updates": 0}
+    assert log == [f"warning: checkpoint step 10 at {step_dir} predates checksums: restored without verification"], log
+
+
+def _largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"), key=_size)
+
+
+def _smallest_index_node(step_dir: pathlib.Path) -> pathlib.Path:
+    """A b-tree node of process 0's OCDBT database, which the merged index at state/ supersedes: never read."""
+    return min((p for p in (step_dir / "state" / "ocdbt.process_0" / "d").iterdir()), key=_size)
+
+
+def garble_file(path: pathlib.Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 8] = bytes(b ^ 0x5A for b in raw[len(raw) // 2 : len(raw) // 2 + 8])
+    path.write_bytes(bytes(raw))
+
+
+def cut_file(path: pathlib.Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+GARBLED_BYTES = r"differs from what was saved \(same size, other bytes: garbled or edited\)"
+DAMAGED_FILES = {  # what damage, to which file, says what
+    # Files restoring onto a target never reads (Orbax's record of the shardings, the per-process OCDBT
+    # databases that the merged one at state/ supersedes): a damaged step, nonetheless.
+    "shardings garbled": (lambda s: s / "state" / "_sharding", garble_file, GARBLED_BYTES),
+    "process manifest garbled": (
+        lambda s: s / "state" / "ocdbt.process_0" / "manifest.ocdbt",
+        garble_file,
+        GARBLED_BYTES,
+    ),
+    "index node garbled": (_smallest_index_node, garble_file, GARBLED_BYTES),
+    # Files restoring reads, whose errors named neither the file nor the damage.
+    "tree metadata garbled": (lambda s: s / "state" / "_METADATA", garble_file, GARBLED_BYTES),
+    "data file garbled": (lambda s: garble(s), lambda _: None, GARBLED_BYTES),
+    "data file deleted": (_largest_data_file, pathlib.Path.unlink, "is missing"),
+    "data file cut short": (_largest_data_file, cut_file, r"differs from what was saved \(\d+ of \d+ bytes: cut short"),
+    "file digests garbled": (
+        lambda s: s / FILE_DIGESTS,
+        garble_file,
+        r"is garbled \(its list differs from its own digest\)",
+    ),
+    "file digests deleted": (lambda s: s / FILE_DIGESTS, pathlib.Path.unlink, "is missing"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_FILES)
+def test_a_damaged_file_is_named_with_its_damage(tmp_path, finished, case):
+    locate, damage, expected = DAMAGED_FILES[case]
+    step_dir = copy_of(finished, tmp_path) / "checkpoints" / "10"
+    path = locate(step_dir)
+    damage(path)
+    message = _refuse_to_start(step_dir.parent.parent, finished)
+    name = re.escape(str(path.relative_to(step_dir)))
+    assert re.search(f"checkpoint step 10 at {re.escape(str(step_dir))} is damaged: {name} {expected}", message), (
+        message
+    )
+    assert "config and mesh" not in message, message
+
+
+def test_an_unreadable_data_file_listed_by_size_only_is_never_blamed_on_the_config(tmp_path, finished, monkeypatch):
+    """Data files over 1 MiB (a real model's) are listed by size only: one overwritten in place with
+    random bytes cannot be decoded, and the error says a data file is damaged, not "another config"."""
+    step_dir = copy_of(finished, tmp_path) / "checkpoints" / "10"
+    monkeypatch.setattr(checkpoint_integrity, "HASHED_UP_TO", 32 * 1024)  # the metadata hashed, the data not
+    write_file_digests(step_dir)
+    data = _largest_data_file(step_dir)
+    data.write_bytes(np.random.default_rng(0).bytes(data.stat().st_size))
+    message = _refuse_to_start(step_dir.parent.parent, finished)
+    unread = r"cannot be read \(.*\): (its data file|one of its data files) state/ocdbt.process_0/d/\w+.* is damaged"
+    assert re.search(f"checkpoint step 10 at {re.escape(str(step_dir))} {unread}", message), message
+    assert "config and mesh" not in message, message
 
 
 def truncate(step_dir: pathlib.Path) -> None:
@@ -140,9 +279,20 @@ def truncate(step_dir: pathlib.Path) -> None:
             path.write_bytes(path.read_bytes()[:16])
 
 
-@pytest.mark.parametrize("damage", [garble, truncate])
-def test_a_bad_checkpoint_is_one_error_line_of_the_cli(tmp_path, finished, capfd, damage):
-    """No Orbax traceback, no tensorstore "Event loop is closed": one line naming the step and the older ones."""
+def garble_step_metadata(step_dir: pathlib.Path) -> None:
+    """Orbax's own record of the step, which Orbax reads when it lists the steps (and logged an absl ERROR)."""
+    garble_file(step_dir / "_CHECKPOINT_METADATA")
+
+
+def delete_step_metadata(step_dir: pathlib.Path) -> None:
+    """As above, an absl WARNING."""
+    (step_dir / "_CHECKPOINT_METADATA").unlink()
+
+
+@pytest.mark.parametrize("damage", [garble, truncate, garble_step_metadata, delete_step_metadata])
+def test_a_bad_checkpoint_is_one_error_line_of_the_cli(tmp_path, finished, capfd, caplog, damage):
+    """No Orbax traceback or absl log, no tensorstore "Event loop is closed": one line naming the step,
+    the damaged file and the older steps."""
     run_dir = copy_of(finished, tmp_path)
     damage(run_dir / "checkpoints" / "10")
     config = procs.write_config(integrity_config(run_dir), tmp_path / "cfg.yaml")
@@ -152,12 +302,17 @@ def test_a_bad_checkpoint_is_one_error_line_of_the_cli(tmp_path, finished, capfd
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert f"error: checkpoint step 10 at {run_dir / 'checkpoints' / '10'} " in line, line
     assert "older complete checkpoints: steps 5 (checkpoint.fallback=true" in line, line
+    assert " is damaged: " in line, line
     assert len(err.splitlines()) <= 2 and "Traceback" not in out + err and "Event loop" not in out + err, err
+    logged = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [line for line in logged if line.startswith("absl")], logged  # what a terminal would show
 
 
 def test_fallback_resumes_from_the_newest_good_step_and_keeps_the_bad_one(tmp_path, finished):
+    """An edited data position (valid JSON, the step's arrays intact) is a bad step like any other: the run
+    resumes from step 5, whose state it then calls the last good checkpoint, never from step 10's."""
     run_dir = copy_of(finished, tmp_path)
-    garble(run_dir / "checkpoints" / "10")
+    edit_meta(run_dir / "checkpoints" / "10", META_EDITS["data_position"])
     bad = digest_tree(run_dir / "checkpoints" / "10")
     log: list[str] = []
     cfg = integrity_config(run_dir, checkpoint={"every": 5, "keep": 3, "fallback": True})
@@ -166,7 +321,7 @@ def test_fallback_resumes_from_the_newest_good_step_and_keeps_the_bad_one(tmp_pa
     assert result.start_step == 5 and result.final_step == STEPS
     assert result.losses[:5] == finished[2][5:10], "the fallback did not resume step 5's state exactly"
     text = "\n".join(log)
-    assert "checkpoint step 10 at" in text and re.search(GARBLED, text), text
+    assert "checkpoint step 10 at" in text and "is damaged: meta/metadata differs from what was saved" in text, text
     assert "checkpoint.fallback: resuming from step 5; step 10 moved to" in text, text
     (kept,) = (run_dir / UNUSABLE_DIR).iterdir()
     assert kept.name.startswith("10-") and digest_tree(kept) == bad, "the bad checkpoint was not kept as it was"

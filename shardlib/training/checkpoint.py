@@ -1,207 +1,65 @@
-"""Sharded, asynchronous checkpoints with Orbax, checksummed, with one-line errors.
+"""Sharded, asynchronous checkpoints with Orbax, verified on restore, with one-line errors.
 
 Each checkpoint step holds two items: ``state`` (parameters and optimizer
 state, written shard by shard by every process) and ``meta`` (JSON: step,
-data-loader position and a checksum of every array). Orbax writes a step into
-a temporary directory and renames it only when complete, so ``latest_step``
-never sees a partial save. A save cut short by a hard kill leaves that
-temporary directory behind (``incomplete_saves``); it is never restored from,
-and Orbax replaces it when the same step is saved again.
+data-loader position, layout and a checksum of every array). Orbax writes a
+step into a temporary directory and renames it only when complete, so
+``latest_step`` never sees a partial save. A save cut short by a hard kill
+leaves that temporary directory behind (``incomplete_saves``); it is never
+restored from, and Orbax replaces it when the same step is saved again.
 Restoring always goes through an abstract target that carries the current
 mesh's shardings, which is what lets a run saved on 8 devices continue on 4.
 
-Checksums. Orbax and tensorstore do not notice bytes garbled on disk: a data
-file overwritten in place with random bytes of the same length restores as
-wrong numbers. So every saved array gets a 64-bit digest (``array_digest``)
-in the ``meta`` item, and ``restore`` recomputes it on what it read. The
-digest is a sum, modulo 2**32, over elements of a murmur3-mixed hash of
-(element bits, flat index), in two lanes. Sums of integers are exact in any
-order, so the digest of the *global* array does not depend on how it is
-sharded: every process of a run restored onto another mesh, another device
-count or another number of processes gets the same number and verifies the
-whole array (a per-shard crc32 could only be checked by a process that reads
-back the very shards it wrote). It is computed on the devices by one jitted
-reduction (one read of the state, no host copy), and fetching the few bytes
-it yields waits for the same step that Orbax's own device-to-host copy waits
-for, so the training loop gains no new synchronisation point.
+Integrity (``shardlib.training.checkpoint_integrity`` says what each record
+covers). Before the temporary directory is renamed, the primary process lists
+every file of the step with its size and digest; ``restore`` checks that list,
+then the meta, then reads the arrays in their stored dtypes and checks their
+checksums. A step whose files, metadata or values differ from what was saved
+is refused with one line naming the step, the file (or array) and the damage.
 
-Errors. Orbax reports a failed background write (a full disk) by logging
-the same traceback from several threads and then raising at the next wait;
-tensorstore's callbacks and asyncio add "Event loop is closed" and "Task
-exception was never retrieved". While a :class:`Checkpointer` is open,
-absl's ERROR records are held back (``Checkpointer.noise.held``); the other
-two are dropped whenever they name Orbax or tensorstore. Every failure
-surfaces once, as a one-line :class:`CheckpointError` that names the step
-and path, at the call that found it (``save``, ``wait``, ``close``,
-``restore``); the step saved before a failed save is never pruned, because
-Orbax prunes only after a save completes.
+Errors. Every failure surfaces once, as a one-line :class:`CheckpointError`
+that names the step and path, at the call that found it (``save``, ``wait``,
+``close``, ``restore``); what Orbax and tensorstore log meanwhile is held back
+(``shardlib.training.checkpoint_noise``). The step saved before a failed save
+is never pruned, because Orbax prunes only after a save completes.
 """
 
 from __future__ import annotations
 
-import collections
 import datetime
-import functools
-import logging
-import os
 import pathlib
-import re
 import shutil
-import sys
-import traceback
 from collections.abc import Callable
 from typing import Any, Self
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax import lax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+
+from shardlib.training.checkpoint_integrity import (
+    CHECKSUMS,
+    HASHED_UP_TO,
+    Damaged,
+    cast_to,
+    check_files,
+    check_meta,
+    checksums_record,
+    mismatched_arrays,
+    read_file_digests,
+    stored_dtype_target,
+    write_file_digests,
+)
+from shardlib.training.checkpoint_noise import OrbaxErrors, gist
 
 PyTree = Any
 # Orbax's suffix for a step directory that is still being written (0.12: "5.orbax-checkpoint-tmp").
 TMP_MARKER = ".orbax-checkpoint-tmp"
-DIGEST = "fmix32-sum-2x32-v1"  # the algorithm's name, stored with the digests
 UNUSABLE_DIR = "checkpoints-unusable"  # beside checkpoints/: where a fallback moves a bad step
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or used; the one-line message names the step and path."""
-
-
-# --------------------------------------------------------------------------- digests
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-    """murmur3's finaliser: every input bit flips about half the output bits (uint32 wraps)."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (8-byte dtypes gain a trailing axis of 2)."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def array_digest(x: jax.Array) -> jax.Array:
-    """uint32[2] digest of ``x``'s values and positions, the same under any sharding."""
-    words = _words(x)
-    index = jnp.zeros(words.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(words.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= words.shape[axis]
-    mixed = _fmix32(words ^ _fmix32(index + jnp.uint32(0x9E3779B9)))
-    second = _fmix32(mixed + jnp.uint32(0x7F4A7C15))
-    return jnp.stack([jnp.sum(mixed, dtype=jnp.uint32), jnp.sum(second, dtype=jnp.uint32)])
-
-
-@functools.cache
-def _digest_fn(out_sharding):
-    return jax.jit(lambda leaves: [array_digest(x) for x in leaves], out_shardings=out_sharding)
-
-
-def tree_digests(tree: PyTree) -> dict[str, str]:
-    """{leaf path: "dtype:16 hex digits"} of a tree of (possibly sharded, multi-process) arrays."""
-    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(tree), strict=True)
-    mesh = next((x.sharding.mesh for x in leaves if isinstance(x.sharding, NamedSharding)), None)
-    replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    digests = jax.device_get(_digest_fn(replicated)(list(leaves)))  # tiny: 8 bytes per array
-    return {
-        jax.tree_util.keystr(path, simple=True, separator="/"): f"{x.dtype}:{int(d[0]):08x}{int(d[1]):08x}"
-        for path, x, d in zip(paths, leaves, digests, strict=True)
-    }
-
-
-def _mismatches(saved: dict[str, str], restored: dict[str, str]) -> list[str]:
-    """Paths whose digest differs; a leaf restored under another dtype cannot be compared."""
-    bad = []
-    for path, digest in restored.items():
-        old = saved.get(path)
-        if old is not None and old.split(":")[0] == digest.split(":")[0] and old != digest:
-            bad.append(path)
-    return bad
-
-
-# --------------------------------------------------------------------------- noise
-
-
-def _mentions_checkpoint_io(*texts: str) -> bool:
-    return any("orbax" in t or "tensorstore" in t or "Event loop is closed" in t for t in texts)
-
-
-def _quiet_unraisable(previous):
-    """``sys.unraisablehook`` without the exceptions Orbax's event loops and tensorstore's callbacks
-    leave behind after a failed write or read (``Event loop is closed``, coroutines never awaited)."""
-
-    def hook(unraisable) -> None:
-        files = [frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback)]
-        if not _mentions_checkpoint_io(str(unraisable.exc_value), repr(unraisable.object), *files):
-            previous(unraisable)
-
-    hook.shardlib_quiet = True
-    return hook
-
-
-class _AsyncioLeftovers(logging.Filter):
-    """asyncio's "Task exception was never retrieved" for Orbax's write tasks, logged when they are
-    garbage collected, possibly long after the CheckpointError (so this filter stays)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and _mentions_checkpoint_io(record.getMessage()))
-
-
-_ASYNCIO_LEFTOVERS = _AsyncioLeftovers()
-
-
-def _install_leftover_filters() -> None:
-    """Idempotent, process-wide and narrow: only records that name Orbax or tensorstore are dropped."""
-    logging.getLogger("asyncio").addFilter(_ASYNCIO_LEFTOVERS)  # a no-op when already there
-    if not getattr(sys.unraisablehook, "shardlib_quiet", False):
-        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
-
-
-class _OrbaxErrors(logging.Filter):
-    """Holds back absl ERROR records (Orbax logs one failure's traceback from several threads) while a
-    Checkpointer is open: that failure is raised once, as a CheckpointError. Kept in ``held``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: collections.deque = collections.deque(maxlen=50)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            self.held.append(record.getMessage())
-            return False
-        return True
-
-    def install(self) -> None:
-        logging.getLogger("absl").addFilter(self)
-        _install_leftover_filters()
-
-    def remove(self) -> None:
-        logging.getLogger("absl").removeFilter(self)
-
-
-def _gist(err: BaseException, limit: int = 240) -> str:
-    """One line about the innermost cause, its OS error first: Orbax wraps tensorstore errors that
-    nest a few long paths and dump a whole spec."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    text = str(err).split("\n", 1)[0].split(" See full TensorStore details", 1)[0].strip()
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    if code := re.search(r"os_error_code='?(\d+)", str(err)):
-        return f"{os.strerror(int(code.group(1)))}; {text}"
-    return text
 
 
 # --------------------------------------------------------------------------- checkpointer
@@ -233,19 +91,27 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         self.every = every
+        self.async_save = async_save
         self._in_flight: int | None = None  # the step of a save started and not yet waited for
         self._closed = False
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                enable_async_checkpointing=async_save,
-                create=True,
-            ),
-            item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()},
-        )
-        self.noise = _OrbaxErrors()  # removed again by close()
+        # Before the manager, which reads every step's metadata (and logs a damaged one's as an absl ERROR).
+        self.noise = OrbaxErrors()  # removed again by close()
         self.noise.install()
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep,
+                    # Always Orbax's asynchronous path, for its callback; a synchronous save waits at once.
+                    enable_async_checkpointing=True,
+                    async_options=ocp.AsyncOptions(post_finalization_callback=self._list_files),
+                    create=True,
+                ),
+                item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()},
+            )
+        except BaseException:
+            self.noise.remove()
+            raise
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -276,81 +142,127 @@ class Checkpointer:
         older = [s for s in reversed(self.complete_steps()) if s < step]
         return f"older complete checkpoints: steps {', '.join(map(str, older))}" if older else "no older checkpoint"
 
+    def _where(self, step: int) -> str:
+        return f"checkpoint step {step} at {self.step_path(step)}"
+
     def _save_failed(self, step: int | None, err: BaseException) -> CheckpointError:
         newest = self.complete_steps()
         kept = f"step {newest[-1]} at {self.step_path(newest[-1])} is kept" if newest else "no complete checkpoint"
         what = f"step {step}" if step is not None else "a checkpoint"
-        return CheckpointError(f"saving {what} in {self.directory} failed ({_gist(err)}); {kept}")
+        return CheckpointError(f"saving {what} in {self.directory} failed ({gist(err)}); {kept}")
 
     def save(self, step: int, params: PyTree, opt_state: PyTree, meta: dict) -> None:
         """Starts saving ``step``. Returns once device data is copied to host;
-        the write continues in the background (``wait`` to join it). Raises
-        CheckpointError if this save, or the one still in flight, failed."""
+        the write continues in the background (``wait`` to join it) unless
+        ``async_save`` is off. Raises CheckpointError if this save, or the one
+        still in flight, failed."""
         self.wait()
         state = {"params": params, "opt_state": opt_state}
-        checksums = {"algorithm": DIGEST, "arrays": tree_digests(state)}
+        record = {"step": step, **meta, CHECKSUMS: checksums_record(state)}
         try:
             self._in_flight = step
             self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeSave(state),
-                    meta=ocp.args.JsonSave({"step": step, **meta, "checksums": checksums}),
-                ),
+                step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(record))
             )
         except Exception as err:  # Orbax and tensorstore raise many types; the cause is kept
             self._in_flight = None
             raise self._save_failed(step, err) from err
+        if not self.async_save:
+            self.wait()
+
+    def _list_files(self) -> None:
+        """Orbax's post-finalisation callback: on the primary process, once every process's files of the
+        step in flight are complete, before its temporary directory is renamed into place."""
+        if self._in_flight is None:
+            return
+        pending = sorted(self.directory.glob(f"{self._in_flight}{TMP_MARKER}*"))
+        write_file_digests(pending[-1] if pending else self.step_path(self._in_flight))
+
+    def _checked_meta(self, step: int, log: Callable[[str], None] | None = None) -> tuple[dict, dict | None]:
+        """(meta, listed files or None) of ``step`` once its files are as listed; CheckpointError if not.
+        ``log`` gets a warning for a checkpoint older than what is checked."""
+        step_dir = self.step_path(step)
+        try:
+            listed = read_file_digests(step_dir)
+            check_files(step_dir, listed)
+            try:
+                meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            except Exception as err:  # Orbax and tensorstore raise many types; the cause is kept
+                raise Damaged(f"meta/metadata cannot be read ({gist(err)})") from err
+            unverified = check_meta(meta, listed)
+        except Damaged as damage:
+            raise self._damaged(step, damage) from damage
+        if unverified and log is not None:
+            log(f"warning: {self._where(step)} {unverified}")
+        return meta, listed
+
+    def _damaged(self, step: int, damage: Damaged) -> CheckpointError:
+        return CheckpointError(f"{self._where(step)} is damaged: {damage}; {self.older_steps_text(step)}")
+
+    def read_meta(self, step: int, log: Callable[[str], None] | None = None) -> dict:
+        """The meta item of ``step`` (what was recorded beside the arrays, checksums included) once the step's
+        files are checked; CheckpointError if they are damaged. ``log`` gets a warning for a checkpoint
+        older than what is checked."""
+        self.wait()
+        return self._checked_meta(step, log)[0]
 
     def restore(self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree) -> tuple[PyTree, PyTree, dict]:
-        """Reads ``step`` onto the shardings the abstract targets carry, and verifies its checksums.
+        """Reads ``step`` onto the shardings the abstract targets carry, verified.
 
-        Returns (params, opt_state, meta). Raises CheckpointError naming the
-        step and path, and the older complete steps, when the files are
-        unreadable, do not fit the target (another model config, a truncated
-        write) or hold other bytes than were saved.
+        Returns (params, opt_state, meta). The step's files are checked against
+        their list, the meta against what its version records, and the arrays,
+        read in the dtypes they were stored in, against their checksums; then
+        cast to the targets' dtypes. Raises CheckpointError naming the step and
+        path, and the older complete steps, when a file is damaged (naming it
+        and the damage), the files do not fit the target (another model
+        config), or the values differ from what was saved.
         """
+        self.wait()
+        meta, listed = self._checked_meta(step)
+        checksums = meta.pop(CHECKSUMS, None)
         target = {"params": abstract_params, "opt_state": abstract_opt_state}
-        where = f"checkpoint step {step} at {self.step_path(step)}"
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
-                    ),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
+            stored = stored_dtype_target(target, checksums)
+        except Damaged as damage:
+            raise self._damaged(step, damage) from damage
+        try:
+            misfit = _misfit(self._manager.metadata(step).item_metadata["state"], stored)
+            if misfit is None:
+                args = ocp.args.PyTreeRestore(stored, restore_args=ocp.checkpoint_utils.construct_restore_args(stored))
+                state = self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
         except Exception as err:  # Orbax and tensorstore raise many types; the cause is kept
+            raise self._unreadable(step, err, listed) from err
+        if misfit is not None:
             raise CheckpointError(
-                f"{where} cannot be restored for this config and mesh ({_gist(err)}); {self.older_steps_text(step)}"
-            ) from err
-        state, meta = restored["state"], dict(restored["meta"])
-        self._verify(step, meta.pop("checksums", None), state)
+                f"{self._where(step)} cannot be restored for this config and mesh ({misfit}); "
+                f"{self.older_steps_text(step)}"
+            )
+        if checksums is not None and (bad := mismatched_arrays(checksums, state)):
+            raise CheckpointError(
+                f"{self._where(step)} fails its checksum ({_listing(bad)} from what was saved: "
+                f"the files are corrupt); {self.older_steps_text(step)}"
+            )
+        state = cast_to(state, target)
         return state["params"], state["opt_state"], meta
 
-    def read_meta(self, step: int) -> dict:
-        """The JSON item of ``step`` alone (what was recorded beside the arrays); CheckpointError if unreadable."""
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        except Exception as err:  # as in restore: one line naming the step
-            raise CheckpointError(
-                f"checkpoint step {step} at {self.step_path(step)} has no readable meta ({_gist(err)}); "
-                f"{self.older_steps_text(step)}"
-            ) from err
-        return dict(restored["meta"])
-
-    def _verify(self, step: int, checksums: dict | None, state: PyTree) -> None:
-        """Raises CheckpointError unless ``state`` has the digests saved with it (older checkpoints have none)."""
-        if checksums is None or checksums.get("algorithm") != DIGEST:
-            return
-        if bad := _mismatches(checksums["arrays"], tree_digests(state)):
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            raise CheckpointError(
-                f"checkpoint step {step} at {self.step_path(step)} fails its checksum ({bad[0]}{more} "
-                f"differ from what was saved: the files are corrupt); {self.older_steps_text(step)}"
+    def _unreadable(self, step: int, err: BaseException, listed: dict | None) -> CheckpointError:
+        """The error of a step that fits the target as far as Orbax's metadata tells, but that Orbax cannot
+        restore: a data file damaged where only its size is listed, any file of a step older than file
+        digests, or (every byte as saved) a config or mesh it was not saved for."""
+        where, older = self._where(step), self.older_steps_text(step)
+        unhashed = [name for name, record in (listed or {}).items() if "sha256" not in record]
+        if listed is not None and not unhashed:  # every byte as saved: not damage
+            return CheckpointError(f"{where} cannot be restored for this config and mesh ({gist(err)}); {older}")
+        if listed is None:
+            why = "its files are damaged, and it predates the file digests that would say which"
+        elif len(unhashed) == 1:
+            why = f"its data file {unhashed[0]}, listed by size only (over {HASHED_UP_TO >> 20} MiB), is damaged"
+        else:
+            listed_by_size = (
+                f"{unhashed[0]} and {len(unhashed) - 1} more, listed by size only (over {HASHED_UP_TO >> 20} MiB)"
             )
+            why = f"one of its data files {listed_by_size}, is damaged"
+        return CheckpointError(f"{where} cannot be read ({gist(err)}): {why}; {older}")
 
     def set_aside(self, step: int) -> pathlib.Path:
         """Moves an unusable ``step`` out of Orbax's sight, never deleting it, so that the run can save
@@ -421,8 +333,9 @@ def restore_latest(
     steps = checkpointer.complete_steps()
     unusable: list[tuple[int, CheckpointError]] = []
     for step in reversed(steps):
+        warnings: list[str] = []
         try:
-            restored = step, *checkpointer.restore(step, *targets(checkpointer.read_meta(step)))
+            restored = step, *checkpointer.restore(step, *targets(checkpointer.read_meta(step, log=warnings.append)))
         except CheckpointError as err:
             if not fallback:
                 hint = " (checkpoint.fallback=true resumes from an older one)" if step > steps[0] else ""
@@ -432,8 +345,33 @@ def restore_latest(
         for bad, err in unusable:
             log(f"warning: {err}")
             log(f"checkpoint.fallback: resuming from step {step}; step {bad} moved to {checkpointer.set_aside(bad)}")
+        for warning in warnings:
+            log(warning)
         return restored
     if unusable:
         step, err = unusable[0]
         raise CheckpointError(f"no checkpoint in {checkpointer.directory} restores; the newest: {err}") from err
     return None
+
+
+def _listing(paths: list[str]) -> str:
+    return f"{paths[0]} differs" if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more differ"
+
+
+def _misfit(saved: PyTree, target: PyTree) -> str | None:
+    """What of ``target`` a step whose arrays Orbax describes as ``saved`` cannot fill (None: it fits)."""
+    shapes = {_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+    needed = {_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    for name, shape in needed.items():
+        if name not in shapes:
+            return f"it holds no {name}"
+        if shapes[name] != shape:
+            return f"it holds {name} of shape {shapes[name]}, this run needs {shape}"
+    if extra := sorted(shapes.keys() - needed.keys()):
+        more = f" and {len(extra) - 1} more arrays" if len(extra) > 1 else ""
+        return f"it holds {extra[0]}{more}, which this run has not"
+    return None
+
+
+def _name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")

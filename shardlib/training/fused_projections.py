@@ -29,6 +29,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models.layers import fuse_gate_up, fuse_qkv  # the layout's one definition, as the model builds it
+from shardlib.training.checkpoint_integrity import CHECKSUMS
 
 PyTree = Any
 PROJECTIONS = "projections"  # the meta key
@@ -38,10 +39,15 @@ SEPARATE_NAMES = {QKV: ("q", "k", "v"), GATE_UP: ("gate", "up")}
 
 
 def saved_projections(meta: dict) -> str:
-    """``FUSED`` or ``SEPARATE``: the layout of the projections in a checkpoint, from what it recorded."""
+    """``FUSED`` or ``SEPARATE``: the layout of the projections in a checkpoint, from what it recorded.
+
+    ``meta`` as ``Checkpointer.read_meta`` returns it: checked against the step's file digests, and
+    refused when it lacks the checksums its version records, so that a meta without checksums here
+    really is one from before them (``shardlib.training.checkpoint_integrity``).
+    """
     if PROJECTIONS in meta:
         return meta[PROJECTIONS]
-    arrays = (meta.get("checksums") or {}).get("arrays")
+    arrays = (meta.get(CHECKSUMS) or {}).get("arrays")
     if arrays:  # checksummed but older than the key: the paths say
         return SEPARATE if any(path.endswith("layers/q") for path in arrays) else FUSED
     return SEPARATE  # older than checksums, so older than the fusion

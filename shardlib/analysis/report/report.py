@@ -244,11 +244,14 @@ def _notes(report: Report) -> list[str]:
             f"mesh axis {axis} (size {layout.sizes[axis]}) shards nothing under preset {layout.sharding}: its devices repeat each other's work"
         )
     if cfg.grad_accum > 1 and layout.token_axes:
-        sync = sum(t.wire_bytes for t in report.terms if t.strategy in ("data parallel", "fsdp") and "reduce" in t.kind)
-        notes.append(
-            f"grad_accum={cfg.grad_accum}: the step reduces gradients once per microbatch ({fmt_bytes(sync)} per step); "
-            f"accumulating unreduced gradients and reducing once would save {fmt_bytes(sync * (1 - 1 / cfg.grad_accum))}"
-        )
+        scatters = sum(t.wire_bytes for t in report.terms if t.strategy == "fsdp" and t.kind == "reduce-scatter")
+        note = f"grad_accum={cfg.grad_accum}: the gradient all-reduces run once per step, after the last microbatch"
+        if scatters:
+            note += (
+                f"; FSDP's reduce-scatters run every microbatch ({fmt_bytes(scatters)} per step), with its gathers: "
+                "reducing them once would hold whole gradients across microbatches"
+            )
+        notes.append(note)
     if layout.sizes["expert"] > 1 and not getattr(getattr(cfg.model, "moe", None), "n_experts", 0):
         notes.append(
             "experts: the model has no MoE layers (model.moe.n_experts: 0); the expert axis only splits the batch, so no all-to-all is predicted"

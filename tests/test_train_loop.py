@@ -186,8 +186,11 @@ def test_the_loss_curve_starts_at_the_initial_loss_and_names_the_run(tmp_path, s
     assert (train_line.get_xdata()[0], train_line.get_ydata()[0]) == (1, result.losses[0])
     title = PIL.Image.open(tmp_path / "loss.png").text["Title"]
     assert title == run_title(cfg, setup.mesh)
-    assert title.startswith(f"{tmp_path}: 35K-parameter transformer, dp on data=4 x model=2 "), title
-    assert "4 steps of 16 x 16 tokens, lr 0.01" in title, title
+    assert title.splitlines() == [
+        str(tmp_path),
+        "35K-parameter transformer, dp on data=4 x model=2 (8 cpu devices)",
+        "4 steps of 16 x 16 tokens, lr 0.01",
+    ]
 
 
 # --------------------------------------------------------------------------- divergence

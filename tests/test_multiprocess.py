@@ -23,6 +23,7 @@ import pytest
 from shardlib.cluster import launch, supervise
 from shardlib.cluster.join import join_settings
 from shardlib.cluster.watchdog import EXIT_PEER_LOST, PeerWatchdog
+from shardlib.training.faults import RunDirError
 from shardlib.training.trainer import setup_training, train
 from tests import procs
 from tests.support import mesh_of, tiny_config
@@ -221,6 +222,13 @@ def test_a_peer_that_ends_is_named_at_once_one_that_leaves_in_order_is_not(tmp_p
     assert f"error: lost process 1 of 3: it ended (its link to process 0 closed); process 0 stops too. {advice}" in (
         capsys.readouterr().err
     )
+
+
+def test_a_run_dir_the_supervisor_cannot_log_into_is_a_run_dir_error(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(RunDirError, match=f"the runtime's log {blocker}/logs/process-0.log cannot be written"):
+        supervise.supervise(blocker / "logs" / "process-0.log", lambda: "")
 
 
 # What the runtime aborts with (jax 0.10.2, gloo), as its log holds it: process 0 lost, then process 1 lost.

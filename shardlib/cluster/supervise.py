@@ -36,6 +36,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from shardlib.training.faults import RunDirError
+
 EXIT_PEER_LOST = 4
 """train.py's status when another process of the run was lost."""
 
@@ -61,9 +63,14 @@ def log_path(logs: pathlib.Path, settings: dict) -> pathlib.Path:
 
 
 def supervise(log: pathlib.Path, resume_advice: Callable[[], str]) -> NoReturn:
-    """Runs this process's command again as a supervised child and exits as it ended (module docstring)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    """Runs this process's command again as a supervised child and exits as it ended (module docstring).
+
+    Raises RunDirError, before anything starts, if ``log`` cannot be written."""
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as err:
+        raise RunDirError(f"the runtime's log {log} cannot be written ({err.strerror or err})") from err
     env = {**os.environ, ENV_LOG_FD: str(fd), ENV_SUPERVISOR: str(os.getpid())}
     sys.stdout.flush()
     sys.stderr.flush()

@@ -76,7 +76,8 @@ class PeerWatchdog:
     with an exception every process raises alike (``not_peer_failures``), tells the peers
     this process leaves in order, so peers still saving or plotting do not count it as lost.
     Leaving it with another exception (a failed collective, say) first waits up to
-    ``timeout_s`` for the verdict, so the error names the lost process rather than the collective.
+    ``timeout_s`` for the verdict, so the error names the lost process rather than the
+    collective; without one, this process failed alone, and its peers will call it lost.
     The verdict's line ends with the checkpoint to restart from (``faults.resume_advice``).
     """
 
@@ -117,18 +118,20 @@ class PeerWatchdog:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self._thread is None:
             return False
-        if exc is not None and not isinstance(exc, self._not_peer_failures):
+        in_order = exc is None or isinstance(exc, self._not_peer_failures)
+        if not in_order:
             deadline = time.monotonic() + self.timeout_s + self.poll_s
             while self.lost is None and time.monotonic() < deadline:
                 time.sleep(self.poll_s / 2)
         self._stop.set()
         self._thread.join()
         if self.links is not None:
-            self.links.tell_all(DONE)
+            if in_order:  # otherwise this process failed alone: its peers are right to call it lost
+                self.links.tell_all(DONE)
             self.links.close()
-        # If the service is gone, nobody is left to watch this process anyway.
-        with contextlib.suppress(jax.errors.JaxRuntimeError):
-            self._client.key_value_set(f"{_PREFIX}{self._me}", DONE, allow_overwrite=True)
+        if in_order:  # if the service is gone, nobody is left to watch this process anyway
+            with contextlib.suppress(jax.errors.JaxRuntimeError):
+                self._client.key_value_set(f"{_PREFIX}{self._me}", DONE, allow_overwrite=True)
         return False
 
     def _connect(self, coordinator: str) -> None:

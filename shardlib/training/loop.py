@@ -11,6 +11,8 @@ step by the outer step, dispatched the same way; a checkpoint of any step
 holds the whole state (every replica's parameters and inner state, the
 anchor and the outer momentum), so a run stopped mid-period resumes exactly.
 The inner step's metrics are per replica and are reduced only when fetched.
+Held-out evaluation scores the outer parameters (the anchor), never the
+replicas mid-period.
 """
 
 from __future__ import annotations

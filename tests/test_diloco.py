@@ -466,7 +466,7 @@ def test_held_out_loss_scores_the_outer_parameters(tmp_path, four):
     """Evaluated after steps 3, 6 and 9 (H = 4: outer steps after 4 and 8), the held-out loss is that of the
     anchor as of steps 0, 4 and 8, the network each outer step makes, on one device; not the replicas' mean
     1 to 3 inner steps into a period (what it was before), a network DiLoCo never produces."""
-    cfg = diloco_config(tmp_path, eval_every=3, eval_batches=1)
+    cfg = diloco_config(tmp_path, eval_every=3, eval_batches=1, checkpoint={"every": 0})  # saved at the end only
     result = train(cfg, four.run.mesh, setup=four.run, progress=False, log=lambda _: None)
     _, after_4, _ = run_steps(four.run, four.run.init_state(), token_batches(16)[:4])
     anchors = {3: four.params0, 6: after_4["anchor"], 9: four.end[1]["anchor"]}

@@ -11,8 +11,11 @@ each ``--diloco`` item, ``H`` or ``H@lr`` (the outer lr, default 0.7), or ``H@lo
 over the groups at every outer step), every run
 from the same initial network on the same batches, and
 evaluates all of them on the same held-out batches every ``eval_every`` steps
-(25 here; 8 batches). Writes one PNG with every curve (training loss, smoothed,
-and held-out loss) and prints a table: the final held-out loss, its ratio to
+(24 here, a multiple of H = 4 and 8, and at the last step; 8 batches). DiLoCo's
+held-out loss is that of the outer parameters (the anchor: the network the last
+outer step made, ``anchor_step`` in its eval rows), plotted at that step. Writes
+one PNG with every curve (training loss, smoothed, and held-out loss; the legend
+below them) and prints a table: the final held-out loss, its ratio to
 data parallelism's, and the wire bytes per device of the compiled programs
 over ``data``: per synchronous step, per inner step (0: no collective crosses
 the replica axes), per outer step, and the outer step's averaged over H.
@@ -26,14 +29,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-EVAL = ("eval_every=25", "eval_batches=8", "checkpoint.every=0", "log_every=10")
+EVAL = ("eval_every=24", "eval_batches=8", "checkpoint.every=0", "log_every=10")
 
 
 def data_wire_bytes(compiled, mesh) -> float:
@@ -59,9 +61,13 @@ def compile_ahead(run):
 
 
 def curves(run_dir) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(train, eval) (step, loss) pairs from a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return tuple([(r["step"], r["loss"]) for r in rows if r["split"] == split] for split in ("train", "eval"))
+    """(train, eval) (step, loss) pairs from a run's metrics.jsonl; an eval loss at the step of the network it
+    scored (DiLoCo: ``anchor_step``, the outer parameters' step)."""
+    from shardlib.training.metrics import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+    return train, [(r.get("anchor_step", r["step"]), r["loss"]) for r in rows if r["split"] == "eval"]
 
 
 def parse_item(text: str) -> tuple[int, str, str]:
@@ -82,23 +88,22 @@ def plot(results: list[dict], path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2), layout="constrained")
     for r in results:
         steps, losses = zip(*r["train"], strict=True)
         window = max(1, min(5, len(losses)))
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         (line,) = left.plot(steps[window - 1 :], smooth, label=r["label"], lw=1.5 if r["every"] else 2.5)
         eval_steps, eval_losses = zip(*r["eval"], strict=True)
-        right.plot(eval_steps, eval_losses, "o-", color=line.get_color(), label=r["label"], ms=3)
+        right.plot(eval_steps, eval_losses, "o-", color=line.get_color(), ms=3)
     left.set(title="training loss (mean of 5 logged steps)", xlabel="step", ylabel="cross-entropy (nats)")
-    right.set(title="held-out loss", xlabel="step", ylabel="cross-entropy (nats)")
+    right.set(title="held-out loss (DiLoCo: outer parameters)", xlabel="step", ylabel="cross-entropy (nats)")
     finals = [r["eval"][-1][1] for r in results]
     right.set_ylim(min(finals) * 0.97, max(finals) * 1.25)  # the second half of training
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend()
+    fig.legend(loc="outside lower center", ncols=3, frameon=False)  # below both plots: it covers no curve
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
@@ -172,10 +177,12 @@ def main(argv=None) -> int:
     for r in results:
         ratio = r["held_out"] / dp["held_out"] - 1
         inner = f"{r['step_bytes']:,.0f}" if r["every"] else "-"
+        scored = f" (anchor of step {r['eval'][-1][0]})" if r["every"] else ""
         outer = f"{r['outer_bytes']:,.0f}" if r["every"] else "-"
         print(
             f"{r['label']:<32}{r['held_out']:>10.4f}{ratio:>+8.2%}{r['averaged']:>18,.0f}{inner:>10}{outer:>12}"
             + (f"{r['tokens_per_s']:>10,.0f}" if r["tokens_per_s"] else f"{'(reused)':>10}")
+            + scored
         )
     plot(results, args.out, f"{args.config} on {describe_mesh(mesh)}: data parallelism vs DiLoCo over data")
     print(f"\nwrote {args.out}")

@@ -27,7 +27,8 @@ def test_default_training_run(tmp_path):
     """The README's main command, shortened: it exits 0, its loss falls, it leaves its artefacts.
 
     12 steps logged every 3: the warmup (30 steps) is longer than the run, so these are the first 12
-    steps of any longer run, and the loss falls by about 1 over them (5.4 at step 3, 4.3 at step 12)."""
+    steps of any longer run, and the loss falls by about 1 over them (5.4 at step 3, 4.3 at step 12); step 1
+    is logged too (the initial loss)."""
     proc = run(
         "train.py",
         "--config",
@@ -42,7 +43,7 @@ def test_default_training_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
-    assert len(train_losses) == 4
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 3, 6, 9, 12]  # step 1: the initial loss
     assert train_losses[-1] < train_losses[0] - 0.5, train_losses
     assert any(r["split"] == "eval" for r in records)
     assert all("tokens_per_s" in r for r in records if r["split"] == "train" and r["step"] > 3)
@@ -50,6 +51,9 @@ def test_default_training_run(tmp_path):
     assert (tmp_path / "checkpoints" / "12").is_dir()
     assert any((tmp_path / "tb").iterdir())
     assert "data=4 x model=2" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == (
+        f"outputs in {tmp_path}: metrics.jsonl, tb/ (TensorBoard), loss.png, config.json, checkpoints/12"
+    )
 
 
 # The short commands below (each ends before anything compiles) run in one process, one after the

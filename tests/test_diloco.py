@@ -39,10 +39,12 @@ from shardlib.parallel.compat import IncompatibleFeatures
 from shardlib.training.checkpoint import Checkpointer, CheckpointError, restore_latest
 from shardlib.training.config import ConfigError, validate_config
 from shardlib.training.data import load_token_splits
+from shardlib.training.metrics import read_metrics
 from shardlib.training.parallel_plan import outer_settings
 from shardlib.training.setup import TrainingSetup, setup_training
 from shardlib.training.state_layout import REPLICAS, restore_targets
 from shardlib.training.train_state import abstract_state, make_optimizer
+from shardlib.training.trainer import train
 from tests import procs
 from tests.support import assert_trees_close, mesh_of, tiny_config
 
@@ -105,16 +107,33 @@ def run_steps(run: TrainingSetup, state, batches, first_step: int = 1):
 # --------------------------------------------------------------------------- the paper's algorithm
 
 
+def one_device(cfg):
+    """``cfg`` as one network on one device: no replicas, no strategy inside them."""
+    clean = cfg.model_copy(
+        update={"grad_accum": 1, "attention": type(cfg.attention)(), "outer": type(cfg.outer)(), "sharding": "dp"}
+    )
+    return clean.model_copy(update={"model": cfg.model.model_copy(update={"remat": "none"})})
+
+
 @functools.cache
-def _inner_step(cfg_json: str):
-    """One replica's inner step on one device: plain autodiff of the model's loss, then the run's AdamW."""
+def _model_loss(cfg_json: str):
+    """(params, inputs, targets) -> the model's loss on one device: plain JAX, no mesh."""
     cfg = tiny_config().model_validate_json(cfg_json)
     model = setup_training(cfg, mesh_of(devices=1)).model
-    inner = make_optimizer(cfg.optimizer, cfg.steps, model.logical_axes)
 
     def loss_fn(params, inputs, targets):
         logits, _, _ = nnx.merge(model.graphdef, params).forward(inputs)
         return cross_entropy(logits, targets)
+
+    return model, loss_fn
+
+
+@functools.cache
+def _inner_step(cfg_json: str):
+    """One replica's inner step on one device: plain autodiff of the model's loss, then the run's AdamW."""
+    cfg = tiny_config().model_validate_json(cfg_json)
+    model, loss_fn = _model_loss(cfg_json)
+    inner = make_optimizer(cfg.optimizer, cfg.steps, model.logical_axes)
 
     @jax.jit
     def step(params, state, inputs, targets):
@@ -154,11 +173,7 @@ def paper_diloco(
     ``both``: mu and nu): the replicas' AdamW moments averaged at each outer step, on its rows.
     Returns (per-step mean loss, anchor, replicas' parameters).
     """
-    clean = cfg.model_copy(
-        update={"grad_accum": 1, "attention": type(cfg.attention)(), "outer": type(cfg.outer)(), "sharding": "dp"}
-    )
-    clean = clean.model_copy(update={"model": cfg.model.model_copy(update={"remat": "none"})})
-    step, inner = _inner_step(clean.model_dump_json())
+    step, inner = _inner_step(one_device(cfg).model_dump_json())
     host = functools.partial(jax.tree.map, lambda x: np.asarray(x, np.float32))
     anchor, trace = host(params0), jax.tree.map(np.zeros_like, host(params0))
     replicas = [anchor] * len(rows)
@@ -423,6 +438,46 @@ def test_sigkill_in_the_middle_of_a_period_resumes_bitwise(tmp_path, four):
     assert (step, meta["data_position"], meta[REPLICAS]) == (3, 3, 4)
     _, _, losses = run_steps(run, (params_R, opt_state), token_batches(16)[step:], first_step=step + 1)
     assert list(losses) == list(four.losses[step:])  # bitwise
+
+
+# --------------------------------------------------------------------------- what held-out evaluation scores
+
+
+@functools.cache
+def _held_out_loss_fn(cfg_json: str):
+    cfg = tiny_config().model_validate_json(cfg_json)
+    _, loss_fn = _model_loss(one_device(cfg).model_dump_json())
+    _, heldout = load_token_splits(cfg.data)
+    loader = setup_training(one_device(cfg), mesh_of(devices=1)).loader(heldout, seed=cfg.seed + 1)
+    batches = [{k: np.asarray(v) for k, v in loader.peek(i).items()} for i in range(cfg.eval_batches)]
+    loss = jax.jit(loss_fn)
+    return lambda params: float(np.mean([loss(params, b["inputs"], b["targets"]) for b in batches]))
+
+
+def held_out_loss(cfg, params) -> float:
+    """The loss of one network ``params`` on one device, over the held-out batches ``train`` evaluates."""
+    return _held_out_loss_fn(cfg.model_dump_json())(jax.device_get(params))
+
+
+def eval_rows(run_dir: pathlib.Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+
+
+def test_held_out_loss_scores_the_outer_parameters(tmp_path, four):
+    """Evaluated after steps 3, 6 and 9 (H = 4: outer steps after 4 and 8), the held-out loss is that of the
+    anchor as of steps 0, 4 and 8, the network each outer step makes, on one device; not the replicas' mean
+    1 to 3 inner steps into a period (what it was before), a network DiLoCo never produces."""
+    cfg = diloco_config(tmp_path, eval_every=3, eval_batches=1, checkpoint={"every": 0})  # saved at the end only
+    result = train(cfg, four.run.mesh, setup=four.run, progress=False, log=lambda _: None)
+    _, after_4, _ = run_steps(four.run, four.run.init_state(), token_batches(16)[:4])
+    anchors = {3: four.params0, 6: after_4["anchor"], 9: four.end[1]["anchor"]}
+    expected = {step: held_out_loss(cfg, anchor) for step, anchor in anchors.items()}
+    assert [s for s, _ in result.eval_losses] == [3, 6, 9]
+    for step, loss in result.eval_losses:
+        assert loss == pytest.approx(expected[step], rel=1e-5), (step, loss, expected[step])
+    assert [(r["step"], r["anchor_step"]) for r in eval_rows(tmp_path)] == [(3, 0), (6, 4), (9, 8)]
+    replicas_mean = held_out_loss(cfg, jax.tree.map(lambda p: np.mean(np.asarray(p), axis=0), four.end[0]))
+    assert abs(replicas_mean - expected[9]) > 1e-3, "the check cannot tell the anchor from the replicas' mean"
 
 
 # --------------------------------------------------------------------------- what is refused, and how

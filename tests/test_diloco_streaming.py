@@ -25,12 +25,15 @@ from shardlib.training.parallel_plan import build_plan
 from shardlib.training.setup import setup_training
 from shardlib.training.state_layout import error_feedback_layout
 from shardlib.training.train_state import abstract_state
+from shardlib.training.trainer import train
 from tests.support import mesh_of
 from tests.test_diloco import (
     assert_matches_paper,
     compiled,
     contiguous_rows,
     diloco_config,
+    eval_rows,
+    held_out_loss,
     local_param_bytes,
     paper_diloco,
     run_steps,
@@ -110,6 +113,42 @@ def test_a_checkpoint_between_two_fragments_outer_steps_resumes_bitwise(tmp_path
     """Saved after step 3 (fragment 0 synced at 2, fragment 1 due at 4): each fragment's anchor and
     momentum come back."""
     resumes_bitwise(streaming[0], tmp_path, saved_at=3)
+
+
+def test_held_out_loss_scores_each_fragment_as_of_its_own_last_outer_step(tmp_path, streaming):
+    """What streaming evaluates: the anchor, each fragment as of its own last outer step. Evaluated after steps
+    3, 6 and 9 (fragment 0 syncs after 2, 6, ..., fragment 1 after 4, 8, ...), the held-out loss is the one-device
+    loss of that network; ``anchor_step`` names the newest fragment's step (2, 6, 8). After step 3 fragment 1's
+    rows are still the initial network's; after step 9 fragment 0's are those of step 6."""
+    run, _, _ = streaming
+    no_saves = run.cfg.checkpoint.model_copy(
+        update={"every": 0}
+    )  # only the last step's: saves cost, prove nothing here
+    cfg = run.cfg.model_copy(
+        update={"run_dir": str(tmp_path), "eval_every": 3, "eval_batches": 1, "checkpoint": no_saves}
+    )
+    result = train(cfg, run.mesh, setup=run, progress=False, log=lambda _: None)
+    anchors = {}
+    for step in (3, 6, 9):
+        _, opt_state, _ = run_steps(run, run.init_state(), token_batches(8)[:step])
+        anchors[step] = jax.device_get(opt_state["anchor"])
+    for step, loss in result.eval_losses:
+        assert loss == pytest.approx(held_out_loss(cfg, anchors[step]), rel=1e-5), step
+    assert [(r["step"], r["anchor_step"]) for r in eval_rows(tmp_path)] == [(3, 2), (6, 6), (9, 8)]
+
+    params0 = jax.tree.map(lambda p: np.asarray(p)[0], jax.device_get(run.init_state()[0]))
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params0)[0]]
+    rows_of = [dict(zip(names, f.rows, strict=True)) for f in model_fragments(run.model, F)]
+
+    def rows(tree, fragment: int):
+        leaves = dict(zip(names, jax.tree.leaves(tree), strict=True))
+        return [np.asarray(leaves[n])[slice(*r)] for n, r in rows_of[fragment].items() if r is not None]
+
+    def same(a, b) -> bool:
+        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert same(rows(anchors[3], 1), rows(params0, 1)) and not same(rows(anchors[3], 0), rows(params0, 0))
+    assert same(rows(anchors[9], 0), rows(anchors[6], 0)) and not same(rows(anchors[9], 1), rows(anchors[6], 1))
 
 
 # --------------------------------------------------------------------------- the pseudo-gradient compressed
@@ -207,6 +246,20 @@ def test_overlapped_outer_steps_match_the_papers_algorithm(overlapped, count, mi
         run.cfg, params0, batches, contiguous_rows(8, 2), every=EVERY, fragments=parts, overlap=1, mixing=mixing
     )
     assert_matches_paper(run, params_R, opt_state, losses, ref)
+
+
+def test_overlapped_the_anchor_step_follows_where_the_outer_step_lands(overlapped):
+    """With tau = 1 the outer step due after step 2 lands in step 3 (and 4's in 5): the anchor changes after
+    steps 3 and 5 only, and ``anchor_step``, what an evaluation says it scored, moves then (to 2, then 4)."""
+    run, state, moved = overlapped, overlapped.init_state(), []
+    before = jax.device_get(state[1]["anchor"])
+    for step, batch in enumerate(token_batches(8)[:5], start=1):
+        *state, _ = run_steps(run, state, [batch], first_step=step)
+        after = jax.device_get(state[1]["anchor"])
+        moved.append(not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))))
+        before = after
+    assert moved == [False, False, True, False, True]
+    assert [run.anchor_step(step) for step in range(1, 6)] == [0, 0, 2, 2, 4]
 
 
 def _ancestors(computation, name: str) -> set[str]:

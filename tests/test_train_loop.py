@@ -6,19 +6,27 @@ reads), so the steps compile once; the lr=1e6 run compiles its own.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import pty
 import re
+import struct
 import sys
+import termios
+import threading
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 
 from shardlib.training.checkpoint import Checkpointer
 from shardlib.training.data import load_token_splits
 from shardlib.training.faults import TrainingDiverged
-from shardlib.training.metrics import read_metrics
+from shardlib.training.metrics import loss_figure, read_metrics
 from shardlib.training.train_state import abstract_state
-from shardlib.training.trainer import setup_training, train
+from shardlib.training.trainer import run_title, setup_training, train
 from tests.support import mesh_of, tiny_config
 
 quiet = {"progress": False, "log": lambda _: None}
@@ -60,38 +68,128 @@ def test_eval_batches_0_turns_held_out_evaluation_off(tmp_path, setup):
     result = train(loop_config(tmp_path, eval_batches=0), setup.mesh, setup=setup, **quiet)
     assert result.eval_losses == []
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [row["split"] for row in rows] == ["train", "train"], rows
+    assert [row["split"] for row in rows] == ["train", "train", "train"], rows
     assert all(np.isfinite(result.losses)) and len(result.losses) == 4
 
 
 # --------------------------------------------------------------------------- console
 
 
-def test_console_lines_without_a_progress_bar(tmp_path, setup):
-    """Compiling is announced and timed; each logged step is one line, with the held-out loss when computed."""
-    lines: list[str] = []
-    result = train(loop_config(tmp_path), setup.mesh, setup=setup, progress=False, log=lines.append)
+def assert_console_lines(lines: list[str], result, run_dir) -> None:
+    """Compiling announced and timed; a line per logged step (1, 2, 4) with the held-out loss where computed
+    and, once a step time is known, the ETA; the last line says where the outputs are."""
     compiling = lines.index("compiling the training step...")
     assert re.fullmatch(r"compiled in \d+\.\d s", lines[compiling + 1]), lines
     steps = [line for line in lines if line.startswith("step ") and "/4" in line]
-    for line, (step, eval_loss) in zip(steps, result.eval_losses, strict=True):
-        loss = result.losses[step - 1]
+    held_out = dict(result.eval_losses)
+    assert sorted(held_out) == [2, 4]
+    assert [int(line.split()[1].split("/")[0]) for line in steps] == [1, 2, 4], steps
+    assert re.fullmatch(rf"step 1/4 \| loss {result.losses[0]:.4f}", steps[0]), steps[0]
+    for line, step in zip(steps[1:], (2, 4), strict=True):
         expected = (
-            rf"step {step}/4 \| loss {loss:.4f} \| held-out {eval_loss:.4f} \| [\d,]+ tokens/s \| [\d.e-]+ s/step"
+            rf"step {step}/4 \| loss {result.losses[step - 1]:.4f} \| held-out {held_out[step]:.4f} \| "
+            rf"[\d,]+ tokens/s \| [\d.e-]+ s/step \| ETA \d+s"
         )
         assert re.fullmatch(expected, line), line
-    assert [s for s, _ in result.eval_losses] == [2, 4]
+    assert steps[-1].endswith("ETA 0s")
     assert lines.index(steps[0]) > compiling + 1
+    assert lines[-1] == f"outputs in {run_dir}: metrics.jsonl, tb/ (TensorBoard), loss.png, config.json, checkpoints/4"
+
+
+def test_console_lines_without_a_progress_bar(tmp_path, setup):
+    lines: list[str] = []
+    result = train(loop_config(tmp_path), setup.mesh, setup=setup, progress=False, log=lines.append)
+    assert_console_lines(lines, result, tmp_path)
 
 
 def test_console_lines_when_stdout_is_not_a_terminal(tmp_path, setup, monkeypatch):
-    """A progress bar in a log file is noise: with stdout redirected the lines replace it."""
+    """A progress bar in a log file is noise: with stdout redirected the lines replace it, with an ETA."""
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     lines: list[str] = []
-    train(loop_config(tmp_path), setup.mesh, setup=setup, progress=True, log=lines.append)
-    assert [line.split(" | ")[0] for line in lines if line.startswith("step ") and "/4" in line] == [
-        "step 2/4",
-        "step 4/4",
+    result = train(loop_config(tmp_path), setup.mesh, setup=setup, progress=True, log=lines.append)
+    assert_console_lines(lines, result, tmp_path)
+
+
+def screen(output: str) -> list[str]:
+    """The lines a terminal shows for ``output``: \\r returns to column 0 and overwrites, \\n starts a line,
+    escape sequences are dropped (a progress bar at position 0 needs no other)."""
+    lines, col = [[]], 0
+    for ch in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output):
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append([])
+            col = 0
+        else:
+            line = lines[-1]
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = ch
+            col += 1
+    return ["".join(line).rstrip() for line in lines if "".join(line).strip()]
+
+
+def train_in_a_terminal(run_dir, setup, monkeypatch, columns: int):
+    """``train`` as ``train.py`` runs it in a terminal ``columns`` wide (a pty: stdout and stderr), and its screen."""
+    master, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    chunks: list[bytes] = []
+
+    def drain():
+        with contextlib.suppress(OSError):  # EIO once the terminal's last writer closed it
+            while chunk := os.read(master, 65536):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    terminal = os.fdopen(follower, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    try:
+        result = train(loop_config(run_dir), setup.mesh, setup=setup)  # progress bar and print: the defaults
+    finally:
+        terminal.close()
+        reader.join(timeout=10)
+        os.close(master)
+    return result, screen(b"".join(chunks).decode(errors="replace"))
+
+
+def test_a_terminal_shows_the_bar_with_compiling_and_held_out_losses_on_lines_of_their_own(
+    tmp_path, setup, monkeypatch
+):
+    result, lines = train_in_a_terminal(tmp_path, setup, monkeypatch, columns=100)
+    assert "compiling the training step..." in lines, lines
+    assert any(re.fullmatch(r"compiled in \d+\.\d s", line) for line in lines), lines
+    for step, loss in result.eval_losses:
+        assert f"step {step}/4 | held-out {loss:.4f}" in lines, lines
+    assert any(re.match(r"train: 100%\|.*\| 4/4 ", line) for line in lines), lines
+    assert not any(line.startswith("step ") and "loss" in line.split(" | ")[1] for line in lines), "bar and lines"
+    assert lines[-1].startswith(f"outputs in {tmp_path}: "), lines
+
+
+def test_a_terminal_of_0_columns_gets_the_console_lines(tmp_path, setup, monkeypatch):
+    result, lines = train_in_a_terminal(tmp_path, setup, monkeypatch, columns=0)
+    lines = [line for line in lines if not line.startswith("steps 1..4: ")]  # the summary, before the outputs
+    assert_console_lines(lines, result, tmp_path)
+
+
+# --------------------------------------------------------------------------- the loss curve
+
+
+def test_the_loss_curve_starts_at_the_initial_loss_and_names_the_run(tmp_path, setup):
+    """Step 1 is logged whatever log_every says, so loss.png starts at the initial loss; its title (and the PNG's
+    Title text) names the run directory, the model's size, the preset, the mesh and the schedule."""
+    cfg = loop_config(tmp_path)
+    result = train(cfg, setup.mesh, setup=setup, **quiet)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 4]
+    (train_line, _) = loss_figure(records).axes[0].lines
+    assert (train_line.get_xdata()[0], train_line.get_ydata()[0]) == (1, result.losses[0])
+    title = PIL.Image.open(tmp_path / "loss.png").text["Title"]
+    assert title == run_title(cfg, setup.mesh)
+    assert title.splitlines() == [
+        str(tmp_path),
+        "35K-parameter transformer, dp on data=4 x model=2 (8 cpu devices)",
+        "4 steps of 16 x 16 tokens, lr 0.01",
     ]
 
 
@@ -143,6 +241,6 @@ def test_steps_between_log_steps_fetch_nothing_from_the_devices(tmp_path, setup,
     monkeypatch.setattr(StepLoop, "_dispatch", counted)
     result = train(loop_config(tmp_path, log_every=4, eval_batches=0), setup.mesh, setup=setup, **quiet)
     assert len(result.losses) == 4
-    # Steps 1-3 are not logged: nothing is read from their dispatch to the next one's.
-    assert [started[s + 1] - started[s] for s in (1, 2, 3)] == [0, 0, 0], started
+    # Steps 2 and 3 are not logged (step 1 is: the initial loss): nothing is read from their dispatch to the next one's.
+    assert [started[s + 1] - started[s] for s in (2, 3)] == [0, 0], started
     assert len(reads) > started[4]  # step 4, logged and saved, reads its metrics: the counter sees them

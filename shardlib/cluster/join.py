@@ -14,12 +14,16 @@ A process joins when any of these holds, checked in this order:
 
 from __future__ import annotations
 
+import functools
 import os
+import pathlib
 from collections.abc import Mapping
 
 import jax
 
+from shardlib.cluster.supervise import divert_runtime_output, is_supervised, log_path, supervise
 from shardlib.cluster.watchdog import runtime_timeout
+from shardlib.training.faults import resume_advice
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # also read by jax.distributed itself
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -70,12 +74,20 @@ def join_settings(
     return None
 
 
-def join(settings: dict, peer_timeout_s: float) -> None:
+def join(settings: dict, peer_timeout_s: float, *, run_dir: str | pathlib.Path | None = None) -> None:
     """Calls ``jax.distributed.initialize`` (before any device use) with timeouts from ``peer_timeout_s``.
 
     The runtime's heartbeat and shutdown timeouts are twice the peer timeout: the
     watchdog (``shardlib.cluster.watchdog``) reports a lost peer first and by name.
+    With ``run_dir``, this process is supervised first (``shardlib.cluster.supervise``): the
+    runtime's own output goes to ``run_dir/logs/process-I.log``, not the terminal, and its abort
+    for a lost peer becomes one line naming the checkpoint in ``run_dir/checkpoints`` to resume from.
     """
+    if run_dir is not None:
+        if not is_supervised():
+            logs = pathlib.Path(run_dir) / "logs"
+            supervise(log_path(logs, settings), functools.partial(resume_advice, pathlib.Path(run_dir) / "checkpoints"))
+        divert_runtime_output()
     timeout = runtime_timeout(peer_timeout_s)
     try:
         jax.distributed.initialize(**settings, heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout)

@@ -6,8 +6,8 @@ and its id through ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
 with ``[pI]``. SIGINT and SIGTERM are passed on to every process as SIGTERM, which makes
 ``train.py`` save a checkpoint and exit 0; a second SIGINT kills them. When a process
 fails, the launcher says which one failed first and how, gives the others ``--grace``
-seconds to stop by themselves (``train.py`` notices a lost peer within
-``faults.peer_timeout_s``) and then ends them. Its exit status is 0 when every process
+seconds to stop by themselves (``train.py`` notices a process that ended at once, one that
+hangs within ``faults.peer_timeout_s``) and then ends them. Its exit status is 0 when every process
 succeeded, else the status of the first one that failed (128 + N for signal N).
 """
 

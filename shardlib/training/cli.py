@@ -76,7 +76,7 @@ def load_run(args: argparse.Namespace) -> tuple[Config, MeshSpec]:
     )
     if settings is not None:
         # Before the first device use: the runtime decides which devices are global.
-        join(settings, cfg.faults.peer_timeout_s)
+        join(settings, cfg.faults.peer_timeout_s, run_dir=cfg.run_dir)  # the runtime's output: run_dir/logs
     return cfg, spec
 
 
@@ -107,7 +107,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.restart:
         cfg = _restarted(cfg)
     mesh = build_mesh(spec)
-    watchdog = PeerWatchdog(cfg.faults.peer_timeout_s, not_peer_failures=(TrainingDiverged, RunDirError))
+    watchdog = PeerWatchdog(
+        cfg.faults.peer_timeout_s,
+        not_peer_failures=(TrainingDiverged, RunDirError),
+        checkpoints=pathlib.Path(cfg.run_dir) / "checkpoints",
+    )
     with watchdog, jax.set_mesh(mesh):
         train(cfg, mesh, stop_at=args.stop_at, progress=not args.no_progress)
     return 0

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from shardlib.core.sharding import is_logical_axes
 from shardlib.parallel.compression import GradCompression, make_grad_compression
-from shardlib.parallel.diloco import OuterSettings, outer_update, replica_mean, replica_metrics, split_replicas
+from shardlib.parallel.diloco import OuterSettings, outer_update, replica_metrics, split_replicas
 from shardlib.parallel.diloco_streaming import (
     Fragment,
     apply_fragment,
@@ -75,7 +75,9 @@ class DiLoCoSteps:
       the step's input holds, independent of the inner step's compute (so XLA may run them at once),
       applied after it. () otherwise, and ``outer`` is then what the loop never runs.
     metrics([metrics_R, ...]) -> the steps' replicated scalars (``diloco.replica_metrics``), in one program.
-    eval(params_R, batch) -> loss: the held-out loss of the replicas' mean.
+    eval(anchor, batch) -> loss: the held-out loss of the outer parameters, ``opt_state["anchor"]``: the
+      network the last outer step made (streaming: each fragment as of its own last outer step), never the
+      replicas mid-period, a network DiLoCo never produces (``TrainingSetup.evaluated``).
     grads(params_R, batch) -> (loss_R, grads_R): every replica's own, for tests and tools.
     """
 
@@ -212,8 +214,8 @@ def make_diloco_steps(
         # emulated devices drift apart and stall in their all-reduces (loop.waits_for_each_step).
         metrics=jax.jit(lambda steps: [replica_metrics(m) for m in steps], out_shardings=replicated),
         eval=jax.jit(
-            lambda params_R, b: loss_fn(replica_mean(params_R), b["inputs"], b["targets"]),
-            in_shardings=(shardings.params, batch),
+            lambda anchor, b: loss_fn(anchor, b["inputs"], b["targets"]),
+            in_shardings=(shardings.opt_state["anchor"], batch),
             out_shardings=replicated,
         ),
         grads=jax.jit(lambda params_R, b: replica_grads(params_R, b)[:2]),

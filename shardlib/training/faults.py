@@ -275,6 +275,15 @@ class NanGuard:
 # --------------------------------------------------------------------------- run directory
 
 
+def resume_advice(checkpoint_dir: pathlib.Path) -> str:
+    """Where a run that lost a process resumes: its newest complete checkpoint (a step directory; one that
+    is still being written carries Orbax's temporary suffix), for the line that reports the loss."""
+    steps = sorted(int(p.name) for p in checkpoint_dir.glob("*") if p.name.isdigit() and p.is_dir())
+    if not steps:
+        return f"{checkpoint_dir} holds no complete checkpoint yet: restarting every process starts the run over"
+    return f"the newest complete checkpoint is step {steps[-1]} ({checkpoint_dir / str(steps[-1])}): restart every process to resume from it"
+
+
 def _free_bytes(path: pathlib.Path) -> int:
     return shutil.disk_usage(path).free
 

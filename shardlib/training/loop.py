@@ -11,11 +11,14 @@ step by the outer step, dispatched the same way; a checkpoint of any step
 holds the whole state (every replica's parameters and inner state, the
 anchor and the outer momentum), so a run stopped mid-period resumes exactly.
 The inner step's metrics are per replica and are reduced only when fetched.
+Held-out evaluation scores the outer parameters (the anchor), never the
+replicas mid-period.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -99,18 +102,63 @@ def mean_eval_loss(eval_fn: Callable, params, loader: BatchLoader, batches: int,
     return float(np.mean([float(x) for x in losses]))
 
 
-def console_line(step: int, total: int, row: dict | None, eval_loss: float | None) -> str:
-    """``step 10/300 | loss 4.5000 | held-out 4.5100 | 3,277 tokens/s | 1.25 s/step``: what is known."""
+MIN_BAR_COLUMNS = 40  # a narrower terminal (0 in some ptys) gets the console lines: a bar would show nothing
+
+
+def console_line(step: int, total: int, row: dict | None, held_out: str | None, eta_s: float | None = None) -> str:
+    """``step 10/300 | loss 4.5000 | held-out 4.5100 | 3,277 tokens/s | 1.25 s/step | ETA 6m02s``: what is known.
+
+    ``held_out``: the formatted held-out loss (``held_out_text``); ``eta_s``: seconds left at the current pace.
+    """
     parts = [f"step {step}/{total}"]
     if row is not None:
         parts.append(f"loss {row['loss']:.4f}")
-    if eval_loss is not None:
-        parts.append(f"held-out {eval_loss:.4f}")
+    if held_out is not None:
+        parts.append(held_out)
     if row is not None and "tokens_per_s" in row:
         parts += [f"{row['tokens_per_s']:,.0f} tokens/s", f"{row['step_time_s']:.3g} s/step"]
+    if eta_s is not None:
+        parts.append(f"ETA {format_duration(eta_s)}")
     if row is not None and row.get("skipped_steps"):
         parts.append(f"{row['skipped_steps']} skipped")
     return " | ".join(parts)
+
+
+def held_out_text(loss: float, anchor_step: int | None) -> str:
+    """``held-out 4.5100``, under DiLoCo ``held-out 4.5100 (anchor of step 296)``: the network it scores."""
+    return f"held-out {loss:.4f}" + (f" (anchor of step {anchor_step})" if anchor_step is not None else "")
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``6m02s``, ``2h05m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def shows_a_bar(progress: bool, is_main: bool, stream=None) -> bool:
+    """Whether the loop draws a progress bar on ``stream`` (stdout): only on a terminal at least
+    ``MIN_BAR_COLUMNS`` wide; otherwise (a pipe, a file, a 0-column pty) it prints console lines."""
+    stream = stream or sys.stdout
+    if not (progress and is_main and stream.isatty()):
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns >= MIN_BAR_COLUMNS
+    except (OSError, ValueError):
+        return False
+
+
+def bar_safe(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log``, clearing a live progress bar first and redrawing it after, so a line never lands on the bar's."""
+
+    def say(text: str) -> None:
+        with tqdm.external_write_mode(file=sys.stdout):
+            log(text)
+
+    return say
 
 
 @dataclasses.dataclass
@@ -131,7 +179,9 @@ class StepLoop:
     """Runs steps of one invocation of ``train``; ``state`` holds the outcome.
 
     ``console``: print a line per logged step (no progress bar, or stdout not a
-    terminal); ``bar``: show the tqdm progress bar instead.
+    terminal at least ``MIN_BAR_COLUMNS`` wide); ``bar``: show the tqdm progress bar on
+    stdout instead, with the held-out losses as lines above it. ``log`` should be
+    ``bar_safe`` (the trainer's is): a line then never lands on the bar's.
     """
 
     def __init__(
@@ -154,7 +204,7 @@ class StepLoop:
         self.loader, self.eval_loader = loader, eval_loader
         self.guard, self.checkpointer, self.writer = guard, checkpointer, writer
         self.log, self.is_main = log, is_main
-        self.bar = progress and is_main and sys.stdout.isatty()
+        self.bar = shows_a_bar(progress, is_main)
         self.console = is_main and not self.bar
         self.throughput = Throughput(cfg.batch_size * cfg.seq_len)
         self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
@@ -164,21 +214,26 @@ class StepLoop:
 
     def run_steps(self, steps: range, stop: StopSignals) -> None:
         """Steps ``steps`` in order; after a requested stop, the one in flight ends the loop (saved)."""
-        bar = tqdm(steps, disable=not self.bar, desc="train", unit="step")
+        bar = tqdm(steps, disable=not self.bar, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
         for step in bar:
             self._dispatch(step, first=step == steps[0])
             stopping = stop.requested(step)  # every step, on every process: they must agree
             last = step == steps[-1] or stopping
             save = self.checkpointer.should_save(step) or last
-            if step % self.cfg.log_every == 0 or save:
+            # Step 1 too, so that the loss curve starts at the initial loss.
+            logged = step % self.cfg.log_every == 0 or step == 1 or last
+            if logged or save:
                 # Also before every save, so that a bad step never reaches a checkpoint.
                 self._review()
-            row = self._log_row(step) if step % self.cfg.log_every == 0 or last else None
-            eval_loss = None if stopping else self._maybe_eval(step)
+            row = self._log_row(step) if logged else None
+            held_out = None if stopping else self._maybe_eval(step)
             if row is not None:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}")
-            if self.console and (row is not None or eval_loss is not None):
-                self.log(console_line(step, self.cfg.steps, row, eval_loss))
+            if self.console and (row is not None or held_out is not None):
+                eta = row["step_time_s"] * (steps[-1] - step) if row and "step_time_s" in row else None
+                self.log(console_line(step, self.cfg.steps, row, held_out, eta))
+            elif self.bar and held_out is not None:  # the bar shows the training loss; this, a line above it
+                self.log(console_line(step, self.cfg.steps, None, held_out))
             if save:
                 self._save(step)
             if stopping:
@@ -234,19 +289,26 @@ class StepLoop:
         self.writer.write(step, row)
         return row
 
-    def _maybe_eval(self, step: int) -> float | None:
-        """The held-out loss, at every ``eval_every``-th step and the run's last; never with ``eval_batches: 0``."""
-        cfg = self.cfg
+    def _maybe_eval(self, step: int) -> str | None:
+        """The held-out loss, at every ``eval_every``-th step and the run's last; never with ``eval_batches: 0``.
+
+        It scores ``TrainingSetup.evaluated``: under DiLoCo the anchor, whose eval row in metrics.jsonl
+        carries ``anchor_step`` (``TrainingSetup.anchor_step``). Returns the console's text for it.
+        """
+        cfg, s = self.cfg, self.state
         due = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
         if not (due and cfg.eval_batches):
             return None
+        network = self.run.evaluated(s.params, s.opt_state)
         eval_loss = mean_eval_loss(
-            self.run.eval_step, self.state.params, self.eval_loader, cfg.eval_batches, wait=self.wait_each_step
+            self.run.eval_step, network, self.eval_loader, cfg.eval_batches, wait=self.wait_each_step
         )
-        self.state.eval_losses.append((step, eval_loss))
-        self.writer.write(step, {"loss": eval_loss}, split="eval")
+        s.eval_losses.append((step, eval_loss))
+        anchor_step = self.run.anchor_step(step)
+        row = {"loss": eval_loss} | ({"anchor_step": anchor_step} if anchor_step is not None else {})
+        self.writer.write(step, row, split="eval")
         self.throughput.restart()
-        return eval_loss
+        return held_out_text(eval_loss, anchor_step)
 
     def _save(self, step: int) -> None:
         """Starts the checkpoint of ``step`` (async); its state was reviewed just before (``NanGuard``)."""

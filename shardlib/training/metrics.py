@@ -154,19 +154,34 @@ def plot_loss_curve(
     title: str = "",
     log_y: bool = False,
 ) -> pathlib.Path:
-    """Plot train loss against step, with held-out ("eval") loss as markers, to a PNG.
+    """Plot train loss against step, with held-out ("eval") loss as markers, to a PNG (``loss_figure``).
 
-    Returns the PNG path. Raises ``ValueError`` if the file holds no loss values at all.
+    ``title`` is also the PNG's ``Title`` text. Returns the PNG path. Raises ``ValueError`` if the
+    file holds no loss values at all.
+    """
+    fig = loss_figure(read_metrics(jsonl_path), title=title, log_y=log_y, source=str(jsonl_path))
+    png_path = pathlib.Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120, metadata={"Title": title})
+    return png_path
+
+
+def loss_figure(records: list[dict], *, title: str = "", log_y: bool = False, source: str = "the records"):
+    """The loss curve of ``records`` (``read_metrics``) as a matplotlib Figure.
+
+    Line 0: every logged training loss from the first (the trainer logs step 1, the initial loss);
+    markers: the held-out losses, each at the step of the network it scored (a DiLoCo row's
+    ``anchor_step``: the outer parameters of that step).
     """
     # Figure + Agg canvas rather than pyplot: no global figure state, no GUI backend lookup.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    records = read_metrics(jsonl_path)
     train_steps, train_loss = loss_by_step(records, "train")
     eval_steps, eval_loss = loss_by_step(records, "eval")
     if not train_steps and not eval_steps:
-        raise ValueError(f"{jsonl_path}: no 'loss' values in the 'train' or 'eval' split to plot")
+        raise ValueError(f"{source}: no 'loss' values in the 'train' or 'eval' split to plot")
+    anchors = {r["step"]: r["anchor_step"] for r in records if r.get("split") == "eval" and "anchor_step" in r}
 
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -174,19 +189,16 @@ def plot_loss_curve(
     if train_steps:
         ax.plot(train_steps, train_loss, label="train", linewidth=1.2)
     if eval_steps:
-        ax.plot(eval_steps, eval_loss, "o", label="held-out", markersize=5)
+        label = "held-out (outer parameters, at their step)" if anchors else "held-out"
+        ax.plot([anchors.get(s, s) for s in eval_steps], eval_loss, "o", label=label, markersize=5)
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
-
-    png_path = pathlib.Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    return png_path
+    return fig
 
 
 # Dense (no structured sparsity) peak TFLOPS per chip, keyed by a substring of JAX's

@@ -46,7 +46,7 @@ class TrainingSetup:
     """Everything static about a run on a mesh: the plan, shardings and the jitted steps.
 
     train_step(params, opt_state, batch) -> (params, opt_state, metrics)
-    eval_step(params, batch) -> loss
+    eval_step(network, batch) -> loss: of ``evaluated(params, opt_state)``
     grads(params, batch) -> (loss, grads): the step's gradients, for tests and tools
     compression: the compressed reduction whose residuals live in ``opt_state["error_feedback"]``:
       the gradients' (``grad_compression``), or DiLoCo's pseudo-gradient's (``outer.compression``).
@@ -80,6 +80,20 @@ class TrainingSetup:
         if self.overlapped_steps and step > 1 and self.plan.outer.settings.due(step - 1):
             return self.overlapped_steps[self.plan.outer.settings.fragment_due(step - 1)]
         return self.train_step
+
+    def evaluated(self, params, opt_state):
+        """The network held-out evaluation scores (``eval_step``'s first argument): ``params``; under DiLoCo
+        the outer parameters, ``opt_state["anchor"]`` (streaming: each fragment as of its own last outer step)."""
+        return params if self.plan.outer is None else opt_state["anchor"]
+
+    def anchor_step(self, step: int) -> int | None:
+        """After train step ``step``, the last step whose outer step the anchor holds (0: none yet; streaming:
+        the newest fragment's, each other one H/F steps older than the next); None without ``outer``."""
+        if self.plan.outer is None:
+            return None
+        settings = self.plan.outer.settings
+        stride = settings.every // settings.fragments
+        return max(step - settings.overlap, 0) // stride * stride  # overlapped: it lands one step later
 
     def checkpoint_layout(self) -> dict:
         """What a checkpoint records about how this plan lays out the state (``shardlib.training.state_layout``)."""

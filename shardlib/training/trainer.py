@@ -19,8 +19,8 @@ from shardlib.training.checkpoint import Checkpointer, restore_latest
 from shardlib.training.config import Config
 from shardlib.training.data import check_token_ids, load_token_splits
 from shardlib.training.faults import NanGuard, StopSignals, check_run_dir
-from shardlib.training.loop import LoopState, StepLoop
-from shardlib.training.metrics import MetricsWriter, peak_tflops, plot_loss_curve
+from shardlib.training.loop import LoopState, StepLoop, bar_safe
+from shardlib.training.metrics import METRICS_FILE, TB_DIR, MetricsWriter, peak_tflops, plot_loss_curve
 from shardlib.training.prefetch import Prefetcher
 from shardlib.training.run_guard import check_resume, record_start
 from shardlib.training.setup import TrainingSetup, setup_training
@@ -105,9 +105,12 @@ def train(
     checkpoint (``TrainResult.stopped_by``); a non-finite loss, a loss spike or
     a state that would diverge is handled as ``cfg.faults`` says
     (``shardlib.training.faults.NanGuard``). Without a progress bar (``progress=False``
-    or stdout not a terminal) every logged step is also a line through ``log``.
+    or stdout not a terminal at least ``loop.MIN_BAR_COLUMNS`` wide) every logged step is also a line
+    through ``log``, with its ETA; with a bar, the held-out losses are. The last line says where the
+    run's outputs are.
     """
     _check_setup(setup, cfg, mesh)
+    log = bar_safe(log)  # a line never lands on the progress bar's
     train_tokens, heldout_tokens = _load_tokens(cfg)
     run = setup or setup_training(cfg, mesh)
     is_main = jax.process_index() == 0
@@ -218,10 +221,9 @@ def _check_setup(setup: TrainingSetup | None, cfg: Config, mesh: jax.sharding.Me
 def _summarise(
     result: TrainResult, cfg: Config, mesh: jax.sharding.Mesh, checkpointer: Checkpointer, log, *, plot: bool
 ) -> None:
-    """The run's last lines: loss and throughput, how it stopped; and its loss curve (loss.png)."""
+    """The run's last lines: loss and throughput, how it stopped, where its outputs are; and its loss curve."""
     if plot and result.losses:
-        title = f"{cfg.model.name} on {describe_mesh(mesh)}"
-        plot_loss_curve(result.run_dir / "metrics.jsonl", result.run_dir / "loss.png", title=title)
+        plot_loss_curve(result.run_dir / "metrics.jsonl", result.run_dir / "loss.png", title=run_title(cfg, mesh))
     if result.losses:
         first, last = result.start_step + 1, result.final_step
         rate = f", {result.tokens_per_second:,.0f} tokens/s" if result.tokens_per_second else ""
@@ -234,3 +236,36 @@ def _summarise(
             f"stopped by {result.stopped_by} after step {result.final_step}; "
             f"{checkpointer.step_path(result.final_step)} is complete: run the same command to resume"
         )
+    log(_outputs_line(result.run_dir, checkpointer, written_here=plot and bool(result.losses)))
+
+
+def _outputs_line(run_dir: pathlib.Path, checkpointer: Checkpointer, *, written_here: bool) -> str:
+    """``outputs in runs/tiny: metrics.jsonl, tb/ (TensorBoard), loss.png, config.json, checkpoints/300``."""
+    steps = checkpointer.complete_steps()
+    saved = f"checkpoints/{steps[-1]}" if steps else "no checkpoint"
+    if not written_here:  # not process 0, or nothing trained: only checkpoints are this process's
+        return f"outputs in {run_dir}: {saved}"
+    return f"outputs in {run_dir}: {METRICS_FILE}, {TB_DIR}/ (TensorBoard), loss.png, config.json, {saved}"
+
+
+def run_title(cfg: Config, mesh: jax.sharding.Mesh) -> str:
+    """What a run's loss.png is of, in three lines: ``runs/tiny``, ``853K-parameter transformer, tp on data=4 x
+    model=2 (8 cpu devices)``, ``300 steps of 32 x 128 tokens, lr 0.003`` (and DiLoCo's period)."""
+    params = cfg.model.num_params()
+    size = (
+        f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M" if params >= 1e6 else f"{params / 1e3:.0f}K"
+    )
+    axes = " x ".join(f"{name}={n}" for name, n in mesh.shape.items() if n > 1) or "one device"
+    schedule = f"{cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.optimizer.lr:g}"
+    if cfg.outer.algorithm != "none":
+        schedule += (
+            f"; {cfg.outer.algorithm} every {cfg.outer.inner_steps} steps over {', '.join(cfg.outer.replica_axes)}"
+        )
+    platform = mesh.devices.flat[0].platform
+    return "\n".join(
+        [
+            cfg.run_dir,
+            f"{size}-parameter transformer, {cfg.sharding} on {axes} ({mesh.size} {platform} devices)",
+            schedule,
+        ]
+    )

@@ -13,8 +13,9 @@ the ratio once the excess the report attributes to a named XLA:CPU pattern
 (an all-reduce only sliced, addends reduced one by one) is taken out: what
 XLA:GPU's passes would leave. "step MiB" is the compiled step's arguments and
 temporaries per device; with ``--memory``, "XLA red." is the same step with
-the partitioner's gradient reductions instead of the step's own, which the
-step must not exceed. Every mesh compiles on emulated CPU devices, GPU
+the partitioner's gradient reductions instead of the step's own (the layout
+before the step reduced them itself; the README says where they differ).
+Every mesh compiles on emulated CPU devices, GPU
 meshes included (the program is partitioned the same way; XLA:GPU's own
 passes are not run). A case the plan refuses prints the reason in one line; the
 HSDP presets run only on meshes that split data into ``data_replica`` groups.
@@ -78,7 +79,7 @@ def measure_case(config, mesh_path, preset, overrides, memory=False):
     """(label, [(axis, measured, minimum, ratio, ratio without avoidable)], (step MiB, partitioner's MiB))
     or (label, refusal, None). The step's memory is its compiled arguments and temporaries per device;
     ``memory``: also the same step with the partitioner's gradient reductions (``reduce_per_use`` off),
-    the layout before the step reduced them itself, which it must not exceed."""
+    the layout before the step reduced them itself."""
     from shardlib.analysis.report.__main__ import compile_mesh, mesh_sizes
     from shardlib.analysis.report.layout import resolve_layout
     from shardlib.analysis.report.measure import measure

@@ -103,6 +103,11 @@ class Schedule:
         return cross_device_boundaries(self.placement, self.stages, self.virtual)
 
     @property
+    def forward_only(self) -> bool:
+        """Whether the table runs forwards alone (an eval step's, ``forward_only``)."""
+        return all(a is None or a.kind == "F" for row in self.actions for a in row)
+
+    @property
     def split_backward(self) -> bool:
         """Whether backwards are split into B (input gradient) and W (weight gradient) actions."""
         return any(a is not None and a.kind == "W" for row in self.actions for a in row)
@@ -238,7 +243,8 @@ def validate(schedule: Schedule) -> None:
                         f"tick {tick}, stage {stage}: {action} runs before {dep[1]} on stage {dep[0]} has finished"
                     )
             seen[(stage, action)] = tick
-    missing = (3 if schedule.split_backward else 2) * p * m * v - len(seen)
+    kinds = 1 if schedule.forward_only else 3 if schedule.split_backward else 2
+    missing = kinds * p * m * v - len(seen)
     if missing:
         raise ScheduleError(f"{missing} actions never run")
 
@@ -386,6 +392,35 @@ def _zb_v_slots(p: int, m: int) -> str:
         b = min(p, m - first)
         waves += "B" * b + "WF" * b
     return "F" * p + waves + "B" * p
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """An eval step's table: ``schedule``'s forwards alone, on the devices ``schedule`` runs them
+    on (so each stage runs the layers it stores), every stage running, each tick, the deepest
+    forward whose input has arrived (oldest microbatch first). The last virtual stage scores its
+    output (``table.SCORE``). m v + p - 1 ticks where the chunks loop; 2m + 2p - 2 in a V."""
+    p, m, v, where = schedule.stages, schedule.microbatches, schedule.virtual, schedule.placement
+    waiting = [{Action("F", mb, c) for mb in range(m) for c in range(v)} for _ in range(p)]
+    done: dict[tuple[int, int], int] = {}  # (microbatch, virtual stage) -> tick
+    rows: list[tuple[Action | None, ...]] = []
+    while any(waiting):
+        tick, row = len(rows), []
+        for stage in range(p):
+            ready = [
+                (-k, a.microbatch, a)
+                for a in waiting[stage]
+                if (k := virtual_stage_of(where, p, stage, a.chunk)) == 0
+                or done.get((a.microbatch, k - 1), tick) < tick
+            ]
+            row.append(min(ready)[2] if ready else None)
+        for stage, action in enumerate(row):
+            if action is not None:
+                done[(action.microbatch, virtual_stage_of(where, p, stage, action.chunk))] = tick
+                waiting[stage].remove(action)
+        rows.append(tuple(row))
+    table = Schedule(f"{schedule.name} forward", p, m, v, tuple(rows), where)
+    validate(table)
+    return table
 
 
 SCHEDULES = {

@@ -98,15 +98,18 @@ EVAL_MEMORY_BAND = (0.6, 1.7)
 def assert_eval_runs_one_stage_per_device(compiled, cfg, mesh) -> None:
     """The compiled eval step of a pipelined run holds each stage's layers on its own devices only:
     its arguments are the stored shards (the estimate's parameters and batch, to the byte), nothing
-    over ``pipe`` but permutes of one microbatch's stage activation and scalar sums (no all-gather of
-    the stack), and its temporaries are what the memory estimate counts for it."""
+    over ``pipe`` but permutes of one microbatch's stage activation, scalar sums and the tokens (no
+    all-gather of the stack), and its temporaries are what the memory estimate counts for it."""
     layout = resolve_layout(cfg, dict(mesh.shape))
     estimate = estimate_memory(layout, "float32")
     activation = layout.rows_per_device * (cfg.seq_len // layout.seq_shards) * cfg.model.d_model * 4
     over_pipe = [c for c in find_collectives(parse_hlo(compiled.as_text()), dict(mesh.shape)) if "pipe" in c.axes]
     assert {c.kind for c in over_pipe} == {"collective-permute", "all-reduce"}, over_pipe
     for c in over_pipe:
-        assert c.buffer_bytes == activation if c.kind == "collective-permute" else c.buffer_bytes <= 16, c
+        if c.dtype == "s32":  # the batch's tokens, into the attention's order (zig-zag ring), as in training
+            assert c.buffer_bytes <= activation, c
+        else:
+            assert c.buffer_bytes == activation if c.kind == "collective-permute" else c.buffer_bytes <= 16, c
     memory = compiled.memory_analysis()
     assert memory.argument_size_in_bytes == estimate.params + estimate.batch
     low, high = EVAL_MEMORY_BAND

@@ -1,13 +1,14 @@
 """Pipeline schedules side by side: bubble, compiled memory, step time, bytes between stages.
 
-    python bench/pipeline.py [--stages 4] [--microbatches 4,8,16] [--repeats 5]
+    python bench/pipeline.py [--stages 4] [--microbatches 4,8,16] [--schedules zb-h1,zb-v] [--repeats 5]
 
 For every schedule at p stages and each m: the bubble its table predicts and
 the published formula's (one tick per action), the step time in stage
 forwards and the bubble when every tick lasts as long as its slowest action
 (``Schedule.lockstep_time`` at the executor's ``tick_costs``: how an SPMD
 step runs, its permutes holding the stages together), the compiled gradient step's temporary memory per
-device beside the report's estimate of its activations, the measured time of a
+device beside the report's estimate of its activations, the compiled eval step's (the
+schedule's forward-only table: each stage holds its own layers), the measured time of a
 gradient step (median of --repeats, after one compile), and the bytes each
 device sends to its neighbours, a mean over the devices (each permute's
 size and pairs from the compiled HLO, times the ticks the table runs it on)
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--microbatches", default="4,8,16")
+    parser.add_argument("--schedules", default=",".join(name for name, _ in SCHEDULES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--platform", default="cpu")
     args = parser.parse_args(argv)
@@ -68,11 +70,11 @@ def main(argv=None) -> int:
     print(f"{p} stages on {jax.devices(args.platform)[0].platform}; model {model}")
     print(
         f"{'schedule':<22}{'m':>4}{'bubble':>9}{'formula':>9}{'lockstep':>9}{'lock bub':>9}{'temp MiB':>10}"
-        f"{'est MiB':>9}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}"
+        f"{'est MiB':>9}{'eval MiB':>9}{'step ms':>10}{'sent KiB':>10}{'min KiB':>9}{'ratio':>7}"
     )
     for m in (int(x) for x in args.microbatches.split(",")):
         for name, v in SCHEDULES:
-            if name == "interleaved-1f1b" and m % p:
+            if name not in args.schedules.split(",") or name == "interleaved-1f1b" and m % p:
                 continue
             cfg = validate_config(
                 {
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
             }
             compiled = run.grads.lower(params, batch).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
+            eval_temp = run.eval_step.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
             # Each tick's permute is the branch of a switch over the table's send patterns (the same
             # on every device); the HLO gives each one's size and pairs, the table how many ticks take it.
             measured = measure_compiled(compiled, mesh, 0.0).collectives
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
             print(
                 f"{name + (f' v={v}' if v > 1 and name != 'zb-v' else ''):<22}{m:>4}{bubble:>9.3f}{formula:>9.3f}"
                 f"{float(lockstep):>9.1f}{float(lock_bubble):>9.3f}{temp / 2**20:>10.2f}"
-                f"{estimate / 2**20:>9.2f}{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}"
+                f"{estimate / 2**20:>9.2f}{eval_temp / 2**20:>9.2f}{step_ms:>10.1f}{sent / 1024:>10.0f}{minimum / 1024:>9.0f}"
                 f"{sent / minimum:>7.2f}"
             )
     return 0

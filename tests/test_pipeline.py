@@ -6,6 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from shardlib.analysis.report.collectives import find_collectives
+from shardlib.analysis.report.hlo import parse_hlo
+from shardlib.analysis.report.layout import resolve_layout
+from shardlib.analysis.report.memory import estimate_memory
 from shardlib.parallel.pipeline.executor import layer_order
 from shardlib.parallel.pipeline.schedules import placement
 from shardlib.training.trainer import setup_training, train
@@ -65,10 +69,14 @@ def test_schedule_matches_sequential(case):
     cfg = tiny_config(model=MODEL, pipeline=pipeline, sharding=sharding)
     run, batch, params = first_batch(cfg, mesh_of(**sizes))
     loss, grads = run.grads(params, batch)
-    # The eval step runs the network the pipeline trains (the layers in logical order).
-    assert_same_loss(run.eval_step(params, batch), loss)
+    # The eval step runs the network the pipeline trains, through the schedule's forward-only table.
+    eval_step = run.eval_step.lower(params, batch).compile()
+    eval_loss = float(eval_step(params, batch))
+    assert_same_loss(eval_loss, loss)
+    assert_eval_runs_one_stage_per_device(eval_step, cfg, run.mesh)
     loss, grads, params = float(loss), jax.device_get(grads), jax.device_get(params)
     ref_loss, ref_grads, ref_params = reference()
+    assert abs(eval_loss - ref_loss) <= TOLERANCE, (eval_loss, ref_loss)
 
     # The stack is stored in pipeline order: stored layer i is logical layer order[i]. The run
     # starts from the same network as the reference, in that layout, so it computes the same loss.
@@ -79,6 +87,34 @@ def test_schedule_matches_sequential(case):
 
     assert abs(loss - ref_loss) <= TOLERANCE, (loss, ref_loss)
     assert_trees_close(grads, ref_grads, rel=REL, what="gradient")
+
+
+# The eval step's own memory (``MemoryEstimate.eval_working``) against the compiled step's temporaries:
+# at these shapes XLA's fixed per-branch buffers weigh more than in a real model; the sequential
+# eval these replace, which all-gathered every stage's layers, read 0.14-0.3 of the estimate.
+EVAL_MEMORY_BAND = (0.6, 1.7)
+
+
+def assert_eval_runs_one_stage_per_device(compiled, cfg, mesh) -> None:
+    """The compiled eval step of a pipelined run holds each stage's layers on its own devices only:
+    its arguments are the stored shards (the estimate's parameters and batch, to the byte), nothing
+    over ``pipe`` but permutes of one microbatch's stage activation, scalar sums and the tokens (no
+    all-gather of the stack), and its temporaries are what the memory estimate counts for it."""
+    layout = resolve_layout(cfg, dict(mesh.shape))
+    estimate = estimate_memory(layout, "float32")
+    activation = layout.rows_per_device * (cfg.seq_len // layout.seq_shards) * cfg.model.d_model * 4
+    over_pipe = [c for c in find_collectives(parse_hlo(compiled.as_text()), dict(mesh.shape)) if "pipe" in c.axes]
+    assert {c.kind for c in over_pipe} == {"collective-permute", "all-reduce"}, over_pipe
+    for c in over_pipe:
+        if c.dtype == "s32":  # the batch's tokens, into the attention's order (zig-zag ring), as in training
+            assert c.buffer_bytes <= activation, c
+        else:
+            assert c.buffer_bytes == activation if c.kind == "collective-permute" else c.buffer_bytes <= 16, c
+    memory = compiled.memory_analysis()
+    assert memory.argument_size_in_bytes == estimate.params + estimate.batch
+    low, high = EVAL_MEMORY_BAND
+    assert low <= estimate.eval_working / memory.temp_size_in_bytes <= high, (estimate.eval_working, memory)
+    assert estimate.eval_total < estimate.total == estimate.peak  # a pipelined eval needs less than its training
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "zb-v"])

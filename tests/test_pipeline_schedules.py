@@ -23,7 +23,7 @@ from shardlib.parallel.pipeline.table import compile_table
 CASES = [
     (name, p, m, v)
     for p in (2, 4)
-    for m in (4, 8, 16)
+    for m in (4, 5, 8, 10, 16)
     for name, v in (
         ("gpipe", 1),
         ("1f1b", 1),
@@ -70,32 +70,45 @@ def test_zb_h1_has_a_third_of_1f1b_bubble_at_1f1b_memory(p, m):
             assert when[(stage, Action("B", action.microbatch))] < tick
 
 
-@pytest.mark.parametrize("p", [2, 4, 8])
-@pytest.mark.parametrize("per_stage", [1, 2, 4])
-def test_zb_v_idles_only_the_fill_at_1f1b_memory_and_beats_zb_h1_in_lockstep(p, per_stage):
-    """ZB-V with m >= p: p - 1 idle ticks a stage (the paper's zero bubble plus a synchronous step's
-    fill), at most 2p half-stage chunks between F and W (1F1B's p stage inputs), the embedding and
-    the loss on stage 0, the V's turn (the only send to itself) on stage p - 1; and, with B dearer
-    than F and W, a shorter step in lockstep than ZB-H1's at the same m.
+@pytest.mark.parametrize("p", range(2, 9))
+def test_zb_v_idles_only_the_fill_at_1f1b_memory_and_beats_zb_h1_in_lockstep_at_every_m(p):
+    """ZB-V at every m from p to 3p + 2 (p + 1 and 2p + 2 among them, where waves of p do not
+    divide m): p - 1 idle ticks a stage, the bubble ``expected_bubble`` prints (the paper's zero
+    bubble plus a synchronous step's fill), at most 2p half-stage chunks between F and W (1F1B's p
+    stage inputs), the embedding and the loss on stage 0, the V's turn (the only send to itself)
+    on stage p - 1; and, with B dearer than F and W, a shorter step in lockstep than ZB-H1's at
+    the same m.
 
     In this executor the residual slots (a chunk's weight-use inputs and cotangents, per layer)
-    hold as many layers as ZB-H1's; the stage-input slots are 2p + 1 of [B, L, D] against ZB-H1's
-    p (a chunk's input is a whole activation, and one more arrives before its forward runs)."""
-    m = per_stage * p
-    zv, zh = make_schedule("zb-v", p, m, 2), make_schedule("zb-h1", p, m)
-    assert zv.ticks - 6 * m == p - 1
-    assert zv.max_in_flight() <= 2 * one_f_one_b(p, m).max_in_flight() == 2 * p
+    hold as many layers as ZB-H1's; the stage-input slots are at most 2p + 1 of [B, L, D] against
+    ZB-H1's p (a chunk's input is a whole activation, and one more arrives before its forward runs)."""
+    for m in range(p, 3 * p + 3):
+        zv, zh = make_schedule("zb-v", p, m, 2), make_schedule("zb-h1", p, m)
+        assert zv.ticks - 6 * m == p - 1, (p, m, zv.format())
+        assert zv.bubble_fraction() == zv.expected_bubble() == Fraction(p - 1, 6 * m + p - 1)
+        assert zv.max_in_flight() <= 2 * one_f_one_b(p, m).max_in_flight() == 2 * p
+        table, h1 = compile_table(zv), compile_table(zh)
+        assert table.res_slots / 2 <= h1.res_slots == p, (p, m)  # in layers: half a stage's per slot
+        assert table.act_slots <= 2 * p + 1
+        assert set(np.flatnonzero((table.recv_self_slot >= 0).any(axis=0))) == {p - 1}
+        assert zv.lockstep_time(tick_costs(zv))[0] < zh.lockstep_time(tick_costs(zh))[0], (p, m)
     assert (zv.device_of(0), zv.device_of(2 * p - 1), zv.device_of(p - 1), zv.device_of(p)) == (
         (0, 0),
         (0, 1),
         (p - 1, 0),
         (p - 1, 1),
     )
-    table, h1 = compile_table(zv), compile_table(zh)
-    assert table.res_slots / 2 <= h1.res_slots == p  # in layers: half a stage's per slot
-    assert table.act_slots <= 2 * p + 1
-    assert set(np.flatnonzero((table.recv_self_slot >= 0).any(axis=0))) == {p - 1}
-    assert zv.lockstep_time(tick_costs(zv))[0] < zh.lockstep_time(tick_costs(zh))[0]
+
+
+def test_zb_v_refuses_fewer_microbatches_than_stages_and_zb_h1_states_their_bubble():
+    """With m < p, ZB-V's last stage waits for its first B until tick 3p - 1 with only 2m forwards
+    to run, so no table idles only the fill: refused, naming the m it needs. ZB-H1 runs them, and
+    ``expected_bubble`` states what its table idles (GPipe's makespan, no W to fill the wait)."""
+    with pytest.raises(ScheduleError, match=r"zb-v needs microbatches >= stages \(got 3 < 4\).*microbatches >= 4"):
+        make_schedule("zb-v", 4, 3, 2)
+    for p, m in ((4, 1), (4, 3), (8, 5)):
+        zh = make_schedule("zb-h1", p, m)
+        assert zh.ticks == 2 * m + 2 * p - 1 and zh.bubble_fraction() == zh.expected_bubble()
 
 
 def test_zb_v_needs_two_chunks_and_fills_its_layers_in_a_v():

@@ -14,7 +14,8 @@ import jax
 import pytest
 
 from shardlib.training.step import make_grads_fn
-from tests.support import assert_trees_close, first_batch, mesh_of, tiny_config
+from tests.support import assert_same_loss, assert_trees_close, first_batch, mesh_of, tiny_config
+from tests.test_pipeline import assert_eval_runs_one_stage_per_device
 
 TOLERANCE = 1e-5  # the loss: absolute, on a value of about 5
 REL = 1e-5  # gradients: relative to each leaf's largest magnitude (tests.support.assert_trees_close)
@@ -24,6 +25,14 @@ DENSE = {"n_layers": 4}
 # Capacity 1: some (token, choice) pairs are dropped, so dropping runs inside the stages too.
 MOE = {"n_layers": 4, "moe": {"n_experts": 4, "top_k": 2, "capacity_factor": 1.0, "period": 2}}
 # MoE beside seq inside the stages: tests/test_compat.py's pipeline+seq+allgather+moe cell.
+# The eval step, through the forward-only table, on each kind of stage (its schedules: tests/test_pipeline.py).
+EVALUATED = {
+    "1f1b-p2-seq2-data2-ring",
+    "1f1b-p2-seq2-model2-tp-ring",
+    "gpipe-p2-seq2-data2-fsdp-allgather",
+    "1f1b-p2-expert2-data2-moe",
+    "zb-h1-p2-expert2-model2-tp-moe",
+}
 
 CASES = {
     # schedule, mesh, sharding preset, attention.impl, model
@@ -41,11 +50,17 @@ CASES = {
 }
 
 
-def _grads(cfg, mesh):
-    """(loss, grads, metrics) of the run's first batch, by the train step's own gradient function."""
+def _grads(cfg, mesh, evaluate=False):
+    """(loss, grads, metrics) of the run's first batch, by the train step's own gradient function;
+    with ``evaluate``, the run's eval loss of the same batch as well."""
     run, batch, params = first_batch(cfg, mesh)
     loss, grads, metrics = jax.jit(make_grads_fn(run.model, run.plan, run.shardings))(params, batch)
-    return run, float(loss), jax.device_get(grads), {k: float(v) for k, v in metrics.items()}
+    eval_loss = None
+    if evaluate:
+        eval_step = run.eval_step.lower(params, batch).compile()
+        assert_eval_runs_one_stage_per_device(eval_step, cfg, mesh)
+        eval_loss = float(eval_step(params, batch))
+    return run, float(loss), jax.device_get(grads), {k: float(v) for k, v in metrics.items()}, eval_loss
 
 
 @functools.cache
@@ -53,7 +68,7 @@ def reference(model_key: str):
     """One device, no pipeline; an MoE model takes its losses per microbatch, as the pipeline does."""
     model = {"dense": DENSE, "moe": MOE}[model_key]
     accumulate = MICROBATCHES if "moe" in model else 1
-    return _grads(tiny_config(model=model, grad_accum=accumulate), mesh_of(devices=1))[1:]
+    return _grads(tiny_config(model=model, grad_accum=accumulate), mesh_of(devices=1))[1:4]
 
 
 def _model_key(model) -> str:
@@ -69,13 +84,16 @@ def test_stages_match_one_device(case):
         sharding=sharding,
         attention={"impl": impl},
     )
-    run, loss, grads, metrics = _grads(cfg, mesh_of(**sizes))
+    run, loss, grads, metrics, eval_loss = _grads(cfg, mesh_of(**sizes), evaluate=case in EVALUATED)
     features = set(run.plan.active_features())
     assert {"seq", impl} <= features if sizes.get("seq", 1) > 1 else "seq" not in features
     assert ("moe" in features) == ("moe" in model)
     ref_loss, ref_grads, ref_metrics = reference(_model_key(model))
 
     assert abs(loss - ref_loss) <= TOLERANCE, (loss, ref_loss)
+    if eval_loss is not None:  # the cross-entropy alone, each microbatch's capacity and drops as in training
+        assert_same_loss(eval_loss, loss)
+        assert abs(eval_loss - ref_loss) <= TOLERANCE, (eval_loss, ref_loss)
     assert_trees_close(grads, ref_grads, rel=REL, what="gradient")  # v = 1: stored in logical order
     assert set(metrics) == set(ref_metrics)
     for name, value in ref_metrics.items():

@@ -210,3 +210,34 @@ def test_plan_cli_verifies_a_tensor_parallel_plan(capsys):
     out = capsys.readouterr().out
     assert "verify data=4 x model=2 tp (grad_accum 1) (compiled in" in out, out
     assert "  model  predicted" in out and "GAP" not in out, out
+
+
+def test_a_plan_whose_eval_step_does_not_fit_is_dropped():
+    """The eval step runs beside the state on a device's whole batch (no accumulation splits it):
+    at grad_accum 16 with a large vocabulary its logits outweigh what the training step holds per
+    microbatch. The estimate counts it (the compiled eval step, with the optimizer state it leaves
+    resident, within 10%), and a memory the training step alone would fit drops the plan."""
+    import jax
+    import numpy as np
+
+    from shardlib.analysis.report.layout import resolve_layout
+    from shardlib.analysis.report.memory import estimate_memory
+    from shardlib.training.setup import setup_training
+    from tests.support import mesh_of
+
+    cfg = tiny_config(grad_accum=16, batch_size=128, model={"vocab_size": 8192})
+    run = setup_training(cfg, mesh_of(data=N))
+    estimate = estimate_memory(resolve_layout(cfg, dict(run.mesh.shape)), "float32")
+    params, _ = jax.eval_shape(run.init_state)
+    batch = {
+        k: jax.ShapeDtypeStruct((128, cfg.seq_len), np.int32, sharding=run.batch_sharding)
+        for k in ("inputs", "targets")
+    }
+    compiled = run.eval_step.lower(params, batch).compile().memory_analysis()
+    resident = compiled.argument_size_in_bytes + compiled.temp_size_in_bytes + estimate.optimizer
+    assert estimate.eval_total == pytest.approx(resident, rel=0.1)
+    assert estimate.total < estimate.eval_total == estimate.peak
+    limit = (estimate.total + estimate.eval_total) / 2
+    plans = make_plans(cfg, N, flat_profile(limit), presets=("dp",), axes=("data",))
+    assert plans and all(p.dropped for p in plans)
+    assert "(its eval step)" in plans[0].dropped, plans[0].dropped

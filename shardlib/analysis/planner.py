@@ -10,7 +10,8 @@ nothing to shard over data with FSDP, and so on). The HSDP presets (``hsdp``,
 (``hierarchical_mesh``): FSDP inside a host, ``data_replica`` across. Plans whose dimensions do
 not divide are dropped with the rule's own error; the rest get a per-device
 memory and step-time prediction from the analytic model (``shardlib.analysis.report``)
-on the hardware profile; plans that do not fit in memory are dropped; the rest
+on the hardware profile; plans whose training or eval step does not fit in memory
+(``MemoryEstimate.peak``) are dropped; the rest
 are ranked by step time, then memory.
 
 ``pipe`` is enumerated with the schedules of ``plan_candidates.PIPELINE_SCHEDULES`` (1F1B, ZB-V,
@@ -102,14 +103,14 @@ def make_plans(
             for plan in variants:
                 _evaluate(plan, profile, mfu)
             plans += variants if sizes["pipe"] > 1 else [_fastest(variants)]
-    fitting = sorted((p for p in plans if not p.dropped), key=lambda p: (p.step_s, p.memory.total))
+    fitting = sorted((p for p in plans if not p.dropped), key=lambda p: (p.step_s, p.memory.peak))
     return fitting + [p for p in plans if p.dropped]
 
 
 def _fastest(variants: list[MeshPlan]) -> MeshPlan:
     """The fastest fitting of a mesh's accumulation variants, else the first (the user's ``grad_accum``), dropped."""
     fitting = [p for p in variants if not p.dropped]
-    return min(fitting, key=lambda p: (p.step_s, p.memory.total)) if fitting else variants[0]
+    return min(fitting, key=lambda p: (p.step_s, p.memory.peak)) if fitting else variants[0]
 
 
 def _evaluate(plan: MeshPlan, profile, mfu: float | None) -> None:
@@ -147,8 +148,9 @@ def _evaluate(plan: MeshPlan, profile, mfu: float | None) -> None:
         mfu=mfu,
         bubble=plan.bubble,
     )
-    if plan.memory.total > profile.usable_bytes:
-        plan.dropped = f"needs {_gib(plan.memory.total)} > {_gib(profile.usable_bytes)} usable"
+    if plan.memory.peak > profile.usable_bytes:  # the training step's peak, or the eval step's beside the state
+        which = " (its eval step)" if plan.memory.eval_total > plan.memory.total else ""
+        plan.dropped = f"needs {_gib(plan.memory.peak)}{which} > {_gib(profile.usable_bytes)} usable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,10 +265,10 @@ def why_best(best: MeshPlan, other: MeshPlan) -> str:
         parts.append(f"exposed communication {_ms(b.exposed_s)} vs {_ms(a.exposed_s)}{where}")
     if not parts:
         parts.append("same time")
-    if other.memory.total < best.memory.total * 0.95:
-        parts.append(f"though it would need only {_gib(other.memory.total)} (vs {_gib(best.memory.total)})")
-    elif other.memory.total > best.memory.total * 1.05:
-        parts.append(f"and needs {_gib(other.memory.total)} (vs {_gib(best.memory.total)})")
+    if other.memory.peak < best.memory.peak * 0.95:
+        parts.append(f"though it would need only {_gib(other.memory.peak)} (vs {_gib(best.memory.peak)})")
+    elif other.memory.peak > best.memory.peak * 1.05:
+        parts.append(f"and needs {_gib(other.memory.peak)} (vs {_gib(best.memory.peak)})")
     return f"beats {other.label} ({_ms(other.step_s)}): " + "; ".join(parts)
 
 
@@ -302,7 +304,7 @@ def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top:
             [
                 i,
                 p.label,
-                _gib(p.memory.total),
+                _gib(p.memory.peak),
                 _ms(t.compute_s),
                 comm,
                 _ms(t.exposed_s),
@@ -349,7 +351,7 @@ def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top:
     redundant_drops = [p for p in dropped if not p.dropped.startswith(("refused", "needs", "does not divide"))]
     if memory_drops:
         out += ["", f"dropped, out of memory ({len(memory_drops)}):"]
-        out += [f"  {p.label}: {p.dropped}" for p in sorted(memory_drops, key=lambda p: p.memory.total)[:6]]
+        out += [f"  {p.label}: {p.dropped}" for p in sorted(memory_drops, key=lambda p: p.memory.peak)[:6]]
     if divide_drops:
         out += ["", f"dropped, does not divide ({len(divide_drops)}); one per reason:"]
         reasons: dict[str, MeshPlan] = {}

@@ -7,8 +7,8 @@ explicit on the way in and out, and the old state is donated, so parameters
 and optimizer state are updated in place on every device.
 
 The eval step runs the network the train step trains: the same attention,
-expert dispatch and token order, and the layers in their logical order
-whatever layout the pipeline stores them in.
+expert dispatch and token order; with a pipeline, through the schedule's
+forward-only table, so each stage runs only the layers it stores.
 
 DiLoCo's steps, built on the same loss and gradients, are
 ``shardlib.training.diloco_steps``'s.
@@ -30,7 +30,7 @@ from models.transformer import WEIGHT_PARAMS
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
-from shardlib.parallel.pipeline.stages import make_pipeline_grads
+from shardlib.parallel.pipeline.stages import make_pipeline_grads, make_pipeline_loss
 from shardlib.parallel.reduction import ReducedWeightUse, reduce_deferred
 from shardlib.training.parallel_plan import ParallelPlan
 from shardlib.training.train_state import AbstractModel, StateShardings
@@ -232,12 +232,28 @@ def make_eval_step(
 
     The weights are applied as the train step applies them (``weight_use``), so the forward
     passes are partitioned alike: left to XLA, an FSDP table's lookup on a mesh with
-    ``data_replica`` is resharded through full replication.
+    ``data_replica`` is resharded through full replication. A pipelined plan evaluates through
+    its executor (``make_pipeline_loss``): run in sequence, the layer stack sharded over ``pipe``
+    would be all-gathered onto every device.
     """
-    loss_fn = make_loss_fn(graphdef, plan, use=weight_use(plan, shardings))
+    if plan.pipeline is not None:
+        specs = jax.tree.map(lambda s: s.spec, shardings.params)
+
+        def evaluate(params, b):
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+            pipelined = make_pipeline_loss(
+                graphdef, abstract, plan.pipeline, plan.mesh, plan.shard, specs, plan.attention
+            )
+            return pipelined(params, b)
+    else:
+        loss_fn = make_loss_fn(graphdef, plan, use=weight_use(plan, shardings))
+
+        def evaluate(params, b):
+            return loss_fn(params, b["inputs"], b["targets"])
+
     batch = plan.batch_sharding
     return jax.jit(
-        lambda params, b: loss_fn(params, b["inputs"], b["targets"]),
+        evaluate,
         in_shardings=(shardings.params, {"inputs": batch, "targets": batch}),
         out_shardings=NamedSharding(plan.mesh, PartitionSpec()),
     )

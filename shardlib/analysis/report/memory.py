@@ -21,6 +21,13 @@ On top of the stored state the step needs, per device:
   ``outer.compression``, the compressed reduction's residuals (1 + 1/R
   copies): a parameter copy each.
 
+The eval step runs between training steps, beside the stored state, with its
+own working set (``eval_working``): the forward alone, one layer at a time, on
+the whole batch of a device (no accumulation splits it) or, with a pipeline,
+through the schedule's forward-only table on one microbatch at a time, each
+stage holding only its own layers (``shardlib.parallel.pipeline.stages.make_pipeline_loss``).
+A device's memory is the larger of the two steps' (``MemoryEstimate.peak``).
+
 This is a model of what must be alive at the peak, not of XLA's buffer
 assignment; ``shardlib.analysis.planner --verify`` compares it with ``memory_analysis()``.
 """
@@ -33,9 +40,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Var
 
 from shardlib.analysis.report.layout import Layout
-from shardlib.parallel.pipeline.stages import plan_pipeline
+from shardlib.parallel.pipeline.stages import PipelinePlan, plan_pipeline
 
 OPTIMIZER_COPIES = 2  # AdamW: first and second moments, in the parameter dtype
 
@@ -52,6 +60,7 @@ class MemoryEstimate:
     activations: float  # residuals of every layer, for one microbatch
     working: float  # logits and the backward working set of one layer
     outer: float = 0.0  # DiLoCo: the anchor, the outer momentum, the pseudo-gradient's residuals
+    eval_working: float = 0.0  # the eval step's own: gathered weights, activations, logits (no gradients)
 
     @property
     def state(self) -> float:
@@ -60,10 +69,22 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
+        """The training step's peak."""
         return self.state + self.grads + self.batch + self.gathered + self.activations + self.working
 
+    @property
+    def eval_total(self) -> float:
+        """The eval step's peak: the state stays, its batch and working set come beside it."""
+        return self.state + self.batch + self.eval_working
+
+    @property
+    def peak(self) -> float:
+        """What a device must hold: the larger of the training and the eval step's peaks."""
+        return max(self.total, self.eval_total)
+
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"state": self.state, "total": self.total}
+        extra = {"state": self.state, "total": self.total, "eval_total": self.eval_total, "peak": self.peak}
+        return dataclasses.asdict(self) | extra
 
 
 def _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype):
@@ -142,6 +163,31 @@ def layer_tap_bytes(
     return _bytes(jax.eval_shape(tapped, x, w, positions))
 
 
+@functools.lru_cache(maxsize=256)
+def layer_forward_bytes(
+    rows: int, length: int, d: int, heads: int, kv_heads: int, head_dim: int, d_ff: int, dtype: str, param_dtype: str
+) -> int:
+    """The most bytes one decoder layer's forward pass holds at once, beside its input and weights, at
+    one device's shapes: the peak over its program (``jax.make_jaxpr``, in order) of the
+    intermediates made and not yet last used. What an eval step's layer needs; XLA's fusions
+    keep fewer alive, so this bounds it from above."""
+    from models.layers import decoder_block
+
+    x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
+    jaxpr = jax.make_jaxpr(lambda x, w, p: decoder_block(x, w, p, rope_theta=10000.0, norm_eps=1e-6))(
+        x, w, positions
+    ).jaxpr
+    last_use = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.invars if isinstance(v, Var)}
+    last_use.update({v: len(jaxpr.eqns) for v in jaxpr.outvars if isinstance(v, Var)})
+    alive: dict = {}
+    peak = 0
+    for i, eqn in enumerate(jaxpr.eqns):
+        alive.update({v: _bytes(v.aval) for v in eqn.outvars})
+        peak = max(peak, sum(alive.values()))
+        alive = {v: b for v, b in alive.items() if last_use.get(v, -1) > i}
+    return peak
+
+
 def estimate_memory(layout: Layout, activation_dtype: str | None = None) -> MemoryEstimate:
     """Per-device memory of ``layout``'s training step (see the module docstring).
 
@@ -180,8 +226,50 @@ def estimate_memory(layout: Layout, activation_dtype: str | None = None) -> Memo
         # save comes back at once; by then the logits are gone (XLA:CPU: within 5%).
         working = max(working, _layer_residual(layout, activation_dtype, "none") - residual)
     return MemoryEstimate(
-        params, grads, optimizer, batch, gathered, activations, working, outer_copies(cfg, layout.sizes) * params
+        params,
+        grads,
+        optimizer,
+        batch,
+        gathered,
+        activations,
+        working,
+        outer_copies(cfg, layout.sizes) * params,
+        _eval_working(layout, activation_dtype),
     )
+
+
+def _eval_working(layout: Layout, activation_dtype: str) -> float:
+    """The eval step's working set on one device, beside its arguments (parameters and batch).
+
+    Without a pipeline: one layer's weights gathered under FSDP (the scan gathers each in
+    turn), one layer's input and forward intermediates (``layer_forward_bytes``) and the float32
+    logits, all on the device's whole batch (eval does not accumulate). With one: the stage's
+    weights gathered over the batch axes once (as the train step's executor gathers them), with
+    two or more chunks a copy of the one a tick runs, the forward-only table's stage-input
+    buffer, one layer's intermediates and one microbatch's logits.
+    """
+    cfg, m = layout.cfg, layout.cfg.model
+    c = np.dtype(activation_dtype).itemsize
+    pipelined = layout.sizes["pipe"] > 1 and getattr(cfg, "pipeline", None) is not None
+    rows = layout.rows_per_device * (1 if pipelined else cfg.grad_accum)
+    length = cfg.seq_len // layout.seq_shards
+    token_axes = set(layout.token_axes)
+    gathered = chunk = 0.0
+    for p in layout.params:
+        f = int(np.prod([layout.sizes[a] for a in p.mesh_axes if a in token_axes and a not in p.expert_axes]))
+        if pipelined:
+            gathered += p.bytes_per_device * f if f > 1 else 0.0
+            chunk += p.bytes_per_device * f / cfg.pipeline.virtual_stages if p.scanned else 0.0
+        elif f > 1:
+            gathered += p.bytes_per_device * (f / p.shape[0] if p.scanned else f)
+    layer_input = rows * length * m.d_model * c
+    intermediates = layer_forward_bytes(*_layer_dims(layout, activation_dtype)) * rows / layout.rows_per_device
+    logits = rows * length * m.vocab_size / layout.vocab_shards * 4
+    if not pipelined:
+        return gathered + layer_input + intermediates + logits
+    buffers = (_pipeline_plan(layout).eval_table.buffer_slots + 1) * layer_input
+    copied = chunk if cfg.pipeline.virtual_stages > 1 else 0.0
+    return gathered + copied + buffers + intermediates + logits
 
 
 def outer_copies(cfg, sizes) -> float:
@@ -211,18 +299,8 @@ def _activations(layout: Layout, residual: int, layer_input: int, activation_dty
     pipeline = getattr(layout.cfg, "pipeline", None)
     if layout.sizes["pipe"] < 2 or pipeline is None:
         return layout.layers_per_device * (residual + layer_input)
-    from shardlib.training.parallel_plan import pipeline_settings  # the training layer's reading of the config
-
     v = pipeline.virtual_stages
-    cfg = layout.cfg
-    plan = plan_pipeline(
-        pipeline_settings(cfg),
-        layout.sizes["pipe"],
-        cfg.model.n_layers,
-        cfg.batch_size,
-        collectives_inside_stages=False,  # branching does not change the buffers
-        platform="any",
-    ).table
+    plan = _pipeline_plan(layout).table
     buffers = (plan.buffer_slots + 1) * layer_input  # stage inputs and gradients share one buffer
     chunk_layers = layout.layers_per_device // v
     if plan.schedule.split_backward:
@@ -232,6 +310,21 @@ def _activations(layout: Layout, residual: int, layer_input: int, activation_dty
         # scratch slot, beside the one slot a branch writes or reads (XLA:CPU: 0.89-0.99).
         return buffers + (plan.saved_slots + 2) * chunk_layers * residual
     return buffers + chunk_layers * (residual + layer_input)
+
+
+def _pipeline_plan(layout: Layout) -> PipelinePlan:
+    """The pipeline ``layout``'s config runs (``plan_pipeline``): its training and eval tables."""
+    from shardlib.training.parallel_plan import pipeline_settings  # the training layer's reading of the config
+
+    cfg = layout.cfg
+    return plan_pipeline(
+        pipeline_settings(cfg),
+        layout.sizes["pipe"],
+        cfg.model.n_layers,
+        cfg.batch_size,
+        collectives_inside_stages=False,  # branching does not change the buffers
+        platform="any",
+    )
 
 
 def activation_dtype_on(platform: str, compute_dtype: str) -> str:

@@ -130,6 +130,7 @@ def _memory_lines(report: Report) -> list[str]:
         ["activations (residuals of all layers)", fmt_bytes(e.activations)],
         ["logits / recomputed layer", fmt_bytes(e.working)],
         ["total (ideal)", fmt_bytes(e.total)],
+        ["eval step, beside the state: its batch and working set", fmt_bytes(e.eval_total)],
     ]
     lines = table(["", "predicted"], rows)
     c = report.measured.memory if report.measured else None

@@ -10,7 +10,8 @@ table has in flight; with ``recompute`` off, each forward keeps its
 pullback's residuals for its backward instead (``saved``). A split (zero-bubble) table's B runs the chunk through
 ``StageFunctions.tapped_stage`` and keeps each weight use's input and output
 cotangent; its W takes the weight gradients from them alone
-(``StageFunctions.weight_grads``), with no second recomputation.
+(``StageFunctions.weight_grads``), with no second recomputation. An eval
+(forward-only) table's last virtual stage only scores its output (SCORE).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from shardlib.parallel.pipeline.table import (
     FWD_LAST,
     FWD_ONLY,
     IDLE,
+    SCORE,
+    SCORE_ONLY,
     WGT,
     WGT_FIRST,
     TickTable,
@@ -104,7 +107,7 @@ class Carry(NamedTuple):
     residuals: a split table's weight-use inputs and output cotangents ([slots + 1, ...] each,
       ``StageFunctions.tapped_stage``) from B to W, and the first stage's embedding gradient;
       {} for other tables. A branch reads the buffer and returns one slot: what a B keeps, else zeros.
-    layer_g, outer_g, loss: the gradient and loss sums.
+    layer_g, outer_g, loss: the gradient and loss sums (no gradient sums, {}, for a forward-only table).
     stats: the sums of ``StageFunctions.stats`` over the forward passes ({} without).
     """
 
@@ -153,6 +156,8 @@ class StageActions:
         branches[BWD_INPUT_FIRST] = lambda c, r: self.backward_input(c, r, first=True)
         branches[WGT] = lambda c, r: self.weight_gradient(c, r, first=False)
         branches[WGT_FIRST] = lambda c, r: self.weight_gradient(c, r, first=True)
+        branches[SCORE] = lambda c, r: self.forward(c, r, first=False, last=True, score_only=True)
+        branches[SCORE_ONLY] = lambda c, r: self.forward(c, r, first=True, last=True, score_only=True)
         self.branches = branches
 
     def _residual_shapes(self):
@@ -184,13 +189,15 @@ class StageActions:
         return plan.saved_slots if self.saved is not None else plan.res_slots
 
     def initial_carry(self, plan: TickTable) -> Carry:
+        """Zeros: the buffers ``plan`` needs, and the gradient sums unless it runs forwards only."""
         shape, dtype = self.x_shape.shape, self.x_shape.dtype
         slots = self.residual_slots(plan)
+        sums = (lambda tree: {}) if plan.schedule.forward_only else (lambda tree: jax.tree.map(jnp.zeros_like, tree))
         return Carry(
             jnp.zeros((plan.buffer_slots + 1, *shape), dtype),
             jax.tree.map(lambda a: jnp.zeros((slots + 1, *a.shape), a.dtype), self.residual_shapes),
-            jax.tree.map(jnp.zeros_like, self.chunks),
-            jax.tree.map(jnp.zeros_like, self.outer),
+            sums(self.chunks),
+            sums(self.outer),
             jnp.zeros((), jnp.float32),
             jax.tree.map(jnp.zeros_like, self.fns.stats or {}),
         )
@@ -198,7 +205,9 @@ class StageActions:
     def chunk(self, c):
         return jax.tree.map(lambda w: w[c], self.chunks)
 
-    def forward(self, carry: Carry, row, first, last):
+    def forward(self, carry: Carry, row, first, last, score_only=False):
+        """An F: the chunk on its input (the embedding's, on the first virtual stage); on the last, the
+        loss, and unless ``score_only`` (an eval table's SCORE) the loss's gradients too."""
         mb, c = row["microbatch"], row["chunk"]
         x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.held[row["act_slot"]]
         if self.saved is None:
@@ -209,7 +218,9 @@ class StageActions:
         if self.fns.stats is not None:
             y, stats = y
             carry = carry._replace(stats=jax.tree.map(jnp.add, carry.stats, stats))
-        if last:
+        if last and score_only:
+            carry = carry._replace(loss=carry.loss + self.fns.loss(self.outer, y, self.targets[mb]))
+        elif last:
             mb_loss, pull = jax.vjp(lambda o, y: self.fns.loss(o, y, self.targets[mb]), self.outer, y)
             d_outer, dy = pull(jnp.ones_like(mb_loss))
             carry = carry._replace(

@@ -131,23 +131,75 @@ def pipeline_loss_and_grads(
       (loss, layer grads sharded like ``layers``, outer grads sharded like ``outer``,
       the stages' statistics summed over microbatches and stages: ``StageFunctions.stats``, {} without).
     """
+    run, specs = _step_run(plan, fns, mesh, branching, layers, outer, layer_specs, outer_specs, batch_axes, length_axes)
+    run = dataclasses.replace(run, owned_axes=owned_axes, recompute=recompute)
+    step = jax.shard_map(
+        run.body,
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=(P(), specs[0], specs[1], P()),
+        axis_names=run.manual,
+        check_vma=False,
+    )
+    return step(layers, outer, tokens_MxBxL, targets_MxBxL, *run.tables())
+
+
+def pipeline_loss(
+    plan: TickTable,
+    fns: StageFunctions,
+    layers: PyTree,
+    outer: PyTree,
+    tokens_MxBxL: jax.Array,
+    targets_MxBxL: jax.Array,
+    mesh: jax.sharding.Mesh,
+    branching: Branching = "cond",
+    *,
+    layer_specs: PyTree | None = None,
+    outer_specs: PyTree | None = None,
+    batch_axes: tuple[str, ...] = (),
+    length_axes: tuple[str, ...] = (),
+    owned_axes: tuple[str, ...] = (),
+) -> tuple[jax.Array, PyTree]:
+    """Mean loss over the microbatches, by running a forward-only (eval) ``plan``
+    (``schedules.forward_only``): every stage runs its own layers on the stage inputs it
+    receives, so nothing but stage activations crosses ``pipe``, and no stage holds another's
+    layers. Arguments as ``pipeline_loss_and_grads``'s; parameters sharded over a batch axis are
+    gathered for the step, as there.
+
+    Returns:
+      (loss, the stages' statistics summed over microbatches and stages: ``StageFunctions.stats``, {} without).
+    """
+    if not plan.schedule.forward_only:
+        raise ValueError(f"pipeline_loss runs a forward-only table; {plan.schedule.name} has backwards")
+    run, specs = _step_run(plan, fns, mesh, branching, layers, outer, layer_specs, outer_specs, batch_axes, length_axes)
+    run = dataclasses.replace(run, owned_axes=owned_axes)
+    step = jax.shard_map(
+        run.score, mesh=mesh, in_specs=specs, out_specs=(P(), P()), axis_names=run.manual, check_vma=False
+    )
+    return step(layers, outer, tokens_MxBxL, targets_MxBxL, *run.tables())
+
+
+def _step_run(
+    plan: TickTable,
+    fns: StageFunctions,
+    mesh: jax.sharding.Mesh,
+    branching: Branching,
+    layers: PyTree,
+    outer: PyTree,
+    layer_specs: PyTree | None,
+    outer_specs: PyTree | None,
+    batch_axes: tuple[str, ...],
+    length_axes: tuple[str, ...],
+) -> tuple[_StepRun, tuple]:
+    """The shard_map body's settings, and its in_specs: the parameters' specs on the manual axes
+    (default ``P("pipe")`` for the layers, ``P()`` for the rest), the tokens', the table's."""
     manual = {"pipe", *batch_axes, *length_axes}
     layer_specs = _manual_only(layer_specs or jax.tree.map(lambda _: P("pipe"), layers), manual, "layers")
     outer_specs = _manual_only(outer_specs or jax.tree.map(lambda _: P(), outer), manual, "outer")
     token_axes = (*batch_axes, *length_axes)
-    run = _StepRun(plan, fns, branching, layer_specs, outer_specs, token_axes, mesh, owned_axes, recompute)
+    run = _StepRun(plan, fns, branching, layer_specs, outer_specs, token_axes, mesh)
     batch_spec = P(None, batch_axes or None, length_axes or None)
-    step = jax.shard_map(
-        run.body,
-        mesh=mesh,
-        in_specs=(layer_specs, outer_specs, batch_spec, batch_spec, P(), P()),
-        out_specs=(P(), layer_specs, outer_specs, P()),
-        axis_names=manual,
-        check_vma=False,
-    )
-    table = {name: jnp.asarray(getattr(plan, name)) for name in _TABLE_FIELDS}
-    table["branch"] = jnp.asarray(np.searchsorted(run.used_branches, plan.branch).astype(np.int32))
-    return step(layers, outer, tokens_MxBxL, targets_MxBxL, table, jnp.asarray(run.patterns.tick))
+    return run, (layer_specs, outer_specs, batch_spec, batch_spec, P(), P())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +215,17 @@ class _StepRun:
     mesh: jax.sharding.Mesh
     owned_axes: tuple[str, ...] = ()
     recompute: bool = True
+
+    @property
+    def manual(self) -> set[str]:
+        """The shard_map's manual axes: ``pipe`` and every token axis."""
+        return {"pipe", *self.token_axes}
+
+    def tables(self) -> tuple[dict, jax.Array]:
+        """The table's columns (branch codes renumbered to ``used_branches``) and each tick's send patterns."""
+        table = {name: jnp.asarray(getattr(self.plan, name)) for name in _TABLE_FIELDS}
+        table["branch"] = jnp.asarray(np.searchsorted(self.used_branches, self.plan.branch).astype(np.int32))
+        return table, jnp.asarray(self.patterns.tick)
 
     def _axes(self, spec: P) -> tuple[str, ...]:
         """The token axes a parameter of ``spec`` is gathered and its gradient reduced over."""
@@ -180,6 +243,18 @@ class _StepRun:
         return np.unique(self.plan.branch)
 
     def body(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
+        """The training step: (loss, layer grads, outer grads, statistics)."""
+        carry, layers_local = self._run(layers_local, outer_local, tokens, targets, table, tick_patterns)
+        return (*self._reduce(carry.layer_g, carry.outer_g, carry.loss, layers_local), self._stats(carry.stats))
+
+    def score(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
+        """The eval step (a forward-only table): (loss, statistics)."""
+        carry, _ = self._run(layers_local, outer_local, tokens, targets, table, tick_patterns)
+        return jax.lax.psum(carry.loss, ("pipe", *self.token_axes)) * self._scale(), self._stats(carry.stats)
+
+    def _run(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
+        """Gathers the weights over the batch axes they are sharded over, then scans the ticks:
+        (the last carry, this stage's gathered layers)."""
         v = self.plan.schedule.virtual
         layers_local = jax.tree.map(lambda w, s: gather_sharded(w, s, self._axes(s)), layers_local, self.layer_specs)
         outer = jax.tree.map(lambda w, s: gather_sharded(w, s, self._axes(s)), outer_local, self.outer_specs)
@@ -189,7 +264,13 @@ class _StepRun:
         carry = stage.initial_carry(self.plan)
         tick = functools.partial(self._tick, stage, jax.lax.axis_index("pipe"))
         carry, _ = jax.lax.scan(tick, carry, (table, tick_patterns))
-        return (*self._reduce(carry.layer_g, carry.outer_g, carry.loss, layers_local), self._stats(carry.stats))
+        return carry, layers_local
+
+    def _scale(self) -> float:
+        """1 / (microbatches x token shards): each shard's sums over its microbatches, to the step's mean.
+        Every token shard (rows and sequence blocks alike) holds as many tokens."""
+        shards = int(np.prod([self.mesh.shape[a] for a in self.token_axes]))
+        return 1.0 / (self.plan.schedule.microbatches * shards)
 
     def _tick(self, stage: StageActions, index, carry, xs):
         """One tick: this stage's branch, then its output's permute down or up, over the pairs the table names."""
@@ -230,10 +311,8 @@ class _StepRun:
 
     def _reduce(self, layer_g, outer_g, loss, layers_local):
         """The step's mean loss and gradients, reduced over the token axes as the parameters are sharded."""
-        shards = int(np.prod([self.mesh.shape[a] for a in self.token_axes]))
-        # Each token shard (rows and sequence blocks alike) holds the gradient of its own mean loss;
-        # they all hold as many tokens, so their mean is the step's.
-        scale = 1.0 / (self.plan.schedule.microbatches * shards)
+        # Each token shard holds the gradient of its own mean loss; their mean is the step's.
+        scale = self._scale()
         layer_g = jax.tree.map(lambda g, w: (g * scale).reshape(w.shape), layer_g, layers_local)
         layer_g = jax.tree.map(lambda g, s: reduce_gradient(g, s, self._axes(s)), layer_g, self.layer_specs)
         # Only the first and last stages touch the outer parameters and the loss. Sums commute:

@@ -12,10 +12,11 @@ is chunk 0 of device k, and k >= p is chunk 1 of device 2p - 1 - k, so a
 microbatch goes down the devices and back up; the turn at device p - 1, and
 the loss on device 0 beside the embedding, need no send.
 
-Each schedule is given by the order in which every stage wants to run its
-actions; ``simulate`` turns those orders into a table by running each stage's
-next action at the first tick its inputs exist. Data moves between stages at
-the end of a tick, so an output made at tick t is usable from tick t + 1.
+Each schedule but ZB-V is given by the order in which every stage wants to run
+its actions; ``simulate`` turns those orders into a table by running each
+stage's next action at the first tick its inputs exist. ZB-V places whole
+microbatches at once, V by V (``zb_v``). Data moves between stages at the end
+of a tick, so an output made at tick t is usable from tick t + 1.
 
 Tick = one forward or one backward of one chunk. Counting a backward as one
 tick (the same cost as a forward) is the convention under which the classic
@@ -102,6 +103,11 @@ class Schedule:
         return cross_device_boundaries(self.placement, self.stages, self.virtual)
 
     @property
+    def forward_only(self) -> bool:
+        """Whether the table runs forwards alone (an eval step's, ``forward_only``)."""
+        return all(a is None or a.kind == "F" for row in self.actions for a in row)
+
+    @property
     def split_backward(self) -> bool:
         """Whether backwards are split into B (input gradient) and W (weight gradient) actions."""
         return any(a is not None and a.kind == "W" for row in self.actions for a in row)
@@ -112,14 +118,17 @@ class Schedule:
         return Fraction(idle, self.ticks * self.stages)
 
     def expected_bubble(self) -> Fraction:
-        """The schedule family's published formula, one tick per action: (p-1) / (v*m + p-1), or
-        for a split table (p-1) / (3vm + p-1): ZB-H1's (p-1)(T_F + T_B - T_W) with T_F = T_B = T_W,
-        and for ZB-V the p - 1 ticks of one chunk that a synchronous step's fill leaves each
-        stage (the paper's "zero bubble" counts none: it overlaps them with the next step's)."""
+        """The schedule family's formula, one tick per action: (p-1) / (v*m + p-1), or for a split
+        table (p-1) / (3vm + p-1): ZB-H1's (p-1)(T_F + T_B - T_W) with T_F = T_B = T_W, and for
+        ZB-V the p - 1 ticks of one chunk that a synchronous step's fill leaves each stage (the
+        paper's "zero bubble" counts none: it overlaps them with the next step's). ZB-H1 with
+        m < p has no W to fill stage 0's wait for its first B (tick 2p - 1, after m forwards):
+        2m + 2p - 1 ticks, GPipe's and 1F1B's makespan."""
         p, m, v = self.stages, self.microbatches, self.virtual
-        if self.split_backward:
-            return Fraction(p - 1, 3 * v * m + p - 1)
-        return Fraction(p - 1, v * m + p - 1)
+        if not self.split_backward:
+            return Fraction(p - 1, v * m + p - 1)
+        ticks = 3 * v * m + p - 1 if v > 1 else 2 * m + p - 1 + max(m, p)
+        return Fraction(ticks - 3 * v * m, ticks)
 
     def lockstep_time(self, costs: dict[str, Fraction]) -> tuple[Fraction, Fraction]:
         """(step time, bubble) when every stage starts each tick together, as an SPMD step's
@@ -234,7 +243,8 @@ def validate(schedule: Schedule) -> None:
                         f"tick {tick}, stage {stage}: {action} runs before {dep[1]} on stage {dep[0]} has finished"
                     )
             seen[(stage, action)] = tick
-    missing = (3 if schedule.split_backward else 2) * p * m * v - len(seen)
+    kinds = 1 if schedule.forward_only else 3 if schedule.split_backward else 2
+    missing = kinds * p * m * v - len(seen)
     if missing:
         raise ScheduleError(f"{missing} actions never run")
 
@@ -307,59 +317,110 @@ def zb_h1(stages: int, microbatches: int) -> Schedule:
     return simulate("zb-h1", orders, m, 1)
 
 
-# ZB-V's choice on every tick, first ready wins. B's are on the critical path (a neighbour waits
-# for each), chunk 1's first since the backward reaches it first; a chunk-1 forward brings a
-# microbatch to the loss, and so to its backwards, sooner; W's fill what is left before a new
-# microbatch enters. Of the orders tried, this one left every stage only the fill's p - 1 idle
-# ticks at every p and m tested, and the smallest bubble in lockstep (tests/test_pipeline_schedules.py).
-_ZB_V_PRIORITY = (("B", 1), ("B", 0), ("F", 1), ("W", None), ("F", 0))
-
-
 def zb_v(stages: int, microbatches: int) -> Schedule:
     """ZB-V (Qi et al., "Pipeline Parallelism with Controllable Memory", 2024): two chunks per
-    device in a V (``placement`` "v"), backwards split into B and W.
+    device in a V (``placement`` "v"), backwards split into B and W; needs m >= p.
 
-    Built tick by tick: each stage runs the first action of ``_ZB_V_PRIORITY`` that is
-    ready, an F only while the stage holds fewer than 2p chunk-microbatches between F and W
-    (a chunk is half a stage, so this is 1F1B's p stage inputs). With F, B and W one tick
-    each, every stage idles p - 1 ticks, the fill of a synchronous step; the V puts the
-    embedding and the loss on stage 0 and its turn on stage p - 1, where nothing is sent.
+    Built from V's. A forward V started at tick t runs one microbatch's chunk 0 on
+    stage s at t + s and its chunk 1 at t + 2p - 1 - s: down the devices and back up,
+    one tick a virtual stage. A backward V runs its B's the same way (chunk 1 at t + s,
+    chunk 0 at t + 2p - 1 - s), which is the order the gradient takes. Slot j starts a V
+    at tick 2j, and two V's of even starts never meet on a stage (t + s and
+    t' + 2p - 1 - s differ in parity), so the slots are a sequence (``_zb_v_slots``):
+    p forward V's, then the other microbatches in waves of up to p (their backward V's
+    for as many older microbatches, then a free slot and a forward V for each), then
+    the last p backward V's. Each stage runs its oldest pending W on every tick no V
+    uses. A backward V starts p slots or more after its forward V, past its loss on
+    stage 0; a free slot comes only when every stage has a W to fill it with.
+
+    With F, B and W one tick each, every stage then idles p - 1 ticks, all before its
+    first backward, and the step takes 6m + p - 1 ticks: (p-1)/(6m+p-1), whatever m >= p
+    (no wave needs m divisible by p). Each stage holds at most 2p half-stage chunks
+    between F and W (1F1B's p stage inputs), and the backward waves keep the B's of many
+    stages on the same ticks, which is what a lockstep step pays for
+    (``Schedule.lockstep_time``); tests/test_pipeline_schedules.py checks all three at
+    every m from p to 3p + 2 for p <= 8 (past the warm-up, the table repeats by waves). With
+    m < p no table reaches that bubble: stage p - 1's first B waits for the loss on
+    stage 0 and p B's back, tick 3p - 1, and until then it has only 2m forwards to run.
     """
     p, m = stages, microbatches
-    cap = 2 * p
-    orders: list[list[Action]] = [[] for _ in range(p)]
-    done: dict[tuple[int, Action], int] = {}
-    pending_w: list[list[Action]] = [[] for _ in range(p)]
-    started = [{"F": [0, 0], "B": [0, 0]} for _ in range(p)]  # next microbatch, per kind and chunk
-    held = [0] * p
-    tick = 0
-    while len(done) < 6 * p * m:
-        ran = []
+    if m < p:
+        raise ScheduleError(
+            f"zb-v needs microbatches >= stages (got {m} < {p}): with fewer, the last stage idles "
+            f"{2 * (p - m)} ticks more than the fill, waiting for its first backward; use microbatches >= {p}"
+        )
+    occupied: dict[tuple[int, int], Action] = {}  # (tick, stage) -> the V's action there
+    started = {"F": 0, "B": 0}
+    for slot, kind in enumerate(_zb_v_slots(p, m)):
+        if kind == "W":
+            continue
+        mb, started[kind] = started[kind], started[kind] + 1
+        first, second = (0, 1) if kind == "F" else (1, 0)  # the chunk each half of the V runs
         for stage in range(p):
-            for kind, chunk in _ZB_V_PRIORITY:
-                if kind == "W":
-                    action = pending_w[stage][0] if pending_w[stage] else None
-                else:
-                    mb = started[stage][kind][chunk]
-                    action = Action(kind, mb, chunk) if mb < m else None
-                if action is None or (kind == "F" and held[stage] >= cap):
-                    continue
-                if all(done.get(dep, tick) < tick for dep in _dependencies(action, stage, p, 2, "v")):
-                    ran.append((stage, action))
-                    break
-        for stage, action in ran:
-            done[(stage, action)] = tick
-            orders[stage].append(action)
-            if action.kind == "W":
-                pending_w[stage].pop(0)
-                held[stage] -= 1
-            else:
-                started[stage][action.kind][action.chunk] += 1
-                held[stage] += action.kind == "F"
-                if action.kind == "B":
-                    pending_w[stage].append(Action("W", action.microbatch, action.chunk))
-        tick += 1
-    return simulate("zb-v", orders, m, 2, "v")
+            occupied[(2 * slot + stage, stage)] = Action(kind, mb, first)
+            occupied[(2 * slot + 2 * p - 1 - stage, stage)] = Action(kind, mb, second)
+    columns = [_with_weight_gradients(occupied, stage, 4 * m) for stage in range(p)]
+    ticks = max(len(c) for c in columns)
+    rows = tuple(tuple(c[t] if t < len(c) else None for c in columns) for t in range(ticks))
+    return Schedule("zb-v", p, m, 2, rows, "v")
+
+
+def _with_weight_gradients(occupied: dict[tuple[int, int], Action], stage: int, actions: int) -> list[Action | None]:
+    """Stage ``stage``'s column: its ``actions`` F's and B's where ``occupied`` puts them, and on
+    every other tick the W of its oldest B whose W has not run, until none is left."""
+    column: list[Action | None] = []
+    pending: list[Action] = []
+    placed = 0
+    while placed < actions or pending:
+        action = occupied.get((len(column), stage))
+        if action is None:
+            action = pending.pop(0) if pending else None
+        else:
+            placed += 1
+            if action.kind == "B":
+                pending.append(Action("W", action.microbatch, action.chunk))
+        column.append(action)
+    return column
+
+
+def _zb_v_slots(p: int, m: int) -> str:
+    """ZB-V's V's in start order: F (a forward V), B (a backward V, oldest microbatch first), W
+    (no V: each stage runs pending W's there). p F's; per wave of b <= p further microbatches,
+    b B's, then b free slots and b F's alternating; p B's."""
+    waves = ""
+    for first in range(p, m, p):
+        b = min(p, m - first)
+        waves += "B" * b + "WF" * b
+    return "F" * p + waves + "B" * p
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """An eval step's table: ``schedule``'s forwards alone, on the devices ``schedule`` runs them
+    on (so each stage runs the layers it stores), every stage running, each tick, the deepest
+    forward whose input has arrived (oldest microbatch first). The last virtual stage scores its
+    output (``table.SCORE``). m v + p - 1 ticks where the chunks loop; 2m + 2p - 2 in a V."""
+    p, m, v, where = schedule.stages, schedule.microbatches, schedule.virtual, schedule.placement
+    waiting = [{Action("F", mb, c) for mb in range(m) for c in range(v)} for _ in range(p)]
+    done: dict[tuple[int, int], int] = {}  # (microbatch, virtual stage) -> tick
+    rows: list[tuple[Action | None, ...]] = []
+    while any(waiting):
+        tick, row = len(rows), []
+        for stage in range(p):
+            ready = [
+                (-k, a.microbatch, a)
+                for a in waiting[stage]
+                if (k := virtual_stage_of(where, p, stage, a.chunk)) == 0
+                or done.get((a.microbatch, k - 1), tick) < tick
+            ]
+            row.append(min(ready)[2] if ready else None)
+        for stage, action in enumerate(row):
+            if action is not None:
+                done[(action.microbatch, virtual_stage_of(where, p, stage, action.chunk))] = tick
+                waiting[stage].remove(action)
+        rows.append(tuple(row))
+    table = Schedule(f"{schedule.name} forward", p, m, v, tuple(rows), where)
+    validate(table)
+    return table
 
 
 SCHEDULES = {

@@ -11,8 +11,10 @@ Layer layout: the stacked layers are sharded contiguously over ``pipe``, and
 with ``virtual_stages > 1`` device s runs its slice as chunks of virtual
 stages s, p + s, ..., so the stored order is not the logical one
 (``layer_order``). ``logical_layers`` undoes it for anything that runs the
-layers in sequence (the eval step), and checkpoints record the order so that
-``relayout`` can move them onto another pipeline.
+layers in sequence, and checkpoints record the order so that ``relayout``
+can move them onto another pipeline. ``make_pipeline_loss`` is the eval
+step's: the same pieces through the schedule's forward-only table, so each
+stage runs only the layers it stores.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from shardlib.parallel.pipeline.executor import (
     Branching,
     SendPatterns,
     layer_order,
+    pipeline_loss,
     pipeline_loss_and_grads,
     send_patterns,
 )
 from shardlib.parallel.pipeline.moe_stages import MoEStages
-from shardlib.parallel.pipeline.schedules import make_schedule, placement
+from shardlib.parallel.pipeline.schedules import forward_only, make_schedule, placement
 from shardlib.parallel.pipeline.table import TickTable, compile_table
 
 PyTree = Any
@@ -83,6 +86,11 @@ class PipelinePlan:
     def send_patterns(self) -> SendPatterns:
         """Each tick's permute pairs (``executor.send_patterns``): what the step sends, as a table."""
         return send_patterns(self.table)
+
+    @functools.cached_property
+    def eval_table(self) -> TickTable:
+        """The eval step's table: the schedule's forwards alone, on the same devices (``forward_only``)."""
+        return compile_table(forward_only(self.schedule))
 
 
 def plan_pipeline(
@@ -248,6 +256,73 @@ def _dense_stage_functions(merged: Callable, layout: _StageLayout, kwargs: dict,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+    """The transformer cut into the executor's pieces, and how the step hands them its arrays.
+
+    fns: the stage functions; layout: the stages' token layout; moe: an MoE model's stages, or None;
+    stacked_names: the params split over ``pipe`` (the layers, and an MoE model's experts).
+    """
+
+    fns: StageFunctions
+    layout: _StageLayout
+    moe: MoEStages | None
+    stacked_names: tuple[str, ...]
+    microbatches: int
+    mesh: jax.sharding.Mesh
+    shard: ActivationSharding | None
+    param_specs: PyTree | None
+
+    def arguments(self, params: PyTree, batch: dict) -> tuple[tuple, dict]:
+        """(stacks, outer, tokens, targets) and the keywords the executor takes for them."""
+        inputs, targets = batch["inputs"], batch["targets"]
+        if self.layout.order is not None:  # the attention's layout: tokens and targets alike
+            inputs, targets = inputs[:, self.layout.order], targets[:, self.layout.order]
+        outer = {k: v for k, v in params.items() if k not in self.stacked_names}
+        stacks = {k: params[k] for k in self.stacked_names}
+        specs = self.param_specs or {}
+        m = self.microbatches
+        positional = (
+            stacks,
+            outer,
+            split_microbatches(inputs, m, self.shard),
+            split_microbatches(targets, m, self.shard),
+        )
+        keywords = {
+            "layer_specs": {k: specs[k] for k in self.stacked_names} if specs else None,
+            "outer_specs": {k: specs[k] for k in outer} if specs else None,
+            "batch_axes": self.layout.batch_axes,
+            "length_axes": self.layout.length_axes,
+            "owned_axes": self.moe.expert_axes if self.moe is not None else (),
+        }
+        return positional, keywords
+
+
+def _stages(
+    graphdef: nnx.GraphDef,
+    abstract_params: PyTree,
+    pipeline: PipelinePlan,
+    mesh: jax.sharding.Mesh,
+    shard: ActivationSharding | None,
+    param_specs: PyTree | None,
+    attention: AttentionPlan | None,
+) -> _Stages:
+    layout, local_attention = _stage_layout(shard, mesh, attention)
+    kwargs = {}
+    if shard is not None:
+        kwargs["shard"] = ActivationSharding(without_axes(shard.rules, layout.token_axes), mesh)
+    layer_kwargs = {**kwargs, "attention": local_attention}
+    stacked_names = ("layers", "moe") if "moe" in abstract_params else ("layers",)
+    merged = _merger(graphdef, abstract_params)
+    fns = _dense_stage_functions(merged, layout, kwargs, layer_kwargs)
+    moe = None
+    if "moe" in abstract_params:
+        moe = MoEStages(merged(), abstract_params["moe"], layout.token_axes, mesh, shard)
+        fns = moe.functions(fns, merged, layout.positions, layer_kwargs)
+    m = pipeline.schedule.microbatches
+    return _Stages(fns, layout, moe, stacked_names, m, mesh, shard, param_specs)
+
+
 def make_pipeline_grads(
     graphdef: nnx.GraphDef,
     abstract_params: PyTree,
@@ -274,50 +349,44 @@ def make_pipeline_grads(
     its block. Without ``shard`` and ``param_specs`` (one device), parameters
     are ``P("pipe")`` for the layers and replicated otherwise.
     """
-    layout, local_attention = _stage_layout(shard, mesh, attention)
-    kwargs = {}
-    if shard is not None:
-        kwargs["shard"] = ActivationSharding(without_axes(shard.rules, layout.token_axes), mesh)
-    layer_kwargs = {**kwargs, "attention": local_attention}
-    m = pipeline.schedule.microbatches
-    # The stacked parameters the stages split over pipe: the layers, and an MoE model's experts.
-    stacked_names = ("layers", "moe") if "moe" in abstract_params else ("layers",)
-    merged = _merger(graphdef, abstract_params)
-    fns = _dense_stage_functions(merged, layout, kwargs, layer_kwargs)
-    moe = None
-    if "moe" in abstract_params:
-        moe = MoEStages(merged(), abstract_params["moe"], layout.token_axes, mesh, shard)
-        fns = moe.functions(fns, merged, layout.positions, layer_kwargs)
+    stages = _stages(graphdef, abstract_params, pipeline, mesh, shard, param_specs, attention)
 
     def grads_fn(params, batch):
-        inputs, targets = batch["inputs"], batch["targets"]
-        if layout.order is not None:  # the attention's layout: tokens and targets alike
-            inputs, targets = inputs[:, layout.order], targets[:, layout.order]
-        outer = {k: v for k, v in params.items() if k not in stacked_names}
-        stacks = {k: params[k] for k in stacked_names}
-        specs = param_specs or {}
+        positional, keywords = stages.arguments(params, batch)
         loss, stack_grads, outer_grads, stats = pipeline_loss_and_grads(
-            pipeline.table,
-            fns,
-            stacks,
-            outer,
-            split_microbatches(inputs, m, shard),
-            split_microbatches(targets, m, shard),
-            mesh,
-            pipeline.branching,
-            layer_specs={k: specs[k] for k in stacked_names} if specs else None,
-            outer_specs={k: specs[k] for k in outer} if specs else None,
-            batch_axes=layout.batch_axes,
-            length_axes=layout.length_axes,
-            owned_axes=moe.expert_axes if moe is not None else (),
-            recompute=pipeline.recompute,
+            pipeline.table, stages.fns, *positional, mesh, pipeline.branching, **keywords, recompute=pipeline.recompute
         )
         grads = {**outer_grads, **stack_grads}
         if param_specs is not None:  # the shard_map's out_specs name only its manual axes
             grads = jax.tree.map(
                 lambda g, spec: jax.lax.with_sharding_constraint(g, NamedSharding(mesh, spec)), grads, param_specs
             )
-        metrics = moe.metrics(stats, m, inputs.shape) if moe is not None else {}
+        moe = stages.moe
+        metrics = moe.metrics(stats, stages.microbatches, batch["inputs"].shape) if moe is not None else {}
         return loss, grads, metrics
 
     return grads_fn
+
+
+def make_pipeline_loss(
+    graphdef: nnx.GraphDef,
+    abstract_params: PyTree,
+    pipeline: PipelinePlan,
+    mesh: jax.sharding.Mesh,
+    shard: ActivationSharding | None,
+    param_specs: PyTree | None = None,
+    attention: AttentionPlan | None = None,
+) -> Callable[[PyTree, dict], jax.Array]:
+    """``loss(params, batch) -> the cross-entropy``, through ``pipeline.eval_table``: the eval step of
+    a pipelined run. Each stage runs its own layers (stored, sharded over ``pipe``, as the train step
+    has them) on its own rows and sequence blocks, and only stage activations cross ``pipe``. The
+    arguments are ``make_pipeline_grads``'s; the loss is the train step's on the same batch (an MoE
+    model's capacity and dropping per microbatch, as there)."""
+    stages = _stages(graphdef, abstract_params, pipeline, mesh, shard, param_specs, attention)
+
+    def loss_fn(params, batch):
+        positional, keywords = stages.arguments(params, batch)
+        loss, _ = pipeline_loss(pipeline.eval_table, stages.fns, *positional, mesh, pipeline.branching, **keywords)
+        return loss
+
+    return loss_fn

@@ -7,7 +7,8 @@ activation it reads and the gradient it reads. Slots are assigned here, once,
 by a free list per stage, so the buffers are exactly as large as the table
 needs: m activations in flight for GPipe, p for 1F1B. A split table's B
 frees the activation and takes a residual slot (what its W needs), which
-the W frees.
+the W frees. In a forward-only (eval) table each forward frees the
+activation it reads, and the last virtual stage only scores its output.
 """
 
 from __future__ import annotations
@@ -18,9 +19,24 @@ import numpy as np
 
 from shardlib.parallel.pipeline.schedules import Schedule
 
-IDLE, FWD, FWD_FIRST, FWD_LAST, BWD, BWD_FIRST, FWD_ONLY, BWD_INPUT, BWD_INPUT_FIRST, WGT, WGT_FIRST = range(11)
+(
+    IDLE,
+    FWD,
+    FWD_FIRST,
+    FWD_LAST,
+    BWD,
+    BWD_FIRST,
+    FWD_ONLY,
+    BWD_INPUT,
+    BWD_INPUT_FIRST,
+    WGT,
+    WGT_FIRST,
+    SCORE,
+    SCORE_ONLY,
+) = range(13)
 # FWD_ONLY: a virtual stage that is both first and last (a one-stage pipeline) embeds and takes the loss.
 # BWD_INPUT*, WGT*: a split table's B (input gradient, residuals saved) and W (weight gradient from them).
+# SCORE, SCORE_ONLY: a forward-only (eval) table's FWD_LAST and FWD_ONLY: the loss's value, no gradient.
 BRANCHES = (
     "idle",
     "forward",
@@ -33,6 +49,8 @@ BRANCHES = (
     "backward-input+embed",
     "weight-gradient",
     "weight-gradient+embed",
+    "forward+loss value",
+    "forward+embed+loss value",
 )
 
 
@@ -112,6 +130,7 @@ def compile_table(schedule: Schedule) -> TickTable:
     residuals = [_Slots() for _ in range(p)]
     saved = [_Slots() for _ in range(p)]
     split = schedule.split_backward
+    evaluating = schedule.forward_only
 
     for tick, row in enumerate(schedule.actions):
         # Reads happen during the tick; slots they free can take arrivals at its end.
@@ -123,17 +142,17 @@ def compile_table(schedule: Schedule) -> TickTable:
             key = (action.microbatch, action.chunk)
             arrays["microbatch"][tick, stage] = action.microbatch
             arrays["chunk"][tick, stage] = action.chunk
-            if action.kind in ("F", "B"):
+            if action.kind in ("F", "B") and not evaluating:
                 pool = saved[stage]
                 arrays["saved_slot"][tick, stage] = pool.take(key) if action.kind == "F" else pool.give(key)
             if action.kind == "F":
                 if k == 0:
-                    branch[tick, stage] = FWD_ONLY if k == last else FWD_FIRST
+                    branch[tick, stage] = (SCORE_ONLY if evaluating else FWD_ONLY) if k == last else FWD_FIRST
                 else:
-                    branch[tick, stage] = FWD_LAST if k == last else FWD
-                if k > 0:
-                    arrays["act_slot"][tick, stage] = acts[stage].held[key]
-                if k == last:  # the loss head's gradient is this stage's own incoming gradient
+                    branch[tick, stage] = (SCORE if evaluating else FWD_LAST) if k == last else FWD
+                if k > 0:  # without a backward, nothing reads the stage input again
+                    arrays["act_slot"][tick, stage] = acts[stage].give(key) if evaluating else acts[stage].held[key]
+                if k == last and not evaluating:  # the loss head's gradient is this stage's own incoming gradient
                     arrays["grad_slot"][tick, stage] = grads[stage].take(key)
                 if k < last:
                     arrivals.append(("act", stage, k + 1, action.microbatch))

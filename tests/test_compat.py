@@ -192,9 +192,10 @@ def test_refused_cells_are_refused_with_the_tables_reason(pair):
 
 
 # Composing cells are run in combinations: one sharded run with several features on checks
-# every pair among them, so a greedy cover of the table's composing pairs needs a third as many runs.
-# bfloat16 compute and compressed gradients agree only to their rounding, so a run with
-# either one is credited only for the pairs that contain it; every other pair is held to fp32.
+# every pair among them, so a greedy cover of the table's composing pairs needs a third as many
+# runs as there are pairs. bfloat16 compute and compressed gradients agree only to their
+# rounding, so a run with either one is credited only for the pairs that contain it (see
+# ``credited``); every other pair is held to fp32.
 LOOSE = ("bf16", "compression")
 MAX_DEVICES = 8
 

@@ -3,9 +3,10 @@
 ``python -m shardlib.cluster.launch --processes 2 -- tests/mp_cells_worker.py OUT COMBO...``:
 each process emulates 4 CPU devices and joins the run; for every ``COMBO`` (features joined
 by ``+``, as tests/test_compat.py names them) it builds that cell's setup on a mesh whose
-devices come from both processes, takes the loss and gradients of the walk's batch, and
-process 0 writes them, gathered whole, to ``OUT/<combo>.npz`` for the test to hold against
-one device.
+devices come from both processes, runs one train step (plain SGD, as tests/test_compat.py's
+cells do) on the walk's batch, and process 0 writes its loss, the gradients it applied
+(gathered whole, in logical layer order) and a pipeline's eval loss to ``OUT/<combo>.npz``
+for the test to hold against one device.
 """
 
 from __future__ import annotations
@@ -33,33 +34,33 @@ def _global(array: np.ndarray, sharding) -> jax.Array:
 
 def _run_cell(combo: tuple[str, ...], out: pathlib.Path) -> None:
     from shardlib.core.mesh import build_mesh, mesh_spec
-    from shardlib.training.setup import setup_training
-    from tests.test_compat import _batch, _cfg, _config
+    from tests.test_compat import _batch, _cfg, _config, sgd_setup, step_outputs
 
     raw, sizes = _config(combo)
     count = int(np.prod(list(sizes.values())))
     mesh = build_mesh(mesh_spec(**sizes), _spanning_devices(count))
     assert {d.process_index for d in mesh.devices.flat} == {0, 1}, "a cell run inside one process"
     cfg = _cfg(raw)
-    run = setup_training(cfg, mesh)
+    run = sgd_setup(cfg, mesh)
     assert set(run.plan.active_features()) == set(combo), (run.plan.active_features(), combo)
-    params, _ = run.init_state()
     batch = {k: _global(v, run.batch_sharding) for k, v in _batch(cfg.model.vocab_size).items()}
-    loss, grads = run.grads(params, batch)
-    results = {"loss": loss, "grads": grads}
-    if run.plan.pipeline is not None:
-        results["eval_loss"] = run.eval_step(params, batch)
     # Gathered whole onto every device in one program (process_allgather compiles one for each leaf).
     whole = jax.jit(lambda tree: tree, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    gathered = jax.tree.map(lambda leaf: np.asarray(leaf.addressable_data(0)), whole(results))
-    gathered["grads"] = run.plan.sequential_params(gathered["grads"])  # numpy, in logical layer order
+
+    def fetch(tree):
+        return jax.tree.map(lambda leaf: np.asarray(leaf.addressable_data(0)), whole(tree))
+
+    loss, grads, eval_loss = step_outputs(run, batch, fetch)
+    results = {"loss": np.float64(loss), "grads": grads}
+    if eval_loss is not None:
+        results["eval_loss"] = np.float64(eval_loss)
     if jax.process_index() == 0:
         flat = {
             jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(gathered)[0]
+            for path, leaf in jax.tree_util.tree_flatten_with_path(results)[0]
         }
         np.savez(out / f"{'+'.join(combo)}.npz", **flat)
-        print(f"cell {'+'.join(combo)}: loss {float(gathered['loss']):.6f}", flush=True)
+        print(f"cell {'+'.join(combo)}: loss {loss:.6f}", flush=True)
 
 
 def main(argv: list[str]) -> int:

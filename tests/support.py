@@ -102,3 +102,32 @@ def first_batch(cfg: Config, mesh: jax.sharding.Mesh):
     tokens, _ = load_token_splits(cfg.data)
     params, _ = run.init_state()
     return run, run.loader(tokens, seed=cfg.seed).next(), params
+
+
+def assert_trees_within_rounding(actual, expected, rounded, *, times: float, rel: float, what: str = "leaf") -> None:
+    """Every leaf of ``actual`` is no further from ``expected`` than ``times`` the leaf of ``rounded`` is.
+
+    ``rounded``: ``expected`` computed as inexactly as ``actual`` may be (one device in bfloat16,
+    for a bfloat16 run held to the float32 reference). Per leaf, in its L2 norm:
+    ``||a - b|| <= times * ||c - b|| + rel * ||b||``. A run that rounds in another order makes
+    another draw of the same error, of about the same norm (a bfloat16 run's leaves: 0.3-5% of
+    the leaf, sharded against one device within 0.8-1.4 times); a systematic error adds its
+    own norm on top (a gradient 1% too large: 1% of the leaf). The largest element, which
+    ``assert_trees_close`` reads, is one element's rounding and varies more between draws.
+    Structures and shapes must match (chex); the message names every leaf that is off.
+    """
+    chex.assert_trees_all_equal_structs(actual, expected, rounded)
+    chex.assert_trees_all_equal_shapes(actual, expected, rounded)
+    flat = jax.tree_util.tree_flatten_with_path(actual)[0]
+    failures = []
+    for (path, a), b, c in zip(flat, jax.tree.leaves(expected), jax.tree.leaves(rounded), strict=True):
+        a, b, c = (np.asarray(x, np.float64).ravel() for x in (a, b, c))
+        error, off, size = np.linalg.norm(a - b), np.linalg.norm(c - b), np.linalg.norm(b)
+        allowed = times * off + rel * size
+        if not error <= allowed:  # also catches NaN
+            failures.append(
+                f"{what} {jax.tree_util.keystr(path)}: ||error|| {error:.3g} > {allowed:.3g} (= {times:g} x "
+                f"{off:.3g}, the rounded computation's, + {rel:g} x ||expected|| {size:.3g}); "
+                f"relative {error / (size or 1):.3g} against {off / (size or 1):.3g}"
+            )
+    assert not failures, f"{len(failures)} of {len(flat)} leaves differ:\n" + "\n".join(failures)

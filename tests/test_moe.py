@@ -31,7 +31,7 @@ from shardlib.parallel.experts import dispatch_buffer_bytes, expert_dispatch, ex
 from shardlib.training.config import ConfigError
 from shardlib.training.data import load_token_splits
 from shardlib.training.trainer import setup_training, train
-from tests.support import mesh_of, tiny_config
+from tests.support import assert_trees_close, mesh_of, tiny_config
 
 TOLERANCE = 1e-5
 B, L, D, E, F = 8, 8, 16, 8, 32  # 8 rows: one per device on data 2 x expert 4
@@ -100,11 +100,10 @@ def test_sharded_layer_matches_dense_reference(top_k):
     (_, y_ref), grads_ref = jax.jit(jax.value_and_grad(reference, argnums=(0, 1), has_aux=True))(h, w, probe)
 
     assert float(dropped) == 0
-    np.testing.assert_allclose(np.asarray(y), y_ref, rtol=0, atol=TOLERANCE)
-    flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(grads))
-    for (path, g), g_ref in zip(flat, jax.tree.leaves(grads_ref), strict=True):
+    assert_trees_close(jax.device_get(y), y_ref, rel=TOLERANCE, what="output")
+    for path, g_ref in jax.tree_util.tree_flatten_with_path(grads_ref)[0]:
         assert np.abs(g_ref).max() > 1e-3, f"gradient {jax.tree_util.keystr(path)} is trivially small"
-        np.testing.assert_allclose(g, g_ref, rtol=0, atol=TOLERANCE, err_msg=jax.tree_util.keystr(path))
+    assert_trees_close(jax.device_get(grads), grads_ref, rel=TOLERANCE, what="gradient")
 
 
 def replay_capacity(expert_BxLxR, cap):
@@ -151,7 +150,7 @@ def test_drops_exactly_past_capacity(capacity_factor):
     picked_BxLxKxD = np.take_along_axis(every_BxLxExD, expert_BxLxR[..., None], axis=2)
     expected = np.sum(picked_BxLxKxD * (weight_BxLxR * kept)[..., None], axis=2)
     assert float(dropped) == (~kept).sum()
-    np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=TOLERANCE)
+    assert_trees_close(jax.device_get(y), expected, rel=TOLERANCE, what="output")
 
 
 def test_capacity_formula():
@@ -257,10 +256,8 @@ def test_moe_model_on_expert_mesh_matches_one_device(case):
         for key in m:
             assert abs(m[key] - m_ref[key]) <= TOLERANCE, key
     assert any(m["moe_dropped_fraction"] > 0 for m in metrics), "capacity 1.5 should drop something here"
-    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
-    assert any("moe" in jax.tree_util.keystr(p) for p, _ in flat)
-    for (path, g), g_ref in zip(flat, jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(g, g_ref, rtol=0, atol=TOLERANCE, err_msg=jax.tree_util.keystr(path))
+    assert any("moe" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads)[0])
+    assert_trees_close(grads, ref_grads, rel=TOLERANCE, what="gradient")
 
 
 def test_training_on_expert_mesh_lowers_the_loss_and_logs_moe_metrics(tmp_path):

@@ -69,9 +69,11 @@ def _compare(out, grads, order):
     """``out``/``grads`` are in layout order; compare them, put back in natural order, to dense."""
     ref_out, ref_grads = _dense_reference()
     natural = np.argsort(order)
-    np.testing.assert_allclose(np.asarray(out)[:, natural], ref_out, rtol=0, atol=TOLERANCE)
-    for name, g, g_ref in zip("qkv", grads, ref_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(g)[:, natural], g_ref, rtol=0, atol=TOLERANCE, err_msg=f"d{name}")
+    assert_trees_close(np.asarray(out)[:, natural], ref_out, rel=TOLERANCE, what="output")
+    in_natural_order = {f"d{name}": np.asarray(g)[:, natural] for name, g in zip("qkv", grads, strict=True)}
+    assert_trees_close(
+        in_natural_order, dict(zip(("dq", "dk", "dv"), ref_grads, strict=True)), rel=TOLERANCE, what="gradient"
+    )
 
 
 @pytest.mark.parametrize(

@@ -101,7 +101,14 @@ def make_grads_fn(model: AbstractModel, plan: ParallelPlan, shardings: StateShar
     if plan.pipeline is not None:
         specs = jax.tree.map(lambda s: s.spec, shardings.params)
         return make_pipeline_grads(
-            model.graphdef, model.params, plan.pipeline, plan.mesh, plan.shard, specs, plan.attention
+            model.graphdef,
+            model.params,
+            plan.pipeline,
+            plan.mesh,
+            plan.shard,
+            specs,
+            plan.attention,
+            reduce_dtype=plan.precision.reduce,
         )
     # With accumulation, each use's all-reduce waits for the last microbatch: one per step, not per microbatch.
     use = weight_use(plan, shardings, deferred=plan.grad_accum > 1)

@@ -109,6 +109,7 @@ def pipeline_loss_and_grads(
     length_axes: tuple[str, ...] = (),
     owned_axes: tuple[str, ...] = (),
     recompute: bool = True,
+    reduce_dtype: str | None = None,
 ) -> tuple[jax.Array, PyTree, PyTree, PyTree]:
     """Mean loss over the microbatches and its gradients, by running ``plan``.
 
@@ -127,12 +128,14 @@ def pipeline_loss_and_grads(
       recompute: each backward recomputes its chunk's forward from the stage input (memory of
         the stage inputs only); off, each forward keeps its residuals for its backward
         (``shardlib.parallel.pipeline.saved``; split tables recompute regardless).
+      reduce_dtype: what the gradients' reduce-scatters and all-reduces over the token axes carry
+        (None: the parameters' dtype).
     Returns:
       (loss, layer grads sharded like ``layers``, outer grads sharded like ``outer``,
       the stages' statistics summed over microbatches and stages: ``StageFunctions.stats``, {} without).
     """
     run, specs = _step_run(plan, fns, mesh, branching, layers, outer, layer_specs, outer_specs, batch_axes, length_axes)
-    run = dataclasses.replace(run, owned_axes=owned_axes, recompute=recompute)
+    run = dataclasses.replace(run, owned_axes=owned_axes, recompute=recompute, reduce_dtype=reduce_dtype)
     step = jax.shard_map(
         run.body,
         mesh=mesh,
@@ -215,6 +218,7 @@ class _StepRun:
     mesh: jax.sharding.Mesh
     owned_axes: tuple[str, ...] = ()
     recompute: bool = True
+    reduce_dtype: str | None = None
 
     @property
     def manual(self) -> set[str]:
@@ -314,11 +318,16 @@ class _StepRun:
         # Each token shard holds the gradient of its own mean loss; their mean is the step's.
         scale = self._scale()
         layer_g = jax.tree.map(lambda g, w: (g * scale).reshape(w.shape), layer_g, layers_local)
-        layer_g = jax.tree.map(lambda g, s: reduce_gradient(g, s, self._axes(s)), layer_g, self.layer_specs)
+        dtype = self.reduce_dtype
+        layer_g = jax.tree.map(
+            lambda g, s: reduce_gradient(g, s, self._axes(s), dtype=dtype), layer_g, self.layer_specs
+        )
         # Only the first and last stages touch the outer parameters and the loss. Sums commute:
         # over the batch axes first, so that with FSDP only the shard crosses pipe.
         outer_g = jax.tree.map(
-            lambda g, s: jax.lax.psum(reduce_gradient(g * scale, s, self._axes(s)), "pipe"), outer_g, self.outer_specs
+            lambda g, s: jax.lax.psum(reduce_gradient(g * scale, s, self._axes(s), dtype=dtype), "pipe"),
+            outer_g,
+            self.outer_specs,
         )
         return jax.lax.psum(loss, ("pipe", *self.token_axes)) * scale, layer_g, outer_g
 

@@ -331,6 +331,7 @@ def make_pipeline_grads(
     shard: ActivationSharding | None,
     param_specs: PyTree | None = None,
     attention: AttentionPlan | None = None,
+    reduce_dtype: str | None = None,
 ) -> Callable[[PyTree, dict], tuple[jax.Array, PyTree, dict]]:
     """``grads(params, batch) -> (loss, grads, metrics)`` for the transformer's params (pure dict with ``layers``).
 
@@ -347,14 +348,22 @@ def make_pipeline_grads(
     in ``attention.order``'s layout), the rotary positions of its block, the
     experts' all-to-all (``experts.dispatch_in_manual_region``), the loss on
     its block. Without ``shard`` and ``param_specs`` (one device), parameters
-    are ``P("pipe")`` for the layers and replicated otherwise.
+    are ``P("pipe")`` for the layers and replicated otherwise. ``reduce_dtype``: what the
+    gradients' reductions over the token axes carry (None: the parameters' dtype).
     """
     stages = _stages(graphdef, abstract_params, pipeline, mesh, shard, param_specs, attention)
 
     def grads_fn(params, batch):
         positional, keywords = stages.arguments(params, batch)
         loss, stack_grads, outer_grads, stats = pipeline_loss_and_grads(
-            pipeline.table, stages.fns, *positional, mesh, pipeline.branching, **keywords, recompute=pipeline.recompute
+            pipeline.table,
+            stages.fns,
+            *positional,
+            mesh,
+            pipeline.branching,
+            **keywords,
+            recompute=pipeline.recompute,
+            reduce_dtype=reduce_dtype,
         )
         grads = {**outer_grads, **stack_grads}
         if param_specs is not None:  # the shard_map's out_specs name only its manual axes

@@ -263,7 +263,7 @@ def _eval_working(layout: Layout, activation_dtype: str) -> float:
         elif f > 1:
             gathered += p.bytes_per_device * (f / p.shape[0] if p.scanned else f)
     layer_input = rows * length * m.d_model * c
-    intermediates = layer_forward_bytes(*_layer_dims(layout, activation_dtype)) * rows / layout.rows_per_device
+    intermediates = layer_forward_bytes(rows, *_layer_dims(layout, activation_dtype)[1:])
     logits = rows * length * m.vocab_size / layout.vocab_shards * 4
     if not pipelined:
         return gathered + layer_input + intermediates + logits

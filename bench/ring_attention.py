@@ -39,7 +39,7 @@ def _shape(args, length):
 
 def _attention_fn(impl, mesh, length, block_k):
     """f(q, k, v, positions) on global arrays, for ``impl`` over ``mesh``'s seq axis."""
-    from models.layers import causal_gqa_attention
+    from shardlib.models.layers import causal_gqa_attention
     from shardlib.core.rules import preset_rules
     from shardlib.core.sharding import ActivationSharding
     from shardlib.parallel.attention import make_attention

@@ -1,6 +1,6 @@
 """``model.loss_chunk``: the cross-entropy in chunks of the sequence equals the plain one (fp32).
 
-The chunked loss (``models.layers.chunked_cross_entropy``) never forms the
+The chunked loss (``shardlib.models.layers.chunked_cross_entropy``) never forms the
 whole [B, L, V] logits; its value must match ``cross_entropy`` of the whole
 logits to 1e-6 and its gradients to 1e-5 of each leaf's scale, through the
 trainer's own gradient and eval steps on the same mesh: one device, data x
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.layers import chunked_cross_entropy, cross_entropy
+from shardlib.models.layers import chunked_cross_entropy, cross_entropy
 from shardlib.core.rules import preset_rules
 from shardlib.core.sharding import ActivationSharding
 from shardlib.training.config import ConfigError

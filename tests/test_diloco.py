@@ -30,7 +30,7 @@ import optax
 import pytest
 from flax import nnx
 
-from models.layers import cross_entropy
+from shardlib.models.layers import cross_entropy
 from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.layout import resolve_layout
 from shardlib.analysis.report.measure import abstract_batch, measure_compiled

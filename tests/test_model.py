@@ -1,4 +1,4 @@
-"""Tests for models/: shapes, sharding metadata, and numerics against naive references.
+"""Tests for shardlib/models/: shapes, sharding metadata, and numerics against naive references.
 
 Shapes are tiny because compilation dominates on CPU; configs are shared so a
 jitted forward compiles once per config.
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Transformer, create_model, no_shard, remat
-from models.layers import apply_rope, causal_gqa_attention, normal_init
-from models.remat import rematerialize
+from shardlib.models import Transformer, create_model, no_shard, remat
+from shardlib.models.layers import apply_rope, causal_gqa_attention, normal_init
+from shardlib.models.remat import rematerialize
 from shardlib.training.config import ModelConfig
 
 BATCH, LENGTH = 2, 16

@@ -1,4 +1,4 @@
-"""Mixture of experts with expert parallelism (models/moe.py, shardlib/parallel/experts.py).
+"""Mixture of experts with expert parallelism (shardlib/models/moe.py, shardlib/parallel/experts.py).
 
 The sharded layer (tokens dispatched over the `expert` axis with two
 all-to-alls) against a dense reference written independently here; dropping
@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.moe import ExpertWeights, MoEWeights, capacity, moe_mlp, route
+from shardlib.models.moe import ExpertWeights, MoEWeights, capacity, moe_mlp, route
 from shardlib.analysis import hlo
 from shardlib.analysis.describe import describe
 from shardlib.analysis.report.layout import resolve_layout

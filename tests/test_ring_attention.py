@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from models.layers import causal_gqa_attention
+from shardlib.models.layers import causal_gqa_attention
 from shardlib.analysis import hlo
 from shardlib.analysis.report.hlo import parse_hlo
 from shardlib.core.rules import preset_rules

@@ -5,7 +5,7 @@
 * ``model_config_from_hf``: config.json -> ``ModelConfig``;
 * ``LLAMA_TABLE``: the HF-name <-> shardlib-path table (``python -m shardlib.interop.hf_layout``).
 
-This package may import ``shardlib.core``, ``shardlib.training`` and ``models``;
+This package may import ``shardlib.core``, ``shardlib.training`` and ``shardlib.models``;
 ``shardlib.core`` and ``shardlib.parallel`` never import it. Names are imported on first
 use, so that ``python -m shardlib.interop.<module>`` runs its module only once.
 """

@@ -169,7 +169,7 @@ def load_hf_params(
 
     ``shardings``: a ``NamedSharding`` per parameter, same structure (e.g.
     ``TrainingSetup.shardings.params``); every leaf comes back on it, in
-    ``model.param_dtype``. Shapes are those of ``models/transformer.py``
+    ``model.param_dtype``. Shapes are those of ``shardlib/models/transformer.py``
     (qkv [L, D, N, H/N + 2, K] from q_proj, k_proj, v_proj; o [L, H, K, D];
     gate_up [L, D, 2, F] from gate_proj, up_proj; down [L, F, D]; norms
     [L, D]; embed [V, D]; unembed [D, V] if untied).

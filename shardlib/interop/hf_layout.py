@@ -1,7 +1,7 @@
 """Which Hugging Face Llama tensor is which shardlib parameter: one table, as data.
 
 Each row names an HF tensor, the shardlib parameter path (as in
-``nnx.to_pure_dict``, see ``models/transformer.py``), and both layouts in
+``nnx.to_pure_dict``, see ``shardlib/models/transformer.py``), and both layouts in
 named axes. ``(heads head_dim)`` is one HF dimension holding heads x head_dim,
 heads outer (how torch's ``Linear`` weight ``[out, in]`` stores q's output).
 A shardlib layout starting with ``layer`` is a stack of the HF tensors
@@ -16,11 +16,11 @@ row fills ``group`` entries of it (an axis of its HF tensor: q_proj's
 ``(kv_heads group head_dim)`` is ``(heads head_dim)`` with each kv head's
 ``group`` = heads / kv_heads query heads inside it, HF's ``repeat_kv``
 order), ``[1]`` one entry the HF tensor has no axis for. So a kv head's
-queries, key and value lie side by side (``models.layers.BlockWeights``).
+queries, key and value lie side by side (``shardlib.models.layers.BlockWeights``).
 
 Rotary layout: HF Llama checkpoints store q and k with the rotate-half pairing
 (channel i with i + head_dim/2; the Meta-to-HF conversion permuted them into it),
-and ``models.layers.apply_rope`` uses that same pairing and the same
+and ``shardlib.models.layers.apply_rope`` uses that same pairing and the same
 frequencies ``theta ** (-2i / head_dim)``. So no column permutation is needed in
 either direction (``ROTARY_PAIRING`` records the fact; a test shows the logits
 match). A checkpoint in Meta's interleaved layout (i with i + 1) is not an HF one.

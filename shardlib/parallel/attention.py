@@ -1,13 +1,13 @@
 """Attention over a sequence sharded on the mesh: dense, ring or all-gather K/V.
 
-The model calls an ``AttentionFn`` (``models.layers``) on global arrays and
+The model calls an ``AttentionFn`` (``shardlib.models.layers``) on global arrays and
 never names a mesh axis. ``make_attention`` resolves the logical names
 through the rules (``length`` -> the ring axis, ``batch``/``heads``/``kv_heads``
 -> whatever the preset says) and wraps the chosen kernel in a ``shard_map``
 that is manual over every mesh axis: attention is independent per batch row
 and per head, so the only communication is over the sequence axis.
 
-* ``dense``: ``models.layers.causal_gqa_attention``, left to the compiler
+* ``dense``: ``shardlib.models.layers.causal_gqa_attention``, left to the compiler
   (what every run did before this module existed).
 * ``fused``: ``jax.nn.dot_product_attention`` with ``is_causal``: on GPUs in
   bf16, cuDNN's fused (flash) kernel, which never materialises the [L, M]
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import causal_gqa_attention
+from shardlib.models.layers import causal_gqa_attention
 from shardlib.core.rules import rule_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.ring_attention import DEFAULT_BLOCK_K, ring_attention, token_order

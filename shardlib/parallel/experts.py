@@ -1,7 +1,7 @@
 """Expert parallelism: tokens travel to their experts' devices with two ``all_to_all``s.
 
 ``expert_dispatch(shard)`` is the mesh-aware ``ExpertDispatch`` of
-``models.moe``: the parallel plan passes it to the model as an argument, as
+``shardlib.models.moe``: the parallel plan passes it to the model as an argument, as
 it passes the attention function, and the model never names a mesh axis. Inside one ``shard_map`` over every mesh axis:
 
 1. each device scatters its tokens into a capacity-padded buffer
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.moe import ExpertDispatch, ExpertWeights, TokenMean, capacity, expert_ffn, through_experts
+from shardlib.models.moe import ExpertDispatch, ExpertWeights, TokenMean, capacity, expert_ffn, through_experts
 from shardlib.core.rules import axes_tuple
 
 
@@ -56,7 +56,7 @@ def check_experts_divide(n_experts: int, mesh: jax.sharding.Mesh) -> None:
 
 
 def expert_dispatch(shard) -> ExpertDispatch:
-    """The ``models.moe.ExpertDispatch`` over ``shard``'s mesh and rules (see ``expert_parallel_dispatch``)."""
+    """The ``shardlib.models.moe.ExpertDispatch`` over ``shard``'s mesh and rules (see ``expert_parallel_dispatch``)."""
     return functools.partial(expert_parallel_dispatch, shard)
 
 
@@ -77,7 +77,7 @@ def expert_parallel_dispatch(
     *,
     capacity_factor: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """``models.moe.ExpertDispatch`` over the mesh of ``shard`` (an ``ActivationSharding``).
+    """``shardlib.models.moe.ExpertDispatch`` over the mesh of ``shard`` (an ``ActivationSharding``).
 
     Args:
       x_BxLxD: normalised tokens, sharded as ("batch", "length", "embed").
@@ -172,7 +172,7 @@ def dispatch_in_manual_region(token_axes: tuple[str, ...], ep_axes: tuple[str, .
 
 
 def token_mean_in_manual_region(token_axes: tuple[str, ...]) -> TokenMean:
-    """``models.moe.TokenMean`` inside a ``shard_map`` manual over ``token_axes``: every block holds as many
+    """``shardlib.models.moe.TokenMean`` inside a ``shard_map`` manual over ``token_axes``: every block holds as many
     tokens, so the batch's mean is the mean of the blocks' means (the same value on every block)."""
 
     def mean(x_BxLx___: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ gradients where (N-1)/N suffices. With tokens over ``data`` and ``seq``, the
 partitioner also reduces over each axis separately: two all-reduces of the
 whole gradient where one over both axes does.
 
-``ReducedWeightUse`` is a ``models.layers.WeightUse`` whose backward pass
+``ReducedWeightUse`` is a ``shardlib.models.layers.WeightUse`` whose backward pass
 takes the weight gradient itself. The forward pass and the input gradient
 stay with the partitioner (the FSDP gathers too, so XLA keeps its freedom to
 schedule and overlap them with compute); only the weight-gradient
@@ -136,7 +136,7 @@ class ReducedWeightUse:
 
     Args:
       mesh: the step's mesh (Auto axes).
-      uses: weight name -> its ``models.layers.WeightUseSpec``: ``apply(x, w)``,
+      uses: weight name -> its ``shardlib.models.layers.WeightUseSpec``: ``apply(x, w)``,
         linear in ``w``, and the input's and output's logical axes.
       weight_specs: weight name -> the weight's PartitionSpec as the use sees it
         (a stacked layer weight without its leading layer dimension). Names

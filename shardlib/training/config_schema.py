@@ -22,7 +22,7 @@ _STRICT = ConfigDict(extra="forbid")
 
 
 class MoEConfig(BaseModel):
-    """Mixture-of-experts MLPs (models.moe); ``n_experts: 0`` keeps every MLP dense."""
+    """Mixture-of-experts MLPs (shardlib.models.moe); ``n_experts: 0`` keeps every MLP dense."""
 
     model_config = _STRICT
 
@@ -60,7 +60,7 @@ class ModelConfig(BaseModel):
     # gradient reductions in reduce_dtype (ParallelPlan.describe prints it).
     reduce_dtype: Literal["float32", "bfloat16"] | None = None
     remat: Literal["none", "full", "save_matmuls", "save_matmuls_attention"] = "none"
-    # Cross-entropy in chunks of this many tokens of each sequence (models.layers.chunked_cross_entropy):
+    # Cross-entropy in chunks of this many tokens of each sequence (shardlib.models.layers.chunked_cross_entropy):
     # the [batch, seq_len, vocab] float32 logits are never held whole, the backward recomputes each
     # chunk's. 0: off (the whole logits). Must divide seq_len, and each chunk over the mesh's seq axis.
     loss_chunk: NonNegInt = 0

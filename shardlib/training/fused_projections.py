@@ -1,6 +1,6 @@
 """Checkpoints from before q/k/v and gate/up were fused: restored in their own layout, then converted.
 
-Until the fusion (``models.layers`` says why it was done) every layer stack
+Until the fusion (``shardlib.models.layers`` says why it was done) every layer stack
 held five projection weights; now it holds two:
 
   separate (before)                       fused (now)
@@ -28,7 +28,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.layers import fuse_gate_up, fuse_qkv  # the layout's one definition, as the model builds it
+from shardlib.models.layers import fuse_gate_up, fuse_qkv  # the layout's one definition, as the model builds it
 from shardlib.training.checkpoint_integrity import CHECKSUMS
 
 PyTree = Any

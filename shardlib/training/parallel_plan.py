@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from models.moe import ExpertDispatch
+from shardlib.models.moe import ExpertDispatch
 from shardlib.core.rules import (
     Rules,
     ShardingError,

@@ -25,8 +25,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.layers import WEIGHT_USES, WeightUse, cross_entropy, use_weight
-from models.transformer import WEIGHT_PARAMS
+from shardlib.models.layers import WEIGHT_USES, WeightUse, cross_entropy, use_weight
+from shardlib.models.transformer import WEIGHT_PARAMS
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from models import create_model
+from shardlib.models import create_model
 from shardlib.core.rules import Rules
 from shardlib.core.sharding import (
     is_logical_axes,

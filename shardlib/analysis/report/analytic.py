@@ -192,7 +192,7 @@ def _reduce_itemsize(layout: Layout, p: ParamLayout, per_use: set[str], platform
 def _reduced_per_use(layout: Layout) -> set[str]:
     """The parameter paths whose gradients the step reduces per use (``training.step.weight_use``):
     every weight the model applies through ``WEIGHT_PARAMS``, outside a pipeline and DiLoCo."""
-    from models.transformer import WEIGHT_PARAMS
+    from shardlib.models.transformer import WEIGHT_PARAMS
 
     outer = getattr(layout.cfg, "outer", None)
     if layout.sizes["pipe"] > 1 or (outer is not None and outer.algorithm != "none"):
@@ -370,7 +370,7 @@ def expert_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     Remat (``full`` or ``save_matmuls``: the experts' einsums are batched over
     experts, so not saved) recomputes the forward pass and its two all-to-alls.
     """
-    from models.moe import capacity
+    from shardlib.models.moe import capacity
 
     cfg, sizes = layout.cfg, layout.sizes
     moe = getattr(cfg.model, "moe", None)

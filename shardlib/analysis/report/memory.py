@@ -93,7 +93,7 @@ def _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param
     ``heads`` and ``kv_heads`` are the device's own: the fused q/k/v weight
     holds its kv heads with their heads // kv_heads queries each.
     """
-    from models.layers import BlockWeights
+    from shardlib.models.layers import BlockWeights
 
     def sds(*shape, dt=param_dtype):
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
@@ -127,8 +127,8 @@ def layer_residual_bytes(
     remat: str,
 ) -> int:
     """Bytes one decoder layer keeps for its backward pass, at one device's shapes (layer input excluded)."""
-    from models.layers import decoder_block
-    from models.remat import rematerialize
+    from shardlib.models.layers import decoder_block
+    from shardlib.models.remat import rematerialize
 
     x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
 
@@ -150,8 +150,8 @@ def layer_tap_bytes(
     rows: int, length: int, d: int, heads: int, kv_heads: int, head_dim: int, d_ff: int, dtype: str, param_dtype: str
 ) -> int:
     """Bytes a split backward keeps from one layer's B to its W: every weight use's input and the
-    cotangent of its output (``models.layers.WeightTap``), at one device's shapes."""
-    from models.layers import WeightTap, decoder_block
+    cotangent of its output (``shardlib.models.layers.WeightTap``), at one device's shapes."""
+    from shardlib.models.layers import WeightTap, decoder_block
 
     x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
 
@@ -171,7 +171,7 @@ def layer_forward_bytes(
     one device's shapes: the peak over its program (``jax.make_jaxpr``, in order) of the
     intermediates made and not yet last used. What an eval step's layer needs; XLA's fusions
     keep fewer alive, so this bounds it from above."""
-    from models.layers import decoder_block
+    from shardlib.models.layers import decoder_block
 
     x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
     jaxpr = jax.make_jaxpr(lambda x, w, p: decoder_block(x, w, p, rope_theta=10000.0, norm_eps=1e-6))(

@@ -9,7 +9,7 @@ ReduceScatterCreator and AllReduceReassociate passes):
 * summed: a tuple all-reduce whose same-shaped results are only added to
   each other afterwards (the input gradients of separate column-parallel
   weights in tensor parallelism, as q, k, v and gate, up were before
-  ``models.layers`` fused them): reducing their sum moves 1/k of the bytes;
+  ``shardlib.models.layers`` fused them): reducing their sum moves 1/k of the bytes;
 * narrowed: a result used only through a conversion to a narrower type (bf16
   activations reduced in f32 because XLA:CPU computes bf16 dots in f32).
 

@@ -13,7 +13,7 @@ holds its own rows and sequence blocks and its slice of the experts
   computes them on the microbatch;
 * each stage's share of the objective (its MoE layers' weighted losses over
   the model's MoE layer count) enters the gradients through the activation
-  it sends on (``models.moe.attach_loss``), and their values are summed into
+  it sends on (``shardlib.models.moe.attach_loss``), and their values are summed into
   the executor's statistics (``StageFunctions.stats``), whence ``metrics``.
 
 A split (zero-bubble) table's B taps every dense weight use and adds a probe
@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models.layers import WEIGHT_USES, BlockWeights, use_weight
-from models.moe import ExpertWeights, MoEStats, MoEWeights, attach_loss
+from shardlib.models.layers import WEIGHT_USES, BlockWeights, use_weight
+from shardlib.models.moe import ExpertWeights, MoEStats, MoEWeights, attach_loss
 from shardlib.parallel.experts import dispatch_in_manual_region, expert_axes, token_mean_in_manual_region
 from shardlib.parallel.pipeline.actions import StageFunctions
 
@@ -42,7 +42,7 @@ _STATS = ("moe_aux_loss", "moe_z_loss", "moe_dropped")
 
 
 def moe_weights(moe: dict) -> MoEWeights:
-    """The ``moe`` params ({router, gate, up, down}, [M, ...] each) as ``models.moe.MoEWeights``."""
+    """The ``moe`` params ({router, gate, up, down}, [M, ...] each) as ``shardlib.models.moe.MoEWeights``."""
     return MoEWeights(moe["router"], ExpertWeights(moe["gate"], moe["up"], moe["down"]))
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from models.layers import BlockWeights, causal_gqa_attention, weight_grads
+from shardlib.models.layers import BlockWeights, causal_gqa_attention, weight_grads
 from shardlib.core.rules import rule_axes, without_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import split_microbatches
@@ -170,7 +170,7 @@ def relayout_index(saved_order: np.ndarray, new_order: np.ndarray) -> np.ndarray
 
 
 def _chunk_weight_grads(chunk: dict, inputs: dict, dys: dict) -> dict:
-    """``models.layers.weight_grads`` for every layer of a chunk ([n, ...] each): the W of a split backward."""
+    """``shardlib.models.layers.weight_grads`` for every layer of a chunk ([n, ...] each): the W of a split backward."""
     return {"layers": jax.vmap(weight_grads)(BlockWeights(**chunk["layers"]), inputs, dys)._asdict()}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from flax import nnx
 
-from models.transformer import ShardFn, Transformer, no_shard
+from shardlib.models.transformer import ShardFn, Transformer, no_shard
 
 __all__ = ["MODELS", "ShardFn", "Transformer", "create_model", "no_shard"]
 

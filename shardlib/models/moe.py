@@ -38,14 +38,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import normal_init
+from shardlib.models.layers import normal_init
 
 
 class ExpertWeights(NamedTuple):
     """One MoE layer's expert parameters (SwiGLU per expert).
 
     gate and up stay two weights here, unlike the dense layers' fused
-    ``gate_up`` (``models.layers``): under tensor parallelism the experts run
+    ``gate_up`` (``shardlib.models.layers``): under tensor parallelism the experts run
     inside ``shardlib.parallel.experts``' shard_map, whose tokens are marked
     varying over the tensor axes, so the backward pass adds the two input
     gradients locally and all-reduces their sum once; fusing would save nothing.

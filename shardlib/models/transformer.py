@@ -15,10 +15,10 @@ Parameter paths (as flattened by `nnx.state(model, nnx.Param)`):
   layers/down [L, F, D]              ("layers", "mlp", "embed")
   final_norm [D]                     ("embed",)
   unembed [D, V]                     ("embed", "vocab")   only if not tie_embeddings
-  moe/router, gate, up, down         only with moe.n_experts > 0 (models.moe.MoEStack)
+  moe/router, gate, up, down         only with moe.n_experts > 0 (shardlib.models.moe.MoEStack)
 (Here L is the number of layers; in activations L is the sequence length.)
 
-q, k and v are one fused weight, and so are gate and up (``models.layers``
+q, k and v are one fused weight, and so are gate and up (``shardlib.models.layers``
 says why: one all-reduce of the input gradient each under tensor
 parallelism). ``qkv[:, :, n, :G]`` are the queries of kv head n (query head
 h = n * G + g), ``qkv[:, :, n, G]`` its key and ``qkv[:, :, n, G + 1]`` its
@@ -31,7 +31,7 @@ checkpoints saved before the fusion are converted on restore
 With mixture of experts, every moe.period-th layer's MLP is a MoE: layers/gate_up
 and down then stack only the dense layers' MLPs, and the layers are scanned in
 groups of period - 1 dense layers and one MoE layer (``run_moe_layers``,
-``models.moe_layers``); remat policies are ``models.remat``.
+``shardlib.models.moe_layers``); remat policies are ``shardlib.models.remat``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (
+from shardlib.models.layers import (
     AttentionFn,
     BlockWeights,
     ShardFn,
@@ -60,13 +60,13 @@ from models.layers import (
     rms_normalize,
     use_weight,
 )
-from models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, TokenMean, mean_over_tokens
-from models.moe_layers import scan_moe_groups
-from models.remat import REMAT_CHOICES, rematerialize
+from shardlib.models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, TokenMean, mean_over_tokens
+from shardlib.models.moe_layers import scan_moe_groups
+from shardlib.models.remat import REMAT_CHOICES, rematerialize
 
 __all__ = ["WEIGHT_PARAMS", "ShardFn", "Transformer", "no_shard"]
 
-# Which parameter each weight use (``models.layers.WEIGHT_USES``) reads, by path in the
+# Which parameter each weight use (``shardlib.models.layers.WEIGHT_USES``) reads, by path in the
 # parameter tree; a ``layers/...`` parameter is stacked and each use sees one layer of it.
 WEIGHT_PARAMS: dict[str, tuple[str, ...]] = {
     **{name: ("layers", name) for name in BlockWeights._fields},
@@ -106,7 +106,7 @@ class LayerStack(nnx.Module):
         # shrinking them keeps the residual variance from growing with depth.
         out_std = std / math.sqrt(2 * n_layers)
 
-        # MoE layers keep their MLP in models.moe.MoEStack: these are the dense layers' MLPs.
+        # MoE layers keep their MLP in shardlib.models.moe.MoEStack: these are the dense layers' MLPs.
         n_mlp = n_layers - getattr(cfg, "n_moe_layers", 0)
 
         def draw(shape, scale=std, count=n_layers):
@@ -118,7 +118,7 @@ class LayerStack(nnx.Module):
         def norm_scale():
             return nnx.Param(jnp.ones((n_layers, d), dtype), out_sharding=("layers", "embed"))
 
-        # The fused weights (models.layers.BlockWeights) are drawn as their parts, in the order and
+        # The fused weights (shardlib.models.layers.BlockWeights) are drawn as their parts, in the order and
         # with the keys the separate q, k, v, o, gate, up, down had: a seed gives the same initial
         # network as before the fusion (every part N(0, std^2)), only laid out fused.
         w_q, w_k, w_v = draw((d, h, k)), draw((d, n, k)), draw((d, n, k))
@@ -169,7 +169,7 @@ class Transformer(nnx.Module):
                 normal_init(rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.init_std, param_dtype),
                 out_sharding=("embed", "vocab"),
             )
-        # Mixture of experts: every moe.period-th layer's MLP (models.moe); created
+        # Mixture of experts: every moe.period-th layer's MLP (shardlib.models.moe); created
         # last so that the other parameters get the same values as a dense model's.
         moe = getattr(cfg, "moe", None)
         has_moe = moe is not None and moe.n_experts > 0
@@ -198,7 +198,7 @@ class Transformer(nnx.Module):
         layer boundaries by logical axis names. `attention` replaces the dense
         causal attention (e.g. ring attention from `shardlib.parallel.attention`);
         `experts` moves MoE tokens to their experts (default: all local);
-        `use` applies every weight (``models.layers.WEIGHT_USES``), e.g. one
+        `use` applies every weight (``shardlib.models.layers.WEIGHT_USES``), e.g. one
         whose backward reduces the weight gradients itself
         (``shardlib.parallel.reduction``).
         """
@@ -346,7 +346,7 @@ class Transformer(nnx.Module):
         the dense layers' MLPs [n_layers - M, ...]; ``moe_weights`` the MoE
         layers' router and experts [M, ...]. Returns the residual stream and
         the per-layer ``MoEStats`` stacked [M]. ``token_mean``: the router
-        losses' mean over the batch (``models.moe.TokenMean``).
+        losses' mean over the batch (``shardlib.models.moe.TokenMean``).
         """
         x_BxLxD, (stats, _, _) = self._scan_moe_groups(
             weights, moe_weights, x_BxLxD, None, positions_BxL, shard, attention, experts, token_mean, use
@@ -366,7 +366,7 @@ class Transformer(nnx.Module):
         token_mean,
         use=use_weight,
     ):
-        """``models.moe_layers.scan_moe_groups`` with this model's block, period, routing and remat."""
+        """``shardlib.models.moe_layers.scan_moe_groups`` with this model's block, period, routing and remat."""
         block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use)
         return scan_moe_groups(
             block,

@@ -1,6 +1,6 @@
 """Per-layer transformer math as pure functions of plain arrays.
 
-Nothing here owns parameters: `models.transformer` stores them stacked over
+Nothing here owns parameters: `shardlib.models.transformer` stores them stacked over
 layers and scans `decoder_block` over one layer's slice at a time, which keeps
 this file free of Flax and easy to test against naive references.
 
@@ -202,7 +202,7 @@ WEIGHT_USES: dict[str, WeightUseSpec] = {
     "mlp_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_mlp"),
     "gate_up": WeightUseSpec(_einsum("bld,dcf->blcf"), "h_mlp", output_axes=_GATE_UP),
     "down": WeightUseSpec(_einsum("blf,fd->bld"), "hidden", input_axes=_MLP),
-    # The weights outside the layers (``models.transformer``): the lookup's input is the token ids.
+    # The weights outside the layers (``shardlib.models.transformer``): the lookup's input is the token ids.
     "embedding": WeightUseSpec(lambda ids, table: jnp.take(table, ids, axis=0), "tokens", ("batch", "length")),
     "final_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_final"),
     "unembed": WeightUseSpec(_logits("bld,dv->blv"), "head", output_axes=_VOCAB),
@@ -354,7 +354,7 @@ def decoder_block(
     x_BxLxD = x_BxLxD + use("o", attn_BxLxHxK, w.o)
 
     h_BxLxD = use("mlp_norm", rms_normalize(x_BxLxD, norm_eps), w.mlp_norm).astype(dtype)
-    if mlp is not None:  # e.g. a mixture of experts (models.moe); w.gate_up/down are then unused
+    if mlp is not None:  # e.g. a mixture of experts (shardlib.models.moe); w.gate_up/down are then unused
         return x_BxLxD + mlp(h_BxLxD)
     # One matmul for gate and up, as for q/k/v.
     gate_up_BxLx2xF = shard(use("gate_up", h_BxLxD, w.gate_up), ("batch", "length", None, "mlp"))

@@ -3,7 +3,7 @@
 ``Transformer.run_moe_layers`` and ``run_moe_layers_tapped`` (a backward
 split into input and weight gradients) are this scan, without and with a
 ``WeightTap`` per layer. The dense layers' MLPs are stacked apart from the
-MoE layers' router and experts (``models.moe.MoEStack``), so each stack is
+MoE layers' router and experts (``shardlib.models.moe.MoEStack``), so each stack is
 reshaped into groups: attention and norms [groups, period, ...], dense MLPs
 [groups, period - 1, ...], MoE weights [groups, ...].
 """
@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models.layers import BlockWeights, ShardFn, WeightTap
-from models.moe import ExpertDispatch, MoEStats, MoEWeights, TokenMean, moe_mlp
-from models.remat import rematerialize
+from shardlib.models.layers import BlockWeights, ShardFn, WeightTap
+from shardlib.models.moe import ExpertDispatch, MoEStats, MoEWeights, TokenMean, moe_mlp
+from shardlib.models.remat import rematerialize
 
 _MLP_FIELDS = ("gate_up", "down")  # stacked for the dense layers only
 

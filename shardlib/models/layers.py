@@ -31,6 +31,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from shardlib.parallel import weight_use as parallel_weight_use
+from shardlib.parallel.weight_use import PlainWeightUse, WeightUse, WeightUseSpec, tapped_weight_grads
+
 ShardFn = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
 """Constrains an activation by logical axis names, one per dimension."""
 
@@ -163,20 +166,6 @@ def rms_normalize(x_BxLxD: jax.Array, eps: float) -> jax.Array:
     return x32_BxLxD * jax.lax.rsqrt(mean_sq_BxLx1 + eps)
 
 
-class WeightUseSpec(NamedTuple):
-    """How a layer applies one weight: ``apply(input, weight)``, the input's name, and both activations' axes.
-
-    ``input_axes`` / ``output_axes``: the logical axes of the input and the
-    output (what the caller's ``shard`` constrains them by), for a use that
-    computes the weight gradient on each device's own blocks.
-    """
-
-    apply: Callable[[jax.Array, jax.Array], jax.Array]
-    input: str
-    input_axes: tuple[str | None, ...] = ("batch", "length", "embed")
-    output_axes: tuple[str | None, ...] = ("batch", "length", "embed")
-
-
 def _einsum(equation: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return lambda x, w: jnp.einsum(equation, x, w.astype(x.dtype))
 
@@ -209,53 +198,21 @@ WEIGHT_USES: dict[str, WeightUseSpec] = {
     "tied_unembed": WeightUseSpec(_logits("bld,vd->blv"), "head", output_axes=_VOCAB),
 }
 
-WeightUse = Callable[[str, jax.Array, jax.Array], jax.Array]
-"""(weight name in WEIGHT_USES, input, weight) -> output: how ``decoder_block`` applies its weights."""
+use_weight: WeightUse = PlainWeightUse(WEIGHT_USES)
+"""The default ``WeightUse`` of ``decoder_block``: ``WEIGHT_USES[name].apply(x, w)`` (in x's dtype)."""
 
 
-def use_weight(name: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """The default ``WeightUse``: ``WEIGHT_USES[name].apply(x, w)`` (in x's dtype)."""
-    return WEIGHT_USES[name].apply(x, w)
-
-
-class WeightTap:
-    """A ``WeightUse`` that records what the weight gradient needs, for a backward split in two.
-
-    Records each use's input (by ``WEIGHT_USES`` input name) and adds
-    ``probes[name]`` (zeros of the output's shape) to each output: the
-    gradient with respect to a probe is that output's cotangent, which the
-    input-gradient pass computes anyway. ``weight_grads`` then needs no
-    recomputation, only the weight-gradient matmuls. Without probes it
-    records each output instead, for the probes' shapes.
-    """
+class WeightTap(parallel_weight_use.WeightTap):
+    """``shardlib.parallel.weight_use.WeightTap`` over this module's ``WEIGHT_USES``."""
 
     def __init__(self, probes: dict[str, jax.Array] | None = None):
-        self.probes = probes
-        self.inputs: dict[str, jax.Array] = {}
-        self.outputs: dict[str, jax.Array] = {}
-
-    def __call__(self, name: str, x: jax.Array, w: jax.Array) -> jax.Array:
-        self.inputs[WEIGHT_USES[name].input] = x
-        y = use_weight(name, x, w)
-        if self.probes is None:
-            self.outputs[name] = y
-            return y
-        return y + self.probes[name]
+        super().__init__(WEIGHT_USES, probes)
 
 
 def weight_grads(w: BlockWeights, inputs: dict[str, jax.Array], dys: dict[str, jax.Array]) -> BlockWeights:
-    """One layer's weight gradients from a ``WeightTap``'s recorded inputs and the outputs' cotangents.
-
-    The W half of a split backward: each weight's gradient is the transpose
-    of its use against the saved input, nothing else.
-    """
-
-    def grad(name: str) -> jax.Array:
-        x = inputs[WEIGHT_USES[name].input]
-        _, pull = jax.vjp(lambda weight: use_weight(name, x, weight), getattr(w, name))
-        return pull(dys[name])[0]
-
-    return BlockWeights(**{name: grad(name) for name in BlockWeights._fields})
+    """One layer's weight gradients from a ``WeightTap``'s recorded inputs and the outputs' cotangents
+    (``tapped_weight_grads``): the W half of a split backward."""
+    return BlockWeights(**tapped_weight_grads(WEIGHT_USES, w._asdict(), inputs, dys))
 
 
 def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:

@@ -136,7 +136,7 @@ class ReducedWeightUse:
 
     Args:
       mesh: the step's mesh (Auto axes).
-      uses: weight name -> its ``shardlib.models.layers.WeightUseSpec``: ``apply(x, w)``,
+      uses: weight name -> its ``shardlib.parallel.weight_use.WeightUseSpec``: ``apply(x, w)``,
         linear in ``w``, and the input's and output's logical axes.
       weight_specs: weight name -> the weight's PartitionSpec as the use sees it
         (a stacked layer weight without its leading layer dimension). Names

@@ -179,6 +179,10 @@ import shardlib
 
 assert shardlib.__file__.startswith({repo!r}), shardlib.__file__
 assert not xla_bridge.backends_are_initialized(), "import shardlib started a JAX backend"
+assert set(shardlib.__all__) <= set(dir(shardlib)), set(shardlib.__all__) - set(dir(shardlib))
+from shardlib import *  # the strategies too (shardlib.STRATEGIES, imported on first use)
+
+assert not xla_bridge.backends_are_initialized(), "importing the strategies started a JAX backend"
 import shardlib.parallel.attention, shardlib.parallel.experts, shardlib.parallel.pipeline.executor
 import shardlib.parallel.reduction
 assert "models" not in sys.modules, sys.modules["models"]

@@ -49,7 +49,7 @@ from shardlib.core.rules import LogicalAxes, ShardingError, ShardingWarning
 PyTree = Any
 # NNX's metadata keys for logical names, newest first (the older two are deprecated aliases).
 NNX_AXES_KEYS: tuple[str, ...] = ("out_sharding", "sharding_names", "sharding")
-# T5X style: collection ``c`` has its axis names in collection ``c + AXES_SUFFIX``, each ``name`` under ``name + AXES_SUFFIX``.
+# T5X style: collection c's names are in collection c + AXES_SUFFIX, each leaf's under its name + AXES_SUFFIX.
 AXES_SUFFIX = "_axes"
 
 
@@ -164,7 +164,7 @@ def _annotated_leaves(tree: PyTree) -> tuple[list[tuple[tuple[str, ...], LeafToA
         where, t5x_names = t5x.pop(key, (None, None))
         if axes is not None and t5x_names is not None and axes != t5x_names:
             raise ShardingError(f"{path}: its Flax box names logical axes {axes} but {where} names {t5x_names}")
-        entries.append((key, LeafToAssign(path, leaf_shape(unbox_leaf(leaf)), axes or t5x_names)))
+        entries.append((key, LeafToAssign(path, leaf_shape(unbox_leaf(leaf)), t5x_names if axes is None else axes)))
     if t5x:
         stale = ", ".join(f"{where} (for {'/'.join(key)})" for key, (where, _) in sorted(t5x.items()))
         raise ShardingError(f"T5X axes entries name parameters the variables do not hold: {stale}")
@@ -201,9 +201,12 @@ def logical_axes(tree: PyTree, patterns: AxisPatterns = (), *, strict: bool = Tr
         ``strict=False`` replicates uncovered leaves (``shardlib.core.patterns``).
     Returns:
       A tree with the structure of ``unbox(tree)`` whose leaves are tuples of
-      logical names, one per dimension.
+      logical names, one per dimension (a T5X ``params_axes`` collection stays
+      as it is: its ``AxisMetadata`` hold no leaves, so ``tree_shardings`` and
+      ``jax.device_put`` of the whole variables match it).
     Raises:
-      ShardingError: naming the leaf or pattern at fault.
+      ShardingError: naming the leaf or pattern at fault (for T5X trees also
+        an axes entry for no parameter, or one its parameter's box contradicts).
     """
     _check_tree(tree, "logical_axes")
     entries, plain = _annotated_leaves(tree)

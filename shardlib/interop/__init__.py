@@ -8,8 +8,9 @@
 
 This package imports only ``shardlib.core`` and ``shardlib.models`` (``ModelConfig`` is the
 model's own); ``shardlib.training`` imports it (``init_from``, the export command), and
-``shardlib.core``, ``shardlib.parallel`` and ``shardlib.models`` never do (tests/test_layering.py). Names are imported on first
-use, so that ``python -m shardlib.interop.<module>`` runs its module only once.
+``shardlib.core``, ``shardlib.parallel`` and ``shardlib.models`` never do (tests/test_layering.py).
+Names are imported on first use, so that ``python -m shardlib.interop.<module>`` runs its
+module only once.
 """
 
 import importlib

@@ -3,11 +3,16 @@
 What other projects import: meshes with named axes (the five parallel axes and
 ``data_replica``, or any ``jax.sharding.Mesh`` through mesh-axis aliases), one ordered rule table from
 logical axis names to mesh axes, and functions that apply it to parameters
-(Flax annotations read directly, path patterns for the rest), optimizer and
-train states, and activations. Importing shardlib does not start a JAX
+(Flax annotations read directly, T5X ``params_axes`` too, path patterns for the rest), optimizer and
+train states, and activations. The strategies of ``shardlib.parallel`` are here
+too (``STRATEGIES``: name -> module): the pipeline executor and its schedules,
+attention over ``seq``, expert dispatch, the per-use reduction, DiLoCo and
+compressed gradients; each is imported on first use. Importing shardlib does not start a JAX
 backend. ``shardlib.analysis.describe.describe`` tabulates where every
 parameter lives (it is also ``python -m shardlib.analysis.describe``).
 """
+
+import importlib
 
 from shardlib.core.aliases import alias_logical_axes
 from shardlib.core.flax_axes import (
@@ -51,9 +56,48 @@ from shardlib.core.state_sharding import (
     train_state_shardings,
 )
 
-__all__ = [
+# The strategies' public names, imported on first use (a module __getattr__), so that ``import shardlib``
+# stays the rules core's cost. Add a name here and it is exported (``__all__``, ``dir``, tests/test_exports.py).
+STRATEGIES: dict[str, str] = {
+    # pipelines: any stage functions under any schedule's tick table
+    "pipeline_loss_and_grads": "shardlib.parallel.pipeline.executor",
+    "pipeline_loss": "shardlib.parallel.pipeline.executor",
+    "layer_order": "shardlib.parallel.pipeline.executor",
+    "StageFunctions": "shardlib.parallel.pipeline.actions",
+    "Schedule": "shardlib.parallel.pipeline.schedules",
+    "make_schedule": "shardlib.parallel.pipeline.schedules",
+    "TickTable": "shardlib.parallel.pipeline.table",
+    "compile_table": "shardlib.parallel.pipeline.table",
+    # attention over `seq`
+    "AttentionPlan": "shardlib.parallel.attention",
+    "make_attention": "shardlib.parallel.attention",
+    "ring_attention": "shardlib.parallel.ring_attention",
+    # experts over `expert`
+    "expert_dispatch": "shardlib.parallel.experts",
+    "expert_parallel_dispatch": "shardlib.parallel.experts",
+    "dispatch_buffer_bytes": "shardlib.parallel.experts",
+    # the per-use reduction (FSDP and TP gradients at the byte minimum)
+    "ReducedWeightUse": "shardlib.parallel.reduction",
+    # DiLoCo and local SGD across replica groups
+    "OuterSettings": "shardlib.parallel.diloco",
+    "diloco_optimizer": "shardlib.parallel.diloco",
+    "outer_optimizer": "shardlib.parallel.diloco",
+    "outer_update": "shardlib.parallel.diloco",
+    "split_replicas": "shardlib.parallel.diloco",
+    "per_replica": "shardlib.parallel.diloco",
+    "replica_count": "shardlib.parallel.diloco",
+    "replica_mean": "shardlib.parallel.diloco",
+    "average_moments": "shardlib.parallel.diloco",
+    # compressed gradient all-reduces with error feedback
+    "GradCompression": "shardlib.parallel.compression",
+    "make_grad_compression": "shardlib.parallel.compression",
+    "compressed_mean": "shardlib.parallel.compression",
+}
+
+__all__ = [  # the rules core, imported now; then the strategies' names
     "MESH_AXES",
     "PRESETS",
+    "STRATEGIES",
     "ActivationSharding",
     "MeshSpec",
     "Rules",
@@ -85,3 +129,17 @@ __all__ = [
     "tree_specs",
     "unbox",
 ]
+__all__ += list(STRATEGIES)
+
+
+def __getattr__(name: str):
+    """A strategy's public name, imported from its module on first use (then cached here)."""
+    if name not in STRATEGIES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(STRATEGIES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *STRATEGIES})

@@ -14,7 +14,9 @@ import contextlib
 import io
 import json
 import re
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -27,12 +29,13 @@ from shardlib.core.rules import preset_rules
 from shardlib.core.sharding import tree_shardings
 from shardlib.interop import hf_import
 from shardlib.interop.hf_config import HFFormatError, check_model_matches, model_config_from_hf, read_hf_config
-from shardlib.interop.hf_export import export_hf, export_run, parse_size
+from shardlib.interop.hf_export import export_hf, parse_size
 from shardlib.interop.hf_import import INDEX_FILE, load_hf_params, tensor_files
 from shardlib.interop.hf_layout import LLAMA_TABLE, format_table, llama_layouts, parameters, read_param_block, to_hf
 from shardlib.interop.init_from import initial_state
 from shardlib.training.checkpoint import Checkpointer
 from shardlib.training.config import ConfigError, config_to_dict, load_config
+from shardlib.training.hf_export import export_run
 from shardlib.training.setup import setup_training
 from shardlib.training.train_state import abstract_model
 from shardlib.training.trainer import train
@@ -369,3 +372,16 @@ def test_train_imports_init_from_and_checks_it_against_the_model(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match="init_from"):
         load_config(REPO / "configs" / "tiny.yaml", ["init_from=/no/prefix"])
+
+
+def test_the_export_command_of_the_interop_path_says_where_it_moved(monkeypatch, capsys):
+    """The run's export restores a training checkpoint, so its command is training's; the old path says so."""
+    monkeypatch.setattr("sys.argv", ["shardlib.interop.hf_export", "--run-dir", "runs/x", "--out", "hf/x"])
+    monkeypatch.delitem(sys.modules, "shardlib.interop.hf_export")  # run afresh as __main__, as python -m does
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("shardlib.interop.hf_export", run_name="__main__")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: python -m shardlib.interop.hf_export moved to python -m shardlib.training.hf_export; "
+        "run: python -m shardlib.training.hf_export --run-dir runs/x --out hf/x\n"
+    )

@@ -8,7 +8,13 @@ Flax models name their parameters' dimensions themselves:
   the boxes, and JAX shows their paths as ``.../kernel/value``;
 * NNX: ``nnx.with_partitioning(init, names)``, ``kernel_metadata={"out_sharding":
   names}`` or ``nnx.Param(x, out_sharding=names)`` store the names in the
-  variable's ``out_sharding`` metadata (older code: ``sharding_names``, ``sharding``).
+  variable's ``out_sharding`` metadata (older code: ``sharding_names``, ``sharding``);
+* T5X style: ``flax.linen.partitioning.param_with_axes(name, init, axes=names)``
+  keeps the parameter plain in ``params`` and the names beside it, in the
+  ``params_axes`` collection, as an ``AxisMetadata`` under ``<name>_axes``
+  (``variable_with_axes`` does the same for any collection ``c``: ``c_axes``;
+  ``scan_with_axes`` adds the scanned axis's name). The names are read when
+  the variables hold both collections, as ``init`` returns them.
 
 ``logical_axes`` reads those names and asks path patterns (``shardlib.core.patterns``)
 only for the leaves without any, such as an NNX model's qk-norm scales or Linen's
@@ -27,12 +33,13 @@ cannot constrain.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 from flax import nnx
 from flax.core import meta
+from flax.linen import partitioning as t5x_partitioning
 from jax.sharding import PartitionSpec
 
 from shardlib.core.paths import is_flax_box, param_path, path_str
@@ -42,6 +49,8 @@ from shardlib.core.rules import LogicalAxes, ShardingError, ShardingWarning
 PyTree = Any
 # NNX's metadata keys for logical names, newest first (the older two are deprecated aliases).
 NNX_AXES_KEYS: tuple[str, ...] = ("out_sharding", "sharding_names", "sharding")
+# T5X style: collection c's names are in collection c + AXES_SUFFIX, each leaf's under its name + AXES_SUFFIX.
+AXES_SUFFIX = "_axes"
 
 
 def _check_tree(tree: PyTree, caller: str) -> None:
@@ -89,6 +98,11 @@ def metadata_axes(leaf: Any, path: str = "<leaf>") -> LogicalAxes | None:
         names = next((found[k] for k in NNX_AXES_KEYS if found.get(k) is not None), None)
     else:
         return None
+    return _checked_names(names, path)
+
+
+def _checked_names(names: Any, path: str) -> LogicalAxes | None:
+    """``names`` as a tuple of logical names (None stays None); ShardingError naming ``path`` otherwise."""
     if names is None:
         return None
     if isinstance(names, PartitionSpec):
@@ -100,15 +114,68 @@ def metadata_axes(leaf: Any, path: str = "<leaf>") -> LogicalAxes | None:
     return tuple(names)
 
 
+def _is_t5x_axes(x: Any) -> bool:
+    return isinstance(x, t5x_partitioning.AxisMetadata)
+
+
+def t5x_axes(tree: PyTree) -> dict[tuple[str, ...], tuple[str, LogicalAxes]]:
+    """The names of T5X-style axes collections: parameter path -> (the entry's path, its names).
+
+    ``tree`` is Linen variables; for every collection ``c`` it holds beside a
+    ``c_axes`` one, ``c_axes/.../kernel_axes`` names the axes of ``c/.../kernel``
+    (``("params", ..., "kernel")``). Anything else gives ``{}``.
+
+    Raises:
+      ShardingError: an entry that is not an ``AxisMetadata`` under a name
+        ending in ``_axes``, or whose names are not a tuple of strings, named.
+    """
+    if not isinstance(tree, Mapping):
+        return {}
+    found = {}
+    for collection in tree:
+        axes_collection = f"{collection}{AXES_SUFFIX}"
+        if not isinstance(collection, str) or axes_collection not in tree:
+            continue
+        entries = jax.tree_util.tree_flatten_with_path(tree[axes_collection], is_leaf=_is_t5x_axes)[0]
+        for keypath, entry in entries:
+            names = param_path(keypath)
+            where = "/".join((axes_collection, *names))
+            if not (_is_t5x_axes(entry) and names and names[-1].endswith(AXES_SUFFIX)):
+                raise ShardingError(
+                    f"{where}: a T5X axes collection holds flax.linen.partitioning.AxisMetadata under "
+                    f"<parameter>{AXES_SUFFIX} names, not {type(entry).__name__}"
+                )
+            target = (collection, *names[:-1], names[-1][: -len(AXES_SUFFIX)])
+            found[target] = (where, _checked_names(entry.names, where))
+    return found
+
+
 def _annotated_leaves(tree: PyTree) -> tuple[list[tuple[tuple[str, ...], LeafToAssign]], PyTree]:
-    """(parameter path, leaf to assign) for every leaf of ``tree``, and the plain tree they describe."""
+    """(parameter path, leaf to assign) for every leaf of ``tree``, and the plain tree they describe.
+
+    A leaf's axes come from its box or variable, else from its T5X axes entry; an entry for no leaf,
+    or one that contradicts the leaf's box, is an error naming both.
+    """
+    t5x = t5x_axes(tree)
     entries = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_flax_box)[0]:
-        path = path_str(keypath)
-        entries.append(
-            (param_path(keypath), LeafToAssign(path, leaf_shape(unbox_leaf(leaf)), metadata_axes(leaf, path)))
-        )
+        path, key = path_str(keypath), param_path(keypath)
+        axes = metadata_axes(leaf, path)
+        where, t5x_names = t5x.pop(key, (None, None))
+        if axes is not None and t5x_names is not None and axes != t5x_names:
+            raise ShardingError(f"{path}: its Flax box names logical axes {axes} but {where} names {t5x_names}")
+        entries.append((key, LeafToAssign(path, leaf_shape(unbox_leaf(leaf)), t5x_names if axes is None else axes)))
+    if t5x:
+        stale = ", ".join(f"{where} (for {'/'.join(key)})" for key, (where, _) in sorted(t5x.items()))
+        raise ShardingError(f"T5X axes entries name parameters the variables do not hold: {stale}")
     return entries, unbox(tree)
+
+
+def _missing_note(tree: PyTree, lacking: str) -> str:
+    """``lacking`` (what a leaf without axes lacks, for the error), with the T5X entry when ``tree`` has those."""
+    if isinstance(tree, Mapping) and any(f"{c}{AXES_SUFFIX}" in tree for c in tree if isinstance(c, str)):
+        return f"{lacking}, nor a T5X <collection>{AXES_SUFFIX}/.../<name>{AXES_SUFFIX} entry"
+    return lacking
 
 
 def _axes_tree(plain: PyTree, axes_by_path: dict[tuple[str, ...], LogicalAxes]) -> PyTree:
@@ -121,10 +188,11 @@ def logical_axes(tree: PyTree, patterns: AxisPatterns = (), *, strict: bool = Tr
     """Logical axes of every parameter: Flax's metadata where it has some, else the patterns.
 
     Args:
-      tree: Linen variables or params as ``init`` returns them (boxed), an
-        ``nnx.State`` (``nnx.state(model, nnx.Param)``, abstract or not), or any
-        plain pytree (then the patterns alone decide, as in
-        ``match_logical_axes``).
+      tree: Linen variables or params as ``init`` returns them (boxed, or
+        T5X-style: ``{"params": ..., "params_axes": ...}``, the names read
+        from the axes collection), an ``nnx.State`` (``nnx.state(model,
+        nnx.Param)``, abstract or not), or any plain pytree (then the
+        patterns alone decide, as in ``match_logical_axes``).
       patterns: ``(regex, logical axes | None)`` pairs for the leaves without
         metadata, matched against whole segments of the leaf's path without
         the box's ``/value`` (``params/norm/scale``); first match wins.
@@ -133,14 +201,20 @@ def logical_axes(tree: PyTree, patterns: AxisPatterns = (), *, strict: bool = Tr
         ``strict=False`` replicates uncovered leaves (``shardlib.core.patterns``).
     Returns:
       A tree with the structure of ``unbox(tree)`` whose leaves are tuples of
-      logical names, one per dimension.
+      logical names, one per dimension (a T5X ``params_axes`` collection stays
+      as it is: its ``AxisMetadata`` hold no leaves, so ``tree_shardings`` and
+      ``jax.device_put`` of the whole variables match it).
     Raises:
-      ShardingError: naming the leaf or pattern at fault.
+      ShardingError: naming the leaf or pattern at fault (for T5X trees also
+        an axes entry for no parameter, or one its parameter's box contradicts).
     """
     _check_tree(tree, "logical_axes")
     entries, plain = _annotated_leaves(tree)
     assigned = assign_logical_axes(
-        [leaf for _, leaf in entries], patterns, strict=strict, unmatched_note="(no Flax metadata either)"
+        [leaf for _, leaf in entries],
+        patterns,
+        strict=strict,
+        unmatched_note=f"({_missing_note(tree, 'no Flax metadata')} either)",
     )
     return _axes_tree(plain, {path: axes for (path, _), axes in zip(entries, assigned, strict=True)})
 
@@ -149,8 +223,8 @@ def logical_axes_from_state(state: PyTree) -> PyTree:
     """Logical axes from Flax metadata alone: every parameter must carry them.
 
     ``state`` is an ``nnx.State`` (the result is a pure dict, like
-    ``nnx.to_pure_dict(state)``) or Linen variables/params with boxes (the
-    result has the structure of ``unbox(state)``). A leaf without metadata is
+    ``nnx.to_pure_dict(state)``) or Linen variables/params with boxes or T5X
+    axes collections (the result has the structure of ``unbox(state)``). A leaf without metadata is
     an error naming it: an unannotated parameter would otherwise be replicated
     silently. To cover such leaves by path patterns, use ``logical_axes``.
     """
@@ -159,7 +233,8 @@ def logical_axes_from_state(state: PyTree) -> PyTree:
     for _, leaf in entries:
         if leaf.metadata_axes is None:
             raise ShardingError(
-                f"parameter {leaf.path} has no logical axes (no out_sharding metadata or Linen partitioning box); "
+                f"parameter {leaf.path} has no logical axes "
+                f"({_missing_note(state, 'no out_sharding metadata or Linen partitioning box')}); "
                 "to give it axes by path, use shardlib.logical_axes(state, patterns)"
             )
         if len(leaf.metadata_axes) != len(leaf.shape):

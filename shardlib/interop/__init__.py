@@ -1,13 +1,16 @@
 """Interoperation with other ecosystems: Hugging Face checkpoints (Llama family) in and out.
 
 * ``load_hf_params``: an HF checkpoint directory -> shardlib parameters on given shardings;
-* ``export_hf`` / ``export_run``: shardlib parameters or a run's checkpoint -> an HF directory;
+* ``export_hf``: shardlib parameters -> an HF directory (a run's checkpoint:
+  ``shardlib.training.hf_export.export_run``, ``python -m shardlib.training.hf_export``);
 * ``model_config_from_hf``: config.json -> ``ModelConfig``;
 * ``LLAMA_TABLE``: the HF-name <-> shardlib-path table (``python -m shardlib.interop.hf_layout``).
 
-This package may import ``shardlib.core``, ``shardlib.training`` and ``shardlib.models``;
-``shardlib.core`` and ``shardlib.parallel`` never import it. Names are imported on first
-use, so that ``python -m shardlib.interop.<module>`` runs its module only once.
+This package imports only ``shardlib.core`` and ``shardlib.models`` (``ModelConfig`` is the
+model's own); ``shardlib.training`` imports it (``init_from``, the export command), and
+``shardlib.core``, ``shardlib.parallel`` and ``shardlib.models`` never do (tests/test_layering.py).
+Names are imported on first use, so that ``python -m shardlib.interop.<module>`` runs its
+module only once.
 """
 
 import importlib
@@ -18,7 +21,6 @@ _EXPORTS = {
     "model_config_from_hf": "hf_config",
     "read_hf_config": "hf_config",
     "export_hf": "hf_export",
-    "export_run": "hf_export",
     "load_hf_params": "hf_import",
     "LLAMA_TABLE": "hf_layout",
     "format_table": "hf_layout",
@@ -28,7 +30,6 @@ __all__ = [
     "LLAMA_TABLE",
     "HFFormatError",
     "export_hf",
-    "export_run",
     "format_table",
     "hf_config_from_model",
     "initial_state",

@@ -16,7 +16,7 @@ import json
 import pathlib
 from typing import Any
 
-from shardlib.training.config_schema import ModelConfig
+from shardlib.models.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 # model_type values whose checkpoints are laid out and computed like Llama (with the checks below).

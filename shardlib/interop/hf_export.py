@@ -12,19 +12,17 @@ jit onto every device (all processes must call ``export_hf``); process 0
 writes the files. Files are cut at ``max_shard_bytes``; a single file is
 ``model.safetensors`` without an index, as ``transformers`` writes it.
 
-``python -m shardlib.interop.hf_export --run-dir runs/x --out hf/x`` exports the
-newest checkpoint of a run (``export_run``).
+A run's newest checkpoint is exported by the training layer, which restores it:
+``python -m shardlib.training.hf_export --run-dir runs/x --out hf/x`` (``export_run``).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import pathlib
 import re
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -35,7 +33,7 @@ from safetensors.numpy import save_file
 from shardlib.interop.hf_config import CONFIG_FILE, hf_config_from_model
 from shardlib.interop.hf_import import INDEX_FILE
 from shardlib.interop.hf_layout import TensorLayout, axis_sizes, llama_layouts, to_hf
-from shardlib.training.config_schema import ModelConfig
+from shardlib.models.config import ModelConfig
 
 PyTree = Any
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -178,96 +176,10 @@ def export_hf(
     return out_dir
 
 
-# --------------------------------------------------------------------------- a run's newest checkpoint
+if __name__ == "__main__":  # the command moved with what it needs (restoring a run) to the training layer
+    import shlex
+    import sys
 
-
-def export_run(
-    run_dir: str | pathlib.Path,
-    out_dir: str | pathlib.Path,
-    mesh: jax.sharding.Mesh,
-    *,
-    dtype: str | None = None,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    log: Callable[[str], None] = print,
-) -> pathlib.Path:
-    """Exports the newest complete checkpoint of ``run_dir`` (read with its ``config.json``) onto ``mesh``.
-
-    Restores parameters and optimizer state onto the run's shardings on
-    ``mesh`` (any mesh the config fits), then writes the parameters in logical
-    layer order, and copies the run's tokenizer files if ``data.tokenizer`` names some.
-    """
-    from shardlib.training.checkpoint import Checkpointer, restore_latest
-    from shardlib.training.config import validate_config
-    from shardlib.training.setup import setup_training
-    from shardlib.training.state_layout import LAYER_ORDER, fuse_restored, restore_targets
-    from shardlib.training.train_state import abstract_state
-
-    run_dir = pathlib.Path(run_dir)
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no config.json: not a shardlib run directory")
-    cfg = validate_config(json.loads(config_file.read_text()))
-    run = setup_training(cfg, mesh)
-    targets = abstract_state(run.model, run.tx, run.shardings)
-    with Checkpointer(run_dir / "checkpoints", every=0, keep=cfg.checkpoint.keep, async_save=False) as ckpt:
-        restored = restore_latest(
-            ckpt, lambda meta: restore_targets(*targets, meta, run.compression), fallback=False, log=log
-        )
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint to export")
-    step, params, _, meta = restored
-    params, _ = fuse_restored(params, None, meta, log)  # a checkpoint from before the fused projections
-    export_hf(
-        params,
-        cfg.model,
-        out_dir,
-        layer_order=meta.get(LAYER_ORDER),
-        dtype=dtype,
-        max_shard_bytes=max_shard_bytes,
-        max_position_embeddings=cfg.seq_len,
-    )
-    if cfg.data.tokenizer and jax.process_index() == 0:
-        from shardlib.training.data import tokenizer_files
-
-        for path in tokenizer_files(cfg.data.tokenizer):
-            shutil.copy(path, pathlib.Path(out_dir) / path.name)
-    log(f"exported step {step} of {run_dir} to {out_dir}")
-    return pathlib.Path(out_dir)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m shardlib.interop.hf_export --run-dir runs/x --out hf/x [--mesh M] [--devices N]``."""
-    from shardlib.core.mesh import build_mesh, load_mesh_spec, prepare_devices
-    from shardlib.training.cli import run_guarded
-
-    parser = argparse.ArgumentParser(description="Export a shardlib run's newest checkpoint to Hugging Face format.")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--out", required=True, help="directory for config.json and the safetensors files")
-    parser.add_argument("--mesh", help="mesh YAML to restore onto; default: the run's `mesh`")
-    parser.add_argument("--devices", type=int, help="emulate this many CPU devices")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="stored dtype; default: model.param_dtype")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest file, e.g. 500MB (default 2GB)")
-    parser.add_argument("--traceback", action="store_true")
-    args = parser.parse_args(argv)
-
-    def run(args) -> int:
-        import dataclasses
-
-        config_file = pathlib.Path(args.run_dir) / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{args.run_dir} holds no config.json: not a shardlib run directory")
-        run_config = json.loads(config_file.read_text())
-        spec = load_mesh_spec(args.mesh or run_config.get("mesh", "meshes/cpu-8.yaml"))
-        if args.devices is not None:
-            spec = dataclasses.replace(spec, platform="cpu", emulate_cpu_devices=args.devices)
-        prepare_devices(spec)
-        mesh = build_mesh(spec)
-        with jax.set_mesh(mesh):
-            export_run(args.run_dir, args.out, mesh, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size))
-        return 0
-
-    return run_guarded(run, args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    new = ["python", "-m", "shardlib.training.hf_export", *sys.argv[1:]]
+    print(f"error: python -m {__spec__.name} moved to python -m {new[2]}; run: {shlex.join(new)}", file=sys.stderr)
+    raise SystemExit(2)

@@ -43,7 +43,7 @@ from shardlib.interop.hf_layout import (
     parameters,
     read_param_block,
 )
-from shardlib.training.config_schema import ModelConfig
+from shardlib.models.config import ModelConfig
 
 PyTree = Any
 INDEX_FILE = "model.safetensors.index.json"

@@ -2,7 +2,8 @@
 
 A run is described by one YAML file (see ``configs/``) plus optional command-line
 overrides such as ``steps=50`` or ``optimizer.lr=1e-3``. Pydantic does the type
-checking (the schema is :mod:`shardlib.training.config_schema`, re-exported here) so
+checking (the schema is :mod:`shardlib.training.config_schema` with the model's own
+:mod:`shardlib.models.config`, both re-exported here) so
 that every mistake surfaces as a :class:`ConfigError` naming the offending key, the
 value given and what was expected, before any device work starts.
 """
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from shardlib.core.yaml_file import read_yaml
+from shardlib.models.config import ModelConfig, MoEConfig
 from shardlib.training.config_schema import (
     CONDITIONAL_SECTIONS,
     WORD_SENSES,
@@ -27,8 +29,6 @@ from shardlib.training.config_schema import (
     Config,
     DataConfig,
     FaultsConfig,
-    ModelConfig,
-    MoEConfig,
     OptimizerConfig,
     PipelineConfig,
 )

@@ -106,12 +106,12 @@ def test_sharded_layer_matches_dense_reference(top_k):
     assert_trees_close(jax.device_get(grads), grads_ref, rel=TOLERANCE, what="gradient")
 
 
-def replay_capacity(expert_BxLxR, cap):
+def replay_capacity(expert_BxLxR, cap, n_experts=E):
     """Numpy replay of the rule: per row, first choices in token order, then second choices; kept while < cap."""
     b, length, k = expert_BxLxR.shape
     kept = np.zeros_like(expert_BxLxR, dtype=bool)
     for row in range(b):
-        taken = np.zeros(E, int)
+        taken = np.zeros(n_experts, int)
         for choice in range(k):
             for t in range(length):
                 e = expert_BxLxR[row, t, choice]

@@ -214,13 +214,11 @@ def stacked_experts(expert_weights: PyTree) -> int:
     leaves = jax.tree_util.tree_flatten_with_path(expert_weights)[0]
     if not leaves:
         raise ValueError("expert_weights has no arrays: pass the experts' weights stacked over a leading [E] dim")
-    leading = {jax.tree_util.keystr(p): (w.shape[0] if w.ndim else None) for p, w in leaves}
-    if len(set(leading.values())) != 1 or None in leading.values():
-        shapes = ", ".join(f"{p or '<root>'} {tuple(w.shape)}" for p, w in leaves)
-        raise ValueError(
-            f"expert_weights must stack every leaf over one leading experts dim, got leading dims {shapes}"
-        )
-    return next(iter(leading.values()))
+    leading = {w.shape[0] if w.ndim else None for _, w in leaves}
+    if len(leading) != 1 or None in leading:
+        shapes = ", ".join(f"{jax.tree_util.keystr(p) or '<root>'} {tuple(w.shape)}" for p, w in leaves)
+        raise ValueError(f"expert_weights must stack every leaf over one leading experts dim, got shapes {shapes}")
+    return leading.pop()
 
 
 def local_dispatch(

@@ -49,7 +49,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardlib.core.paths import is_logical_axes
-from shardlib.core.rules import axes_tuple, logical_to_spec, spec_axes
+from shardlib.core.rules import axes_tuple, logical_to_spec, rule_axes, spec_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.expert_routing import (
     ExpertDispatch,
@@ -139,8 +139,8 @@ def _dispatch_for_context(shard: ActivationSharding | None, n_experts: int) -> t
             f"moe_dispatch inside a shard_map manual over {sorted(manual)}: the experts' mesh axes "
             f"{missing} must be manual there too (add them to axis_names), or call it outside the shard_map"
         )
-    token_spec = logical_to_spec(("batch", "length"), shard.rules, shard.mesh)
-    token_axes = tuple(a for a in spec_axes(token_spec) if a in manual)
+    # Size-1 axes too: a value the caller made varying over one must be reduced over it to come out invariant.
+    token_axes = tuple(a for a in rule_axes(shard.rules, "batch") + rule_axes(shard.rules, "length") if a in manual)
     return (
         dispatch_in_manual_region(token_axes, ep_axes, ep_size),
         token_mean_in_manual_region(token_axes),

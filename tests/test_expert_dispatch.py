@@ -14,6 +14,8 @@ expert 4 x data 2 and on expert 8, from a jitted program and from inside a
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -200,3 +202,14 @@ def test_inside_a_shard_map_the_expert_axes_must_be_manual():
     inner = jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data"), axis_names={"data"})
     with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"experts' mesh axes \['expert'\] must be manual"):
         jax.eval_shape(inner, x)
+
+
+def test_the_dispatch_imports_no_model_or_training_code():
+    """shardlib/parallel's layering: the experts' modules bring in neither the model zoo nor training."""
+    code = (
+        "import sys, shardlib.parallel.experts, shardlib.parallel.expert_routing\n"
+        "above = ('shardlib.models', 'shardlib.training', 'shardlib.interop', 'shardlib.analysis', 'shardlib.cluster')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(above)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

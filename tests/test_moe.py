@@ -19,7 +19,6 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlib.models.moe import ExpertWeights, MoEWeights, capacity, moe_mlp, route
 from shardlib.analysis import hlo
 from shardlib.analysis.describe import describe
 from shardlib.analysis.report.layout import resolve_layout
@@ -27,6 +26,7 @@ from shardlib.analysis.report.measure import measure
 from shardlib.analysis.report.report import build_report
 from shardlib.core.rules import preset_rules
 from shardlib.core.sharding import ActivationSharding
+from shardlib.models.moe import EXPERT_WEIGHT_AXES, ExpertWeights, MoEWeights, capacity, expert_ffn, moe_mlp, route
 from shardlib.parallel.experts import dispatch_buffer_bytes, expert_dispatch, expert_parallel_dispatch
 from shardlib.training.config import ConfigError
 from shardlib.training.data import load_token_splits
@@ -106,12 +106,12 @@ def test_sharded_layer_matches_dense_reference(top_k):
     assert_trees_close(jax.device_get(grads), grads_ref, rel=TOLERANCE, what="gradient")
 
 
-def replay_capacity(expert_BxLxR, cap):
+def replay_capacity(expert_BxLxR, cap, n_experts=E):
     """Numpy replay of the rule: per row, first choices in token order, then second choices; kept while < cap."""
     b, length, k = expert_BxLxR.shape
     kept = np.zeros_like(expert_BxLxR, dtype=bool)
     for row in range(b):
-        taken = np.zeros(E, int)
+        taken = np.zeros(n_experts, int)
         for choice in range(k):
             for t in range(length):
                 e = expert_BxLxR[row, t, choice]
@@ -140,9 +140,10 @@ def test_drops_exactly_past_capacity(capacity_factor):
     args = jax.device_put((h, expert_BxLxR, weight_BxLxR), rows)
     experts = jax.device_put(w.experts, NamedSharding(mesh, P("expert")))
     with jax.set_mesh(mesh):
-        y, dropped = jax.jit(functools.partial(expert_parallel_dispatch, shard, capacity_factor=capacity_factor))(
-            *args, experts
+        dispatch = functools.partial(
+            expert_parallel_dispatch, shard, capacity_factor=capacity_factor, weight_axes=EXPERT_WEIGHT_AXES
         )
+        y, dropped = jax.jit(dispatch, static_argnums=3)(*args, expert_ffn, experts)
 
     g = w.experts
     hidden = jax.nn.silu(jnp.einsum("bld,edf->blef", h, g.gate)) * jnp.einsum("bld,edf->blef", h, g.up)

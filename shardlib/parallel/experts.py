@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlib.core.rules import axes_tuple
 from shardlib.models.moe import ExpertDispatch, ExpertWeights, TokenMean, capacity, expert_ffn, through_experts
+from shardlib.core.rules import axes_tuple
 
 
 def expert_axes(shard, n_experts: int) -> tuple[str, ...]:

@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from shardlib.models.layers import BlockWeights, causal_gqa_attention, weight_grads
 from shardlib.core.rules import rule_axes, without_axes
 from shardlib.core.sharding import ActivationSharding
-from shardlib.models.layers import BlockWeights, causal_gqa_attention, weight_grads
 from shardlib.parallel.accumulation import split_microbatches
 from shardlib.parallel.attention import AttentionPlan
 from shardlib.parallel.pipeline.actions import StageFunctions

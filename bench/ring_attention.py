@@ -9,7 +9,7 @@ output) is compiled, not run, for each sequence length and implementation;
 the table gives the compiled memory analysis per device (arguments, outputs,
 temporaries and their sum) and the bytes each device sends (collectives in
 the compiled HLO, loop trip counts applied). ``dense`` is
-``causal_gqa_attention`` left to XLA's partitioner with the same
+``shardlib.parallel.dense_attention.gqa_attention`` (causal) left to XLA's partitioner with the same
 seq-sharded inputs.
 
 --gpu-overhead: on one accelerator, the ring kernel over a one-device mesh
@@ -39,13 +39,13 @@ def _shape(args, length):
 
 def _attention_fn(impl, mesh, length, block_k):
     """f(q, k, v, positions) on global arrays, for ``impl`` over ``mesh``'s seq axis."""
-    from shardlib.models.layers import causal_gqa_attention
     from shardlib.core.rules import preset_rules
     from shardlib.core.sharding import ActivationSharding
     from shardlib.parallel.attention import make_attention
+    from shardlib.parallel.dense_attention import gqa_attention
 
     if impl == "dense":
-        return lambda q, k, v, pos: causal_gqa_attention(q, k, v, pos, pos)
+        return lambda q, k, v, pos: gqa_attention(q, k, v, is_causal=True, query_positions=pos, key_positions=pos)
     plan = make_attention(impl, "zigzag", ActivationSharding(preset_rules("dp"), mesh), length, block_k)
     return lambda q, k, v, pos: plan.fn(q, k, v, pos, pos)
 

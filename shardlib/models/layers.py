@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from shardlib.parallel import weight_use as parallel_weight_use
+from shardlib.parallel.dense_attention import gqa_attention
 from shardlib.parallel.weight_use import PlainWeightUse, WeightUse, WeightUseSpec, tapped_weight_grads
 
 ShardFn = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
@@ -254,24 +255,11 @@ def causal_gqa_attention(
     The mask compares positions rather than array indices, so a sequence
     permuted together with its positions (e.g. zig-zag order for ring
     attention) gives the same result, permuted. Scores and softmax are float32.
+    The math is ``shardlib.parallel.dense_attention.gqa_attention``'s.
     """
-    batch, q_len, n_heads, head_dim = q_BxLxHxK.shape
-    n_kv_heads = k_BxMxNxK.shape[2]
-    if n_heads % n_kv_heads:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
-    group = n_heads // n_kv_heads
-    q_BxLxNxGxK = q_BxLxHxK.reshape(batch, q_len, n_kv_heads, group, head_dim)
-
-    scores_BxNxGxLxM = jnp.einsum("blngk,bmnk->bnglm", q_BxLxNxGxK, k_BxMxNxK, preferred_element_type=jnp.float32)
-    scores_BxNxGxLxM = scores_BxNxGxLxM * (head_dim**-0.5)
-    visible_BxLxM = q_positions_BxL[:, :, None] >= kv_positions_BxM[:, None, :]
-    # A large finite negative rather than -inf: a fully masked row then yields a
-    # uniform softmax instead of NaNs (cannot happen causally, but cheap insurance).
-    scores_BxNxGxLxM = jnp.where(visible_BxLxM[:, None, None], scores_BxNxGxLxM, jnp.finfo(jnp.float32).min)
-    probs_BxNxGxLxM = jax.nn.softmax(scores_BxNxGxLxM, axis=-1).astype(v_BxMxNxK.dtype)
-
-    out_BxLxNxGxK = jnp.einsum("bnglm,bmnk->blngk", probs_BxNxGxLxM, v_BxMxNxK)
-    return out_BxLxNxGxK.reshape(batch, q_len, n_heads, head_dim).astype(q_BxLxHxK.dtype)
+    return gqa_attention(
+        q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, is_causal=True, query_positions=q_positions_BxL, key_positions=kv_positions_BxM
+    )
 
 
 def decoder_block(

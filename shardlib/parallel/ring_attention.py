@@ -1,26 +1,36 @@
-"""Causal ring attention over one manual mesh axis, with its own ring backward.
+"""Ring attention over one manual mesh axis, with its own ring backward.
 
 Call ``ring_attention`` inside a ``shard_map`` body in which ``axis_name`` is
-manual (``shardlib.parallel.attention`` does this for the model). Every device keeps its
-query block; key and value blocks travel around the ring with ``ppermute``
-and a running max and sum (blockwise softmax) combine the partial results, so
-no device ever holds more than two key/value blocks.
+manual (``shardlib.parallel.seq_attention.dot_product_attention`` does this
+for global arrays). Every device keeps its query block; key and value blocks
+travel around the ring with ``ppermute`` and a running max and sum (blockwise
+softmax) combine the partial results, so no device ever holds more than two
+key/value blocks.
 
-Token layout. With p devices the sequence is cut into 2p chunks of c tokens
-and each device holds two of them (``device_chunks``):
+Token layout. With p devices the sequence is cut into 2p chunks and each
+device holds two of them (``device_chunks``):
 * ``zigzag``: device d holds chunks d and 2p-1-d. Under a causal mask every
   device then computes the same number of (query chunk, key chunk) tiles,
   2p+1, where a contiguous split makes the last device do 4p-1 and the first 3.
-* ``none``: device d holds chunks 2d and 2d+1 (the plain contiguous split).
+* ``none``: device d holds chunks 2d and 2d+1 (the plain contiguous split:
+  what a ``shard_map`` of arrays in natural order gives).
 Within a chunk tokens keep their original order. Callers store the sequence
 in the layout's order (``token_order``) and give rotary embeddings the
-original positions; the kernel derives its causal mask from the layout, so
-positions never travel around the ring.
+original positions.
 
-Per ring step a device meets the two chunks of one other device: for each of
-its 2 x 2 (query chunk x, key chunk y) tiles it computes the full tile if
+Masks. Causal without positions: by the layout, so positions never travel:
+per ring step a device meets the two chunks of one other device and, for each
+of its 2 x 2 (query chunk x, key chunk y) tiles, computes the full tile if
 x > y, the causally masked tile if x == y, and nothing if x < y (a
-``lax.cond`` on device-dependent chunk ids).
+``lax.cond`` on device-dependent chunk ids). Causal with positions (packed
+documents restart them) and segment ids: the keys' positions and segment ids
+travel with K and V ([B, M/p] int each), each tile is masked by them, and a
+tile no query of which can see any key (by the chunks' position and segment
+ranges) is skipped. Bidirectional: every tile is computed. An additive bias
+is this device's query rows against every key, [B|1, H|1, L/p, M] (sharded
+over the query length like q, whole over the key length, columns in the
+stored order); each tile adds its [.., c, c] slice of the block it attends to,
+and the backward returns the bias gradient of the same shape.
 
 Memory: each tile runs over its keys in blocks of ``block_k`` (an inner
 scan, flash-attention style), so scratch is [B, N, G, c, block_k]: linear in
@@ -37,202 +47,164 @@ p-1 hops, their gradient accumulators travel with them and make p.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-Layout = Literal["zigzag", "none"]
-LAYOUTS: tuple[str, ...] = ("zigzag", "none")
+from shardlib.parallel.ring_tiles import (
+    DEFAULT_BLOCK_K,
+    LAYOUTS,
+    MASKED,
+    Layout,
+    Masks,
+    RingSettings,
+    Side,
+    bias_blocks,
+    bias_tile,
+    block_size,
+    carry_axes,
+    check_layout,
+    chunks_of,
+    device_chunks,
+    halves_kv,
+    halves_q,
+    halves_side,
+    key_blocks,
+    query_bias_rows,
+    row_stats,
+    send_on,
+    summed_to,
+    tile_gate,
+    tile_scores,
+    token_order,
+    varying_over,
+    when,
+)
 
-_NEG = float(jnp.finfo(jnp.float32).min)
-DEFAULT_BLOCK_K = 256
-"""Keys per inner block: a tile's scores are [B, N, G, c, block_k], linear in the chunk length c."""
-
-
-def _check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown ring attention layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-
-
-def device_chunks(layout: Layout, p: int) -> np.ndarray:
-    """[p, 2] int: the two chunk ids (of 2p, in sequence order) each device holds."""
-    _check_layout(layout)
-    d = np.arange(p)
-    if layout == "zigzag":
-        return np.stack([d, 2 * p - 1 - d], axis=1)
-    return np.stack([2 * d, 2 * d + 1], axis=1)
-
-
-def token_order(seq_len: int, p: int, layout: Layout) -> np.ndarray:
-    """[seq_len] int32: original position of each stored token (device 0's tokens first).
-
-    ``tokens[:, token_order(...)]`` puts a batch in the layout's order; the
-    same array is the rotary positions of the stored tokens.
-    """
-    if seq_len % (2 * p):
-        raise ValueError(f"seq_len={seq_len} must be divisible by 2 * seq = {2 * p} for ring attention")
-    c = seq_len // (2 * p)
-    chunks = device_chunks(layout, p).reshape(-1)
-    return (chunks[:, None] * c + np.arange(c)[None, :]).reshape(-1).astype(np.int32)
-
-
-def _chunks_of(device: jax.Array, p: int, layout: Layout) -> tuple[jax.Array, jax.Array]:
-    if layout == "zigzag":
-        return device, 2 * p - 1 - device
-    return 2 * device, 2 * device + 1
-
-
-def _halves_q(x_BxLxHxK: jax.Array, n_kv: int) -> list[jax.Array]:
-    """[B, 2c, H, K] -> two [B, c, N, G, K] (one per local chunk, heads grouped by kv head)."""
-    b, length, h, k = x_BxLxHxK.shape
-    x = x_BxLxHxK.reshape(b, 2, length // 2, n_kv, h // n_kv, k)
-    return [x[:, 0], x[:, 1]]
+__all__ = [
+    "DEFAULT_BLOCK_K",
+    "LAYOUTS",
+    "Layout",
+    "device_chunks",
+    "ring_attention",
+    "ring_attention_tiles",
+    "token_order",
+]
 
 
-def _halves_kv(x_BxLxNxK: jax.Array) -> list[jax.Array]:
-    b, length, n, k = x_BxLxNxK.shape
-    x = x_BxLxNxK.reshape(b, 2, length // 2, n, k)
-    return [x[:, 0], x[:, 1]]
-
-
-def _rows(x_BxNxGxC: jax.Array) -> jax.Array:
-    """Per-row statistics [B, N, G, c] -> [B, c, N, G, 1] to scale outputs laid out like q."""
-    return jnp.transpose(x_BxNxGxC, (0, 3, 1, 2))[..., None]
-
-
-def _scores(q_BxCxNxGxK, k_BxJxNxK, diag, offset, scale):
-    """Scaled float32 scores [B, N, G, c, j] of a chunk's queries against keys ``offset..offset+j`` of a chunk.
-
-    ``diag`` (traced bool): the keys are from the queries' own chunk, so the
-    causal mask applies (query row r sees key offset + col iff r >= offset + col).
-    """
-    s_BxNxGxCxJ = jnp.einsum("blngk,bmnk->bnglm", q_BxCxNxGxK, k_BxJxNxK, preferred_element_type=jnp.float32)
-    s_BxNxGxCxJ = s_BxNxGxCxJ * scale
-    c, j = q_BxCxNxGxK.shape[1], k_BxJxNxK.shape[1]
-    causal_CxJ = jnp.arange(c)[:, None] >= offset + jnp.arange(j)[None, :]
-    visible_CxJ = jnp.logical_or(causal_CxJ, jnp.logical_not(diag))
-    return jnp.where(visible_CxJ, s_BxNxGxCxJ, _NEG)
-
-
-def _key_blocks(x_BxCxNxK: jax.Array, block: int) -> jax.Array:
-    """[B, c, N, K] -> [c/block, B, block, N, K]: the leading axis is scanned over."""
-    b, c, n, k = x_BxCxNxK.shape
-    return jnp.moveaxis(x_BxCxNxK.reshape(b, c // block, block, n, k), 1, 0)
-
-
-def _block_size(c: int, block_k: int) -> int:
-    block = min(block_k, c)
-    if c % block:
-        raise ValueError(f"ring attention chunk of {c} tokens does not split into key blocks of block_k={block_k}")
-    return block
-
-
-def _ring_perm(p: int) -> list[tuple[int, int]]:
-    return [(i, (i + 1) % p) for i in range(p)]
-
-
-def _forward(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, axis_name: str, p: int, layout: Layout, block_k: int):
+def _forward(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks: Masks, static: RingSettings):
     """(out [B, L, H, K] in q's dtype, lse halves [2 x [B, N, G, c]] float32, tiles computed (int32))."""
+    axis_name, p, layout = static.axis_name, static.p, static.layout
     b, length, h, hd = q_BxLxHxK.shape
-    n = k_BxLxNxK.shape[2]
-    scale = hd**-0.5
+    kv_len, n = k_BxMxNxK.shape[1], k_BxMxNxK.shape[2]
+    scale = hd**-0.5 if static.scale is None else static.scale
     me = jax.lax.axis_index(axis_name)
-    q_chunk = _chunks_of(me, p, layout)
-    qs = _halves_q(q_BxLxHxK, n)
+    q_chunk = chunks_of(me, p, layout)
+    qs, q_sides, bias_rows = halves_q(q_BxLxHxK, n), halves_side(masks.q), query_bias_rows(masks.bias)
     c, g = length // 2, h // n
 
-    block = _block_size(c, block_k)
+    block = block_size(kv_len // 2, static.block_k)
 
     def key_block(acc, kv_j):
-        o_BxCxNxGxK, m_BxNxGxC, l_BxNxGxC, q, diag = acc
-        k, v, j = kv_j
-        s = _scores(q, k, diag, j * block, scale)
+        o_BxCxNxGxK, m_BxNxGxC, l_BxNxGxC, q, diag, q_side = acc
+        k, v, k_side, bias, j = kv_j
+        s = tile_scores(q, k, diag, j * block, scale, q_side, k_side, bias, static.is_causal)
         m_new = jnp.maximum(m_BxNxGxC, jnp.max(s, axis=-1))
         correction = jnp.exp(m_BxNxGxC - m_new)
         probs = jnp.exp(s - m_new[..., None])
         l_new = l_BxNxGxC * correction + jnp.sum(probs, axis=-1)
         pv = jnp.einsum("bnglm,bmnk->blngk", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return (o_BxCxNxGxK * _rows(correction) + pv, m_new, l_new, q, diag), None
+        return (o_BxCxNxGxK * row_stats(correction) + pv, m_new, l_new, q, diag, q_side), None
 
-    def tile(acc, q, k, v, diag):
-        # Key blocks in order: the first holds key 0 of the chunk, which every
-        # query row of a diagonal tile sees, so the running max is finite from then on.
-        blocks = (_key_blocks(k, block), _key_blocks(v, block), jnp.arange(c // block))
-        (o, m, l, _, _), _ = jax.lax.scan(key_block, (*acc, q, diag), blocks)
+    def tile(acc, q, q_side, k, v, k_side, bias, diag):
+        # Rows that see no key of a block keep running statistics of the mask value; the first
+        # block with a visible key rescales them by exp(MASKED - max) = 0, so they leave no trace.
+        blocks = (
+            key_blocks(k, block),
+            key_blocks(v, block),
+            jax.tree.map(lambda x: key_blocks(x, block), k_side),
+            bias_blocks(bias, block),
+            jnp.arange(k.shape[1] // block),
+        )
+        (o, m, l, *_), _ = jax.lax.scan(key_block, (*acc, q, diag, q_side), blocks)
         return o, m, l
 
-    def visit(accs, tiles, k_BxLxNxK, v_BxLxNxK, source):
+    def visit(accs, tiles, k_cur, v_cur, k_side_cur, source):
         """Folds the key/value block that ``source`` owns into the running statistics."""
-        kv_chunk = _chunks_of(source, p, layout)
-        ks, vs = _halves_kv(k_BxLxNxK), _halves_kv(v_BxLxNxK)
+        kv_chunk = chunks_of(source, p, layout)
+        ks, vs, k_sides = halves_kv(k_cur), halves_kv(v_cur), halves_side(k_side_cur)
         accs = list(accs)
         for a in range(2):
             for kb in range(2):
-                x, y = q_chunk[a], kv_chunk[kb]
-                accs[a] = jax.lax.cond(
-                    x >= y,
-                    lambda acc, q, k, v, d: tile(acc, q, k, v, d),
-                    lambda acc, *_: acc,
-                    accs[a],
-                    qs[a],
-                    ks[kb],
-                    vs[kb],
-                    x == y,
+                gate, diag = tile_gate(static, q_chunk[a], kv_chunk[kb], q_sides[a], k_sides[kb])
+                bias = bias_tile(bias_rows[a], source, kv_len, kb)
+                accs[a] = when(
+                    gate, tile, lambda acc, *_: acc, accs[a], qs[a], q_sides[a], ks[kb], vs[kb], k_sides[kb], bias, diag
                 )
-                tiles = tiles + (x >= y).astype(jnp.int32)
+                tiles = tiles + jnp.asarray(gate, jnp.int32)
         return tuple(accs), tiles
 
     zero = (
         jnp.zeros((b, c, n, g, hd), jnp.float32),
-        jnp.full((b, n, g, c), _NEG, jnp.float32),
+        jnp.full((b, n, g, c), MASKED, jnp.float32),
         jnp.zeros((b, n, g, c), jnp.float32),
     )
-    accs, tiles = (zero, zero), jnp.zeros((), jnp.int32)
+    loop_axes = carry_axes(axis_name, q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks)
+    accs, tiles = varying_over(loop_axes, ((zero, zero), jnp.zeros((), jnp.int32)))
 
     def step(carry, s):
-        k_cur, v_cur, accs, tiles = carry
+        k_cur, v_cur, k_side_cur, accs, tiles = carry
         # Issued first and independent of this step's tiles: the transfer of
         # the next block overlaps the computation on the current one.
-        k_next = jax.lax.ppermute(k_cur, axis_name, _ring_perm(p))
-        v_next = jax.lax.ppermute(v_cur, axis_name, _ring_perm(p))
-        accs, tiles = visit(accs, tiles, k_cur, v_cur, (me - s) % p)
-        return (k_next, v_next, accs, tiles), None
+        k_next, v_next, k_side_next = send_on((k_cur, v_cur, k_side_cur), axis_name, p)
+        accs, tiles = visit(accs, tiles, k_cur, v_cur, k_side_cur, (me - s) % p)
+        return (k_next, v_next, k_side_next, accs, tiles), None
 
     # p - 1 hops: the last block is used where it lands, never sent on.
-    (k_last, v_last, accs, tiles), _ = jax.lax.scan(step, (k_BxLxNxK, v_BxLxNxK, accs, tiles), jnp.arange(p - 1))
-    accs, tiles = visit(accs, tiles, k_last, v_last, (me - (p - 1)) % p)
+    carry = (k_BxMxNxK, v_BxMxNxK, masks.kv, accs, tiles)
+    (k_last, v_last, k_side_last, accs, tiles), _ = jax.lax.scan(step, carry, jnp.arange(p - 1))
+    accs, tiles = visit(accs, tiles, k_last, v_last, k_side_last, (me - (p - 1)) % p)
 
     outs, lses = [], []
     for o_BxCxNxGxK, m_BxNxGxC, l_BxNxGxC in accs:
-        outs.append(o_BxCxNxGxK / _rows(l_BxNxGxC))
+        outs.append(o_BxCxNxGxK / row_stats(l_BxNxGxC))
         lses.append(m_BxNxGxC + jnp.log(l_BxNxGxC))
     out_BxLxHxK = jnp.stack(outs, axis=1).reshape(b, length, h, hd).astype(q_BxLxHxK.dtype)
     return out_BxLxHxK, lses, tiles
 
 
-def _backward(axis_name: str, p: int, layout: Layout, block_k: int, residuals, dout_BxLxHxK):
-    q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, out_BxLxHxK, lses = residuals
+def _bias_grad(ds_BxNxGxCxJ: jax.Array, bias_shape: tuple[int, ...]) -> jax.Array:
+    """The scores' gradient summed to a bias block of ``bias_shape`` [B|1, H|1, c, j] (float32)."""
+    bb, hb = bias_shape[:2]
+    d = ds_BxNxGxCxJ if bb > 1 else jnp.sum(ds_BxNxGxCxJ, axis=0, keepdims=True)
+    b, n, g, c, j = d.shape
+    return d.reshape(b, n * g, c, j) if hb > 1 else jnp.sum(d, axis=(1, 2))[:, None]
+
+
+def _backward(static: RingSettings, residuals, dout_BxLxHxK):
+    q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, out_BxLxHxK, lses, masks = residuals
+    axis_name, p, layout = static.axis_name, static.p, static.layout
     b, length, h, hd = q_BxLxHxK.shape
-    n = k_BxLxNxK.shape[2]
-    scale = hd**-0.5
+    kv_len, n = k_BxMxNxK.shape[1], k_BxMxNxK.shape[2]
+    scale = hd**-0.5 if static.scale is None else static.scale
     me = jax.lax.axis_index(axis_name)
-    q_chunk = _chunks_of(me, p, layout)
-    qs, dos = _halves_q(q_BxLxHxK, n), _halves_q(dout_BxLxHxK, n)
+    q_chunk = chunks_of(me, p, layout)
+    qs, dos = halves_q(q_BxLxHxK, n), halves_q(dout_BxLxHxK, n)
+    q_sides, bias_rows = halves_side(masks.q), query_bias_rows(masks.bias)
     # delta_i = sum_k dout_ik * out_ik: the softmax Jacobian's row term.
     deltas = [
         jnp.einsum("blngk,blngk->bngl", do, o, preferred_element_type=jnp.float32)
-        for do, o in zip(dos, _halves_q(out_BxLxHxK, n), strict=True)
+        for do, o in zip(dos, halves_q(out_BxLxHxK, n), strict=True)
     ]
 
-    c = length // 2
-    block = _block_size(c, block_k)
+    ck = kv_len // 2
+    block = block_size(ck, static.block_k)
+    loop_axes = carry_axes(axis_name, q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks, dout_BxLxHxK)
 
     def key_block(carry, kv_j):
-        dq, q, do, lse, delta, diag = carry
-        k, v, j = kv_j
-        s = _scores(q, k, diag, j * block, scale)
+        dq, q, do, lse, delta, diag, q_side = carry
+        k, v, k_side, bias, j = kv_j
+        s = tile_scores(q, k, diag, j * block, scale, q_side, k_side, bias, static.is_causal)
         probs = jnp.exp(s - lse[..., None])
         dp = jnp.einsum("blngk,bmnk->bnglm", do, v, preferred_element_type=jnp.float32)
         ds = probs * (dp - delta[..., None])
@@ -240,127 +212,190 @@ def _backward(axis_name: str, p: int, layout: Layout, block_k: int, residuals, d
         dq = dq + scale * jnp.einsum("bnglm,bmnk->blngk", ds_c, k, preferred_element_type=jnp.float32)
         dk = scale * jnp.einsum("bnglm,blngk->bmnk", ds_c, q, preferred_element_type=jnp.float32)
         dv = jnp.einsum("bnglm,blngk->bmnk", probs_c, do, preferred_element_type=jnp.float32)
-        return (dq, q, do, lse, delta, diag), (dk, dv)
+        dbias = None if bias is None else _bias_grad(ds, bias.shape)
+        return (dq, q, do, lse, delta, diag, q_side), (dk, dv, dbias)
 
-    def tile(grads, q, do, lse, delta, k, v, diag):
-        dq, dk, dv = grads
-        blocks = (_key_blocks(k, block), _key_blocks(v, block), jnp.arange(c // block))
-        (dq, *_), (dk_blocks, dv_blocks) = jax.lax.scan(key_block, (dq, q, do, lse, delta, diag), blocks)
+    def tile(grads, q, do, lse, delta, q_side, k, v, k_side, bias, diag):
+        dq, dk, dv, _ = grads
+        blocks = (
+            key_blocks(k, block),
+            key_blocks(v, block),
+            jax.tree.map(lambda x: key_blocks(x, block), k_side),
+            bias_blocks(bias, block),
+            jnp.arange(ck // block),
+        )
+        (dq, *_), (dk_blocks, dv_blocks, dbias_blocks) = jax.lax.scan(
+            key_block, (dq, q, do, lse, delta, diag, q_side), blocks
+        )
         # [c/block, B, block, N, K] -> [B, c, N, K]
         dk = dk + jnp.moveaxis(dk_blocks, 0, 1).reshape(dk.shape)
         dv = dv + jnp.moveaxis(dv_blocks, 0, 1).reshape(dv.shape)
-        return dq, dk, dv
+        # [c/block, B|1, H|1, c, block] -> [B|1, H|1, c, c_k]
+        dbias = None if bias is None else jnp.moveaxis(dbias_blocks, 0, 3).reshape(bias.shape)
+        return dq, dk, dv, dbias
 
-    def visit(dqs, k_cur, v_cur, dk_cur, dv_cur, source):
-        kv_chunk = _chunks_of(source, p, layout)
-        ks, vs = _halves_kv(k_cur), _halves_kv(v_cur)
-        dks, dvs = _halves_kv(dk_cur), _halves_kv(dv_cur)
-        dqs = list(dqs)
+    def visit(dqs, dbias_rows, k_cur, v_cur, k_side_cur, dk_cur, dv_cur, source):
+        kv_chunk = chunks_of(source, p, layout)
+        ks, vs, k_sides = halves_kv(k_cur), halves_kv(v_cur), halves_side(k_side_cur)
+        dks, dvs = halves_kv(dk_cur), halves_kv(dv_cur)
+        dqs, dbias_rows = list(dqs), list(dbias_rows)
         for a in range(2):
             for kb in range(2):
-                x, y = q_chunk[a], kv_chunk[kb]
-                dqs[a], dks[kb], dvs[kb] = jax.lax.cond(
-                    x >= y,
+                gate, diag = tile_gate(static, q_chunk[a], kv_chunk[kb], q_sides[a], k_sides[kb])
+                bias = bias_tile(bias_rows[a], source, kv_len, kb)
+                zero_tile = None if bias is None else varying_over(loop_axes, jnp.zeros(bias.shape, jnp.float32))
+                dqs[a], dks[kb], dvs[kb], dbias = when(
+                    gate,
                     tile,
                     lambda grads, *_: grads,
-                    (dqs[a], dks[kb], dvs[kb]),
+                    (dqs[a], dks[kb], dvs[kb], zero_tile),
                     qs[a],
                     dos[a],
                     lses[a],
                     deltas[a],
+                    q_sides[a],
                     ks[kb],
                     vs[kb],
-                    x == y,
+                    k_sides[kb],
+                    bias,
+                    diag,
                 )
-        return tuple(dqs), jnp.stack(dks, axis=1).reshape(dk_cur.shape), jnp.stack(dvs, axis=1).reshape(dv_cur.shape)
-
-    perm = _ring_perm(p)
+                if dbias is not None:  # each (row chunk, key chunk) tile is visited once: set, not added
+                    column = source * kv_len + kb * ck
+                    dbias_rows[a] = jax.lax.dynamic_update_slice_in_dim(dbias_rows[a], dbias, column, axis=3)
+        dk = jnp.stack(dks, axis=1).reshape(dk_cur.shape)
+        dv = jnp.stack(dvs, axis=1).reshape(dv_cur.shape)
+        return tuple(dqs), tuple(dbias_rows), dk, dv
 
     def step(carry, s):
-        k_cur, v_cur, dk_cur, dv_cur, dqs = carry
-        k_next = jax.lax.ppermute(k_cur, axis_name, perm)  # overlaps this step's tiles
-        v_next = jax.lax.ppermute(v_cur, axis_name, perm)
-        dqs, dk_cur, dv_cur = visit(dqs, k_cur, v_cur, dk_cur, dv_cur, (me - s) % p)
+        k_cur, v_cur, k_side_cur, dk_cur, dv_cur, dqs, dbias_rows = carry
+        k_next, v_next, k_side_next = send_on((k_cur, v_cur, k_side_cur), axis_name, p)  # overlaps the tiles
+        dqs, dbias_rows, dk_cur, dv_cur = visit(dqs, dbias_rows, k_cur, v_cur, k_side_cur, dk_cur, dv_cur, (me - s) % p)
         # The gradients of a key/value block travel with it.
-        dk_next = jax.lax.ppermute(dk_cur, axis_name, perm)
-        dv_next = jax.lax.ppermute(dv_cur, axis_name, perm)
-        return (k_next, v_next, dk_next, dv_next, dqs), None
+        dk_next, dv_next = send_on((dk_cur, dv_cur), axis_name, p)
+        return (k_next, v_next, k_side_next, dk_next, dv_next, dqs, dbias_rows), None
 
-    zeros_kv = jnp.zeros(k_BxLxNxK.shape, jnp.float32)
+    zeros_kv = jnp.zeros(k_BxMxNxK.shape, jnp.float32)
     zeros_q = jnp.zeros(qs[0].shape, jnp.float32)
-    carry = (k_BxLxNxK, v_BxLxNxK, zeros_kv, zeros_kv, (zeros_q, zeros_q))
-    (k_last, v_last, dk, dv, dqs), _ = jax.lax.scan(step, carry, jnp.arange(p - 1))
-    dqs, dk, dv = visit(dqs, k_last, v_last, dk, dv, (me - (p - 1)) % p)
+    zeros_bias = tuple(None if r is None else jnp.zeros(r.shape, jnp.float32) for r in bias_rows)
+    zeros = varying_over(loop_axes, (zeros_kv, (zeros_q, zeros_q), zeros_bias))
+    carry = (k_BxMxNxK, v_BxMxNxK, masks.kv, zeros[0], zeros[0], zeros[1], zeros[2])
+    (k_last, v_last, k_side_last, dk, dv, dqs, dbias_rows), _ = jax.lax.scan(step, carry, jnp.arange(p - 1))
+    dqs, dbias_rows, dk, dv = visit(dqs, dbias_rows, k_last, v_last, k_side_last, dk, dv, (me - (p - 1)) % p)
     # One more hop brings every block's gradients home.
-    dk = jax.lax.ppermute(dk, axis_name, perm)
-    dv = jax.lax.ppermute(dv, axis_name, perm)
+    dk, dv = send_on((dk, dv), axis_name, p)
     dq_BxLxHxK = jnp.stack(dqs, axis=1).reshape(b, length, h, hd)
-    return dq_BxLxHxK.astype(q_BxLxHxK.dtype), dk.astype(k_BxLxNxK.dtype), dv.astype(v_BxLxNxK.dtype)
+    dbias = None
+    if masks.bias is not None:
+        dbias = summed_to(jnp.concatenate(dbias_rows, axis=2), masks.bias).astype(masks.bias.dtype)
+    no_grad = jax.tree.map(lambda _: None, (masks.q, masks.kv))
+    grads = (
+        summed_to(dq_BxLxHxK, q_BxLxHxK).astype(q_BxLxHxK.dtype),
+        summed_to(dk, k_BxMxNxK).astype(k_BxMxNxK.dtype),
+        summed_to(dv, v_BxMxNxK).astype(v_BxMxNxK.dtype),
+    )
+    return (*grads, Masks(dbias, *no_grad))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _ring(q, k, v, axis_name, p, layout, block_k):
-    return _forward(q, k, v, axis_name, p, layout, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring(q, k, v, masks, static):
+    return _forward(q, k, v, masks, static)[0]
 
 
-def _ring_fwd(q, k, v, axis_name, p, layout, block_k):
-    out, lses, _ = _forward(q, k, v, axis_name, p, layout, block_k)
-    return out, (q, k, v, out, lses)
+def _ring_fwd(q, k, v, masks, static):
+    out, lses, _ = _forward(q, k, v, masks, static)
+    return out, (q, k, v, out, lses, masks)
 
 
 _ring.defvjp(_ring_fwd, _backward)
 
 
-def _check_shapes(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK) -> None:
-    if q_BxLxHxK.ndim != 4 or k_BxLxNxK.shape != v_BxLxNxK.shape or k_BxLxNxK.ndim != 4:
+def _check_shapes(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks: Masks, static: RingSettings) -> None:
+    if q_BxLxHxK.ndim != 4 or k_BxMxNxK.shape != v_BxMxNxK.shape or k_BxMxNxK.ndim != 4:
         raise ValueError(
-            f"ring attention wants q [B, L, H, K] and k, v [B, L, N, K]; got q {q_BxLxHxK.shape}, "
-            f"k {k_BxLxNxK.shape}, v {v_BxLxNxK.shape}"
+            f"ring attention wants q [B, L, H, K] and k, v [B, M, N, K]; got q {q_BxLxHxK.shape}, "
+            f"k {k_BxMxNxK.shape}, v {v_BxMxNxK.shape}"
         )
     b, length, h, hd = q_BxLxHxK.shape
-    if k_BxLxNxK.shape[:2] != (b, length) or k_BxLxNxK.shape[3] != hd or h % k_BxLxNxK.shape[2]:
-        raise ValueError(f"k/v shape {k_BxLxNxK.shape} does not fit q shape {q_BxLxHxK.shape}")
-    if length % 2:
-        raise ValueError(f"the local sequence block ({length} tokens) must hold two equal chunks")
+    kv_len = k_BxMxNxK.shape[1]
+    if k_BxMxNxK.shape[0] != b or k_BxMxNxK.shape[3] != hd or h % k_BxMxNxK.shape[2]:
+        raise ValueError(f"k/v shape {k_BxMxNxK.shape} does not fit q shape {q_BxLxHxK.shape}")
+    if length % 2 or kv_len % 2:
+        raise ValueError(
+            f"the local query and key blocks ({length} and {kv_len} tokens) must each hold two equal chunks"
+        )
+    if static.is_causal and masks.q.positions is None and length != kv_len:
+        raise ValueError(
+            f"causal ring attention without positions masks by index, which needs as many queries as keys "
+            f"(local blocks of {length} and {kv_len}); pass query_positions and key_positions"
+        )
+    if masks.bias is not None and masks.bias.shape[2:] != (length, static.p * kv_len):
+        raise ValueError(
+            f"ring attention's bias must be this device's query rows against every key, [.., {length}, "
+            f"{static.p * kv_len}]; got {masks.bias.shape}"
+        )
 
 
 def ring_attention(
     q_BxLxHxK: jax.Array,
-    k_BxLxNxK: jax.Array,
-    v_BxLxNxK: jax.Array,
+    k_BxMxNxK: jax.Array,
+    v_BxMxNxK: jax.Array,
+    bias_BxHxLxM: jax.Array | None = None,
     *,
     axis_name: str,
     axis_size: int,
+    is_causal: bool = True,
     layout: Layout = "zigzag",
+    query_positions: jax.Array | None = None,
+    key_positions: jax.Array | None = None,
+    query_segment_ids: jax.Array | None = None,
+    key_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> jax.Array:
-    """Causal grouped-query attention of this device's block against the whole ring; [B, L, H, K].
+    """Grouped-query attention of this device's block against the whole ring; [B, L, H, K].
 
-    Inside a shard_map where ``axis_name`` (size ``axis_size`` = p) is manual.
-    Every argument is this device's block of L = S/p tokens, stored as
-    ``layout`` says (see ``token_order``); query head h uses kv head h // (H/N).
-    Softmax statistics are float32. Differentiable (ring backward).
+    Inside a shard_map where ``axis_name`` (size ``axis_size`` = p) is manual. q, k, v and the
+    positions and segment ids (int [B, L], [B, M]) are this device's blocks of L (M) tokens,
+    stored as ``layout`` says (``token_order``); query head h uses kv head h // (H/N).
+    ``is_causal`` masks by the layout (no positions) or by the positions; segment ids keep
+    attention within a segment; ``bias_BxHxLxM`` is [B|1, H|1, L, p * M]: this device's rows
+    against every key in stored order. ``scale`` defaults to K ** -0.5. Softmax statistics are
+    float32. Differentiable in q, k, v and the bias (ring backward).
     """
-    _check_layout(layout)
-    _check_shapes(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK)
-    return _ring(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, axis_name, axis_size, layout, block_k)
+    static, masks = _settings(
+        axis_name, axis_size, is_causal, layout, block_k, scale, bias_BxHxLxM,
+        query_positions, key_positions, query_segment_ids, key_segment_ids,
+    )  # fmt: skip
+    _check_shapes(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks, static)
+    return _ring(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks, static)
+
+
+def _settings(axis_name, p, is_causal, layout, block_k, scale, bias, q_pos, kv_pos, q_seg, kv_seg):
+    check_layout(layout)
+    if (q_pos is None) != (kv_pos is None) or (q_seg is None) != (kv_seg is None):
+        raise ValueError("ring attention takes positions (and segment ids) for both queries and keys, or neither")
+    if not is_causal:  # positions only order tokens for a causal mask
+        q_pos = kv_pos = None
+    static = RingSettings(axis_name, int(p), layout, int(block_k), bool(is_causal), scale)
+    return static, Masks(bias, Side(q_pos, q_seg), Side(kv_pos, kv_seg))
 
 
 def ring_attention_tiles(
     q_BxLxHxK: jax.Array,
-    k_BxLxNxK: jax.Array,
-    v_BxLxNxK: jax.Array,
+    k_BxMxNxK: jax.Array,
+    v_BxMxNxK: jax.Array,
     *,
     axis_name: str,
     axis_size: int,
     layout: Layout = "zigzag",
     block_k: int = DEFAULT_BLOCK_K,
 ) -> jax.Array:
-    """How many (c x c) attention tiles this device computed in the forward pass: int32 scalar.
+    """How many (c x c) causal attention tiles this device computed in the forward pass: int32 scalar.
 
     Counted by the same branch conditions that gate the computation, so it is
     what the kernel did; one tile costs 4 * B * c^2 * H * K FLOPs.
     """
-    _check_layout(layout)
-    _check_shapes(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK)
-    return _forward(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, axis_name, axis_size, layout, block_k)[2]
+    static, masks = _settings(axis_name, axis_size, True, layout, block_k, None, None, None, None, None, None)
+    _check_shapes(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks, static)
+    return _forward(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks, static)[2]

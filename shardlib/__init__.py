@@ -68,11 +68,20 @@ STRATEGIES: dict[str, str] = {
     "make_schedule": "shardlib.parallel.pipeline.schedules",
     "TickTable": "shardlib.parallel.pipeline.table",
     "compile_table": "shardlib.parallel.pipeline.table",
+    # the weight-use hook: what the per-use reduction and the zero-bubble split build on
+    "WeightUseSpec": "shardlib.parallel.weight_use",
+    "PlainWeightUse": "shardlib.parallel.weight_use",
+    "WeightTap": "shardlib.parallel.weight_use",
+    "tapped_weight_grads": "shardlib.parallel.weight_use",
     # attention over `seq`
     "AttentionPlan": "shardlib.parallel.attention",
     "make_attention": "shardlib.parallel.attention",
     "ring_attention": "shardlib.parallel.ring_attention",
+    "dot_product_attention": "shardlib.parallel.seq_attention",
     # experts over `expert`
+    "moe_dispatch": "shardlib.parallel.experts",
+    "router_top_k": "shardlib.parallel.expert_routing",
+    "MoEStats": "shardlib.parallel.expert_routing",
     "expert_dispatch": "shardlib.parallel.experts",
     "expert_parallel_dispatch": "shardlib.parallel.experts",
     "dispatch_buffer_bytes": "shardlib.parallel.experts",

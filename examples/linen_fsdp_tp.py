@@ -70,7 +70,10 @@ class SelfAttention(nn.Module):
     def __call__(self, x):
         # One fused projection (GPT-NeoX's query_key_value, Gemma's qkv_einsum): see the module docstring.
         qkv = nn.DenseGeneral(
-            (3, HEADS, HEAD_DIM), use_bias=False, name="wqkv", kernel_init=lp(kernel_init, ("embed", None, "heads", "kv"))
+            (3, HEADS, HEAD_DIM),
+            use_bias=False,
+            name="wqkv",
+            kernel_init=lp(kernel_init, ("embed", None, "heads", "kv")),
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         length = x.shape[1]
@@ -101,9 +104,9 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens):
-        x = nn.Embed(VOCAB, D_MODEL, name="tok_embed", embedding_init=lp(nn.initializers.normal(1.0), ("vocab", "embed")))(
-            tokens
-        )
+        x = nn.Embed(
+            VOCAB, D_MODEL, name="tok_embed", embedding_init=lp(nn.initializers.normal(1.0), ("vocab", "embed"))
+        )(tokens)
         layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0},
@@ -261,7 +264,9 @@ def main(devices: Sequence[jax.Device] | None = None) -> dict:
     (reduced, reduction), (plain, _) = measured_bytes(mesh, True), measured_bytes(mesh, False)
     ratios = {a: reduced[a] / minimum[a] for a in ("data", "model")}
     plain_ratios = {a: plain[a] / minimum[a] for a in ("data", "model")}
-    print(f"losses {losses} (one device {ref_losses}); max relative error: loss {loss_error:.1e}, grads {grad_error:.1e}")
+    print(
+        f"losses {losses} (one device {ref_losses}); max relative error: loss {loss_error:.1e}, grads {grad_error:.1e}"
+    )
     for axis in ("data", "model"):
         print(
             f"{axis:>5}: minimum {minimum[axis] / 1024:8.1f} KiB, with the reduction {reduced[axis] / 1024:8.1f} KiB "

@@ -35,13 +35,19 @@ VOCAB, D, F = 32, 16, 32
 class Block(nn.Module):
     @nn.compact
     def __call__(self, x, _):
-        h = nn.LayerNorm(name="norm", scale_init=lp(nn.initializers.ones, ("embed",)), bias_init=lp(nn.zeros, ("embed",)))(x)
+        h = nn.LayerNorm(
+            name="norm", scale_init=lp(nn.initializers.ones, ("embed",)), bias_init=lp(nn.zeros, ("embed",))
+        )(x)
         q = nn.DenseGeneral((2, 8), use_bias=False, name="q", kernel_init=lp(INIT, ("embed", "heads", "head_dim")))(h)
-        x = x + nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="o", kernel_init=lp(INIT, ("heads", "head_dim", "embed")))(
-            jnp.tanh(q)
+        x = x + nn.DenseGeneral(
+            D, axis=(-2, -1), use_bias=False, name="o", kernel_init=lp(INIT, ("heads", "head_dim", "embed"))
+        )(jnp.tanh(q))
+        up = nn.Dense(
+            F, name="up", kernel_init=lp(INIT, ("embed", "mlp")), bias_init=lp(nn.initializers.normal(0.1), ("mlp",))
         )
-        up = nn.Dense(F, name="up", kernel_init=lp(INIT, ("embed", "mlp")), bias_init=lp(nn.initializers.normal(0.1), ("mlp",)))
-        return x + nn.Dense(D, use_bias=False, name="down", kernel_init=lp(INIT, ("mlp", "embed")))(nn.gelu(up(x))), None
+        return x + nn.Dense(D, use_bias=False, name="down", kernel_init=lp(INIT, ("mlp", "embed")))(
+            nn.gelu(up(x))
+        ), None
 
 
 class TinyLM(nn.Module):
@@ -49,7 +55,11 @@ class TinyLM(nn.Module):
     def __call__(self, ids):
         x = nn.Embed(VOCAB, D, name="embed", embedding_init=lp(nn.initializers.normal(0.5), ("vocab", "embed")))(ids)
         layers = nn.scan(
-            Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2, metadata_params={nn.PARTITION_NAME: "layers"}
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=2,
+            metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = layers(name="layers")(x, None)
         return nn.Dense(VOCAB, use_bias=False, name="head", kernel_init=lp(INIT, ("embed", "vocab")))(x)
@@ -134,7 +144,9 @@ class Unusual(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(D, use_bias=False, name="plain")(x)  # no logical axes
-        x = nn.Dense(D, use_bias=False, name="custom", dot_general=jax.lax.dot_general, kernel_init=lp(INIT, ("embed", "mlp")))(x)
+        x = nn.Dense(
+            D, use_bias=False, name="custom", dot_general=jax.lax.dot_general, kernel_init=lp(INIT, ("embed", "mlp"))
+        )(x)
         return x + self.param("offset", lp(nn.initializers.zeros, ("embed",)), (D,))
 
 
@@ -151,7 +163,10 @@ def test_what_the_interceptor_leaves_to_the_partitioner_it_says_or_refuses_when_
     assert "offset" in reduction.left["Unusual"]
     assert not reduction.reduced
     assert "plain: left to the partitioner" in reduction.describe()
-    with pytest.raises(ValueError, match="Unusual: .*offset.*strict=True refuses"), nn.intercept_methods(LinenReduction(shard, strict=True)):
+    with (
+        pytest.raises(ValueError, match="Unusual: .*offset.*strict=True refuses"),
+        nn.intercept_methods(LinenReduction(shard, strict=True)),
+    ):
         jax.eval_shape(model.apply, params, x)
 
 
@@ -180,7 +195,12 @@ def test_reduced_weight_use_on_the_callers_own_table_with_stacked_weights_and_a_
     mesh = mesh_of(data=8)
     shard = shardlib.ActivationSharding(shardlib.preset_rules("fsdp"), mesh)
     keys = jax.random.split(jax.random.key(1), 3)
-    params = {"layers": {"w_in": jax.random.normal(keys[0], (3, 16, 32)) / 4, "w_out": jax.random.normal(keys[1], (3, 32, 16)) / 4}}
+    params = {
+        "layers": {
+            "w_in": jax.random.normal(keys[0], (3, 16, 32)) / 4,
+            "w_out": jax.random.normal(keys[1], (3, 32, 16)) / 4,
+        }
+    }
     xs = jax.random.normal(keys[2], (2, 16, 16))
     param_specs = {"layers": {"w_in": P(None, "data", None), "w_out": P(None, None, "data")}}
     specs = use_specs(param_specs, PATHS, stacked=("layers",))
@@ -200,7 +220,9 @@ def test_reduced_weight_use_on_the_callers_own_table_with_stacked_weights_and_a_
     plain = PlainWeightUse(USES)
     reference = jax.tree.map(jnp.add, *(jax.grad(loss)(params, xs[i], plain) for i in range(2)))
     p_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs)
-    got = jax.jit(two_microbatches, in_shardings=(p_sh, NamedSharding(mesh, P(None, "data"))), out_shardings=p_sh)(params, xs)
+    got = jax.jit(two_microbatches, in_shardings=(p_sh, NamedSharding(mesh, P(None, "data"))), out_shardings=p_sh)(
+        params, xs
+    )
     assert_trees_close(got, reference, what="deferred, reduced once")
 
 

@@ -8,7 +8,7 @@ gradients where (N-1)/N suffices. With tokens over ``data`` and ``seq``, the
 partitioner also reduces over each axis separately: two all-reduces of the
 whole gradient where one over both axes does.
 
-``ReducedWeightUse`` is a ``shardlib.models.layers.WeightUse`` whose backward pass
+``ReducedWeightUse`` is a ``shardlib.parallel.weight_use.WeightUse`` whose backward pass
 takes the weight gradient itself. The forward pass and the input gradient
 stay with the partitioner (the FSDP gathers too, so XLA keeps its freedom to
 schedule and overlap them with compute); only the weight-gradient
@@ -28,6 +28,18 @@ emits the all-reduce and the slice.
 The pipeline's executor, which makes the token axes manual for a whole step,
 gathers and reduces with the same two functions (``gather_sharded``,
 ``reduce_gradient``).
+
+Public entry points, for any model (the project's own train step uses them too):
+
+* ``reduced_weight_use(shard, uses, weight_specs, ...)``: the ``WeightUse`` for a
+  table of uses, its token axes read from the rules (``batch``, ``length``);
+* ``use_specs(param_specs, weight_params, stacked=...)``: each use's weight spec
+  from the parameters' specs, a stacked weight's without its layer dimension;
+* ``reduce_deferred_params(grads, param_specs, paths, use)``: ``reduce_deferred`` on
+  the gradient leaves a deferred use left partial, once per step;
+* ``shardlib.parallel.reduced_dense``: the same for a Linen model's ``nn.Dense``,
+  ``nn.DenseGeneral`` and ``nn.Embed`` through ``nn.intercept_methods``, no
+  change to the model's code.
 """
 
 from __future__ import annotations
@@ -42,9 +54,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
-from shardlib.core.rules import axes_tuple
+from shardlib.core.rules import axes_tuple, rule_axes
 from shardlib.parallel.sharded_lookup import make_sharded_lookup, token_group
 from shardlib.parallel.spec_parts import automatic_part, manual_part
+from shardlib.parallel.weight_use import PlainWeightUse, WeightUse, WeightUseSpec
 
 Apply = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -204,6 +217,13 @@ class ReducedWeightUse:
         use = self._uses.get(name)
         if use is None:
             return self._plain[name](x, w)
+        spec = self.weight_specs[name]
+        if len(spec) > w.ndim:
+            raise ValueError(
+                f"weight use {name!r}: its spec {spec} names {len(spec)} dimensions but the weight is "
+                f"{w.ndim}-dimensional {tuple(w.shape)} (a stacked layer weight's spec is given without "
+                "its layer dimension: use_specs(..., stacked=...))"
+            )
         if name in self.lookups and not self._gathers_table(x, w, name):
             return self._sharded_lookup(name, x)(x, w)
         return use(x, w)
@@ -296,6 +316,110 @@ class ReducedWeightUse:
             axis_names=set(manual),
             check_vma=False,
         )(x, dy)
+
+
+def token_mesh_axes(rules, mesh: jax.sharding.Mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the mesh axes the rules split ``batch`` over, those they split ``length`` over), size-1 axes left out."""
+    return tuple(  # type: ignore[return-value]
+        tuple(a for a in rule_axes(rules, name) if mesh.shape[a] > 1) for name in ("batch", "length")
+    )
+
+
+def reduced_weight_use(
+    shard: Any,
+    uses: Mapping[str, WeightUseSpec],
+    weight_specs: Mapping[str, P],
+    *,
+    lookups: Sequence[str] = (),
+    deferred: bool = False,
+    reduce_dtype: DTypeLike | None = None,
+    ordered: Sequence[str] = (),
+) -> WeightUse:
+    """The ``WeightUse`` any model calls (``use(name, x, w) -> y``) for the minimum-byte gradient reduction.
+
+    Args:
+      shard: the activations' sharding (``shardlib.ActivationSharding``: its ``rules``, ``mesh``
+        and ``spec(shape, logical_axes)``); the token axes are the mesh axes (size > 1) its
+        rules split ``batch`` and ``length`` over.
+      uses: every weight use of the model, name -> ``WeightUseSpec`` (``apply(x, w)`` linear in
+        ``w``, the input's and output's logical axes).
+      weight_specs: name -> the weight's PartitionSpec as the use sees it (a stacked weight's
+        without its leading layer dimension: ``use_specs``). Uses not named here keep the
+        partitioner's gradient.
+      lookups: the uses that are table lookups (input: integer ids, apply: ``take`` along rows).
+      deferred, reduce_dtype, ordered: as ``ReducedWeightUse`` takes them.
+
+    Returns a ``ReducedWeightUse``, or the table's ``PlainWeightUse`` when no token axis splits
+    anything (one device, or only tensor parallelism: there is nothing to reduce over).
+    Raises ValueError naming a weight spec or lookup without a use in ``uses``.
+    """
+    unknown = sorted(set(weight_specs) - set(uses)) + sorted(set(lookups) - set(uses))
+    if unknown:
+        raise ValueError(f"weight specs or lookups {unknown} name no use in the table ({sorted(uses)})")
+    rows, positions = token_mesh_axes(shard.rules, shard.mesh)
+    if not (rows or positions):
+        return PlainWeightUse(uses)
+    return ReducedWeightUse(
+        shard.mesh,
+        uses,
+        weight_specs,
+        shard.spec,
+        rows,
+        positions,
+        lookups,
+        deferred=deferred,
+        reduce_dtype=reduce_dtype,
+        ordered=ordered,
+    )
+
+
+def _spec_of(node: Any) -> P | None:
+    """A leaf's PartitionSpec: itself, or a ``NamedSharding``'s; None for anything else (an absent leaf)."""
+    if isinstance(node, P):
+        return node
+    return node.spec if isinstance(node, NamedSharding) else None
+
+
+def _leaf(tree: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, Mapping) else None
+    return tree
+
+
+def use_specs(
+    param_specs: Any, weight_params: Mapping[str, Sequence[str]], stacked: Sequence[str] = ()
+) -> dict[str, P]:
+    """Each use's weight spec (``reduced_weight_use``'s ``weight_specs``) from the parameters' specs.
+
+    ``param_specs``: nested dicts of ``PartitionSpec`` or ``NamedSharding`` (the parameters');
+    ``weight_params``: use name -> the path of the parameter it applies; a path whose first key
+    is in ``stacked`` (the layers scanned over) is a stacked parameter: the use sees one layer,
+    so its spec loses the leading dimension. A path with no leaf (an optional weight) is left out.
+    """
+    specs = {}
+    for name, path in weight_params.items():
+        spec = _spec_of(_leaf(param_specs, path))
+        if spec is not None:
+            specs[name] = P(*tuple(spec)[1:]) if path[0] in stacked else spec
+    return specs
+
+
+def reduce_deferred_params(grads: Any, param_specs: Any, paths: Any, use: ReducedWeightUse) -> Any:
+    """``grads`` with each leaf at ``paths`` (partial sums a ``deferred`` use left) reduced once (``reduce_deferred``).
+
+    ``grads``: nested dicts; ``param_specs``: the same tree of ``PartitionSpec`` or ``NamedSharding``
+    (each parameter's whole spec, a stacked one's with its layer dimension); ``paths``: the
+    parameters ``use`` applies. Branches are copied before a leaf is replaced: ``grads`` is unchanged.
+    """
+    out = dict(grads)
+    for path in paths:
+        node = out
+        for key in path[:-1]:
+            node[key] = dict(node[key])  # copy the branch before replacing its leaf
+            node = node[key]
+        spec = _spec_of(_leaf(param_specs, path))
+        node[path[-1]] = reduce_deferred(node[path[-1]], spec, use.mesh, use.token_axes, dtype=use.reduce_dtype)
+    return out
 
 
 def _rows_lookup(ids_and_first: tuple[jax.Array, jax.Array | int], table_block: jax.Array) -> jax.Array:

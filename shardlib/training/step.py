@@ -31,7 +31,7 @@ from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
 from shardlib.parallel.pipeline.stages import make_pipeline_grads, make_pipeline_loss
-from shardlib.parallel.reduction import ReducedWeightUse, reduce_deferred
+from shardlib.parallel.reduction import ReducedWeightUse, reduce_deferred_params, reduced_weight_use, use_specs
 from shardlib.training.parallel_plan import ParallelPlan
 from shardlib.training.train_state import AbstractModel, StateShardings
 
@@ -126,43 +126,26 @@ def make_grads_fn(model: AbstractModel, plan: ParallelPlan, shardings: StateShar
 
 def _reduce_deferred_grads(grads: PyTree, use: ReducedWeightUse, shardings: StateShardings) -> PyTree:
     """``grads`` with the leaves ``use`` applies (each device's partial sums until now) reduced once."""
-    reduced = {WEIGHT_PARAMS[name] for name in use.weight_specs}
-    out = dict(grads)
-    for path in reduced:
-        node, sharding = out, shardings.params
-        for key in path[:-1]:
-            node[key] = dict(node[key])  # copy the branch before replacing its leaf
-            node, sharding = node[key], sharding[key]
-        spec = sharding[path[-1]].spec
-        node[path[-1]] = reduce_deferred(node[path[-1]], spec, use.mesh, use.token_axes, dtype=use.reduce_dtype)
-    return out
+    paths = {WEIGHT_PARAMS[name] for name in use.weight_specs}
+    return reduce_deferred_params(grads, shardings.params, sorted(paths), use)
 
 
 def weight_use(plan: ParallelPlan, shardings: StateShardings, *, deferred: bool = False) -> WeightUse:
-    """How the train step applies the weights: reducing each use's gradient itself when the plan says so.
+    """How the train step applies the weights: the public ``reduced_weight_use`` when the plan reduces per use.
 
-    ``ReducedWeightUse`` over the plan's token axes, every weight of
-    ``WEIGHT_PARAMS`` the model has with its parameter's spec (a stacked
-    layer's without the layer dimension); the default ``use_weight`` when the
-    plan leaves the reduction elsewhere or no token axis splits anything.
+    Every weight of ``WEIGHT_PARAMS`` the model has, with its parameter's spec (a stacked
+    layer's without the layer dimension, ``use_specs``); the default ``use_weight`` when the plan
+    leaves the reduction elsewhere (``reduced_weight_use`` gives the same plain use when no token
+    axis splits anything).
     """
-    rows, positions = plan.token_axes
-    if not plan.reduce_per_use or not (rows or positions):
+    if not plan.reduce_per_use:
         return use_weight
-    specs = {}
-    for name, path in WEIGHT_PARAMS.items():
-        node = shardings.params
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, NamedSharding):  # absent: tied embeddings' unembed, MoE-only MLPs
-            specs[name] = PartitionSpec(*tuple(node.spec)[1:]) if path[0] == "layers" else node.spec
-    return ReducedWeightUse(
-        plan.mesh,
+    specs = use_specs(shardings.params, WEIGHT_PARAMS, stacked=("layers",))
+    return reduced_weight_use(
+        plan.shard,
         WEIGHT_USES,
         specs,
-        plan.shard.spec,
-        rows,
-        positions,
+        lookups=("embedding",),
         deferred=deferred,
         reduce_dtype=plan.precision.reduce,
         ordered=_ordered_uses(plan, specs),

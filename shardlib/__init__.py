@@ -87,6 +87,10 @@ STRATEGIES: dict[str, str] = {
     "dispatch_buffer_bytes": "shardlib.parallel.experts",
     # the per-use reduction (FSDP and TP gradients at the byte minimum)
     "ReducedWeightUse": "shardlib.parallel.reduction",
+    "reduced_weight_use": "shardlib.parallel.reduction",
+    "use_specs": "shardlib.parallel.reduction",
+    "reduce_deferred_params": "shardlib.parallel.reduction",
+    "LinenReduction": "shardlib.parallel.reduced_dense",
     # DiLoCo and local SGD across replica groups
     "OuterSettings": "shardlib.parallel.diloco",
     "diloco_optimizer": "shardlib.parallel.diloco",

@@ -1,8 +1,9 @@
 """What the planner tries: meshes over N devices, the presets worth pairing with each, and pipelines.
 
 A candidate is (axis sizes, preset, config): the config is the user's at each ``grad_accum``
-dividing its own, or for a mesh with ``pipe > 1`` one copy per pipeline schedule the planner
-weighs, with its microbatch count (``config_variants``). Everything here is axis sizes and configs, no devices, so a 64-GPU
+that divides the global batch over the mesh's batch axes, or for a mesh with ``pipe > 1`` one
+copy per pipeline schedule (GPipe, 1F1B, ZB-H1, ZB-V, interleaved 1F1B at every chunk count
+dividing the layers per stage) with the most microbatches the batch allows (``config_variants``). Everything here is axis sizes and configs, no devices, so a 64-GPU
 mesh is planned on a laptop.
 """
 
@@ -17,14 +18,11 @@ from shardlib.parallel.pipeline.schedules import SPLIT_BACKWARD
 from shardlib.training.config import Config
 
 PLAN_AXES = ("data", "pipe", "seq", "model")
-# A pipeline is planned with these schedules. GPipe is left out: 1F1B has its bubble with at most
-# p microbatches in flight instead of m, so it is never worse in the model.
-PIPELINE_SCHEDULES = (("1f1b", 1), ("zb-h1", 1), ("zb-v", 2), ("interleaved-1f1b", 2))
-# Microbatches per step tried, as multiples of p, largest first: the bubble shrinks with m and the
-# 1F1B memory does not grow, so the largest that divides the batch wins; 4p keeps the bubble
-# small without splitting microbatches so thin that the matmuls (which the time model treats as
-# equally efficient at any size) stop filling the device.
-MICROBATCHES_PER_STAGE = (4, 2, 1)
+# A pipeline is planned with these schedules at v chunks per stage (None: every v > 1 dividing the
+# layers per stage, the interleaved schedule's choice). GPipe holds every microbatch's stage input
+# and 1F1B at most p, with the same bubble in lockstep: GPipe is weighed where its memory fits.
+PIPELINE_SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("zb-v", 2), ("interleaved-1f1b", None))
+MAX_GPIPE_VARIANTS = 3  # GPipe's memory grows with m: the largest m, and the next smaller ones
 
 
 def _factorizations(n: int, k: int) -> list[tuple[int, ...]]:
@@ -76,38 +74,56 @@ def redundant(sizes: dict[str, int], sharding: str) -> str:
 
 def config_variants(cfg: Config, sizes: dict[str, int]) -> list[Config]:
     """The configs to plan ``cfg`` with on ``sizes``: without ``pipe``, its ``accumulation_variants``;
-    with it, one per schedule.
+    with it, one per schedule and chunk count.
 
     A pipelined variant accumulates through the pipeline's microbatches (``grad_accum`` 1, as
-    the executor requires) and takes the most microbatches of ``MICROBATCHES_PER_STAGE`` x p
-    whose rows still split over the batch axes; a schedule whose chunks do not divide the
-    layers is left out.
+    the executor requires) and takes the most microbatches whose rows still split over the batch
+    axes (m a multiple of p, at least one row per device each): in the model the bubble only
+    shrinks with m, and 1F1B's memory does not grow. GPipe, whose memory does, is also tried at
+    the next smaller counts. Interleaved 1F1B is tried at every v > 1 dividing the layers per
+    stage; a schedule whose chunks do not divide the layers is left out.
     """
     p = sizes["pipe"]
     if p == 1:
-        return accumulation_variants(cfg)
+        return accumulation_variants(cfg, sizes)
     rows_split = math.prod(sizes[a] for a in PRESETS["dp"].batch)
+    counts = [
+        m for m in range(cfg.batch_size // rows_split, 0, -1) if m % p == 0 and cfg.batch_size % (m * rows_split) == 0
+    ]
+    if not counts:
+        return [cfg]  # nothing divides: the plain config, which resolve_layout drops with the reason
     out = []
     for schedule, virtual in PIPELINE_SCHEDULES:
-        if cfg.model.n_layers % (p * virtual):
-            continue
-        fits = [k * p for k in MICROBATCHES_PER_STAGE if cfg.batch_size % (k * p * rows_split) == 0]
-        if not fits:
-            continue
-        update = {"schedule": schedule, "virtual_stages": virtual, "microbatches": fits[0]}
-        if schedule in SPLIT_BACKWARD:
-            update["recompute"] = True  # their B recomputes the forward, whatever the config says
-        pipeline = cfg.pipeline.model_copy(update=update)
-        out.append(cfg.model_copy(update={"pipeline": pipeline, "grad_accum": 1}))
-    return out or [cfg]  # nothing divides: the plain config, which resolve_layout drops with the reason
+        chunks = (
+            [virtual]
+            if virtual
+            else [v for v in range(2, cfg.model.n_layers // p + 1) if cfg.model.n_layers % (p * v) == 0]
+        )
+        for v in chunks:
+            if cfg.model.n_layers % (p * v):
+                continue
+            for m in counts[:MAX_GPIPE_VARIANTS] if schedule == "gpipe" else counts[:1]:
+                out.append(_pipelined(cfg, schedule, v, m))
+    return out or [cfg]
 
 
-def accumulation_variants(cfg: Config) -> list[Config]:
-    """``cfg`` at every ``grad_accum`` dividing its own, its own first: the same batch and loss in
-    fewer, larger microbatches, which a mesh with more data shards may need to divide at all
-    (the planner keeps the fastest that fits)."""
-    g = cfg.grad_accum
-    return [cfg.model_copy(update={"grad_accum": k}) for k in range(g, 0, -1) if g % k == 0]
+def _pipelined(cfg: Config, schedule: str, virtual: int, microbatches: int) -> Config:
+    update = {"schedule": schedule, "virtual_stages": virtual, "microbatches": microbatches}
+    if schedule in SPLIT_BACKWARD:
+        update["recompute"] = True  # their B recomputes the forward, whatever the config says
+    pipeline = cfg.pipeline.model_copy(update=update)
+    return cfg.model_copy(update={"pipeline": pipeline, "grad_accum": 1})
+
+
+def accumulation_variants(cfg: Config, sizes: dict[str, int] | None = None) -> list[Config]:
+    """``cfg`` at every ``grad_accum`` dividing the global batch into microbatches whose rows split over
+    the batch axes of ``sizes``, fewest microbatches first (its own among them): the same batch and
+    loss in fewer, larger microbatches or more, smaller ones (the planner keeps the fastest that fits)."""
+    rows_split = math.prod(sizes[a] for a in PRESETS["dp"].batch) if sizes else 1
+    counts = [k for k in range(1, cfg.batch_size + 1) if cfg.batch_size % (k * rows_split) == 0]
+    if cfg.grad_accum not in counts:
+        counts.append(cfg.grad_accum)  # the user's own, whatever resolve_layout says of it
+    return [cfg.model_copy(update={"grad_accum": k}) for k in counts]
 
 
 def variant_label(cfg: Config, sizes: dict[str, int]) -> str:

@@ -14,8 +14,9 @@ on the hardware profile; plans whose training or eval step does not fit in memor
 (``MemoryEstimate.peak``) are dropped; the rest
 are ranked by step time, then memory.
 
-``pipe`` is enumerated with the schedules of ``plan_candidates.PIPELINE_SCHEDULES`` (1F1B, ZB-V,
-ZB-H1, interleaved 1F1B), each at the most microbatches that divide the batch (up to 4p):
+``pipe`` is enumerated with the schedules of ``plan_candidates.PIPELINE_SCHEDULES`` (GPipe, 1F1B,
+ZB-V, ZB-H1, interleaved 1F1B at every chunk count up to the layers per stage), each at the most
+microbatches the batch allows (GPipe also at fewer, as its memory grows with them):
 activation memory comes from the schedule's table, and the compute time from the table run
 in lockstep as the SPMD executor runs it (its bubble, at the executor's cost per action,
 recomputed forwards included). Combinations the compatibility table refuses (interleaved
@@ -26,6 +27,13 @@ beside ``seq`` and ``expert`` are planned like any other. ``expert`` is enumerat
 When a fitting plan's ``data`` axis (or, under HSDP, ``data_replica``) crosses hosts, the
 planner proposes DiLoCo over it (``propose_diloco``) with the H whose outer all-reduce takes at most
 ``HIDDEN`` of the H inner steps it follows, when that beats the plan's step.
+
+Without a pipeline a mesh takes the fewest microbatches (``grad_accum`` dividing the batch) that
+fit. ``--json`` prints every candidate with its terms (each collective's seconds, link, overlap
+class and exposed share), memory, TFLOP/s and MFU; ``--mesh FILE`` evaluates the config on that
+one mesh (its ``across_hosts`` deciding the links) instead of searching. Text output fits 100
+columns: a table of the top plans, the winner explained on its own lines, every dropped kind
+with its reason (out-of-memory plans with the step they would take).
 
 ``--verify K`` compiles the top K plans on N emulated CPU devices and prints
 predicted against compiled communication (per axis, with the avoidable
@@ -100,21 +108,34 @@ def make_plans(
                 MeshPlan(sizes, sharding, v.model_copy(update={"sharding": sharding}))
                 for v in config_variants(cfg, sizes)
             ]
-            for plan in variants:
-                _evaluate(plan, profile, mfu)
-            plans += variants if sizes["pipe"] > 1 else [_fastest(variants)]
+            if sizes["pipe"] > 1:
+                for plan in variants:
+                    evaluate_plan(plan, profile, mfu)
+                plans += variants
+            else:
+                plans.append(_fewest_fitting(variants, cfg.grad_accum, profile, mfu))
+    return rank(plans)
+
+
+def rank(plans: list[MeshPlan]) -> list[MeshPlan]:
+    """Fitting plans by step time, then memory; the dropped ones after them."""
     fitting = sorted((p for p in plans if not p.dropped), key=lambda p: (p.step_s, p.memory.peak))
     return fitting + [p for p in plans if p.dropped]
 
 
-def _fastest(variants: list[MeshPlan]) -> MeshPlan:
-    """The fastest fitting of a mesh's accumulation variants, else the first (the user's ``grad_accum``), dropped."""
-    fitting = [p for p in variants if not p.dropped]
-    return min(fitting, key=lambda p: (p.step_s, p.memory.peak)) if fitting else variants[0]
+def _fewest_fitting(variants: list[MeshPlan], own: int, profile, mfu: float | None) -> MeshPlan:
+    """The first fitting of a mesh's accumulation variants (fewest microbatches first: in the model
+    more of them only add FSDP gathers and never save time), else the user's ``grad_accum``, dropped."""
+    for plan in variants:
+        evaluate_plan(plan, profile, mfu)
+        if not plan.dropped:
+            return plan
+    return next((p for p in variants if p.cfg.grad_accum == own), variants[0])
 
 
-def _evaluate(plan: MeshPlan, profile, mfu: float | None) -> None:
-    """Fills in the plan's layout, memory, bubble and time, or says why it was dropped."""
+def evaluate_plan(plan: MeshPlan, profile, mfu: float | None = None, across: dict[str, int] | None = None) -> None:
+    """Fills in the plan's layout, memory, bubble and time, or says why it was dropped (a plan dropped
+    for memory keeps its time). ``across``: a mesh file's ``across_hosts``, else hosts fill from ``model``."""
     from shardlib.analysis.report.analytic import predict_terms
     from shardlib.analysis.report.compute import hardware_flops, pipeline_bubble
     from shardlib.analysis.report.hardware import estimate_time
@@ -146,6 +167,7 @@ def _evaluate(plan: MeshPlan, profile, mfu: float | None) -> None:
         profile,
         n_layers=cfg.model.n_layers,
         mfu=mfu,
+        across=across,
         bubble=plan.bubble,
     )
     if plan.memory.peak > profile.usable_bytes:  # the training step's peak, or the eval step's beside the state
@@ -282,89 +304,181 @@ def _gib(n: float) -> str:
     return fmt_bytes(n)
 
 
+WIDTH = 100  # the text output fits a terminal this wide
+_SHORT = {"data_replica": "dr", "data": "d", "pipe": "p", "expert": "e", "seq": "s", "model": "m"}
+
+
+def short_label(plan: MeshPlan) -> str:
+    """``dr8 d4 m2 hsdp_tp ga1`` / ``d4 p2 tp 1f1b m16 v2``: the plan in a table cell (legend printed)."""
+    mesh = " ".join(f"{_SHORT[a]}{n}" for a, n in plan.sizes.items() if n > 1) or "1"
+    if plan.sizes["pipe"] == 1:
+        return f"{mesh} {plan.sharding} ga{plan.cfg.grad_accum}"
+    p = plan.cfg.pipeline
+    chunks = f" v{p.virtual_stages}" if p.virtual_stages > 1 and p.schedule != "zb-v" else ""
+    schedule = {"interleaved-1f1b": "i1f1b"}.get(p.schedule, p.schedule)
+    return f"{mesh} {plan.sharding} {schedule} m{p.microbatches}{chunks}"
+
+
+def plan_rates(plan: MeshPlan, profile) -> dict[str, float]:
+    """Throughput per device: tokens/s, model TFLOP/s ((6 x params + attention) per token) and MFU
+    (those FLOPs over the dense peak; the profile's ``mfu`` is of the FLOPs executed, remat included)."""
+    cfg = plan.cfg
+    devices = math.prod(plan.sizes.values())
+    tokens = cfg.batch_size * cfg.seq_len / plan.step_s / devices
+    flops = tokens * cfg.model.flops_per_token(cfg.seq_len)
+    return {
+        "tokens_per_s_per_device": tokens,
+        "tflops_per_device": flops / 1e12,
+        "mfu": flops / profile.peak_flops(cfg.model.compute_dtype),
+    }
+
+
+def plan_dict(plan: MeshPlan, profile) -> dict:
+    """One candidate for ``--json``: its layout, variant, memory, time with every term, and rates."""
+    pipeline = plan.cfg.pipeline if plan.sizes["pipe"] > 1 else None
+    out = {
+        "label": plan.label,
+        "sizes": {a: n for a, n in plan.sizes.items() if n > 1},
+        "sharding": plan.sharding,
+        "grad_accum": plan.cfg.grad_accum,
+        "pipeline": pipeline
+        and {
+            "schedule": pipeline.schedule,
+            "microbatches": pipeline.microbatches,
+            "virtual_stages": pipeline.virtual_stages,
+            "recompute": pipeline.recompute,
+        },
+        "dropped": plan.dropped or None,
+        "bubble": plan.bubble,
+        "memory": plan.memory.as_dict() if plan.memory else None,
+        "time": plan.time.as_dict() if plan.time else None,
+    }
+    return out | (plan_rates(plan, profile) if plan.time else {})
+
+
+def plans_json(plans: list[MeshPlan], cfg: Config, devices: int, profile) -> dict:
+    return {
+        "params": cfg.model.num_params(),
+        "tokens_per_step": cfg.batch_size * cfg.seq_len,
+        "devices": devices,
+        "profile": profile.model_dump(),
+        "usable_bytes": profile.usable_bytes,
+        "plans": [plan_dict(p, profile) for p in plans],
+    }
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ")
+
+
 def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top: int = 10) -> str:
+    """The top plans as a table (lines of at most ``WIDTH``), the winner explained on its own lines,
+    then every dropped kind with its reason."""
     from shardlib.analysis.report.views import table
 
     fitting = [p for p in plans if not p.dropped]
     dropped = [p for p in plans if p.dropped]
-    tokens = cfg.batch_size * cfg.seq_len
-    out = [
-        (
-            f"{cfg.model.num_params():,} params, {cfg.batch_size} x {cfg.seq_len} tokens per step (grad_accum "
-            f"{cfg.grad_accum}), {cfg.model.compute_dtype} | {devices} x {profile.name} ({profile.description}); "
-            f"MFU {fitting[0].time.mfu if fitting else profile.mfu:.2f}, {_gib(profile.usable_bytes)} usable per device"
-        ),
-        "",
-    ]
+    head = (
+        f"{cfg.model.num_params():,} params, {cfg.batch_size} x {cfg.seq_len} tokens per step, "
+        f"{cfg.model.compute_dtype} | {devices} x {profile.name}: {profile.description}; compute at "
+        f"{fitting[0].time.mfu if fitting else profile.mfu:.2f} of peak, {_gib(profile.usable_bytes)} usable per device"
+    )
+    out = [*_wrap(head, ""), ""]
     rows = []
     for i, p in enumerate(fitting[:top], 1):
-        t = p.time
-        comm = ", ".join(f"{a} {_ms(s)}" for a, s in t.comm_s_per_axis.items()) or "-"
+        rates = plan_rates(p, profile)
         rows.append(
             [
                 i,
-                p.label,
+                short_label(p),
                 _gib(p.memory.peak),
-                _ms(t.compute_s),
-                comm,
-                _ms(t.exposed_s),
-                _ms(t.step_s),
-                f"{tokens / t.step_s / devices:,.0f}",
+                _ms(p.time.step_s),
+                _ms(p.time.exposed_s),
+                f"{rates['tflops_per_device']:.0f}",
+                f"{rates['mfu']:.0%}",
+                f"{rates['tokens_per_s_per_device']:,.0f}",
             ]
         )
     if rows:
-        out += table(
-            [
-                "#",
-                "mesh and preset",
-                "memory/device",
-                "compute",
-                "communication per axis",
-                "exposed",
-                "step",
-                "tokens/s/device",
-            ],
-            rows,
-        )
-        best = fitting[0]
-        out += ["", f"best: {best.label}"]
+        out += table(["#", "plan", "memory", "step", "exposed", "TFLOP/s", "MFU", "tok/s/dev"], rows)
+        out += [
+            "  (d data, dr data_replica, p pipe, e expert, s seq, m model; ga grad_accum; m microbatches,",
+            "   v chunks per stage, i1f1b interleaved 1F1B; TFLOP/s and MFU per device, of the model's FLOPs)",
+        ]
+        out += ["", *_explain_best(fitting[0])]
         for other in fitting[1:4]:
-            out.append(f"  {why_best(best, other)}")
+            out += _wrap(why_best(fitting[0], other))
         seen = {p.label for p in fitting[:4]}
         for other in fitting[4:]:
-            if other.sharding != best.sharding and other.label not in seen:
-                out.append(f"  {why_best(best, other)}")
+            if other.sharding != fitting[0].sharding and other.label not in seen:
+                out += _wrap(why_best(fitting[0], other))
+                seen.add(other.label)
                 break
+        # The best plan of the other kind (with a pipeline, or without one), if not explained yet.
+        piped = fitting[0].sizes["pipe"] > 1
+        other = next((p for p in fitting[1:] if (p.sizes["pipe"] > 1) != piped), None)
+        if other is not None and other.label not in seen:
+            out += _wrap(why_best(fitting[0], other))
     else:
         out.append("no plan fits: every candidate was dropped (reasons below)")
     if len(fitting) > top:
-        out.append(f"  ({len(fitting) - top} more fitting plans not shown)")
+        out.append(f"  ({len(fitting) - top} more fitting plans not shown; --top N or --json for all)")
     if fitting and (proposal := propose_diloco(fitting, cfg, profile, mfu=fitting[0].time.mfu)):
-        out += ["", format_diloco(proposal)]
+        out += ["", *_wrap(format_diloco(proposal), "")]
+    return "\n".join(out + _dropped_lines(dropped))
+
+
+def _explain_best(best: MeshPlan) -> list[str]:
+    """The winner on its own lines: compute, each axis's traffic and link, what is exposed, memory."""
+    t = best.time
+    out = _wrap(f"best: {best.label}", "")
+    bubble = f", of which the pipeline idles {best.bubble:.0%}" if best.bubble else ""
+    out += _wrap(
+        f"compute {_ms(t.compute_s)}{bubble}; exposed communication {_ms(t.exposed_s)} (hidden {_ms(t.hidden_s)})"
+    )
+    for axis, seconds in t.comm_s_per_axis.items():
+        out.append(f"  {axis:12s} {_ms(seconds):>10s} over {t.link_per_axis[axis]}")
+    m = best.memory
+    out += _wrap(
+        f"memory {_gib(m.peak)}: state {_gib(m.state)}, gradients {_gib(m.grads)}, activations "
+        f"{_gib(m.activations)}, working {_gib(m.working)}, eval {_gib(m.eval_total)}"
+    )
+    return out
+
+
+def _dropped_lines(dropped: list[MeshPlan]) -> list[str]:
+    """Every dropped kind with its reason (one plan per reason), out-of-memory ones with their time."""
+    out = []
     refused = [p for p in dropped if p.dropped.startswith("refused")]
     if refused:
         out += ["", f"dropped, refused by the compatibility table ({len(refused)}); one per reason:"]
         reasons = {p.dropped.split(": ", 2)[-1]: p for p in refused}  # the table's reason, not the settings
-        out += [f"  {p.label}: {p.dropped.removeprefix('refused: ')}" for p in reasons.values()]
-    memory_drops = [p for p in dropped if p.dropped.startswith("needs")]
-    divide_drops = [p for p in dropped if p.dropped.startswith("does not divide")]
-    redundant_drops = [p for p in dropped if not p.dropped.startswith(("refused", "needs", "does not divide"))]
+        for p in reasons.values():
+            out += _wrap(f"{p.label}: {p.dropped.removeprefix('refused: ')}")
+    memory_drops = sorted((p for p in dropped if p.dropped.startswith("needs")), key=lambda p: p.step_s)
     if memory_drops:
-        out += ["", f"dropped, out of memory ({len(memory_drops)}):"]
-        out += [f"  {p.label}: {p.dropped}" for p in sorted(memory_drops, key=lambda p: p.memory.peak)[:6]]
+        out += ["", f"dropped, out of memory ({len(memory_drops)}), fastest first (their step if they fit):"]
+        for p in memory_drops[:6]:
+            out += _wrap(f"{short_label(p)}: {p.dropped} ({_ms(p.step_s)})")
+    divide_drops = [p for p in dropped if p.dropped.startswith("does not divide")]
     if divide_drops:
         out += ["", f"dropped, does not divide ({len(divide_drops)}); one per reason:"]
         reasons: dict[str, MeshPlan] = {}
         for p in divide_drops:  # key: what failed (a parameter path, or the batch), not the mesh
             reasons.setdefault(p.dropped.removeprefix("does not divide: ").split(":")[0], p)
-        out += [f"  {p.label}: {p.dropped.removeprefix('does not divide: ')}" for p in reasons.values()]
+        for p in reasons.values():
+            out += _wrap(f"{p.label}: {p.dropped.removeprefix('does not divide: ')}")
+    redundant_drops = [p for p in dropped if not p.dropped.startswith(("refused", "needs", "does not divide"))]
     if redundant_drops:  # plan_candidates.redundant: the same as another candidate, or an axis left idle
         out += ["", f"dropped, not worth planning ({len(redundant_drops)}); one per reason:"]
         reasons = {}
         for p in redundant_drops:
             reasons.setdefault(p.dropped, p)
-        out += [f"  {p.label}: {p.dropped}" for p in reasons.values()]
-    return "\n".join(out)
+        for p in reasons.values():
+            out += _wrap(f"{p.label}: {p.dropped}")
+    return out
 
 
 def verify(plans: list[MeshPlan], cfg: Config, k: int) -> tuple[str, list[str]]:
@@ -412,11 +526,27 @@ def _r(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def mesh_plans(cfg: Config, mesh_file: str, devices: int | None, profile, presets, mfu) -> tuple[list[MeshPlan], int]:
+    """``--mesh FILE``: the config as it is (its preset, or each of ``presets``) on that one mesh, its
+    ``across_hosts`` deciding the links; (the plans, the device count)."""
+    from shardlib.analysis.report.__main__ import mesh_sizes
+    from shardlib.core.mesh import load_mesh_spec
+
+    spec = load_mesh_spec(mesh_file)
+    sizes = mesh_sizes(spec, devices)
+    plans = [
+        MeshPlan(sizes, preset, cfg.model_copy(update={"sharding": preset})) for preset in presets or [cfg.sharding]
+    ]
+    for plan in plans:
+        evaluate_plan(plan, profile, mfu, dict(spec.across_hosts))
+    return rank(plans), math.prod(sizes.values())
+
+
 def check_plan_arguments(args: argparse.Namespace) -> None:
     """Rejects counts the planner cannot use, before any device starts (each error names its flag)."""
     from shardlib.analysis.report.report import check_mfu
 
-    if args.devices < 1:
+    if args.devices is not None and args.devices < 1:
         raise ValueError(f"--devices is how many devices to plan for: at least 1, got {args.devices}")
     if args.verify < 0:
         raise ValueError(f"--verify K compiles the top K plans: K must be 0 or more, got {args.verify}")
@@ -441,11 +571,22 @@ def _main(args: argparse.Namespace) -> int:
     axes = args.axes.split(",") if args.axes else list(PLAN_AXES)
     if set(axes) - set(PLAN_AXES) or not axes:
         raise ValueError(f"--axes takes some of {', '.join(PLAN_AXES)}, got {args.axes!r}")
-    plans = make_plans(cfg, args.devices, profile, presets=presets, axes=axes, mfu=args.mfu)
-    print(format_plans(plans, cfg, args.devices, profile, top=args.top))
+    if args.mesh:
+        plans, devices = mesh_plans(cfg, args.mesh, args.devices, profile, presets if args.presets else None, args.mfu)
+    else:
+        if args.devices is None:
+            raise ValueError("--devices is how many devices to plan for (or give --mesh FILE to evaluate one layout)")
+        devices = args.devices
+        plans = make_plans(cfg, devices, profile, presets=presets, axes=axes, mfu=args.mfu)
+    if args.json:
+        import json
+
+        print(json.dumps(plans_json(plans, cfg, devices, profile), indent=1))
+    else:
+        print(format_plans(plans, cfg, devices, profile, top=args.top))
     if all(p.dropped for p in plans):
         print(
-            f"error: no plan fits {args.devices} x {profile.name}: all {len(plans)} candidates were dropped, "
+            f"error: no plan fits {devices} x {profile.name}: all {len(plans)} candidates were dropped, "
             "for the reasons above",
             file=sys.stderr,
         )
@@ -469,7 +610,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m shardlib.analysis.planner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="training config YAML")
-    parser.add_argument("--devices", type=int, required=True, help="how many devices to plan for")
+    parser.add_argument("--devices", type=int, help="how many devices to plan for (with --mesh: to size a -1 axis)")
+    parser.add_argument(
+        "--mesh", help="a mesh YAML file: evaluate that one layout (the config's preset) instead of searching"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="every candidate, its terms, memory, TFLOP/s and MFU as JSON"
+    )
     parser.add_argument("--hardware", default="h100", help="hardware profile: h100, h200 or a YAML file (default h100)")
     parser.add_argument("--mfu", type=float, help="utilisation for compute time (default: the profile's)")
     parser.add_argument("--presets", help="comma-separated presets to consider (default: all)")

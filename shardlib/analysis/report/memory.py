@@ -109,6 +109,35 @@ def _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param
     return sds(rows, length, d, dt=dtype), w, sds(rows, length, dt="int32")
 
 
+@jax.custom_vjp
+def _fused_attention(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_pos_BxL, kv_pos_BxM):
+    """A stand-in for a fused (flash) kernel at its shapes: the output, and for the backward pass
+    only q, k, v, the output and the float32 log-sum-exp per query and head (no [L, M] scores)."""
+    from shardlib.models.layers import causal_gqa_attention
+
+    return causal_gqa_attention(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_pos_BxL, kv_pos_BxM)
+
+
+def _fused_forward(q, k, v, q_pos, kv_pos):
+    out = _fused_attention(q, k, v, q_pos, kv_pos)
+    lse_BxHxL = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+    return out, (q, k, v, out, lse_BxHxL, q_pos, kv_pos)
+
+
+def _fused_backward(residuals, g):
+    q, k, v, *_ = residuals  # shapes only: the trace never runs it
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None, None
+
+
+_fused_attention.defvjp(_fused_forward, _fused_backward)
+
+
+def attention_for_memory(impl: str):
+    """The attention the memory trace runs for ``attention.impl``: the fused kernel keeps no score
+    matrix (``_fused_attention``); dense, ring and all-gather attention compute theirs in XLA."""
+    return _fused_attention if impl == "fused" else None
+
+
 def _bytes(shapes) -> int:
     return int(sum(np.prod(s.shape) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes)))
 
@@ -125,15 +154,19 @@ def layer_residual_bytes(
     dtype: str,
     param_dtype: str,
     remat: str,
+    attention: str = "dense",
 ) -> int:
-    """Bytes one decoder layer keeps for its backward pass, at one device's shapes (layer input excluded)."""
+    """Bytes one decoder layer keeps for its backward pass, at one device's shapes (layer input excluded),
+    with ``attention`` the config's ``attention.impl`` (``attention_for_memory``)."""
     from shardlib.models.layers import decoder_block
     from shardlib.models.remat import rematerialize
 
     x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
 
     def body(x, w, positions):
-        return decoder_block(x, w, positions, rope_theta=10000.0, norm_eps=1e-6)
+        return decoder_block(
+            x, w, positions, rope_theta=10000.0, norm_eps=1e-6, attention=attention_for_memory(attention)
+        )
 
     body = rematerialize(body, remat)
 
@@ -165,7 +198,16 @@ def layer_tap_bytes(
 
 @functools.lru_cache(maxsize=256)
 def layer_forward_bytes(
-    rows: int, length: int, d: int, heads: int, kv_heads: int, head_dim: int, d_ff: int, dtype: str, param_dtype: str
+    rows: int,
+    length: int,
+    d: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    d_ff: int,
+    dtype: str,
+    param_dtype: str,
+    attention: str = "dense",
 ) -> int:
     """The most bytes one decoder layer's forward pass holds at once, beside its input and weights, at
     one device's shapes: the peak over its program (``jax.make_jaxpr``, in order) of the
@@ -174,7 +216,8 @@ def layer_forward_bytes(
     from shardlib.models.layers import decoder_block
 
     x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
-    jaxpr = jax.make_jaxpr(lambda x, w, p: decoder_block(x, w, p, rope_theta=10000.0, norm_eps=1e-6))(
+    fused = attention_for_memory(attention)
+    jaxpr = jax.make_jaxpr(lambda x, w, p: decoder_block(x, w, p, rope_theta=10000.0, norm_eps=1e-6, attention=fused))(
         x, w, positions
     ).jaxpr
     last_use = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.invars if isinstance(v, Var)}
@@ -263,7 +306,7 @@ def _eval_working(layout: Layout, activation_dtype: str) -> float:
         elif f > 1:
             gathered += p.bytes_per_device * (f / p.shape[0] if p.scanned else f)
     layer_input = rows * length * m.d_model * c
-    intermediates = layer_forward_bytes(rows, *_layer_dims(layout, activation_dtype)[1:])
+    intermediates = layer_forward_bytes(rows, *_layer_dims(layout, activation_dtype)[1:], layout.cfg.attention.impl)
     logits = rows * length * m.vocab_size / layout.vocab_shards * 4
     if not pipelined:
         return gathered + layer_input + intermediates + logits
@@ -355,4 +398,4 @@ def _layer_tap(layout: Layout, dtype: str) -> int:
 
 def _layer_residual(layout: Layout, dtype: str, remat: str) -> int:
     """What one layer keeps for the backward pass on one device under ``remat`` (``layer_residual_bytes``)."""
-    return layer_residual_bytes(*_layer_dims(layout, dtype), remat)
+    return layer_residual_bytes(*_layer_dims(layout, dtype), remat, layout.cfg.attention.impl)

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import pathlib
 import re
-import runpy
 
 import pytest
 
@@ -113,28 +112,6 @@ def test_plan_exits_non_zero_listing_why_when_no_plan_fits(tmp_path, capsys):
     assert plan_main([*argv, str(small), "--presets", "dp,fsdp"]) == shardlib.analysis.planner.EXIT_NO_PLAN
     captured = capsys.readouterr()
     assert "error: no plan fits 8 x small" in captured.err and "dropped, out of memory (" in captured.out
-
-
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ("shardlib.report", "shardlib.analysis.report"),
-        ("shardlib.plan", "shardlib.analysis.planner"),
-        ("shardlib.describe", "shardlib.analysis.describe"),
-        ("shardlib.launch", "shardlib.cluster.launch"),
-    ],
-)
-def test_a_moved_command_says_where_it_went(old, new, monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", [old, "--config", "configs/tiny.yaml"])
-    with pytest.raises(SystemExit) as exit:
-        runpy.run_module(old, run_name="__main__")
-    assert exit.value.code == 2
-    assert capsys.readouterr().err == (
-        f"error: python -m {old} moved to python -m {new}; run: python -m {new} --config configs/tiny.yaml\n"
-    )
-    with pytest.raises(ImportError, match=rf"^{old} moved to {new}; import it from there$"):
-        importlib.import_module(old)
-    assert importlib.util.find_spec(new) is not None
 
 
 DOCS = [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("bench/*"))]

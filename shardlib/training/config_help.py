@@ -12,10 +12,8 @@ import json
 import types
 import typing
 
-import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from shardlib.training.config import Config, _leaf_fields
 
@@ -32,17 +30,17 @@ class ConfigKey:
     meaning: str
 
 
-_BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="))
-_UPPER = ((annotated_types.Lt, "lt", "<"), (annotated_types.Le, "le", "<="))
+# The constraints pydantic keeps in a field's metadata (annotated_types' Gt, Ge, ...), by attribute.
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
 def _bounds(metadata: typing.Iterable[object]) -> str:
     """The bounds of a field, as in ``int > 0``, ``float >= 0, <= 1``, ``str matching ^hf:.+``."""
     parts = []
     for item in metadata:
-        for kind, attribute, sign in (*_BOUNDS, *_UPPER):
-            if isinstance(item, kind):
-                parts.append(f"{sign} {getattr(item, attribute)}")
+        for attribute, sign in _BOUNDS:
+            if (bound := getattr(item, attribute, None)) is not None:
+                parts.append(f"{sign} {bound}")
         if (pattern := getattr(item, "pattern", None)) is not None:
             parts.append(f"matching {pattern}")
     return (" " + ", ".join(parts)) if parts else ""
@@ -68,12 +66,9 @@ def type_text(annotation: object, metadata: typing.Iterable[object] = ()) -> str
 
 def default_text(field: FieldInfo) -> str:
     """The default as an override or YAML would write it; ``required`` where there is none."""
-    if field.default_factory is not None:
-        value = field.default_factory()
-    elif field.default is PydanticUndefined:
+    if field.is_required():
         return REQUIRED
-    else:
-        value = field.default
+    value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, str):
         return value
     return json.dumps(value.model_dump() if isinstance(value, BaseModel) else value)

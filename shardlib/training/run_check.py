@@ -192,12 +192,13 @@ def check_run(run_dir: str | pathlib.Path, *, deep: bool = False) -> RunCheck:
 
 def format_check(check: RunCheck) -> str:
     """The check as text: a verdict line, the steps' table, the config record."""
-    from shardlib.analysis.report.views import table
-
     lines = [_verdict(check), ""]
     if check.steps:
-        rows = [[s.step, s.data_position, s.files, s.arrays, s.restores] for s in check.steps]
-        lines += table(["step", "data position", "files", "arrays", "restores"], rows)
+        rows = [
+            [s.step, "-" if s.data_position is None else s.data_position, s.files, s.arrays, s.restores]
+            for s in check.steps
+        ]
+        lines += _columns(["step", "data position", "files", "arrays", "restores"], rows)
         lines += [f"  step {s.step}: {s.problem}" for s in check.steps if s.problem]
         lines += [f"  step {s.step}: {s.warning}" for s in check.steps if s.warning]
         lines.append(
@@ -217,6 +218,24 @@ def format_check(check: RunCheck) -> str:
         lines.append(f"config fingerprint {c.digest} ({c.starts} start(s) recorded{started}): {c.summary}")
         lines += [f"  config.json differs from the last start's record: {d}" for d in c.disagreements]
     return "\n".join(lines)
+
+
+def _columns(header: list[str], rows: list[list[object]]) -> list[str]:
+    """The steps' table: the two number columns right-aligned, the rest left (training imports no analysis
+    module, whose report tables look the same)."""
+    cells = [header, *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row, numbers=True):
+        return (
+            "  "
+            + "  ".join(
+                c.rjust(w) if numbers and i < 2 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+
+    return [line(header, numbers=False), "  " + "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])]
 
 
 def _verdict(check: RunCheck) -> str:

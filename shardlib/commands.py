@@ -99,10 +99,13 @@ def run(name: str, argv: Sequence[str]) -> int:
     After the module's own ``--help``, says where the command is documented.
     """
     main = COMMANDS[name].main()
+    program, sys.argv[0] = sys.argv[0], f"shardlib {name}"  # the usage line of a parser without its own prog
     try:
         status = main(list(argv))
     except SystemExit as exit:
         status = exit.code
+    finally:
+        sys.argv[0] = program
     if _asks_for_help(argv):
         print(f"\n{docs_line(name)}")
     return 0 if status is None else status

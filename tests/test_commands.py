@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from shardlib import commands
 from shardlib.analysis.planner import main as plan_main
+from shardlib.training.cli import train_main
 from shardlib.training.config import config_keys
 from shardlib.training.config_help import config_reference, format_config_help
 
@@ -139,6 +140,9 @@ def test_help_config_lists_every_key_with_its_type_and_default(capsys):
     assert re.search(r"^init_from +str matching \^hf:\.\+ \| null +null +a fresh run", rows["init_from"])
     assert re.search(r"^data\.tokenizer +str \| null +null +text sources only", rows["data.tokenizer"])
     assert all(row.meaning for row in config_reference())
+    with pytest.raises(SystemExit) as exit:  # python train.py --help-config: the same parser
+        train_main(["--help-config"])
+    assert exit.value.code == 0 and capsys.readouterr().out.splitlines() == lines
 
 
 def test_help_config_refuses_a_key_without_a_description():

@@ -14,8 +14,8 @@ compiled; the checksum is one small jitted reduction), and compares them with th
 It also names the saves that never completed and the steps a fallback set aside, and the run's
 config record (``shardlib.training.run_guard``): the fingerprint of the last start and whether
 ``config.json`` agrees with it. It writes nothing. Exit status 0 when the newest step restores,
-1 when the newest step is damaged or no step restores (``EXIT_DAMAGED``), 2 for a directory that
-is not a run directory.
+1 when the newest step is damaged or no step restores, none saved yet included (``EXIT_DAMAGED``),
+2 for a directory that is not a run directory.
 """
 
 from __future__ import annotations

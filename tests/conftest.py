@@ -3,6 +3,7 @@
 import importlib.metadata
 import os
 import pathlib
+import tempfile
 
 # Compilation dominates this suite's time on 2 cores. LLVM's expensive passes
 # buy nothing for models this small and halve nothing but compile time; the
@@ -36,6 +37,10 @@ if os.environ.get("SHARDLIB_TEST_COMPILE_CACHE") == "1":
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".jax-cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# The tokenized-corpus cache (shardlib/training/token_cache.py) of every test run, and of the
+# training subprocesses tests start, lives in a fresh temporary directory, not the user's ~/.cache.
+os.environ.setdefault("SHARDLIB_CACHE_DIR", tempfile.mkdtemp(prefix="shardlib-test-cache-"))
 
 import jax  # reads the JAX_* variables above
 

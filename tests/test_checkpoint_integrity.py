@@ -374,3 +374,72 @@ def test_full_disk_mid_run_is_one_error_line_and_keeps_the_last_checkpoint(tmp_p
     _, _, meta = checkpointer.restore(10, *abstract_state(run.model, run.tx, run.shardings))
     checkpointer.close()
     assert meta["data_position"] == 10
+
+
+# --------------------------------------------------------------------------- shardlib check, offline
+# The same finished run, checked without training (shardlib.training.run_check): what a start would find.
+
+
+def _check(run_dir: pathlib.Path, capsys, *flags: str) -> tuple[int, str]:
+    """(exit status, stdout) of ``shardlib check run_dir``; the run directory is byte for byte as it was."""
+    from shardlib.commands import main
+
+    before = digest_tree(run_dir)
+    status = main(["check", str(run_dir), *flags])
+    assert digest_tree(run_dir) == before, "shardlib check changed the run directory"
+    return status, capsys.readouterr().out
+
+
+def test_check_of_a_clean_run_names_the_step_a_start_resumes_and_the_fingerprint(tmp_path, finished, capsys):
+    from shardlib.training.run_check import YES, check_run
+    from shardlib.training.run_guard import digest, recorded_fingerprint
+
+    run_dir = copy_of(finished, tmp_path)
+    shutil.copytree(run_dir / "checkpoints" / "10", run_dir / "checkpoints" / "15.orbax-checkpoint-tmp-0")
+    status, out = _check(run_dir, capsys)
+    assert status == 0 and out.startswith(f"{run_dir}: a start resumes from step 10\n"), out
+    assert re.search(r"^\s+5\s+5\s+ok \(\d+\)\s+not read\s+yes$", out, flags=re.MULTILINE), out
+    assert re.search(r"^\s+10\s+10\s+ok \(\d+\)\s+not read\s+yes$", out, flags=re.MULTILINE), out
+    assert "incomplete save (never restored from): 15.orbax-checkpoint-tmp-0" in out
+    fingerprint = digest(recorded_fingerprint(run_dir))
+    assert f"config fingerprint {fingerprint} (1 start(s) recorded, last at " in out
+    assert "model n_layers 2, d_model 32; data stdlib; seed 0; batch 16 x 16" in out
+    deep = check_run(run_dir, deep=True)
+    assert [(s.step, s.arrays, s.restores) for s in deep.steps] == [(5, "ok (29)", YES), (10, "ok (29)", YES)]
+
+
+def test_check_fails_on_a_damaged_newest_step_naming_the_file_and_the_fallback(tmp_path, finished, capsys):
+    run_dir = copy_of(finished, tmp_path)
+    path = garble(run_dir / "checkpoints" / "10")
+    status, out = _check(run_dir, capsys)
+    assert status == 1, out
+    assert out.startswith(
+        f"{run_dir}: DAMAGED: the newest step 10 does not restore; a start fails unless checkpoint.fallback=true, "
+        "which resumes from step 5\n"
+    ), out
+    assert re.search(r"^\s+10\s+-\s+damaged\s+not read\s+no$", out, flags=re.MULTILINE), out
+    name = path.relative_to(run_dir / "checkpoints" / "10")
+    assert f"  step 10: {name} differs from what was saved (same size, other bytes: garbled or edited)\n" in out
+
+
+def test_check_deep_reads_the_arrays_a_relisted_step_holds(tmp_path, finished, capsys):
+    """Values rewritten in Orbax's format with the files listed again pass every file check: only the arrays'
+    checksums tell, and only --deep reads them. With the newest step damaged too, nothing restores."""
+    run_dir = copy_of(finished, tmp_path)
+    rewrite_array(run_dir / "checkpoints" / "5")
+    write_file_digests(run_dir / "checkpoints" / "5")
+    garble(run_dir / "checkpoints" / "10")
+    status, out = _check(run_dir, capsys)
+    assert status == 1 and re.search(r"^\s+5\s+5\s+ok \(\d+\)\s+not read\s+yes$", out, flags=re.MULTILINE), out
+    status, out = _check(run_dir, capsys, "--deep")
+    assert status == 1 and out.startswith(f"{run_dir}: DAMAGED: no step restores (2 checked)"), out
+    assert re.search(r"^\s+5\s+5\s+ok \(\d+\)\s+differ\s+no$", out, flags=re.MULTILINE), out
+    assert "  step 5: fails its checksum (params/layers/qkv differs from what was saved: the files are corrupt)" in out
+
+
+def test_check_of_a_directory_that_is_no_run_is_one_error_line(tmp_path, capsys):
+    from shardlib.commands import main
+
+    assert main(["check", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path} is not a run directory: it holds neither")
+    assert list(tmp_path.iterdir()) == []

@@ -24,8 +24,16 @@ from shardlib.training.data import (
     corpus_files,
     load_token_splits,
 )
+from shardlib.training.token_cache import CACHE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _token_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Tokenized corpora are cached in a directory of the test session's, not ~/.cache (tests/test_corpus_cache.py),
+    and not under tmp_path, which the tests tokenize."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("token-cache")))
 
 
 def cfg(source="stdlib", paths=(), heldout_fraction=0.05):

@@ -1,11 +1,12 @@
 """The report and plan command lines on every shipped config and mesh; hardware profiles; plots and JSON."""
 
+import dataclasses
 import importlib
 import importlib.util
 import json
 import pathlib
 import re
-import runpy
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +19,7 @@ from shardlib.analysis.report.compute import hardware_flops
 from shardlib.analysis.report.hardware import estimate_time, load_profile
 from shardlib.analysis.report.layout import resolve_layout
 from shardlib.analysis.report.report import build_report, fmt_bytes
+from shardlib.analysis.report.views import LINK_TIME_HINT
 from tests.support import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -57,6 +59,8 @@ def test_compiled_report_with_sweep_json_and_plots(tmp_path, capsys):
     assert report_main(argv) == 0
     out = capsys.readouterr().out
     assert "compiled for cpu" in out and "measured collectives by kind" in out
+    assert out.startswith("verdict: ") and "over the wire (measured)" in out.splitlines()[0]
+    assert "compiled, most of it" in out.splitlines()[0] and LINK_TIME_HINT not in out  # --hardware filled them
     assert "sweep over seq_len" in out and "seq_len=32:" in out
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["sizes"]["data"] == 2 and doc["sizes"]["model"] == 2
@@ -68,6 +72,50 @@ def test_compiled_report_with_sweep_json_and_plots(tmp_path, capsys):
     for name in ("bytes.png", "message_sizes.png", "sweep_seq_len.png"):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_opens_with_its_verdict_and_says_how_to_fill_empty_columns(capsys):
+    """Analytic only, without --hardware: where the bytes go, that nothing was measured, memory; the link and
+    time columns (and the measured ones) say which flag fills them."""
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--mesh", str(ROOT / "meshes/cpu-8.yaml"), "--no-compile"]
+    assert report_main(argv) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert re.fullmatch(
+        r"verdict: 11\.46 MiB a step per device over the wire \(predicted\), 79% over model \(tensor parallel: 100% "
+        r"of the bytes predicted there\); not compiled, so nothing is measured against the minimum \(the analytic "
+        r"model\): drop --no-compile; memory 59\.47 MiB per device predicted, most of it activations \(51\.13 MiB\)",
+        first,
+    ), first
+    assert LINK_TIME_HINT in out and "measured, avoidable, ratio: compiling the step fills them" in out
+    assert report_main([*argv, "--hardware", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert LINK_TIME_HINT not in out and re.search(r"; step [\d.]+ us on h100 \([\d.]+ us of it exposed", out)
+
+
+def test_the_verdict_names_the_axis_furthest_above_the_minimum_and_why():
+    """A measured step: the axis with the most bytes beyond the analytic model, its ratio and avoidable share."""
+    from shardlib.analysis.report.collectives import Collective
+    from shardlib.analysis.report.report import AxisRow
+    from shardlib.analysis.report.views import verdict
+
+    report = build_report(resolve_layout(tiny_config(sharding="tp"), {"data": 4, "model": 2}))
+    sliced = SimpleNamespace(inefficiency="all-reduce whose result is only sliced", axes=("model",))
+    report.measured = SimpleNamespace(collectives=[sliced], memory=None)
+    data_row, model_row = report.axes
+    report.axes = [
+        dataclasses.replace(data_row, measured=data_row.predicted * 1.01, avoidable=0.0),  # within 2%
+        dataclasses.replace(model_row, measured=model_row.predicted * 1.5, avoidable=model_row.predicted * 0.25),
+    ]
+    text = verdict(report)
+    excess = fmt_bytes(model_row.predicted * 0.5)
+    assert (
+        f"; model moves 1.50x the minimum (+{excess}), {fmt_bytes(model_row.predicted * 0.25)} of it avoidable: "
+        "all-reduce whose result is only sliced;" in text
+    ), text
+    report.axes[1] = dataclasses.replace(model_row, measured=model_row.predicted, avoidable=0.0)
+    assert "every axis within 2% of the minimum (the analytic model) or below it" in verdict(report)
+    assert Collective and AxisRow  # the types the stand-ins above imitate
 
 
 @pytest.mark.parametrize(
@@ -113,28 +161,6 @@ def test_plan_exits_non_zero_listing_why_when_no_plan_fits(tmp_path, capsys):
     assert plan_main([*argv, str(small), "--presets", "dp,fsdp"]) == shardlib.analysis.planner.EXIT_NO_PLAN
     captured = capsys.readouterr()
     assert "error: no plan fits 8 x small" in captured.err and "dropped, out of memory (" in captured.out
-
-
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ("shardlib.report", "shardlib.analysis.report"),
-        ("shardlib.plan", "shardlib.analysis.planner"),
-        ("shardlib.describe", "shardlib.analysis.describe"),
-        ("shardlib.launch", "shardlib.cluster.launch"),
-    ],
-)
-def test_a_moved_command_says_where_it_went(old, new, monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", [old, "--config", "configs/tiny.yaml"])
-    with pytest.raises(SystemExit) as exit:
-        runpy.run_module(old, run_name="__main__")
-    assert exit.value.code == 2
-    assert capsys.readouterr().err == (
-        f"error: python -m {old} moved to python -m {new}; run: python -m {new} --config configs/tiny.yaml\n"
-    )
-    with pytest.raises(ImportError, match=rf"^{old} moved to {new}; import it from there$"):
-        importlib.import_module(old)
-    assert importlib.util.find_spec(new) is not None
 
 
 BENCH = sorted(p for p in ROOT.glob("bench/**/*") if p.is_file() and "__pycache__" not in p.parts)

@@ -24,15 +24,19 @@ class MoEConfig(BaseModel):
 
     model_config = STRICT
 
-    n_experts: NonNegInt = 0
-    top_k: Annotated[int, Field(ge=1, le=2)] = 2
-    # Slots per expert per dispatch group: ceil(capacity_factor * tokens * top_k / n_experts).
-    capacity_factor: PosFloat = 1.25
-    # Layer i (from 0) is MoE when (i + 1) % period == 0: 2 = every other layer, 1 = all.
-    period: PosInt = 2
-    expert_d_ff: PosInt | None = None  # hidden width of each expert; default model.d_ff
-    aux_loss_weight: NonNegFloat = 0.01
-    z_loss_weight: NonNegFloat = 0.001
+    n_experts: NonNegInt = Field(0, description="experts per MoE layer; 0: every MLP is dense (no MoE layers)")
+    top_k: Annotated[int, Field(ge=1, le=2)] = Field(2, description="experts each token is routed to")
+    capacity_factor: PosFloat = Field(
+        1.25, description="slots per expert per dispatch group: ceil(capacity_factor * tokens * top_k / n_experts)"
+    )
+    period: PosInt = Field(
+        2, description="layer i (from 0) is MoE when (i + 1) % period == 0: 2 = every other layer, 1 = all"
+    )
+    expert_d_ff: PosInt | None = Field(None, description="hidden width of each expert; null: model.d_ff")
+    aux_loss_weight: NonNegFloat = Field(0.01, description="weight of the router's load-balancing loss in the loss")
+    z_loss_weight: NonNegFloat = Field(
+        0.001, description="weight of the router z-loss (its squared log-sum-exp), which keeps router logits small"
+    )
 
 
 class ModelConfig(BaseModel):
@@ -40,34 +44,49 @@ class ModelConfig(BaseModel):
 
     model_config = STRICT
 
-    name: Literal["transformer"] = "transformer"
-    vocab_size: PosInt = 256
-    d_model: PosInt
-    n_layers: PosInt
-    n_heads: PosInt
-    n_kv_heads: PosInt
-    head_dim: PosInt | None = None
-    d_ff: PosInt
-    rope_theta: PosFloat = 10000.0
-    tie_embeddings: bool = False
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    # What the gradient reductions the step makes itself carry (per weight use, once per step with
-    # grad_accum, a pipeline's): null = param_dtype. The precision policy in full: parameters and
-    # optimizer state in param_dtype, matmuls in compute_dtype, logits, softmax and loss in float32,
-    # gradient reductions in reduce_dtype (ParallelPlan.describe prints it).
-    reduce_dtype: Literal["float32", "bfloat16"] | None = None
-    remat: Literal["none", "full", "save_matmuls", "save_matmuls_attention"] = "none"
-    # Cross-entropy in chunks of this many tokens of each sequence (shardlib.models.layers.chunked_cross_entropy):
-    # the [batch, seq_len, vocab] float32 logits are never held whole, the backward recomputes each
-    # chunk's. 0: off (the whole logits). Must divide seq_len, and each chunk over the mesh's seq axis.
-    loss_chunk: NonNegInt = 0
-    # Layers per iteration of the scan over layers (lax.scan's unroll): 1 keeps one loop body and
-    # the smallest program; n_layers unrolls it whole, so XLA may fuse and schedule across layers.
-    scan_unroll: PosInt = 1
-    norm_eps: PosFloat = 1e-6
-    init_std: PosFloat = 0.02
-    moe: MoEConfig = Field(default_factory=MoEConfig)
+    name: Literal["transformer"] = Field("transformer", description="the model: shardlib's decoder-only transformer")
+    vocab_size: PosInt = Field(256, description="token ids the embedding holds (256: byte-level tokens)")
+    d_model: PosInt = Field(description="width of the residual stream")
+    n_layers: PosInt = Field(description="transformer layers")
+    n_heads: PosInt = Field(description="query heads per attention layer")
+    n_kv_heads: PosInt = Field(description="key/value heads (grouped-query attention); divides n_heads")
+    head_dim: PosInt | None = Field(None, description="width of one head; null: d_model // n_heads")
+    d_ff: PosInt = Field(description="hidden width of the SwiGLU MLP")
+    rope_theta: PosFloat = Field(10000.0, description="base of the rotary position embeddings' frequencies")
+    tie_embeddings: bool = Field(False, description="the output projection reuses the embedding matrix")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the parameters and the optimizer state"
+    )
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the matmuls (logits, softmax and loss are float32 always)"
+    )
+    reduce_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None,
+        description="what the gradient reductions the step makes itself carry (per weight use, once per step with "
+        "grad_accum, a pipeline's); null: param_dtype. The precision policy in full: parameters and optimizer state "
+        "in param_dtype, matmuls in compute_dtype, logits, softmax and loss in float32, gradient reductions in "
+        "reduce_dtype (ParallelPlan.describe prints it)",
+    )
+    remat: Literal["none", "full", "save_matmuls", "save_matmuls_attention"] = Field(
+        "none",
+        description="what the backward pass recomputes: none keeps every activation, full recomputes each layer, "
+        "save_matmuls keeps the matmul outputs, save_matmuls_attention also cuDNN's fused attention outputs",
+    )
+    loss_chunk: NonNegInt = Field(
+        0,
+        description="cross-entropy in chunks of this many tokens of each sequence "
+        "(shardlib.models.layers.chunked_cross_entropy): the [batch, seq_len, vocab] float32 logits are never held "
+        "whole, the backward recomputes each chunk's. 0: off (the whole logits). Must divide seq_len, and each "
+        "chunk over the mesh's seq axis",
+    )
+    scan_unroll: PosInt = Field(
+        1,
+        description="layers per iteration of the scan over layers (lax.scan's unroll): 1 keeps one loop body and "
+        "the smallest program; n_layers unrolls it whole, so XLA may fuse and schedule across layers",
+    )
+    norm_eps: PosFloat = Field(1e-6, description="epsilon of the RMSNorms")
+    init_std: PosFloat = Field(0.02, description="standard deviation of the random initial weights")
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="mixture-of-experts MLPs")
 
     @property
     def n_moe_layers(self) -> int:

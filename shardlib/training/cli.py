@@ -1,4 +1,4 @@
-"""Command-line entry points shared by ``train.py`` and ``python -m shardlib.analysis.describe``.
+"""Command-line entry points shared by ``train.py`` (``shardlib train``) and the analysis commands.
 
 A user's mistake (a bad config key, a mesh that does not fit the devices, a
 dimension that does not divide, an unwritable run directory or one that holds
@@ -128,9 +128,29 @@ def _restarted(cfg: Config) -> Config:
     return cfg.model_copy(update={"run_dir": str(new)})
 
 
+class _HelpConfig(argparse.Action):
+    """``--help-config``: prints every config key (``shardlib.training.config_help``) and exits 0, like ``--help``."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from shardlib.training.config_help import format_config_help
+
+        print(format_config_help())
+        parser.exit()
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """``python train.py --config configs/X.yaml --mesh meshes/Y.yaml [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="train.py", description="Train a transformer with shardlib.")
+    """``python train.py --config configs/X.yaml --mesh meshes/Y.yaml [key=value ...]`` (``shardlib train``)."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a transformer with shardlib.",
+        epilog="Every config key with its type, default and meaning: --help-config.",
+    )
+    parser.add_argument(
+        "--help-config", action=_HelpConfig, help="print every config key with its type, default and meaning, and exit"
+    )
     add_run_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.add_argument(

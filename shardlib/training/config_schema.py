@@ -25,14 +25,14 @@ class OptimizerConfig(BaseModel):
 
     model_config = _STRICT
 
-    lr: PosFloat = 3e-3
-    warmup_steps: NonNegInt = 20
-    min_lr_ratio: UnitFloat = 0.1
-    weight_decay: NonNegFloat = 0.1
-    b1: Beta = 0.9
-    b2: Beta = 0.95
-    eps: PosFloat = 1e-8
-    clip_norm: PosFloat = 1.0
+    lr: PosFloat = Field(3e-3, description="peak learning rate of AdamW, reached after warmup_steps")
+    warmup_steps: NonNegInt = Field(20, description="steps of linear warmup from 0 to lr")
+    min_lr_ratio: UnitFloat = Field(0.1, description="the cosine decay ends at lr * min_lr_ratio at the last step")
+    weight_decay: NonNegFloat = Field(0.1, description="AdamW's decoupled weight decay")
+    b1: Beta = Field(0.9, description="AdamW's decay of the first moment")
+    b2: Beta = Field(0.95, description="AdamW's decay of the second moment")
+    eps: PosFloat = Field(1e-8, description="AdamW's epsilon, added to the root of the second moment")
+    clip_norm: PosFloat = Field(1.0, description="gradients are scaled down to this global norm when above it")
 
 
 class DataConfig(BaseModel):
@@ -40,13 +40,21 @@ class DataConfig(BaseModel):
 
     model_config = _STRICT
 
-    source: Literal["stdlib", "text", "bin"] = "stdlib"
-    paths: list[str] = []
-    # Held out: the tail of the token stream (see shardlib.training.data).
-    heldout_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.01
-    # Text sources only: a `tokenizers` tokenizer.json, or a directory holding one (a Hugging Face
-    # checkpoint), tokenizes the corpus; unset: byte-level tokens 0..255 (shardlib.training.data).
-    tokenizer: str | None = None
+    source: Literal["stdlib", "text", "bin"] = Field(
+        "stdlib",
+        description="stdlib: this Python's standard library as text; text: the files of paths; "
+        "bin: pre-tokenized uint16 files",
+    )
+    paths: list[str] = Field([], description="files or directories of a text or bin source, in order")
+    heldout_fraction: Annotated[float, Field(gt=0, le=0.5)] = Field(
+        0.01, description="held out for evaluation: this tail of the token stream (see shardlib.training.data)"
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="text sources only: a `tokenizers` tokenizer.json, or a directory holding one (a Hugging Face "
+        "checkpoint), tokenizes the corpus (cached on disk, shardlib.training.token_cache); null: byte-level "
+        "tokens 0..255",
+    )
 
     @model_validator(mode="after")
     def _check_paths(self) -> "DataConfig":
@@ -62,12 +70,14 @@ class CheckpointConfig(BaseModel):
 
     model_config = _STRICT
 
-    every: NonNegInt = 100  # 0: only at the last step
-    keep: PosInt = 3
-    async_save: bool = True
-    # A newest checkpoint that fails its checksum or cannot be read: false stops with an error
-    # naming it; true resumes from the newest older one that restores (shardlib.training.checkpoint).
-    fallback: bool = False
+    every: NonNegInt = Field(100, description="save a checkpoint every this many steps; 0: only at the last step")
+    keep: PosInt = Field(3, description="checkpoints kept; older ones are deleted once a newer one is complete")
+    async_save: bool = Field(True, description="write checkpoints in the background while training goes on")
+    fallback: bool = Field(
+        False,
+        description="a newest checkpoint that fails its checksum or cannot be read: false stops with an error "
+        "naming it; true resumes from the newest older one that restores (shardlib.training.checkpoint)",
+    )
 
 
 class FaultsConfig(BaseModel):
@@ -75,26 +85,36 @@ class FaultsConfig(BaseModel):
 
     model_config = _STRICT
 
-    # stop: end the run naming the step, without checkpointing past the last good step;
-    # skip: leave parameters and optimizer state as they were, count the step and go on.
-    nan_policy: Literal["stop", "skip"] = "stop"
-    # With nan_policy=skip: this many skipped steps in a row end the run like nan_policy=stop.
-    max_consecutive_skips: PosInt = 10
-    # A surviving process exits (status 4) at most this long after a peer process stops.
-    peer_timeout_s: Annotated[float, Field(ge=2)] = 60.0
-    # Rehearsal: feed out-of-vocabulary tokens at these steps, which the embedding turns into NaN.
-    inject_nan_at: list[PosInt] = []
-    # Loss-spike guard: a finite loss above spike_factor x the median of the last spike_window
-    # steps' losses (once spike_warmup of them are known) ends the run, whatever nan_policy says,
-    # before that state is saved; null: off. Healthy runs fall from ~ln(vocab) and never rise
-    # anywhere near 4x their recent median; a diverging one does.
-    spike_factor: Annotated[float, Field(gt=1)] | None = 4.0
-    spike_window: PosInt = 50
-    spike_warmup: PosInt = 5
-    # The state an update makes is checked too, before it can be saved: a parameter norm that is not
-    # finite, or more than max_norm_growth times the norm one update earlier, ends the run. One AdamW
-    # update moves each weight by about lr, so a sound step changes the norm by a few percent at most.
-    max_norm_growth: Annotated[float, Field(gt=1)] | None = 2.0
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a step with a NaN or Inf loss: stop ends the run naming the step, without checkpointing past "
+        "the last good step; skip leaves parameters and optimizer state as they were, counts the step and goes on",
+    )
+    max_consecutive_skips: PosInt = Field(
+        10, description="with nan_policy=skip: this many skipped steps in a row end the run like nan_policy=stop"
+    )
+    peer_timeout_s: Annotated[float, Field(ge=2)] = Field(
+        60.0, description="a surviving process exits (status 4) at most this long after a peer process stops"
+    )
+    inject_nan_at: list[PosInt] = Field(
+        [],
+        description="rehearsal: feed out-of-vocabulary tokens at these steps, which the embedding turns into NaN",
+    )
+    spike_factor: Annotated[float, Field(gt=1)] | None = Field(
+        4.0,
+        description="loss-spike guard: a finite loss above spike_factor x the median of the last spike_window steps' "
+        "losses (once spike_warmup of them are known) ends the run, whatever nan_policy says, before that state is "
+        "saved; null: off. Healthy runs fall from ~ln(vocab) and never rise anywhere near 4x their recent median; "
+        "a diverging one does",
+    )
+    spike_window: PosInt = Field(50, description="steps whose median loss the spike guard compares with")
+    spike_warmup: PosInt = Field(5, description="losses the spike guard waits for before it checks")
+    max_norm_growth: Annotated[float, Field(gt=1)] | None = Field(
+        2.0,
+        description="the state an update makes is checked too, before it can be saved: a parameter norm that is not "
+        "finite, or more than max_norm_growth times the norm one update earlier, ends the run; null: off. One AdamW "
+        "update moves each weight by about lr, so a sound step changes the norm by a few percent at most",
+    )
 
     @model_validator(mode="after")
     def _check_spike_window(self) -> "FaultsConfig":
@@ -111,16 +131,23 @@ class PipelineConfig(BaseModel):
 
     model_config = _STRICT
 
-    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v"] = "1f1b"
-    microbatches: PosInt = 4
-    virtual_stages: PosInt = 1  # chunks per device: > 1 with interleaved-1f1b, 2 with zb-v
-    # cond: a stage computes only its own action (GPUs); select: every branch, then
-    # choose (needed on XLA:CPU when `model` collectives run inside a stage).
-    branching: Literal["auto", "cond", "select"] = "auto"
-    # true: each backward recomputes its stage's forward from the stage input (keeps only
-    # stage inputs); false: each forward keeps its residuals for its backward (a third less
-    # matmul work, the plain model's activations per microbatch in flight; not zb-h1/zb-v).
-    recompute: bool = True
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v"] = Field(
+        "1f1b", description="the pipeline schedule (shardlib.parallel.pipeline)"
+    )
+    microbatches: PosInt = Field(4, description="microbatches each batch is split into on its way through the stages")
+    virtual_stages: PosInt = Field(1, description="chunks of layers per device: > 1 with interleaved-1f1b, 2 with zb-v")
+    branching: Literal["auto", "cond", "select"] = Field(
+        "auto",
+        description="cond: a stage computes only its own action (GPUs); select: every branch, then choose (needed "
+        "on XLA:CPU when `model` collectives run inside a stage); auto: select on CPU when collectives run inside "
+        "stages, else cond",
+    )
+    recompute: bool = Field(
+        True,
+        description="true: each backward recomputes its stage's forward from the stage input (keeps only stage "
+        "inputs); false: each forward keeps its residuals for its backward (a third less matmul work, the plain "
+        "model's activations per microbatch in flight; not zb-h1/zb-v)",
+    )
 
 
 class AttentionConfig(BaseModel):
@@ -128,13 +155,19 @@ class AttentionConfig(BaseModel):
 
     model_config = _STRICT
 
-    # ring: K/V blocks rotate over `seq` (O(S/p) memory); allgather: every device gathers all K/V;
-    # fused: jax.nn.dot_product_attention (cuDNN flash attention on GPUs in bf16), seq = 1 only.
-    impl: Literal["dense", "fused", "ring", "allgather"] = "dense"
-    # zigzag: device i holds chunks i and 2p-1-i of 2p, so causal work is equal on every device.
-    load_balance: Literal["zigzag", "none"] = "zigzag"
-    # ring: keys per inner block of a tile (scratch is linear in the local length).
-    block_k: PosInt = 256
+    impl: Literal["dense", "fused", "ring", "allgather"] = Field(
+        "dense",
+        description="dense: left to the compiler; ring: K/V blocks rotate over `seq` (O(S/p) memory); allgather: "
+        "every device gathers all K/V; fused: jax.nn.dot_product_attention (cuDNN flash attention on GPUs in bf16), "
+        "seq = 1 only",
+    )
+    load_balance: Literal["zigzag", "none"] = Field(
+        "zigzag",
+        description="zigzag: device i holds chunks i and 2p-1-i of 2p, so causal work is equal on every device",
+    )
+    block_k: PosInt = Field(
+        256, description="ring: keys per inner block of a tile (scratch is linear in the local length)"
+    )
 
 
 # Streaming DiLoCo's alpha where an overlapped outer step lands, when the config does not set outer.mixing.
@@ -153,31 +186,47 @@ class OuterConfig(BaseModel):
 
     model_config = _STRICT
 
-    algorithm: Literal["none", "diloco", "local_sgd"] = "none"
-    # H: inner steps per outer step (not `every`, which stays checkpoint.every on the command line).
-    inner_steps: PosInt = 36
-    # The outer SGD's learning rate (diloco); not `lr`, so that `lr=...` stays optimizer.lr.
-    learning_rate: PosFloat = 0.7
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # outer momentum (diloco); 0: none
-    nesterov: bool = True
-    # Mesh axes whose shards are the replica groups: batch axes (`expert` doubles as one for dense
-    # models), so that each group trains on its own rows.
-    replica_axes: list[Literal["data", "data_replica", "expert"]] = ["data"]
-    # The pseudo-gradient's all-reduce, compressed with error feedback (shardlib.parallel.compression).
-    compression: Literal["none", "bf16", "int8"] = "none"
-    # Streaming DiLoCo: F fragments of the layers, one synced every inner_steps / F steps (F divides H).
-    fragments: PosInt = 1
-    # 1: each outer step's all-reduce runs beside the next inner step, in its program, and lands after
-    # it (streaming DiLoCo's overlap, tau = 1); 0: the inner steps wait for it.
-    overlap_steps: Annotated[int, Field(ge=0, le=1)] = 0
-    # Where an outer step lands, each replica keeps this share of its own parameters (streaming DiLoCo's
-    # alpha; 0: it restarts from the new anchor). Unset: 0.5 with overlap_steps 1, the paper's alpha for
-    # tau = 1 (Douillard et al. 2025, Figs. 8 and 10), since at 0 every replica would throw away, on the
-    # fragment, the inner step that ran beside the all-reduce; 0 without overlap (DiLoCo's restart).
-    mixing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    # The inner AdamW's moments averaged over the replicas at each outer step (one more all-reduce of
-    # the pseudo-gradient's float32 bytes per moment): none, first (mu), both (mu and nu).
-    average_moments: Literal["none", "first", "both"] = "none"
+    algorithm: Literal["none", "diloco", "local_sgd"] = Field(
+        "none", description="none: synchronous training; diloco: outer SGD with momentum; local_sgd: plain averaging"
+    )
+    inner_steps: PosInt = Field(
+        36, description="H: inner steps per outer step (not `every`, which stays checkpoint.every)"
+    )
+    learning_rate: PosFloat = Field(
+        0.7, description="the outer SGD's learning rate (diloco); not `lr`, so that `lr=...` stays optimizer.lr"
+    )
+    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="outer momentum (diloco); 0: none")
+    nesterov: bool = Field(True, description="the outer momentum is Nesterov's (diloco)")
+    replica_axes: list[Literal["data", "data_replica", "expert"]] = Field(
+        ["data"],
+        description="mesh axes whose shards are the replica groups: batch axes (`expert` doubles as one for dense "
+        "models), so that each group trains on its own rows",
+    )
+    compression: Literal["none", "bf16", "int8"] = Field(
+        "none",
+        description="the pseudo-gradient's all-reduce, compressed with error feedback (shardlib.parallel.compression)",
+    )
+    fragments: PosInt = Field(
+        1,
+        description="streaming DiLoCo: F fragments of the layers, one synced every inner_steps / F steps (F divides H)",
+    )
+    overlap_steps: Annotated[int, Field(ge=0, le=1)] = Field(
+        0,
+        description="1: each outer step's all-reduce runs beside the next inner step, in its program, and lands "
+        "after it (streaming DiLoCo's overlap, tau = 1); 0: the inner steps wait for it",
+    )
+    mixing: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0,
+        description="where an outer step lands, each replica keeps this share of its own parameters (streaming "
+        "DiLoCo's alpha; 0: it restarts from the new anchor). Unset: 0.5 with overlap_steps 1, the paper's alpha "
+        "for tau = 1 (Douillard et al. 2025, Figs. 8 and 10), since at 0 every replica would throw away, on the "
+        "fragment, the inner step that ran beside the all-reduce; 0 without overlap (DiLoCo's restart)",
+    )
+    average_moments: Literal["none", "first", "both"] = Field(
+        "none",
+        description="the inner AdamW's moments averaged over the replicas at each outer step (one more all-reduce "
+        "of the pseudo-gradient's float32 bytes per moment): none, first (mu), both (mu and nu)",
+    )
 
     @model_validator(mode="after")
     def _check_outer(self) -> "OuterConfig":
@@ -243,31 +292,44 @@ class Config(BaseModel):
 
     model_config = _STRICT
 
-    model: ModelConfig
-    sharding: Literal["dp", "fsdp", "tp", "fsdp_tp", "hsdp", "hsdp_tp"] = "dp"  # presets in shardlib.core.rules.PRESETS
-    mesh: str = "meshes/cpu-8.yaml"
-    steps: PosInt = 200
-    run_dir: str = "runs/default"
-    seed: int = 0
-    # A fresh run starts from these weights instead of random ones: hf:/path/to/dir, a Hugging Face
-    # Llama checkpoint (shardlib.interop). A run_dir that holds checkpoints resumes them instead.
-    init_from: Annotated[str, Field(pattern=r"^hf:.+")] | None = None
-    batch_size: PosInt = 16
-    seq_len: PosInt = 128
-    grad_accum: PosInt = 1
-    # Data-parallel gradient all-reduce: none (XLA's), or compressed with error feedback (shardlib.parallel.compression).
-    grad_compression: Literal["none", "bf16", "int8"] = "none"
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    faults: FaultsConfig = Field(default_factory=FaultsConfig)
-    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    attention: AttentionConfig = Field(default_factory=AttentionConfig)
-    outer: OuterConfig = Field(default_factory=OuterConfig)
-    log_every: PosInt = 10
-    eval_every: NonNegInt = 50  # 0: evaluate only at the last step
-    eval_batches: NonNegInt = 4  # held-out batches per evaluation; 0: no held-out evaluation at all
-    peak_tflops: PosFloat | None = None
+    model: ModelConfig = Field(description="the model's shape and numerics")
+    sharding: Literal["dp", "fsdp", "tp", "fsdp_tp", "hsdp", "hsdp_tp"] = Field(
+        "dp", description="the sharding preset: rules from logical axes to mesh axes (shardlib.core.rules.PRESETS)"
+    )
+    mesh: str = Field("meshes/cpu-8.yaml", description="mesh YAML used when --mesh is not given")
+    steps: PosInt = Field(200, description="optimizer steps of the whole run (a resumed run stops there too)")
+    run_dir: str = Field(
+        "runs/default", description="the run's directory: checkpoints, metrics, config record; a start resumes it"
+    )
+    seed: int = Field(0, description="seed of the initial weights and of the data order")
+    init_from: Annotated[str, Field(pattern=r"^hf:.+")] | None = Field(
+        None,
+        description="a fresh run starts from these weights instead of random ones: hf:/path/to/dir, a Hugging Face "
+        "Llama checkpoint (shardlib.interop). A run_dir that holds checkpoints resumes them instead",
+    )
+    batch_size: PosInt = Field(16, description="sequences per optimizer step (the global batch)")
+    seq_len: PosInt = Field(128, description="tokens per sequence")
+    grad_accum: PosInt = Field(
+        1, description="microbatches per step, accumulated inside the jitted step; divides batch_size"
+    )
+    grad_compression: Literal["none", "bf16", "int8"] = Field(
+        "none",
+        description="data-parallel gradient all-reduce: none (XLA's), or compressed with error feedback "
+        "(shardlib.parallel.compression)",
+    )
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="AdamW and its schedule")
+    data: DataConfig = Field(default_factory=DataConfig, description="where the tokens come from")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="what a run does about bad steps")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="pipeline parallelism")
+    attention: AttentionConfig = Field(default_factory=AttentionConfig, description="attention over seq")
+    outer: OuterConfig = Field(default_factory=OuterConfig, description="DiLoCo and local SGD")
+    log_every: PosInt = Field(10, description="log the loss and throughput every this many steps")
+    eval_every: NonNegInt = Field(50, description="evaluate on held-out data every this many steps; 0: at the end")
+    eval_batches: NonNegInt = Field(4, description="held-out batches per evaluation; 0: no held-out evaluation at all")
+    peak_tflops: PosFloat | None = Field(
+        None, description="the device's peak TFLOP/s for the MFU in the logs; null: looked up from the device kind"
+    )
 
     @model_validator(mode="after")
     def _check_batch(self) -> "Config":

@@ -22,11 +22,11 @@ file is decoded as UTF-8 (undecodable bytes become U+FFFD, so any file reads the
 everywhere), encoded without special tokens, and followed by the end-of-document token: the
 ``eos_token`` of a ``tokenizer_config.json`` beside the tokenizer, else the first of
 ``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>`` the vocabulary has. Tokens are
-``uint16`` (``uint32`` above 65536 ids). Every process tokenizes the whole corpus at start,
-exactly as it reads it today, and gets the same ids: ``tokenizers`` is deterministic and the
-files come in the same order. That costs time at every start: the 31.5 MB stdlib corpus
-took 28 s (26.7 M ids, 0.5 GB peak memory) with the test fixture's 200-id BPE on the
-2-core machine. For large corpora, tokenize once into ``source: bin`` files.
+``uint16`` (``uint32`` above 65536 ids). Every process gets the same ids: ``tokenizers`` is
+deterministic and the files come in the same order. Tokenizing is slow (the 31.5 MB stdlib
+corpus took 28 s, 26.7 M ids, 0.5 GB peak memory, with the test fixture's 200-id BPE on the
+2-core machine), so the ids are cached on disk keyed by the tokenizer and the files' contents
+(``shardlib.training.token_cache``): only the first start over a corpus tokenizes it.
 ``check_token_ids`` also checks the tokenizer's vocabulary (added tokens included) against
 ``model.vocab_size``.
 
@@ -71,6 +71,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+
+from shardlib.training.token_cache import cached_tokens, corpus_key
 
 SEPARATOR = 0
 """Token appended after every file of a byte-level corpus (end of document)."""
@@ -229,8 +231,10 @@ def load_token_splits(data_cfg) -> tuple[np.ndarray, np.ndarray]:
     files = corpus_files(data_cfg)
     if data_cfg.source == "bin":
         tokens = _read_bin(files)
+    elif tokenizer:  # from the on-disk cache when an earlier start stored it (shardlib.training.token_cache)
+        tokens = cached_tokens(corpus_key(files, tokenizer_files(tokenizer)), lambda: _tokenize(files, tokenizer))
     else:
-        tokens = _tokenize(files, tokenizer) if tokenizer else _read_bytes(files)
+        tokens = _read_bytes(files)
     if tokens.size == 0:
         raise ValueError(f"empty corpus: source={data_cfg.source!r} gave no tokens ({len(files)} files)")
     n_heldout = int(tokens.size * fraction)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shardlib.analysis.report.hardware import format_seconds
-from shardlib.analysis.report.report import Report, fmt_bytes
+from shardlib.analysis.report.report import RATIO_SLACK, AxisRow, Report, fmt_bytes
+
+# Under the axes table when no --hardware was given: what fills its last two columns.
+LINK_TIME_HINT = "    link, time: --hardware h100 (or h200, or a profile YAML) fills them: the link each axis crosses, its time a step"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ") -> list[str]:
@@ -33,8 +36,8 @@ def _ratio(x: float | None) -> str:
 
 
 def format_report(report: Report) -> str:
-    """The whole report as text for a terminal."""
-    out = [_header(report), ""]
+    """The whole report as text for a terminal: the verdict line first, then the header and the tables."""
+    out = [verdict(report), "", _header(report), ""]
     out += _axes_lines(report)
     if report.measured is not None:
         out += ["", *_measured_lines(report)]
@@ -79,8 +82,104 @@ def _axes_lines(report: Report) -> list[str]:
     if not rows:
         return [*out, "  (one device: nothing to communicate)"]
     out += table(["axis", "size", "measured", "avoidable", "predicted", "ratio", "w/o avoidable", "link", "time"], rows)
+    if report.time is None:
+        out.append(LINK_TIME_HINT)
+    if report.measured is None:
+        out.append("    measured, avoidable, ratio: compiling the step fills them (without --no-compile)")
     out += [f"    {r.axis} > 1: {text}" for r in report.axes for text in r.responsible]
     return out
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+def verdict(report: Report) -> str:
+    """One line: where a step's bytes go (wire and memory), what is above the minimum and why, the time."""
+    parts = [_where_the_bytes_go(report), _above_the_minimum(report), _memory_in_brief(report)]
+    if report.time is not None:
+        t = report.time
+        parts.append(
+            f"step {format_seconds(t.step_s)} on {t.profile} ({format_seconds(t.exposed_s)} of it exposed communication)"
+        )
+    return "verdict: " + "; ".join(p for p in parts if p)
+
+
+def _where_the_bytes_go(report: Report) -> str:
+    if not report.axes:
+        return "one device: nothing to communicate"
+    measured = report.measured is not None
+    moved = {r.axis: (r.measured if measured else r.predicted) or 0.0 for r in report.axes}
+    total = sum(moved.values())
+    if not total:
+        return "nothing crosses the wire"
+    axis = max(moved, key=moved.get)
+    what = "measured" if measured else "predicted"
+    return f"{fmt_bytes(total)} a step per device over the wire ({what}), {moved[axis] / total:.0%} over {axis}" + (
+        _strategy_share(report, axis)
+    )
+
+
+def _strategy_share(report: Report, axis: str) -> str:
+    """`` (tensor parallel: 80% of the bytes predicted there)``: the strategy that puts the most bytes on ``axis``."""
+    by_strategy: dict[str, float] = {}
+    for term in report.terms:
+        by_strategy[term.strategy] = by_strategy.get(term.strategy, 0.0) + term.per_axis(report.layout.sizes).get(
+            axis, 0.0
+        )
+    total = sum(by_strategy.values())
+    if not total:
+        return ""
+    strategy = max(by_strategy, key=by_strategy.get)
+    return f" ({strategy}: {by_strategy[strategy] / total:.0%} of the bytes predicted there)"
+
+
+def _excess(row: AxisRow) -> float:
+    return (row.measured or 0.0) - row.predicted
+
+
+def _above_the_minimum(report: Report) -> str:
+    """The axis furthest above the analytic model (the minimum), and what the report says is behind it."""
+    if not report.axes:
+        return ""
+    if report.measured is None:
+        return "not compiled, so nothing is measured against the minimum (the analytic model): drop --no-compile"
+    over = [r for r in report.axes if r.measured and (not r.predicted or r.measured > (1 + RATIO_SLACK) * r.predicted)]
+    if not over:
+        return f"every axis within {RATIO_SLACK:.0%} of the minimum (the analytic model) or below it"
+    row = max(over, key=_excess)
+    if not row.predicted:
+        head = f"{row.axis} moves {fmt_bytes(row.measured)} where the minimum is nothing"
+    else:
+        head = f"{row.axis} moves {row.ratio:.2f}x the minimum (+{fmt_bytes(_excess(row))})"
+    if row.avoidable:
+        kinds = sorted({c.inefficiency for c in report.measured.collectives if c.inefficiency and row.axis in c.axes})
+        why = (
+            f"{fmt_bytes(row.avoidable)} of it avoidable: {', '.join(kinds)}"
+            if kinds
+            else f"{fmt_bytes(row.avoidable)} avoidable"
+        )
+    else:
+        why = "the collectives under the axes table and the notes say why"
+    others = f"; {len(over) - 1} more axes above it" if len(over) > 1 else ""
+    return f"{head}, {why}{others}"
+
+
+def _memory_in_brief(report: Report) -> str:
+    e = report.memory
+    parts = {
+        "parameters": e.params,
+        "gradients": e.grads,
+        "optimizer state": e.optimizer,
+        "DiLoCo state": e.outer,
+        "the batch": e.batch,
+        "FSDP's gathered layer": e.gathered,
+        "activations": e.activations,
+        "logits and the working layer": e.working,
+    }
+    largest = max(parts, key=parts.get)
+    compiled = report.measured.memory if report.measured else None
+    peak = f", {fmt_bytes(compiled.peak)} compiled" if compiled is not None else ""
+    return f"memory {fmt_bytes(e.total)} per device predicted{peak}, most of it {largest} ({fmt_bytes(parts[largest])})"
 
 
 def _measured_lines(report: Report) -> list[str]:

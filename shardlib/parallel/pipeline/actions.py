@@ -60,7 +60,8 @@ class StageFunctions:
     experts' load-balancing loss), ``stage`` returns ``(x_BxLxD, stats)``: the
     forward passes sum them over microbatches (``Carry.stats``); backward
     passes take ``x`` alone, so any loss among the statistics must reach the
-    gradients through ``x`` itself (``shardlib.models.moe.attach_loss``).
+    gradients through ``x`` itself (the project's MoE transformer adds it to ``x``
+    with an identity whose gradient carries it).
 
     For split tables (zero-bubble: B and W apart), two more:
     tapped_stage(chunk_layers, x_BxLxD, probes) -> (x_BxLxD, inputs, outputs)

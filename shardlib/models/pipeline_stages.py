@@ -113,10 +113,10 @@ def _dense_stage_functions(merged: Callable, layout: _StageLayout, kwargs: dict,
         )
 
     return StageFunctions(
-        embed=lambda outer, tokens: merged(outer).embed_tokens(tokens, **kwargs),
+        embed=lambda outer, inputs: merged(outer).embed_tokens(inputs["tokens"], **kwargs),
         stage=stage,
         # Transformer.loss: the head's cross-entropy, chunked with model.loss_chunk as the eval step's is.
-        loss=lambda outer, x, targets: merged(outer).loss(x, targets, **kwargs),
+        loss=lambda outer, x, inputs: merged(outer).loss(x, inputs["targets"], **kwargs),
         # Split (zero-bubble) tables: B records each weight use, W takes the weight gradients from it.
         tapped_stage=tapped_stage,
         weight_grads=_chunk_weight_grads,
@@ -139,9 +139,10 @@ class _Stages:
     mesh: jax.sharding.Mesh
     shard: ActivationSharding | None
     param_specs: PyTree | None
+    pipe_axis: str
 
     def arguments(self, params: PyTree, batch: dict) -> tuple[tuple, dict]:
-        """(stacks, outer, tokens, targets) and the keywords the executor takes for them."""
+        """(stacks, outer, {"tokens", "targets"} per microbatch) and the keywords the executor takes for them."""
         inputs, targets = batch["inputs"], batch["targets"]
         if self.layout.order is not None:  # the attention's layout: tokens and targets alike
             inputs, targets = inputs[:, self.layout.order], targets[:, self.layout.order]
@@ -149,18 +150,18 @@ class _Stages:
         stacks = {k: params[k] for k in self.stacked_names}
         specs = self.param_specs or {}
         m = self.microbatches
-        positional = (
-            stacks,
-            outer,
-            split_microbatches(inputs, m, self.shard),
-            split_microbatches(targets, m, self.shard),
-        )
+        microbatches = {
+            "tokens": split_microbatches(inputs, m, self.shard),
+            "targets": split_microbatches(targets, m, self.shard),
+        }
+        positional = (stacks, outer, microbatches)
         keywords = {
             "layer_specs": {k: specs[k] for k in self.stacked_names} if specs else None,
             "outer_specs": {k: specs[k] for k in outer} if specs else None,
             "batch_axes": self.layout.batch_axes,
             "length_axes": self.layout.length_axes,
             "owned_axes": self.moe.expert_axes if self.moe is not None else (),
+            "pipe_axis": self.pipe_axis,
         }
         return positional, keywords
 
@@ -187,7 +188,7 @@ def _stages(
         moe = MoEStages(merged(), abstract_params["moe"], layout.token_axes, mesh, shard)
         fns = moe.functions(fns, merged, layout.positions, layer_kwargs)
     m = pipeline.schedule.microbatches
-    return _Stages(fns, layout, moe, stacked_names, m, mesh, shard, param_specs)
+    return _Stages(fns, layout, moe, stacked_names, m, mesh, shard, param_specs, pipeline.axis)
 
 
 def make_pipeline_grads(

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shardlib.core.rules import Rules, rule_axes
 from shardlib.parallel.pipeline.executor import Branching, SendPatterns, layer_order, send_patterns
 from shardlib.parallel.pipeline.schedules import forward_only, make_schedule, placement
 from shardlib.parallel.pipeline.table import TickTable, compile_table
@@ -52,12 +53,14 @@ class PipelinePlan:
     branching: ``cond`` (a stage runs only its branch) or ``select`` (all, then choose).
     layer_order: [n_layers] logical layer index of each stored layer.
     recompute: backwards recompute their chunk's forward (else forwards keep their residuals).
+    axis: the mesh axis the stages are laid over (the executor's ``pipe_axis``).
     """
 
     table: TickTable
     branching: Branching
     layer_order: np.ndarray
     recompute: bool = True
+    axis: str = "pipe"
 
     @property
     def schedule(self):
@@ -83,24 +86,26 @@ def plan_pipeline(
     collectives_inside_stages: bool,
     platform: str,
     moe_period: int = 0,
+    axis: str = "pipe",
 ) -> PipelinePlan:
     """The compiled schedule for ``settings`` over ``stages`` devices; errors name the setting that does not fit.
 
     ``collectives_inside_stages``: stage branches hold collectives (a mesh axis
     the partitioner handles, ``model``, has size > 1; or ``seq``; or an MoE
     model's token axes). ``moe_period``: an MoE model's ``moe.period`` (0:
-    dense), whose groups of layers must not straddle two chunks.
+    dense), whose groups of layers must not straddle two chunks. ``axis``: the
+    mesh axis of the ``stages`` devices (``pipeline_axis`` reads it from a rule table).
     """
     chunks = stages * settings.virtual_stages
     if n_layers % chunks:
         raise ValueError(
             f"model.n_layers={n_layers} does not divide into {chunks} pipeline chunks "
-            f"(pipe={stages} x pipeline.virtual_stages={settings.virtual_stages})"
+            f"({axis}={stages} x pipeline.virtual_stages={settings.virtual_stages})"
         )
     if moe_period and (n_layers // chunks) % moe_period:
         raise ValueError(
             f"model.moe.period={moe_period} does not divide the {n_layers // chunks} layers of each pipeline "
-            f"chunk (model.n_layers={n_layers} over pipe={stages} x pipeline.virtual_stages="
+            f"chunk (model.n_layers={n_layers} over {axis}={stages} x pipeline.virtual_stages="
             f"{settings.virtual_stages}): a chunk must hold whole groups of dense layers and their MoE layer"
         )
     if batch_size % settings.microbatches:
@@ -116,7 +121,20 @@ def plan_pipeline(
         _branching(settings.branching, collectives_inside_stages, platform),
         layer_order(n_layers, stages, settings.virtual_stages, placement(settings.schedule)),
         settings.recompute,
+        axis,
     )
+
+
+def pipeline_axis(rules: Rules) -> str:
+    """The mesh axis a rule table lays the stacked layers over (``layers``), the pipeline's axis: ``pipe``
+    in shardlib's presets, whatever ``shardlib.core.rules.rename_mesh_axes`` made of it in a project's."""
+    axes = rule_axes(rules, "layers")
+    if len(axes) != 1:
+        raise ValueError(
+            f"the rules map 'layers' to {axes or 'no mesh axis'}; a pipeline needs exactly one mesh axis for its "
+            "stages (rename_mesh_axes(rules, {'pipe': 'your_axis'}) maps shardlib's)"
+        )
+    return axes[0]
 
 
 def _branching(choice: str, collectives_inside_stages: bool, platform: str) -> Branching:

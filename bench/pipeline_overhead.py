@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     from shardlib.core.mesh import build_mesh, mesh_spec
     from shardlib.core.rules import preset_rules
     from shardlib.core.sharding import ActivationSharding
-    from shardlib.parallel.pipeline.stages import PipelineSettings, make_pipeline_grads, plan_pipeline
+    from shardlib.models.pipeline_stages import make_pipeline_grads
+    from shardlib.parallel.pipeline.plan import PipelineSettings, plan_pipeline
     from shardlib.training.config import load_config
     from shardlib.training.setup import setup_training
 

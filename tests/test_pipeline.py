@@ -120,7 +120,8 @@ def assert_eval_runs_one_stage_per_device(compiled, cfg, mesh) -> None:
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "zb-v"])
 def test_one_stage_pipeline_matches_sequential(schedule):
     """p = 1: the single stage embeds and takes the loss in one branch (what bench/pipeline_overhead.py times)."""
-    from shardlib.parallel.pipeline.stages import PipelineSettings, make_pipeline_grads, plan_pipeline
+    from shardlib.models.pipeline_stages import make_pipeline_grads
+    from shardlib.parallel.pipeline.plan import PipelineSettings, plan_pipeline
 
     mesh = mesh_of(devices=1)
     run, batch, params = first_batch(tiny_config(model=MODEL), mesh)
@@ -141,7 +142,7 @@ def test_one_stage_pipeline_matches_sequential(schedule):
 
 
 def test_split_tables_refuse_to_skip_recomputation():
-    from shardlib.parallel.pipeline.stages import PipelineSettings, plan_pipeline
+    from shardlib.parallel.pipeline.plan import PipelineSettings, plan_pipeline
 
     with pytest.raises(ValueError, match="pipeline.recompute=false does not apply to zb-h1"):
         plan_pipeline(
@@ -217,8 +218,9 @@ def test_the_pipeline_runs_the_configured_attention():
     """``attention.impl`` reaches the stages: an attention that outputs zeros changes the loss."""
     import jax.numpy as jnp
 
+    from shardlib.models.pipeline_stages import make_pipeline_grads
     from shardlib.parallel.attention import AttentionPlan
-    from shardlib.parallel.pipeline.stages import PipelineSettings, make_pipeline_grads, plan_pipeline
+    from shardlib.parallel.pipeline.plan import PipelineSettings, plan_pipeline
 
     mesh = mesh_of(devices=1)
     run, batch, params = first_batch(tiny_config(model=MODEL), mesh)

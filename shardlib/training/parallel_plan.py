@@ -35,12 +35,13 @@ from shardlib.core.rules import (
     without_axes,
 )
 from shardlib.core.sharding import ActivationSharding
+from shardlib.models.moe import ExpertDispatch
 from shardlib.parallel import compat
 from shardlib.parallel.attention import AttentionPlan, make_attention
 from shardlib.parallel.diloco import OuterSettings, replica_count
 from shardlib.parallel.expert_routing import ExpertDispatch
 from shardlib.parallel.experts import check_experts_divide, expert_dispatch
-from shardlib.parallel.pipeline.stages import PipelinePlan, PipelineSettings, logical_layers, plan_pipeline
+from shardlib.parallel.pipeline.plan import PipelinePlan, PipelineSettings, logical_layers, plan_pipeline
 from shardlib.training.config import Config
 
 PyTree = Any

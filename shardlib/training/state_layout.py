@@ -3,7 +3,7 @@
 Two parts of the training state depend on the plan, not only on the model:
 
 * the stacked layers' order: an interleaved pipeline stores them in its own
-  order (``shardlib.parallel.pipeline.stages.layer_order``). The checkpoint records the
+  order (``shardlib.parallel.pipeline.executor.layer_order``). The checkpoint records the
   order; restoring onto another pipeline, or none, permutes the layers, and
   every optimizer moment that mirrors them, into the new plan's order;
 * compressed-gradient residuals (``shardlib.parallel.compression``): one row per
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import optax
 
-from shardlib.parallel.pipeline.stages import relayout_index
+from shardlib.parallel.pipeline.plan import relayout_index
 from shardlib.training.checkpoint import CheckpointError
 from shardlib.training.fused_projections import (
     FUSED,

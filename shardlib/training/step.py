@@ -25,12 +25,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from shardlib.models.layers import WEIGHT_USES, WeightUse, cross_entropy, use_weight
-from shardlib.models.transformer import WEIGHT_PARAMS
 from shardlib.core.sharding import ActivationSharding
+from shardlib.models.layers import WEIGHT_USES, WeightUse, cross_entropy, use_weight
+from shardlib.models.pipeline_stages import make_pipeline_grads, make_pipeline_loss
+from shardlib.models.transformer import WEIGHT_PARAMS
 from shardlib.parallel.accumulation import Batch, loss_and_grads
 from shardlib.parallel.compression import GradCompression, make_grad_compression
-from shardlib.parallel.pipeline.stages import make_pipeline_grads, make_pipeline_loss
 from shardlib.parallel.reduction import ReducedWeightUse, reduce_deferred_params, reduced_weight_use, use_specs
 from shardlib.training.parallel_plan import ParallelPlan
 from shardlib.training.train_state import AbstractModel, StateShardings

@@ -20,7 +20,7 @@ import numpy as np
 from shardlib.analysis.report.collectives import Collective, dot_flops, find_collectives
 from shardlib.analysis.report.hlo import parse_hlo
 from shardlib.core.mesh import mesh_axis_sizes
-from shardlib.parallel.pipeline.stages import PipelinePlan
+from shardlib.parallel.pipeline.plan import PipelinePlan
 from shardlib.training.config import Config
 
 

@@ -25,7 +25,7 @@ The eval step runs between training steps, beside the stored state, with its
 own working set (``eval_working``): the forward alone, one layer at a time, on
 the whole batch of a device (no accumulation splits it) or, with a pipeline,
 through the schedule's forward-only table on one microbatch at a time, each
-stage holding only its own layers (``shardlib.parallel.pipeline.stages.make_pipeline_loss``).
+stage holding only its own layers (``shardlib.models.pipeline_stages.make_pipeline_loss``).
 A device's memory is the larger of the two steps' (``MemoryEstimate.peak``).
 
 This is a model of what must be alive at the peak, not of XLA's buffer
@@ -43,7 +43,7 @@ import numpy as np
 from jax.extend.core import Var
 
 from shardlib.analysis.report.layout import Layout
-from shardlib.parallel.pipeline.stages import PipelinePlan, plan_pipeline
+from shardlib.parallel.pipeline.plan import PipelinePlan, plan_pipeline
 
 OPTIMIZER_COPIES = 2  # AdamW: first and second moments, in the parameter dtype
 

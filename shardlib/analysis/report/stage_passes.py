@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from shardlib.analysis.report.layout import Layout
-from shardlib.parallel.pipeline.stages import PipelineSettings, plan_pipeline
+from shardlib.parallel.pipeline.plan import PipelineSettings, plan_pipeline
 from shardlib.parallel.pipeline.table import (
     BWD,
     BWD_FIRST,

@@ -4,14 +4,24 @@
 turns them into one branch per code of ``shardlib.parallel.pipeline.table``
 (forward, backward, and a split table's input-gradient and weight-gradient
 halves), each taking and returning the ``Carry`` a stage holds from tick to
-tick. Every backward recomputes its chunk's forward from the saved stage
-input (``jax.vjp``), so a stage keeps only stage inputs, as many as the
-table has in flight; with ``recompute`` off, each forward keeps its
-pullback's residuals for its backward instead (``saved``). A split (zero-bubble) table's B runs the chunk through
-``StageFunctions.tapped_stage`` and keeps each weight use's input and output
-cotangent; its W takes the weight gradients from them alone
-(``StageFunctions.weight_grads``), with no second recomputation. An eval
-(forward-only) table's last virtual stage only scores its output (SCORE).
+tick. What passes between stages (the activation, and its gradient back) is
+any pytree of arrays whose leading dimension is the microbatch's rows; what
+the embedding and the loss read is the microbatch's own pytree of inputs.
+
+Every backward recomputes its chunk's forward from the saved stage input
+(``jax.vjp``), so a stage keeps only stage inputs, as many as the table has
+in flight; with ``recompute`` off, each forward keeps its pullback's
+residuals for its backward instead (``saved``). A split (zero-bubble)
+table's B runs the chunk through ``StageFunctions.tapped_stage`` and keeps
+each weight use's input and output cotangent; its W takes the weight
+gradients from them alone (``StageFunctions.weight_grads``), with no second
+recomputation. ``shardlib.parallel.pipeline.stacked.stacked_stage_functions``
+derives both from a layer that applies its weights through a ``WeightUse``.
+Stage functions without them still run a split table, unsplit: its B
+computes the input and the weight gradients at once and its W does nothing
+(``tick_costs(split=False)``: B costs a whole backward, the bubbles W was to
+fill stay idle). An eval (forward-only) table's last virtual stage only
+scores its output (SCORE).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from shardlib.parallel.pipeline.saved import forward_keeping, pullback, residual_layout
 from shardlib.parallel.pipeline.schedules import Schedule
@@ -51,23 +62,36 @@ PyTree = Any
 class StageFunctions:
     """The model cut into pipeline pieces (all traced inside the shard_map).
 
-    embed(outer, tokens_BxL) -> x_BxLxD               first virtual stage's input
-    stage(chunk_layers, x_BxLxD) -> x_BxLxD           one chunk of layers
-    loss(outer, x_BxLxD, targets_BxL) -> scalar       last virtual stage's head + loss (mean)
-    ``outer`` is every parameter outside the layer stack (embedding, head).
+    embed(outer, inputs) -> x                 first virtual stage's input
+    stage(chunk_layers, x) -> x               one chunk of layers
+    loss(outer, x, inputs) -> scalar          last virtual stage's head + loss (this shard's mean)
+    ``outer`` is every parameter outside the layer stack (embedding, head);
+    ``inputs`` one microbatch's inputs, the executor's per-microbatch pytree
+    (``{"tokens": [B, L], "targets": [B, L]}``, masks, positions...) at index
+    ``mb``; ``x`` any pytree of arrays with the microbatch's B rows leading
+    (hidden states, a mask beside them, an encoder's output), the same
+    structure, shapes and dtypes out of every chunk as into it. Leaves that
+    are not floating point (a boolean mask) pass between stages but carry no
+    gradient.
 
     With ``stats`` (zeros of a pytree of float32 scalars, e.g. a mixture of
-    experts' load-balancing loss), ``stage`` returns ``(x_BxLxD, stats)``: the
+    experts' load-balancing loss), ``stage`` returns ``(x, stats)``: the
     forward passes sum them over microbatches (``Carry.stats``); backward
     passes take ``x`` alone, so any loss among the statistics must reach the
-    gradients through ``x`` itself (``shardlib.models.moe.attach_loss``).
+    gradients through ``x`` itself (the project's MoE transformer adds it to ``x``
+    with an identity whose gradient carries it).
 
-    For split tables (zero-bubble: B and W apart), two more:
-    tapped_stage(chunk_layers, x_BxLxD, probes) -> (x_BxLxD, inputs, outputs)
+    For split tables (zero-bubble: B and W apart), two more (without them a
+    split table runs unsplit; see the module's docstring):
+    tapped_stage(chunk_layers, x, probes) -> (x, inputs, outputs)
         ``stage`` with ``probes`` added to the outputs of its weight uses;
         ``inputs`` are those uses' inputs, ``outputs`` (probes None) their outputs.
     weight_grads(chunk_layers, inputs, output_cotangents) -> chunk grads
         the weight gradients from the uses' inputs and output cotangents alone.
+    direct_weight_grads: B differentiates ``tapped_stage`` with respect to the chunk too and adds
+        that gradient: the weights a stage applies outside its taps (biases, norm scales). Its taps
+        must then stop the gradient of the weights they apply (W takes those), as
+        ``stacked_stage_functions``'s do; off, B takes no weight gradient at all.
     """
 
     embed: Callable
@@ -76,14 +100,20 @@ class StageFunctions:
     tapped_stage: Callable | None = None
     weight_grads: Callable | None = None
     stats: PyTree | None = None
+    direct_weight_grads: bool = False
 
-    def stage_output(self, chunk_layers, x_BxLxD):
+    @property
+    def splits(self) -> bool:
+        """Whether a split table's B and W run apart (``tapped_stage`` and ``weight_grads`` given)."""
+        return self.tapped_stage is not None and self.weight_grads is not None
+
+    def stage_output(self, chunk_layers, x):
         """``stage``'s activation alone (what backward passes differentiate)."""
-        y = self.stage(chunk_layers, x_BxLxD)
+        y = self.stage(chunk_layers, x)
         return y if self.stats is None else y[0]
 
 
-def tick_costs(schedule: Schedule, recompute: bool = True) -> dict[str, Fraction]:
+def tick_costs(schedule: Schedule, recompute: bool = True, split: bool = True) -> dict[str, Fraction]:
     """What each action costs this executor, in forwards of a whole stage (its v chunks).
 
     A forward, an input gradient and a weight gradient take about the same
@@ -91,19 +121,43 @@ def tick_costs(schedule: Schedule, recompute: bool = True) -> dict[str, Fraction
     input unless ``recompute`` is off: a whole backward is 3 forwards (2
     without recomputation), a split table's B 2 (the recomputation and the
     input gradient) and its W 1 (the weight-gradient matmuls from what B kept).
+    ``split`` off: stage functions that cannot split (``StageFunctions.splits``) run a
+    split table's B as a whole backward (3) and its W as nothing (0).
     """
     chunk = Fraction(1, schedule.virtual)
     if schedule.split_backward:
-        return {"F": chunk, "B": 2 * chunk, "W": chunk}
+        return {"F": chunk, "B": 2 * chunk, "W": chunk} if split else {"F": chunk, "B": 3 * chunk, "W": 0 * chunk}
     return {"F": chunk, "B": (3 if recompute else 2) * chunk}
+
+
+def _as_cotangent(dy: PyTree) -> PyTree:
+    """A held gradient as a pullback takes it: the leaves of integer or boolean activations as float0."""
+    return jax.tree.map(lambda g: g if _differentiable(g) else np.zeros(g.shape, jax.dtypes.float0), dy)
+
+
+def _as_held(ct: PyTree, like: PyTree) -> PyTree:
+    """A pullback's cotangent as the buffer holds it: float0 leaves as zeros of the activation's dtype."""
+    return jax.tree.map(lambda g, a: g if _differentiable(a) else jnp.zeros(a.shape, a.dtype), ct, like)
+
+
+def _differentiable(a) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.inexact)
+
+
+def _at(tree: PyTree, index) -> PyTree:
+    return jax.tree.map(lambda a: a[index], tree)
+
+
+def _set(tree: PyTree, index, value: PyTree) -> PyTree:
+    return jax.tree.map(lambda buf, v: buf.at[index].set(v), tree, value)
 
 
 class Carry(NamedTuple):
     """What a stage carries from tick to tick.
 
-    held: [act slots + grad slots + 1, B, L, D] stage inputs and output gradients in flight, in one
-      buffer (``TickTable.buffer_slots``; the last slot is scratch, where a tick with nothing to
-      keep writes).
+    held: the activation's pytree, each leaf [act slots + grad slots + 1, B, ...]: stage inputs and
+      output gradients in flight, in one buffer (``TickTable.buffer_slots``; the last slot is scratch,
+      where a tick with nothing to keep writes).
     residuals: a split table's weight-use inputs and output cotangents ([slots + 1, ...] each,
       ``StageFunctions.tapped_stage``) from B to W, and the first stage's embedding gradient;
       {} for other tables. A branch reads the buffer and returns one slot: what a B keeps, else zeros.
@@ -111,7 +165,7 @@ class Carry(NamedTuple):
     stats: the sums of ``StageFunctions.stats`` over the forward passes ({} without).
     """
 
-    held: jax.Array
+    held: PyTree
     residuals: PyTree
     layer_g: PyTree
     outer_g: PyTree
@@ -124,13 +178,13 @@ class StageActions:
 
     Each branch takes and returns the ``Carry``, with what it sends: a forward's
     activation, a backward's input gradient, zeros where it sends nothing.
+    ``inputs``: the per-microbatch pytree ([M, B, ...] each leaf, this device's shard).
     """
 
-    def __init__(self, fns: StageFunctions, outer, chunks, tokens, targets, *, split: bool, recompute: bool = True):
-        self.fns, self.outer, self.chunks, self.tokens, self.targets = fns, outer, chunks, tokens, targets
-        x_shape = jax.eval_shape(fns.embed, outer, tokens[0])
-        self.x_shape = x_shape
-        self.zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
+    def __init__(self, fns: StageFunctions, outer, chunks, inputs, *, split: bool, recompute: bool = True):
+        self.fns, self.outer, self.chunks, self.inputs = fns, outer, chunks, inputs
+        self.x_shape = jax.eval_shape(fns.embed, outer, _at(inputs, 0))
+        self.zeros_x = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.x_shape)
         # What the residual buffer holds: a split table's B keeps its W's inputs; without
         # recomputation an F keeps its B's pullback residuals (``saved``); else nothing.
         self.saved = (
@@ -138,7 +192,8 @@ class StageActions:
             if recompute or split
             else residual_layout(fns.stage, self.chunk(0), self.zeros_x, has_aux=fns.stats is not None)
         )
-        if split:
+        self.split = split and fns.splits  # else a split table's B is a whole backward, its W nothing
+        if self.split:
             self.residual_shapes = self._residual_shapes()
             self.keeping = (BWD_INPUT, BWD_INPUT_FIRST)
         else:
@@ -152,17 +207,19 @@ class StageActions:
         branches[FWD_ONLY] = lambda c, r: self.forward(c, r, first=True, last=True)
         branches[BWD] = lambda c, r: self.backward(c, r, first=False)
         branches[BWD_FIRST] = lambda c, r: self.backward(c, r, first=True)
-        branches[BWD_INPUT] = lambda c, r: self.backward_input(c, r, first=False)
-        branches[BWD_INPUT_FIRST] = lambda c, r: self.backward_input(c, r, first=True)
-        branches[WGT] = lambda c, r: self.weight_gradient(c, r, first=False)
-        branches[WGT_FIRST] = lambda c, r: self.weight_gradient(c, r, first=True)
+        if self.split:
+            branches[BWD_INPUT] = lambda c, r: self.backward_input(c, r, first=False)
+            branches[BWD_INPUT_FIRST] = lambda c, r: self.backward_input(c, r, first=True)
+            branches[WGT] = lambda c, r: self.weight_gradient(c, r, first=False)
+            branches[WGT_FIRST] = lambda c, r: self.weight_gradient(c, r, first=True)
+        else:
+            branches[BWD_INPUT], branches[BWD_INPUT_FIRST] = branches[BWD], branches[BWD_FIRST]
+            branches[WGT] = branches[WGT_FIRST] = branches[IDLE]
         branches[SCORE] = lambda c, r: self.forward(c, r, first=False, last=True, score_only=True)
         branches[SCORE_ONLY] = lambda c, r: self.forward(c, r, first=True, last=True, score_only=True)
         self.branches = branches
 
     def _residual_shapes(self):
-        if self.fns.tapped_stage is None or self.fns.weight_grads is None:
-            raise ValueError("a split (zero-bubble) schedule needs StageFunctions.tapped_stage and weight_grads")
         _, inputs, outputs = jax.eval_shape(self.fns.tapped_stage, self.chunk(0), self.zeros_x, None)
         return {"inputs": inputs, "dys": outputs, "d_embed": self.x_shape}
 
@@ -190,11 +247,10 @@ class StageActions:
 
     def initial_carry(self, plan: TickTable) -> Carry:
         """Zeros: the buffers ``plan`` needs, and the gradient sums unless it runs forwards only."""
-        shape, dtype = self.x_shape.shape, self.x_shape.dtype
         slots = self.residual_slots(plan)
         sums = (lambda tree: {}) if plan.schedule.forward_only else (lambda tree: jax.tree.map(jnp.zeros_like, tree))
         return Carry(
-            jnp.zeros((plan.buffer_slots + 1, *shape), dtype),
+            jax.tree.map(lambda a: jnp.zeros((plan.buffer_slots + 1, *a.shape), a.dtype), self.x_shape),
             jax.tree.map(lambda a: jnp.zeros((slots + 1, *a.shape), a.dtype), self.residual_shapes),
             sums(self.chunks),
             sums(self.outer),
@@ -203,13 +259,32 @@ class StageActions:
         )
 
     def chunk(self, c):
-        return jax.tree.map(lambda w: w[c], self.chunks)
+        return _at(self.chunks, c)
+
+    def microbatch(self, mb):
+        """Microbatch ``mb``'s inputs (the pytree's leaves at index ``mb``)."""
+        return _at(self.inputs, mb)
+
+    def _stage_input(self, carry: Carry, row, first: bool):
+        """The embedding of the microbatch on the first virtual stage, else the held activation."""
+        if first:
+            return self.fns.embed(self.outer, self.microbatch(row["microbatch"]))
+        return _at(carry.held, row["act_slot"])
+
+    def _add_layer_grads(self, carry: Carry, c, d_chunk) -> Carry:
+        return carry._replace(layer_g=jax.tree.map(lambda g, d: g.at[c].add(d), carry.layer_g, d_chunk))
+
+    def _add_embed_grads(self, carry: Carry, mb, dx) -> Carry:
+        """The embedding's parameters' gradient, from the gradient of the first stage's input."""
+        _, pull = jax.vjp(lambda o: self.fns.embed(o, self.microbatch(mb)), self.outer)
+        d_outer = pull(_as_cotangent(dx))[0]
+        return carry._replace(outer_g=jax.tree.map(jnp.add, carry.outer_g, d_outer))
 
     def forward(self, carry: Carry, row, first, last, score_only=False):
         """An F: the chunk on its input (the embedding's, on the first virtual stage); on the last, the
         loss, and unless ``score_only`` (an eval table's SCORE) the loss's gradients too."""
         mb, c = row["microbatch"], row["chunk"]
-        x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.held[row["act_slot"]]
+        x = self._stage_input(carry, row, first)
         if self.saved is None:
             y = self.fns.stage(self.chunk(c), x)
         else:
@@ -218,68 +293,75 @@ class StageActions:
         if self.fns.stats is not None:
             y, stats = y
             carry = carry._replace(stats=jax.tree.map(jnp.add, carry.stats, stats))
+        inputs = self.microbatch(mb)
         if last and score_only:
-            carry = carry._replace(loss=carry.loss + self.fns.loss(self.outer, y, self.targets[mb]))
+            carry = carry._replace(loss=carry.loss + self.fns.loss(self.outer, y, inputs))
         elif last:
-            mb_loss, pull = jax.vjp(lambda o, y: self.fns.loss(o, y, self.targets[mb]), self.outer, y)
+            mb_loss, pull = jax.vjp(lambda o, y: self.fns.loss(o, y, inputs), self.outer, y)
             d_outer, dy = pull(jnp.ones_like(mb_loss))
             carry = carry._replace(
-                held=carry.held.at[row["grad_slot"]].set(dy),
+                held=_set(carry.held, row["grad_slot"], _as_held(dy, y)),
                 outer_g=jax.tree.map(jnp.add, carry.outer_g, d_outer),
                 loss=carry.loss + mb_loss,
             )
         return carry, self.zeros_x if last else y
 
     def backward(self, carry: Carry, row, first):
+        """A whole backward (B and W at once): the chunk's weight gradients and its input's (sent back)."""
         mb, c = row["microbatch"], row["chunk"]
-        dy = carry.held[row["grad_slot"]]
-        outer_g = carry.outer_g
+        dy = _as_cotangent(_at(carry.held, row["grad_slot"]))
         if self.saved is not None:
             return self._backward_from_saved(carry, row, first, dy)
         if first:  # recompute the embedding: its parameters need gradients too
 
             def embed_and_run(o, w):
-                return self.fns.stage_output(w, self.fns.embed(o, self.tokens[mb]))
+                return self.fns.stage_output(w, self.fns.embed(o, self.microbatch(mb)))
 
             _, pull = jax.vjp(embed_and_run, self.outer, self.chunk(c))
             d_outer, d_chunk = pull(dy)
-            outer_g = jax.tree.map(jnp.add, outer_g, d_outer)
+            carry = carry._replace(outer_g=jax.tree.map(jnp.add, carry.outer_g, d_outer))
             dx = self.zeros_x
         else:
-            _, pull = jax.vjp(self.fns.stage_output, self.chunk(c), carry.held[row["act_slot"]])
+            x = _at(carry.held, row["act_slot"])
+            _, pull = jax.vjp(self.fns.stage_output, self.chunk(c), x)
             d_chunk, dx = pull(dy)
-        layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), carry.layer_g, d_chunk)
-        return carry._replace(layer_g=layer_g, outer_g=outer_g), dx
+            dx = _as_held(dx, x)
+        return self._add_layer_grads(carry, c, d_chunk), dx
 
     def _backward_from_saved(self, carry: Carry, row, first, dy):
         """A backward applying the pullback its F kept (``saved``): no forward is recomputed
         but the embedding's, a lookup, whose gradient the first virtual stage needs."""
         mb, c = row["microbatch"], row["chunk"]
-        x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.held[row["act_slot"]]
+        x = self._stage_input(carry, row, first)
         stored = tuple(buf[row["saved_slot"]] for buf in carry.residuals["saved"])
         d_chunk, dx = pullback(self.saved, stored, self.chunk(c), x)(dy)
-        layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), carry.layer_g, d_chunk)
-        outer_g = carry.outer_g
+        carry = self._add_layer_grads(carry, c, d_chunk)
+        dx = _as_held(dx, x)
         if first:
-            _, pull = jax.vjp(lambda o: self.fns.embed(o, self.tokens[mb]), self.outer)
-            outer_g = jax.tree.map(jnp.add, outer_g, pull(dx)[0])
-            dx = self.zeros_x
-        return carry._replace(layer_g=layer_g, outer_g=outer_g), dx
+            return self._add_embed_grads(carry, mb, dx), self.zeros_x
+        return carry, dx
 
     def backward_input(self, carry: Carry, row, first):
         """A split table's B: the gradient with respect to the stage input (sent back), recomputing
-        the forward once; the weight uses' inputs and output cotangents are kept for its W."""
-        mb, c = row["microbatch"], row["chunk"]
-        dy = carry.held[row["grad_slot"]]
-        x = self.fns.embed(self.outer, self.tokens[mb]) if first else carry.held[row["act_slot"]]
+        the forward once; the weight uses' inputs and output cotangents are kept for its W. With
+        ``StageFunctions.direct_weight_grads``, also the gradients of the weights applied outside the taps."""
+        c = row["chunk"]
+        dy = _as_cotangent(_at(carry.held, row["grad_slot"]))
+        x = self._stage_input(carry, row, first)
         probes = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.residual_shapes["dys"])
 
-        def run(x, probes):
-            y, inputs, _ = self.fns.tapped_stage(self.chunk(c), x, probes)
+        def run(x, probes, chunk):
+            y, inputs, _ = self.fns.tapped_stage(chunk, x, probes)
             return y, inputs
 
-        _, pull, inputs = jax.vjp(run, x, probes, has_aux=True)
-        dx, dys = pull(dy)
+        if self.fns.direct_weight_grads:
+            _, pull, inputs = jax.vjp(run, x, probes, self.chunk(c), has_aux=True)
+            dx, dys, d_chunk = pull(dy)
+            carry = self._add_layer_grads(carry, c, d_chunk)
+        else:
+            _, pull, inputs = jax.vjp(lambda x, probes: run(x, probes, self.chunk(c)), x, probes, has_aux=True)
+            dx, dys = pull(dy)
+        dx = _as_held(dx, x)
         kept = {"inputs": inputs, "dys": dys, "d_embed": dx if first else self.zeros_x}
         return carry._replace(residuals=kept), self.zeros_x if first else dx
 
@@ -287,11 +369,9 @@ class StageActions:
         """A split table's W: the chunk's weight gradients (and the embedding's, on the first
         virtual stage) from what its B kept; no forward, no input-gradient chain."""
         mb, c = row["microbatch"], row["chunk"]
-        kept = jax.tree.map(lambda buf: buf[row["res_slot"]], carry.residuals)
+        kept = _at(carry.residuals, row["res_slot"])
         d_chunk = self.fns.weight_grads(self.chunk(c), kept["inputs"], kept["dys"])
-        layer_g = jax.tree.map(lambda g, d: g.at[c].add(d), carry.layer_g, d_chunk)
-        outer_g = carry.outer_g
+        carry = self._add_layer_grads(carry, c, d_chunk)
         if first:
-            _, pull = jax.vjp(lambda o: self.fns.embed(o, self.tokens[mb]), self.outer)
-            outer_g = jax.tree.map(jnp.add, outer_g, pull(kept["d_embed"])[0])
-        return carry._replace(layer_g=layer_g, outer_g=outer_g), self.zeros_x
+            carry = self._add_embed_grads(carry, mb, kept["d_embed"])
+        return carry, self.zeros_x

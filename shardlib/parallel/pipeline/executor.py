@@ -1,12 +1,15 @@
 """One executor for every pipeline schedule: a scan over the ticks of a compiled table.
 
-Inside a ``shard_map`` that makes ``pipe``, the batch axes (``data``,
-``expert``) and the length axes (``seq``) manual, every stage holds its slice
-of the stacked layers and its share of the tokens (its rows, its block of
-every sequence); ``model`` stays automatic, so tensor parallelism keeps
-working through the rules inside each stage. Each tick, a stage runs the
+Inside a ``shard_map`` that makes the pipeline axis (``pipe_axis``, default
+``pipe``: any mesh axis), the batch axes (``data``, ``expert``) and the length
+axes (``seq``) manual, every stage holds its slice of the stacked layers and
+its share of the inputs (its rows, its block of every sequence); ``model``
+stays automatic, so tensor parallelism keeps working through the rules inside
+each stage. The inputs are any pytree of per-microbatch arrays ``[M, B, ...]``
+and the activations between stages any pytree of ``[B, ...]`` arrays
+(``StageFunctions``). Each tick, a stage runs the
 branch its column of the table names, then its one output (an activation or
-a gradient) moves to its neighbour below or above with ``ppermute``, or stays
+a gradient, a pytree) moves to its neighbour below or above with ``ppermute``, or stays
 on the stage where the next virtual stage is its own (a V's turn): each
 tick's two permutes connect only the stage pairs the table has an arrival
 for (``send_patterns``), so a stage with nothing to send sends nothing. The
@@ -98,30 +101,36 @@ def pipeline_loss_and_grads(
     fns: StageFunctions,
     layers: PyTree,
     outer: PyTree,
-    tokens_MxBxL: jax.Array,
-    targets_MxBxL: jax.Array,
+    inputs: PyTree,
     mesh: jax.sharding.Mesh,
     branching: Branching = "cond",
     *,
     layer_specs: PyTree | None = None,
     outer_specs: PyTree | None = None,
+    input_specs: PyTree | None = None,
     batch_axes: tuple[str, ...] = (),
     length_axes: tuple[str, ...] = (),
     owned_axes: tuple[str, ...] = (),
     recompute: bool = True,
     reduce_dtype: str | None = None,
+    pipe_axis: str = "pipe",
 ) -> tuple[jax.Array, PyTree, PyTree, PyTree]:
     """Mean loss over the microbatches and its gradients, by running ``plan``.
 
     Args:
-      layers: stacked layer parameters, leading dimension sharded over ``pipe``.
-      outer: the other parameters (replicated over ``pipe``).
-      tokens_MxBxL, targets_MxBxL: M microbatches (M = the schedule's m), B
-        split over ``batch_axes``.
+      layers: stacked layer parameters, leading dimension sharded over ``pipe_axis``
+        (stored in ``layer_order``; the table's p x v chunks of equal size).
+      outer: the other parameters (replicated over ``pipe_axis``).
+      inputs: any pytree of per-microbatch arrays ``[M, B, ...]`` (M = the schedule's m; tokens,
+        targets, masks, positions...), B split over ``batch_axes``; ``StageFunctions.embed`` and
+        ``loss`` get microbatch ``mb``'s pytree.
       layer_specs, outer_specs: each parameter's PartitionSpec (default:
-        ``P("pipe")`` and ``P()``); entries naming a batch axis are gathered
+        ``P(pipe_axis)`` and ``P()``); entries naming a batch axis are gathered
         for the step and their gradients reduce-scattered, other mesh axes are
         left to the partitioner.
+      input_specs: each input leaf's PartitionSpec over the manual axes (default
+        ``P(None, batch_axes, length_axes)``, the length entry only for leaves of 3 or more
+        dimensions: a leaf ``[M, B]`` is per row).
       batch_axes: mesh axes the batch is split over, made manual here.
       length_axes: mesh axes the sequence is split over (``seq``), made manual too: each
         stage then runs on its own block of every sequence (``StageFunctions`` must say how).
@@ -130,11 +139,23 @@ def pipeline_loss_and_grads(
         (``shardlib.parallel.pipeline.saved``; split tables recompute regardless).
       reduce_dtype: what the gradients' reduce-scatters and all-reduces over the token axes carry
         (None: the parameters' dtype).
+      pipe_axis: the mesh axis the stages are laid over (``PipelinePlan.axis``; a project's own
+        mesh may call it anything).
     Returns:
       (loss, layer grads sharded like ``layers``, outer grads sharded like ``outer``,
       the stages' statistics summed over microbatches and stages: ``StageFunctions.stats``, {} without).
     """
-    run, specs = _step_run(plan, fns, mesh, branching, layers, outer, layer_specs, outer_specs, batch_axes, length_axes)
+    run, specs = _step_run(
+        plan,
+        fns,
+        mesh,
+        branching,
+        (layers, outer, inputs),
+        (layer_specs, outer_specs, input_specs),
+        pipe_axis,
+        batch_axes,
+        length_axes,
+    )
     run = dataclasses.replace(run, owned_axes=owned_axes, recompute=recompute, reduce_dtype=reduce_dtype)
     step = jax.shard_map(
         run.body,
@@ -144,7 +165,7 @@ def pipeline_loss_and_grads(
         axis_names=run.manual,
         check_vma=False,
     )
-    return step(layers, outer, tokens_MxBxL, targets_MxBxL, *run.tables())
+    return step(layers, outer, inputs, *run.tables())
 
 
 def pipeline_loss(
@@ -152,16 +173,17 @@ def pipeline_loss(
     fns: StageFunctions,
     layers: PyTree,
     outer: PyTree,
-    tokens_MxBxL: jax.Array,
-    targets_MxBxL: jax.Array,
+    inputs: PyTree,
     mesh: jax.sharding.Mesh,
     branching: Branching = "cond",
     *,
     layer_specs: PyTree | None = None,
     outer_specs: PyTree | None = None,
+    input_specs: PyTree | None = None,
     batch_axes: tuple[str, ...] = (),
     length_axes: tuple[str, ...] = (),
     owned_axes: tuple[str, ...] = (),
+    pipe_axis: str = "pipe",
 ) -> tuple[jax.Array, PyTree]:
     """Mean loss over the microbatches, by running a forward-only (eval) ``plan``
     (``schedules.forward_only``): every stage runs its own layers on the stage inputs it
@@ -174,12 +196,22 @@ def pipeline_loss(
     """
     if not plan.schedule.forward_only:
         raise ValueError(f"pipeline_loss runs a forward-only table; {plan.schedule.name} has backwards")
-    run, specs = _step_run(plan, fns, mesh, branching, layers, outer, layer_specs, outer_specs, batch_axes, length_axes)
+    run, specs = _step_run(
+        plan,
+        fns,
+        mesh,
+        branching,
+        (layers, outer, inputs),
+        (layer_specs, outer_specs, input_specs),
+        pipe_axis,
+        batch_axes,
+        length_axes,
+    )
     run = dataclasses.replace(run, owned_axes=owned_axes)
     step = jax.shard_map(
         run.score, mesh=mesh, in_specs=specs, out_specs=(P(), P()), axis_names=run.manual, check_vma=False
     )
-    return step(layers, outer, tokens_MxBxL, targets_MxBxL, *run.tables())
+    return step(layers, outer, inputs, *run.tables())
 
 
 def _step_run(
@@ -187,22 +219,57 @@ def _step_run(
     fns: StageFunctions,
     mesh: jax.sharding.Mesh,
     branching: Branching,
-    layers: PyTree,
-    outer: PyTree,
-    layer_specs: PyTree | None,
-    outer_specs: PyTree | None,
+    arguments: tuple[PyTree, PyTree, PyTree],
+    specs: tuple[PyTree | None, PyTree | None, PyTree | None],
+    pipe_axis: str,
     batch_axes: tuple[str, ...],
     length_axes: tuple[str, ...],
 ) -> tuple[_StepRun, tuple]:
     """The shard_map body's settings, and its in_specs: the parameters' specs on the manual axes
-    (default ``P("pipe")`` for the layers, ``P()`` for the rest), the tokens', the table's."""
-    manual = {"pipe", *batch_axes, *length_axes}
-    layer_specs = _manual_only(layer_specs or jax.tree.map(lambda _: P("pipe"), layers), manual, "layers")
+    (default ``P(pipe_axis)`` for the layers, ``P()`` for the rest), the inputs', the table's."""
+    layers, outer, inputs = arguments
+    layer_specs, outer_specs, input_specs = specs
+    _check_axes(mesh, pipe_axis, batch_axes, length_axes)
+    _check_inputs(inputs, plan.schedule.microbatches)
+    manual = {pipe_axis, *batch_axes, *length_axes}
+    layer_specs = _manual_only(layer_specs or jax.tree.map(lambda _: P(pipe_axis), layers), manual, "layers")
     outer_specs = _manual_only(outer_specs or jax.tree.map(lambda _: P(), outer), manual, "outer")
+    if input_specs is None:
+        input_specs = jax.tree.map(lambda a: _input_spec(a.ndim, batch_axes, length_axes), inputs)
+    input_specs = _manual_only(input_specs, manual, "inputs")
     token_axes = (*batch_axes, *length_axes)
-    run = _StepRun(plan, fns, branching, layer_specs, outer_specs, token_axes, mesh)
-    batch_spec = P(None, batch_axes or None, length_axes or None)
-    return run, (layer_specs, outer_specs, batch_spec, batch_spec, P(), P())
+    run = _StepRun(plan, fns, branching, layer_specs, outer_specs, token_axes, mesh, pipe_axis)
+    return run, (layer_specs, outer_specs, input_specs, P(), P())
+
+
+def _input_spec(ndim: int, batch_axes: tuple[str, ...], length_axes: tuple[str, ...]) -> P:
+    """An input leaf's default spec: microbatches whole, rows over the batch axes, positions over the length axes."""
+    entries = [None, batch_axes or None, length_axes or None][:ndim]
+    return P(*entries)
+
+
+def _check_axes(mesh: jax.sharding.Mesh, pipe_axis: str, batch_axes, length_axes) -> None:
+    """Every axis the executor makes manual is one of the mesh's, named as the mesh names it."""
+    for what, axes in (("pipe_axis", (pipe_axis,)), ("batch_axes", batch_axes), ("length_axes", length_axes)):
+        missing = [a for a in axes if a not in mesh.shape]
+        if missing:
+            raise ValueError(
+                f"{what} names {missing}, not axes of the mesh {dict(mesh.shape)}; pass the mesh's own axis names "
+                "(shardlib.core.rules.rename_mesh_axes maps shardlib's onto a project's)"
+            )
+
+
+def _check_inputs(inputs: PyTree, microbatches: int) -> None:
+    """Every input leaf is [M, B, ...] with M the schedule's microbatches; errors name the leaf."""
+    leaves = jax.tree_util.tree_leaves_with_path(inputs)
+    if not leaves:
+        raise ValueError("the pipeline's inputs are empty: pass a pytree of [microbatches, rows, ...] arrays")
+    for path, leaf in leaves:
+        if leaf.ndim < 2 or leaf.shape[0] != microbatches:
+            raise ValueError(
+                f"inputs{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}; every input is "
+                f"[microbatches={microbatches}, rows, ...] (shardlib.parallel.accumulation.split_microbatches)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,14 +283,15 @@ class _StepRun:
     outer_specs: PyTree
     token_axes: tuple[str, ...]  # the batch axes, then the length axes: every token's shard
     mesh: jax.sharding.Mesh
+    pipe_axis: str = "pipe"
     owned_axes: tuple[str, ...] = ()
     recompute: bool = True
     reduce_dtype: str | None = None
 
     @property
     def manual(self) -> set[str]:
-        """The shard_map's manual axes: ``pipe`` and every token axis."""
-        return {"pipe", *self.token_axes}
+        """The shard_map's manual axes: the pipeline axis and every token axis."""
+        return {self.pipe_axis, *self.token_axes}
 
     def tables(self) -> tuple[dict, jax.Array]:
         """The table's columns (branch codes renumbered to ``used_branches``) and each tick's send patterns."""
@@ -246,17 +314,17 @@ class _StepRun:
         renumbered to positions in this list), so a split table's branches exist only where it runs."""
         return np.unique(self.plan.branch)
 
-    def body(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
+    def body(self, layers_local, outer_local, inputs, table, tick_patterns):
         """The training step: (loss, layer grads, outer grads, statistics)."""
-        carry, layers_local = self._run(layers_local, outer_local, tokens, targets, table, tick_patterns)
+        carry, layers_local = self._run(layers_local, outer_local, inputs, table, tick_patterns)
         return (*self._reduce(carry.layer_g, carry.outer_g, carry.loss, layers_local), self._stats(carry.stats))
 
-    def score(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
+    def score(self, layers_local, outer_local, inputs, table, tick_patterns):
         """The eval step (a forward-only table): (loss, statistics)."""
-        carry, _ = self._run(layers_local, outer_local, tokens, targets, table, tick_patterns)
-        return jax.lax.psum(carry.loss, ("pipe", *self.token_axes)) * self._scale(), self._stats(carry.stats)
+        carry, _ = self._run(layers_local, outer_local, inputs, table, tick_patterns)
+        return jax.lax.psum(carry.loss, (self.pipe_axis, *self.token_axes)) * self._scale(), self._stats(carry.stats)
 
-    def _run(self, layers_local, outer_local, tokens, targets, table, tick_patterns):
+    def _run(self, layers_local, outer_local, inputs, table, tick_patterns):
         """Gathers the weights over the batch axes they are sharded over, then scans the ticks:
         (the last carry, this stage's gathered layers)."""
         v = self.plan.schedule.virtual
@@ -264,9 +332,9 @@ class _StepRun:
         outer = jax.tree.map(lambda w, s: gather_sharded(w, s, self._axes(s)), outer_local, self.outer_specs)
         chunks = jax.tree.map(lambda w: w.reshape(v, w.shape[0] // v, *w.shape[1:]), layers_local)
         split = self.plan.schedule.split_backward
-        stage = StageActions(self.fns, outer, chunks, tokens, targets, split=split, recompute=self.recompute)
+        stage = StageActions(self.fns, outer, chunks, inputs, split=split, recompute=self.recompute)
         carry = stage.initial_carry(self.plan)
-        tick = functools.partial(self._tick, stage, jax.lax.axis_index("pipe"))
+        tick = functools.partial(self._tick, stage, jax.lax.axis_index(self.pipe_axis))
         carry, _ = jax.lax.scan(tick, carry, (table, tick_patterns))
         return carry, layers_local
 
@@ -306,12 +374,12 @@ class _StepRun:
         # A slot of -1 means nothing arrives: write into a scratch slot past the end.
         held = carry.held
         for column, got in arrivals.items():
-            held = held.at[_or_scratch(row[column], self.plan.buffer_slots)].set(got)
+            held = _set_slot(held, _or_scratch(row[column], self.plan.buffer_slots), got)
         return carry._replace(held=held), None
 
-    @staticmethod
-    def _permutes(patterns: tuple[Pairs, ...], scope: str) -> list[Callable]:
-        return [functools.partial(_send, pairs=pairs, scope=scope) if pairs else _nothing for pairs in patterns]
+    def _permutes(self, patterns: tuple[Pairs, ...], scope: str) -> list[Callable]:
+        send = functools.partial(_send, axis=self.pipe_axis, scope=scope)
+        return [functools.partial(send, pairs=pairs) if pairs else _nothing for pairs in patterns]
 
     def _reduce(self, layer_g, outer_g, loss, layers_local):
         """The step's mean loss and gradients, reduced over the token axes as the parameters are sharded."""
@@ -325,16 +393,15 @@ class _StepRun:
         # Only the first and last stages touch the outer parameters and the loss. Sums commute:
         # over the batch axes first, so that with FSDP only the shard crosses pipe.
         outer_g = jax.tree.map(
-            lambda g, s: jax.lax.psum(reduce_gradient(g * scale, s, self._axes(s), dtype=dtype), "pipe"),
+            lambda g, s: jax.lax.psum(reduce_gradient(g * scale, s, self._axes(s), dtype=dtype), self.pipe_axis),
             outer_g,
             self.outer_specs,
         )
-        return jax.lax.psum(loss, ("pipe", *self.token_axes)) * scale, layer_g, outer_g
+        return jax.lax.psum(loss, (self.pipe_axis, *self.token_axes)) * scale, layer_g, outer_g
 
-    @staticmethod
-    def _stats(stats):
+    def _stats(self, stats):
         """The stages' statistics summed over the stages; each stage's are already whole over the token axes."""
-        return jax.tree.map(lambda s: jax.lax.psum(s, "pipe"), stats)
+        return jax.tree.map(lambda s: jax.lax.psum(s, self.pipe_axis), stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,17 +474,21 @@ def _manual_only(specs: PyTree, manual: set[str], what: str) -> PyTree:
     return jax.tree_util.tree_map_with_path(keep, specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def _send(x: jax.Array, pairs: Pairs, scope: str) -> jax.Array:
-    """Stage s's ``x`` to stage t for each (s, t) in ``pairs``; a stage no pair targets gets zeros."""
+def _send(x: PyTree, pairs: Pairs, axis: str, scope: str) -> PyTree:
+    """Stage s's ``x`` (every leaf) to stage t for each (s, t) in ``pairs``; a stage no pair targets gets zeros."""
     with jax.named_scope(scope):
-        return jax.lax.ppermute(x, "pipe", [(int(s), int(t)) for s, t in pairs])
+        return jax.lax.ppermute(x, axis, [(int(s), int(t)) for s, t in pairs])
 
 
-def _nothing(x: jax.Array) -> jax.Array:
-    """What arrives on a tick with no permute: zeros of x's shape and dtype. Not zeros_like: that
-    copies x's sharding, which can name the whole mesh's axes as automatic (a stage's sharding
+def _nothing(x: PyTree) -> PyTree:
+    """What arrives on a tick with no permute: zeros of each leaf's shape and dtype. Not zeros_like:
+    that copies x's sharding, which can name the whole mesh's axes as automatic (a stage's sharding
     constraint), a mesh JAX refuses inside the manual region."""
-    return jnp.zeros(x.shape, x.dtype)
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), x)
+
+
+def _set_slot(buffers: PyTree, slot: jax.Array, value: PyTree) -> PyTree:
+    return jax.tree.map(lambda buf, x: buf.at[slot].set(x), buffers, value)
 
 
 def _or_scratch(slot: jax.Array, slots: int) -> jax.Array:

@@ -1,26 +1,19 @@
-"""Loss and gradients of the transformer through a pipeline schedule.
+"""The transformer as a client of the pipeline executor: its pieces, and its loss and gradients through a schedule.
 
-``plan_pipeline`` turns typed settings into a ``PipelinePlan``: the compiled
-schedule table, how stages branch, and where each logical layer is stored.
-``make_pipeline_grads`` cuts the NNX transformer into the executor's pieces
-(embedding, chunks of the layer stack, head + loss) and runs the table.
-Nothing here reads the training config: the parallel plan
-(``shardlib.training.parallel_plan``) passes settings in.
-
-Layer layout: the stacked layers are sharded contiguously over ``pipe``, and
-with ``virtual_stages > 1`` device s runs its slice as chunks of virtual
-stages s, p + s, ..., so the stored order is not the logical one
-(``layer_order``). ``logical_layers`` undoes it for anything that runs the
-layers in sequence, and checkpoints record the order so that ``relayout``
-can move them onto another pipeline. ``make_pipeline_loss`` is the eval
-step's: the same pieces through the schedule's forward-only table, so each
-stage runs only the layers it stores.
+``make_pipeline_grads`` cuts the NNX transformer into the executor's
+``StageFunctions`` (embedding, chunks of the layer stack, head + loss) and
+runs a ``PipelinePlan``'s table through the public executor
+(``shardlib.parallel.pipeline.executor.pipeline_loss_and_grads``), as any
+model's adapter would; ``make_pipeline_loss`` is the eval step's, the same
+pieces through the schedule's forward-only table (``pipeline_loss``), so each
+stage runs only the layers it stores. An MoE model's stages are
+``shardlib.models.moe_pipeline_stages``. Nothing here reads the training
+config: the parallel plan (``shardlib.training.parallel_plan``) passes settings in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,143 +23,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from shardlib.models.layers import BlockWeights, causal_gqa_attention, weight_grads
 from shardlib.core.rules import rule_axes, without_axes
 from shardlib.core.sharding import ActivationSharding
+from shardlib.models.layers import BlockWeights, causal_gqa_attention, weight_grads
+from shardlib.models.moe_pipeline_stages import MoEStages
 from shardlib.parallel.accumulation import split_microbatches
 from shardlib.parallel.attention import AttentionPlan
 from shardlib.parallel.pipeline.actions import StageFunctions
-from shardlib.parallel.pipeline.executor import (
-    Branching,
-    SendPatterns,
-    layer_order,
-    pipeline_loss,
-    pipeline_loss_and_grads,
-    send_patterns,
-)
-from shardlib.parallel.pipeline.moe_stages import MoEStages
-from shardlib.parallel.pipeline.schedules import forward_only, make_schedule, placement
-from shardlib.parallel.pipeline.table import TickTable, compile_table
+from shardlib.parallel.pipeline.executor import pipeline_loss, pipeline_loss_and_grads
+from shardlib.parallel.pipeline.plan import PipelinePlan
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineSettings:
-    """What the user chose: schedule name, microbatches, chunks per device, branching (auto|cond|select),
-    and whether backwards recompute their forward (``pipeline_loss_and_grads``'s ``recompute``)."""
-
-    schedule: str = "1f1b"
-    microbatches: int = 4
-    virtual_stages: int = 1
-    branching: str = "auto"
-    recompute: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelinePlan:
-    """Everything static about a pipelined step.
-
-    table: the compiled schedule (``shardlib.parallel.pipeline.table.TickTable``), [ticks, stages] arrays.
-    branching: ``cond`` (a stage runs only its branch) or ``select`` (all, then choose).
-    layer_order: [n_layers] logical layer index of each stored layer.
-    recompute: backwards recompute their chunk's forward (else forwards keep their residuals).
-    """
-
-    table: TickTable
-    branching: Branching
-    layer_order: np.ndarray
-    recompute: bool = True
-
-    @property
-    def schedule(self):
-        return self.table.schedule
-
-    @functools.cached_property
-    def send_patterns(self) -> SendPatterns:
-        """Each tick's permute pairs (``executor.send_patterns``): what the step sends, as a table."""
-        return send_patterns(self.table)
-
-    @functools.cached_property
-    def eval_table(self) -> TickTable:
-        """The eval step's table: the schedule's forwards alone, on the same devices (``forward_only``)."""
-        return compile_table(forward_only(self.schedule))
-
-
-def plan_pipeline(
-    settings: PipelineSettings,
-    stages: int,
-    n_layers: int,
-    batch_size: int,
-    *,
-    collectives_inside_stages: bool,
-    platform: str,
-    moe_period: int = 0,
-) -> PipelinePlan:
-    """The compiled schedule for ``settings`` over ``stages`` devices; errors name the setting that does not fit.
-
-    ``collectives_inside_stages``: stage branches hold collectives (a mesh axis
-    the partitioner handles, ``model``, has size > 1; or ``seq``; or an MoE
-    model's token axes). ``moe_period``: an MoE model's ``moe.period`` (0:
-    dense), whose groups of layers must not straddle two chunks.
-    """
-    chunks = stages * settings.virtual_stages
-    if n_layers % chunks:
-        raise ValueError(
-            f"model.n_layers={n_layers} does not divide into {chunks} pipeline chunks "
-            f"(pipe={stages} x pipeline.virtual_stages={settings.virtual_stages})"
-        )
-    if moe_period and (n_layers // chunks) % moe_period:
-        raise ValueError(
-            f"model.moe.period={moe_period} does not divide the {n_layers // chunks} layers of each pipeline "
-            f"chunk (model.n_layers={n_layers} over pipe={stages} x pipeline.virtual_stages="
-            f"{settings.virtual_stages}): a chunk must hold whole groups of dense layers and their MoE layer"
-        )
-    if batch_size % settings.microbatches:
-        raise ValueError(f"batch_size={batch_size} does not divide into pipeline.microbatches={settings.microbatches}")
-    table = compile_table(make_schedule(settings.schedule, stages, settings.microbatches, settings.virtual_stages))
-    if not settings.recompute and table.schedule.split_backward:
-        raise ValueError(
-            f"pipeline.recompute=false does not apply to {settings.schedule}: its B recomputes the forward "
-            "and keeps what its W needs; use 1f1b, gpipe or interleaved-1f1b, or recompute=true"
-        )
-    return PipelinePlan(
-        table,
-        _branching(settings.branching, collectives_inside_stages, platform),
-        layer_order(n_layers, stages, settings.virtual_stages, placement(settings.schedule)),
-        settings.recompute,
-    )
-
-
-def _branching(choice: str, collectives_inside_stages: bool, platform: str) -> Branching:
-    """``cond`` unless XLA:CPU would run collectives inside stage-dependent branches.
-
-    Collectives over the manual axes (``pipe`` and the batch axes) sit outside
-    the branches; only axes the partitioner handles put collectives inside
-    them, and XLA:CPU runs every collective as one rendezvous of all local
-    devices, so a branch some devices skip would hang.
-    """
-    if choice != "auto":
-        return choice  # type: ignore[return-value]
-    return "select" if platform == "cpu" and collectives_inside_stages else "cond"
-
-
-def logical_layers(layers: PyTree, order: np.ndarray) -> PyTree:
-    """The stacked layers in logical order, from the pipeline's stored order (a gather on the layer axis)."""
-    if np.array_equal(order, np.arange(len(order))):
-        return layers
-    inverse = jnp.asarray(np.argsort(order))
-    return jax.tree.map(lambda w: jnp.take(w, inverse, axis=0), layers)
-
-
-def relayout_index(saved_order: np.ndarray, new_order: np.ndarray) -> np.ndarray | None:
-    """Index i of the new stack = stored index (saved layout) of logical layer new_order[i]; None if equal."""
-    saved_order, new_order = np.asarray(saved_order), np.asarray(new_order)
-    if saved_order.shape != new_order.shape:
-        raise ValueError(f"a checkpoint of {len(saved_order)} layers cannot take a layout of {len(new_order)}")
-    if np.array_equal(saved_order, new_order):
-        return None
-    return np.argsort(saved_order)[new_order]
 
 
 def _chunk_weight_grads(chunk: dict, inputs: dict, dys: dict) -> dict:
@@ -246,10 +113,10 @@ def _dense_stage_functions(merged: Callable, layout: _StageLayout, kwargs: dict,
         )
 
     return StageFunctions(
-        embed=lambda outer, tokens: merged(outer).embed_tokens(tokens, **kwargs),
+        embed=lambda outer, inputs: merged(outer).embed_tokens(inputs["tokens"], **kwargs),
         stage=stage,
         # Transformer.loss: the head's cross-entropy, chunked with model.loss_chunk as the eval step's is.
-        loss=lambda outer, x, targets: merged(outer).loss(x, targets, **kwargs),
+        loss=lambda outer, x, inputs: merged(outer).loss(x, inputs["targets"], **kwargs),
         # Split (zero-bubble) tables: B records each weight use, W takes the weight gradients from it.
         tapped_stage=tapped_stage,
         weight_grads=_chunk_weight_grads,
@@ -272,9 +139,10 @@ class _Stages:
     mesh: jax.sharding.Mesh
     shard: ActivationSharding | None
     param_specs: PyTree | None
+    pipe_axis: str
 
     def arguments(self, params: PyTree, batch: dict) -> tuple[tuple, dict]:
-        """(stacks, outer, tokens, targets) and the keywords the executor takes for them."""
+        """(stacks, outer, {"tokens", "targets"} per microbatch) and the keywords the executor takes for them."""
         inputs, targets = batch["inputs"], batch["targets"]
         if self.layout.order is not None:  # the attention's layout: tokens and targets alike
             inputs, targets = inputs[:, self.layout.order], targets[:, self.layout.order]
@@ -282,18 +150,18 @@ class _Stages:
         stacks = {k: params[k] for k in self.stacked_names}
         specs = self.param_specs or {}
         m = self.microbatches
-        positional = (
-            stacks,
-            outer,
-            split_microbatches(inputs, m, self.shard),
-            split_microbatches(targets, m, self.shard),
-        )
+        microbatches = {
+            "tokens": split_microbatches(inputs, m, self.shard),
+            "targets": split_microbatches(targets, m, self.shard),
+        }
+        positional = (stacks, outer, microbatches)
         keywords = {
             "layer_specs": {k: specs[k] for k in self.stacked_names} if specs else None,
             "outer_specs": {k: specs[k] for k in outer} if specs else None,
             "batch_axes": self.layout.batch_axes,
             "length_axes": self.layout.length_axes,
             "owned_axes": self.moe.expert_axes if self.moe is not None else (),
+            "pipe_axis": self.pipe_axis,
         }
         return positional, keywords
 
@@ -320,7 +188,7 @@ def _stages(
         moe = MoEStages(merged(), abstract_params["moe"], layout.token_axes, mesh, shard)
         fns = moe.functions(fns, merged, layout.positions, layer_kwargs)
     m = pipeline.schedule.microbatches
-    return _Stages(fns, layout, moe, stacked_names, m, mesh, shard, param_specs)
+    return _Stages(fns, layout, moe, stacked_names, m, mesh, shard, param_specs, pipeline.axis)
 
 
 def make_pipeline_grads(

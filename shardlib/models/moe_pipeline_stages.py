@@ -1,4 +1,4 @@
-"""A mixture of experts inside pipeline stages: the stage pieces of an MoE transformer.
+"""A mixture of experts inside pipeline stages: the stage pieces of an MoE transformer (``pipeline_stages``'s).
 
 The executor's stages run inside a ``shard_map`` manual over ``pipe`` and the
 token axes (batch axes, ``expert`` among them, and ``seq``), so each stage

@@ -36,7 +36,7 @@ from shardlib.parallel.pipeline.executor import pipeline_loss_and_grads
 from shardlib.parallel.pipeline.flax_layers import linen_layer, merge_stacked, split_stacked
 from shardlib.parallel.pipeline.plan import PipelineSettings, plan_pipeline
 from shardlib.parallel.pipeline.stacked import stacked_stage_functions
-from shardlib.parallel.ring_attention import ring_attention
+from shardlib.parallel.seq_attention import dot_product_attention
 
 TOLERANCE = 1e-5  # relative to each leaf's (and the loss's) own scale
 VOCAB, WIDTH, HEADS, LAYERS, SEQ_LEN, BATCH, MICROBATCHES = 64, 32, 4, 4, 16, 8, 4
@@ -53,8 +53,8 @@ class CausalSelfAttention(nn.Module):
         qkv = nn.Dense(3 * width, name="c_attn")(x).reshape(batch, length, 3, self.n_heads, -1)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.impl == "ring":
-            # Switch to shardlib.parallel.seq_attention.dot_product_attention(q, k, v, is_causal=True, impl="ring", ...)
-            out = ring_attention(q, k, v, axis_name="seq", axis_size=MESH["seq"], layout="none")
+            # Inside the pipeline's shard_map `seq` is manual: the call runs the ring on this device's block.
+            out = dot_product_attention(q, k, v, is_causal=True, impl="ring", seq_axis="seq", batch_axes="data")
         else:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return nn.Dense(width, name="c_proj")(out.reshape(batch, length, width))

@@ -23,7 +23,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from shardlib.core.patterns import match_logical_axes
 from shardlib.core.rules import preset_rules, rename_mesh_axes
+from shardlib.core.sharding import tree_specs
 from shardlib.parallel.pipeline.executor import pipeline_loss_and_grads
 from shardlib.parallel.pipeline.flax_layers import linen_layer, merge_stacked, nnx_layer, split_stacked
 from shardlib.parallel.pipeline.plan import PipelineSettings, pipeline_axis, plan_pipeline
@@ -143,9 +145,22 @@ def microbatched(data, mesh, data_axis):
 
 
 def run_pipeline(
-    fns, params, data, mesh, schedule, virtual=1, pipe="pipe", data_axis="data", stack="blocks", plan_axis=None
+    fns,
+    params,
+    data,
+    mesh,
+    schedule,
+    virtual=1,
+    pipe="pipe",
+    data_axis="data",
+    stack="blocks",
+    plan_axis=None,
+    specs=None,
 ):
-    """(loss, grads in the params' tree) of one step through the executor, the stack's in logical order."""
+    """(loss, grads in the params' tree) of one step through the executor, the stack's in logical order.
+
+    ``specs``: each parameter's PartitionSpec in the params' tree (default: the stack over ``pipe``,
+    the rest replicated)."""
     settings = PipelineSettings(schedule, MICRO, virtual)
     plan = plan_pipeline(
         settings,
@@ -158,13 +173,27 @@ def run_pipeline(
     )
     stacked, outer = split_stacked(params, stack)
     stacked = jax.tree.map(lambda w: w[plan.layer_order], stacked)  # the pipeline's storage order
-    stacked = jax.device_put(stacked, NamedSharding(mesh, P(pipe)))
-    outer = jax.device_put(outer, NamedSharding(mesh, P()))
+    if specs is None:
+        stacked_specs, outer_specs = jax.tree.map(lambda _: P(pipe), stacked), jax.tree.map(lambda _: P(), outer)
+    else:
+        stacked_specs, outer_specs = split_stacked(specs, stack)
+    stacked = jax.tree.map(lambda w, s: jax.device_put(w, NamedSharding(mesh, s)), stacked, stacked_specs)
+    outer = jax.tree.map(lambda w, s: jax.device_put(w, NamedSharding(mesh, s)), outer, outer_specs)
 
     @jax.jit
     def step(stacked, outer, inputs):
         return pipeline_loss_and_grads(
-            plan.table, fns, stacked, outer, inputs, mesh, plan.branching, batch_axes=(data_axis,), pipe_axis=plan.axis
+            plan.table,
+            fns,
+            stacked,
+            outer,
+            inputs,
+            mesh,
+            plan.branching,
+            layer_specs=stacked_specs if specs is not None else None,
+            outer_specs=outer_specs if specs is not None else None,
+            batch_axes=(data_axis,),
+            pipe_axis=plan.axis,
         )
 
     loss, d_stacked, d_outer, _ = step(stacked, outer, microbatched(data, mesh, data_axis))
@@ -173,10 +202,10 @@ def run_pipeline(
     return float(loss), merge_stacked(d_stacked, jax.device_get(d_outer), stack)
 
 
-def mesh(**sizes):
+def mesh(axis_type=jax.sharding.AxisType.Explicit, **sizes):
     names, shape = tuple(sizes), tuple(sizes.values())
     devices = jax.devices()[: int(np.prod(shape))]
-    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Explicit,) * len(names), devices=devices)
+    return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names), devices=devices)
 
 
 def assert_matches(loss, grads, ref):
@@ -242,6 +271,35 @@ def test_pytree_activation_with_a_mask_matches_one_device(linen_params):
     embed, layer, loss, uses = linen_pieces(masked=True)
     fns = stacked_stage_functions(embed, layer, loss, weight_uses=uses)
     assert_matches(*run_pipeline(fns, linen_params, data, mesh(pipe=2, data=2), "zb-v", 2), ref)
+
+
+# The decoder's parameters in shardlib's logical names, by path (it carries no annotations).
+LINEN_AXES = (
+    (r"blocks/attn/(q|k|v)/kernel", ("layers", "embed", "heads")),
+    (r"blocks/attn/proj/kernel", ("layers", "heads", "embed")),
+    (r"blocks/attn/proj/bias", ("layers", "embed")),
+    (r"blocks/fc/kernel", ("layers", "embed", "mlp")),
+    (r"blocks/fc/bias", ("layers", "mlp")),
+    (r"blocks/out/kernel", ("layers", "mlp", "embed")),
+    (r"blocks/out/bias", ("layers", "embed")),
+    (r"blocks/ln_\d/(scale|bias)", ("layers", None)),
+    (r"wte/embedding", ("vocab", "embed")),
+    (r"ln_f/(scale|bias)", (None,)),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
+
+
+@pytest.mark.parametrize("preset", ["fsdp", "fsdp_tp"])
+def test_the_rules_presets_compose_with_a_foreign_pipeline(preset, linen_params, linen_ref):
+    """FSDP (weights over ``data``, gathered per step by the executor) and tensor parallelism (``model``,
+    left to the partitioner inside the stages) on pipe 2 x data 2 x model 2, the specs from shardlib's rules."""
+    m = mesh(jax.sharding.AxisType.Auto, pipe=2, data=2, model=2)
+    rules = preset_rules(preset, mesh=m)
+    specs = tree_specs(linen_params, match_logical_axes(linen_params, LINEN_AXES), rules, m)
+    assert specs["blocks"]["fc"]["kernel"] == (P("pipe", "data", "model") if preset == "fsdp_tp" else P("pipe", "data", None))
+    embed, layer, loss, uses = linen_pieces()
+    fns = stacked_stage_functions(embed, layer, loss, weight_uses=uses)
+    assert_matches(*run_pipeline(fns, linen_params, batch(), m, "zb-h1", specs=specs), linen_ref)
 
 
 def test_a_pipeline_axis_of_another_name(linen_params, linen_ref):

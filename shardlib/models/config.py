@@ -35,6 +35,33 @@ class MoEConfig(BaseModel):
     z_loss_weight: NonNegFloat = 0.001
 
 
+class RopeScaling(BaseModel):
+    """Llama 3's rotary frequency scaling (HF ``rope_scaling`` with ``rope_type: llama3``).
+
+    Frequencies whose wavelength exceeds ``original_max_position_embeddings /
+    low_freq_factor`` are divided by ``factor``; those shorter than ``... /
+    high_freq_factor`` are kept; the band between is interpolated smoothly
+    (``shardlib.models.layers.rope_frequencies``).
+    """
+
+    model_config = STRICT
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: PosFloat
+    low_freq_factor: PosFloat
+    high_freq_factor: PosFloat
+    original_max_position_embeddings: PosInt
+
+    @model_validator(mode="after")
+    def _check_band(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+        return self
+
+
 class ModelConfig(BaseModel):
     """Shape and numerics of the decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU)."""
 
@@ -49,6 +76,10 @@ class ModelConfig(BaseModel):
     head_dim: PosInt | None = None
     d_ff: PosInt
     rope_theta: PosFloat = 10000.0
+    rope_scaling: RopeScaling | None = None  # null: the plain rotary frequencies theta^(-2i/K)
+    qkv_bias: bool = False  # a learned bias on q, k and v (Qwen 2): parameter layers/qkv_bias [L, N, G + 2, K]
+    # Each query sees only the keys less than this many positions before it (Mistral); null: all earlier ones.
+    sliding_window: PosInt | None = None
     tie_embeddings: bool = False
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -111,7 +142,8 @@ class ModelConfig(BaseModel):
         # Fused qkv [D, N, H/N + 2, K] holds H + 2N heads' columns, o [H, K, D] H more.
         attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * d * self.d_ff  # SwiGLU: gate_up [D, 2, F], down [F, D]
-        per_layer = 2 * d + attention + mlp  # two RMSNorm scales, no biases
+        bias = hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
+        per_layer = 2 * d + attention + bias + mlp  # two RMSNorm scales, q/k/v biases if any
         embedding = self.vocab_size * d
         output = 0 if self.tie_embeddings else embedding
         return embedding + self.n_layers * per_layer + d + output + self._moe_extra_params(active=False)
@@ -141,6 +173,8 @@ class ModelConfig(BaseModel):
         # Untied: drop the lookup table, keep the output matrix. Tied: the single
         # matrix is the output projection, so nothing is dropped.
         matmul_params = num_params if self.tie_embeddings else num_params - self.vocab_size * d
+        if self.qkv_bias:  # added, not multiplied
+            matmul_params -= self.n_layers * self.resolved_head_dim * (self.n_heads + 2 * self.n_kv_heads)
         # A token runs through top_k experts of each MoE layer, not all of them.
         matmul_params += self._moe_extra_params(active=True) - self._moe_extra_params(active=False)
         attention = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len

@@ -24,7 +24,20 @@ Weights are drawn N(0, 0.15^2) (norm scales 1 + N(0, 0.1^2)) rather than
 HF's 0.02 so that attention is far from uniform: a wrong rotary or head layout
 then changes the logits by far more than the test's tolerance.
 
-``--check-export DIR --variant untied|tied`` loads a shardlib export with
+``--families`` writes ``tests/fixtures/hf_families/`` instead (the Llama fixture is left
+as it is), one tiny model per family shardlib imports beyond Llama 2, each of the shape
+above with d_ff 64, saved in bfloat16 as one ``model.safetensors``:
+
+* ``llama3/``: ``rope_scaling`` ``llama3`` (factor 8, low/high_freq_factor 1/4,
+  original_max_position_embeddings 32: with head_dim 16 and rope_theta 50000 the
+  8 frequencies fall in all three bands: 1 kept, 1 interpolated, 6 divided);
+* ``qwen2/``: Qwen 2 with its q/k/v biases (drawn like the weights, not HF's zeros)
+  and tied embeddings, rope_theta 1e6;
+* ``mistral/``: Mistral with ``sliding_window`` 5 (shorter than the 16 tokens);
+* ``reference.safetensors``: the same ``tokens`` and each family's float32 logits
+  (``llama3_logits``, ``qwen2_logits``, ``mistral_logits``).
+
+``--check-export DIR --variant untied|tied|llama3|qwen2|mistral`` loads a shardlib export with
 transformers and prints its largest logits difference from the reference.
 """
 
@@ -41,9 +54,18 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 OUT = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf_tiny_llama"
+FAMILIES_OUT = OUT.parent / "hf_families"
 SHAPE = {
     "vocab_size": 256,
     "hidden_size": 64,
@@ -55,6 +77,76 @@ VARIANTS = {
     "untied": {"intermediate_size": 128, "tie_word_embeddings": False, "max_shard_size": "48KB"},
     "tied": {"intermediate_size": 64, "tie_word_embeddings": True, "max_shard_size": "1MB"},
 }
+
+
+COMMON = {
+    **SHAPE,
+    "intermediate_size": 64,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 128,
+    "bos_token_id": None,
+    "eos_token_id": 1,
+    "pad_token_id": None,
+    "attn_implementation": "eager",
+}
+FAMILIES = {
+    "llama3": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {
+            "tie_word_embeddings": False,
+            "rope_theta": 50000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        },
+    ),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True, "rope_theta": 1000000.0}),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        {"tie_word_embeddings": False, "rope_theta": 10000.0, "sliding_window": 5},
+    ),
+}
+
+
+def randomize(model) -> None:
+    """Weights and biases N(0, 0.15^2), norm scales 1 + N(0, 0.1^2), each rounded to bfloat16."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))  # the values the bf16 files hold, exactly
+
+
+def make_family(seed: int, family: str):
+    config_cls, model_cls, settings = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**COMMON, **settings)).eval()
+    randomize(model)
+    return model
+
+
+def generate_families() -> None:
+    if FAMILIES_OUT.exists():
+        shutil.rmtree(FAMILIES_OUT)
+    FAMILIES_OUT.mkdir(parents=True)
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = {"tokens": tokens.to(torch.int32)}
+    for seed, family in enumerate(FAMILIES, start=10):
+        model = make_family(seed, family)
+        reference[f"{family}_logits"] = logits_of(model, tokens).contiguous()
+        model.to(torch.bfloat16).save_pretrained(FAMILIES_OUT / family)
+        (FAMILIES_OUT / family / "generation_config.json").unlink(missing_ok=True)
+    save_file(reference, str(FAMILIES_OUT / "reference.safetensors"))
+    total = sum(p.stat().st_size for p in FAMILIES_OUT.rglob("*") if p.is_file())
+    print(f"wrote {FAMILIES_OUT} ({total / 1024:.0f} KiB)")
 
 
 def make_model(seed: int, intermediate_size: int, tie_word_embeddings: bool) -> LlamaForCausalLM:
@@ -122,8 +214,8 @@ def generate() -> None:
 
 
 def check_export(path: pathlib.Path, variant: str) -> None:
-    reference = load_file(str(OUT / "reference.safetensors"))
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    reference = load_file(str((FAMILIES_OUT if variant in FAMILIES else OUT) / "reference.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     expected = reference[f"{variant}_logits"]
     diff = (logits_of(model, reference["tokens"]) - expected).abs().max().item()
     print(f"{path}: max |logits - reference| = {diff:.3g} (reference scale {expected.abs().max().item():.3g})")
@@ -132,9 +224,12 @@ def check_export(path: pathlib.Path, variant: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check-export", type=pathlib.Path)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="untied")
+    parser.add_argument("--variant", choices=sorted([*VARIANTS, *FAMILIES]), default="untied")
+    parser.add_argument("--families", action="store_true", help="write tests/fixtures/hf_families/ only")
     args = parser.parse_args()
     if args.check_export:
         check_export(args.check_export, args.variant)
+    elif args.families:
+        generate_families()
     else:
         generate()

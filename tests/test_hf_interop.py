@@ -1,5 +1,7 @@
 """Hugging Face Llama checkpoints in and out (shardlib.interop), against the fixture of tests/make_hf_fixture.py.
 
+(Llama 3, Qwen 2 and Mistral: tests/test_hf_families.py.)
+
 The fixture (tests/fixtures/hf_tiny_llama) holds two tiny random Llamas saved by
 transformers in bfloat16 (``untied``: six files and an index; ``tied``: one
 file) and their float32 logits on a fixed batch. Imported logits must match
@@ -272,8 +274,8 @@ def rewrite_tied_weights(hf_dir: Path, edit) -> Path:
         (lambda d: edit_config(d, model_type="gpt2"), "model_type 'gpt2' is not supported"),
         (lambda d: edit_config(d, attention_bias=True), "attention_bias is True"),
         (
-            lambda d: edit_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
-            "rope_scaling has rope_type 'llama3'",
+            lambda d: edit_config(d, rope_scaling={"rope_type": "dynamic", "factor": 8.0}),
+            "rope_scaling has rope_type 'dynamic'",
         ),
         (
             lambda d: edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),

@@ -1,4 +1,4 @@
-"""Write shardlib parameters as a Hugging Face Llama checkpoint: config.json, sharded safetensors, index.
+"""Write shardlib parameters as a Hugging Face checkpoint (Llama, Mistral or Qwen 2): config.json, safetensors, index.
 
 ``export_hf`` goes tensor by tensor in HF order and holds at most one output
 file's tensors on the host at a time. Each HF tensor is one layer of a stacked
@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from shardlib.interop.hf_config import CONFIG_FILE, hf_config_from_model
 from shardlib.interop.hf_import import INDEX_FILE
-from shardlib.interop.hf_layout import TensorLayout, axis_sizes, llama_layouts, to_hf
+from shardlib.interop.hf_layout import TensorLayout, axis_sizes, model_layouts, to_hf
 from shardlib.models.config import ModelConfig
 
 PyTree = Any
@@ -96,7 +96,7 @@ def _get(tree: PyTree, path: str):
 def _plan(model: ModelConfig, itemsize: int) -> list[tuple[str, TensorLayout, int | None, int]]:
     """(HF name, layout, logical layer or None, bytes) of every tensor, in HF's order (layer by layer)."""
     sizes = axis_sizes(model)
-    layouts = llama_layouts(model.tie_embeddings)
+    layouts = model_layouts(model)
     stacked = [lay for lay in layouts if lay.stacked]
     head = [lay for lay in layouts if not lay.stacked and lay.path.startswith("embed")]
     tail = [lay for lay in layouts if not lay.stacked and lay not in head]
@@ -123,7 +123,11 @@ def export_hf(
     max_position_embeddings: int = 4096,
     config_extra: dict | None = None,
 ) -> pathlib.Path:
-    """Writes ``params`` (shardlib's pure dict, any sharding) as an HF ``LlamaForCausalLM`` checkpoint.
+    """Writes ``params`` (shardlib's pure dict, any sharding) as an HF checkpoint of ``hf_model_type(model)``.
+
+    The family follows the model's options: ``Qwen2ForCausalLM`` with q/k/v
+    biases, ``MistralForCausalLM`` with a sliding window, else ``LlamaForCausalLM``
+    (rope scaling ``llama3`` included); importing the result gives ``model`` back.
 
     ``layer_order``: stored position -> logical layer of the stacked
     parameters (a pipeline's layout; default 0..L-1); HF layer i is written

@@ -1,4 +1,4 @@
-"""Read a Hugging Face Llama checkpoint directory into shardlib parameters, each device's shard only.
+"""Read a Hugging Face Llama-family checkpoint directory into shardlib parameters, each device's shard only.
 
 The directory holds ``config.json`` and the weights: one ``model.safetensors``,
 or several files listed by ``model.safetensors.index.json``. Every parameter
@@ -38,7 +38,7 @@ from shardlib.interop.hf_config import (
 from shardlib.interop.hf_layout import (
     IGNORED_SUFFIXES,
     axis_sizes,
-    llama_layouts,
+    model_layouts,
     param_shape,
     parameters,
     read_param_block,
@@ -170,7 +170,8 @@ def load_hf_params(
     ``shardings``: a ``NamedSharding`` per parameter, same structure (e.g.
     ``TrainingSetup.shardings.params``); every leaf comes back on it, in
     ``model.param_dtype``. Shapes are those of ``shardlib/models/transformer.py``
-    (qkv [L, D, N, H/N + 2, K] from q_proj, k_proj, v_proj; o [L, H, K, D];
+    (qkv [L, D, N, H/N + 2, K] from q_proj, k_proj, v_proj; qkv_bias [L, N, H/N + 2, K] from
+    their biases (Qwen 2); o [L, H, K, D];
     gate_up [L, D, 2, F] from gate_proj, up_proj; down [L, F, D]; norms
     [L, D]; embed [V, D]; unembed [D, V] if untied).
     ``layer_order`` (stored position -> logical layer; a pipeline's layout)
@@ -187,7 +188,7 @@ def load_hf_params(
     order = np.arange(model.n_layers) if layer_order is None else np.asarray(layer_order)
     if sorted(order.tolist()) != list(range(model.n_layers)):
         raise ValueError(f"layer_order {order.tolist()} is not a permutation of the {model.n_layers} layers")
-    layouts = llama_layouts(model.tie_embeddings)
+    layouts = model_layouts(model)
     dtype = jax.numpy.dtype(model.param_dtype)
     params: dict = {}
     with contextlib.ExitStack() as stack:
@@ -201,5 +202,5 @@ def load_hf_params(
             node[name] = _leaf(rows, sizes, reader, _get(shardings, path), dtype, order)
     expected = jax.tree_util.tree_structure(shardings)
     if jax.tree_util.tree_structure(params) != expected:  # the table no longer covers the model
-        raise RuntimeError(f"hf_layout.LLAMA_TABLE does not cover the model's parameters: {expected}")
+        raise RuntimeError(f"hf_layout's table does not cover the model's parameters: {expected}")
     return params

@@ -1,4 +1,4 @@
-"""Which Hugging Face Llama tensor is which shardlib parameter: one table, as data.
+"""Which Hugging Face Llama-family tensor is which shardlib parameter: one table, as data.
 
 Each row names an HF tensor, the shardlib parameter path (as in
 ``nnx.to_pure_dict``, see ``shardlib/models/transformer.py``), and both layouts in
@@ -24,6 +24,9 @@ and ``shardlib.models.layers.apply_rope`` uses that same pairing and the same
 frequencies ``theta ** (-2i / head_dim)``. So no column permutation is needed in
 either direction (``ROTARY_PAIRING`` records the fact; a test shows the logits
 match). A checkpoint in Meta's interleaved layout (i with i + 1) is not an HF one.
+
+Qwen 2's q/k/v biases (``QKV_BIAS_TABLE``) fill ``layers/qkv_bias`` as the weights fill
+``layers/qkv``, without the ``embed`` axis; Mistral and Llama 3 have Llama's tensors.
 
 ``python -m shardlib.interop.hf_layout`` prints the table.
 """
@@ -54,6 +57,12 @@ LLAMA_TABLE: tuple[tuple[str, str, str, str], ...] = (
     ("model.layers.{i}.mlp.down_proj.weight",            "layers/down",      "embed mlp",                       "layer mlp embed"),
     ("model.norm.weight",                                "final_norm",       "embed",                           "embed"),
     ("lm_head.weight",                                   "unembed",          "vocab embed",                     "embed vocab"),  # untied only
+)
+# Rows of a model with q/k/v biases (ModelConfig.qkv_bias: Qwen 2), after the v_proj row.
+QKV_BIAS_TABLE: tuple[tuple[str, str, str, str], ...] = (
+    ("model.layers.{i}.self_attn.q_proj.bias",           "layers/qkv_bias",  "(kv_heads group head_dim)",       "layer kv_heads [group] head_dim"),
+    ("model.layers.{i}.self_attn.k_proj.bias",           "layers/qkv_bias",  "(kv_heads head_dim)",             "layer kv_heads [1] head_dim"),
+    ("model.layers.{i}.self_attn.v_proj.bias",           "layers/qkv_bias",  "(kv_heads head_dim)",             "layer kv_heads [1] head_dim"),
 )
 # fmt: on
 UNIT = "1"  # a fused dimension's entry that the HF tensor has no axis for: size 1
@@ -147,10 +156,18 @@ def parse_axes(spec: str) -> tuple[tuple[str, ...], str | None]:
     return tuple(axes), fused
 
 
-def llama_layouts(tie_embeddings: bool) -> list[TensorLayout]:
-    """The parsed rows that apply to a model with or without tied embeddings."""
+def table(qkv_bias: bool = False) -> tuple[tuple[str, str, str, str], ...]:
+    """The rows of a model with or without q/k/v biases, in HF order (the biases after v_proj's weight)."""
+    if not qkv_bias:
+        return LLAMA_TABLE
+    after = next(k for k, row in enumerate(LLAMA_TABLE) if row[0].endswith("v_proj.weight")) + 1
+    return (*LLAMA_TABLE[:after], *QKV_BIAS_TABLE, *LLAMA_TABLE[after:])
+
+
+def llama_layouts(tie_embeddings: bool, qkv_bias: bool = False) -> list[TensorLayout]:
+    """The parsed rows that apply to a model with or without tied embeddings and q/k/v biases."""
     rows, earlier = [], {}
-    for hf, path, hf_axes, spec in LLAMA_TABLE:
+    for hf, path, hf_axes, spec in table(qkv_bias):
         axes, fused = parse_axes(spec)
         before = earlier.get(path, ())
         if before and fused is None:
@@ -158,6 +175,11 @@ def llama_layouts(tie_embeddings: bool) -> list[TensorLayout]:
         rows.append(TensorLayout(hf, path, parse_groups(hf_axes), axes, fused, before))
         earlier[path] = (*before, fused)
     return [row for row in rows if not (tie_embeddings and row.path in UNTIED_ONLY)]
+
+
+def model_layouts(model) -> list[TensorLayout]:
+    """The parsed rows of ``model`` (a ``ModelConfig``)."""
+    return llama_layouts(model.tie_embeddings, model.qkv_bias)
 
 
 def parameters(layouts: list[TensorLayout]) -> dict[str, list[TensorLayout]]:
@@ -280,13 +302,13 @@ def to_hf(layout: TensorLayout, block: np.ndarray, sizes: dict[str, int] | None 
 def format_table() -> str:
     """The table as aligned text, for people."""
     header = ("HF tensor", "shardlib path", "HF axes", "shardlib axes")
-    rows = [header, *LLAMA_TABLE]
+    rows = [header, *table(qkv_bias=True)]
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return (
         "\n".join(lines)
         + "\n(rows of one shardlib path are concatenated along its [bracketed] dimension, in this order;"
-        + " group = heads / kv_heads)"
+        + " group = heads / kv_heads; the .bias rows only with q/k/v biases, Qwen 2)"
         + f"\n(rotary pairing: {ROTARY_PAIRING} on both sides, no q/k permutation)"
     )
 

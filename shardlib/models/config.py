@@ -39,6 +39,33 @@ class MoEConfig(BaseModel):
     )
 
 
+class RopeScaling(BaseModel):
+    """Llama 3's rotary frequency scaling (HF ``rope_scaling`` with ``rope_type: llama3``).
+
+    Frequencies whose wavelength exceeds ``original_max_position_embeddings /
+    low_freq_factor`` are divided by ``factor``; those shorter than ``... /
+    high_freq_factor`` are kept; the band between is interpolated smoothly
+    (``shardlib.models.layers.rope_frequencies``).
+    """
+
+    model_config = STRICT
+
+    rope_type: Literal["llama3"] = Field("llama3", description="the scaling's kind (only llama3)")
+    factor: PosFloat = Field(description="what the long wavelengths' frequencies are divided by")
+    low_freq_factor: PosFloat = Field(description="wavelengths above original / low_freq_factor are scaled")
+    high_freq_factor: PosFloat = Field(description="wavelengths below original / high_freq_factor are kept")
+    original_max_position_embeddings: PosInt = Field(description="the context length the model was trained at")
+
+    @model_validator(mode="after")
+    def _check_band(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+        return self
+
+
 class ModelConfig(BaseModel):
     """Shape and numerics of the decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU)."""
 
@@ -53,6 +80,17 @@ class ModelConfig(BaseModel):
     head_dim: PosInt | None = Field(None, description="width of one head; null: d_model // n_heads")
     d_ff: PosInt = Field(description="hidden width of the SwiGLU MLP")
     rope_theta: PosFloat = Field(10000.0, description="base of the rotary position embeddings' frequencies")
+    rope_scaling: RopeScaling | None = Field(
+        None, description="Llama 3's rotary frequency scaling (rope_type llama3); null: the plain frequencies"
+    )
+    qkv_bias: bool = Field(
+        False, description="a learned bias on q, k and v (Qwen 2): parameter layers/qkv_bias [L, N, G + 2, K]"
+    )
+    sliding_window: PosInt | None = Field(
+        None,
+        description="each query sees only the keys less than this many positions before it (Mistral); "
+        "null: all earlier ones",
+    )
     tie_embeddings: bool = Field(False, description="the output projection reuses the embedding matrix")
     param_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the parameters and the optimizer state"
@@ -130,7 +168,8 @@ class ModelConfig(BaseModel):
         # Fused qkv [D, N, H/N + 2, K] holds H + 2N heads' columns, o [H, K, D] H more.
         attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * d * self.d_ff  # SwiGLU: gate_up [D, 2, F], down [F, D]
-        per_layer = 2 * d + attention + mlp  # two RMSNorm scales, no biases
+        bias = hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
+        per_layer = 2 * d + attention + bias + mlp  # two RMSNorm scales, q/k/v biases if any
         embedding = self.vocab_size * d
         output = 0 if self.tie_embeddings else embedding
         return embedding + self.n_layers * per_layer + d + output + self._moe_extra_params(active=False)
@@ -160,6 +199,8 @@ class ModelConfig(BaseModel):
         # Untied: drop the lookup table, keep the output matrix. Tied: the single
         # matrix is the output projection, so nothing is dropped.
         matmul_params = num_params if self.tie_embeddings else num_params - self.vocab_size * d
+        if self.qkv_bias:  # added, not multiplied
+            matmul_params -= self.n_layers * self.resolved_head_dim * (self.n_heads + 2 * self.n_kv_heads)
         # A token runs through top_k experts of each MoE layer, not all of them.
         matmul_params += self._moe_extra_params(active=True) - self._moe_extra_params(active=False)
         attention = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len

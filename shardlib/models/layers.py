@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from shardlib.parallel import weight_use as parallel_weight_use
-from shardlib.parallel.dense_attention import gqa_attention
+from shardlib.parallel.dense_attention import MASKED, gqa_attention
 from shardlib.parallel.weight_use import PlainWeightUse, WeightUse, WeightUseSpec, tapped_weight_grads
 
 ShardFn = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
@@ -48,15 +48,27 @@ def no_shard(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return x
 
 
-class BlockWeights(NamedTuple):
-    """One decoder layer's parameters (a slice of the stacked `layers` params)."""
-
+class _BlockFields(NamedTuple):
     attn_norm: jax.Array  # [D]
     qkv: jax.Array  # [D, N, S, K]: slots 0..G-1 queries of kv head n, G its key, G + 1 its value
     o: jax.Array  # [H, K, D]
     mlp_norm: jax.Array  # [D]
     gate_up: jax.Array  # [D, 2, F]: 0 gate, 1 up
     down: jax.Array  # [F, D]
+    qkv_bias: jax.Array | None = None  # [N, S, K], as qkv's output; None: no bias (model.qkv_bias false)
+
+
+class BlockWeights(_BlockFields):
+    """One decoder layer's parameters (a slice of the stacked `layers` params).
+
+    A weight the model does not have is None; ``_asdict`` leaves it out, so
+    ``BlockWeights(**params["layers"])._asdict()`` has the parameter tree's keys.
+    """
+
+    __slots__ = ()
+
+    def _asdict(self) -> dict[str, jax.Array]:
+        return {name: w for name, w in zip(self._fields, self, strict=True) if w is not None}
 
 
 def fuse_qkv(q_Dx___xHxK: jax.Array, k_Dx___xNxK: jax.Array, v_Dx___xNxK: jax.Array) -> jax.Array:
@@ -171,6 +183,11 @@ def _einsum(equation: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return lambda x, w: jnp.einsum(equation, x, w.astype(x.dtype))
 
 
+def _bias(x_BxLxD: jax.Array, b_NxSxK: jax.Array) -> jax.Array:
+    """The q/k/v bias broadcast to the projection's output [B, L, N, S, K] (linear in the bias)."""
+    return jnp.broadcast_to(b_NxSxK.astype(x_BxLxD.dtype), (*x_BxLxD.shape[:2], *b_NxSxK.shape))
+
+
 def _logits(equation: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The output projection: in x's dtype, accumulated and returned in float32."""
     return lambda x, w: jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -188,6 +205,7 @@ _VOCAB = ("batch", "length", "vocab")
 WEIGHT_USES: dict[str, WeightUseSpec] = {
     "attn_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_attn"),  # x/rms(x), float32
     "qkv": WeightUseSpec(_einsum("bld,dnsk->blnsk"), "h_attn", output_axes=_QKV),
+    "qkv_bias": WeightUseSpec(_bias, "h_attn", output_axes=_QKV),  # added to qkv's output
     "o": WeightUseSpec(_einsum("blhk,hkd->bld"), "attn", input_axes=_HEADS),
     "mlp_norm": WeightUseSpec(lambda x, w: x * w.astype(x.dtype), "normed_mlp"),
     "gate_up": WeightUseSpec(_einsum("bld,dcf->blcf"), "h_mlp", output_axes=_GATE_UP),
@@ -216,10 +234,42 @@ def weight_grads(w: BlockWeights, inputs: dict[str, jax.Array], dys: dict[str, j
     return BlockWeights(**tapped_weight_grads(WEIGHT_USES, w._asdict(), inputs, dys))
 
 
-def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+class Llama3RopeScaling(NamedTuple):
+    """``ModelConfig.rope_scaling`` as a hashable value (``shardlib.models.config.RopeScaling``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None) -> jax.Array:
+    """float32 [K/2]: the rotary frequencies theta^(-2i/K), rescaled as Llama 3 does when ``scaling`` is given.
+
+    Llama 3: a frequency of wavelength 2 pi / f above ``original / low_freq_factor``
+    becomes f / factor, one below ``original / high_freq_factor`` stays f, one
+    between is interpolated by s = (original / wavelength - low) / (high - low):
+    (1 - s) f / factor + s f (``transformers``' ``_compute_llama3_parameters``).
+    """
+    inv_freq_k = theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+    if scaling is None:
+        return inv_freq_k
+    factor, low, high, original = scaling
+    wavelength_k = 2 * jnp.pi / inv_freq_k
+    long_k = jnp.where(wavelength_k > original / low, inv_freq_k / factor, inv_freq_k)
+    smooth_k = (original / wavelength_k - low) / (high - low)
+    smoothed_k = (1 - smooth_k) * long_k / factor + smooth_k * long_k
+    medium_k = (wavelength_k >= original / high) & (wavelength_k <= original / low)
+    return jnp.where(medium_k, smoothed_k, long_k)
+
+
+def apply_rope(
+    x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float, scaling: Llama3RopeScaling | None = None
+) -> jax.Array:
     """Rotary position embedding (rotate-half layout) applied per head.
 
-    Pairs dimension i with i + K/2 and rotates each pair by positions * theta^(-2i/K).
+    Pairs dimension i with i + K/2 and rotates each pair by positions * theta^(-2i/K)
+    (those frequencies rescaled by ``scaling``: ``rope_frequencies``).
     Angles and the rotation run in float32: bf16 angles lose whole radians at
     long positions.
     """
@@ -227,7 +277,7 @@ def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> 
     if head_dim % 2:
         raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
     half = head_dim // 2
-    inv_freq_k = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim)
+    inv_freq_k = rope_frequencies(head_dim, theta, scaling)
     angle_BxLxk = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_k
     # Broadcast over heads.
     sin_BxLx1xk = jnp.sin(angle_BxLxk)[:, :, None, :]
@@ -262,6 +312,50 @@ def causal_gqa_attention(
     )
 
 
+def sliding_window_attention(window: int) -> AttentionFn:
+    """``causal_gqa_attention`` where a query at position p sees only keys at p - window + 1 .. p.
+
+    As ``transformers``' sliding-window mask (Mistral): key position j is
+    visible from query position i iff 0 <= i - j < window.
+    """
+
+    def attend(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_positions_BxL, kv_positions_BxM):
+        distance_BxLxM = q_positions_BxL[:, :, None] - kv_positions_BxM[:, None, :]
+        bias_Bx1xLxM = jnp.where(distance_BxLxM < window, 0.0, MASKED)[:, None]
+        return gqa_attention(
+            q_BxLxHxK,
+            k_BxMxNxK,
+            v_BxMxNxK,
+            bias_Bx1xLxM,
+            is_causal=True,
+            query_positions=q_positions_BxL,
+            key_positions=kv_positions_BxM,
+        )
+
+    return attend
+
+
+def block_attention(attention: AttentionFn | None, sliding_window: int | None, length: int) -> AttentionFn:
+    """The attention a decoder layer runs: ``attention`` (default ``causal_gqa_attention``) with the window.
+
+    A window is applied by the dense attention only; another ``attention`` (a
+    run's kernel: ring, all-gather, fused) applies none, so it is accepted
+    only for blocks of at most ``sliding_window`` tokens, where the window
+    cuts nothing. ValueError naming ``model.sliding_window`` otherwise.
+    """
+    if sliding_window is None:
+        return attention or causal_gqa_attention
+    if attention is None or attention is causal_gqa_attention:
+        return sliding_window_attention(sliding_window)
+    if length > sliding_window:
+        raise ValueError(
+            f"model.sliding_window={sliding_window} is shorter than the {length}-token sequence, and this run's "
+            "attention kernel applies no sliding window: use sequences of at most sliding_window tokens "
+            "(seq_len), where the window masks nothing, or the model's own dense attention"
+        )
+    return attention
+
+
 def decoder_block(
     x_BxLxD: jax.Array,
     w: BlockWeights,
@@ -273,28 +367,36 @@ def decoder_block(
     attention: AttentionFn | None = None,
     mlp: Callable[[jax.Array], jax.Array] | None = None,
     use: WeightUse = use_weight,
+    rope_scaling: Llama3RopeScaling | None = None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """One pre-norm decoder layer: x + attn(norm(x)), then + swiglu(norm(x)).
 
     ``mlp`` (normalised [B, L, D] -> [B, L, D]) replaces the SwiGLU MLP.
     ``use`` applies every weight (``WEIGHT_USES``); a ``WeightTap`` records them.
+    ``w.qkv_bias`` (when not None) is added to the q/k/v projection's output;
+    ``rope_scaling`` rescales the rotary frequencies; ``sliding_window``
+    limits how far back a query sees (``block_attention``).
 
     Matmuls run in x's dtype (the compute dtype); weights are cast at use so
     they can be stored in a different param dtype. ``attention`` (default
     ``causal_gqa_attention``) is where a sequence-parallel kernel plugs in.
     """
-    attention = attention or causal_gqa_attention
+    attention = block_attention(attention, sliding_window, x_BxLxD.shape[1])
     dtype = x_BxLxD.dtype
 
     h_BxLxD = use("attn_norm", rms_normalize(x_BxLxD, norm_eps), w.attn_norm).astype(dtype)
     # One matmul for q, k and v: one input gradient to reduce under tensor parallelism.
-    qkv_BxLxNxSxK = shard(use("qkv", h_BxLxD, w.qkv), ("batch", "length", "kv_heads", None, "head_dim"))
+    qkv_BxLxNxSxK = use("qkv", h_BxLxD, w.qkv)
+    if w.qkv_bias is not None:
+        qkv_BxLxNxSxK = qkv_BxLxNxSxK + use("qkv_bias", h_BxLxD, w.qkv_bias)
+    qkv_BxLxNxSxK = shard(qkv_BxLxNxSxK, ("batch", "length", "kv_heads", None, "head_dim"))
     q_BxLxHxK, k_BxLxNxK, v_BxLxNxK = split_qkv(qkv_BxLxNxSxK)
     q_BxLxHxK = shard(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
     k_BxLxNxK = shard(k_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
     v_BxLxNxK = shard(v_BxLxNxK, ("batch", "length", "kv_heads", "head_dim"))
-    q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, rope_theta)
-    k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, rope_theta)
+    q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, rope_theta, rope_scaling)
+    k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, rope_theta, rope_scaling)
     attn_BxLxHxK = attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, positions_BxL)
     x_BxLxD = x_BxLxD + use("o", attn_BxLxHxK, w.o)
 

@@ -70,7 +70,7 @@ def scan_moe_groups(
             is_moe = j == period - 1
             layer = BlockWeights(
                 **{
-                    n: (None if is_moe else getattr(w, n)[j]) if n in _MLP_FIELDS else getattr(w, n)[j]
+                    n: None if getattr(w, n) is None or (is_moe and n in _MLP_FIELDS) else getattr(w, n)[j]
                     for n in BlockWeights._fields
                 }
             )

@@ -13,6 +13,7 @@ Parameter paths (as flattened by `nnx.state(model, nnx.Param)`):
   layers/o [L, H, K, D]              ("layers", "heads", "head_dim", "embed")
   layers/gate_up [L, D, 2, F]        ("layers", "embed", None, "mlp")
   layers/down [L, F, D]              ("layers", "mlp", "embed")
+  layers/qkv_bias [L, N, G + 2, K]   ("layers", "kv_heads", None, "head_dim")   only if qkv_bias
   final_norm [D]                     ("embed",)
   unembed [D, V]                     ("embed", "vocab")   only if not tie_embeddings
   moe/router, gate, up, down         only with moe.n_experts > 0 (shardlib.models.moe.MoEStack)
@@ -47,6 +48,7 @@ from flax import nnx
 from shardlib.models.layers import (
     AttentionFn,
     BlockWeights,
+    Llama3RopeScaling,
     ShardFn,
     WeightTap,
     WeightUse,
@@ -95,6 +97,9 @@ class Embedding(nnx.Module):
         return use("tied_unembed", x_BxLxD, self.embedding[...])
 
 
+_QKV_BIAS_AXES = ("layers", "kv_heads", None, "head_dim")
+
+
 class LayerStack(nnx.Module):
     """All decoder layers' parameters, each kind stacked along a leading layer axis."""
 
@@ -129,6 +134,13 @@ class LayerStack(nnx.Module):
         gate_up = fuse_gate_up(draw((d, f), count=n_mlp), draw((d, f), count=n_mlp)) if n_mlp else None
         self.gate_up = nnx.Param(gate_up, out_sharding=("layers", "embed", None, "mlp")) if n_mlp else None
         self.down = matrix((f, d), ("mlp", "embed"), out_std, count=n_mlp) if n_mlp else None
+        # Zero, as transformers initialises a Linear's bias for Qwen 2; no random draw, so the other
+        # parameters keep a bias-free model's values.
+        self.qkv_bias = (
+            nnx.Param(jnp.zeros(self.qkv.shape[:1] + self.qkv.shape[2:], dtype), out_sharding=_QKV_BIAS_AXES)
+            if getattr(cfg, "qkv_bias", False)
+            else None
+        )
 
     def weights(self) -> BlockWeights:
         """The stacked arrays, each with a leading [n_layers] axis for `lax.scan` (MLPs: [n dense layers])."""
@@ -143,8 +155,9 @@ class Transformer(nnx.Module):
     Reads from `cfg`: vocab_size, d_model, n_layers, n_heads, n_kv_heads,
     resolved_head_dim, d_ff, rope_theta, tie_embeddings, param_dtype,
     compute_dtype, remat, norm_eps, init_std, and moe / n_moe_layers,
-    scan_unroll and loss_chunk when present (``loss_chunk`` > 0: ``loss`` computes the
-    cross-entropy in chunks of that many tokens, ``chunked_cross_entropy``).
+    rope_scaling, qkv_bias, sliding_window, scan_unroll and loss_chunk when
+    present (``loss_chunk`` > 0: ``loss`` computes the cross-entropy in chunks
+    of that many tokens, ``chunked_cross_entropy``).
     """
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
@@ -155,6 +168,10 @@ class Transformer(nnx.Module):
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         self.rope_theta = float(cfg.rope_theta)
         self.norm_eps = float(cfg.norm_eps)
+        scaling = getattr(cfg, "rope_scaling", None)
+        self.rope_scaling = None if scaling is None else Llama3RopeScaling(**scaling.model_dump(exclude={"rope_type"}))
+        window = getattr(cfg, "sliding_window", None)
+        self.sliding_window = None if window is None else int(window)
         self.remat = cfg.remat
         self.scan_unroll = int(getattr(cfg, "scan_unroll", 1) or 1)
         self.loss_chunk = int(getattr(cfg, "loss_chunk", 0) or 0)
@@ -428,6 +445,8 @@ class Transformer(nnx.Module):
             shard=shard,
             attention=attention,
             use=use,
+            rope_scaling=self.rope_scaling,
+            sliding_window=self.sliding_window,
         )
         return block, positions_BxL
 

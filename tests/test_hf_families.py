@@ -266,11 +266,12 @@ def test_a_sliding_window_is_refused_where_the_runs_attention_cannot_apply_it():
     assert block_attention(kernel, 16, 16) is kernel
     assert block_attention(None, None, 16) is causal_gqa_attention
     assert block_attention(causal_gqa_attention, 5, 16) is not causal_gqa_attention  # the windowed dense one
-    # The training step goes through it: tracing a run's gradients at seq_len 16 with a window of 5 fails.
-    cfg = tiny_config(model={"sliding_window": 5})
-    run, batch, params = first_batch(cfg, mesh_of(devices=1))
-    with pytest.raises(ValueError, match=r"model.sliding_window=5 is shorter than the 16-token sequence"):
-        jax.eval_shape(run.grads, params, batch)
+    # A run's config refuses it before anything is traced (a pipeline stage's block of a sequence sharded
+    # over seq would be shorter than seq_len, so block_attention alone could miss it).
+    with pytest.raises(ValueError, match=r"model.sliding_window=5 is shorter than seq_len \(16\)"):
+        tiny_config(model={"sliding_window": 5})
+    run, batch, params = first_batch(tiny_config(model={"sliding_window": 16}), mesh_of(devices=1))
+    assert jax.eval_shape(run.grads, params, batch)[0].shape == ()
 
 
 # --------------------------------------------------------------------------- the bias in training

@@ -343,6 +343,13 @@ class Config(BaseModel):
                 f"model.reduce_dtype={self.model.reduce_dtype} does not combine with grad_compression="
                 f"{self.grad_compression}: the compressed reduction sets what the gradients carry"
             )
+        window = self.model.sliding_window
+        if window is not None and self.seq_len > window:
+            raise ValueError(
+                f"model.sliding_window={window} is shorter than seq_len ({self.seq_len}), and the training step's "
+                "attention kernels (dense, fused, ring, all-gather) apply no sliding window: train on sequences of "
+                "at most sliding_window tokens, where the window masks nothing"
+            )
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by grad_accum "

@@ -62,7 +62,7 @@ STRATEGIES: dict[str, str] = {
     # pipelines: any stage functions under any schedule's tick table
     "pipeline_loss_and_grads": "shardlib.parallel.pipeline.executor",
     "pipeline_loss": "shardlib.parallel.pipeline.executor",
-    "layer_order": "shardlib.parallel.pipeline.executor",
+    "layer_order": "shardlib.parallel.pipeline.sends",
     "StageFunctions": "shardlib.parallel.pipeline.actions",
     "Schedule": "shardlib.parallel.pipeline.schedules",
     "make_schedule": "shardlib.parallel.pipeline.schedules",

@@ -10,8 +10,8 @@ from shardlib.analysis.report.collectives import find_collectives
 from shardlib.analysis.report.hlo import parse_hlo
 from shardlib.analysis.report.layout import resolve_layout
 from shardlib.analysis.report.memory import estimate_memory
-from shardlib.parallel.pipeline.executor import layer_order
 from shardlib.parallel.pipeline.schedules import placement
+from shardlib.parallel.pipeline.sends import layer_order
 from shardlib.training.trainer import setup_training, train
 from tests.support import assert_same_loss, assert_trees_close, first_batch, mesh_of, tiny_config
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from shardlib.parallel.pipeline.actions import tick_costs
-from shardlib.parallel.pipeline.executor import layer_order, send_patterns
 from shardlib.parallel.pipeline.schedules import (
     SPLIT_BACKWARD,
     Action,
@@ -18,6 +17,7 @@ from shardlib.parallel.pipeline.schedules import (
     placement,
     validate,
 )
+from shardlib.parallel.pipeline.sends import layer_order, send_patterns
 from shardlib.parallel.pipeline.table import compile_table
 
 CASES = [

@@ -20,8 +20,8 @@ from shardlib.analysis.report.layout import resolve_layout
 from shardlib.analysis.report.measure import measure
 from shardlib.analysis.report.report import build_report
 from shardlib.core.mesh import MESH_AXES, mesh_axis_sizes
-from shardlib.parallel.pipeline.executor import send_patterns
 from shardlib.parallel.pipeline.schedules import make_schedule
+from shardlib.parallel.pipeline.sends import send_patterns
 from shardlib.parallel.pipeline.table import compile_table
 from shardlib.training.parallel_plan import build_plan
 from tests.support import mesh_of, tiny_config

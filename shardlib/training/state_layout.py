@@ -3,7 +3,7 @@
 Two parts of the training state depend on the plan, not only on the model:
 
 * the stacked layers' order: an interleaved pipeline stores them in its own
-  order (``shardlib.parallel.pipeline.executor.layer_order``). The checkpoint records the
+  order (``shardlib.parallel.pipeline.sends.layer_order``). The checkpoint records the
   order; restoring onto another pipeline, or none, permutes the layers, and
   every optimizer moment that mirrors them, into the new plan's order;
 * compressed-gradient residuals (``shardlib.parallel.compression``): one row per

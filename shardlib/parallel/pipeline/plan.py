@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from shardlib.core.rules import Rules, rule_axes
-from shardlib.parallel.pipeline.executor import Branching, SendPatterns, layer_order, send_patterns
+from shardlib.parallel.pipeline.executor import Branching
 from shardlib.parallel.pipeline.schedules import forward_only, make_schedule, placement
+from shardlib.parallel.pipeline.sends import SendPatterns, layer_order, send_patterns
 from shardlib.parallel.pipeline.table import TickTable, compile_table
 
 PyTree = Any
@@ -68,7 +69,7 @@ class PipelinePlan:
 
     @functools.cached_property
     def send_patterns(self) -> SendPatterns:
-        """Each tick's permute pairs (``executor.send_patterns``): what the step sends, as a table."""
+        """Each tick's permute pairs (``sends.send_patterns``): what the step sends, as a table."""
         return send_patterns(self.table)
 
     @functools.cached_property

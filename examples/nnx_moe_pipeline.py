@@ -260,9 +260,10 @@ def train(mesh: jax.sharding.Mesh, pipelined: bool, start: Any = None) -> tuple[
     return run, start
 
 
-def main(devices: Sequence[jax.Device] | None = None) -> dict:
+def main(devices: Sequence[jax.Device] | None = None, check: bool = True) -> dict:
     """Trains through the pipeline on dp 2 x stage 2 x ep 2 and on one device from the same start;
-    returns the differences, the all-to-all counts and the experts' gradients' specs."""
+    returns both runs' losses and gradients, the differences, the all-to-alls and the experts' gradients'
+    specs. ``check``: raise if they differ by more than ``TOLERANCE`` (a test compares them itself)."""
     devices = list(devices if devices is not None else jax.devices())
     if len(devices) < 8:
         raise SystemExit(f"this example needs 8 devices, got {len(devices)}")
@@ -276,7 +277,7 @@ def main(devices: Sequence[jax.Device] | None = None) -> dict:
         f"nnx moe pipeline: all-to-alls in the compiled step {piped.all_to_alls} (one device "
         f"{reference.all_to_alls}); expert gradients {piped.expert_grad_specs}"
     )
-    if not (loss_error <= TOLERANCE and grad_error <= TOLERANCE):
+    if check and not (loss_error <= TOLERANCE and grad_error <= TOLERANCE):
         raise AssertionError(f"nnx moe pipeline: differs from one device by more than {TOLERANCE}")
     return {
         "loss_error": loss_error,

@@ -24,13 +24,17 @@ REL = 1e-5  # fp32: the loss and each gradient leaf, relative to its own scale
 
 @pytest.fixture(scope="module")
 def results():
-    return main(jax.devices()[:8])
+    return main(jax.devices()[:8], check=False)  # compared here, leaf by leaf
 
 
-def test_loss_and_every_gradient_match_one_device(results):
+def test_each_steps_loss_matches_one_device(results):
     assert len(results["losses"]) == STEPS
     for step, (loss, ref) in enumerate(zip(results["losses"], results["reference_losses"], strict=True)):
         assert abs(loss - ref) <= REL * abs(ref), (step, loss, ref)
+
+
+def test_each_steps_every_gradient_matches_one_device(results):
+    assert len(results["grads"]) == STEPS
     for got, want in zip(results["grads"], results["reference_grads"], strict=True):
         assert_trees_close(got, want, rel=REL, what="gradient")
 

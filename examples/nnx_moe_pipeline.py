@@ -36,7 +36,12 @@ start, on one device (the same model and loss on a mesh of one, microbatch by
 microbatch): the loss and every gradient of both steps must agree within 1e-5
 of each leaf's scale. It prints both runs' losses, the largest differences, the
 all-to-alls of the compiled pipelined step (one device's: none) and where the
-experts live.
+experts' gradients live. Measured (8 emulated CPU devices, jax 0.10.2): losses
+within 1.1e-7, gradients within 1.2e-6 of one device; 12 all-to-alls in the
+pipelined step, every one over the ``ep`` pairs ({{0,1},{2,3},{4,5},{6,7}}):
+on CPU the stages' branches are ``select``ed, so each branch 1F1B uses is traced
+once (two forwards with one layer's two, two backwards with the recomputed
+forward's two and their transposes); none in the one-device step.
 """
 
 from __future__ import annotations
@@ -274,8 +279,9 @@ def main(devices: Sequence[jax.Device] | None = None, check: bool = True) -> dic
     print(f"nnx moe pipeline: losses {piped.losses} (one device {reference.losses})")
     print(f"nnx moe pipeline: max relative difference: losses {loss_error:.1e}, gradients {grad_error:.1e}")
     print(
-        f"nnx moe pipeline: all-to-alls in the compiled step {piped.all_to_alls} (one device "
-        f"{reference.all_to_alls}); expert gradients {piped.expert_grad_specs}"
+        f"nnx moe pipeline: all-to-alls in the compiled step {piped.all_to_alls}, replica groups "
+        f"{sorted(piped.all_to_all_groups)} (one device {reference.all_to_alls}); expert gradients "
+        f"{piped.expert_grad_specs}"
     )
     if check and not (loss_error <= TOLERANCE and grad_error <= TOLERANCE):
         raise AssertionError(f"nnx moe pipeline: differs from one device by more than {TOLERANCE}")

@@ -104,9 +104,16 @@ def moe_dispatch(
     dispatch, token_mean, local_experts = _dispatch_for_context(shard, n_experts)
     stacked = stacked_experts(expert_weights)
     if stacked != local_experts:
+        held = f" (this device holds {local_experts})" if local_experts != n_experts else ""
+        hint = (
+            "; inside a shard_map the expert_weights must be this device's experts (split over the expert "
+            "axes: a pipeline's executor keeps them split when given owned_axes=expert_axes(...))"
+            if stacked == n_experts and local_experts != n_experts
+            else ""
+        )
         raise ValueError(
             f"expert_weights stack {stacked} experts on their leading dim, but the router's logits have "
-            f"{n_experts} experts{' (this device holds ' + str(local_experts) + ')' if local_experts != n_experts else ''}"
+            f"{n_experts} experts{held}{hint}"
         )
     return route_and_dispatch(
         x_BxLxD,

@@ -3,15 +3,20 @@
 # every data file under shardlib/ is in the wheel, install the wheel into a fresh virtual environment
 # and run examples/ there, from a folder that holds nothing of the checkout but a copy of examples/
 # (so an import of tests/, of the checkout's files or of a file the wheel lacks fails).
-# Usage: .ci/wheel_check.sh [PYTHON] (default .venv/bin/python, which must have `build`); EXAMPLES=... to choose.
+# Usage: .ci/wheel_check.sh [PYTHON] (default .venv/bin/python, which must have `build`); EXAMPLES="a b" to choose ("": none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${1:-.venv/bin/python}
-EXAMPLES=${EXAMPLES:-"foreign_models linen_fsdp_tp nnx_moe"}
+EXAMPLES=${EXAMPLES-"foreign_models linen_fsdp_tp nnx_moe"}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/shardlib-wheel.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-"$PYTHON" -m build --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
+# From a copy of the files git tracks or would add (not ignored): a stale shardlib.egg-info/SOURCES.txt or
+# build/ in the checkout would put files into the sdist that the package's own declarations leave out.
+PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"  # absolute, its venv kept
+mkdir "$WORK/src"
+git ls-files -z --cached --others --exclude-standard | tar --null --files-from=- -cf - | tar -xf - -C "$WORK/src"
+"$PYTHON" -m build --outdir "$WORK/dist" "$WORK/src" > "$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
 ls "$WORK"/dist
 WHEEL=$(ls "$WORK"/dist/*.whl)
 
@@ -23,7 +28,7 @@ missing = [f for f in sys.stdin.read().split() if f not in names]
 sys.exit(f"the wheel lacks {missing}: add them to [tool.setuptools.package-data]" if missing else 0)' "$WHEEL"
 
 "$PYTHON" -m venv "$WORK/venv"
-"$WORK/venv/bin/python" -m pip install --quiet "$WHEEL"
+"$WORK/venv/bin/python" -m pip install --quiet "$WHEEL" > "$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
 mkdir -p "$WORK/run/examples" && cp examples/*.py "$WORK/run/examples/"
 cd "$WORK/run"
 # -E -s: no PYTHONPATH, no user site; the folder holds only examples/, so shardlib is the wheel's.

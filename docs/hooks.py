@@ -49,10 +49,26 @@ def _public_api() -> str:
     rows = ["| name | defined in | what it is |", "|---|---|---|"]
     for name in shardlib.__all__:
         module = shardlib.STRATEGIES.get(name) or imported.get(name, "shardlib")
-        doc = (getattr(getattr(shardlib, name), "__doc__", None) or "") if callable(getattr(shardlib, name)) else ""
-        summary = doc.strip().split("\n")[0].replace("|", "\\|")
+        summary = _docstring(module, name).strip().split("\n")[0].replace("|", "\\|")
         rows.append(f"| [`{name}`][{module}.{name}] | `{module}` | {summary} |")
     return "\n".join(rows)
+
+
+def _docstring(module: str, name: str) -> str:
+    """The docstring of ``name`` in ``module``'s source: a def's or class's, or the string after an assignment."""
+    tree = ast.parse(ROOT.joinpath(*module.split(".")).with_suffix(".py").read_text()) if module != "shardlib" else (
+        ast.parse((ROOT / "shardlib" / "__init__.py").read_text())
+    )
+    body = tree.body
+    for i, node in enumerate(body):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return ast.get_docstring(node) or ""
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and i + 1 < len(body):
+            after = body[i + 1]
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                return after.value.value
+    return ""
 
 
 def _imported_from(init: pathlib.Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ field's line or the comment lines right above it in the schema's source.
 from __future__ import annotations
 
 import dataclasses
+import html
 import inspect
 import io
 import tokenize
@@ -68,10 +69,15 @@ def config_reference_markdown() -> str:
         lines += [f"## `{section}`" if section else "## Top level", "", summary, ""]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for k in (k for k in keys if k.section == section):
-            cells = [f"`{k.key}`", f"`{k.type}`", f"`{k.default}`", k.description]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            cells = [_code(k.key), _code(k.type), _code(k.default), html.escape(k.description).replace("|", "&#124;")]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _code(text: str) -> str:
+    """Inline code for a Markdown table cell (a ``|`` inside backticks would still split the cell)."""
+    return "<code>" + html.escape(text).replace("|", "&#124;") + "</code>"
 
 
 def _default_text(field) -> str:

@@ -18,6 +18,7 @@ mkdir "$WORK/src"
 git ls-files -z --cached --others --exclude-standard | tar --null --files-from=- -cf - | tar -xf - -C "$WORK/src"
 "$PYTHON" -m build --outdir "$WORK/dist" "$WORK/src" > "$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
 ls "$WORK"/dist
+echo "built in $SECONDS s"
 WHEEL=$(ls "$WORK"/dist/*.whl)
 
 # Every tracked non-Python file of the package (hardware profiles ...) must be in the wheel.
@@ -29,6 +30,7 @@ sys.exit(f"the wheel lacks {missing}: add them to [tool.setuptools.package-data]
 
 "$PYTHON" -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install --quiet "$WHEEL" > "$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
+echo "installed into a fresh virtual environment at $SECONDS s"
 mkdir -p "$WORK/run/examples" && cp examples/*.py "$WORK/run/examples/"
 cd "$WORK/run"
 # -E -s: no PYTHONPATH, no user site; the folder holds only examples/, so shardlib is the wheel's.
@@ -40,4 +42,5 @@ print(f"shardlib {shardlib.__version__} from {where.parent}")'
 for example in $EXAMPLES; do
     echo "== examples/$example.py"
     "$WORK/venv/bin/python" -E -s -m "examples.$example"
+    echo "== examples/$example.py ran; $SECONDS s so far"
 done

@@ -56,8 +56,10 @@ def _public_api() -> str:
 
 def _docstring(module: str, name: str) -> str:
     """The docstring of ``name`` in ``module``'s source: a def's or class's, or the string after an assignment."""
-    tree = ast.parse(ROOT.joinpath(*module.split(".")).with_suffix(".py").read_text()) if module != "shardlib" else (
-        ast.parse((ROOT / "shardlib" / "__init__.py").read_text())
+    tree = (
+        ast.parse(ROOT.joinpath(*module.split(".")).with_suffix(".py").read_text())
+        if module != "shardlib"
+        else (ast.parse((ROOT / "shardlib" / "__init__.py").read_text()))
     )
     body = tree.body
     for i, node in enumerate(body):
@@ -66,7 +68,11 @@ def _docstring(module: str, name: str) -> str:
         targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
         if any(isinstance(t, ast.Name) and t.id == name for t in targets) and i + 1 < len(body):
             after = body[i + 1]
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            if (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 return after.value.value
     return ""
 

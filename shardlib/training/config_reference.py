@@ -1,6 +1,6 @@
 """Every key of a run's config, from the schema: its dotted name, type, default and meaning.
 
-``config_keys()`` walks the pydantic models of ``shardlib.training.config_schema`` (the ``model:``
+``config_reference()`` walks the pydantic models of ``shardlib.training.config_schema`` (the ``model:``
 section is ``shardlib.models.config.ModelConfig``) and returns one ``ConfigKey`` per leaf; the
 docs' config reference page (``docs/hooks.py``) and any command that prints the keys read it.
 A key's meaning is its field's ``description`` when the schema sets one, else the comment on the
@@ -36,7 +36,7 @@ class ConfigKey:
     section: str  # the dotted section it belongs to ("" for the top level)
 
 
-def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[ConfigKey]:
+def config_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[ConfigKey]:
     """Every leaf key of ``model`` in schema order; a nested section's keys follow its parent's leaves."""
     leaves, sections = [], []
     comments = _field_comments(model)
@@ -46,9 +46,13 @@ def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[Confi
             continue
         description = field.description or comments.get(name, "")
         default = _default_text(field)
-        leaves.append(ConfigKey(prefix + name, _type_text(field.annotation, field.metadata), default, description, prefix.rstrip(".")))
+        leaves.append(
+            ConfigKey(
+                prefix + name, _type_text(field.annotation, field.metadata), default, description, prefix.rstrip(".")
+            )
+        )
     for name, section in sections:
-        leaves += config_keys(section, f"{prefix}{name}.")
+        leaves += config_reference(section, f"{prefix}{name}.")
     return leaves
 
 
@@ -63,7 +67,7 @@ def section_summaries(model: type[BaseModel] = Config, prefix: str = "") -> dict
 
 def config_reference_markdown() -> str:
     """The keys as Markdown: one table per section, headed by the section's summary."""
-    keys, summaries = config_keys(), section_summaries()
+    keys, summaries = config_reference(), section_summaries()
     lines = []
     for section, summary in summaries.items():
         lines += [f"## `{section}`" if section else "## Top level", "", summary, ""]
@@ -102,7 +106,12 @@ def _type_text(annotation, metadata=()) -> str:
         text = f"list[{_type_text(args[0])}]"
     else:
         text = getattr(annotation, "__name__", str(annotation))
-    bounds = [f"{sign} {getattr(m, kind.__name__.lower())}" for m in _constraints(metadata) for kind, sign in _BOUNDS.items() if isinstance(m, kind)]
+    bounds = [
+        f"{sign} {getattr(m, kind.__name__.lower())}"
+        for m in _constraints(metadata)
+        for kind, sign in _BOUNDS.items()
+        if isinstance(m, kind)
+    ]
     return f"{text} {', '.join(bounds)}" if bounds else text
 
 
@@ -115,7 +124,7 @@ def _constraints(metadata):
 @cache
 def _field_comments(model: type[BaseModel]) -> dict[str, str]:
     """Field name -> the comment on its line, else the comment lines right above it, from the source."""
-    source, first_line = inspect.getsourcelines(model)
+    source, _ = inspect.getsourcelines(model)
     comments: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO("".join(source)).readline):
         if tok.type == tokenize.COMMENT:

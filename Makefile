@@ -1,13 +1,15 @@
 # The two commands: `make train` and `make test` (`make test-quick` leaves out the slow tests).
+# Beside them, what CI (.ci/run) adds: `make docs` (the site, strict) and `make wheel-check` (the package as installed).
 # Each creates the virtual environment (.venv) and installs the project into it when missing or stale.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 # Extra train.py arguments, e.g. make train ARGS="steps=50 run_dir=runs/try1"
 ARGS ?=
 
-.PHONY: train test test-quick describe clean-venv gpu-wheels
+.PHONY: train test test-quick describe docs wheel-check clean-venv gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +28,18 @@ test: $(STAMP)
 # Without the slow tests (most of the SIGKILL trials).
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15 -m 'not slow' $(ARGS)
+
+# The docs site into site/ (mkdocs.yml), strict: a broken link, anchor or API reference fails.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
+# The sdist and wheel built, the wheel installed into a fresh virtual environment, examples/ run from it.
+wheel-check: $(STAMP)
+	bash .ci/wheel_check.sh $(BIN)/python
 
 describe: $(STAMP)
 	$(BIN)/python -m shardlib.analysis.describe --config configs/tiny.yaml --mesh meshes/cpu-8.yaml

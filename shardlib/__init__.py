@@ -13,6 +13,7 @@ parameter lives (it is also ``python -m shardlib.analysis.describe``).
 """
 
 import importlib
+import importlib.metadata
 
 from shardlib.core.aliases import alias_logical_axes
 from shardlib.core.flax_axes import (
@@ -115,6 +116,12 @@ STRATEGIES: dict[str, str] = {
     "make_grad_compression": "shardlib.parallel.compression",
     "compressed_mean": "shardlib.parallel.compression",
 }
+"""The strategies' public names -> the module each is imported from on first use."""
+
+try:
+    __version__ = importlib.metadata.version("shardlib")  # pyproject.toml's, from the installed package's metadata
+except importlib.metadata.PackageNotFoundError:  # the checkout on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = [  # the rules core, imported now; then the strategies' names
     "MESH_AXES",

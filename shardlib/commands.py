@@ -18,17 +18,17 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-DOCS = "README.md"
+DOCS = "docs/index.md"  # the docs site's front page (make docs builds it; mkdocs serve shows it)
 EXIT_USAGE = 2  # argparse's status for a usage error
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One subcommand: the module whose ``main(argv) -> int`` runs it, a summary and its README section."""
+    """One subcommand: the module whose ``main(argv) -> int`` runs it, a summary and its docs page."""
 
     module: str
     summary: str
-    docs: str  # the README section that explains it
+    docs: str  # the docs page that explains it, from the repository root
     function: str = "main"
 
     def main(self):
@@ -36,32 +36,32 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("shardlib.training.cli", "train a transformer (python train.py)", "Training", "train_main"),
+    "train": Command("shardlib.training.cli", "train a transformer (python train.py)", "docs/getting-started.md", "train_main"),
     "describe": Command(
-        "shardlib.analysis.describe", "where every parameter lives under a config's rules and mesh", "Sharding rules"
+        "shardlib.analysis.describe", "where every parameter lives under a config's rules and mesh", "docs/strategies/rules.md"
     ),
     "report": Command(
         "shardlib.analysis.report.__main__",
         "what a step costs: communication per mesh axis, memory, FLOPs, time",
-        "What every step costs",
+        "docs/report.md",
     ),
     "plan": Command(
         "shardlib.analysis.planner",
         "which mesh and preset to train a config on N devices with",
-        "What every step costs",
+        "docs/report.md",
     ),
     "launch": Command(
-        "shardlib.cluster.launch", "run a command as N processes of one jax.distributed run", "Several hosts"
+        "shardlib.cluster.launch", "run a command as N processes of one jax.distributed run", "docs/multihost.md"
     ),
     "export": Command(
         "shardlib.training.hf_export",
         "export a run's newest checkpoint as a Hugging Face checkpoint",
-        "Hugging Face checkpoints and tokenizers",
+        "docs/huggingface.md",
     ),
     "check": Command(
         "shardlib.training.run_check",
         "check a run directory's checkpoints and config record offline",
-        "Checkpoints",
+        "docs/checkpoints.md",
     ),
 }
 
@@ -70,7 +70,7 @@ def docs_line(name: str) -> str:
     """Where ``shardlib NAME`` is documented, and the older command that runs the same."""
     command = COMMANDS[name]
     same = "python train.py" if name == "train" else f"python -m {command.module.removesuffix('.__main__')}"
-    return f'docs: {DOCS}, section "{command.docs}" (shardlib {name} is {same})'
+    return f"docs: {command.docs} (shardlib {name} is {same})"
 
 
 def usage() -> str:

@@ -50,9 +50,8 @@ def test_each_command_help_lists_its_own_options_and_points_to_its_docs(name, ca
     out = capsys.readouterr().out
     assert out.startswith("usage: ") and OWN_OPTION[name] in out, out
     assert out.rstrip().endswith(commands.docs_line(name))
-    section = commands.COMMANDS[name].docs
-    headings = re.findall(r"^#+ (.+)$", (ROOT / "README.md").read_text(), flags=re.MULTILINE)
-    assert section in headings, f"shardlib {name} points to README section {section!r}, which does not exist"
+    page = ROOT / commands.COMMANDS[name].docs
+    assert page.is_file() and page.read_text().lstrip().startswith("<!--"), f"shardlib {name} points to {page}"
 
 
 def test_a_command_runs_its_module_with_the_arguments_untouched(capsys):

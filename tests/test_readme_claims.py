@@ -1,4 +1,5 @@
-"""The README's "How strategies compose" held to the code, so that it cannot drift (issue 26).
+"""The docs' "How strategies compose" (docs/strategies/index.md, the README's section until issue 30)
+held to the code, so that it cannot drift (issue 26).
 
 Its compatibility matrix is what ``python -m shardlib.analysis.describe --compat`` prints, its
 sample plan what ``describe`` prints for the command it names, its counts of runs are the covers
@@ -17,16 +18,16 @@ from shardlib.analysis import describe
 from tests.test_compat import BF16_TIMES, COMBOS, WRONG_BY
 from tests.test_multiprocess_cells import MP_COMBOS
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "strategies" / "index.md"
 SECTION = "How strategies compose"
 
 
 def _section(title: str) -> str:
-    """The README's ``## title...`` section, up to the next ``## `` heading."""
-    text = README.read_text()
-    start = text.index(f"\n## {title}")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end >= 0 else None]
+    """The docs page whose ``# title...`` heading is ``title``, whole."""
+    text = PAGE.read_text()
+    assert f"\n# {title}" in text, f"{PAGE.relative_to(ROOT)} is no longer the page {title!r}"
+    return text
 
 
 def _prose(title: str) -> str:
@@ -53,7 +54,7 @@ def test_the_readmes_matrix_is_what_describe_compat_prints(capsys):
 
 
 def test_the_readmes_sample_plan_is_what_describe_prints(capsys, monkeypatch):
-    monkeypatch.chdir(README.parent)  # the command's paths are the checkout's
+    monkeypatch.chdir(ROOT)  # the command's paths are the checkout's
     section = _section(SECTION)
     command = re.search(r"`python -m shardlib\.analysis\.describe (--config [^`]*)`", section)
     assert command, f"{SECTION!r} names no describe command for its sample plan"

@@ -164,7 +164,7 @@ def test_plan_exits_non_zero_listing_why_when_no_plan_fits(tmp_path, capsys):
 
 
 BENCH = sorted(p for p in ROOT.glob("bench/**/*") if p.is_file() and "__pycache__" not in p.parts)
-DOCS = [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md")), *BENCH]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "Makefile", *sorted((ROOT / "docs").rglob("*.md")), *BENCH]
 
 
 def test_the_docs_name_modules_that_exist_and_commands_that_run():

@@ -46,6 +46,7 @@ from jax.experimental import mesh_utils
 from shardlib.core.yaml_file import read_yaml
 
 MESH_AXES: tuple[str, ...] = ("data_replica", "data", "pipe", "expert", "seq", "model")
+"""Every mesh's axes, outermost first: ``model`` innermost, so tensor-parallel peers are neighbours."""
 PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
 _FILE_KEYS: tuple[str, ...] = (
     "description",

@@ -36,8 +36,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from shardlib.core.mesh import MESH_AXES
 
 MeshAxes = str | tuple[str, ...] | None
+"""What a rule maps a logical name to: one mesh axis, several (outermost first), or ``None`` (replicated)."""
 Rule = tuple[str, MeshAxes]
+"""One rule: ``(logical name, mesh axes)``."""
 Rules = tuple[Rule, ...]
+"""An ordered rule table; the first rule for a name that still has free mesh axes wins."""
 LogicalAxes = tuple[str | None, ...]
 
 
@@ -85,6 +88,7 @@ PRESETS: dict[str, ShardingIntent] = {
     "hsdp": ShardingIntent(fsdp=("data",), hierarchical=True),
     "hsdp_tp": ShardingIntent(fsdp=("data",), tensor=("model",), hierarchical=True),
 }
+"""The shipped presets' intents by name; ``preset_rules(name)`` compiles one into a rule table."""
 
 
 def check_mesh_fits_intent(name: str, sizes: Mapping[str, int]) -> None:

@@ -16,30 +16,15 @@ Local SGD is the special case with outer SGD at lr 1 and no momentum: θ
 becomes the replicas' mean. With H = 1, local SGD and a linear inner optimizer
 (plain SGD) is data parallelism.
 
-Layout, and why. Every per-replica array carries a leading replica dimension
-R, sharded over the replica axes: parameters ``params_R`` [R, *shape] with
-spec ``P(replica_axes, *spec)``, the inner optimizer state likewise; the
-anchor and the outer optimizer state have the parameters' own shape and are
-replicated over the replica axes. The inner step runs the run's ordinary
-gradient function under ``jax.vmap(spmd_axis_name=replica_axes)``, so GSPMD
-keeps replica r's forward and backward on replica r's devices, and inside a
-replica the other mesh axes (``model``, ``seq``, a remaining batch axis, FSDP
-over a non-replica axis) stay the compiler's, through the same rule table
-with the replica axes taken out. Two alternatives were weighed:
-
-* parameters that look replicated over the replica axes but are computed per
-  shard (a partial-manual ``shard_map`` over those axes): an array declared
-  replicated whose shards differ is outside GSPMD's semantics (any later
-  reshard may pick any copy) and Orbax would save one copy of it, so the
-  checkpoint could not hold each replica's state; and XLA's partitioner
-  aborts on ``seq`` with ``model`` left to it inside a partial-manual region
-  (why the pipeline's stages make ``seq`` manual too), which vmap avoids;
-* the leading dimension makes each replica's state an ordinary global array:
-  checkpoints hold every replica's parameters and inner state and restore
-  onto another layout inside the replicas like any array, the mean over
-  replicas is an explicit ``jnp.mean`` (the only collective over the replica
-  axes, in the outer step), and memory per device is unchanged (a device
-  holds its own replica's slice). This is the form chosen.
+Layout. Every per-replica array carries a leading replica dimension R, sharded over the
+replica axes: parameters ``params_R`` [R, *shape] with spec ``P(replica_axes, *spec)``, the
+inner optimizer state likewise; the anchor and the outer optimizer state have the parameters'
+own shape and are replicated over the replica axes. The inner step runs the run's ordinary
+gradient function under ``jax.vmap(spmd_axis_name=replica_axes)``, so replica r's forward and
+backward stay on replica r's devices and the other mesh axes stay the compiler's, through the
+same rule table with the replica axes taken out. The only collective over the replica axes is
+the mean in ``outer_update``. (Why this layout and not a partial-manual ``shard_map``:
+docs/strategies/diloco.md, "Why a leading replica dimension".)
 
 Streaming DiLoCo (fragments synced on staggered steps, and the outer step
 overlapped with the next inner step) is ``shardlib.parallel.diloco_streaming``.

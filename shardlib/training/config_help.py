@@ -1,4 +1,7 @@
-"""Every config key with its type, default and meaning, read from the schema (``shardlib train --help-config``).
+"""Every config key with its type, default and meaning, read from the schema.
+
+``shardlib train --help-config`` prints ``format_config_help``; the docs' config reference page
+(``docs/hooks.py``) is ``config_reference_markdown``: the same rows, one table per section.
 
 The meaning is each field's ``description`` in :mod:`shardlib.training.config_schema` and
 :mod:`shardlib.models.config`; the type and its bounds come from the annotation, the default from
@@ -8,6 +11,8 @@ the field. Keys are the dotted names an override takes (``model.moe.top_k=1``).
 from __future__ import annotations
 
 import dataclasses
+import html
+import inspect
 import json
 import types
 import typing
@@ -109,3 +114,36 @@ def format_config_help(schema: type[BaseModel] = Config) -> str:
 
 
 _COLUMNS = (("key", 40), ("type", 30), ("default", 16))  # the columns padded, at most this wide
+
+
+def section_summaries(schema: type[BaseModel] = Config, prefix: str = "") -> dict[str, str]:
+    """Each section's dotted name -> the first line of its class docstring ("" for the top level)."""
+    summaries = {prefix.rstrip("."): (inspect.getdoc(schema) or "").split("\n")[0]}
+    for name, field in schema.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            summaries |= section_summaries(field.annotation, f"{prefix}{name}.")
+    return summaries
+
+
+def config_reference_markdown(schema: type[BaseModel] = Config) -> str:
+    """The keys as Markdown: one table per section (a key's section: its name less the last part),
+    headed by the section's summary."""
+    rows, lines = config_reference(schema), []
+    for section, summary in section_summaries(schema).items():
+        lines += [f"## `{section}`" if section else "## Top level", "", summary, ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for row in (r for r in rows if r.key.rpartition(".")[0] == section):
+            cells = [_code(row.key), _code(row.type), _code(row.default), _cell(row.meaning)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: HTML-escaped, a ``|`` as an entity (it would split the cell)."""
+    return html.escape(text).replace("|", "&#124;")
+
+
+def _code(text: str) -> str:
+    """Inline code for a Markdown table cell (a ``|`` inside backticks would still split the cell)."""
+    return "<code>" + _cell(text) + "</code>"

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${1:-.venv/bin/python}
-EXAMPLES=${EXAMPLES-"foreign_models linen_fsdp_tp nnx_moe"}
+EXAMPLES=${EXAMPLES-"foreign_models linen_fsdp_tp linen_pipeline nnx_moe nnx_moe_pipeline"}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/shardlib-wheel.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 

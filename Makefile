@@ -9,7 +9,7 @@ DOCS_STAMP := $(VENV)/.docs-installed
 # Extra train.py arguments, e.g. make train ARGS="steps=50 run_dir=runs/try1"
 ARGS ?=
 
-.PHONY: train test test-quick describe docs wheel-check clean-venv gpu-wheels
+.PHONY: train test test-quick describe docs wheel-check lint clean-venv gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-quick: $(STAMP)
 $(DOCS_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
 	touch $(DOCS_STAMP)
+
+# ruff's lint rules and its formatter, over everything tracked (pyproject.toml: [tool.ruff]).
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site

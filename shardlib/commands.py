@@ -36,9 +36,13 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("shardlib.training.cli", "train a transformer (python train.py)", "docs/getting-started.md", "train_main"),
+    "train": Command(
+        "shardlib.training.cli", "train a transformer (python train.py)", "docs/getting-started.md", "train_main"
+    ),
     "describe": Command(
-        "shardlib.analysis.describe", "where every parameter lives under a config's rules and mesh", "docs/strategies/rules.md"
+        "shardlib.analysis.describe",
+        "where every parameter lives under a config's rules and mesh",
+        "docs/strategies/rules.md",
     ),
     "report": Command(
         "shardlib.analysis.report.__main__",

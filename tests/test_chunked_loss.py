@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shardlib.models.layers import chunked_cross_entropy, cross_entropy
 from shardlib.core.rules import preset_rules
 from shardlib.core.sharding import ActivationSharding
+from shardlib.models.layers import chunked_cross_entropy, cross_entropy
 from shardlib.training.config import ConfigError
 from shardlib.training.step import make_loss_fn
 from shardlib.training.trainer import setup_training

@@ -30,10 +30,10 @@ import optax
 import pytest
 from flax import nnx
 
-from shardlib.models.layers import cross_entropy
 from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.layout import resolve_layout
 from shardlib.analysis.report.measure import abstract_batch, measure_compiled
+from shardlib.models.layers import cross_entropy
 from shardlib.parallel import compat
 from shardlib.parallel.compat import IncompatibleFeatures
 from shardlib.training.checkpoint import Checkpointer, CheckpointError, restore_latest

@@ -296,7 +296,9 @@ def test_the_rules_presets_compose_with_a_foreign_pipeline(preset, linen_params,
     m = mesh(jax.sharding.AxisType.Auto, pipe=2, data=2, model=2)
     rules = preset_rules(preset, mesh=m)
     specs = tree_specs(linen_params, match_logical_axes(linen_params, LINEN_AXES), rules, m)
-    assert specs["blocks"]["fc"]["kernel"] == (P("pipe", "data", "model") if preset == "fsdp_tp" else P("pipe", "data", None))
+    assert specs["blocks"]["fc"]["kernel"] == (
+        P("pipe", "data", "model") if preset == "fsdp_tp" else P("pipe", "data", None)
+    )
     embed, layer, loss, uses = linen_pieces()
     fns = stacked_stage_functions(embed, layer, loss, weight_uses=uses)
     assert_matches(*run_pipeline(fns, linen_params, batch(), m, "zb-h1", specs=specs), linen_ref)

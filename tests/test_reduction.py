@@ -14,9 +14,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlib.models.layers import WEIGHT_USES
 from shardlib.analysis.report.collectives import find_collectives
 from shardlib.analysis.report.hlo import parse_hlo
+from shardlib.models.layers import WEIGHT_USES
 from shardlib.parallel.reduction import ReducedWeightUse, lookup_gathers_table, reduce_deferred
 from tests.support import assert_trees_close, mesh_of
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from shardlib.models.layers import causal_gqa_attention
 from shardlib.analysis import hlo
 from shardlib.analysis.report.hlo import parse_hlo
 from shardlib.core.rules import preset_rules
 from shardlib.core.sharding import ActivationSharding
+from shardlib.models.layers import causal_gqa_attention
 from shardlib.parallel.attention import make_attention
 from shardlib.parallel.ring_attention import device_chunks, ring_attention, ring_attention_tiles, token_order
 from shardlib.training.data import load_token_splits

@@ -35,7 +35,6 @@ from shardlib.core.rules import (
     without_axes,
 )
 from shardlib.core.sharding import ActivationSharding
-from shardlib.models.moe import ExpertDispatch
 from shardlib.parallel import compat
 from shardlib.parallel.attention import AttentionPlan, make_attention
 from shardlib.parallel.diloco import OuterSettings, replica_count

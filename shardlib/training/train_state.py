@@ -18,7 +18,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from shardlib.models import create_model
 from shardlib.core.rules import Rules
 from shardlib.core.sharding import (
     is_logical_axes,
@@ -26,6 +25,7 @@ from shardlib.core.sharding import (
     optimizer_shardings,
     tree_shardings,
 )
+from shardlib.models import create_model
 from shardlib.parallel.diloco import replicate
 from shardlib.training.config import ModelConfig, OptimizerConfig
 

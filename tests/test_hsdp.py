@@ -77,16 +77,19 @@ def test_hierarchical_mesh_keeps_data_inside_a_host():
     assert hierarchical_mesh(sizes(data=16, seq=2, model=4), 8)["data_replica"] == 16
 
 
-def test_the_planner_ranks_hsdp_first_on_many_hosts():
-    """1b on 4 hosts of 8 H100s: HSDP keeps FSDP inside each host and beats FSDP over all 32
-    devices, whose every gather crosses InfiniBand; its across-host all-reduce hides behind compute."""
+def test_on_many_hosts_hsdp_moves_less_across_hosts_and_ties_fsdp():
+    """1b on 4 hosts of 8 H100s, one 400 Gb/s NIC per GPU (the h100 profile): a group across hosts
+    moves at its hosts' NICs together, so FSDP over all 32 devices hides its gathers behind compute
+    about as well as HSDP (the published FSDP runs of bench/scaling lose 9% from 8 to 512 GPUs);
+    HSDP keeps FSDP inside each host and sends less over InfiniBand."""
     cfg = load_config("configs/1b.yaml", ["grad_accum=1"])  # 64 rows: 2 per device
-    plans = make_plans(cfg, 32, load_profile("h100"), presets=["dp", "fsdp", "hsdp"], axes=["data"])
-    best = plans[0]
-    assert best.sharding == "hsdp" and best.sizes == sizes(data_replica=4, data=8), best.label
-    fsdp = next(p for p in plans if p.sharding == "fsdp" and not p.dropped)
-    assert best.step_s < fsdp.step_s / 2
-    assert best.time.comm_s_per_axis["data_replica"] < fsdp.time.comm_s_per_axis["data"] / 10
+    plans = [p for p in make_plans(cfg, 32, load_profile("h100"), presets=["dp", "fsdp", "hsdp"], axes=["data"])]
+    by_preset = {p.sharding: p for p in plans if not p.dropped}
+    hsdp, fsdp = by_preset["hsdp"], by_preset["fsdp"]
+    assert hsdp.sizes == sizes(data_replica=4, data=8), hsdp.label
+    steps = [p.step_s for p in by_preset.values()]
+    assert max(steps) < 1.03 * min(steps), [p.label for p in plans]
+    assert hsdp.time.comm_s_per_axis["data_replica"] < fsdp.time.comm_s_per_axis["data"] / 2
 
 
 def test_on_a_slow_link_the_planner_proposes_diloco_over_data_replica():

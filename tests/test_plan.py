@@ -283,3 +283,22 @@ def test_overlap_follows_the_schedule_and_groups_across_hosts_share_their_nics()
         exposed[accumulation] = {x.window for x in layers}
         assert t.step_s >= t.compute_s
     assert exposed == {1: {"backward"}, 2: {"none"}}
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_a_layers_bytes_from_two_traces_are_its_bytes_at_any_rows(rows):
+    """The memory estimate traces a layer at 2 and 3 rows and extends the line (``_linear_in_rows``):
+    exactly the direct trace's bytes, for each remat policy, the fused attention and a split's taps."""
+    from shardlib.analysis.report.memory import layer_residual_bytes, layer_tap_bytes
+
+    dims = (64, 128, 4, 2, 32, 256)
+    for dtype, remat, attention in [
+        ("bfloat16", "none", "dense"),
+        ("float32", "full", "dense"),
+        ("bfloat16", "save_matmuls", "dense"),
+        ("float32", "none", "fused"),
+    ]:
+        args = (rows, *dims, dtype, "float32", remat, attention)
+        assert layer_residual_bytes(*args) == layer_residual_bytes.traced(*args), args
+    args = (rows, *dims, "float32", "float32")
+    assert layer_tap_bytes(*args) == layer_tap_bytes.traced(*args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,15 @@ def test_all_and_dir_name_the_same_public_objects():
 def test_an_unknown_name_is_an_attribute_error_naming_it():
     with pytest.raises(AttributeError, match="module 'shardlib' has no attribute 'pipeline_los'"):
         shardlib.pipeline_los  # noqa: B018
+
+
+def test_no_public_name_or_command_disappears():
+    """``tests/public_api.txt`` records the public API: every ``shardlib.__all__`` name and console
+    command. A name gone is a breaking change; a new name is added to the record with its change."""
+    from shardlib import commands
+
+    lines = (Path(__file__).parent / "public_api.txt").read_text().splitlines()
+    recorded = {line for line in lines if line and not line.startswith("#")}
+    now = set(shardlib.__all__) | {f"command {name}" for name in commands.COMMANDS}
+    assert not recorded - now, f"public names gone (a breaking change): {sorted(recorded - now)}"
+    assert not now - recorded, f"new public names: add them to tests/public_api.txt: {sorted(now - recorded)}"

@@ -270,9 +270,7 @@ class ReducedWeightUse:
         def forward(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             return apply(x, whole(w)), (x, w)
 
-        def backward(
-            residuals: tuple[jax.Array, jax.Array], dy: jax.Array
-        ) -> tuple[jax.Array | None, jax.Array]:
+        def backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array | None, jax.Array]:
             x, w = residuals
             x_spec = manual_part(self.activation_spec(x.shape, use_spec.input_axes), manual)
             dy_spec = manual_part(self.activation_spec(dy.shape, use_spec.output_axes), manual)

@@ -96,7 +96,7 @@ def _arrival_column(source: int, target: int, p: int) -> str:
 
 
 class _Slots:
-    def __init__(self):
+    def __init__(self) -> None:
         self.free: list[int] = []
         self.size = 0
         self.held: dict[tuple[int, int], int] = {}

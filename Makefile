@@ -9,7 +9,7 @@ DOCS_STAMP := $(VENV)/.docs-installed
 # Extra train.py arguments, e.g. make train ARGS="steps=50 run_dir=runs/try1"
 ARGS ?=
 
-.PHONY: train test test-quick describe docs wheel-check lint clean-venv gpu-wheels
+.PHONY: train test test-quick describe docs wheel-check lint typecheck clean-venv gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ $(DOCS_STAMP): $(STAMP)
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
+
+# mypy over the package (pyproject.toml: [tool.mypy]): strict on the public entry points, the rest staged.
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site

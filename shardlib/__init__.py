@@ -14,6 +14,7 @@ parameter lives (it is also ``python -m shardlib.analysis.describe``).
 
 import importlib
 import importlib.metadata
+import typing
 
 from shardlib.core.aliases import alias_logical_axes
 from shardlib.core.flax_axes import (
@@ -161,7 +162,7 @@ __all__ = [  # the rules core, imported now; then the strategies' names
 __all__ += list(STRATEGIES)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> typing.Any:
     """A strategy's public name, imported from its module on first use (then cached here)."""
     if name not in STRATEGIES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

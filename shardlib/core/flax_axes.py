@@ -91,6 +91,7 @@ def metadata_axes(leaf: Any, path: str = "<leaf>") -> LogicalAxes | None:
       ShardingError: metadata that is not a sequence of names (an
         already-resolved ``NamedSharding``, say), naming ``path``.
     """
+    names: Any
     if isinstance(leaf, meta.Partitioned):  # nn.LogicallyPartitioned is a subclass
         names = leaf.names
     elif isinstance(leaf, nnx.Variable):
@@ -118,7 +119,7 @@ def _is_t5x_axes(x: Any) -> bool:
     return isinstance(x, t5x_partitioning.AxisMetadata)
 
 
-def t5x_axes(tree: PyTree) -> dict[tuple[str, ...], tuple[str, LogicalAxes]]:
+def t5x_axes(tree: PyTree) -> dict[tuple[str, ...], tuple[str, LogicalAxes | None]]:
     """The names of T5X-style axes collections: parameter path -> (the entry's path, its names).
 
     ``tree`` is Linen variables; for every collection ``c`` it holds beside a
@@ -131,7 +132,7 @@ def t5x_axes(tree: PyTree) -> dict[tuple[str, ...], tuple[str, LogicalAxes]]:
     """
     if not isinstance(tree, Mapping):
         return {}
-    found = {}
+    found: dict[tuple[str, ...], tuple[str, LogicalAxes | None]] = {}
     for collection in tree:
         axes_collection = f"{collection}{AXES_SUFFIX}"
         if not isinstance(collection, str) or axes_collection not in tree:
@@ -230,7 +231,8 @@ def logical_axes_from_state(state: PyTree) -> PyTree:
     """
     _check_tree(state, "logical_axes_from_state")
     entries, plain = _annotated_leaves(state)
-    for _, leaf in entries:
+    axes_by_path: dict[tuple[str, ...], LogicalAxes] = {}
+    for path, leaf in entries:
         if leaf.metadata_axes is None:
             raise ShardingError(
                 f"parameter {leaf.path} has no logical axes "
@@ -242,7 +244,8 @@ def logical_axes_from_state(state: PyTree) -> PyTree:
                 f"{leaf.path}: its Flax metadata names logical axes {leaf.metadata_axes} but the leaf has "
                 f"shape {leaf.shape}"
             )
-    return _axes_tree(plain, {path: leaf.metadata_axes for path, leaf in entries})
+        axes_by_path[path] = leaf.metadata_axes
+    return _axes_tree(plain, axes_by_path)
 
 
 def linen_output_constraints(
@@ -288,7 +291,9 @@ class _OutputConstraints:
         self.called: list[str] = []  # the pass's module paths, in call order (the model first)
         self.used: set[int] = set()  # the patterns that matched one of them
 
-    def __call__(self, next_fun, args, kwargs, context):
+    def __call__(
+        self, next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], context: Any
+    ) -> Any:
         self.depth += 1
         path = "/".join(str(name) for name in context.module.path)
         if context.method_name == "__call__":
@@ -309,9 +314,11 @@ class _OutputConstraints:
     def _constrain(self, out: Any, path: str) -> Any:
         matching = [i for i, (regex, _, _) in enumerate(self.table) if regex.search(path)]
         self.used.update(matching)
-        if not matching or self.table[matching[0]][2] is None:
+        if not matching:
             return out
         _, source, axes = self.table[matching[0]]
+        if axes is None:
+            return out
         if not isinstance(out, jax.Array):
             self._report(
                 f"module {path or '(the model)'} returns a {type(out).__name__} from __call__, which pattern "

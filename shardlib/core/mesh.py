@@ -256,13 +256,15 @@ def _check_sizes(sizes: Any, level: str, where: str) -> dict[str, int]:
 def _check_platform(platform: Any, where: str) -> str | None:
     if platform is not None and platform not in PLATFORMS:
         raise ValueError(f"{where}: platform must be one of {', '.join(PLATFORMS)} or absent, got {platform!r}")
-    return platform
+    checked: str | None = platform
+    return checked
 
 
 def _check_emulate(count: Any, where: str) -> int | None:
     if count is not None and not _is_int(count, 1):
         raise ValueError(f"{where}: emulate_cpu_devices must be a positive integer, got {count!r}")
-    return count
+    checked: int | None = count
+    return checked
 
 
 def _resolve(sizes: dict[str, int], available: int, noun: str, where: str, *, per_host: bool = False) -> dict[str, int]:

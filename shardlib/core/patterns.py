@@ -48,7 +48,7 @@ _SHOWN = 8  # leaves listed in one message
 @dataclasses.dataclass(frozen=True)
 class _Pattern:
     source: str
-    regex: re.Pattern
+    regex: re.Pattern[str]
     axes: LogicalAxes | None
 
     @property
@@ -70,7 +70,7 @@ def leaf_shape(leaf: Any) -> tuple[int, ...]:
     return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
-def segment_regex(pattern: str) -> re.Pattern:
+def segment_regex(pattern: str) -> re.Pattern[str]:
     """``pattern`` compiled so that ``search`` only matches whole path segments (module docstring)."""
     try:
         re.compile(pattern)

@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -265,7 +266,7 @@ def axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def spec_axes(spec) -> tuple[str, ...]:
+def spec_axes(spec: PartitionSpec | Sequence[Any]) -> tuple[str, ...]:
     """Every mesh axis a PartitionSpec names, in order of appearance (each once)."""
     return tuple(dict.fromkeys(axis for entry in spec for axis in axes_tuple(entry)))
 

@@ -48,7 +48,7 @@ def tree_specs(tree: PyTree, logical_tree: PyTree, rules: Rules, mesh: jax.shard
     reject_boxes(tree, "tree_specs")
     _check_same_paths(tree, logical_tree)
 
-    def spec(keypath, leaf, axes):
+    def spec(keypath: tuple[Any, ...], leaf: Any, axes: LogicalAxes) -> PartitionSpec:
         return logical_to_spec(axes, rules, mesh, shape=leaf.shape, path=path_str(keypath))
 
     return jax.tree_util.tree_map_with_path(spec, tree, logical_tree)
@@ -116,8 +116,11 @@ class ActivationSharding:
             # Inside a shard_map (a pipeline stage): the constraint is on the context's mesh, whose manual
             # axes the rules leave out. One on the whole mesh would type x as sharded over automatic
             # axes the region does not have, and a cotangent meeting x in a transpose could not be cast to it.
-            return jax.lax.with_sharding_constraint(x, NamedSharding(context, spec))
+            constrained: jax.Array = jax.lax.with_sharding_constraint(x, NamedSharding(context, spec))
+            return constrained
         sharding = NamedSharding(self.mesh, spec)
         if AxisType.Explicit in tuple(self.mesh.axis_types):
-            return jax.sharding.reshard(x, sharding)
-        return jax.lax.with_sharding_constraint(x, sharding)
+            resharded: jax.Array = jax.sharding.reshard(x, sharding)
+            return resharded
+        constrained = jax.lax.with_sharding_constraint(x, sharding)
+        return constrained

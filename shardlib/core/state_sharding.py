@@ -46,7 +46,9 @@ from shardlib.core.rules import ShardingError
 PyTree = Any
 
 
-def _index_params(params: PyTree, param_shardings: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
+def _index_params(
+    params: PyTree, param_shardings: PyTree
+) -> dict[tuple[str, ...], tuple[tuple[int, ...], jax.sharding.Sharding]]:
     """Parameter path -> (shape, sharding); the two trees are matched by path, boxes or not."""
     shardings = {
         param_path(keypath): sharding
@@ -54,7 +56,7 @@ def _index_params(params: PyTree, param_shardings: PyTree) -> dict[tuple[str, ..
             param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
         )[0]
     }
-    index = {}
+    index: dict[tuple[str, ...], tuple[tuple[int, ...], jax.sharding.Sharding]] = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_flax_box)[0]:
         path = param_path(keypath)
         sharding = shardings.get(path)
@@ -80,7 +82,7 @@ def derived_spec(shape: Sequence[int], param_shape: Sequence[int], param_spec: P
     entries = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
     if tuple(shape) == tuple(param_shape):
         return param_spec
-    out = []
+    out: list[Any] = []  # PartitionSpec entries: None, an axis name or a tuple of them
     next_dim = 0
     for size in shape:
         if size == 1:
@@ -114,7 +116,7 @@ def shardings_like_params(tree: PyTree, params: PyTree, param_shardings: PyTree,
     index = _index_params(params, param_shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def follow(keypath, leaf):
+    def follow(keypath: tuple[Any, ...], leaf: Any) -> jax.sharding.Sharding:
         path = param_path(keypath)
         shape = leaf_shape(leaf)
         for start in range(len(path)):

@@ -95,6 +95,7 @@ def make_attention(
         raise ValueError("attention.impl=fused needs the whole sequence on each device; with seq > 1 use ring")
     order = None
     if seq_len is not None and impl in ("ring", "allgather"):
+        assert axis is not None  # sequence_axis gave it (ring, allgather)
         order = _checked_order(impl, load_balance, axis, p, seq_len, block_k)
     settings = {"is_causal": True, "impl": impl, "rules": shard}
 

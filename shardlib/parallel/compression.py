@@ -154,13 +154,13 @@ def compressed_mean(
     u = u_flat + worker
     sent = quantize(u.reshape(n, size // n), mode, group)  # block j is for device j
     worker = u - dequantize(sent, mode, group).reshape(size)
-    if n > 1:
+    if axis_name is not None and n > 1:  # n > 1 only with an axis
         sent = tuple(ring_all_to_all(p, axis_name, 0, 0) for p in sent)  # row j: my block, from device j
     mean = jnp.sum(dequantize(sent, mode, group), axis=0) / n
     w = mean + server
     reduced = quantize(w, mode, group)
     server = w - dequantize(reduced, mode, group)
-    if n > 1:
+    if axis_name is not None and n > 1:
         reduced = tuple(ring_all_gather(p, axis_name) for p in reduced)  # [N, S/N]: block j from device j
     else:
         reduced = tuple(p[None] for p in reduced)

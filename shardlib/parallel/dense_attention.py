@@ -39,10 +39,11 @@ def visible_mask(
     Causal masks compare positions (given, or the caller's indices); segment ids must be equal.
     """
     visible = None
+    # The caller gives positions with is_causal, and segment ids in pairs (check_inputs).
     if is_causal:
-        visible = query_positions_BxL[:, :, None] >= key_positions_BxM[:, None, :]
+        visible = query_positions_BxL[:, :, None] >= key_positions_BxM[:, None, :]  # type: ignore[index]
     if query_segment_ids_BxL is not None:
-        same_segment_BxLxM = query_segment_ids_BxL[:, :, None] == key_segment_ids_BxM[:, None, :]
+        same_segment_BxLxM = query_segment_ids_BxL[:, :, None] == key_segment_ids_BxM[:, None, :]  # type: ignore[index]
         visible = same_segment_BxLxM if visible is None else jnp.logical_and(visible, same_segment_BxLxM)
     return visible
 

@@ -257,6 +257,7 @@ def average_moments(inner_R: PyTree, which: str, rows: Sequence[tuple[int, int] 
             return x_R  # outside the fragment
         if whole or x_R.ndim == 1 or r == (0, x_R.shape[1]):
             return jnp.broadcast_to(jnp.mean(x_R, axis=0), x_R.shape)
+        assert r is not None  # r is None only outside the fragment or with whole, both returned above
         mean = jnp.broadcast_to(
             jnp.mean(take_rows(x_R, r, 1), axis=0, keepdims=True), (x_R.shape[0], r[1] - r[0], *x_R.shape[2:])
         )

@@ -103,19 +103,17 @@ def fragment_pseudo_gradient(
     compressed, with the residuals in ``state["error_feedback"]``).
     """
     anchors, replicas = jax.tree.leaves(state["anchor"]), jax.tree.leaves(params_R)
-    inside = [i for i, rows in enumerate(fragment.rows) if rows is not None]
-    pieces_R = [
-        take_rows(anchors[i], fragment.rows[i], 0)[None] - take_rows(replicas[i], fragment.rows[i], 1) for i in inside
-    ]
+    inside = [(i, rows) for i, rows in enumerate(fragment.rows) if rows is not None]
+    pieces_R = [take_rows(anchors[i], rows, 0)[None] - take_rows(replicas[i], rows, 1) for i, rows in inside]
     if reduce is None:
         means = replica_mean(pieces_R)
     else:
         means, error_feedback = reduce(pieces_R, state["error_feedback"])
         state = {**state, "error_feedback": error_feedback}
     deltas = [jnp.zeros_like(a) for a in anchors]
-    for i, mean in zip(inside, means, strict=True):
+    for (i, rows), mean in zip(inside, means, strict=True):
         a = anchors[i]
-        deltas[i] = mean if a.ndim == 0 else lax.dynamic_update_slice_in_dim(deltas[i], mean, fragment.rows[i][0], 0)
+        deltas[i] = mean if a.ndim == 0 else lax.dynamic_update_slice_in_dim(deltas[i], mean, rows[0], 0)
     return jax.tree.unflatten(jax.tree.structure(state["anchor"]), deltas), state
 
 
@@ -169,7 +167,7 @@ def fragment_update(
 def _inside(new: PyTree, old: PyTree, mask: PyTree) -> PyTree:
     """``new`` inside the fragment, ``old`` outside, for every state subtree shaped like the parameters
     (optax's momentum trace); other leaves (counts) take ``new``."""
-    params_def = jax.tree.structure(mask)
+    params_def: Any = jax.tree.structure(mask)  # a PyTreeDef (jaxlib's, which mypy cannot resolve)
 
     def is_params_like(node) -> bool:
         return jax.tree.structure(node) == params_def

@@ -218,7 +218,9 @@ def stacked_experts(expert_weights: PyTree) -> int:
     if len(leading) != 1 or None in leading:
         shapes = ", ".join(f"{jax.tree_util.keystr(p) or '<root>'} {tuple(w.shape)}" for p, w in leaves)
         raise ValueError(f"expert_weights must stack every leaf over one leading experts dim, got shapes {shapes}")
-    return leading.pop()
+    n_experts = leading.pop()
+    assert n_experts is not None  # refused above
+    return n_experts
 
 
 def local_dispatch(

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardlib.core.paths import is_logical_axes
-from shardlib.core.rules import axes_tuple, logical_to_spec, rule_axes, spec_axes
+from shardlib.core.rules import LogicalAxes, axes_tuple, logical_to_spec, rule_axes, spec_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.expert_routing import (
     ExpertDispatch,
@@ -155,14 +156,14 @@ def _dispatch_for_context(shard: ActivationSharding | None, n_experts: int) -> t
     )
 
 
-def expert_axes(shard, n_experts: int) -> tuple[str, ...]:
+def expert_axes(shard: ActivationSharding, n_experts: int) -> tuple[str, ...]:
     """Mesh axes the ``experts`` dimension is split over (size-1 axes dropped), from the rules."""
     return axes_tuple(shard.spec((n_experts,), ("experts",))[0])
 
 
 def _check_experts_split(mesh: jax.sharding.Mesh, ep_axes: tuple[str, ...], n_experts: int) -> int:
     """The number of expert shards; refuses an expert count that does not split over them."""
-    ep_size = math.prod(mesh.shape[a] for a in ep_axes)
+    ep_size: int = math.prod(mesh.shape[a] for a in ep_axes)
     if n_experts % ep_size:
         where = " x ".join(f"{a}={mesh.shape[a]}" for a in ep_axes)
         raise ValueError(f"{n_experts} experts do not divide over the expert mesh axes {where} ({ep_size} devices)")
@@ -178,7 +179,7 @@ def check_experts_divide(n_experts: int, mesh: jax.sharding.Mesh) -> None:
         )
 
 
-def expert_dispatch(shard) -> ExpertDispatch:
+def expert_dispatch(shard: ActivationSharding) -> ExpertDispatch:
     """The ``ExpertDispatch`` over ``shard``'s mesh and rules (see ``expert_parallel_dispatch``)."""
     return functools.partial(expert_parallel_dispatch, shard)
 
@@ -191,18 +192,21 @@ def dispatch_buffer_bytes(
     return n_experts * rows_per_device * cap * d * itemsize
 
 
-def _weight_specs(shard, expert_weights: PyTree, weight_axes: PyTree, token_axes: tuple[str, ...]):
+def _weight_specs(
+    shard: ActivationSharding, expert_weights: PyTree, weight_axes: PyTree, token_axes: tuple[str, ...]
+) -> tuple[PyTree, tuple[str, ...]]:
     """(a PartitionSpec per weight, the tensor axes they keep): the experts dim over its axes, any other
     dim ``weight_axes`` names over its mesh axes unless those also split the tokens."""
     if weight_axes is None:
         weight_axes = jax.tree.map(lambda w: ("experts",) + (None,) * (w.ndim - 1), expert_weights)
     leaves_axes = jax.tree.leaves(weight_axes, is_leaf=is_logical_axes)
-    if jax.tree.structure(expert_weights) != jax.tree.structure(weight_axes, is_leaf=is_logical_axes) or not all(
+    weights_def: Any = jax.tree.structure(expert_weights)  # a PyTreeDef (jaxlib's, which mypy cannot resolve)
+    if weights_def != jax.tree.structure(weight_axes, is_leaf=is_logical_axes) or not all(
         map(is_logical_axes, leaves_axes)
     ):
         raise ValueError("weight_axes must have expert_weights' structure, a tuple of logical names per leaf")
 
-    def spec(path, axes, w):
+    def spec(path: tuple[Any, ...], axes: LogicalAxes, w: jax.Array) -> P:
         where = f"expert_weights{jax.tree_util.keystr(path)}"
         full = logical_to_spec(("experts", *axes[1:]), shard.rules, shard.mesh, shape=w.shape, path=where)
         kept = [None if set(axes_tuple(e)) & set(token_axes) else e for e in full[1:]]
@@ -218,12 +222,14 @@ def _weight_specs(shard, expert_weights: PyTree, weight_axes: PyTree, token_axes
 def _place(x: jax.Array, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
     sharding = NamedSharding(mesh, spec)
     if AxisType.Explicit in tuple(mesh.axis_types):
-        return jax.sharding.reshard(x, sharding)
-    return jax.lax.with_sharding_constraint(x, sharding)
+        resharded: jax.Array = jax.sharding.reshard(x, sharding)
+        return resharded
+    constrained: jax.Array = jax.lax.with_sharding_constraint(x, sharding)
+    return constrained
 
 
 def expert_parallel_dispatch(
-    shard,
+    shard: ActivationSharding,
     x_BxLxD: jax.Array,
     expert_BxLxR: jax.Array,
     weight_BxLxR: jax.Array,
@@ -258,8 +264,10 @@ def expert_parallel_dispatch(
         x_BxLxD = _place(x_BxLxD, mesh, x_spec)
         expert_BxLxR, weight_BxLxR = (_place(a, mesh, route_spec) for a in (expert_BxLxR, weight_BxLxR))
 
-    def body(x_GxTxD, expert_GxTxR, weight_GxTxR, weights):
-        def run_experts(dispatch_ExGxCxD):
+    def body(
+        x_GxTxD: jax.Array, expert_GxTxR: jax.Array, weight_GxTxR: jax.Array, weights: PyTree
+    ) -> tuple[jax.Array, jax.Array]:
+        def run_experts(dispatch_ExGxCxD: jax.Array) -> jax.Array:
             local_ExXGxCxD = dispatch_ExGxCxD
             if ep_size > 1:
                 # Split the expert dim over the peers, stack what arrives along the row dim.
@@ -272,7 +280,10 @@ def expert_parallel_dispatch(
             if tensor_axes:  # each tensor peer returned its partial sum
                 out_ExXGxCxD = jax.lax.psum(out_ExXGxCxD, tensor_axes)
             if ep_size > 1:
-                return jax.lax.all_to_all(out_ExXGxCxD, ep_name, split_axis=1, concat_axis=0, tiled=True)
+                back_ExGxCxD: jax.Array = jax.lax.all_to_all(
+                    out_ExXGxCxD, ep_name, split_axis=1, concat_axis=0, tiled=True
+                )
+                return back_ExGxCxD
             return out_ExXGxCxD
 
         y_GxTxD, dropped = through_experts(x_GxTxD, expert_GxTxR, weight_GxTxR, n_experts, capacity_factor, run_experts)
@@ -286,7 +297,8 @@ def expert_parallel_dispatch(
         in_specs=(x_spec, route_spec, route_spec, w_specs),
         out_specs=(x_spec, P()),
     )
-    return run(x_BxLxD, expert_BxLxR, weight_BxLxR, expert_weights)
+    y_BxLxD, dropped = run(x_BxLxD, expert_BxLxR, weight_BxLxR, expert_weights)
+    return y_BxLxD, dropped
 
 
 def dispatch_in_manual_region(token_axes: tuple[str, ...], ep_axes: tuple[str, ...], ep_size: int) -> ExpertDispatch:
@@ -303,16 +315,26 @@ def dispatch_in_manual_region(token_axes: tuple[str, ...], ep_axes: tuple[str, .
     """
     ep_name = ep_axes[0] if len(ep_axes) == 1 else ep_axes
 
-    def dispatch(x_GxTxD, expert_GxTxR, weight_GxTxR, expert_fn, expert_weights, *, capacity_factor, weight_axes=None):
+    def dispatch(
+        x_GxTxD: jax.Array,
+        expert_GxTxR: jax.Array,
+        weight_GxTxR: jax.Array,
+        expert_fn: ExpertFn,
+        expert_weights: PyTree,
+        *,
+        capacity_factor: float,
+        weight_axes: PyTree = None,
+    ) -> tuple[jax.Array, jax.Array]:
         del weight_axes
         n_experts = stacked_experts(expert_weights) * ep_size
 
-        def run_experts(dispatch_ExGxCxD):
+        def run_experts(dispatch_ExGxCxD: jax.Array) -> jax.Array:
             if not ep_axes:
                 return run_on_buffer(expert_fn, expert_weights, dispatch_ExGxCxD)
             local_ExXGxCxD = jax.lax.all_to_all(dispatch_ExGxCxD, ep_name, split_axis=0, concat_axis=1, tiled=True)
             out_ExXGxCxD = run_on_buffer(expert_fn, expert_weights, local_ExXGxCxD)
-            return jax.lax.all_to_all(out_ExXGxCxD, ep_name, split_axis=1, concat_axis=0, tiled=True)
+            back_ExGxCxD: jax.Array = jax.lax.all_to_all(out_ExXGxCxD, ep_name, split_axis=1, concat_axis=0, tiled=True)
+            return back_ExGxCxD
 
         y_GxTxD, dropped = through_experts(x_GxTxD, expert_GxTxR, weight_GxTxR, n_experts, capacity_factor, run_experts)
         return y_GxTxD, jax.lax.psum(dropped, token_axes) if token_axes else dropped

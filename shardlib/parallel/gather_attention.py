@@ -60,8 +60,8 @@ def allgather_attention(
         )
     if is_causal and query_positions is None:
         query_positions, key_positions = _index_positions(axis_name, axis_size, layout, local_len, kv_len)
-    elif is_causal:
-        key_positions = _plain_gather(axis_name)(key_positions)
+    elif is_causal:  # positions come in pairs (check_inputs)
+        key_positions = _plain_gather(axis_name)(key_positions)  # type: ignore[arg-type]
     else:
         query_positions = key_positions = None
     if key_segment_ids is not None:

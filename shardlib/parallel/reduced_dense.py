@@ -236,9 +236,11 @@ class LinenReduction:
         names = self._tree_names(module.path, param, len(shape))
         if names is None:
             box = jax.eval_shape(lambda: init(jax.random.key(0), shape, jnp.float32))
-            names = tuple(box.names) if isinstance(box, meta.Partitioned) else None
-            if isinstance(box, meta.Partitioned) and not isinstance(box, nn.LogicallyPartitioned):
-                names = ("__mesh__", *names)  # mesh axes: _spec takes them as they are
+            names = None
+            if isinstance(box, meta.Partitioned):
+                names = tuple(box.names)
+                if not isinstance(box, nn.LogicallyPartitioned):
+                    names = ("__mesh__", *names)  # mesh axes: _spec takes them as they are
         if names is None:
             raise _Unannotated(f"{param} has no logical axes (no param_axes entry, no partitioning box)")
         return names

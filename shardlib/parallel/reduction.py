@@ -54,12 +54,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import DTypeLike
 
-from shardlib.core.rules import axes_tuple, rule_axes
+from shardlib.core.rules import Rules, axes_tuple, rule_axes
 from shardlib.parallel.sharded_lookup import make_sharded_lookup, token_group
 from shardlib.parallel.spec_parts import automatic_part, manual_part
 from shardlib.parallel.weight_use import PlainWeightUse, WeightUse, WeightUseSpec
 
 Apply = Callable[[jax.Array, jax.Array], jax.Array]
+# _rows_lookup: a lookup on a block of the table's rows, its ids paired with the block's first row.
+RowsLookup = Callable[[tuple[jax.Array, jax.Array | int], jax.Array], jax.Array]
 
 
 def gather_sharded(w: jax.Array, spec: P, axes: Sequence[str]) -> jax.Array:
@@ -122,13 +124,14 @@ def reduce_deferred(
     manual = tuple(dict.fromkeys((*rest, *own)))
     local_spec = manual_part(spec, manual)
 
-    def local(g_l):
-        out = jax.lax.psum(g_l if dtype is None else g_l.astype(dtype), rest)
+    def local(g_l: jax.Array) -> jax.Array:
+        out: jax.Array = jax.lax.psum(g_l if dtype is None else g_l.astype(dtype), rest)
         return out.astype(g_l.dtype)
 
-    return jax.shard_map(
+    reduced: jax.Array = jax.shard_map(
         local, mesh=mesh, in_specs=local_spec, out_specs=local_spec, axis_names=set(manual), check_vma=False
     )(g)
+    return reduced
 
 
 def lookup_gathers_table(vocab: int, tokens_per_device: int) -> bool:
@@ -192,7 +195,7 @@ class ReducedWeightUse:
         mesh: jax.sharding.Mesh,
         uses: Mapping[str, Any],
         weight_specs: Mapping[str, P],
-        activation_spec: Callable[[Sequence[int], tuple], P],
+        activation_spec: Callable[[Sequence[int], tuple[str | None, ...]], P],
         batch_axes: Sequence[str],
         length_axes: Sequence[str] = (),
         lookups: Sequence[str] = ("embedding",),
@@ -216,7 +219,8 @@ class ReducedWeightUse:
     def __call__(self, name: str, x: jax.Array, w: jax.Array) -> jax.Array:
         use = self._uses.get(name)
         if use is None:
-            return self._plain[name](x, w)
+            y: jax.Array = self._plain[name](x, w)
+            return y
         spec = self.weight_specs[name]
         if len(spec) > w.ndim:
             raise ValueError(
@@ -231,7 +235,7 @@ class ReducedWeightUse:
     def _sharded_lookup(self, name: str, ids: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
         """The lookup that moves token ids to the table's shards (``sharded_lookup``), for ids shaped as ``ids``."""
         ids_spec = self.activation_spec(ids.shape, self._input_axes[name])
-        return make_sharded_lookup(
+        lookup: Callable[[jax.Array, jax.Array], jax.Array] = make_sharded_lookup(
             self.mesh,
             self.weight_specs[name],
             ids_spec,
@@ -239,6 +243,7 @@ class ReducedWeightUse:
             deferred=self.deferred,
             dtype=self.reduce_dtype,
         )
+        return lookup
 
     def _gathers_table(self, ids: jax.Array, table: jax.Array, name: str) -> bool:
         """Whether a lookup gathers its table: always when the table is whole over the token axes."""
@@ -248,29 +253,29 @@ class ReducedWeightUse:
         return lookup_gathers_table(table.shape[0], tokens)
 
     def _reduced(self, name: str, use_spec: Any, spec: P) -> Callable[[jax.Array, jax.Array], jax.Array]:
-        apply = use_spec.apply
+        apply: Apply = use_spec.apply
         gathered = NamedSharding(self.mesh, automatic_part(spec, self.token_axes))
         own = tuple(a for e in spec for a in axes_tuple(e) if self.mesh.shape[a] > 1)
         manual = tuple(dict.fromkeys((*self.token_axes, *own)))
         lookup = name in self.lookups
 
-        def whole(w):
-            return jax.lax.with_sharding_constraint(w, gathered)
+        def whole(w: jax.Array) -> jax.Array:
+            constrained: jax.Array = jax.lax.with_sharding_constraint(w, gathered)
+            return constrained
 
         @jax.custom_vjp
-        def use(x, w):
+        def use(x: jax.Array, w: jax.Array) -> jax.Array:
             return apply(x, whole(w))
 
-        def forward(x, w):
+        def forward(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             return apply(x, whole(w)), (x, w)
 
-        def backward(residuals, dy):
+        def backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array | None, jax.Array]:
             x, w = residuals
             x_spec = manual_part(self.activation_spec(x.shape, use_spec.input_axes), manual)
             dy_spec = manual_part(self.activation_spec(dy.shape, use_spec.output_axes), manual)
-            grad = self._weight_grad(
-                _rows_lookup if lookup else apply, x, dy, w, (x_spec, dy_spec, manual_part(spec, manual)), manual
-            )
+            use_apply: Apply | RowsLookup = _rows_lookup if lookup else apply
+            grad = self._weight_grad(use_apply, x, dy, w, (x_spec, dy_spec, manual_part(spec, manual)), manual)
             dx = None
             if jnp.issubdtype(x.dtype, jnp.inexact):  # token ids (the lookup) have no gradient
                 if name in self.ordered:  # the weight gathered for dx only once this use's partial sum is reduced
@@ -281,7 +286,15 @@ class ReducedWeightUse:
         use.defvjp(forward, backward)
         return jax.named_call(use, name=f"use_{name}")
 
-    def _weight_grad(self, apply: Apply, x, dy, w, specs: tuple[P, P, P], manual: tuple[str, ...]) -> jax.Array:
+    def _weight_grad(
+        self,
+        apply: Apply | RowsLookup,
+        x: jax.Array,
+        dy: jax.Array,
+        w: jax.Array,
+        specs: tuple[P, P, P],
+        manual: tuple[str, ...],
+    ) -> jax.Array:
         """[w's shape]: the gradient of ``apply(x, w)`` against ``dy``, reduced over the token axes.
 
         ``apply`` is the use's own, or ``_rows_lookup`` for a lookup: on a
@@ -299,7 +312,7 @@ class ReducedWeightUse:
         partial_struct = jax.ShapeDtypeStruct(block, w.dtype)
         scatter_spec = manual_part(w_spec, self.token_axes)
 
-        def local(x_l, dy_l):
+        def local(x_l: Any, dy_l: jax.Array) -> jax.Array:
             if apply is _rows_lookup:
                 first = jax.lax.axis_index(row_axes) * block[0] if row_axes else 0
                 x_l = (x_l, first)
@@ -308,7 +321,7 @@ class ReducedWeightUse:
                 partial, scatter_spec, self.token_axes, deferred=self.deferred, dtype=self.reduce_dtype
             )
 
-        return jax.shard_map(
+        grad: jax.Array = jax.shard_map(
             local,
             mesh=self.mesh,
             in_specs=(x_spec, dy_spec),
@@ -316,13 +329,13 @@ class ReducedWeightUse:
             axis_names=set(manual),
             check_vma=False,
         )(x, dy)
+        return grad
 
 
-def token_mesh_axes(rules, mesh: jax.sharding.Mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def token_mesh_axes(rules: Rules, mesh: jax.sharding.Mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(the mesh axes the rules split ``batch`` over, those they split ``length`` over), size-1 axes left out."""
-    return tuple(  # type: ignore[return-value]
-        tuple(a for a in rule_axes(rules, name) if mesh.shape[a] > 1) for name in ("batch", "length")
-    )
+    batch, length = (tuple(a for a in rule_axes(rules, name) if mesh.shape[a] > 1) for name in ("batch", "length"))
+    return batch, length
 
 
 def reduced_weight_use(
@@ -418,7 +431,14 @@ def reduce_deferred_params(grads: Any, param_specs: Any, paths: Any, use: Reduce
             node[key] = dict(node[key])  # copy the branch before replacing its leaf
             node = node[key]
         spec = _spec_of(_leaf(param_specs, path))
-        node[path[-1]] = reduce_deferred(node[path[-1]], spec, use.mesh, use.token_axes, dtype=use.reduce_dtype)
+        # A path without a spec fails in reduce_deferred as before (paths are the parameters use applies).
+        node[path[-1]] = reduce_deferred(
+            node[path[-1]],
+            spec,  # type: ignore[arg-type]
+            use.mesh,
+            use.token_axes,
+            dtype=use.reduce_dtype,
+        )
     return out
 
 

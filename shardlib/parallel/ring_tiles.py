@@ -8,7 +8,7 @@ taken ``block_k`` at a time.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,14 +153,17 @@ def tile_gate(static: RingSettings, x, y, q_side: Side, k_side: Side):
     the tile can see any of its keys: a later chunk under the layout's causal mask, keys all after
     the queries by position, or segment ranges that do not meet. diag: see ``tile_scores``.
     """
-    gate, diag = True, None
+    gate: bool | jax.Array = True
+    diag: jax.Array | None = None
+    # The two sides carry positions and segment ids alike (both or neither).
     if static.is_causal and q_side.positions is None:
         gate, diag = x >= y, x == y
     if static.is_causal and q_side.positions is not None:
-        gate = jnp.logical_and(gate, jnp.any(q_side.positions.max(axis=1) >= k_side.positions.min(axis=1)))
+        k_min = k_side.positions.min(axis=1)  # type: ignore[union-attr]
+        gate = jnp.logical_and(gate, jnp.any(q_side.positions.max(axis=1) >= k_min))
     if q_side.segments is not None:
         qs, ks = q_side.segments, k_side.segments
-        meet = jnp.logical_and(qs.max(axis=1) >= ks.min(axis=1), qs.min(axis=1) <= ks.max(axis=1))
+        meet = jnp.logical_and(qs.max(axis=1) >= ks.min(axis=1), qs.min(axis=1) <= ks.max(axis=1))  # type: ignore[union-attr]
         gate = jnp.logical_and(gate, jnp.any(meet))
     return gate, diag
 
@@ -196,7 +199,7 @@ def block_size(c: int, block_k: int) -> int:
 def _varying_axes(x) -> frozenset[str]:
     """The manual axes ``x`` varies over (shard_map's ``check_vma`` typing; empty without it)."""
     aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
+    vma: Any = getattr(aval, "vma", None)
     if vma is None:
         vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
     return frozenset(vma)

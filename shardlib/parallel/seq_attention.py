@@ -33,12 +33,14 @@ executor): the arrays are this device's blocks and the kernel runs directly
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from shardlib.core.rules import Rules, axes_tuple, logical_to_spec, rule_axes
+from shardlib.core.rules import LogicalAxes, MeshAxes, Rules, axes_tuple, logical_to_spec, rule_axes
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.dense_attention import gqa_attention, visible_mask
 from shardlib.parallel.gather_attention import allgather_attention
@@ -46,6 +48,7 @@ from shardlib.parallel.ring_attention import DEFAULT_BLOCK_K, LAYOUTS, ring_atte
 
 IMPLS = ("ring", "allgather", "fused", "dense")
 _SHARDED = ("ring", "allgather")
+AnyMesh = jax.sharding.Mesh | jax.sharding.AbstractMesh  # a concrete mesh, or a context's (inside a shard_map)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,7 @@ class SequenceAxes:
     seq_axis: the mesh axis the sequence is split over, or None.
     """
 
-    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None
+    mesh: AnyMesh | None
     rules: Rules | None
     seq_axis: str | None
 
@@ -65,16 +68,25 @@ class SequenceAxes:
         """Devices on the sequence axis (1 without one)."""
         if self.seq_axis is None:
             return 1
-        return int(dict(_context_or(self.mesh).shape)[self.seq_axis])
+        mesh = _context_or(self.mesh)
+        assert mesh is not None, "a sequence axis comes with a mesh (resolve_axes)"
+        return int(dict(mesh.shape)[self.seq_axis])
 
-    def spec(self, shape, logical_axes, what: str) -> PartitionSpec:
+    def spec(self, shape: Sequence[int], logical_axes: LogicalAxes, what: str) -> PartitionSpec:
         """The spec of an array with ``logical_axes``; names the rules do not know stay whole."""
+        assert self.rules is not None and self.mesh is not None, "spec() needs the axes resolve_axes gives with rules"
         known = {name for name, _ in self.rules}
         names = tuple(n if n in known else None for n in logical_axes)
         return logical_to_spec(names, self.rules, dict(self.mesh.shape), shape=shape, path=what)
 
 
-def resolve_axes(mesh=None, rules=None, seq_axis=None, batch_axes=None, heads_axis=None) -> SequenceAxes:
+def resolve_axes(
+    mesh: AnyMesh | None = None,
+    rules: Rules | ActivationSharding | None = None,
+    seq_axis: str | None = None,
+    batch_axes: MeshAxes = None,
+    heads_axis: str | None = None,
+) -> SequenceAxes:
     """The mesh, rules and sequence axis from explicit axes or from the rules (see the module doc)."""
     if isinstance(rules, ActivationSharding):
         mesh = rules.mesh if mesh is None else mesh
@@ -100,7 +112,7 @@ def resolve_axes(mesh=None, rules=None, seq_axis=None, batch_axes=None, heads_ax
     return SequenceAxes(mesh, tuple(rules), length_axis(rules, mesh))
 
 
-def length_axis(rules: Rules, mesh) -> str | None:
+def length_axis(rules: Rules, mesh: AnyMesh) -> str | None:
     """The one mesh axis the rules put ``length`` on, or None where they put it on none."""
     axes = rule_axes(rules, "length")
     if len(axes) > 1:
@@ -110,11 +122,11 @@ def length_axis(rules: Rules, mesh) -> str | None:
     return axes[0] if axes else None
 
 
-def _axes_or_none(axes: tuple[str, ...]):
+def _axes_or_none(axes: tuple[str, ...]) -> MeshAxes:
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _context_or(mesh):
+def _context_or(mesh: AnyMesh | None) -> AnyMesh | None:
     """Inside a shard_map, the context's abstract mesh (it knows which axes are manual); else ``mesh``."""
     context = jax.sharding.get_abstract_mesh()
     return mesh if context.empty else context
@@ -138,7 +150,7 @@ def dot_product_attention(
     key_positions: jax.Array | None = None,
     scale: float | None = None,
     impl: str = "ring",
-    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    mesh: AnyMesh | None = None,
     rules: Rules | ActivationSharding | None = None,
     seq_axis: str | None = None,
     batch_axes: str | tuple[str, ...] | None = None,
@@ -193,10 +205,10 @@ def dot_product_attention(
         bias_keys=key_BxMxNxK.shape[1] * (axes.size() if local else 1),
     )  # fmt: skip
     kernel = _Kernel(impl, is_causal, layout, scale, block_k, axes.seq_axis, axes.size())
-    arrays = {"q": query_BxLxHxK, "k": key_BxMxNxK, "v": value_BxMxNxK, "bias": bias}
-    arrays |= {"q_pos": query_positions, "kv_pos": key_positions}
-    arrays |= {"q_seg": query_segment_ids, "kv_seg": key_segment_ids}
-    arrays = {name: x for name, x in arrays.items() if x is not None}
+    given = {"q": query_BxLxHxK, "k": key_BxMxNxK, "v": value_BxMxNxK, "bias": bias}
+    given |= {"q_pos": query_positions, "kv_pos": key_positions}
+    given |= {"q_seg": query_segment_ids, "kv_seg": key_segment_ids}
+    arrays = {name: x for name, x in given.items() if x is not None}
     if local:
         return kernel.local(arrays)  # (b): this device's blocks
     if impl in ("fused", "dense"):
@@ -220,7 +232,17 @@ def dot_product_attention(
     return _sharded(kernel, axes, arrays)
 
 
-def check_inputs(q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, bias_keys: int | None = None) -> jax.Array | None:
+def check_inputs(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.typing.ArrayLike | None,
+    q_pos: jax.Array | None,
+    kv_pos: jax.Array | None,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    bias_keys: int | None = None,
+) -> jax.Array | None:
     """Raises ``ValueError`` naming the argument whose shape or dtype is off; returns the bias as 4-D.
 
     ``bias_keys``: the bias's key dimension (default M; p * M for this device's rows in context (b)).
@@ -284,7 +306,7 @@ class _Kernel:
     seq_axis: str | None
     seq_size: int
 
-    def _masks(self, a: dict) -> dict:
+    def _masks(self, a: dict[str, jax.Array]) -> dict[str, Any]:
         return {
             "query_positions": a.get("q_pos"),
             "key_positions": a.get("kv_pos"),
@@ -294,15 +316,17 @@ class _Kernel:
             "is_causal": self.is_causal,
         }
 
-    def local(self, a: dict) -> jax.Array:
+    def local(self, a: dict[str, jax.Array]) -> jax.Array:
         """On this device's blocks, the sequence axis manual (context (b), or inside ``_sharded``)."""
-        p = int(_context_or(None).shape[self.seq_axis])
+        context = _context_or(None)
+        assert context is not None, "local() runs inside a shard_map (its context mesh)"
+        p = int(context.shape[self.seq_axis])
         on_ring = {"axis_name": self.seq_axis, "axis_size": p, "layout": self.layout, **self._masks(a)}
         if self.impl == "ring":
             return ring_attention(a["q"], a["k"], a["v"], a.get("bias"), block_k=self.block_k, **on_ring)
         if self.impl == "allgather" or (self.impl == "dense" and p > 1):
             # Inside the caller's shard_map (a partial-manual region) the gather's transpose runs in float32.
-            in_own_region = _manual_axes() == frozenset(_context_or(None).axis_names)
+            in_own_region = _manual_axes() == frozenset(context.axis_names)
             return allgather_attention(
                 a["q"], a["k"], a["v"], a.get("bias"), float32_gradients=not in_own_region, **on_ring
             )
@@ -313,7 +337,7 @@ class _Kernel:
             )
         return self.whole(a)
 
-    def whole(self, a: dict) -> jax.Array:
+    def whole(self, a: dict[str, jax.Array]) -> jax.Array:
         """On whole sequences: the reference math (dense) or ``jax.nn.dot_product_attention`` (fused)."""
         if self.impl == "dense":
             return gqa_attention(a["q"], a["k"], a["v"], a.get("bias"), **self._masks(a))
@@ -342,19 +366,22 @@ _LOGICAL = {
 }
 
 
-def _bias_axes(bias: jax.Array, q: jax.Array) -> tuple:
+def _bias_axes(bias: jax.Array, q: jax.Array) -> LogicalAxes:
     """The bias's logical axes: batch and heads where it has them, queries split like q's, keys whole."""
     batch = "batch" if bias.shape[0] == q.shape[0] else None
     return (batch, "heads" if bias.shape[1] == q.shape[2] else None, "length", None)
 
 
-def _sharded(kernel: _Kernel, axes: SequenceAxes, arrays: dict) -> jax.Array:
+def _sharded(kernel: _Kernel, axes: SequenceAxes, arrays: dict[str, jax.Array]) -> jax.Array:
     """Context (a): the kernel in a shard_map manual over every mesh axis, specs from the rules."""
     logical = dict(_LOGICAL)
     if "bias" in arrays:
         logical["bias"] = _bias_axes(arrays["bias"], arrays["q"])
     specs = {name: axes.spec(x.shape, logical[name], what=f"attention {name}") for name, x in arrays.items()}
-    if AxisType.Explicit in tuple(axes.mesh.axis_types):  # explicit shardings are not resharded implicitly
-        arrays = {name: jax.sharding.reshard(x, NamedSharding(axes.mesh, specs[name])) for name, x in arrays.items()}
-    run = jax.shard_map(kernel.local, mesh=axes.mesh, in_specs=(specs,), out_specs=specs["q"], check_vma=False)
-    return run(arrays)
+    mesh = axes.mesh
+    assert mesh is not None, "a sequence axis comes with a mesh (resolve_axes)"
+    if AxisType.Explicit in tuple(mesh.axis_types):  # explicit shardings are not resharded implicitly
+        arrays = {name: jax.sharding.reshard(x, NamedSharding(mesh, specs[name])) for name, x in arrays.items()}
+    run = jax.shard_map(kernel.local, mesh=mesh, in_specs=(specs,), out_specs=specs["q"], check_vma=False)
+    y_BxLxHxK: jax.Array = run(arrays)
+    return y_BxLxHxK

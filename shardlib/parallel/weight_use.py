@@ -106,6 +106,7 @@ def tapped_weight_grads(
     def grad(name: str) -> jax.Array:
         x = inputs[uses[name].input]
         _, pull = jax.vjp(lambda w: uses[name].apply(x, w), weights[name])
-        return pull(output_cotangents[name])[0]
+        grad_w: jax.Array = pull(output_cotangents[name])[0]
+        return grad_w
 
     return {name: grad(name) for name in weights}

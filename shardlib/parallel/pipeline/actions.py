@@ -195,11 +195,11 @@ class StageActions:
         self.split = split and fns.splits  # else a split table's B is a whole backward, its W nothing
         if self.split:
             self.residual_shapes = self._residual_shapes()
-            self.keeping = (BWD_INPUT, BWD_INPUT_FIRST)
+            self.keeping: tuple[int, ...] = (BWD_INPUT, BWD_INPUT_FIRST)
         else:
             self.residual_shapes = {} if self.saved is None else {"saved": self.saved.stored}
             self.keeping = () if self.saved is None else (FWD, FWD_FIRST, FWD_LAST, FWD_ONLY)
-        branches = [None] * len(BRANCHES)
+        branches: list[Any] = [None] * len(BRANCHES)  # a callable per branch code, every slot filled below
         branches[IDLE] = lambda c, r: (c, self.zeros_x)
         branches[FWD] = lambda c, r: self.forward(c, r, first=False, last=False)
         branches[FWD_FIRST] = lambda c, r: self.forward(c, r, first=True, last=False)
@@ -332,6 +332,7 @@ class StageActions:
         """A backward applying the pullback its F kept (``saved``): no forward is recomputed
         but the embedding's, a lookup, whose gradient the first virtual stage needs."""
         mb, c = row["microbatch"], row["chunk"]
+        assert self.saved is not None, "backward calls this only where F kept its pullback"
         x = self._stage_input(carry, row, first)
         stored = tuple(buf[row["saved_slot"]] for buf in carry.residuals["saved"])
         d_chunk, dx = pullback(self.saved, stored, self.chunk(c), x)(dy)
@@ -370,6 +371,7 @@ class StageActions:
         virtual stage) from what its B kept; no forward, no input-gradient chain."""
         mb, c = row["microbatch"], row["chunk"]
         kept = _at(carry.residuals, row["res_slot"])
+        assert self.fns.weight_grads is not None, "a W branch exists only where fns.splits (weight_grads given)"
         d_chunk = self.fns.weight_grads(self.chunk(c), kept["inputs"], kept["dys"])
         carry = self._add_layer_grads(carry, c, d_chunk)
         if first:

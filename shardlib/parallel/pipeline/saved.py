@@ -65,7 +65,8 @@ def residual_layout(fn: Callable, *primals, has_aux: bool = False) -> ResidualLa
 
 def forward_keeping(layout: ResidualLayout, fn: Callable, *primals) -> tuple[Any, tuple[jax.Array, ...]]:
     """(fn(*primals), the residuals to store): what an F runs."""
-    y, pull, *aux = jax.vjp(fn, *primals, has_aux=layout.has_aux)
+    # has_aux is known at run time only; jax.vjp's overloads take a literal True or False.
+    y, pull, *aux = jax.vjp(fn, *primals, has_aux=layout.has_aux)  # type: ignore[call-overload]
     y = (y, aux[0]) if layout.has_aux else y
     leaves, sources, _ = _sources(pull, primals)
     if sources != layout.sources:

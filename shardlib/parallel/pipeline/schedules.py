@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import Literal
+from typing import Literal, cast
 
 Kind = Literal["F", "B", "W"]
 Placement = Literal["loop", "v"]
@@ -136,7 +136,10 @@ class Schedule:
         kind, in any unit), and the bubble is the idle share of p times that step time. With
         equal costs this is ``bubble_fraction``; with a backward dearer than a forward, ticks
         that mix the two idle the stages running forwards."""
-        time = sum((max((costs[a.kind] for a in row if a is not None), default=0) for row in self.actions), Fraction(0))
+        time = sum(
+            (max((costs[a.kind] for a in row if a is not None), default=Fraction(0)) for row in self.actions),
+            Fraction(0),
+        )
         work = sum((costs[a.kind] for row in self.actions for a in row if a is not None), Fraction(0))
         return time, 1 - work / (self.stages * time)
 
@@ -356,9 +359,10 @@ def zb_v(stages: int, microbatches: int) -> Schedule:
             continue
         mb, started[kind] = started[kind], started[kind] + 1
         first, second = (0, 1) if kind == "F" else (1, 0)  # the chunk each half of the V runs
+        v_kind = cast(Kind, kind)  # a letter of _zb_v_slots' string, F or B here
         for stage in range(p):
-            occupied[(2 * slot + stage, stage)] = Action(kind, mb, first)
-            occupied[(2 * slot + 2 * p - 1 - stage, stage)] = Action(kind, mb, second)
+            occupied[(2 * slot + stage, stage)] = Action(v_kind, mb, first)
+            occupied[(2 * slot + 2 * p - 1 - stage, stage)] = Action(v_kind, mb, second)
     columns = [_with_weight_gradients(occupied, stage, 4 * m) for stage in range(p)]
     ticks = max(len(c) for c in columns)
     rows = tuple(tuple(c[t] if t < len(c) else None for c in columns) for t in range(ticks))

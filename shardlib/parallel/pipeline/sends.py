@@ -62,10 +62,11 @@ class SendPatterns:
 
     def sends(self) -> tuple[int, int]:
         """(down, up): microbatches sent per step, over all stages (one per pair and tick)."""
-        return tuple(
+        down, up = (
             int(sum(len(patterns[i]) for i in self.tick[:, column]))
             for column, patterns in enumerate((self.down, self.up))
         )
+        return down, up
 
 
 def send_patterns(plan: TickTable) -> SendPatterns:
@@ -76,7 +77,8 @@ def send_patterns(plan: TickTable) -> SendPatterns:
     for arrivals, step in ((plan.recv_below_slot, -1), (plan.recv_above_slot, 1)):
         patterns: dict[Pairs, int] = {(): 0}
         index = [
-            patterns.setdefault(tuple(((s + step) % p, s) for s in np.flatnonzero(row >= 0)), len(patterns))
+            # numpy integers as the stages: they hash and compare as the ints Pairs names
+            patterns.setdefault(tuple(((s + step) % p, s) for s in np.flatnonzero(row >= 0)), len(patterns))  # type: ignore[misc]
             for row in arrivals
         ]
         columns.append((tuple(patterns), index))

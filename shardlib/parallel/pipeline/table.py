@@ -96,7 +96,7 @@ def _arrival_column(source: int, target: int, p: int) -> str:
 
 
 class _Slots:
-    def __init__(self):
+    def __init__(self) -> None:
         self.free: list[int] = []
         self.size = 0
         self.held: dict[tuple[int, int], int] = {}
@@ -173,8 +173,8 @@ def compile_table(schedule: Schedule) -> TickTable:
         for kind, source, k, microbatch in arrivals:
             target, chunk = schedule.device_of(k)
             column = _arrival_column(source, target, p)
-            pool = acts if kind == "act" else grads
-            arrays[column][tick, target] = pool[target].take((microbatch, chunk))
+            pools = acts if kind == "act" else grads
+            arrays[column][tick, target] = pools[target].take((microbatch, chunk))
             is_grad[column][tick, target] = kind == "grad"
 
     act_slots = max(1, max(a.size for a in acts))

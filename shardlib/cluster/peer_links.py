@@ -19,6 +19,7 @@ import selectors
 import socket
 import struct
 import time
+from typing import cast
 
 _KEY = "shardlib/link/"
 DONE = "done"
@@ -71,7 +72,7 @@ class PeerLinks:
         """(peer, message) events within ``timeout_s``: a line it sent, or ``""`` when its connection closed."""
         events = []
         for key, _ in self._selector.select(timeout_s):
-            link = key.fileobj
+            link = cast(socket.socket, key.fileobj)  # the selector holds only the sockets _add registered
             peer = self._peers[link]
             try:
                 data = link.recv(4096)
@@ -98,7 +99,7 @@ class PeerLinks:
 
     @property
     def open_peers(self) -> set[int]:
-        return {self._peers[key.fileobj] for key in self._selector.get_map().values()}
+        return {self._peers[cast(socket.socket, key.fileobj)] for key in self._selector.get_map().values()}
 
     def close(self) -> None:
         for link in list(self._peers):

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Self
+from typing import Any, Literal, Self
 
 import jax
 
@@ -49,7 +49,7 @@ def runtime_timeout(peer_timeout_s: float) -> int:
     return math.ceil(2 * peer_timeout_s)
 
 
-def _coordination_client():
+def _coordination_client() -> Any:  # JAX's client class is private (jaxlib), Orbax's accessor unannotated
     """The client ``jax.distributed.initialize`` connected: JAX keeps it private, Orbax exposes it."""
     try:
         from orbax.checkpoint import multihost
@@ -64,7 +64,8 @@ def _coordination_client():
 def _coordinator_address() -> str:
     from jax._src import distributed
 
-    return distributed.global_state.coordinator_address
+    # Optional in JAX's state; set by jax.distributed.initialize, which every multi-process run (our only caller) ran.
+    return distributed.global_state.coordinator_address  # type: ignore[return-value]
 
 
 class PeerWatchdog:
@@ -99,7 +100,7 @@ class PeerWatchdog:
         self._checkpoints = checkpoints
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client = None
+        self._client: Any = None  # the coordination client (``_coordination_client``), set by __enter__
         self.links: PeerLinks | None = None  # set by the watchdog's thread once every link is up
         self.lost: str | None = None  # the verdict, once there is one
         self._me, self._count = 0, 1
@@ -115,7 +116,7 @@ class PeerWatchdog:
         threading.Thread(target=self._connect, args=(_coordinator_address(),), daemon=True).start()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if self._thread is None:
             return False
         in_order = exc is None or isinstance(exc, self._not_peer_failures)

@@ -76,7 +76,8 @@ def _host_block(leaf: jax.Array, position: int | None) -> np.ndarray:
     gathered onto every device under jit, which every process must call.
     """
     if not leaf.is_fully_addressable:
-        replicated = NamedSharding(leaf.sharding.mesh, PartitionSpec())
+        # The project places every parameter with a NamedSharding; Sharding itself has no mesh.
+        replicated = NamedSharding(leaf.sharding.mesh, PartitionSpec())  # type: ignore[attr-defined]
         if position is None:
             block = jax.jit(lambda w: w, out_shardings=replicated)(leaf)
         else:

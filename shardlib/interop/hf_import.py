@@ -58,7 +58,7 @@ def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise HFFormatError(f"{index} is not a safetensors index (no readable weight_map: {err!r})") from err
-        files = {name: hf_dir / file for name, file in weight_map.items()}
+        files: dict[str, pathlib.Path] = {name: hf_dir / file for name, file in weight_map.items()}
         for name, path in files.items():
             if not path.is_file():
                 raise HFFormatError(f"{index} puts tensor {name} in {path.name}, which does not exist")
@@ -66,7 +66,7 @@ def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     paths = sorted(hf_dir.glob("*.safetensors"))
     if not paths:
         raise HFFormatError(f"{hf_dir} holds no *.safetensors weights (nor {INDEX_FILE})")
-    files: dict[str, pathlib.Path] = {}
+    files = {}
     for path in paths:
         with safe_open(path, framework="numpy") as f:
             for name in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
@@ -140,7 +140,8 @@ def _leaf(rows, sizes, reader: _Reader, sharding, dtype, layer_order: np.ndarray
             shards[ranges] = np.ascontiguousarray(block.astype(dtype))
         return shards[ranges]
 
-    return jax.make_array_from_callback(shape, sharding, shard)
+    # JAX types the callback's index as Optional; for an array of this shape it passes a tuple of slices.
+    return jax.make_array_from_callback(shape, sharding, shard)  # type: ignore[arg-type]
 
 
 def _layer_reader(reader: _Reader, layer: int | None):
@@ -201,6 +202,7 @@ def load_hf_params(
                 node = node.setdefault(key, {})
             node[name] = _leaf(rows, sizes, reader, _get(shardings, path), dtype, order)
     expected = jax.tree_util.tree_structure(shardings)
-    if jax.tree_util.tree_structure(params) != expected:  # the table no longer covers the model
+    # mypy does not resolve PyTreeDef (jaxlib's compiled module), hence the ignore.
+    if jax.tree_util.tree_structure(params) != expected:  # type: ignore[operator]  # the table no longer covers the model
         raise RuntimeError(f"hf_layout's table does not cover the model's parameters: {expected}")
     return params

@@ -108,7 +108,7 @@ class TensorLayout:
     def fused_range(self, sizes: dict[str, int]) -> tuple[int, int]:
         """(start, stop) of this row's entries along the parameter's fused dimension."""
         start = sum(axis_size(sizes, a) for a in self.before)
-        return start, start + axis_size(sizes, self.fused)
+        return start, start + axis_size(sizes, self.fused)  # type: ignore[arg-type]  # only fused rows have a range
 
     def hf_names(self, n_layers: int) -> list[str]:
         """The HF tensor names of this row, layer 0 first for a stacked row."""
@@ -129,12 +129,13 @@ class TensorLayout:
 
 def parse_groups(spec: str) -> tuple[tuple[str, ...], ...]:
     """``"(heads head_dim) embed"`` -> ``(("heads", "head_dim"), ("embed",))``."""
-    groups, current = [], None
+    groups: list[tuple[str, ...]] = []
+    current: list[str] | None = None  # the open "(" group's axes
     for token in spec.replace("(", " ( ").replace(")", " ) ").split():
         if token == "(":
             current = []
         elif token == ")":
-            groups.append(tuple(current))
+            groups.append(tuple(current))  # type: ignore[arg-type]  # a ")" without "(": TypeError, as ever
             current = None
         elif current is not None:
             current.append(token)
@@ -166,14 +167,16 @@ def table(qkv_bias: bool = False) -> tuple[tuple[str, str, str, str], ...]:
 
 def llama_layouts(tie_embeddings: bool, qkv_bias: bool = False) -> list[TensorLayout]:
     """The parsed rows that apply to a model with or without tied embeddings and q/k/v biases."""
-    rows, earlier = [], {}
+    rows: list[TensorLayout] = []
+    earlier: dict[str, tuple[str, ...]] = {}  # path -> the fused axes of its rows so far
     for hf, path, hf_axes, spec in table(qkv_bias):
         axes, fused = parse_axes(spec)
         before = earlier.get(path, ())
         if before and fused is None:
             raise ValueError(f"{path} is filled by several HF tensors, so each row needs a fused [dimension]")
         rows.append(TensorLayout(hf, path, parse_groups(hf_axes), axes, fused, before))
-        earlier[path] = (*before, fused)
+        # fused None: the parameter's only row (a later row of its path raises above before using it).
+        earlier[path] = (*before, fused)  # type: ignore[arg-type]
     return [row for row in rows if not (tie_embeddings and row.path in UNTIED_ONLY)]
 
 
@@ -235,7 +238,10 @@ def read_block(
     than the shard. Returns the block in ``layout.per_layer_axes`` order (a
     ``UNIT`` axis, absent from the HF tensor, of size 1).
     """
-    slices, shape, cut, flat_axes = [], [], [], []
+    slices: list[slice] = []
+    shape: list[int] = []
+    cut: list[slice] = []
+    flat_axes: list[str] = []
     for group in layout.hf_groups:
         outer, inner = group[0], group[1:]
         start, stop = ranges[outer]
@@ -276,7 +282,8 @@ def read_param_block(
         if max(lo, start) >= min(hi, stop):
             continue
         own = {a: r for a, r in ranges.items() if a != first.fused}
-        own[row.fused] = (max(lo, start) - start, min(hi, stop) - start)
+        # A fused parameter's rows are all fused: row.fused is not None.
+        own[row.fused] = (max(lo, start) - start, min(hi, stop) - start)  # type: ignore[index]
         blocks.append(read_block(row, sizes, own, functools.partial(read, row)))
     return np.concatenate(blocks, axis=first.fused_dim)
 

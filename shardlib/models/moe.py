@@ -20,7 +20,7 @@ F expert hidden width, N tokens per expert, G groups held by one device (rows), 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +59,12 @@ __all__ = [  # the routing names are re-exported for the project's importers (pi
 ]
 
 
-class ExpertWeights(NamedTuple):
-    """One MoE layer's expert parameters (SwiGLU per expert).
+_Leaf = TypeVar("_Leaf")
+
+
+class ExpertWeights(NamedTuple, Generic[_Leaf]):
+    """One MoE layer's expert parameters (SwiGLU per expert); generic in its leaves: arrays for the
+    weights, logical axis names per dimension for ``EXPERT_WEIGHT_AXES``.
 
     gate and up stay two weights here, unlike the dense layers' fused
     ``gate_up`` (``shardlib.models.layers``): under tensor parallelism the experts run
@@ -69,19 +73,19 @@ class ExpertWeights(NamedTuple):
     gradients locally and all-reduces their sum once; fusing would save nothing.
     """
 
-    gate: jax.Array  # [E, D, F]
-    up: jax.Array  # [E, D, F]
-    down: jax.Array  # [E, F, D]
+    gate: _Leaf  # [E, D, F]
+    up: _Leaf  # [E, D, F]
+    down: _Leaf  # [E, F, D]
 
 
 class MoEWeights(NamedTuple):
     """One MoE layer's parameters: the router and the experts."""
 
     router: jax.Array  # [D, E]
-    experts: ExpertWeights
+    experts: ExpertWeights[jax.Array]
 
 
-def expert_ffn(w: ExpertWeights, x_ExNxD: jax.Array) -> jax.Array:
+def expert_ffn(w: ExpertWeights[jax.Array], x_ExNxD: jax.Array) -> jax.Array:
     """SwiGLU of every expert on its own tokens: [E, N, D] -> [E, N, D] (weights cast to x's dtype).
 
     The project's ``expert_fn`` for ``shardlib.parallel.experts``: called there on each

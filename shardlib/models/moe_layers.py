@@ -11,7 +11,7 @@ reshaped into groups: attention and norms [groups, period, ...], dense MLPs
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +58,9 @@ def scan_moe_groups(
         return w.reshape(groups, period - (name in _MLP_FIELDS), *w.shape[1:])
 
     group_weights = BlockWeights(**{n: grouped(n, getattr(weights, n)) for n in BlockWeights._fields})
-    use_probes = {n: grouped(n, p) for n, p in probes.get("uses", {}).items()} if tapped else {}
-    moe_probes = probes.get("moe") if tapped else None
+    # probes is not None when tapped (mypy does not narrow through the alias).
+    use_probes = {n: grouped(n, p) for n, p in probes.get("uses", {}).items()} if tapped else {}  # type: ignore[union-attr]
+    moe_probes = probes.get("moe") if tapped else None  # type: ignore[union-attr]
 
     def group_body(x_BxLxD, ws):
         w, mw, up, mp = ws
@@ -115,4 +116,4 @@ def _stack_taps(taps: list[WeightTap]) -> tuple[dict, dict]:
         stacked.append(
             {n: jnp.stack([getattr(tap, field)[n] for tap in taps if n in getattr(tap, field)]) for n in names}
         )
-    return tuple(stacked)
+    return cast(tuple[dict, dict], tuple(stacked))  # one dict per field: two

@@ -144,8 +144,9 @@ class LayerStack(nnx.Module):
 
     def weights(self) -> BlockWeights:
         """The stacked arrays, each with a leading [n_layers] axis for `lax.scan` (MLPs: [n dense layers])."""
+        # None only for the weights this model lacks (gate_up and down without dense MLPs, qkv_bias).
         return BlockWeights(
-            **{name: None if (v := getattr(self, name)) is None else v[...] for name in BlockWeights._fields}
+            **{name: None if (v := getattr(self, name)) is None else v[...] for name in BlockWeights._fields}  # type: ignore[arg-type]
         )
 
 
@@ -188,7 +189,7 @@ class Transformer(nnx.Module):
             )
         # Mixture of experts: every moe.period-th layer's MLP (shardlib.models.moe); created
         # last so that the other parameters get the same values as a dense model's.
-        moe = getattr(cfg, "moe", None)
+        moe: Any = getattr(cfg, "moe", None)  # cfg's moe section (MoEConfig-like), if any
         has_moe = moe is not None and moe.n_experts > 0
         self.moe = MoEStack(cfg.n_moe_layers, cfg, dtype=param_dtype, rngs=rngs) if has_moe else None
         if has_moe:

@@ -140,7 +140,14 @@ def test_llama3_frequencies_fall_in_all_three_bands():
     scaling = Llama3RopeScaling(**model_cfg("llama3").rope_scaling.model_dump(exclude={"rope_type"}))
     ratio = np.asarray(rope_frequencies(16, 50000.0)) / np.asarray(rope_frequencies(16, 50000.0, scaling))
     np.testing.assert_allclose(ratio[0], 1.0, rtol=1e-6)
-    assert 1.0 < ratio[1] < 8.0
+    # The middle band, by transformers' formula: smooth = (original / wavelength - low) / (high - low),
+    # f' = (1 - smooth) f / factor + smooth f.
+    f = float(np.asarray(rope_frequencies(16, 50000.0))[1])
+    smooth = (scaling.original_max_position_embeddings * f / (2 * np.pi) - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    assert 0.0 < smooth < 1.0
+    np.testing.assert_allclose(ratio[1], 1.0 / ((1 - smooth) / scaling.factor + smooth), rtol=1e-5)
     np.testing.assert_allclose(ratio[2:], 8.0, rtol=1e-6)
 
 

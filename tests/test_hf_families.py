@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file
 
 from shardlib.core.rules import preset_rules
@@ -28,7 +27,7 @@ from shardlib.core.sharding import tree_shardings
 from shardlib.interop import hf_import
 from shardlib.interop.hf_config import HFFormatError, check_model_matches, model_config_from_hf, read_hf_config
 from shardlib.interop.hf_export import export_hf
-from shardlib.interop.hf_import import load_hf_params, tensor_files
+from shardlib.interop.hf_import import load_hf_params
 from shardlib.models.layers import (
     BlockWeights,
     Llama3RopeScaling,
@@ -41,6 +40,7 @@ from shardlib.models.layers import (
 )
 from shardlib.training.step import weight_use
 from shardlib.training.train_state import abstract_model
+from tests.hf_support import assert_params_equal, fixture_tensors, logits_of
 from tests.support import assert_trees_close, first_batch, mesh_of, tiny_config
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hf_families"
@@ -57,26 +57,8 @@ def shardings(cfg, preset: str, mesh):
     return tree_shardings(model.params, model.logical_axes, preset_rules(preset), mesh)
 
 
-def logits_of(cfg, params, tokens) -> np.ndarray:
-    graphdef = abstract_model(cfg).graphdef
-    return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens))
-
-
 def relative_error(logits: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(logits - expected)) / np.max(np.abs(expected)))
-
-
-def fixture_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
-    tensors = {}
-    for path in sorted(set(tensor_files(hf_dir).values())):
-        tensors |= load_file(str(path))
-    return tensors
-
-
-def assert_params_equal(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
 
 
 @pytest.fixture(scope="module")

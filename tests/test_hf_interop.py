@@ -24,7 +24,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from shardlib.core.rules import preset_rules
@@ -41,6 +40,7 @@ from shardlib.training.hf_export import export_run
 from shardlib.training.setup import setup_training
 from shardlib.training.train_state import abstract_model
 from shardlib.training.trainer import train
+from tests.hf_support import assert_params_equal, fixture_tensors, logits_of
 from tests.support import mesh_of, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,24 +61,6 @@ def model_cfg(hf_dir: Path, **update):
 def shardings(cfg, preset: str, mesh):
     model = abstract_model(cfg)
     return tree_shardings(model.params, model.logical_axes, preset_rules(preset), mesh)
-
-
-def logits_of(cfg, params, tokens) -> np.ndarray:
-    graphdef = abstract_model(cfg).graphdef
-    return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens))
-
-
-def fixture_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
-    tensors = {}
-    for path in sorted(set(tensor_files(hf_dir).values())):
-        tensors |= load_file(str(path))
-    return tensors
-
-
-def assert_params_equal(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import math
 import jax
 import pytest
 
-from shardlib.analysis.planner import format_plans, make_plans, propose_diloco
+from shardlib.analysis.planner import make_plans
+from shardlib.analysis.planner_diloco import propose_diloco
+from shardlib.analysis.planner_output import format_plans
 from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.hardware import load_profile
 from shardlib.analysis.report.layout import resolve_layout

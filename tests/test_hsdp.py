@@ -15,7 +15,8 @@ import math
 import pytest
 
 from shardlib.analysis.plan_candidates import hierarchical_mesh
-from shardlib.analysis.planner import format_diloco, make_plans, propose_diloco
+from shardlib.analysis.planner import make_plans
+from shardlib.analysis.planner_diloco import format_diloco, propose_diloco
 from shardlib.analysis.report.__main__ import mesh_sizes
 from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.hardware import axes_across_hosts, load_profile

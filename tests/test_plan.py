@@ -5,7 +5,8 @@ import itertools
 import pytest
 
 from shardlib.analysis.plan_candidates import candidate_meshes
-from shardlib.analysis.planner import format_plans, make_plans, verify
+from shardlib.analysis.planner import make_plans, verify
+from shardlib.analysis.planner_output import format_plans
 from shardlib.analysis.report.hardware import Profile
 from tests.support import tiny_config
 

@@ -24,16 +24,10 @@ stages with MoE, a pipeline with compressed gradients) are dropped with its reas
 beside ``seq`` and ``expert`` are planned like any other. ``expert`` is enumerated for MoE configs only
 (without MoE layers it would only repeat ``data``).
 
-When a fitting plan's ``data`` axis (or, under HSDP, ``data_replica``) crosses hosts, the
-planner proposes DiLoCo over it (``propose_diloco``) with the H whose outer all-reduce takes at most
-``HIDDEN`` of the H inner steps it follows, when that beats the plan's step.
-
 Without a pipeline a mesh takes the fewest microbatches (``grad_accum`` dividing the batch) that
-fit. ``--json`` prints every candidate with its terms (each collective's seconds, link, overlap
-class and exposed share), memory, TFLOP/s and MFU; ``--mesh FILE`` evaluates the config on that
-one mesh (its ``across_hosts`` deciding the links) instead of searching. Text output fits 100
-columns: a table of the top plans, the winner explained on its own lines, every dropped kind
-with its reason (out-of-memory plans with the step they would take).
+fit. ``--mesh FILE`` evaluates the config on that one mesh (its ``across_hosts`` deciding the
+links) instead of searching. The printed and ``--json`` views are ``planner_output``'s; the DiLoCo
+proposal for a plan whose data-parallel axis crosses hosts is ``planner_diloco``'s.
 
 ``--verify K`` compiles the top K plans on N emulated CPU devices and prints
 predicted against compiled communication (per axis, with the avoidable
@@ -65,7 +59,6 @@ from shardlib.training.config import Config, load_config
 TOLERANCE = 0.10
 EXIT_MISSED = 1  # --verify: a prediction missed its bound (usage errors are 2)
 EXIT_NO_PLAN = 1  # no candidate fits: the answer is no (as grep's 1 for no match), the reasons printed
-HIDDEN = 0.05  # DiLoCo: the outer all-reduce's share of the H inner steps it follows, at most
 
 
 @dataclasses.dataclass
@@ -136,6 +129,7 @@ def _fewest_fitting(variants: list[MeshPlan], own: int, profile, mfu: float | No
 def evaluate_plan(plan: MeshPlan, profile, mfu: float | None = None, across: dict[str, int] | None = None) -> None:
     """Fills in the plan's layout, memory, bubble and time, or says why it was dropped (a plan dropped
     for memory keeps its time). ``across``: a mesh file's ``across_hosts``, else hosts fill from ``model``."""
+    from shardlib.analysis.planner_output import _gib
     from shardlib.analysis.report.analytic import predict_terms
     from shardlib.analysis.report.compute import hardware_flops, pipeline_bubble
     from shardlib.analysis.report.hardware import estimate_time
@@ -173,312 +167,6 @@ def evaluate_plan(plan: MeshPlan, profile, mfu: float | None = None, across: dic
     if plan.memory.peak > profile.usable_bytes:  # the training step's peak, or the eval step's beside the state
         which = " (its eval step)" if plan.memory.eval_total > plan.memory.total else ""
         plan.dropped = f"needs {_gib(plan.memory.peak)}{which} > {_gib(profile.usable_bytes)} usable"
-
-
-@dataclasses.dataclass(frozen=True)
-class DiLoCoProposal:
-    """DiLoCo over data for ``plan``: H, one inner step (no data traffic), one outer all-reduce (bytes per device)."""
-
-    plan: MeshPlan
-    every: int
-    inner_s: float
-    outer_s: float
-    outer_bytes: float
-    link: str
-    axis: str = "data"  # the replica axis: data, or data_replica under HSDP
-
-    @property
-    def step_s(self) -> float:
-        """Synchronous DiLoCo's average step: the inner step plus 1/H of the outer all-reduce."""
-        return self.inner_s + self.outer_s / self.every
-
-    def overlap_fragments(self, n_layers: int) -> int | None:
-        """The fewest streaming fragments F (dividing the layers) whose all-reduce, P/F, takes no longer than
-        one inner step, so that ``outer.overlap_steps: 1`` hides it whole; None if no F does."""
-        needed = max(1, math.ceil(self.outer_s / self.inner_s)) if self.inner_s > 0 else None
-        fits = [f for f in range(1, n_layers + 1) if n_layers % f == 0 and needed is not None and f >= needed]
-        return fits[0] if fits else None
-
-
-def propose_diloco(plans: list[MeshPlan], cfg: Config, profile, *, mfu: float | None = None) -> DiLoCoProposal | None:
-    """DiLoCo for the fastest plan whose data-parallel axis crosses hosts, or None: a config already
-    running one, or no gain (the plan hides its sync).
-
-    The replica axis is ``data_replica`` under HSDP (FSDP stays inside each replica, over ``data``),
-    else ``data`` for a plan without FSDP over it (the replicas would take FSDP's axis).
-    """
-    from shardlib.analysis.report.analytic import predict_terms
-    from shardlib.analysis.report.compute import hardware_flops
-    from shardlib.analysis.report.hardware import axes_across_hosts, estimate_time
-    from shardlib.analysis.report.layout import resolve_layout
-    from shardlib.training.config_schema import OuterConfig
-
-    if cfg.outer.algorithm != "none":
-        return None
-    for p in plans:
-        slow = axes_across_hosts(p.sizes, profile.devices_per_host)
-        axis = "data_replica" if p.sizes["data_replica"] > 1 else "data"
-        if p.dropped or axis not in slow or (axis == "data" and PRESETS[p.sharding].fsdp) or p.sizes["pipe"] > 1:
-            continue  # (DiLoCo does not run with a pipeline: the compatibility table refuses it)
-        outer = OuterConfig(algorithm="diloco", inner_steps=1, replica_axes=[axis])
-        diloco = p.cfg.model_copy(update={"outer": outer})
-        layout = resolve_layout(diloco, p.sizes, p.sharding)
-        terms = predict_terms(layout)
-        outer = [t for t in terms if t.strategy == "diloco"]
-        dtype, layers, flops = cfg.model.compute_dtype, cfg.model.n_layers, hardware_flops(layout)
-        inner = [t for t in terms if t.strategy != "diloco"]
-        inner_s = estimate_time(inner, p.sizes, flops, dtype, profile, n_layers=layers, mfu=mfu).step_s
-        outer_s = estimate_time(outer, p.sizes, 0.0, dtype, profile, n_layers=1, mfu=mfu).step_s
-        every = max(1, math.ceil(outer_s / (HIDDEN * inner_s))) if inner_s > 0 else 1
-        wire = sum(t.wire_bytes for t in outer)
-        proposal = DiLoCoProposal(p, every, inner_s, outer_s, wire, profile.links.across_hosts.name, axis)
-        return proposal if proposal.step_s < p.step_s else None
-    return None
-
-
-def format_diloco(proposal: DiLoCoProposal) -> str:
-    """What the slow link costs the plan now, DiLoCo's H and average step, and the fragments that would
-    let the all-reduce hide behind the inner steps' compute."""
-    h, axis = proposal.every, proposal.axis
-    replicas = "" if axis == "data" else f" outer.replica_axes=[{axis}]"
-    return _format_synchronous(proposal, h, axis, replicas) + _format_overlap(proposal, h)
-
-
-def _format_overlap(proposal: DiLoCoProposal, h: int) -> str:
-    fragments = proposal.overlap_fragments(proposal.plan.cfg.model.n_layers)
-    if fragments is None:
-        return " No streaming fragments make one all-reduce as short as an inner step on this model."
-    every = -(-h // fragments) * fragments  # H a multiple of F
-    flags = "outer.overlap_steps=1" + (f" outer.fragments={fragments}" if fragments > 1 else "")
-    if every != h:
-        flags += f" outer.inner_steps={every}"
-    return (
-        f" With {flags}, each all-reduce ({_ms(proposal.outer_s / fragments)}) runs beside one inner step "
-        f"instead of before it: the average step is the inner step's, {_ms(proposal.inner_s)}, if the "
-        "collectives overlap compute (GPUs; XLA:CPU runs them in turn)."
-    )
-
-
-def _format_synchronous(proposal: DiLoCoProposal, h: int, axis: str, replicas: str) -> str:
-    p = proposal.plan
-    return (
-        f"DiLoCo: {p.label} ({_ms(p.step_s)} per step) sends its gradients over {axis}, which crosses hosts "
-        f"({proposal.link}: {_ms(p.time.comm_s_per_axis.get(axis, 0.0))} per step). With outer.algorithm=diloco "
-        f"outer.inner_steps={h}{replicas}, an inner step takes {_ms(proposal.inner_s)} with no traffic there, and the outer "
-        f"all-reduce ({_gib(proposal.outer_bytes)}, {_ms(proposal.outer_s)}) hides behind the {h} inner steps it "
-        f"follows (at most {HIDDEN:.0%} of their {_ms(h * proposal.inner_s)}); synchronous DiLoCo, as shardlib runs "
-        f"it, averages {_ms(proposal.step_s)} per step ({p.step_s / proposal.step_s:.2f}x). A larger H syncs less "
-        "often at some cost in loss (the DiLoCo paper trains 8 replicas at H = 500)."
-    )
-
-
-def why_best(best: MeshPlan, other: MeshPlan) -> str:
-    """One sentence on why ``best`` beats ``other``."""
-    a, b = best.time, other.time
-    parts = []
-    if b.compute_s > a.compute_s * 1.01:
-        why = "its devices split less of the work"
-        if other.bubble > best.bubble + 0.01:
-            why = f"its pipeline idles {other.bubble:.0%} of the step and recomputes each forward"
-        parts.append(f"compute {_ms(b.compute_s)} vs {_ms(a.compute_s)} ({why})")
-    if b.exposed_s > a.exposed_s:
-        worst = max(b.comm_s_per_axis, key=b.comm_s_per_axis.get, default=None)
-        where = f", most on {worst} over {b.link_per_axis[worst]}" if worst else ""
-        parts.append(f"exposed communication {_ms(b.exposed_s)} vs {_ms(a.exposed_s)}{where}")
-    if not parts:
-        parts.append("same time")
-    if other.memory.peak < best.memory.peak * 0.95:
-        parts.append(f"though it would need only {_gib(other.memory.peak)} (vs {_gib(best.memory.peak)})")
-    elif other.memory.peak > best.memory.peak * 1.05:
-        parts.append(f"and needs {_gib(other.memory.peak)} (vs {_gib(best.memory.peak)})")
-    return f"beats {other.label} ({_ms(other.step_s)}): " + "; ".join(parts)
-
-
-def _ms(s: float) -> str:
-    return f"{s * 1e3:.1f} ms"
-
-
-def _gib(n: float) -> str:
-    from shardlib.analysis.report.report import fmt_bytes
-
-    return fmt_bytes(n)
-
-
-WIDTH = 100  # the text output fits a terminal this wide
-_SHORT = {"data_replica": "dr", "data": "d", "pipe": "p", "expert": "e", "seq": "s", "model": "m"}
-
-
-def short_label(plan: MeshPlan) -> str:
-    """``dr8 d4 m2 hsdp_tp ga1`` / ``d4 p2 tp 1f1b m16 v2``: the plan in a table cell (legend printed)."""
-    mesh = " ".join(f"{_SHORT[a]}{n}" for a, n in plan.sizes.items() if n > 1) or "1"
-    if plan.sizes["pipe"] == 1:
-        return f"{mesh} {plan.sharding} ga{plan.cfg.grad_accum}"
-    p = plan.cfg.pipeline
-    chunks = f" v{p.virtual_stages}" if p.virtual_stages > 1 and p.schedule != "zb-v" else ""
-    schedule = {"interleaved-1f1b": "i1f1b"}.get(p.schedule, p.schedule)
-    return f"{mesh} {plan.sharding} {schedule} m{p.microbatches}{chunks}"
-
-
-def plan_rates(plan: MeshPlan, profile) -> dict[str, float]:
-    """Throughput per device: tokens/s, model TFLOP/s ((6 x params + attention) per token) and MFU
-    (those FLOPs over the dense peak; the profile's ``mfu`` is of the FLOPs executed, remat included)."""
-    cfg = plan.cfg
-    devices = math.prod(plan.sizes.values())
-    tokens = cfg.batch_size * cfg.seq_len / plan.step_s / devices
-    flops = tokens * cfg.model.flops_per_token(cfg.seq_len)
-    return {
-        "tokens_per_s_per_device": tokens,
-        "tflops_per_device": flops / 1e12,
-        "mfu": flops / profile.peak_flops(cfg.model.compute_dtype),
-    }
-
-
-def plan_dict(plan: MeshPlan, profile) -> dict:
-    """One candidate for ``--json``: its layout, variant, memory, time with every term, and rates."""
-    pipeline = plan.cfg.pipeline if plan.sizes["pipe"] > 1 else None
-    out = {
-        "label": plan.label,
-        "sizes": {a: n for a, n in plan.sizes.items() if n > 1},
-        "sharding": plan.sharding,
-        "grad_accum": plan.cfg.grad_accum,
-        "pipeline": pipeline
-        and {
-            "schedule": pipeline.schedule,
-            "microbatches": pipeline.microbatches,
-            "virtual_stages": pipeline.virtual_stages,
-            "recompute": pipeline.recompute,
-        },
-        "dropped": plan.dropped or None,
-        "bubble": plan.bubble,
-        "memory": plan.memory.as_dict() if plan.memory else None,
-        "time": plan.time.as_dict() if plan.time else None,
-    }
-    return out | (plan_rates(plan, profile) if plan.time else {})
-
-
-def plans_json(plans: list[MeshPlan], cfg: Config, devices: int, profile) -> dict:
-    return {
-        "params": cfg.model.num_params(),
-        "tokens_per_step": cfg.batch_size * cfg.seq_len,
-        "devices": devices,
-        "profile": profile.model_dump(),
-        "usable_bytes": profile.usable_bytes,
-        "plans": [plan_dict(p, profile) for p in plans],
-    }
-
-
-def _wrap(text: str, indent: str = "  ") -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ")
-
-
-def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top: int = 10) -> str:
-    """The top plans as a table (lines of at most ``WIDTH``), the winner explained on its own lines,
-    then every dropped kind with its reason."""
-    from shardlib.analysis.report.views import table
-
-    fitting = [p for p in plans if not p.dropped]
-    dropped = [p for p in plans if p.dropped]
-    head = (
-        f"{cfg.model.num_params():,} params, {cfg.batch_size} x {cfg.seq_len} tokens per step, "
-        f"{cfg.model.compute_dtype} | {devices} x {profile.name}: {profile.description}; compute at "
-        f"{fitting[0].time.mfu if fitting else profile.mfu:.2f} of peak, {_gib(profile.usable_bytes)} usable per device"
-    )
-    out = [*_wrap(head, ""), ""]
-    rows = []
-    for i, p in enumerate(fitting[:top], 1):
-        rates = plan_rates(p, profile)
-        rows.append(
-            [
-                i,
-                short_label(p),
-                _gib(p.memory.peak),
-                _ms(p.time.step_s),
-                _ms(p.time.exposed_s),
-                f"{rates['tflops_per_device']:.0f}",
-                f"{rates['mfu']:.0%}",
-                f"{rates['tokens_per_s_per_device']:,.0f}",
-            ]
-        )
-    if rows:
-        out += table(["#", "plan", "memory", "step", "exposed", "TFLOP/s", "MFU", "tok/s/dev"], rows)
-        out += [
-            "  (d data, dr data_replica, p pipe, e expert, s seq, m model; ga grad_accum; m microbatches,",
-            "   v chunks per stage, i1f1b interleaved 1F1B; TFLOP/s and MFU per device, of the model's FLOPs)",
-        ]
-        out += ["", *_explain_best(fitting[0])]
-        for other in fitting[1:4]:
-            out += _wrap(why_best(fitting[0], other))
-        seen = {p.label for p in fitting[:4]}
-        for other in fitting[4:]:
-            if other.sharding != fitting[0].sharding and other.label not in seen:
-                out += _wrap(why_best(fitting[0], other))
-                seen.add(other.label)
-                break
-        # The best plan of the other kind (with a pipeline, or without one), if not explained yet.
-        piped = fitting[0].sizes["pipe"] > 1
-        other = next((p for p in fitting[1:] if (p.sizes["pipe"] > 1) != piped), None)
-        if other is not None and other.label not in seen:
-            out += _wrap(why_best(fitting[0], other))
-    else:
-        out.append("no plan fits: every candidate was dropped (reasons below)")
-    if len(fitting) > top:
-        out.append(f"  ({len(fitting) - top} more fitting plans not shown; --top N or --json for all)")
-    if fitting and (proposal := propose_diloco(fitting, cfg, profile, mfu=fitting[0].time.mfu)):
-        out += ["", *_wrap(format_diloco(proposal), "")]
-    return "\n".join(out + _dropped_lines(dropped))
-
-
-def _explain_best(best: MeshPlan) -> list[str]:
-    """The winner on its own lines: compute, each axis's traffic and link, what is exposed, memory."""
-    t = best.time
-    out = _wrap(f"best: {best.label}", "")
-    bubble = f", of which the pipeline idles {best.bubble:.0%}" if best.bubble else ""
-    out += _wrap(
-        f"compute {_ms(t.compute_s)}{bubble}; exposed communication {_ms(t.exposed_s)} (hidden {_ms(t.hidden_s)})"
-    )
-    for axis, seconds in t.comm_s_per_axis.items():
-        out.append(f"  {axis:12s} {_ms(seconds):>10s} over {t.link_per_axis[axis]}")
-    m = best.memory
-    out += _wrap(
-        f"memory {_gib(m.peak)}: state {_gib(m.state)}, gradients {_gib(m.grads)}, activations "
-        f"{_gib(m.activations)}, working {_gib(m.working)}, eval {_gib(m.eval_total)}"
-    )
-    return out
-
-
-def _dropped_lines(dropped: list[MeshPlan]) -> list[str]:
-    """Every dropped kind with its reason (one plan per reason), out-of-memory ones with their time."""
-    out = []
-    refused = [p for p in dropped if p.dropped.startswith("refused")]
-    if refused:
-        out += ["", f"dropped, refused by the compatibility table ({len(refused)}); one per reason:"]
-        reasons = {p.dropped.split(": ", 2)[-1]: p for p in refused}  # the table's reason, not the settings
-        for p in reasons.values():
-            out += _wrap(f"{p.label}: {p.dropped.removeprefix('refused: ')}")
-    memory_drops = sorted((p for p in dropped if p.dropped.startswith("needs")), key=lambda p: p.step_s)
-    if memory_drops:
-        out += ["", f"dropped, out of memory ({len(memory_drops)}), fastest first (their step if they fit):"]
-        for p in memory_drops[:6]:
-            out += _wrap(f"{short_label(p)}: {p.dropped} ({_ms(p.step_s)})")
-    divide_drops = [p for p in dropped if p.dropped.startswith("does not divide")]
-    if divide_drops:
-        out += ["", f"dropped, does not divide ({len(divide_drops)}); one per reason:"]
-        reasons: dict[str, MeshPlan] = {}
-        for p in divide_drops:  # key: what failed (a parameter path, or the batch), not the mesh
-            reasons.setdefault(p.dropped.removeprefix("does not divide: ").split(":")[0], p)
-        for p in reasons.values():
-            out += _wrap(f"{p.label}: {p.dropped.removeprefix('does not divide: ')}")
-    redundant_drops = [p for p in dropped if not p.dropped.startswith(("refused", "needs", "does not divide"))]
-    if redundant_drops:  # plan_candidates.redundant: the same as another candidate, or an axis left idle
-        out += ["", f"dropped, not worth planning ({len(redundant_drops)}); one per reason:"]
-        reasons = {}
-        for p in redundant_drops:
-            reasons.setdefault(p.dropped, p)
-        for p in reasons.values():
-            out += _wrap(f"{p.label}: {p.dropped}")
-    return out
 
 
 def verify(plans: list[MeshPlan], cfg: Config, k: int) -> tuple[str, list[str]]:
@@ -556,6 +244,7 @@ def check_plan_arguments(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from shardlib.analysis.planner_output import format_plans, plans_json
     from shardlib.analysis.report.hardware import load_profile
     from shardlib.core.mesh import mesh_spec, prepare_devices
 

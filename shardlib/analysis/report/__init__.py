@@ -13,7 +13,8 @@ Modules, one concern each:
 * ``collectives``: every collective with its bytes and runs per step;
 * ``measure``: lower and compile the step from abstract inputs, and measure it;
 * ``layout``: a config resolved on mesh axis sizes, without devices;
-* ``analytic``: bytes per strategy and axis; ``compute``: FLOPs and the pipeline bubble;
+* ``analytic``: bytes per strategy and axis (``terms``: its ``Term``; builders in
+  ``param_traffic``, ``activation_traffic``); ``compute``: FLOPs and the pipeline bubble;
   ``memory``: bytes per device;
 * ``hardware``: profiles (``profiles/*.yaml``) and the step-time estimate;
 * ``report``: the comparison; ``views`` / ``plots``: text, JSON, PNG.
@@ -21,7 +22,7 @@ Modules, one concern each:
 Importing this package starts no JAX backend.
 """
 
-from shardlib.analysis.report.analytic import Term, predict_terms
+from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.collectives import Collective, find_collectives
 from shardlib.analysis.report.hardware import Profile, estimate_time, load_profile
 from shardlib.analysis.report.hlo import parse_hlo
@@ -29,6 +30,7 @@ from shardlib.analysis.report.layout import Layout, resolve_layout
 from shardlib.analysis.report.measure import Measured, measure
 from shardlib.analysis.report.memory import MemoryEstimate, estimate_memory
 from shardlib.analysis.report.report import Report, build_report
+from shardlib.analysis.report.terms import Term
 from shardlib.analysis.report.views import format_report, report_json
 
 __all__ = [

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shardlib.analysis.report.analytic import Term
+from shardlib.analysis.report.terms import Term
 from shardlib.core.yaml_file import read_yaml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -259,7 +259,7 @@ def overlap_class(term: Term) -> str:
     if term.strategy == "pipeline" and term.kind != "collective-permute":
         return "pipeline_reduction"  # the outer parameters' gradients, after the tick loop
     if term.strategy in ("data parallel", "fsdp") and not term.overlappable and term.kind != "all-to-all":
-        return "pipeline_reduction"  # analytic.gradient_terms: a pipeline gathers and reduces around its loop
+        return "pipeline_reduction"  # param_traffic.gradient_terms: a pipeline gathers and reduces around its loop
     if term.strategy == "fsdp" and term.kind in ("all-gather", "all-to-all"):
         return "fsdp_gather"
     if term.strategy in ("fsdp", "data parallel", "diloco"):

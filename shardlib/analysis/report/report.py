@@ -20,13 +20,14 @@ import dataclasses
 import re
 from collections import defaultdict
 
-from shardlib.analysis.report.analytic import Term, per_axis, predict_terms
+from shardlib.analysis.report.analytic import predict_terms
 from shardlib.analysis.report.collectives import Collective, split_by_axis
 from shardlib.analysis.report.compute import hardware_flops, model_flops, pipeline_bubble
 from shardlib.analysis.report.hardware import Profile, TimeEstimate, estimate_time
 from shardlib.analysis.report.layout import Layout
 from shardlib.analysis.report.measure import Measured
 from shardlib.analysis.report.memory import MemoryEstimate, activation_dtype_on, estimate_memory
+from shardlib.analysis.report.terms import Term, per_axis
 from shardlib.core.units import format_bytes
 
 RATIO_SLACK = 0.02  # ratios within 2% of 1 need no explanation

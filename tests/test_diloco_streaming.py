@@ -1,7 +1,7 @@
 """Streaming DiLoCo: the layers in F fragments, one fragment's outer step every H/F inner steps.
 
 Held to the algorithm written out element by element on single-device replicas
-(``test_diloco.paper_diloco`` with fragments), and to its bytes: each outer step all-reduces one
+(``diloco_support.paper_diloco`` with fragments), and to its bytes: each outer step all-reduces one
 fragment, so the peak over the replica axes is P/F while every fragment still syncs every H steps.
 """
 
@@ -26,8 +26,7 @@ from shardlib.training.setup import setup_training
 from shardlib.training.state_layout import error_feedback_layout
 from shardlib.training.train_state import abstract_state
 from shardlib.training.trainer import train
-from tests.support import mesh_of
-from tests.test_diloco import (
+from tests.diloco_support import (
     assert_matches_paper,
     compiled,
     contiguous_rows,
@@ -39,6 +38,7 @@ from tests.test_diloco import (
     run_steps,
     token_batches,
 )
+from tests.support import mesh_of
 
 EVERY, F = 4, 2
 

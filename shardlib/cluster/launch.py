@@ -8,12 +8,15 @@ with ``[pI]``. SIGINT and SIGTERM are passed on to every process as SIGTERM, whi
 fails, the launcher says which one failed first and how, gives the others ``--grace``
 seconds to stop by themselves (``train.py`` notices a process that ended at once, one that
 hangs within ``faults.peer_timeout_s``) and then ends them. Its exit status is 0 when every process
-succeeded, else the status of the first one that failed (128 + N for signal N).
+succeeded, else the status of the first one that failed (128 + N for signal N). With
+``--elastic`` the job restarts on the processes left after a loss, and grows back after SIGUSR1
+(``shardlib.cluster.elastic_launch``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import queue
 import re
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from shardlib.cluster.join import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
@@ -75,8 +78,10 @@ def _command(command: Sequence[str]) -> list[str]:
     return list(command)
 
 
-def _pump(stream, prefix: str, out, lock: threading.Lock, every_s: float = 10.0) -> None:
-    """Copies ``stream`` to ``out`` line by line with ``prefix``.
+def _pump(
+    stream, prefix: str, out, lock: threading.Lock, every_s: float = 10.0, on_line: Callable[[str], None] | None = None
+) -> None:
+    """Copies ``stream`` to ``out`` line by line with ``prefix``; ``on_line`` sees each line shown, unprefixed.
 
     A piece ended by \\r is a progress bar redrawing itself: only one every ``every_s``
     seconds is shown, so a bar neither floods the output nor stays invisible until done.
@@ -90,35 +95,60 @@ def _pump(stream, prefix: str, out, lock: threading.Lock, every_s: float = 10.0)
                 if time.monotonic() - shown < every_s:
                     continue
                 shown = time.monotonic()
-            _write(out, lock, prefix, piece)
-    _write(out, lock, prefix, buffer)
+            _write(out, lock, prefix, piece, on_line)
+    _write(out, lock, prefix, buffer, on_line)
     stream.close()
 
 
-def _write(out, lock: threading.Lock, prefix: str, piece: bytes) -> None:
+def _write(out, lock: threading.Lock, prefix: str, piece: bytes, on_line: Callable[[str], None] | None) -> None:
     text = piece.decode(errors="replace").rstrip()
     if text.strip():
         with lock:
             out.write(f"{prefix}{text}\n")
             out.flush()
+        if on_line is not None:
+            on_line(text)
 
 
 class Launcher:
-    """N local processes of one command, watched together."""
+    """N local processes of one command, watched together.
 
-    def __init__(self, command: Sequence[str], processes: int, *, port: int | None = None, grace_s: float = 180.0):
+    ``extra_env``: set for every process besides the run's variables; ``on_line(index, text)``: sees
+    every line a process prints; ``prefix``: what the launcher's own lines start with, after ``[launch``.
+    After :meth:`wait`, ``codes`` holds every process's status and ``terminated`` the processes the
+    launcher had to end itself.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        processes: int,
+        *,
+        port: int | None = None,
+        grace_s: float = 180.0,
+        extra_env: dict[str, str] | None = None,
+        on_line: Callable[[int, str], None] | None = None,
+        prefix: Callable[[], str] = str,
+    ):
         self.command = _command(command)
         self.processes = processes
         self.coordinator = f"127.0.0.1:{port or free_port()}"
         self.grace_s = grace_s
+        self.extra_env = extra_env or {}
+        self.on_line = on_line
+        self.prefix = prefix
         self.procs: list[subprocess.Popen] = []
         self.pumps: list[threading.Thread] = []
         self.lock = threading.RLock()  # also taken by the signal handler, in the main thread
         self._interrupts = 0
+        self.codes: dict[int, int] = {}
+        self.ended_at: dict[int, float] = {}  # time.monotonic() when each process was seen to end
+        self.first_failure: int | None = None
+        self.terminated: set[int] = set()
 
     def say(self, text: str) -> None:
         with self.lock:
-            print(f"[launch] {text}", flush=True)
+            print(f"[launch{self.prefix()}] {text}", flush=True)
 
     def start(self) -> None:
         """Starts every process; each in its own session, so a terminal's Ctrl-C reaches only the launcher."""
@@ -126,15 +156,16 @@ class Launcher:
         for index in range(self.processes):
             proc = subprocess.Popen(
                 self.command,
-                env=child_env(dict(os.environ), self.coordinator, self.processes, index),
+                env=child_env(dict(os.environ), self.coordinator, self.processes, index) | self.extra_env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             self.procs.append(proc)
             self.say(f"process {index}: pid {proc.pid}")
+            watch = None if self.on_line is None else functools.partial(self.on_line, index)
             pump = threading.Thread(
-                target=_pump, args=(proc.stdout, f"[p{index}] ", sys.stdout, self.lock), daemon=True
+                target=_pump, args=(proc.stdout, f"[p{index}] ", sys.stdout, self.lock, 10.0, watch), daemon=True
             )
             pump.start()
             self.pumps.append(pump)
@@ -153,12 +184,12 @@ class Launcher:
             self.say(f"{signal.Signals(signum).name}: asking every process to save a checkpoint and stop")
             self.signal_all(signal.SIGTERM)
 
-    def wait(self) -> int:
-        """Waits for every process; returns the launcher's exit status."""
+    def wait(self, tick: Callable[[], None] = lambda: None) -> int:
+        """Waits for every process, calling ``tick`` every 50 ms; returns the launcher's exit status."""
         ended: queue.Queue[tuple[int, int]] = queue.Queue()  # (index, status) in the order they end
         for index, proc in enumerate(self.procs):
             threading.Thread(target=lambda i=index, p=proc: ended.put((i, p.wait())), daemon=True).start()
-        codes: dict[int, int] = {}
+        codes = self.codes
         first_failure: int | None = None
         terminate_at = kill_at = float("inf")
         while len(codes) < len(self.procs):
@@ -168,15 +199,18 @@ class Launcher:
                 pass
             else:
                 codes[index] = code
+                self.ended_at[index] = time.monotonic()
                 self.say(f"process {index} ended: {describe_status(code)}")
                 if code != 0 and first_failure is None:
-                    first_failure = index
+                    first_failure = self.first_failure = index
                     terminate_at = time.monotonic() + self.grace_s
                     if len(codes) < len(self.procs):
                         self.say(f"process {index} failed first; waiting up to {self.grace_s:g} s for the others")
+            tick()
             now = time.monotonic()
             if now > terminate_at:
                 self.say(f"the others did not stop within {self.grace_s:g} s: terminating them")
+                self.terminated = set(range(len(self.procs))) - set(codes)
                 self.signal_all(signal.SIGTERM)
                 terminate_at, kill_at = float("inf"), now + 10
             if now > kill_at:
@@ -193,7 +227,8 @@ class Launcher:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m shardlib.cluster.launch --processes N [--port P] [--grace S] -- COMMAND ...``."""
+    """``python -m shardlib.cluster.launch --processes N [--port P] [--grace S] [--elastic [--min-processes K]]
+    -- COMMAND ...``."""
     parser = argparse.ArgumentParser(
         prog="python -m shardlib.cluster.launch",
         description="Run COMMAND as N processes of one jax.distributed run on this machine (CPU, gloo).",
@@ -206,6 +241,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=180.0,
         help="seconds the others get to stop by themselves after one fails (default 180)",
     )
+    parser.add_argument(
+        "--elastic",
+        action="store_true",
+        help="restart the job on the processes left when some are lost, and on all of them again after "
+        "SIGUSR1 (a lost slot is back); each process runs train.py --elastic (docs/multihost.md, Elastic runs)",
+    )
+    parser.add_argument(
+        "--min-processes",
+        type=int,
+        metavar="K",
+        help="with --elastic: end the job instead of restarting on fewer than K processes (default: 1)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. train.py --config ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -213,11 +260,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no command given; e.g. -- train.py --config configs/tiny.yaml --mesh meshes/cpu-2x4.yaml")
     if args.processes < 1:
         parser.error(f"--processes must be at least 1, got {args.processes}")
+    if args.min_processes is not None and not args.elastic:
+        parser.error("--min-processes needs --elastic")
+    if args.elastic:
+        return _run_elastic(command, args, parser)
     launcher = Launcher(command, args.processes, port=args.port, grace_s=args.grace)
     signal.signal(signal.SIGINT, launcher.on_signal)
     signal.signal(signal.SIGTERM, launcher.on_signal)
     launcher.start()
     return launcher.wait()
+
+
+def _run_elastic(command: list[str], args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from shardlib.cluster.elastic_launch import REJOIN_SIGNAL, ElasticLauncher
+
+    if args.port is not None:
+        parser.error("--port cannot be combined with --elastic: every restart takes a free port of its own")
+    try:
+        elastic = ElasticLauncher(command, args.processes, args.min_processes or 1, grace_s=args.grace)
+    except ValueError as err:
+        parser.error(str(err))
+    for signum in (signal.SIGINT, signal.SIGTERM, REJOIN_SIGNAL):
+        signal.signal(signum, elastic.on_signal)
+    return elastic.run()
 
 
 if __name__ == "__main__":

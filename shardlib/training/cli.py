@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from shardlib.cluster.elastic import elastic_requested, resize_for_processes
 from shardlib.cluster.join import join, join_settings
 from shardlib.cluster.watchdog import PeerWatchdog
 from shardlib.core.mesh import MeshSpec, build_mesh, load_mesh_spec, prepare_devices
@@ -106,6 +107,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg, spec = load_run(args)
     if args.restart:
         cfg = _restarted(cfg)
+    if elastic_requested(args.elastic):  # the mesh and grad_accum for the processes there are
+        cfg, spec, resized = resize_for_processes(cfg, spec, jax.process_count())
+        if resized and jax.process_index() == 0:
+            print(resized, flush=True)
     mesh = build_mesh(spec)
     watchdog = PeerWatchdog(
         cfg.faults.peer_timeout_s,
@@ -161,5 +166,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="start over in a new run directory beside run_dir (run_dir-2, ...) if run_dir is in use; "
         "nothing is deleted. Without it, a run_dir that holds a run of another model, data or seed is an error",
+    )
+    parser.add_argument(
+        "--elastic",
+        action="store_true",
+        help="the mesh file is the run at full size: on fewer (or more) processes, data_replica or data across "
+        "hosts takes the processes there are and grad_accum keeps the global batch (docs/multihost.md; "
+        "set by `shardlib launch --elastic`)",
     )
     return run_guarded(_train, parser.parse_args(argv))

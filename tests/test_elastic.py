@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from shardlib.cluster import launch
 from shardlib.cluster.elastic import (
     data_parallel_size,
     derive_elastic_mesh,
@@ -31,9 +32,10 @@ from shardlib.cluster.elastic import (
 )
 from shardlib.cluster.elastic_launch import REJOIN_SIGNAL, ElasticLauncher, Timeline
 from shardlib.core.mesh import load_mesh_spec, mesh_spec_from_dict
+from shardlib.core.rules import ShardingError
 from shardlib.training.metrics import loss_by_step, read_metrics
 from shardlib.training.run_check import check_run
-from shardlib.training.trainer import train
+from shardlib.training.trainer import setup_training, train
 from tests import procs
 from tests.support import mesh_of, tiny_config
 
@@ -97,6 +99,14 @@ def test_a_config_resizes_with_its_mesh_and_diloco_is_refused(tmp_path):
     with pytest.raises(ValueError, match="elastic DiLoCo is not supported yet"):
         resize_for_processes(diloco, full, 3)
     assert elastic_requested(False, {"SHARDLIB_ELASTIC": "1"}) and not elastic_requested(False, {})
+
+
+def test_a_model_dimension_the_smaller_data_axis_does_not_divide_is_named(tmp_path):
+    """fsdp shards ``embed`` (32) over data: on 3 processes the rules name the dimension and data=3."""
+    fsdp = tiny_config(tmp_path, batch_size=12, grad_accum=3, sharding="fsdp")
+    resized, _, _ = resize_for_processes(fsdp, load_mesh_spec(MESH), 3)
+    with pytest.raises(ShardingError, match=r"'embed'\) of shape \(256, 32\) .* does not divide by mesh axes data=3"):
+        setup_training(resized, mesh_of(data=3, model=2))
 
 
 # --------------------------------------------------------------------------- the launcher, with stand-ins
@@ -169,6 +179,20 @@ def test_a_failure_a_restart_would_not_mend_is_not_restarted(tmp_path, capsys):
     )
     with pytest.raises(ValueError, match=r"--min-processes must lie in 1..3 \(--processes\), got 4"):
         ElasticLauncher(["x.py"], 3, 4)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--processes", "2", "--min-processes", "1", "--", "x.py"], "--min-processes needs --elastic"),
+        (["--elastic", "--processes", "2", "--port", "5", "--", "x.py"], "--port cannot be combined with --elastic"),
+        (["--elastic", "--processes", "2", "--min-processes", "3", "--", "x.py"], r"must lie in 1..2"),
+    ],
+)
+def test_the_launchers_elastic_flags_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        launch.main(argv)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_a_timeline_reads_in_seconds_after_its_cause():

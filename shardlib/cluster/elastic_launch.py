@@ -181,7 +181,9 @@ class ElasticLauncher:
             self.say(f"elastic: every process stopped; restarting on all {self.slots}")
             return self.slots
         lost = [
-            i for i, code in generation.codes.items() if code not in (0, EXIT_PEER_LOST) and i not in generation.terminated
+            i
+            for i, code in generation.codes.items()
+            if code not in (0, EXIT_PEER_LOST) and i not in generation.terminated
         ]
         if failed := [i for i in lost if generation.codes[i] > 0]:
             self.say(

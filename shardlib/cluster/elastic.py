@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 
 from shardlib.core.mesh import MeshSpec, format_sizes
 from shardlib.training.config import Config
@@ -27,7 +28,7 @@ ENV_ELASTIC = "SHARDLIB_ELASTIC"
 _DATA_AXES = ("data_replica", "data")
 
 
-def elastic_requested(flag: bool, environ=os.environ) -> bool:
+def elastic_requested(flag: bool, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this ``train.py`` is elastic: ``--elastic`` (``flag``) or ``SHARDLIB_ELASTIC=1``."""
     return flag or environ.get(ENV_ELASTIC) == "1"
 

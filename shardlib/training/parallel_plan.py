@@ -240,9 +240,7 @@ def _replica_plan(cfg: Config, plan: ParallelPlan) -> ReplicaPlan | None:
     axes = settings.replica_axes
     rules = without_axes(plan.rules, axes)
     shard = ActivationSharding(rules, plan.mesh)
-    attention = make_attention(
-        cfg.attention.impl, cfg.attention.load_balance, shard, cfg.seq_len, cfg.attention.block_k
-    )
+    attention = attention_of(cfg, shard)
     spec = plan.batch_sharding.spec
     split = axes_tuple(spec[0]) if len(spec) else ()
     batch_axes = tuple(a for a in axes if a not in split) + split  # size-1 replica axes are not in the spec
@@ -293,6 +291,7 @@ def feature_setting(name: str, cfg: Config, shape: Mapping[str, int]) -> str:
         "seq": f"seq={shape['seq']}",
         "ring": f"attention.impl=ring (seq={shape['seq']})",
         "allgather": f"attention.impl=allgather (seq={shape['seq']})",
+        "ulysses": f"attention.impl=ulysses (seq={shape['seq']}, ulysses_degree={cfg.attention.ulysses_degree or 'seq'})",
         "fused": "attention.impl=fused",
         "moe": f"model.moe.n_experts={cfg.model.moe.n_experts}",
         "compression": f"grad_compression={cfg.grad_compression}",
@@ -349,6 +348,15 @@ def _pipeline(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> PipelinePla
     )
 
 
+def attention_of(cfg: Config, shard: ActivationSharding) -> AttentionPlan:
+    """The run's attention (``cfg.attention``) on ``shard``'s mesh and rules."""
+    a = cfg.attention
+    return make_attention(
+        a.impl, a.load_balance, shard, cfg.seq_len, a.block_k, ulysses_degree=a.ulysses_degree,
+        ulysses_kernel=a.ulysses_kernel,
+    )  # fmt: skip
+
+
 def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     """The plan for ``cfg`` on ``mesh``; refuses, with the table's one-line reason, what does not compose."""
     features = run_features(cfg, mesh)
@@ -356,9 +364,7 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     check_mesh_fits_intent(cfg.sharding, mesh.shape)
     rules = preset_rules(cfg.sharding)
     shard = ActivationSharding(rules, mesh)
-    attention = make_attention(
-        cfg.attention.impl, cfg.attention.load_balance, shard, cfg.seq_len, cfg.attention.block_k
-    )
+    attention = attention_of(cfg, shard)
     experts = None
     if cfg.model.moe.n_experts:
         check_experts_divide(cfg.model.moe.n_experts, mesh)

@@ -270,7 +270,9 @@ def _backward(static: RingSettings, residuals, dout_BxLxHxK):
 
     def step(carry, s):
         k_cur, v_cur, k_side_cur, dk_cur, dv_cur, dqs, dbias_rows = carry
-        k_next, v_next, k_side_next = send_on((k_cur, v_cur, k_side_cur), axis_name, p, static.stride)  # overlaps the tiles
+        k_next, v_next, k_side_next = send_on(
+            (k_cur, v_cur, k_side_cur), axis_name, p, static.stride
+        )  # overlaps the tiles
         dqs, dbias_rows, dk_cur, dv_cur = visit(dqs, dbias_rows, k_cur, v_cur, k_side_cur, dk_cur, dv_cur, (me - s) % p)
         # The gradients of a key/value block travel with it.
         dk_next, dv_next = send_on((dk_cur, dv_cur), axis_name, p, static.stride)

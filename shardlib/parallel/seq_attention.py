@@ -304,7 +304,9 @@ def _ulysses_degree(impl: str, degree: int | None, kernel: str, layout: str, axe
     """The Ulysses degree (the sequence axis's size by default), checked; None for other impls."""
     if impl != "ulysses":
         if degree is not None or kernel != "dense":
-            raise ValueError(f"ulysses_degree and ulysses_kernel are impl='ulysses' settings; impl={impl!r} takes neither")
+            raise ValueError(
+                f"ulysses_degree and ulysses_kernel are impl='ulysses' settings; impl={impl!r} takes neither"
+            )
         return None
     p = axes.size()
     degree = p if degree is None else int(degree)

@@ -51,7 +51,7 @@ from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.dense_attention import gqa_attention, visible_mask
 from shardlib.parallel.gather_attention import allgather_attention
 from shardlib.parallel.ring_attention import DEFAULT_BLOCK_K, LAYOUTS, ring_attention
-from shardlib.parallel.ulysses_attention import groups_of, ulysses_attention
+from shardlib.parallel.ulysses_attention import Attend, groups_of, ulysses_attention
 
 IMPLS = ("ring", "allgather", "ulysses", "fused", "dense")
 ULYSSES_KERNELS = ("dense", "fused")
@@ -389,13 +389,14 @@ class _Kernel:
             )
         return self.whole(a)
 
-    def _ulysses_attend(self) -> Any:
-        """The Ulysses kernel on whole sequences, called like ``gqa_attention``."""
+    def _ulysses_attend(self) -> Attend:
+        """The Ulysses kernel on whole sequences, called like ``gqa_attention`` (its masks by keyword)."""
         inner = dataclasses.replace(self, impl=self.ulysses_kernel, seq_axis=None, seq_size=1)
+        names = {"query_positions": "q_pos", "key_positions": "kv_pos"}
+        names |= {"query_segment_ids": "q_seg", "key_segment_ids": "kv_seg"}
 
-        def attend(q, k, v, bias, *, query_positions, key_positions, query_segment_ids, key_segment_ids, **_):
-            given = {"q": q, "k": k, "v": v, "bias": bias, "q_pos": query_positions, "kv_pos": key_positions}
-            given |= {"q_seg": query_segment_ids, "kv_seg": key_segment_ids}
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, **masks: Any) -> jax.Array:
+            given = {"q": q, "k": k, "v": v, "bias": bias} | {names[n]: x for n, x in masks.items() if n in names}
             return inner.whole({name: x for name, x in given.items() if x is not None})
 
         return attend

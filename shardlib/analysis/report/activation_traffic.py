@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 
+from shardlib.analysis.report.collectives import wire_bytes
 from shardlib.analysis.report.layout import Layout
 from shardlib.analysis.report.stage_passes import pipelined_layer_passes
-from shardlib.analysis.report.collectives import wire_bytes
 from shardlib.analysis.report.terms import Term, _term
 from shardlib.core.rules import axes_tuple, logical_to_spec, preset_rules
 from shardlib.parallel.pipeline.schedules import cross_device_boundaries, placement
@@ -155,7 +155,7 @@ def ulysses_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     groups, at the group's sequence block (s u) and heads / u: its K and V forward (again in the
     backward) and their gradients, as ``sequence_terms`` counts the ring.
     """
-    cfg, sizes = layout.cfg, layout.sizes
+    cfg = layout.cfg
     m = cfg.model
     c = np.dtype(m.compute_dtype).itemsize
     p = layout.seq_shards

@@ -62,11 +62,13 @@ class AttentionPlan:
       pipeline's stages). ``make_attention`` gives ``fn`` itself: ``dot_product_attention`` tells
       the two contexts apart (dense runs there as the all-gather kernel, what XLA makes of it
       over ``seq``). None: no such kernel (``fn`` is then called, on a sequence of one device).
+    detail: how the impl splits the work where its name does not say (Ulysses' degree), or "".
     """
 
     fn: AttentionFn
     order: np.ndarray | None = None
     local: AttentionFn | None = None
+    detail: str = ""
 
 
 def sequence_axis(shard: ActivationSharding) -> str:
@@ -133,7 +135,11 @@ def make_attention(
                 **settings,
             )
 
-    return AttentionPlan(attend, order, local=attend)
+    detail = ""
+    if impl == "ulysses" and p > 1:
+        kernel = f"the ring across {ring} groups" if ring > 1 else f"{ulysses_kernel} kernel"
+        detail = f"all-to-alls over {axis}={p} in groups of {p // ring}, {kernel}"
+    return AttentionPlan(attend, order, local=attend, detail=detail)
 
 
 _SPLIT = ("ring", "allgather", "ulysses")  # the impls that split the sequence over the `length` axis

@@ -162,7 +162,8 @@ class ParallelPlan:
         lines = [f"parallel plan: {sizes}, preset {self.preset}"]
         lines.append(f"  batch {self.batch_sharding.spec}, grad_accum {self.grad_accum}, remat {self.remat}")
         order = "natural order" if self.attention.order is None else "zig-zag token order"
-        lines.append(f"  attention {self.features.attention} ({order})")
+        detail = f"{self.attention.detail}; " if self.attention.detail else ""
+        lines.append(f"  attention {self.features.attention} ({detail}{order})")
         if self.experts is not None:
             lines.append(f"  experts: {self.features.experts} over expert={self.features.expert} (all-to-all dispatch)")
         if self.pipeline is not None:

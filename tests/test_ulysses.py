@@ -82,6 +82,17 @@ def test_bad_settings_are_named():
     assert H == 4
 
 
+def test_the_plan_refuses_heads_that_do_not_split_before_tracing():
+    """tp over model 2 leaves 2 heads per device: Ulysses over seq 4 is refused when the plan is built."""
+    from shardlib.training.parallel_plan import build_plan
+
+    cfg = tiny_config(sharding="tp", attention={"impl": "ulysses"})
+    with pytest.raises(ValueError, match=r"2 query heads .* do not split over degree 4; .*ulysses_degree=2"):
+        build_plan(cfg, mesh_of(seq=4, model=2))
+    with pytest.raises(ValueError, match=r"attention.ulysses_degree=3 must divide seq=4 \(one of \[1, 2, 4\]\)"):
+        build_plan(tiny_config(attention={"impl": "ulysses", "ulysses_degree": 3}), mesh_of(seq=4))
+
+
 # The real train step: tiny model (4 heads, 2 kv heads), vocabulary 256 > the 16 tokens a device
 # holds per microbatch (16 x 16 tokens over data 2 x seq 4, grad_accum 2).
 STEPS = {
@@ -103,3 +114,20 @@ def test_train_step_matches_one_device(name):
     assert set(run.plan.active_features()) == set(combo)
     assert run.plan.attention.order is not None  # the ring's zig-zag order over the 2 groups
     assert_cell_matches_one_device(combo, cfg, *step_outputs(run, _placed(run, _batch(cfg.model.vocab_size))))
+
+
+def test_the_planner_weighs_each_attention_over_seq():
+    """``--attention``: ring, all-gather, Ulysses and every hybrid degree whose heads split, on each seq > 1
+    mesh, each costed by the analytic model (nothing compiles). 4 heads: Ulysses over seq 8 is left out."""
+    from shardlib.analysis.planner import make_plans
+    from tests.test_plan import flat_profile
+
+    cfg = tiny_config(batch_size=8, seq_len=64)
+    choices = ("ring", "allgather", "ulysses", "hybrid")
+    plans = make_plans(cfg, 8, flat_profile(2**30), presets=("dp",), axes=("data", "seq"), attention=choices)
+    labels = {p.label.split(" (")[0] for p in plans if not p.dropped}
+    expected = {f"data=2 x seq=4 dp {a}" for a in ("dense", "ring", "allgather", "ulysses", "ulysses2")}
+    assert expected <= labels, labels
+    assert {"seq=8 dp ulysses2", "seq=8 dp ulysses4"} <= labels and "seq=8 dp ulysses" not in labels
+    timed = {p.label: p.step_s for p in plans if not p.dropped and "seq=4" in p.label}
+    assert len(set(timed.values())) > 1, "every attention costs the same"

@@ -18,6 +18,7 @@ see the config.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,7 @@ from shardlib.parallel.diloco import OuterSettings, replica_count
 from shardlib.parallel.expert_routing import ExpertDispatch
 from shardlib.parallel.experts import check_experts_divide, expert_dispatch
 from shardlib.parallel.pipeline.plan import PipelinePlan, PipelineSettings, logical_layers, plan_pipeline
+from shardlib.parallel.ulysses_attention import kv_repeats
 from shardlib.training.config import Config
 
 PyTree = Any
@@ -350,12 +352,19 @@ def _pipeline(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> PipelinePla
 
 
 def attention_of(cfg: Config, shard: ActivationSharding) -> AttentionPlan:
-    """The run's attention (``cfg.attention``) on ``shard``'s mesh and rules."""
+    """The run's attention (``cfg.attention``) on ``shard``'s mesh and rules; Ulysses' heads checked now,
+    not when the step first traces."""
     a = cfg.attention
-    return make_attention(
+    attention = make_attention(
         a.impl, a.load_balance, shard, cfg.seq_len, a.block_k, ulysses_degree=a.ulysses_degree,
         ulysses_kernel=a.ulysses_kernel,
     )  # fmt: skip
+    if a.impl == "ulysses":
+        split = math.prod(shard.mesh.shape[axis] for axis in rule_axes(shard.rules, "heads"))
+        heads = cfg.model.n_heads // split if cfg.model.n_heads % split == 0 else cfg.model.n_heads
+        seq = math.prod(shard.mesh.shape[axis] for axis in rule_axes(shard.rules, "length"))
+        kv_repeats(heads, cfg.model.n_kv_heads, a.ulysses_degree or seq)
+    return attention
 
 
 def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:

@@ -2,6 +2,7 @@
 
     python bench/comms.py [--configs configs/tiny.yaml,configs/small.yaml] [--meshes meshes/*.yaml]
                           [--presets dp,fsdp,tp,fsdp_tp,hsdp,hsdp_tp] [--variants base,accum4,vocab8192]
+                          (Ulysses: --meshes meshes/cpu-8-seq.yaml --variants ulysses,ulysses2)
                           [--memory] [--json out.json]
 
 For each (config, mesh, preset), and on a mesh with ``pipe`` for each pipeline
@@ -36,6 +37,12 @@ PIPELINES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2))
 # Each case also runs as these variants: gradient accumulation (one all-reduce per step, not per
 # microbatch), and a vocabulary larger than a device's tokens (the lookup moves token ids, not the table).
 VARIANTS = {"base": [], "accum4": ["grad_accum=4"], "vocab8192": ["model.vocab_size=8192"]}
+# Ulysses attention on the meshes that split the sequence: all of seq, and the hybrid (the ring across pairs).
+SEQ_VARIANTS = {
+    "ulysses": ["attention.impl=ulysses"],
+    "ulysses2": ["attention.impl=ulysses", "attention.ulysses_degree=2"],
+}
+VARIANTS |= SEQ_VARIANTS
 
 
 def cases(configs, meshes, presets, variants=("base",)):
@@ -44,7 +51,16 @@ def cases(configs, meshes, presets, variants=("base",)):
         for config, mesh_path, preset, overrides in _base_cases(configs, meshes, presets):
             if variant == "accum4" and any("pipeline" in o for o in overrides):
                 continue  # a pipeline accumulates over its own microbatches (grad_accum 1)
+            if variant in SEQ_VARIANTS and _seq_size(mesh_path) < 2 * (variant == "ulysses2") + 2:
+                continue  # Ulysses needs seq > 1 (the hybrid seq >= 4: pairs, and a ring of two or more)
             yield config, mesh_path, preset, [*overrides, *VARIANTS[variant]]
+
+
+def _seq_size(mesh_path: str) -> int:
+    from shardlib.core.mesh import load_mesh_spec
+
+    spec = load_mesh_spec(mesh_path)
+    return spec.within_host.get("seq", 1) * spec.across_hosts.get("seq", 1)
 
 
 def _base_cases(configs, meshes, presets):

@@ -1,6 +1,7 @@
-"""Ring, all-gather and dense attention: peak memory per device, bytes sent, GPU overhead.
+"""Ring, all-gather, Ulysses, the Ulysses x ring hybrid and dense attention: memory, bytes, step time.
 
-    python bench/ring_attention.py [--seq 8] [--lengths 512,1024,2048,4096,8192] [--json out.json]
+    python bench/ring_attention.py [--seq 8] [--lengths 512,1024,2048,4096,8192] [--hybrid-degree 4]
+                                   [--time 5] [--json out.json]
     python bench/ring_attention.py --gpu-overhead [--lengths 1024,4096,8192] [--json out.json]
 
 Default mode: on --seq emulated CPU devices (a mesh of seq alone), one
@@ -10,7 +11,14 @@ the table gives the compiled memory analysis per device (arguments, outputs,
 temporaries and their sum) and the bytes each device sends (collectives in
 the compiled HLO, loop trip counts applied). ``dense`` is
 ``shardlib.parallel.dense_attention.gqa_attention`` (causal) left to XLA's partitioner with the same
-seq-sharded inputs.
+seq-sharded inputs. ``ulysses`` is ``attention.impl: ulysses`` over the whole
+seq axis (kv heads repeated to the degree where fewer), ``hybrid`` the same
+with ``ulysses_degree = --hybrid-degree`` (all-to-alls within groups of that
+many devices, the ring across the groups). ``--time N``: the compiled steps
+also run, N rounds alternating between the implementations (so a load that
+comes and goes hits them alike), and the table adds each one's median step
+time in ms: on emulated CPU devices that is the host's compute and copies,
+not a network's (the relative cost of the kernels, not of their links).
 
 --gpu-overhead: on one accelerator, the ring kernel over a one-device mesh
 (seq = 1: no sends, the same tiles, scan and conds) against
@@ -30,23 +38,33 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-IMPLS = ("ring", "allgather", "dense")
+# name -> (attention.impl, make_attention settings); "hybrid"'s degree is --hybrid-degree.
+IMPLS = {
+    "ring": ("ring", {}),
+    "allgather": ("allgather", {}),
+    "ulysses": ("ulysses", {}),
+    "hybrid": ("ulysses", {"ulysses_degree": None}),
+    "dense": ("dense", {}),
+}
 
 
 def _shape(args, length):
     return (args.batch, length, args.heads, args.head_dim), (args.batch, length, args.kv_heads, args.head_dim)
 
 
-def _attention_fn(impl, mesh, length, block_k):
-    """f(q, k, v, positions) on global arrays, for ``impl`` over ``mesh``'s seq axis."""
+def _attention_fn(name, mesh, length, block_k, hybrid_degree):
+    """f(q, k, v, positions) on global arrays, for the implementation ``name`` over ``mesh``'s seq axis."""
     from shardlib.core.rules import preset_rules
     from shardlib.core.sharding import ActivationSharding
     from shardlib.parallel.attention import make_attention
     from shardlib.parallel.dense_attention import gqa_attention
 
+    impl, settings = IMPLS[name]
     if impl == "dense":
         return lambda q, k, v, pos: gqa_attention(q, k, v, is_causal=True, query_positions=pos, key_positions=pos)
-    plan = make_attention(impl, "zigzag", ActivationSharding(preset_rules("dp"), mesh), length, block_k)
+    settings = {key: hybrid_degree for key in settings}  # the hybrid's degree
+    shard = ActivationSharding(preset_rules("dp"), mesh)
+    plan = make_attention(impl, "zigzag", shard, length, block_k, **settings)
     return lambda q, k, v, pos: plan.fn(q, k, v, pos, pos)
 
 
@@ -67,14 +85,15 @@ def memory_table(args) -> list[dict]:
         f"N={args.kv_heads} K={args.head_dim} {args.dtype}, ring block_k={args.block_k}"
     )
     header = f"{'S':>6} {'impl':<10}{'args MiB':>10}{'out MiB':>9}{'temp MiB':>10}{'peak MiB':>10}{'sent MiB':>10}"
-    print(header + f"{'compile s':>10}")
+    print(header + f"{'compile s':>10}" + (f"{'step ms':>10}" if args.time else ""))
     dtype = jnp.dtype(args.dtype)
     for length in (int(x) for x in args.lengths.split(",")):
         q_shape, kv_shape = _shape(args, length)
         abstract = [jax.ShapeDtypeStruct(s, dtype, sharding=seq_sharded) for s in (q_shape, kv_shape, kv_shape)]
         pos = jax.ShapeDtypeStruct((args.batch, length), jnp.int32, sharding=seq_sharded)
+        steps = {}
         for impl in IMPLS:
-            attend = _attention_fn(impl, mesh, length, args.block_k)
+            attend = _attention_fn(impl, mesh, length, args.block_k, args.hybrid_degree)
 
             def loss(q, k, v, pos, attend=attend):
                 return jnp.sum(attend(q, k, v, pos).astype(jnp.float32))
@@ -97,14 +116,42 @@ def memory_table(args) -> list[dict]:
                 "compile_s": round(seconds, 2),
             }
             rows.append(row)
-            mib = 1 / 2**20
+            steps[impl] = compiled
+        if args.time:
+            timed = _step_times(steps, abstract, pos, args.time)
+            for row in rows[-len(IMPLS) :]:
+                row["step_ms"] = timed[row["impl"]]
+        mib = 1 / 2**20
+        for row in rows[-len(IMPLS) :]:
             print(
-                f"{length:>6} {impl:<10}{row['argument_bytes'] * mib:>10.2f}{row['output_bytes'] * mib:>9.2f}"
-                f"{row['temp_bytes'] * mib:>10.2f}{row['peak_bytes'] * mib:>10.2f}{sent * mib:>10.2f}{seconds:>10.1f}"
+                f"{length:>6} {row['impl']:<10}{row['argument_bytes'] * mib:>10.2f}{row['output_bytes'] * mib:>9.2f}"
+                f"{row['temp_bytes'] * mib:>10.2f}{row['peak_bytes'] * mib:>10.2f}{row['sent_bytes'] * mib:>10.2f}"
+                f"{row['compile_s']:>10.1f}" + (f"{row['step_ms']:>10.1f}" if args.time else ""),
+                flush=True,
             )
     kv = 2 * args.batch * args.kv_heads * args.head_dim * dtype.itemsize
     print(f"ring forward lower bound: (p-1)/p of K and V = {(args.seq - 1) / args.seq:.3f} x S x {kv} bytes per device")
     return rows
+
+
+def _step_times(steps, abstract, pos, rounds) -> dict[str, float]:
+    """Median ms of each compiled step over ``rounds`` rounds, the implementations alternating."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    keys = jax.random.split(jax.random.key(0), len(abstract))
+    inputs = [jax.device_put(jax.random.normal(key, a.shape, a.dtype), a.sharding) for key, a in zip(keys, abstract)]
+    positions = jax.device_put(jnp.broadcast_to(jnp.arange(pos.shape[1], dtype=jnp.int32), pos.shape), pos.sharding)
+    for compiled in steps.values():  # warm-up
+        jax.block_until_ready(compiled(*inputs, positions))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, compiled in steps.items():
+            started = time.perf_counter()
+            jax.block_until_ready(compiled(*inputs, positions))
+            times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
 
 
 def gpu_overhead(args) -> list[dict]:
@@ -177,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="float32 (memory mode default) or bfloat16 (GPU default)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--block-k", type=int, default=256, help="ring attention keys per inner block")
+    parser.add_argument("--hybrid-degree", type=int, default=4, help="the hybrid's Ulysses degree (divides --seq)")
+    parser.add_argument("--time", type=int, default=0, help="also run each step this many rounds, alternating")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
 

@@ -88,6 +88,7 @@ STRATEGIES: dict[str, str] = {
     "AttentionPlan": "shardlib.parallel.attention",
     "make_attention": "shardlib.parallel.attention",
     "ring_attention": "shardlib.parallel.ring_attention",
+    "ulysses_attention": "shardlib.parallel.ulysses_attention",
     "dot_product_attention": "shardlib.parallel.seq_attention",
     # experts over `expert`
     "moe_dispatch": "shardlib.parallel.experts",

@@ -50,6 +50,7 @@ FEATURE_SETUP: dict[str, tuple[dict, dict]] = {
     "seq": ({}, {"seq": 2}),
     "ring": ({"attention": {"impl": "ring"}}, {"seq": 2}),
     "allgather": ({"attention": {"impl": "allgather"}}, {"seq": 2}),
+    "ulysses": ({"attention": {"impl": "ulysses"}}, {"seq": 2}),
     "fused": ({"attention": {"impl": "fused"}}, {}),
     "moe": ({"model.moe": _MOE}, {"expert": 2}),
     "compression": ({"grad_compression": "bf16"}, {"data": 2}),
@@ -59,7 +60,7 @@ FEATURE_SETUP: dict[str, tuple[dict, dict]] = {
     "multiprocess": ({}, {}),
     "diloco": ({"outer": {"algorithm": "diloco", "inner_steps": 2}}, {"data": 2}),
 }
-IMPLIED = {"ring": ("seq",), "allgather": ("seq",)}  # their setups split the sequence
+IMPLIED = {"ring": ("seq",), "allgather": ("seq",), "ulysses": ("seq",)}  # their setups split the sequence
 # Its cells run in tests/test_multiprocess_cells.py: 2 processes x 4 devices, the same cover and
 # reference as here.
 MULTIPROCESS = "multiprocess"

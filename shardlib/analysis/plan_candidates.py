@@ -126,6 +126,43 @@ def accumulation_variants(cfg: Config, sizes: dict[str, int] | None = None) -> l
     return [cfg.model_copy(update={"grad_accum": k}) for k in counts]
 
 
+SEQ_ATTENTION = ("ring", "allgather", "ulysses", "hybrid")
+"""``--attention``'s choices on a mesh with ``seq > 1``: ``hybrid`` is Ulysses at every degree 1 < u < seq."""
+
+
+def attention_variants(cfg: Config, sizes: dict[str, int], choices: Sequence[str] = ()) -> list[Config]:
+    """``cfg`` with each attention over ``seq`` of ``choices`` (``SEQ_ATTENTION``) where ``seq > 1``, else
+    ``[cfg]``; its own attention first. Ulysses is left out where the heads per device do not split over
+    its degree (the kernel would refuse them); the analytic model weighs each by its terms and memory."""
+    p = sizes["seq"]
+    if p == 1 or not choices:
+        return [cfg]
+    unknown = sorted(set(choices) - set(SEQ_ATTENTION))
+    if unknown:
+        raise ValueError(f"unknown attention choice(s) {', '.join(unknown)}; known: {', '.join(SEQ_ATTENTION)}")
+    heads = cfg.model.n_heads // math.gcd(cfg.model.n_heads, sizes["model"])
+    settings: list[dict] = []
+    for choice in choices:
+        if choice in ("ring", "allgather"):
+            settings.append({"impl": choice, "ulysses_degree": None, "ulysses_kernel": "dense"})
+        degrees = [p] if choice == "ulysses" else [u for u in range(2, p) if p % u == 0] if choice == "hybrid" else []
+        for u in degrees:
+            if heads % u == 0:
+                settings.append({"impl": "ulysses", "ulysses_degree": None if u == p else u})
+    out = [cfg]
+    for update in settings:
+        variant = cfg.model_copy(update={"attention": cfg.attention.model_copy(update=update)})
+        if variant.attention != cfg.attention:
+            out.append(variant)
+    return out
+
+
+def attention_label(cfg: Config) -> str:
+    """`` ulysses2`` (the hybrid's degree), `` ulysses``, `` ring``: the attention over ``seq`` in a label."""
+    a = cfg.attention
+    return f" {a.impl}{a.ulysses_degree or ''}"
+
+
 def variant_label(cfg: Config, sizes: dict[str, int]) -> str:
     """`` (1f1b m=16)`` for a pipelined plan, `` (grad_accum 2)`` otherwise (the variant it runs)."""
     if sizes["pipe"] == 1:

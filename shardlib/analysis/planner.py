@@ -46,6 +46,8 @@ from collections.abc import Sequence
 
 from shardlib.analysis.plan_candidates import (
     PLAN_AXES,
+    attention_label,
+    attention_variants,
     candidate_meshes,
     config_variants,
     hierarchical_mesh,
@@ -71,11 +73,13 @@ class MeshPlan:
     time: object = None  # TimeEstimate
     bubble: float = 0.0  # a pipeline's idle share of the step (compute.pipeline_bubble)
     dropped: str = ""
+    weighs_attention: bool = False  # --attention: the label names the attention over seq
 
     @property
     def label(self) -> str:
         shown = " x ".join(f"{a}={n}" for a, n in self.sizes.items() if n > 1) or "1 device"
-        return f"{shown} {self.sharding}{variant_label(self.cfg, self.sizes)}"
+        attention = attention_label(self.cfg) if self.weighs_attention and self.sizes["seq"] > 1 else ""
+        return f"{shown} {self.sharding}{attention}{variant_label(self.cfg, self.sizes)}"
 
     @property
     def step_s(self) -> float:
@@ -90,23 +94,30 @@ def make_plans(
     presets: Sequence[str] = tuple(PRESETS),
     axes: Sequence[str] = PLAN_AXES,
     mfu: float | None = None,
+    attention: Sequence[str] = (),
 ) -> list[MeshPlan]:
-    """All plans for ``cfg`` on ``devices``: ranked fitting ones first, then the dropped ones."""
+    """All plans for ``cfg`` on ``devices``: ranked fitting ones first, then the dropped ones.
+
+    ``attention``: the attentions over ``seq`` to weigh beside the config's own where ``seq > 1``
+    (``plan_candidates.SEQ_ATTENTION``); none: the config's own only."""
     plans = []
     for flat in candidate_meshes(devices, planned_axes(cfg, axes)):
         for sharding in presets:
             # An HSDP preset keeps data's FSDP inside a host and replicates across hosts.
             sizes = hierarchical_mesh(flat, profile.devices_per_host) if PRESETS[sharding].hierarchical else flat
-            variants = [
-                MeshPlan(sizes, sharding, v.model_copy(update={"sharding": sharding}))
-                for v in config_variants(cfg, sizes)
-            ]
-            if sizes["pipe"] > 1:
-                for plan in variants:
-                    evaluate_plan(plan, profile, mfu)
-                plans += variants
-            else:
-                plans.append(_fewest_fitting(variants, cfg.grad_accum, profile, mfu))
+            for attended in attention_variants(cfg, sizes, attention):
+                variants = [
+                    MeshPlan(
+                        sizes, sharding, v.model_copy(update={"sharding": sharding}), weighs_attention=bool(attention)
+                    )
+                    for v in config_variants(attended, sizes)
+                ]
+                if sizes["pipe"] > 1:
+                    for plan in variants:
+                        evaluate_plan(plan, profile, mfu)
+                    plans += variants
+                else:
+                    plans.append(_fewest_fitting(variants, attended.grad_accum, profile, mfu))
     return rank(plans)
 
 
@@ -266,7 +277,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.devices is None:
             raise ValueError("--devices is how many devices to plan for (or give --mesh FILE to evaluate one layout)")
         devices = args.devices
-        plans = make_plans(cfg, devices, profile, presets=presets, axes=axes, mfu=args.mfu)
+        attention = args.attention.split(",") if args.attention else ()
+        plans = make_plans(cfg, devices, profile, presets=presets, axes=axes, mfu=args.mfu, attention=attention)
     if args.json:
         import json
 
@@ -311,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--presets", help="comma-separated presets to consider (default: all)")
     parser.add_argument(
         "--axes", help="comma-separated mesh axes to plan over (default: data,pipe,seq,model; expert too for MoE)"
+    )
+    parser.add_argument(
+        "--attention",
+        help="comma-separated attentions over seq to weigh where seq > 1, beside the config's own: ring, allgather, "
+        "ulysses, hybrid (Ulysses at each degree below seq, the ring across)",
     )
     parser.add_argument("--top", type=int, default=10, help="fitting plans to show (default 10)")
     parser.add_argument(

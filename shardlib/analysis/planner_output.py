@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from shardlib.analysis.plan_candidates import attention_label
 from shardlib.analysis.planner import MeshPlan
 from shardlib.training.config import Config
 
@@ -51,8 +52,11 @@ _SHORT = {"data_replica": "dr", "data": "d", "pipe": "p", "expert": "e", "seq": 
 
 
 def short_label(plan: MeshPlan) -> str:
-    """``dr8 d4 m2 hsdp_tp ga1`` / ``d4 p2 tp 1f1b m16 v2``: the plan in a table cell (legend printed)."""
+    """``dr8 d4 m2 hsdp_tp ga1`` / ``d4 p2 tp 1f1b m16 v2`` (``d4 s2 ring dp ga1`` with ``--attention``): the
+    plan in a table cell (legend printed)."""
     mesh = " ".join(f"{_SHORT[a]}{n}" for a, n in plan.sizes.items() if n > 1) or "1"
+    if plan.weighs_attention and plan.sizes["seq"] > 1:  # --attention: which one over seq
+        mesh += attention_label(plan.cfg)
     if plan.sizes["pipe"] == 1:
         return f"{mesh} {plan.sharding} ga{plan.cfg.grad_accum}"
     p = plan.cfg.pipeline

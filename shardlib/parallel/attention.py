@@ -24,6 +24,12 @@ axis manual, told from the context).
   attends its queries to all of them, masking by position. The same bytes
   as the ring ((p-1)/p of K and V per device), but every device holds the
   whole sequence's K and V, and the backward is plain autodiff.
+* ``ulysses``: ``shardlib.parallel.ulysses_attention``: all-to-alls over the
+  sequence axis give every device whole sequences of H/seq heads, on which
+  ``ulysses_kernel`` (dense or fused) runs causal by index (natural order);
+  ``ulysses_degree`` u < seq is the hybrid: all-to-alls within groups of u
+  devices and the ring across the seq/u groups (its layout: ``load_balance``
+  over seq/u).
 
 With ``load_balance: zigzag`` the training step stores every sequence in
 zig-zag order (``AttentionPlan.order``) so the ring's causal work is equal on
@@ -56,11 +62,13 @@ class AttentionPlan:
       pipeline's stages). ``make_attention`` gives ``fn`` itself: ``dot_product_attention`` tells
       the two contexts apart (dense runs there as the all-gather kernel, what XLA makes of it
       over ``seq``). None: no such kernel (``fn`` is then called, on a sequence of one device).
+    detail: how the impl splits the work where its name does not say (Ulysses' degree), or "".
     """
 
     fn: AttentionFn
     order: np.ndarray | None = None
     local: AttentionFn | None = None
+    detail: str = ""
 
 
 def sequence_axis(shard: ActivationSharding) -> str:
@@ -77,31 +85,39 @@ def make_attention(
     shard: ActivationSharding,
     seq_len: int | None = None,
     block_k: int = DEFAULT_BLOCK_K,
+    ulysses_degree: int | None = None,
+    ulysses_kernel: str = "dense",
 ) -> AttentionPlan:
     """The attention function and token order for ``impl`` on ``shard``'s mesh and rules.
 
     ``seq_len`` (when given) is checked against the sequence axis: it must
     split into 2 * seq equal chunks, each a whole number of ``block_k`` key
     blocks (ring). Errors name the culprit. Every impl is
-    ``dot_product_attention(..., is_causal=True, impl=impl, rules=shard)``.
+    ``dot_product_attention(..., is_causal=True, impl=impl, rules=shard)``; ``ulysses_degree``
+    (None: the whole sequence axis) and ``ulysses_kernel`` are ``ulysses``'s.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {', '.join(IMPLS)}")
     if load_balance not in ("zigzag", "none"):
         raise ValueError(f"unknown attention load_balance {load_balance!r}; expected zigzag or none")
-    axis = sequence_axis(shard) if impl in ("ring", "allgather") else length_axis(shard.rules, shard.mesh)
+    axis = sequence_axis(shard) if impl in _SPLIT else length_axis(shard.rules, shard.mesh)
     p = 1 if axis is None else int(shard.mesh.shape[axis])
     if impl == "fused" and p > 1:
         raise ValueError("attention.impl=fused needs the whole sequence on each device; with seq > 1 use ring")
+    if impl != "ulysses" and (ulysses_degree is not None or ulysses_kernel != "dense"):
+        raise ValueError(f"attention.ulysses_degree and ulysses_kernel are impl=ulysses settings, not impl={impl}'s")
+    ring = p // _degree(ulysses_degree, p, axis) if impl == "ulysses" else p
     order = None
-    if seq_len is not None and impl in ("ring", "allgather"):
-        assert axis is not None  # sequence_axis gave it (ring, allgather)
-        order = _checked_order(impl, load_balance, axis, p, seq_len, block_k)
+    if seq_len is not None and impl in _SPLIT:
+        assert axis is not None  # sequence_axis gave it (ring, allgather, ulysses)
+        order = _checked_order(impl, load_balance, axis, p, seq_len, block_k, ring)
     settings = {"is_causal": True, "impl": impl, "rules": shard}
 
-    if impl in ("fused", "ring"):  # natural order (fused) or the layout's (ring): positions only drive RoPE
-        if impl == "ring":
+    if impl in ("fused", "ring", "ulysses"):  # natural order or the ring's layout: positions only drive RoPE
+        if impl == "ring" or (impl == "ulysses" and ring > 1):
             settings |= {"layout": load_balance, "block_k": block_k}
+        if impl == "ulysses":
+            settings |= {"ulysses_degree": p // ring, "ulysses_kernel": ulysses_kernel}
 
         def attend(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, q_positions_BxL, kv_positions_BxM):
             del q_positions_BxL, kv_positions_BxM
@@ -119,11 +135,34 @@ def make_attention(
                 **settings,
             )
 
-    return AttentionPlan(attend, order, local=attend)
+    detail = ""
+    if impl == "ulysses" and p > 1:
+        kernel = f"the ring across {ring} groups" if ring > 1 else f"{ulysses_kernel} kernel"
+        detail = f"all-to-alls over {axis}={p} in groups of {p // ring}, {kernel}"
+    return AttentionPlan(attend, order, local=attend, detail=detail)
 
 
-def _checked_order(impl: str, load_balance: str, axis: str, p: int, seq_len: int, block_k: int):
-    """The zig-zag token order (None for natural order), after checking ``seq_len`` fits the axis."""
+_SPLIT = ("ring", "allgather", "ulysses")  # the impls that split the sequence over the `length` axis
+
+
+def _degree(ulysses_degree: int | None, p: int, axis: str | None) -> int:
+    """The Ulysses degree (default: the whole sequence axis), checked against the axis's p devices."""
+    degree = p if ulysses_degree is None else ulysses_degree
+    if degree < 1 or p % degree:
+        divisors = [d for d in range(1, p + 1) if p % d == 0]
+        raise ValueError(
+            f"attention.ulysses_degree={ulysses_degree} must divide {axis}={p} (one of {divisors}): the all-to-alls "
+            f"run within groups of that many devices, the ring across the groups"
+        )
+    return degree
+
+
+def _checked_order(impl: str, load_balance: str, axis: str, p: int, seq_len: int, block_k: int, ring: int):
+    """The zig-zag token order (None for natural order), after checking ``seq_len`` fits the axis.
+
+    ``ring``: the ring's devices (p, or p / ulysses_degree for the hybrid; 1: pure Ulysses)."""
+    if impl == "ulysses":
+        return _checked_ulysses_order(load_balance, axis, p, seq_len, block_k, ring)
     if seq_len % (2 * p):
         raise ValueError(
             f"seq_len={seq_len} must be divisible by 2 x {axis}={2 * p} for attention.impl={impl} "
@@ -137,3 +176,20 @@ def _checked_order(impl: str, load_balance: str, axis: str, p: int, seq_len: int
     if load_balance == "zigzag" and p > 1:
         return token_order(seq_len, p, "zigzag")
     return None
+
+
+def _checked_ulysses_order(load_balance: str, axis: str, p: int, seq_len: int, block_k: int, ring: int):
+    """Pure Ulysses: natural order, ``seq_len`` split over p; the hybrid: the ring's over its ``ring`` groups."""
+    if seq_len % p:
+        raise ValueError(f"seq_len={seq_len} must be divisible by {axis}={p} for attention.impl=ulysses")
+    if ring == 1:
+        return None
+    if seq_len % (2 * ring):
+        raise ValueError(
+            f"seq_len={seq_len} must be divisible by 2 x {axis}/ulysses_degree = {2 * ring} for the hybrid "
+            f"(the ring across {ring} Ulysses groups holds two equal chunks per group)"
+        )
+    chunk = seq_len // (2 * ring)
+    if chunk % min(block_k, chunk):
+        raise ValueError(f"attention.block_k={block_k} does not divide the hybrid ring's chunks of {chunk} tokens")
+    return token_order(seq_len, ring, "zigzag") if load_balance == "zigzag" else None

@@ -103,6 +103,12 @@ FEATURES: tuple[Feature, ...] = (
     Feature("seq", "seq > 1: every sequence split over the seq axis", lambda f: f.seq > 1),
     Feature("ring", "attention.impl=ring (K/V blocks rotate over seq)", lambda f: f.attention == "ring"),
     Feature("allgather", "attention.impl=allgather (K/V all-gathered over seq)", lambda f: f.attention == "allgather"),
+    Feature(
+        "ulysses",
+        "attention.impl=ulysses (all-to-alls over seq trade the sequence split for a head split; with "
+        "ulysses_degree < seq, the ring across the groups)",
+        lambda f: f.attention == "ulysses",
+    ),
     Feature("fused", "attention.impl=fused (jax.nn.dot_product_attention)", lambda f: f.attention == "fused"),
     Feature("moe", "mixture of experts (model.moe.n_experts > 0)", lambda f: f.experts > 0),
     Feature("compression", "grad_compression bf16 or int8", lambda f: f.compression != "none"),
@@ -157,6 +163,8 @@ REFUSED: dict[tuple[str, str], str] = {
     ("ring", "compression"): f"{_COMPRESS_VMAP}, which the ring's shard_map does not support",
     ("allgather", "compression"): f"{_COMPRESS_VMAP}, which the all-gather attention's shard_map does not support",
     ("moe", "compression"): f"{_COMPRESS_VMAP}, which the expert all-to-all does not support",
+    ("ulysses", "compression"): f"{_COMPRESS_VMAP}, which the Ulysses attention's shard_map does not support",
+    ("ulysses", "diloco"): f"{_DILOCO_VMAP}, which the Ulysses attention's shard_map does not support",
     ("seq", "fused"): "fused attention needs the whole sequence on each device; with seq > 1 use ring",
     ("ring", "diloco"): f"{_DILOCO_VMAP}, which the ring's shard_map does not support",
     ("allgather", "diloco"): f"{_DILOCO_VMAP}, which the all-gather attention's shard_map does not support",
@@ -214,10 +222,14 @@ NOTES: dict[tuple[str, str], str] = {
     ("fsdp", "diloco"): "FSDP inside each replica, over the preset's FSDP axes (data) that are not replica axes",
     ("fsdp_tp", "diloco"): "FSDP over data inside each replica (data not a replica axis), TP over model",
     ("accumulation", "diloco"): "every replica accumulates its own rows' microbatches",
+    ("tp", "ulysses"): "the all-to-alls split each device's heads (n_heads / model) over the Ulysses degree, "
+    "which must divide them",
+    ("fsdp_tp", "ulysses"): "the all-to-alls split each device's heads (n_heads / model) over the Ulysses degree, "
+    "which must divide them",
 }
 # Features that cannot both hold by definition: one preset per run, one attention per run,
 # one pipeline kind per run.
-_EXCLUSIVE_GROUPS = (PRESETS, ("ring", "allgather", "fused"), PIPELINE_KINDS)
+_EXCLUSIVE_GROUPS = (PRESETS, ("ring", "allgather", "ulysses", "fused"), PIPELINE_KINDS)
 
 
 def _key(a: str, b: str) -> frozenset[str]:

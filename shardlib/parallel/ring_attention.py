@@ -71,6 +71,7 @@ from shardlib.parallel.ring_tiles import (
     halves_side,
     key_blocks,
     query_bias_rows,
+    ring_position,
     row_stats,
     send_on,
     summed_to,
@@ -98,7 +99,7 @@ def _forward(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks: Masks, static: RingSettings
     b, length, h, hd = q_BxLxHxK.shape
     kv_len, n = k_BxMxNxK.shape[1], k_BxMxNxK.shape[2]
     scale = hd**-0.5 if static.scale is None else static.scale
-    me = jax.lax.axis_index(axis_name)
+    me = ring_position(static)
     q_chunk = chunks_of(me, p, layout)
     qs, q_sides, bias_rows = halves_q(q_BxLxHxK, n), halves_side(masks.q), query_bias_rows(masks.bias)
     c, g = length // 2, h // n
@@ -156,7 +157,7 @@ def _forward(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks: Masks, static: RingSettings
         k_cur, v_cur, k_side_cur, accs, tiles = carry
         # Issued first and independent of this step's tiles: the transfer of
         # the next block overlaps the computation on the current one.
-        k_next, v_next, k_side_next = send_on((k_cur, v_cur, k_side_cur), axis_name, p)
+        k_next, v_next, k_side_next = send_on((k_cur, v_cur, k_side_cur), axis_name, p, static.stride)
         accs, tiles = visit(accs, tiles, k_cur, v_cur, k_side_cur, (me - s) % p)
         return (k_next, v_next, k_side_next, accs, tiles), None
 
@@ -187,7 +188,7 @@ def _backward(static: RingSettings, residuals, dout_BxLxHxK):
     b, length, h, hd = q_BxLxHxK.shape
     kv_len, n = k_BxMxNxK.shape[1], k_BxMxNxK.shape[2]
     scale = hd**-0.5 if static.scale is None else static.scale
-    me = jax.lax.axis_index(axis_name)
+    me = ring_position(static)
     q_chunk = chunks_of(me, p, layout)
     qs, dos = halves_q(q_BxLxHxK, n), halves_q(dout_BxLxHxK, n)
     q_sides, bias_rows = halves_side(masks.q), query_bias_rows(masks.bias)
@@ -269,10 +270,12 @@ def _backward(static: RingSettings, residuals, dout_BxLxHxK):
 
     def step(carry, s):
         k_cur, v_cur, k_side_cur, dk_cur, dv_cur, dqs, dbias_rows = carry
-        k_next, v_next, k_side_next = send_on((k_cur, v_cur, k_side_cur), axis_name, p)  # overlaps the tiles
+        k_next, v_next, k_side_next = send_on(
+            (k_cur, v_cur, k_side_cur), axis_name, p, static.stride
+        )  # overlaps the tiles
         dqs, dbias_rows, dk_cur, dv_cur = visit(dqs, dbias_rows, k_cur, v_cur, k_side_cur, dk_cur, dv_cur, (me - s) % p)
         # The gradients of a key/value block travel with it.
-        dk_next, dv_next = send_on((dk_cur, dv_cur), axis_name, p)
+        dk_next, dv_next = send_on((dk_cur, dv_cur), axis_name, p, static.stride)
         return (k_next, v_next, k_side_next, dk_next, dv_next, dqs, dbias_rows), None
 
     zeros_kv = jnp.zeros(k_BxMxNxK.shape, jnp.float32)
@@ -283,7 +286,7 @@ def _backward(static: RingSettings, residuals, dout_BxLxHxK):
     (k_last, v_last, k_side_last, dk, dv, dqs, dbias_rows), _ = jax.lax.scan(step, carry, jnp.arange(p - 1))
     dqs, dbias_rows, dk, dv = visit(dqs, dbias_rows, k_last, v_last, k_side_last, dk, dv, (me - (p - 1)) % p)
     # One more hop brings every block's gradients home.
-    dk, dv = send_on((dk, dv), axis_name, p)
+    dk, dv = send_on((dk, dv), axis_name, p, static.stride)
     dq_BxLxHxK = jnp.stack(dqs, axis=1).reshape(b, length, h, hd)
     dbias = None
     if masks.bias is not None:
@@ -352,6 +355,7 @@ def ring_attention(
     key_segment_ids: jax.Array | None = None,
     scale: float | None = None,
     block_k: int = DEFAULT_BLOCK_K,
+    axis_stride: int = 1,
 ) -> jax.Array:
     """Grouped-query attention of this device's block against the whole ring; [B, L, H, K].
 
@@ -361,23 +365,25 @@ def ring_attention(
     ``is_causal`` masks by the layout (no positions) or by the positions; segment ids keep
     attention within a segment; ``bias_BxHxLxM`` is [B|1, H|1, L, p * M]: this device's rows
     against every key in stored order. ``scale`` defaults to K ** -0.5. Softmax statistics are
-    float32. Differentiable in q, k, v and the bias (ring backward).
+    float32. Differentiable in q, k, v and the bias (ring backward). ``axis_stride`` = s > 1: the
+    axis (of ``axis_size * s`` devices) holds s rings, the devices s apart (index i on ring i mod s,
+    at place i // s): the hybrid's ring across Ulysses groups (``ulysses_attention``).
     """
     static, masks = _settings(
         axis_name, axis_size, is_causal, layout, block_k, scale, bias_BxHxLxM,
-        query_positions, key_positions, query_segment_ids, key_segment_ids,
+        query_positions, key_positions, query_segment_ids, key_segment_ids, axis_stride,
     )  # fmt: skip
     _check_shapes(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks, static)
     return _ring(q_BxLxHxK, k_BxMxNxK, v_BxMxNxK, masks, static)
 
 
-def _settings(axis_name, p, is_causal, layout, block_k, scale, bias, q_pos, kv_pos, q_seg, kv_seg):
+def _settings(axis_name, p, is_causal, layout, block_k, scale, bias, q_pos, kv_pos, q_seg, kv_seg, stride=1):
     check_layout(layout)
     if (q_pos is None) != (kv_pos is None) or (q_seg is None) != (kv_seg is None):
         raise ValueError("ring attention takes positions (and segment ids) for both queries and keys, or neither")
     if not is_causal:  # positions only order tokens for a causal mask
         q_pos = kv_pos = None
-    static = RingSettings(axis_name, int(p), layout, int(block_k), bool(is_causal), scale)
+    static = RingSettings(axis_name, int(p), layout, int(block_k), bool(is_causal), scale, int(stride))
     return static, Masks(bias, Side(q_pos, q_seg), Side(kv_pos, kv_seg))
 
 

@@ -45,6 +45,7 @@ class RingSettings(NamedTuple):
     block_k: int
     is_causal: bool
     scale: float | None
+    stride: int = 1  # the ring's devices are `stride` apart on the axis (several rings share it)
 
 
 def check_layout(layout: str) -> None:
@@ -224,10 +225,15 @@ def summed_to(ct, primal):
     return jax.lax.psum(ct, extra) if extra else ct
 
 
-def _ring_perm(p: int) -> list[tuple[int, int]]:
-    return [(i, (i + 1) % p) for i in range(p)]
+def _ring_perm(p: int, stride: int) -> list[tuple[int, int]]:
+    return [(i, (i + stride) % (p * stride)) for i in range(p * stride)]
 
 
-def send_on(tree, axis_name: str, p: int):
-    """Every array of ``tree`` to the next device of the ring."""
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, _ring_perm(p)), tree)
+def ring_position(static: RingSettings) -> jax.Array:
+    """This device's place on its ring: its axis index // stride (rings of ``p``, ``stride`` of them)."""
+    return jax.lax.axis_index(static.axis_name) // static.stride
+
+
+def send_on(tree, axis_name: str, p: int, stride: int = 1):
+    """Every array of ``tree`` to the next device of its ring (``stride`` axis indices on: ``p`` of them)."""
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, _ring_perm(p, stride)), tree)

@@ -9,6 +9,11 @@ picks the kernel with ``impl``:
   sequence axis, O(L/p) memory per device, its own ring backward.
 * ``allgather``: ``shardlib.parallel.gather_attention``: each device
   all-gathers K and V over the sequence axis.
+* ``ulysses``: ``shardlib.parallel.ulysses_attention``: all-to-alls over the
+  sequence axis trade the sequence split for a head split, ``ulysses_kernel``
+  (dense or fused) runs on whole sequences of H/p heads, and one more trades
+  back; ``ulysses_degree`` u < p is the hybrid (all-to-alls within groups of u
+  devices, the ring across the groups).
 * ``fused``: ``jax.nn.dot_product_attention`` (cuDNN's flash kernel on GPUs in
   bf16/fp16, XLA's elsewhere); the whole sequence on every device.
 * ``dense``: ``shardlib.parallel.dense_attention.gqa_attention``, the plain
@@ -33,6 +38,7 @@ executor): the arrays are this device's blocks and the kernel runs directly
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,9 +51,11 @@ from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.dense_attention import gqa_attention, visible_mask
 from shardlib.parallel.gather_attention import allgather_attention
 from shardlib.parallel.ring_attention import DEFAULT_BLOCK_K, LAYOUTS, ring_attention
+from shardlib.parallel.ulysses_attention import Attend, groups_of, ulysses_attention
 
-IMPLS = ("ring", "allgather", "fused", "dense")
-_SHARDED = ("ring", "allgather")
+IMPLS = ("ring", "allgather", "ulysses", "fused", "dense")
+ULYSSES_KERNELS = ("dense", "fused")
+_SHARDED = ("ring", "allgather", "ulysses")
 AnyMesh = jax.sharding.Mesh | jax.sharding.AbstractMesh  # a concrete mesh, or a context's (inside a shard_map)
 
 
@@ -157,6 +165,8 @@ def dot_product_attention(
     heads_axis: str | None = None,
     layout: str = "none",
     block_k: int = DEFAULT_BLOCK_K,
+    ulysses_degree: int | None = None,
+    ulysses_kernel: str = "dense",
 ) -> jax.Array:
     """Multi-head (grouped-query) attention with its sequence split over a mesh axis; [B, L, H, K].
 
@@ -177,14 +187,19 @@ def dot_product_attention(
       query_segment_ids, key_segment_ids: int [B, L], [B, M]; a query sees only keys of its
         segment (packed documents). Give both or neither, and positions likewise.
       scale: multiplies q.k; default K ** -0.5.
-      impl: ``ring``, ``allgather``, ``fused`` or ``dense`` (module doc). ``fused`` needs the
-        whole sequence on every device.
+      impl: ``ring``, ``allgather``, ``ulysses``, ``fused`` or ``dense`` (module doc). ``fused``
+        needs the whole sequence on every device; ``ulysses`` needs this device's query heads
+        (after the heads axis) to split over its degree.
       mesh, rules, seq_axis, batch_axes, heads_axis: where the dimensions live (module doc);
         ring and allgather need a sequence axis from one or the other.
       layout: the stored token order on the sequence axis (ring and allgather): ``none`` (the
         natural order, split contiguously) or ``zigzag`` (``ring_attention.token_order``: equal
         causal work per device; the caller stores the sequence that way).
       block_k: the ring's keys per inner block.
+      ulysses_degree: ``ulysses``: the all-to-all group size u, dividing the sequence axis's p
+        devices (default p); u < p runs the ring across the p / u groups (``layout`` then orders
+        the ring's blocks: ``token_order(L, p // u, layout)``).
+      ulysses_kernel: ``ulysses`` with u = p: the kernel on whole sequences, ``dense`` or ``fused``.
     Returns:
       [B, L, H, K] in the query's dtype, sharded like the query.
     Raises:
@@ -197,14 +212,17 @@ def dot_product_attention(
         raise ValueError(f"unknown attention layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if layout != "none" and impl not in _SHARDED:
         raise ValueError(f"layout={layout!r} is the ring's and the all-gather's token order; impl={impl!r} has none")
+    if ulysses_kernel not in ULYSSES_KERNELS:
+        raise ValueError(f"unknown ulysses_kernel {ulysses_kernel!r}; expected one of {', '.join(ULYSSES_KERNELS)}")
     axes = resolve_axes(mesh, rules, seq_axis, batch_axes, heads_axis)
+    degree = _ulysses_degree(impl, ulysses_degree, ulysses_kernel, layout, axes)
     local = axes.seq_axis is not None and axes.seq_axis in _manual_axes()
     bias = check_inputs(
         query_BxLxHxK, key_BxMxNxK, value_BxMxNxK, bias,
         query_positions, key_positions, query_segment_ids, key_segment_ids,
         bias_keys=key_BxMxNxK.shape[1] * (axes.size() if local else 1),
     )  # fmt: skip
-    kernel = _Kernel(impl, is_causal, layout, scale, block_k, axes.seq_axis, axes.size())
+    kernel = _Kernel(impl, is_causal, layout, scale, block_k, axes.seq_axis, axes.size(), degree, ulysses_kernel)
     given = {"q": query_BxLxHxK, "k": key_BxMxNxK, "v": value_BxMxNxK, "bias": bias}
     given |= {"q_pos": query_positions, "kv_pos": key_positions}
     given |= {"q_seg": query_segment_ids, "kv_seg": key_segment_ids}
@@ -228,7 +246,7 @@ def dot_product_attention(
             f"inside a shard_map manual over {sorted(_manual_axes())}, impl={impl!r} needs the sequence axis "
             f"{axes.seq_axis!r} manual too (then it runs on this device's blocks)"
         )
-    _check_divides(impl, axes, query_BxLxHxK.shape[1], key_BxMxNxK.shape[1])
+    _check_divides(impl, axes, query_BxLxHxK.shape[1], key_BxMxNxK.shape[1], degree)
     return _sharded(kernel, axes, arrays)
 
 
@@ -282,12 +300,38 @@ def check_inputs(
     return bias.reshape(padded)
 
 
-def _check_divides(impl: str, axes: SequenceAxes, length: int, kv_len: int) -> None:
+def _ulysses_degree(impl: str, degree: int | None, kernel: str, layout: str, axes: SequenceAxes) -> int | None:
+    """The Ulysses degree (the sequence axis's size by default), checked; None for other impls."""
+    if impl != "ulysses":
+        if degree is not None or kernel != "dense":
+            raise ValueError(
+                f"ulysses_degree and ulysses_kernel are impl='ulysses' settings; impl={impl!r} takes neither"
+            )
+        return None
     p = axes.size()
-    parts = 2 * p if impl == "ring" else p
+    degree = p if degree is None else int(degree)
+    groups_of(p, degree)  # raises unless the degree divides the axis
+    if degree < p and kernel != "dense":
+        raise ValueError(
+            f"ulysses_kernel={kernel!r} with ulysses_degree={degree} < {axes.seq_axis}={p}: the hybrid runs the "
+            f"ring across the Ulysses groups, its own kernel; use ulysses_degree={p} for the {kernel} kernel"
+        )
+    if degree == p and layout != "none":
+        raise ValueError(
+            f"layout={layout!r} orders the ring's blocks; Ulysses over all {p} devices attends whole sequences "
+            f"(layout='none')"
+        )
+    return degree
+
+
+def _check_divides(impl: str, axes: SequenceAxes, length: int, kv_len: int, degree: int | None = None) -> None:
+    p = axes.size()
+    ring = p // degree if impl == "ulysses" and degree is not None else p
+    has_ring = impl == "ring" or ring < p
+    parts = math.lcm(p, 2 * ring) if has_ring else p
     for name, n in (("query length L", length), ("key length M", kv_len)):
         if n % parts:
-            each = " (two equal chunks per device)" if impl == "ring" else ""
+            each = " (two equal chunks per device of the ring)" if has_ring else ""
             raise ValueError(
                 f"impl={impl!r} splits the {name}={n} over {axes.seq_axis}={p} devices{each}: "
                 f"it must be divisible by {parts}"
@@ -305,6 +349,8 @@ class _Kernel:
     block_k: int
     seq_axis: str | None
     seq_size: int
+    ulysses_degree: int | None = None
+    ulysses_kernel: str = "dense"
 
     def _masks(self, a: dict[str, jax.Array]) -> dict[str, Any]:
         return {
@@ -324,6 +370,12 @@ class _Kernel:
         on_ring = {"axis_name": self.seq_axis, "axis_size": p, "layout": self.layout, **self._masks(a)}
         if self.impl == "ring":
             return ring_attention(a["q"], a["k"], a["v"], a.get("bias"), block_k=self.block_k, **on_ring)
+        if self.impl == "ulysses":
+            degree = self.ulysses_degree or p
+            attend = self._ulysses_attend() if degree == p else None
+            return ulysses_attention(
+                a["q"], a["k"], a["v"], a.get("bias"), block_k=self.block_k, degree=degree, attend=attend, **on_ring
+            )
         if self.impl == "allgather" or (self.impl == "dense" and p > 1):
             # Inside the caller's shard_map (a partial-manual region) the gather's transpose runs in float32.
             in_own_region = _manual_axes() == frozenset(context.axis_names)
@@ -336,6 +388,18 @@ class _Kernel:
                 f"here the sequence axis {self.seq_axis!r} splits it over {p}; use impl='ring' or 'allgather'"
             )
         return self.whole(a)
+
+    def _ulysses_attend(self) -> Attend:
+        """The Ulysses kernel on whole sequences, called like ``gqa_attention`` (its masks by keyword)."""
+        inner = dataclasses.replace(self, impl=self.ulysses_kernel, seq_axis=None, seq_size=1)
+        names = {"query_positions": "q_pos", "key_positions": "kv_pos"}
+        names |= {"query_segment_ids": "q_seg", "key_segment_ids": "kv_seg"}
+
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, **masks: Any) -> jax.Array:
+            given = {"q": q, "k": k, "v": v, "bias": bias} | {names[n]: x for n, x in masks.items() if n in names}
+            return inner.whole({name: x for name, x in given.items() if x is not None})
+
+        return attend
 
     def whole(self, a: dict[str, jax.Array]) -> jax.Array:
         """On whole sequences: the reference math (dense) or ``jax.nn.dot_product_attention`` (fused)."""

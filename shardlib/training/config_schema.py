@@ -155,11 +155,21 @@ class AttentionConfig(BaseModel):
 
     model_config = _STRICT
 
-    impl: Literal["dense", "fused", "ring", "allgather"] = Field(
+    impl: Literal["dense", "fused", "ring", "allgather", "ulysses"] = Field(
         "dense",
         description="dense: left to the compiler; ring: K/V blocks rotate over `seq` (O(S/p) memory); allgather: "
-        "every device gathers all K/V; fused: jax.nn.dot_product_attention (cuDNN flash attention on GPUs in bf16), "
-        "seq = 1 only",
+        "every device gathers all K/V; ulysses: all-to-alls over `seq` trade the sequence split for a head split "
+        "(heads per device must split over the degree); fused: jax.nn.dot_product_attention (cuDNN flash attention "
+        "on GPUs in bf16), seq = 1 only",
+    )
+    ulysses_degree: PosInt | None = Field(
+        None,
+        description="ulysses: the all-to-all group size, dividing `seq` (null: all of `seq`); below `seq` the ring "
+        "runs across the seq/degree groups (the hybrid, 'unified sequence parallelism')",
+    )
+    ulysses_kernel: Literal["dense", "fused"] = Field(
+        "dense",
+        description="ulysses over all of `seq`: the kernel on whole sequences (fused: jax.nn.dot_product_attention)",
     )
     load_balance: Literal["zigzag", "none"] = Field(
         "zigzag",

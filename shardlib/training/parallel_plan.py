@@ -18,6 +18,7 @@ see the config.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,7 @@ from shardlib.parallel.diloco import OuterSettings, replica_count
 from shardlib.parallel.expert_routing import ExpertDispatch
 from shardlib.parallel.experts import check_experts_divide, expert_dispatch
 from shardlib.parallel.pipeline.plan import PipelinePlan, PipelineSettings, logical_layers, plan_pipeline
+from shardlib.parallel.ulysses_attention import kv_repeats
 from shardlib.training.config import Config
 
 PyTree = Any
@@ -162,7 +164,8 @@ class ParallelPlan:
         lines = [f"parallel plan: {sizes}, preset {self.preset}"]
         lines.append(f"  batch {self.batch_sharding.spec}, grad_accum {self.grad_accum}, remat {self.remat}")
         order = "natural order" if self.attention.order is None else "zig-zag token order"
-        lines.append(f"  attention {self.features.attention} ({order})")
+        detail = f"{self.attention.detail}; " if self.attention.detail else ""
+        lines.append(f"  attention {self.features.attention} ({detail}{order})")
         if self.experts is not None:
             lines.append(f"  experts: {self.features.experts} over expert={self.features.expert} (all-to-all dispatch)")
         if self.pipeline is not None:
@@ -240,9 +243,7 @@ def _replica_plan(cfg: Config, plan: ParallelPlan) -> ReplicaPlan | None:
     axes = settings.replica_axes
     rules = without_axes(plan.rules, axes)
     shard = ActivationSharding(rules, plan.mesh)
-    attention = make_attention(
-        cfg.attention.impl, cfg.attention.load_balance, shard, cfg.seq_len, cfg.attention.block_k
-    )
+    attention = attention_of(cfg, shard)
     spec = plan.batch_sharding.spec
     split = axes_tuple(spec[0]) if len(spec) else ()
     batch_axes = tuple(a for a in axes if a not in split) + split  # size-1 replica axes are not in the spec
@@ -293,6 +294,7 @@ def feature_setting(name: str, cfg: Config, shape: Mapping[str, int]) -> str:
         "seq": f"seq={shape['seq']}",
         "ring": f"attention.impl=ring (seq={shape['seq']})",
         "allgather": f"attention.impl=allgather (seq={shape['seq']})",
+        "ulysses": f"attention.impl=ulysses (seq={shape['seq']}, ulysses_degree={cfg.attention.ulysses_degree or 'seq'})",
         "fused": "attention.impl=fused",
         "moe": f"model.moe.n_experts={cfg.model.moe.n_experts}",
         "compression": f"grad_compression={cfg.grad_compression}",
@@ -349,6 +351,22 @@ def _pipeline(cfg: Config, mesh: jax.sharding.Mesh, rules: Rules) -> PipelinePla
     )
 
 
+def attention_of(cfg: Config, shard: ActivationSharding) -> AttentionPlan:
+    """The run's attention (``cfg.attention``) on ``shard``'s mesh and rules; Ulysses' heads checked now,
+    not when the step first traces."""
+    a = cfg.attention
+    attention = make_attention(
+        a.impl, a.load_balance, shard, cfg.seq_len, a.block_k, ulysses_degree=a.ulysses_degree,
+        ulysses_kernel=a.ulysses_kernel,
+    )  # fmt: skip
+    if a.impl == "ulysses":
+        split = math.prod(shard.mesh.shape[axis] for axis in rule_axes(shard.rules, "heads"))
+        heads = cfg.model.n_heads // split if cfg.model.n_heads % split == 0 else cfg.model.n_heads
+        seq = math.prod(shard.mesh.shape[axis] for axis in rule_axes(shard.rules, "length"))
+        kv_repeats(heads, cfg.model.n_kv_heads, a.ulysses_degree or seq)
+    return attention
+
+
 def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     """The plan for ``cfg`` on ``mesh``; refuses, with the table's one-line reason, what does not compose."""
     features = run_features(cfg, mesh)
@@ -356,9 +374,7 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     check_mesh_fits_intent(cfg.sharding, mesh.shape)
     rules = preset_rules(cfg.sharding)
     shard = ActivationSharding(rules, mesh)
-    attention = make_attention(
-        cfg.attention.impl, cfg.attention.load_balance, shard, cfg.seq_len, cfg.attention.block_k
-    )
+    attention = attention_of(cfg, shard)
     experts = None
     if cfg.model.moe.n_experts:
         check_experts_divide(cfg.model.moe.n_experts, mesh)

@@ -9,8 +9,11 @@ the executor's passes (``stage_passes``). Formulas: ``analytic``'s docstring.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from shardlib.analysis.report.collectives import wire_bytes
 from shardlib.analysis.report.layout import Layout
 from shardlib.analysis.report.stage_passes import pipelined_layer_passes
 from shardlib.analysis.report.terms import Term, _term
@@ -82,6 +85,8 @@ def sequence_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     """
     if layout.seq_shards < 2:
         return []
+    if layout.cfg.attention.impl == "ulysses":
+        return ulysses_terms(layout, platform)
     cfg, sizes = layout.cfg, layout.sizes
     c = np.dtype(cfg.model.compute_dtype).itemsize
     kv_heads = cfg.model.n_kv_heads // layout.kv_shards
@@ -119,6 +124,63 @@ def sequence_terms(layout: Layout, platform: str | None = None) -> list[Term]:
             note=note,
         ),
     ]
+    return [t for t in out if t is not None]
+
+
+def _layer_passes(layout: Layout, platform: str | None) -> tuple[int, int]:
+    """(forwards, backwards) of every attention layer per step: the executor's in a pipeline, else
+    one of each per layer and microbatch, and one more forward under ``remat: full``."""
+    if layout.sizes["pipe"] > 1:
+        passes = pipelined_layer_passes(layout, platform)
+        return passes.forward, passes.backward
+    n = layout.layers_per_device * layout.forward_passes
+    return n * (2 if layout.cfg.model.remat == "full" else 1), n
+
+
+def _grouped(strategy, what, kind, group, message, count, note="") -> Term | None:
+    """A term over ``seq`` in groups of ``group`` of its devices (the Ulysses groups, the hybrid's rings)."""
+    if group < 2 or count == 0 or message <= 0:
+        return None
+    wire = wire_bytes(kind, message, group) * count
+    return Term(strategy, what, kind, ("seq",), group, float(message), int(count), wire, False, note=note)
+
+
+def ulysses_terms(layout: Layout, platform: str | None = None) -> list[Term]:
+    """``attention.impl: ulysses`` (``shardlib.parallel.ulysses_attention``): 4 all-to-alls per layer forward.
+
+    q, k and v go in, the output comes back; each an all-to-all over a group of u devices (the
+    degree) of a [b, s, h, K] block (s = seq_len / seq, h the device's heads; k and v with their
+    kv heads repeated to a multiple of u), which sends (u-1)/u of it. The backward's mirror: the
+    output's gradient in, dq, dk, dv back. The hybrid (u < seq) adds the ring across the seq/u
+    groups, at the group's sequence block (s u) and heads / u: its K and V forward (again in the
+    backward) and their gradients, as ``sequence_terms`` counts the ring.
+    """
+    cfg = layout.cfg
+    m = cfg.model
+    c = np.dtype(m.compute_dtype).itemsize
+    p = layout.seq_shards
+    u = cfg.attention.ulysses_degree or p
+    heads, kv_heads = m.n_heads // layout.heads_shards, m.n_kv_heads // layout.kv_shards
+    kv_heads *= u // math.gcd(kv_heads, u)  # repeated until they split over u
+    block = layout.rows_per_device * (cfg.seq_len // p) * m.resolved_head_dim * c  # one head's [b, s, K]
+    forwards, backwards = _layer_passes(layout, platform)
+    note = f"all-to-alls within groups of {u} of seq's {p} devices" if u < p else ""
+    out = [
+        _grouped("sequence", "Ulysses q and output (forward)", "all-to-all", u, block * heads, 2 * forwards, note),
+        _grouped("sequence", "Ulysses K and V (forward)", "all-to-all", u, block * kv_heads, 2 * forwards, note),
+        _grouped("sequence", "Ulysses output and q gradients", "all-to-all", u, block * heads, 2 * backwards, note),
+        _grouped("sequence", "Ulysses K and V gradients", "all-to-all", u, block * kv_heads, 2 * backwards, note),
+    ]
+    ring = p // u
+    if ring > 1:
+        kv = 2 * block * ring * u * (kv_heads // u)  # K and V of the whole sequence, the device's heads
+        hops = ring / (ring - 1)
+        why = f"the hybrid's ring across {ring} Ulysses groups: ring-1 permutes per pass, ring for the gradients"
+        out += [
+            _grouped("sequence", "hybrid ring: K and V (forward)", "all-gather", ring, kv, forwards, why),
+            _grouped("sequence", "hybrid ring: K and V again (backward)", "all-gather", ring, kv, backwards, why),
+            _grouped("sequence", "hybrid ring: K and V gradients", "reduce-scatter", ring, kv * hops, backwards, why),
+        ]
     return [t for t in out if t is not None]
 
 

@@ -34,7 +34,11 @@ m = grad_accum microbatches, b x s the tokens of one microbatch on one device
   ``attention.impl: allgather`` gather (allgather keeps the forward's copy
   for the backward pass unless remat recomputes it); ring attention moves
   the gathers' bytes in p-1 permutes, overlapped with compute, and the
-  gradients in p (one more hop home);
+  gradients in p (one more hop home). ``attention.impl: ulysses`` instead
+  all-to-alls q, k, v in and the output back per layer forward, and their
+  mirror backward, each over groups of u = ``ulysses_degree`` devices, (u-1)/u
+  of a [b, s, heads, K] block (kv heads repeated to a multiple of u); the
+  hybrid (u < p) adds the ring's terms across its p/u groups;
 * pipeline (``layers`` over ``pipe``): b*s*D per microbatch and boundary
   between virtual stages each way (a mean over the stages), and the gradients
   of the parameters outside the stages (embedding, head) summed over ``pipe``;

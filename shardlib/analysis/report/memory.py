@@ -133,6 +133,12 @@ def _fused_backward(residuals, g):
 _fused_attention.defvjp(_fused_forward, _fused_backward)
 
 
+def attention_kernel(cfg) -> str:
+    """The kernel a layer's attention runs: ``attention.impl``, or Ulysses' ``ulysses_kernel`` (fused or not)."""
+    a = cfg.attention
+    return "fused" if a.impl == "ulysses" and a.ulysses_kernel == "fused" else a.impl
+
+
 def attention_for_memory(impl: str):
     """The attention the memory trace runs for ``attention.impl``: the fused kernel keeps no score
     matrix (``_fused_attention``); dense, ring and all-gather attention compute theirs in XLA."""
@@ -328,7 +334,7 @@ def _eval_working(layout: Layout, activation_dtype: str) -> float:
         elif f > 1:
             gathered += p.bytes_per_device * (f / p.shape[0] if p.scanned else f)
     layer_input = rows * length * m.d_model * c
-    intermediates = layer_forward_bytes(rows, *_layer_dims(layout, activation_dtype)[1:], layout.cfg.attention.impl)
+    intermediates = layer_forward_bytes(rows, *_layer_dims(layout, activation_dtype)[1:], attention_kernel(layout.cfg))
     logits = rows * length * m.vocab_size / layout.vocab_shards * 4
     if not pipelined:
         return gathered + layer_input + intermediates + logits
@@ -420,4 +426,4 @@ def _layer_tap(layout: Layout, dtype: str) -> int:
 
 def _layer_residual(layout: Layout, dtype: str, remat: str) -> int:
     """What one layer keeps for the backward pass on one device under ``remat`` (``layer_residual_bytes``)."""
-    return layer_residual_bytes(*_layer_dims(layout, dtype), remat, layout.cfg.attention.impl)
+    return layer_residual_bytes(*_layer_dims(layout, dtype), remat, attention_kernel(layout.cfg))

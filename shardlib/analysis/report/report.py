@@ -315,6 +315,8 @@ def _sequence_note(layout: Layout, terms: list[Term]) -> str:
     ``seq`` is not a mystery.
     """
     impl = layout.cfg.attention.impl
+    if impl == "ulysses":
+        return _ulysses_note(layout)
     if layout.sizes["pipe"] > 1 and impl != "ring":
         return (
             f"sequence: inside the pipeline's stages (seq manual) attention.impl={impl} runs the all-gather "
@@ -336,6 +338,18 @@ def _sequence_note(layout: Layout, terms: list[Term]) -> str:
             f"counts a second gather (seq can read below 1); {_RING}"
         )
     return f"sequence: attention.impl={impl} leaves attention to XLA, which all-gathers K and V over seq; {_RING}"
+
+
+def _ulysses_note(layout: Layout) -> str:
+    p = layout.seq_shards
+    u = layout.cfg.attention.ulysses_degree or p
+    head = (
+        f"sequence: attention.impl=ulysses trades the sequence split for a head split with 4 all-to-alls per layer "
+        f"forward (q, k, v in, the output back) and 4 backward, over groups of {u} devices"
+    )
+    if u == p:
+        return f"{head}; the bytes per device shrink as 1/seq, where the ring's stay (seq-1)/seq of K and V"
+    return f"{head}, then the ring across the {p // u} groups on their K and V (seq-1 permutes, as impl=ring)"
 
 
 def _reduction_groups(terms: list[Term], sizes) -> list[tuple[str, ...]]:

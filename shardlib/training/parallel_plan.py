@@ -38,6 +38,7 @@ from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel import compat
 from shardlib.parallel.attention import AttentionPlan, make_attention
 from shardlib.parallel.diloco import OuterSettings, replica_count
+from shardlib.parallel.dropless_experts import dropless_dispatch
 from shardlib.parallel.expert_routing import ExpertDispatch
 from shardlib.parallel.experts import check_experts_divide, expert_dispatch
 from shardlib.parallel.pipeline.plan import PipelinePlan, PipelineSettings, logical_layers, plan_pipeline
@@ -362,7 +363,10 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     experts = None
     if cfg.model.moe.n_experts:
         check_experts_divide(cfg.model.moe.n_experts, mesh)
-        experts = expert_dispatch(shard)
+        moe = cfg.model.moe
+        experts = (
+            dropless_dispatch(shard, moe.dropless_transport) if moe.dispatch == "dropless" else expert_dispatch(shard)
+        )
     plan = ParallelPlan(
         mesh=mesh,
         preset=cfg.sharding,

@@ -219,3 +219,20 @@ def test_tensor_parallel_experts_drop_nothing_and_match():
     with jax.set_mesh(mesh):
         grads = jax.device_get(jax.jit(jax.grad(sharded, argnums=(0, 1)))(*placed))
     assert_trees_close(grads, layer_results("reference")[2], rel=TOLERANCE, what="gradient")
+
+
+def test_report_predicts_the_dropless_step_traffic():
+    """shardlib.analysis.report on the dropless step (dp, data 2 x expert 4, XLA:CPU: the all-gather
+    transport): the expert axis's gathers and reduce-scatters against the compiled step's."""
+    from shardlib.analysis.report.layout import resolve_layout
+    from shardlib.analysis.report.measure import measure
+    from shardlib.analysis.report.report import build_report
+
+    cfg, mesh = tiny_config(model={"moe": {**MOE, "dispatch": "dropless"}}), expert_mesh()
+    measured = measure(cfg, mesh)
+    report = build_report(resolve_layout(cfg, dict(mesh.shape)), measured=measured)
+    for kind in ("all-gather", "reduce-scatter"):
+        sent = sum(c.total_wire_bytes for c in measured.collectives if c.kind == kind and c.axes == ("expert",))
+        predicted = sum(t.wire_bytes for t in report.terms if t.strategy == "experts" and t.kind == kind)
+        assert predicted > 0 and sent == pytest.approx(predicted, rel=0.05), kind
+    assert not [c for c in measured.collectives if c.kind == "all-to-all" and c.axes == ("expert",)]

@@ -149,6 +149,22 @@ class DroplessDispatch:
         return _over_mesh(self, x_BxLxD, expert_BxLxR, weight_BxLxR, expert_fn, expert_weights, weight_axes)
 
 
+_TRANSPORT_WORDS = {
+    "ragged_all_to_all": "ragged_all_to_all out and back (exactly the routed copies)",
+    "all_gather": "tokens all-gathered over the expert axes, outputs reduce-scattered home "
+    "(the dropless fallback: XLA:CPU has no ragged-all-to-all)",
+}
+
+
+def describe_dispatch(dispatch: Any, n_experts: int, expert_devices: int) -> str:
+    """One line naming an MoE layer's dispatch, for ``describe``: capacity or dropless, and its transport."""
+    if not is_dropless(dispatch):
+        return f"experts: {n_experts} over expert={expert_devices} (capacity dispatch, all-to-all of padded buffers)"
+    if expert_devices == 1:
+        return f"experts: {n_experts} on every device (dropless: grouped matmul, nothing to move)"
+    return f"experts: {n_experts} over expert={expert_devices} (dropless: grouped matmul; {_TRANSPORT_WORDS[dispatch.transport]})"
+
+
 def dropless_dispatch(
     shard: ActivationSharding | None, transport: str = "auto", platform: str | None = None
 ) -> DroplessDispatch:
@@ -229,6 +245,15 @@ def sort_by_expert(expert_M: jax.Array, n_groups: int) -> tuple[jax.Array, jax.A
     return order_M, sizes
 
 
+def unsort(sorted_MxD: jax.Array, order_M: jax.Array) -> jax.Array:
+    """The rows of ``sorted_MxD`` (= x[order_M]) back in x's order: a gather by the inverse permutation.
+
+    Not a scatter-set: XLA:CPU's partitioner all-reduces a scatter over automatic axes with its
+    combiner, and its bfloat16 all-reduce promotion aborts on a set's (issue 32).
+    """
+    return sorted_MxD[jnp.argsort(order_M)]
+
+
 def run_grouped(
     grouped_fn: GroupedExpertFn, expert_weights: PyTree, x_MxD: jax.Array, group_M: jax.Array, n_groups: int
 ) -> jax.Array:
@@ -241,7 +266,7 @@ def run_grouped(
             f"a grouped expert_fn must map x_MxD {x_MxD.shape} to y_MxD of the same shape, "
             f"got {getattr(y_sorted_MxD, 'shape', type(y_sorted_MxD).__name__)}"
         )
-    y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD, unique_indices=True)
+    y_MxD = unsort(y_sorted_MxD, order_M)
     return jnp.where((group_M < n_groups)[:, None], y_MxD, 0)
 
 
@@ -301,14 +326,41 @@ def _shard_body(
         return tensor_sum(y)
     ep = _ep_name(ep_axes)
     if transport == "all_gather":
-        gathered = [jax.lax.all_gather(a, ep, axis=0, tiled=True) for a in (x_GxTxD, expert_GxTxR, weight_GxTxR)]
+        expert_XGxTxR = jax.lax.all_gather(expert_GxTxR, ep, axis=0, tiled=True)
+        gathered = [gather_rows(x_GxTxD, ep), expert_XGxTxR, gather_rows(weight_GxTxR, ep)]
         first = jax.lax.axis_index(ep) * n_local
         partial_XGxTxD = grouped_combine(varying(gathered[0]), *gathered[1:], grouped_fn, weights, first, n_local)
-        mine_GxTxD = jax.lax.psum_scatter(partial_XGxTxD, ep, scatter_dimension=0, tiled=True)
-        return tensor_sum(mine_GxTxD)
+        return tensor_sum(_sum_rows_home(partial_XGxTxD, ep))
     return _ragged_body(
         x_GxTxD, expert_GxTxR, weight_GxTxR, grouped_fn, weights, ep, ep_size, tensor_sum, varying, exchange
     )
+
+
+def _sum_rows_home(x_XGx___: jax.Array, ep: str | tuple[str, ...]) -> jax.Array:
+    """Reduce-scatter over ``ep`` along dim 0, summed in float32 (then x's dtype).
+
+    XLA:CPU promotes a bfloat16 reduction to float32 itself, and aborts doing so on one inside a
+    pipeline's partly manual shard_map (its reduction computation ends in a sharding copy).
+    """
+    summed = jax.lax.psum_scatter(x_XGx___.astype(jnp.float32), ep, scatter_dimension=0, tiled=True)
+    return summed.astype(x_XGx___.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gather_rows(x_Gx___: jax.Array, ep: str | tuple[str, ...]) -> jax.Array:
+    """``all_gather`` of floats over ``ep`` along dim 0 (tiled); its backward is ``_sum_rows_home``'s float32 sum."""
+    return jax.lax.all_gather(x_Gx___, ep, axis=0, tiled=True)
+
+
+def _gather_forward(x_Gx___, ep):
+    return gather_rows(x_Gx___, ep), None
+
+
+def _gather_backward(ep, _, dy_XGx___):
+    return (_sum_rows_home(dy_XGx___, ep),)
+
+
+gather_rows.defvjp(_gather_forward, _gather_backward)
 
 
 def _ragged_body(x_GxTxD, expert_GxTxR, weight_GxTxR, grouped_fn, weights, ep, ep_size, tensor_sum, varying, exchange):
@@ -345,7 +397,7 @@ def _ragged_body(x_GxTxD, expert_GxTxR, weight_GxTxR, grouped_fn, weights, ep, e
     back_MxD = exchange(
         y_RxD, jnp.zeros((m, d), y_RxD.dtype), out_off_SxX[:, me], recv_S, in_off_SxX[:, me], send_X, axis_name=ep
     )
-    y_MxD = jnp.zeros_like(back_MxD).at[order_M].set(back_MxD, unique_indices=True)
+    y_MxD = unsort(back_MxD, order_M)
     weight_M = weight_GxTxR.reshape(-1).astype(y_MxD.dtype)
     return jnp.sum((y_MxD * weight_M[:, None]).reshape(-1, k, d), axis=1).reshape(x_GxTxD.shape)
 

@@ -38,7 +38,7 @@ from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel import compat
 from shardlib.parallel.attention import AttentionPlan, make_attention
 from shardlib.parallel.diloco import OuterSettings, replica_count
-from shardlib.parallel.dropless_experts import dropless_dispatch
+from shardlib.parallel.dropless_experts import describe_dispatch, dropless_dispatch
 from shardlib.parallel.expert_routing import ExpertDispatch
 from shardlib.parallel.experts import check_experts_divide, expert_dispatch
 from shardlib.parallel.pipeline.plan import PipelinePlan, PipelineSettings, logical_layers, plan_pipeline
@@ -165,7 +165,7 @@ class ParallelPlan:
         order = "natural order" if self.attention.order is None else "zig-zag token order"
         lines.append(f"  attention {self.features.attention} ({order})")
         if self.experts is not None:
-            lines.append(f"  experts: {self.features.experts} over expert={self.features.expert} (all-to-all dispatch)")
+            lines.append("  " + describe_dispatch(self.experts, self.features.experts, self.features.expert))
         if self.pipeline is not None:
             s = self.pipeline.schedule
             patterns = self.pipeline.send_patterns
@@ -269,6 +269,7 @@ def features_on(cfg: Config, shape: Mapping[str, int], processes: int = 1) -> co
         attention=cfg.attention.impl,
         expert=shape["expert"],
         experts=cfg.model.moe.n_experts,
+        moe_dispatch=cfg.model.moe.dispatch,
         compression=cfg.grad_compression,
         grad_accum=cfg.grad_accum,
         remat=cfg.model.remat,
@@ -296,6 +297,7 @@ def feature_setting(name: str, cfg: Config, shape: Mapping[str, int]) -> str:
         "allgather": f"attention.impl=allgather (seq={shape['seq']})",
         "fused": "attention.impl=fused",
         "moe": f"model.moe.n_experts={cfg.model.moe.n_experts}",
+        "dropless": "model.moe.dispatch=dropless",
         "compression": f"grad_compression={cfg.grad_compression}",
         "accumulation": f"grad_accum={cfg.grad_accum}",
         "remat": f"model.remat={cfg.model.remat}",

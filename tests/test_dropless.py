@@ -236,3 +236,31 @@ def test_report_predicts_the_dropless_step_traffic():
         predicted = sum(t.wire_bytes for t in report.terms if t.strategy == "experts" and t.kind == kind)
         assert predicted > 0 and sent == pytest.approx(predicted, rel=0.05), kind
     assert not [c for c in measured.collectives if c.kind == "all-to-all" and c.axes == ("expert",)]
+
+
+def test_another_projects_layer_through_dropless_moe_dispatch():
+    """The public sibling of ``moe_dispatch``: a linear expert per ``jax.lax.ragged_dot``, on the expert
+    mesh, against every token through its top-2 experts computed densely here."""
+    from shardlib.parallel.dropless_experts import dropless_moe_dispatch
+
+    h, w, _ = layer_inputs(3)
+    w_ExDxD = w.experts.gate[..., : h.shape[-1]]
+    mesh = expert_mesh()
+    shard = ActivationSharding(preset_rules("dp"), mesh)
+    logits = h @ w.router
+
+    def linear(w_ExDxD, x_MxD, sizes_E):
+        return jax.lax.ragged_dot(x_MxD, w_ExDxD, sizes_E)
+
+    rows = NamedSharding(mesh, P(("data", "expert")))
+    args = (jax.device_put(h, rows), jax.device_put(logits, rows))
+    with jax.set_mesh(mesh):
+        run = jax.jit(lambda h, lg, w: dropless_moe_dispatch(h, lg, linear, w, top_k=2, shard=shard))
+        y, stats = run(*args, jax.device_put(w_ExDxD, NamedSharding(mesh, P("expert"))))
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_BxLx2, idx_BxLx2 = jax.lax.top_k(probs, 2)
+    every_BxLxExD = jnp.einsum("bld,edf->blef", h, w_ExDxD)
+    picked = jnp.take_along_axis(every_BxLxExD, idx_BxLx2[..., None], axis=2)
+    expected = jnp.sum(picked * (top_BxLx2 / top_BxLx2.sum(-1, keepdims=True))[..., None], axis=2)
+    assert float(stats.dropped) == 0
+    assert_trees_close(jax.device_get(y), expected, rel=TOLERANCE, what="output")

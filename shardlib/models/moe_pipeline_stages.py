@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from shardlib.models.layers import WEIGHT_USES, BlockWeights, use_weight
-from shardlib.models.moe import ExpertWeights, MoEStats, MoEWeights, attach_loss
+from shardlib.models.moe import ExpertDispatch, ExpertWeights, MoEStats, MoEWeights, attach_loss
 from shardlib.parallel.dropless_experts import choose_transport, dropless_in_manual_region
 from shardlib.parallel.experts import dispatch_in_manual_region, expert_axes, token_mean_in_manual_region
 from shardlib.parallel.pipeline.actions import StageFunctions
@@ -65,7 +65,7 @@ class MoEStages:
         ep_size = math.prod(mesh.shape[a] for a in ep_axes)
         if model.moe_dispatch == "dropless":
             transport = choose_transport(mesh.devices.flat[0].platform, model.moe_transport)
-            experts = dropless_in_manual_region(token_axes, ep_axes, ep_size, transport)
+            experts: ExpertDispatch = dropless_in_manual_region(token_axes, ep_axes, ep_size, transport)
         else:
             experts = dispatch_in_manual_region(token_axes, ep_axes, ep_size)
         self.model_kwargs = {

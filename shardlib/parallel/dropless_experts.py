@@ -54,6 +54,7 @@ from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.expert_routing import (
     MoEStats,
     PyTree,
+    TokenMean,
     check_top_k,
     mean_over_tokens,
     route_and_dispatch,
@@ -209,7 +210,8 @@ def dropless_moe_dispatch(
     """
     n_experts = router_logits_BxLxE.shape[-1]
     check_top_k(top_k, n_experts)
-    dispatch, token_mean, local_experts = DroplessDispatch(), mean_over_tokens, n_experts
+    dispatch, local_experts = DroplessDispatch(), n_experts
+    token_mean: TokenMean = mean_over_tokens
     if shard is not None:
         where = dispatch_context(shard, n_experts)
         chosen = choose_transport(shard.mesh.devices.flat[0].platform, transport)
@@ -327,9 +329,11 @@ def _shard_body(
     ep = _ep_name(ep_axes)
     if transport == "all_gather":
         expert_XGxTxR = jax.lax.all_gather(expert_GxTxR, ep, axis=0, tiled=True)
-        gathered = [gather_rows(x_GxTxD, ep), expert_XGxTxR, gather_rows(weight_GxTxR, ep)]
+        x_XGxTxD, weight_XGxTxR = gather_rows(x_GxTxD, ep), gather_rows(weight_GxTxR, ep)
         first = jax.lax.axis_index(ep) * n_local
-        partial_XGxTxD = grouped_combine(varying(gathered[0]), *gathered[1:], grouped_fn, weights, first, n_local)
+        partial_XGxTxD = grouped_combine(
+            varying(x_XGxTxD), expert_XGxTxR, weight_XGxTxR, grouped_fn, weights, first, n_local
+        )
         return tensor_sum(_sum_rows_home(partial_XGxTxD, ep))
     return _ragged_body(
         x_GxTxD, expert_GxTxR, weight_GxTxR, grouped_fn, weights, ep, ep_size, tensor_sum, varying, exchange

@@ -36,6 +36,9 @@ before the experts run.
 Called inside a ``shard_map`` already manual over the token axes (a pipeline
 stage), ``moe_dispatch`` runs the per-shard body as it is
 (``dispatch_in_manual_region``): the expert axes must be manual there too.
+
+Without capacity, nothing dropped: ``shardlib.parallel.dropless_experts``
+(``dropless_moe_dispatch``), which shares this module's context and weight placement.
 """
 
 from __future__ import annotations

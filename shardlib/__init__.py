@@ -97,6 +97,8 @@ STRATEGIES: dict[str, str] = {
     "expert_dispatch": "shardlib.parallel.experts",
     "expert_parallel_dispatch": "shardlib.parallel.experts",
     "dispatch_buffer_bytes": "shardlib.parallel.experts",
+    "dropless_moe_dispatch": "shardlib.parallel.dropless_experts",
+    "dropless_dispatch": "shardlib.parallel.dropless_experts",
     # the per-use reduction (FSDP and TP gradients at the byte minimum)
     "ReducedWeightUse": "shardlib.parallel.reduction",
     "reduced_weight_use": "shardlib.parallel.reduction",

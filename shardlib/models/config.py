@@ -29,6 +29,16 @@ class MoEConfig(BaseModel):
     capacity_factor: PosFloat = Field(
         1.25, description="slots per expert per dispatch group: ceil(capacity_factor * tokens * top_k / n_experts)"
     )
+    dispatch: Literal["capacity", "dropless"] = Field(
+        "capacity",
+        description="capacity: each expert takes at most capacity_factor's slots per group and drops the rest; "
+        "dropless: every (token, choice) pair reaches its expert (sorted by expert, one grouped matmul)",
+    )
+    dropless_transport: Literal["auto", "ragged_all_to_all", "all_gather"] = Field(
+        "auto",
+        description="dropless over the expert axis: auto (ragged_all_to_all on GPU/TPU, all_gather on XLA:CPU, "
+        "which lacks it), or force one",
+    )
     period: PosInt = Field(
         2, description="layer i (from 0) is MoE when (i + 1) % period == 0: 2 = every other layer, 1 = all"
     )

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shardlib.models.layers import normal_init
+from shardlib.parallel.dropless_experts import DroplessDispatch, is_dropless
 from shardlib.parallel.expert_routing import (
     ExpertDispatch,
     MoEStats,
@@ -50,8 +51,11 @@ __all__ = [  # the routing names are re-exported for the project's importers (pi
     "TokenMean",
     "attach_loss",
     "capacity",
+    "checked_dispatch",
     "expert_ffn",
+    "grouped_expert_ffn",
     "local_dispatch",
+    "local_experts",
     "mean_over_tokens",
     "moe_mlp",
     "route",
@@ -98,9 +102,40 @@ def expert_ffn(w: ExpertWeights[jax.Array], x_ExNxD: jax.Array) -> jax.Array:
     return jnp.einsum("e...f,efd->e...d", jax.nn.silu(gate_ExNxF) * up_ExNxF, w.down.astype(dtype))
 
 
+def grouped_expert_ffn(w: ExpertWeights[jax.Array], x_MxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    """SwiGLU of every expert on its own rows, one grouped matmul per weight: [M, D] -> [M, D].
+
+    The project's ``GroupedExpertFn`` for the dropless dispatch
+    (``shardlib.parallel.dropless_experts``): rows sorted by expert, expert e on
+    ``group_sizes_E[e]`` of them (``jax.lax.ragged_dot``); rows past their sum come back zero.
+    """
+    dtype = x_MxD.dtype
+    gate_MxF = jax.lax.ragged_dot(x_MxD, w.gate.astype(dtype), group_sizes_E)
+    up_MxF = jax.lax.ragged_dot(x_MxD, w.up.astype(dtype), group_sizes_E)
+    return jax.lax.ragged_dot(jax.nn.silu(gate_MxF) * up_MxF, w.down.astype(dtype), group_sizes_E)
+
+
 # Under tensor parallelism each expert's hidden units stay split over the `mlp` axes inside the
 # dispatch (column-parallel gate and up, row-parallel down); `embed` is gathered there.
 EXPERT_WEIGHT_AXES = ExpertWeights(("experts", None, "mlp"), ("experts", None, "mlp"), ("experts", "mlp", None))
+
+
+def local_experts(dispatch_kind: str) -> ExpertDispatch:
+    """The dispatch that runs every expert here, for ``model.moe.dispatch`` (capacity or dropless)."""
+    return DroplessDispatch() if dispatch_kind == "dropless" else local_dispatch
+
+
+def checked_dispatch(dispatch: ExpertDispatch | None, dispatch_kind: str) -> ExpertDispatch:
+    """``dispatch`` (None: ``local_experts``) if it is of ``model.moe.dispatch``'s kind; refuses one that is not."""
+    if dispatch is None:
+        return local_experts(dispatch_kind)
+    if is_dropless(dispatch) != (dispatch_kind == "dropless"):
+        given = "dropless" if is_dropless(dispatch) else "capacity"
+        raise ValueError(
+            f"model.moe.dispatch={dispatch_kind} but the layer was given a {given} dispatch; build it with "
+            f"{'dropless_dispatch' if dispatch_kind == 'dropless' else 'expert_dispatch'}(shard)"
+        )
+    return dispatch
 
 
 def router_logits(h_BxLxD: jax.Array, router_DxE: jax.Array) -> jax.Array:
@@ -129,15 +164,18 @@ def moe_mlp(
     ``token_mean`` takes the router's losses over the batch (``TokenMean``).
     Both are chosen by the caller (the parallel plan, a pipeline stage), and
     ``route_and_dispatch`` runs them: what ``moe_dispatch`` runs for a user.
+    A dropless dispatch (``shardlib.parallel.dropless_experts``) gets the grouped
+    experts (``grouped_expert_ffn``) and ignores ``capacity_factor``.
     """
+    dispatch = dispatch or local_dispatch
     return route_and_dispatch(
         h_BxLxD,
         router_logits(h_BxLxD, w.router),
-        expert_ffn,
+        grouped_expert_ffn if is_dropless(dispatch) else expert_ffn,
         w.experts,
         top_k=top_k,
         capacity_factor=capacity_factor,
-        dispatch=dispatch or local_dispatch,
+        dispatch=dispatch,
         token_mean=token_mean,
         weight_axes=EXPERT_WEIGHT_AXES,
     )

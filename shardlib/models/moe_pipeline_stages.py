@@ -7,7 +7,9 @@ holds its own rows and sequence blocks and its slice of the experts
 
 * the dispatch is the per-shard body of the expert all-to-all
   (``shardlib.parallel.experts.dispatch_in_manual_region``): one all-to-all
-  out and one back per MoE layer and microbatch, within the stage;
+  out and one back per MoE layer and microbatch, within the stage; under
+  ``model.moe.dispatch: dropless``, the dropless one's
+  (``shardlib.parallel.dropless_experts.dropless_in_manual_region``);
 * the router's load-balancing and z-losses are means over the microbatch's
   tokens on every block (``token_mean_in_manual_region``), as one device
   computes them on the microbatch;
@@ -33,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from shardlib.models.layers import WEIGHT_USES, BlockWeights, use_weight
-from shardlib.models.moe import ExpertWeights, MoEStats, MoEWeights, attach_loss
+from shardlib.models.moe import ExpertDispatch, ExpertWeights, MoEStats, MoEWeights, attach_loss
+from shardlib.parallel.dropless_experts import choose_transport, dropless_in_manual_region
 from shardlib.parallel.experts import dispatch_in_manual_region, expert_axes, token_mean_in_manual_region
 from shardlib.parallel.pipeline.actions import StageFunctions
 
@@ -60,8 +63,13 @@ class MoEStages:
         ep_axes = expert_axes(shard, n_experts) if shard is not None else ()
         self.expert_axes = ep_axes  # own their experts' slices: neither gathered nor reduced over
         ep_size = math.prod(mesh.shape[a] for a in ep_axes)
+        if model.moe_dispatch == "dropless":
+            transport = choose_transport(mesh.devices.flat[0].platform, model.moe_transport)
+            experts: ExpertDispatch = dropless_in_manual_region(token_axes, ep_axes, ep_size, transport)
+        else:
+            experts = dispatch_in_manual_region(token_axes, ep_axes, ep_size)
         self.model_kwargs = {
-            "experts": dispatch_in_manual_region(token_axes, ep_axes, ep_size),
+            "experts": experts,
             "token_mean": token_mean_in_manual_region(token_axes),
         }
 

@@ -62,7 +62,15 @@ from shardlib.models.layers import (
     rms_normalize,
     use_weight,
 )
-from shardlib.models.moe import ExpertDispatch, MoEStack, MoEStats, MoEWeights, TokenMean, mean_over_tokens
+from shardlib.models.moe import (
+    ExpertDispatch,
+    MoEStack,
+    MoEStats,
+    MoEWeights,
+    TokenMean,
+    checked_dispatch,
+    mean_over_tokens,
+)
 from shardlib.models.moe_layers import scan_moe_groups
 from shardlib.models.remat import REMAT_CHOICES, rematerialize
 
@@ -196,6 +204,8 @@ class Transformer(nnx.Module):
             self.moe_period = int(moe.period)
             self.moe_top_k = int(moe.top_k)
             self.moe_capacity_factor = float(moe.capacity_factor)
+            self.moe_dispatch = str(getattr(moe, "dispatch", "capacity"))
+            self.moe_transport = str(getattr(moe, "dropless_transport", "auto"))
             self.moe_loss_weights = (float(moe.aux_loss_weight), float(moe.z_loss_weight))
 
     def __call__(
@@ -385,6 +395,7 @@ class Transformer(nnx.Module):
         use=use_weight,
     ):
         """``shardlib.models.moe_layers.scan_moe_groups`` with this model's block, period, routing and remat."""
+        experts = checked_dispatch(experts, self.moe_dispatch)
         block, positions_BxL = self._block(x_BxLxD, positions_BxL, shard, attention, use)
         return scan_moe_groups(
             block,

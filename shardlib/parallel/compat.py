@@ -49,6 +49,7 @@ class RunFeatures:
     attention: str = "dense"
     expert: int = 1
     experts: int = 0
+    moe_dispatch: str = "capacity"  # model.moe.dispatch: capacity or dropless
     compression: str = "none"
     grad_accum: int = 1
     remat: str = "none"
@@ -110,7 +111,17 @@ FEATURES: tuple[Feature, ...] = (
         lambda f: f.attention == "ulysses",
     ),
     Feature("fused", "attention.impl=fused (jax.nn.dot_product_attention)", lambda f: f.attention == "fused"),
-    Feature("moe", "mixture of experts (model.moe.n_experts > 0)", lambda f: f.experts > 0),
+    Feature(
+        "moe",
+        "mixture of experts, capacity dispatch (model.moe.n_experts > 0)",
+        lambda f: f.experts > 0 and f.moe_dispatch != "dropless",
+    ),
+    Feature(
+        "dropless",
+        "mixture of experts, model.moe.dispatch=dropless: every (token, choice) pair reaches its expert "
+        "(grouped matmul)",
+        lambda f: f.experts > 0 and f.moe_dispatch == "dropless",
+    ),
     Feature("compression", "grad_compression bf16 or int8", lambda f: f.compression != "none"),
     Feature("accumulation", "grad_accum > 1", lambda f: f.grad_accum > 1),
     Feature("remat", "remat full, save_matmuls or save_matmuls_attention", lambda f: f.remat != "none"),
@@ -156,6 +167,8 @@ REFUSED: dict[tuple[str, str], str] = {
     **{(kind, other): why for kind in PIPELINE_KINDS for other, why in _NOT_IN_PIPELINES.items()},
     ("interleaved", "moe"): _MOE_LAYER_ORDER,
     ("zero-bubble-v", "moe"): _MOE_LAYER_ORDER,
+    ("interleaved", "dropless"): _MOE_LAYER_ORDER,
+    ("zero-bubble-v", "dropless"): _MOE_LAYER_ORDER,
     ("fsdp", "compression"): "compressed gradients need parameters replicated over data; FSDP would need a "
     "compressed reduce-scatter (use dp or tp)",
     ("fsdp_tp", "compression"): "compressed gradients need parameters replicated over data; FSDP would need a "
@@ -165,10 +178,12 @@ REFUSED: dict[tuple[str, str], str] = {
     ("moe", "compression"): f"{_COMPRESS_VMAP}, which the expert all-to-all does not support",
     ("ulysses", "compression"): f"{_COMPRESS_VMAP}, which the Ulysses attention's shard_map does not support",
     ("ulysses", "diloco"): f"{_DILOCO_VMAP}, which the Ulysses attention's shard_map does not support",
+    ("dropless", "compression"): f"{_COMPRESS_VMAP}, which the dropless experts' shard_map does not support",
     ("seq", "fused"): "fused attention needs the whole sequence on each device; with seq > 1 use ring",
     ("ring", "diloco"): f"{_DILOCO_VMAP}, which the ring's shard_map does not support",
     ("allgather", "diloco"): f"{_DILOCO_VMAP}, which the all-gather attention's shard_map does not support",
     ("moe", "diloco"): f"{_DILOCO_VMAP}, which the expert all-to-all does not support",
+    ("dropless", "diloco"): f"{_DILOCO_VMAP}, which the dropless experts' shard_map does not support",
     ("compression", "diloco"): "DiLoCo's inner steps reduce no gradient over the replica axes; compress its "
     "pseudo-gradient with outer.compression instead of grad_compression",
 }
@@ -208,6 +223,12 @@ DILOCO_TESTS: dict[str, str] = {
 NOTES: dict[tuple[str, str], str] = {
     ("moe", "accumulation"): "the load-balancing and z-losses are batch statistics: each microbatch takes its own, "
     "as a run of batch_size / grad_accum would, so the objective is not the whole batch's",
+    ("dropless", "accumulation"): "the load-balancing and z-losses are taken per microbatch, as with the capacity "
+    "dispatch (moe x accumulation)",
+    ("pipeline", "dropless"): "the load-balancing and z-losses are taken per microbatch; the dropless transport "
+    "(all-gather on XLA:CPU, ragged_all_to_all on GPU and TPU) runs inside each stage",
+    ("zero-bubble", "dropless"): "as zero-bubble x moe: the MoE layers' router and expert gradients are computed in "
+    "B, only the dense weight uses' are deferred to W",
     ("pipeline", "moe"): "the load-balancing and z-losses are taken per microbatch (pipeline.microbatches), as "
     "with grad_accum; the expert all-to-alls run inside each stage",
     ("zero-bubble", "moe"): "the load-balancing and z-losses are taken per microbatch (pipeline.microbatches); the "
@@ -228,8 +249,8 @@ NOTES: dict[tuple[str, str], str] = {
     "which must divide them",
 }
 # Features that cannot both hold by definition: one preset per run, one attention per run,
-# one pipeline kind per run.
-_EXCLUSIVE_GROUPS = (PRESETS, ("ring", "allgather", "ulysses", "fused"), PIPELINE_KINDS)
+# one pipeline kind per run, one expert dispatch per run.
+_EXCLUSIVE_GROUPS = (PRESETS, ("ring", "allgather", "ulysses", "fused"), PIPELINE_KINDS, ("moe", "dropless"))
 
 
 def _key(a: str, b: str) -> frozenset[str]:

@@ -249,7 +249,7 @@ def local_dispatch(
 def route_and_dispatch(
     x_BxLxD: jax.Array,
     router_logits_BxLxE: jax.Array,
-    expert_fn: ExpertFn,
+    expert_fn: ExpertFn | Callable[..., jax.Array],
     expert_weights: PyTree,
     *,
     top_k: int,
@@ -260,7 +260,8 @@ def route_and_dispatch(
 ) -> tuple[jax.Array, MoEStats]:
     """One MoE layer through a given ``dispatch``: (y_BxLxD in x's dtype, its ``MoEStats``).
 
-    What ``shardlib.parallel.experts.moe_dispatch`` runs once it has chosen the
+    ``expert_fn`` is an ``ExpertFn``, or for a dropless dispatch a ``GroupedExpertFn``
+    (``shardlib.parallel.dropless_experts``). What ``shardlib.parallel.experts.moe_dispatch`` runs once it has chosen the
     dispatch and token mean for its context; a caller that chose them itself
     (the project's pipeline stages) calls this.
     """

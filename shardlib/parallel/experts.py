@@ -36,13 +36,16 @@ before the experts run.
 Called inside a ``shard_map`` already manual over the token axes (a pipeline
 stage), ``moe_dispatch`` runs the per-shard body as it is
 (``dispatch_in_manual_region``): the expert axes must be manual there too.
+
+Without capacity, nothing dropped: ``shardlib.parallel.dropless_experts``
+(``dropless_moe_dispatch``), which shares this module's context and weight placement.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,19 +106,7 @@ def moe_dispatch(
     n_experts = router_logits_BxLxE.shape[-1]
     check_top_k(top_k, n_experts)
     dispatch, token_mean, local_experts = _dispatch_for_context(shard, n_experts)
-    stacked = stacked_experts(expert_weights)
-    if stacked != local_experts:
-        held = f" (this device holds {local_experts})" if local_experts != n_experts else ""
-        hint = (
-            "; inside a shard_map the expert_weights must be this device's experts (split over the expert "
-            "axes: a pipeline's executor keeps them split when given owned_axes=expert_axes(...))"
-            if stacked == n_experts and local_experts != n_experts
-            else ""
-        )
-        raise ValueError(
-            f"expert_weights stack {stacked} experts on their leading dim, but the router's logits have "
-            f"{n_experts} experts{held}{hint}"
-        )
+    check_weights_stack(stacked_experts(expert_weights), n_experts, local_experts)
     return route_and_dispatch(
         x_BxLxD,
         router_logits_BxLxE,
@@ -129,18 +120,27 @@ def moe_dispatch(
     )
 
 
-def _dispatch_for_context(shard: ActivationSharding | None, n_experts: int) -> tuple[ExpertDispatch, TokenMean, int]:
-    """(dispatch, token mean, experts whose weights a caller holds) where ``moe_dispatch`` is traced."""
-    if shard is None:
-        return local_dispatch, mean_over_tokens, n_experts
+class DispatchContext(NamedTuple):
+    """Where an MoE layer is traced: ``manual`` (inside a ``shard_map`` manual over ``token_axes``, the
+    batch and sequence axes there) or not, and its experts' mesh axes ``ep_axes`` (``ep_size`` devices)."""
+
+    manual: bool
+    token_axes: tuple[str, ...]
+    ep_axes: tuple[str, ...]
+    ep_size: int
+
+
+def dispatch_context(shard: ActivationSharding, n_experts: int) -> DispatchContext:
+    """The ``DispatchContext`` where ``moe_dispatch`` (or its dropless sibling) is traced; refuses expert
+    axes that are not manual inside a ``shard_map`` manual over others."""
     ep_axes = expert_axes(shard, n_experts)
-    ep_size = _check_experts_split(shard.mesh, ep_axes, n_experts)
+    ep_size = experts_split_size(shard.mesh, ep_axes, n_experts)
     context = jax.sharding.get_abstract_mesh()
     manual = (
         set() if context.empty else {a for a, t in zip(context.axis_names, context.axis_types) if t == AxisType.Manual}
     )
     if not manual:
-        return expert_dispatch(shard), mean_over_tokens, n_experts
+        return DispatchContext(False, (), ep_axes, ep_size)
     missing = [a for a in ep_axes if a not in manual]
     if missing:
         raise ValueError(
@@ -149,10 +149,38 @@ def _dispatch_for_context(shard: ActivationSharding | None, n_experts: int) -> t
         )
     # Size-1 axes too: a value the caller made varying over one must be reduced over it to come out invariant.
     token_axes = tuple(a for a in rule_axes(shard.rules, "batch") + rule_axes(shard.rules, "length") if a in manual)
+    return DispatchContext(True, token_axes, ep_axes, ep_size)
+
+
+def check_weights_stack(stacked: int, n_experts: int, local_experts: int) -> None:
+    """Refuses expert weights that do not stack the experts a caller holds (``local_experts`` of
+    ``n_experts``), with the hint for a pipeline's executor."""
+    if stacked == local_experts:
+        return
+    held = f" (this device holds {local_experts})" if local_experts != n_experts else ""
+    hint = (
+        "; inside a shard_map the expert_weights must be this device's experts (split over the expert "
+        "axes: a pipeline's executor keeps them split when given owned_axes=expert_axes(...))"
+        if stacked == n_experts and local_experts != n_experts
+        else ""
+    )
+    raise ValueError(
+        f"expert_weights stack {stacked} experts on their leading dim, but the router's logits have "
+        f"{n_experts} experts{held}{hint}"
+    )
+
+
+def _dispatch_for_context(shard: ActivationSharding | None, n_experts: int) -> tuple[ExpertDispatch, TokenMean, int]:
+    """(dispatch, token mean, experts whose weights a caller holds) where ``moe_dispatch`` is traced."""
+    if shard is None:
+        return local_dispatch, mean_over_tokens, n_experts
+    where = dispatch_context(shard, n_experts)
+    if not where.manual:
+        return expert_dispatch(shard), mean_over_tokens, n_experts
     return (
-        dispatch_in_manual_region(token_axes, ep_axes, ep_size),
-        token_mean_in_manual_region(token_axes),
-        n_experts // ep_size,
+        dispatch_in_manual_region(where.token_axes, where.ep_axes, where.ep_size),
+        token_mean_in_manual_region(where.token_axes),
+        n_experts // where.ep_size,
     )
 
 
@@ -161,7 +189,7 @@ def expert_axes(shard: ActivationSharding, n_experts: int) -> tuple[str, ...]:
     return axes_tuple(shard.spec((n_experts,), ("experts",))[0])
 
 
-def _check_experts_split(mesh: jax.sharding.Mesh, ep_axes: tuple[str, ...], n_experts: int) -> int:
+def experts_split_size(mesh: jax.sharding.Mesh, ep_axes: tuple[str, ...], n_experts: int) -> int:
     """The number of expert shards; refuses an expert count that does not split over them."""
     ep_size: int = math.prod(mesh.shape[a] for a in ep_axes)
     if n_experts % ep_size:
@@ -192,7 +220,7 @@ def dispatch_buffer_bytes(
     return n_experts * rows_per_device * cap * d * itemsize
 
 
-def _weight_specs(
+def expert_weight_specs(
     shard: ActivationSharding, expert_weights: PyTree, weight_axes: PyTree, token_axes: tuple[str, ...]
 ) -> tuple[PyTree, tuple[str, ...]]:
     """(a PartitionSpec per weight, the tensor axes they keep): the experts dim over its axes, any other
@@ -219,7 +247,7 @@ def _weight_specs(
     return specs, tensor_axes
 
 
-def _place(x: jax.Array, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
+def place_on_mesh(x: jax.Array, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
     sharding = NamedSharding(mesh, spec)
     if AxisType.Explicit in tuple(mesh.axis_types):
         resharded: jax.Array = jax.sharding.reshard(x, sharding)
@@ -255,14 +283,14 @@ def expert_parallel_dispatch(
     route_spec = P(x_spec[0], x_spec[1], None)
     token_axes = axes_tuple(x_spec[0]) + axes_tuple(x_spec[1])
     ep_axes = expert_axes(shard, n_experts)
-    ep_size = _check_experts_split(mesh, ep_axes, n_experts)
+    ep_size = experts_split_size(mesh, ep_axes, n_experts)
     ep_name = ep_axes[0] if len(ep_axes) == 1 else ep_axes
-    w_specs, tensor_axes = _weight_specs(shard, expert_weights, weight_axes, token_axes)
+    w_specs, tensor_axes = expert_weight_specs(shard, expert_weights, weight_axes, token_axes)
     # Everything else (the `embed` dim under FSDP) is gathered before going manual.
-    expert_weights = jax.tree.map(lambda w, s: _place(w, mesh, s), expert_weights, w_specs)
+    expert_weights = jax.tree.map(lambda w, s: place_on_mesh(w, mesh, s), expert_weights, w_specs)
     if AxisType.Explicit in tuple(mesh.axis_types):
-        x_BxLxD = _place(x_BxLxD, mesh, x_spec)
-        expert_BxLxR, weight_BxLxR = (_place(a, mesh, route_spec) for a in (expert_BxLxR, weight_BxLxR))
+        x_BxLxD = place_on_mesh(x_BxLxD, mesh, x_spec)
+        expert_BxLxR, weight_BxLxR = (place_on_mesh(a, mesh, route_spec) for a in (expert_BxLxR, weight_BxLxR))
 
     def body(
         x_GxTxD: jax.Array, expert_GxTxR: jax.Array, weight_GxTxR: jax.Array, weights: PyTree

@@ -39,6 +39,7 @@ from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel import compat
 from shardlib.parallel.attention import AttentionPlan, make_attention
 from shardlib.parallel.diloco import OuterSettings, replica_count
+from shardlib.parallel.dropless_experts import describe_dispatch, dropless_dispatch
 from shardlib.parallel.expert_routing import ExpertDispatch
 from shardlib.parallel.experts import check_experts_divide, expert_dispatch
 from shardlib.parallel.pipeline.plan import PipelinePlan, PipelineSettings, logical_layers, plan_pipeline
@@ -167,7 +168,7 @@ class ParallelPlan:
         detail = f"{self.attention.detail}; " if self.attention.detail else ""
         lines.append(f"  attention {self.features.attention} ({detail}{order})")
         if self.experts is not None:
-            lines.append(f"  experts: {self.features.experts} over expert={self.features.expert} (all-to-all dispatch)")
+            lines.append("  " + describe_dispatch(self.experts, self.features.experts, self.features.expert))
         if self.pipeline is not None:
             s = self.pipeline.schedule
             patterns = self.pipeline.send_patterns
@@ -269,6 +270,7 @@ def features_on(cfg: Config, shape: Mapping[str, int], processes: int = 1) -> co
         attention=cfg.attention.impl,
         expert=shape["expert"],
         experts=cfg.model.moe.n_experts,
+        moe_dispatch=cfg.model.moe.dispatch,
         compression=cfg.grad_compression,
         grad_accum=cfg.grad_accum,
         remat=cfg.model.remat,
@@ -297,6 +299,7 @@ def feature_setting(name: str, cfg: Config, shape: Mapping[str, int]) -> str:
         "ulysses": f"attention.impl=ulysses (seq={shape['seq']}, ulysses_degree={cfg.attention.ulysses_degree or 'seq'})",
         "fused": "attention.impl=fused",
         "moe": f"model.moe.n_experts={cfg.model.moe.n_experts}",
+        "dropless": "model.moe.dispatch=dropless",
         "compression": f"grad_compression={cfg.grad_compression}",
         "accumulation": f"grad_accum={cfg.grad_accum}",
         "remat": f"model.remat={cfg.model.remat}",
@@ -378,7 +381,10 @@ def build_plan(cfg: Config, mesh: jax.sharding.Mesh) -> ParallelPlan:
     experts = None
     if cfg.model.moe.n_experts:
         check_experts_divide(cfg.model.moe.n_experts, mesh)
-        experts = expert_dispatch(shard)
+        moe = cfg.model.moe
+        experts = (
+            dropless_dispatch(shard, moe.dropless_transport) if moe.dispatch == "dropless" else expert_dispatch(shard)
+        )
     plan = ParallelPlan(
         mesh=mesh,
         preset=cfg.sharding,

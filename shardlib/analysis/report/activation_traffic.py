@@ -240,14 +240,16 @@ def expert_terms(layout: Layout, platform: str | None = None) -> list[Term]:
     if moe is None or not moe.n_experts or not axes:
         return []
     c = np.dtype(cfg.model.compute_dtype).itemsize
-    cap = capacity(cfg.seq_len // layout.seq_shards, moe.n_experts, moe.top_k, moe.capacity_factor)
-    buffer = moe.n_experts * layout.rows_per_device * cap * cfg.model.d_model * c
     n = cfg.model.n_moe_layers * layout.forward_passes
     forwards, backwards = n * (1 if cfg.model.remat == "none" else 2), n
     if sizes["pipe"] > 1:  # inside the stages: the executor's forwards and backwards (``stage_passes``)
         passes = pipelined_layer_passes(layout, platform)
         share = cfg.model.n_moe_layers / cfg.model.n_layers
         forwards, backwards = round(passes.forward * share), round(passes.backward * share)
+    if getattr(moe, "dispatch", "capacity") == "dropless":
+        return dropless_terms(layout, platform, axes, forwards, backwards)
+    cap = capacity(cfg.seq_len // layout.seq_shards, moe.n_experts, moe.top_k, moe.capacity_factor)
+    buffer = moe.n_experts * layout.rows_per_device * cap * cfg.model.d_model * c
     out = [
         _term(
             "experts",
@@ -273,3 +275,62 @@ def expert_terms(layout: Layout, platform: str | None = None) -> list[Term]:
             _term("tensor parallel", f"{what}: input gradients", "all-reduce", tensor, sizes, buffer, backwards, False),
         ]
     return [t for t in out if t is not None]
+
+
+def dropless_terms(
+    layout: Layout, platform: str | None, axes: tuple[str, ...], forwards: int, backwards: int
+) -> list[Term]:
+    """``model.moe.dispatch: dropless`` over the expert ``axes`` (``shardlib.parallel.dropless_experts``).
+
+    The transport is the one the step would choose on ``platform`` (None: a GPU's) or the forced one.
+    ``ragged_all_to_all``: two per MoE layer forward and two backward, each carrying the copies that
+    leave a device, (X-1)/X of its T*k rows under balanced routing (counted as an all-to-all of T*k
+    rows). ``all_gather``: forward, the tokens (compute dtype) and their routes (k int32 ids, k float32
+    weights) all-gathered and the outputs reduce-scattered home in float32; backward, the transposes
+    (the tokens' and routes' gradients reduce-scattered, the outputs' all-gathered, in float32).
+    """
+    from shardlib.parallel.dropless_experts import choose_transport
+
+    cfg, sizes = layout.cfg, layout.sizes
+    moe = cfg.model.moe
+    transport = choose_transport(platform or "gpu", moe.dropless_transport)
+    group = int(np.prod([sizes[a] for a in axes]))
+    c = np.dtype(cfg.model.compute_dtype).itemsize
+    t, k, d = layout.tokens_per_device, moe.top_k, cfg.model.d_model
+    if transport == "ragged_all_to_all":
+        copies = t * k * d * c
+        out = [
+            _term(
+                "experts",
+                "routed copies to their experts and back (forward, ragged)",
+                "all-to-all",
+                axes,
+                sizes,
+                copies,
+                2 * forwards,
+                False,
+                note="balanced routing; skewed routing sends up to all of them",
+            ),
+            _term(
+                "experts", "their gradients (backward, ragged)", "all-to-all", axes, sizes, copies, 2 * backwards, False
+            ),
+        ]
+        return [term for term in out if term is not None]
+    tokens, routes, summed = group * t * d * c, group * t * k * 8, group * t * d * 4
+    what = "dropless fallback (XLA:CPU has no ragged-all-to-all)"
+    out = [
+        _term("experts", f"tokens gathered: {what}", "all-gather", axes, sizes, tokens + routes, forwards, False),
+        _term("experts", "outputs summed home (float32)", "reduce-scatter", axes, sizes, summed, forwards, False),
+        _term(
+            "experts",
+            "tokens' and routes' gradients summed home (float32)",
+            "reduce-scatter",
+            axes,
+            sizes,
+            group * t * d * 4 + group * t * k * 4,
+            backwards,
+            False,
+        ),
+        _term("experts", "outputs' gradients gathered (float32)", "all-gather", axes, sizes, summed, backwards, False),
+    ]
+    return [term for term in out if term is not None]

@@ -1,5 +1,6 @@
 """Pipeline schedule tables, checked without devices: validity, bubbles, activations in flight."""
 
+import itertools
 from fractions import Fraction
 
 import numpy as np
@@ -266,7 +267,7 @@ def test_split_1f1b_is_1f1b_with_each_w_right_after_its_b():
         for stage in range(p):
             column = [row[stage] for row in split.actions if row[stage] is not None]
             assert [a for a in column if a.kind != "W"] == [row[stage] for row in whole.actions if row[stage]]
-            for a, after in zip(column, column[1:], strict=False):
+            for a, after in itertools.pairwise(column):
                 assert a.kind != "B" or after == Action("W", a.microbatch), (p, m, stage)
         assert sum(send_patterns(compile_table(split)).sends()) == sum(send_patterns(compile_table(whole)).sends())
     assert make_schedule("gpipe", 2, 4, split=True) == gpipe(2, 4)  # GPipe stays whole

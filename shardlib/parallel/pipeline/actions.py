@@ -15,7 +15,11 @@ residuals for its backward instead (``saved``). A split (zero-bubble)
 table's B runs the chunk through ``StageFunctions.tapped_stage`` and keeps
 each weight use's input and output cotangent; its W takes the weight
 gradients from them alone (``StageFunctions.weight_grads``), with no second
-recomputation. ``shardlib.parallel.pipeline.stacked.stacked_stage_functions``
+recomputation. Without recomputation a split table's F runs the tapped stage
+under ``jax.vjp`` and keeps its residuals and its uses' inputs, and its B only
+applies that pullback: F, B and W then cost one chunk forward each
+(``tick_costs``), the units that let a lockstep tick hold the same work on
+every stage (``plan.schedule_for`` splits 1F1B's tables for it too). ``shardlib.parallel.pipeline.stacked.stacked_stage_functions``
 derives both from a layer that applies its weights through a ``WeightUse``.
 Stage functions without them still run a split table, unsplit: its B
 computes the input and the weight gradients at once and its W does nothing
@@ -292,12 +296,7 @@ class StageActions:
     def initial_carry(self, plan: TickTable) -> Carry:
         """Zeros: the buffers ``plan`` needs, and the gradient sums unless it runs forwards only."""
         sums = (lambda tree: {}) if plan.schedule.forward_only else (lambda tree: jax.tree.map(jnp.zeros_like, tree))
-        residuals = {
-            name: jax.tree.map(
-                lambda a, n=self.residual_slots(plan, name): jnp.zeros((n + 1, *a.shape), a.dtype), group.shapes
-            )
-            for name, group in self.groups.items()
-        }
+        residuals = {name: self._residual_buffer(plan, name) for name in self.groups}
         return Carry(
             jax.tree.map(lambda a: jnp.zeros((plan.buffer_slots + 1, *a.shape), a.dtype), self.x_shape),
             residuals,
@@ -306,6 +305,11 @@ class StageActions:
             jnp.zeros((), jnp.float32),
             jax.tree.map(jnp.zeros_like, self.fns.stats or {}),
         )
+
+    def _residual_buffer(self, plan: TickTable, name: str) -> PyTree:
+        """Zeros of group ``name``'s buffer: its slots in ``plan`` and a scratch slot."""
+        slots = self.residual_slots(plan, name) + 1
+        return jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), self.groups[name].shapes)
 
     def chunk(self, c):
         return _at(self.chunks, c)

@@ -343,10 +343,7 @@ class _StepRun:
         # A W's (or B's, without recomputation) slot is free once it has run: its zeros may go there.
         for name, group in stage.groups.items():
             slot = _or_scratch(row[group.column], stage.residual_slots(self.plan, name))
-            residuals = {
-                **residuals,
-                name: jax.tree.map(lambda buf, kept: buf.at[slot].set(kept), residuals[name], carry.residuals[name]),
-            }
+            residuals = {**residuals, name: _set_slot(residuals[name], slot, carry.residuals[name])}
         carry = carry._replace(residuals=residuals)
         # One permute program per distinct pattern, chosen by the tick's pattern index: the same on
         # every device, so all of them take the same branch (pattern 0: nothing arrives, no permute).

@@ -150,7 +150,9 @@ class Schedule:
             ),
             Fraction(0),
         )
-        work = sum((self.action_cost(s, a, costs, head) for row in self.actions for s, a in enumerate(row) if a), Fraction(0))
+        work = sum(
+            (self.action_cost(s, a, costs, head) for row in self.actions for s, a in enumerate(row) if a), Fraction(0)
+        )
         return time, 1 - work / (self.stages * time)
 
     def ideal_time(self, costs: dict[str, Fraction], head: Fraction = Fraction(0)) -> Fraction:

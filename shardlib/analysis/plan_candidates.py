@@ -3,8 +3,8 @@
 A candidate is (axis sizes, preset, config): the config is the user's at each ``grad_accum``
 that divides the global batch over the mesh's batch axes, or for a mesh with ``pipe > 1`` one
 copy per pipeline schedule (GPipe, 1F1B, ZB-H1, ZB-V, interleaved 1F1B at every chunk count
-dividing the layers per stage) with the most microbatches the batch allows, each recomputing its
-forwards and keeping their residuals (label ``kept``) (``config_variants``). Everything here is axis sizes and configs, no devices, so a 64-GPU
+dividing the layers per stage) with the most microbatches the batch allows (``config_variants``), at
+the config's ``pipeline.recompute`` (label ``kept`` where forwards keep their residuals). Everything here is axis sizes and configs, no devices, so a 64-GPU
 mesh is planned on a laptop.
 """
 
@@ -104,19 +104,17 @@ def config_variants(cfg: Config, sizes: dict[str, int]) -> list[Config]:
             if cfg.model.n_layers % (p * v):
                 continue
             for m in counts[:MAX_GPIPE_VARIANTS] if schedule == "gpipe" else counts[:1]:
-                out += [_pipelined(cfg, schedule, v, m, recompute) for recompute in _recompute_choices(cfg, schedule)]
+                out.append(_pipelined(cfg, schedule, v, m))
     return out or [cfg]
 
 
-def _recompute_choices(cfg: Config, schedule: str) -> tuple[bool, ...]:
-    """Recomputing each forward in its backward (least memory) and keeping its residuals (a
-    quarter less compute, and split units of one cost each: ``plan.schedule_for``), but not for
-    an MoE model's split tables, which must recompute (``plan_pipeline``)."""
-    return (True,) if cfg.model.moe.n_experts and schedule in SPLIT_BACKWARD else (True, False)
-
-
-def _pipelined(cfg: Config, schedule: str, virtual: int, microbatches: int, recompute: bool) -> Config:
-    update = {"schedule": schedule, "virtual_stages": virtual, "microbatches": microbatches, "recompute": recompute}
+def _pipelined(cfg: Config, schedule: str, virtual: int, microbatches: int) -> Config:
+    """``cfg`` pipelined so, at its own ``pipeline.recompute`` (keeping the residuals makes every
+    table's units cost one forward, ``plan.schedule_for``), but an MoE model's split tables recompute
+    (``plan_pipeline`` refuses them otherwise)."""
+    update: dict = {"schedule": schedule, "virtual_stages": virtual, "microbatches": microbatches}
+    if cfg.model.moe.n_experts and schedule in SPLIT_BACKWARD:
+        update["recompute"] = True
     pipeline = cfg.pipeline.model_copy(update=update)
     return cfg.model_copy(update={"pipeline": pipeline, "grad_accum": 1})
 

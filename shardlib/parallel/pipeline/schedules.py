@@ -36,6 +36,7 @@ bubble (p-1)(T_F + T_B - T_W) is (p-1)/(3m+p-1) of the step, a third of
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Literal, cast
@@ -305,9 +306,7 @@ def one_f_one_b(stages: int, microbatches: int, split: bool = False) -> Schedule
             order += [Action("F", i), *_backward(i - warmup, split)]
         order += [a for i in range(microbatches - warmup, microbatches) for a in _backward(i, split)]
         orders.append(order)
-    schedule = simulate("1f1b", orders, microbatches, 1)
-    validate(schedule)
-    return schedule
+    return simulate("1f1b", orders, microbatches, 1)
 
 
 def _backward(microbatch: int, split: bool) -> list[Action]:
@@ -336,9 +335,7 @@ def interleaved_1f1b(stages: int, microbatches: int, virtual: int, split: bool =
             order += [forwards[i], *_backward_of(backwards[i - warmup], split)]
         order += [a for b in backwards[len(forwards) - warmup :] for a in _backward_of(b, split)]
         orders.append(order)
-    schedule = simulate("interleaved-1f1b", orders, m, v)
-    validate(schedule)
-    return schedule
+    return simulate("interleaved-1f1b", orders, m, v)
 
 
 def zb_h1(stages: int, microbatches: int) -> Schedule:
@@ -501,6 +498,7 @@ SPLITTABLE = {  # the 1F1B tables as split ones, W right after B (``one_f_one_b`
 }
 
 
+@functools.lru_cache(maxsize=256)  # tables are immutable; the planner asks for the same ones often
 def make_schedule(name: str, stages: int, microbatches: int, virtual: int = 1, split: bool = False) -> Schedule:
     """The named schedule (one of ``SCHEDULES``); validated. ``split``: 1F1B's tables with each
     backward as B and W back to back (``SPLITTABLE``; what the executor runs when forwards keep

@@ -82,9 +82,10 @@ def schedule_for(settings: PipelineSettings, stages: int, moe: bool = False) -> 
     """The table ``settings`` run on ``stages`` devices: without recomputation, 1F1B's tables split
     each backward into B and W back to back (``make_schedule``'s ``split``), so that every action
     costs one chunk's forward (``actions.tick_costs``) and no lockstep tick waits on a dearer one.
-    Not for an MoE model (``moe``), whose stage statistics a split F without recomputation cannot
-    return (``StageActions``)."""
-    split = not settings.recompute and not moe
+    Not on one stage (no tick has another stage to wait for; the split's extra ticks and slot
+    copies would only cost), nor for an MoE model (``moe``), whose stage statistics a split F
+    without recomputation cannot return (``StageActions``)."""
+    split = not settings.recompute and not moe and stages > 1
     return make_schedule(settings.schedule, stages, settings.microbatches, settings.virtual_stages, split=split)
 
 

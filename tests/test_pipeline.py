@@ -46,6 +46,9 @@ CASES = {
     "1f1b-saved-p2-data2": ("1f1b", 1, {"pipe": 2, "data": 2}, 4, "dp", False),
     "interleaved-saved-p2-fsdp-data2": ("interleaved-1f1b", 2, {"pipe": 2, "data": 2}, 4, "fsdp", False),
     "gpipe-saved-p4-tp-model2": ("gpipe", 1, {"pipe": 4, "model": 2}, 4, "tp", False),
+    # Split tables without recomputation: F keeps the tapped stage's residuals, B applies them, W as ever
+    # (1F1B's tables above then run split too, W right after B: plan.schedule_for).
+    "zb-v-saved-p2-tp-model2": ("zb-v", 2, {"pipe": 2, "model": 2}, 4, "tp", False),
 }
 
 
@@ -141,13 +144,16 @@ def test_one_stage_pipeline_matches_sequential(schedule):
     assert_trees_close(jax.device_get(grads), ref_grads, rel=REL, what="gradient")
 
 
-def test_split_tables_refuse_to_skip_recomputation():
+def test_without_recomputation_1f1b_runs_split_and_moe_split_tables_are_refused():
     from shardlib.parallel.pipeline.plan import PipelineSettings, plan_pipeline
 
-    with pytest.raises(ValueError, match="pipeline.recompute=false does not apply to zb-h1"):
-        plan_pipeline(
-            PipelineSettings("zb-h1", 4, recompute=False), 2, 8, 16, collectives_inside_stages=False, platform="cpu"
-        )
+    def plan(schedule, moe_period=0):
+        settings = PipelineSettings(schedule, 4, recompute=False)
+        return plan_pipeline(settings, 2, 8, 16, collectives_inside_stages=False, platform="cpu", moe_period=moe_period)
+
+    assert plan("1f1b").schedule.split_backward and not plan("1f1b", moe_period=2).schedule.split_backward
+    with pytest.raises(ValueError, match="pipeline.recompute=false does not apply to zb-h1 with an MoE model"):
+        plan("zb-h1", moe_period=2)
 
 
 def test_1f1b_needs_less_activation_memory_than_gpipe():

@@ -3,7 +3,8 @@
 A candidate is (axis sizes, preset, config): the config is the user's at each ``grad_accum``
 that divides the global batch over the mesh's batch axes, or for a mesh with ``pipe > 1`` one
 copy per pipeline schedule (GPipe, 1F1B, ZB-H1, ZB-V, interleaved 1F1B at every chunk count
-dividing the layers per stage) with the most microbatches the batch allows (``config_variants``). Everything here is axis sizes and configs, no devices, so a 64-GPU
+dividing the layers per stage) with the most microbatches the batch allows (``config_variants``), at
+the config's ``pipeline.recompute`` (label ``kept`` where forwards keep their residuals). Everything here is axis sizes and configs, no devices, so a 64-GPU
 mesh is planned on a laptop.
 """
 
@@ -108,9 +109,12 @@ def config_variants(cfg: Config, sizes: dict[str, int]) -> list[Config]:
 
 
 def _pipelined(cfg: Config, schedule: str, virtual: int, microbatches: int) -> Config:
-    update = {"schedule": schedule, "virtual_stages": virtual, "microbatches": microbatches}
-    if schedule in SPLIT_BACKWARD:
-        update["recompute"] = True  # their B recomputes the forward, whatever the config says
+    """``cfg`` pipelined so, at its own ``pipeline.recompute`` (keeping the residuals makes every
+    table's units cost one forward, ``plan.schedule_for``), but an MoE model's split tables recompute
+    (``plan_pipeline`` refuses them otherwise)."""
+    update: dict = {"schedule": schedule, "virtual_stages": virtual, "microbatches": microbatches}
+    if cfg.model.moe.n_experts and schedule in SPLIT_BACKWARD:
+        update["recompute"] = True
     pipeline = cfg.pipeline.model_copy(update=update)
     return cfg.model_copy(update={"pipeline": pipeline, "grad_accum": 1})
 
@@ -169,4 +173,5 @@ def variant_label(cfg: Config, sizes: dict[str, int]) -> str:
         return f" (grad_accum {cfg.grad_accum})"
     p = cfg.pipeline
     virtual = f" v={p.virtual_stages}" if p.virtual_stages > 1 and p.schedule != "zb-v" else ""
-    return f" ({p.schedule} m={p.microbatches}{virtual})"
+    kept = "" if p.recompute else " kept"
+    return f" ({p.schedule} m={p.microbatches}{virtual}{kept})"

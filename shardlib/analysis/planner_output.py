@@ -22,7 +22,8 @@ def why_best(best: MeshPlan, other: MeshPlan) -> str:
     if b.compute_s > a.compute_s * 1.01:
         why = "its devices split less of the work"
         if other.bubble > best.bubble + 0.01:
-            why = f"its pipeline idles {other.bubble:.0%} of the step and recomputes each forward"
+            recomputes = other.cfg.pipeline.recompute
+            why = f"its pipeline idles {other.bubble:.0%} of the step" + (" and recomputes each forward" * recomputes)
         parts.append(f"compute {_ms(b.compute_s)} vs {_ms(a.compute_s)} ({why})")
     if b.exposed_s > a.exposed_s:
         worst = max(b.comm_s_per_axis, key=b.comm_s_per_axis.get, default=None)
@@ -62,7 +63,8 @@ def short_label(plan: MeshPlan) -> str:
     p = plan.cfg.pipeline
     chunks = f" v{p.virtual_stages}" if p.virtual_stages > 1 and p.schedule != "zb-v" else ""
     schedule = {"interleaved-1f1b": "i1f1b"}.get(p.schedule, p.schedule)
-    return f"{mesh} {plan.sharding} {schedule} m{p.microbatches}{chunks}"
+    kept = "" if p.recompute else " kept"  # forwards keep their residuals (pipeline.recompute false)
+    return f"{mesh} {plan.sharding} {schedule} m{p.microbatches}{chunks}{kept}"
 
 
 def plan_rates(plan: MeshPlan, profile) -> dict[str, float]:
@@ -152,7 +154,8 @@ def format_plans(plans: list[MeshPlan], cfg: Config, devices: int, profile, top:
         out += table(["#", "plan", "memory", "step", "exposed", "TFLOP/s", "MFU", "tok/s/dev"], rows)
         out += [
             "  (d data, dr data_replica, p pipe, e expert, s seq, m model; ga grad_accum; m microbatches,",
-            "   v chunks per stage, i1f1b interleaved 1F1B; TFLOP/s and MFU per device, of the model's FLOPs)",
+            "   v chunks per stage, i1f1b interleaved 1F1B, kept: no recomputed forwards; TFLOP/s and MFU",
+            "   per device, of the model's FLOPs)",
         ]
         out += ["", *_explain_best(fitting[0])]
         for other in fitting[1:4]:

@@ -146,7 +146,8 @@ class PipelineConfig(BaseModel):
         True,
         description="true: each backward recomputes its stage's forward from the stage input (keeps only stage "
         "inputs); false: each forward keeps its residuals for its backward (a third less matmul work, the plain "
-        "model's activations per microbatch in flight; not zb-h1/zb-v)",
+        "model's activations per microbatch in flight; split tables, 1f1b's then among them, run B and W as units "
+        "of one forward's cost; not zb-h1/zb-v with an MoE model)",
     )
 
 

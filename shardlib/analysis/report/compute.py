@@ -9,9 +9,11 @@ each step moves are ``shardlib.analysis.report.analytic``'s.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from shardlib.analysis.report.layout import Layout
 from shardlib.parallel.pipeline.actions import tick_costs
-from shardlib.parallel.pipeline.schedules import make_schedule
+from shardlib.parallel.pipeline.plan import schedule_for
 
 
 def model_flops(layout: Layout) -> float:
@@ -50,19 +52,33 @@ def hardware_flops(layout: Layout) -> float:
 def pipeline_bubble(layout: Layout) -> float:
     """The share of a pipelined step its stages sit idle, 0 without a pipeline.
 
-    From the schedule's table run in lockstep, as the SPMD executor runs it (every stage
-    starts each tick together), at the executor's cost per action (``tick_costs``): the
-    compute time of a step is its work over (1 - bubble).
+    From the table the config runs (``plan.schedule_for``: 1F1B's split without recomputation)
+    in lockstep, as the SPMD executor runs it (every stage starts each tick together), at the
+    executor's cost per action (``tick_costs``; the project's models split B from W) and the
+    loss head's on the last virtual stage's forwards (``head_cost``): the compute time of a step
+    is its work over (1 - bubble).
     """
     pipeline = getattr(layout.cfg, "pipeline", None)
     if layout.sizes["pipe"] < 2 or pipeline is None:
         return 0.0
-    schedule = make_schedule(pipeline.schedule, layout.sizes["pipe"], pipeline.microbatches, pipeline.virtual_stages)
-    return float(schedule.lockstep_time(tick_costs(schedule, pipeline_recomputes(layout.cfg)))[1])
+    from shardlib.training.parallel_plan import pipeline_settings  # the training layer's reading of the config
+
+    p = layout.sizes["pipe"]
+    schedule = schedule_for(pipeline_settings(layout.cfg), p, moe=bool(layout.cfg.model.moe.n_experts))
+    costs = tick_costs(schedule, pipeline_recomputes(layout.cfg))
+    return float(schedule.lockstep_time(costs, head_cost(layout.cfg.model, layout.cfg.seq_len, p))[1])
+
+
+def head_cost(model, seq_len: int, stages: int) -> Fraction:
+    """The loss head's forward and backward (the vocabulary projection, 6 V D FLOPs a token) in
+    forwards of one pipeline stage (its n_layers / ``stages`` layers, a third of their
+    ``flops_per_token`` share): what the last virtual stage's forward adds to its tick."""
+    head = 6 * model.vocab_size * model.d_model
+    layers = model.flops_per_token(seq_len) - head
+    return Fraction(head).limit_denominator(10**6) / Fraction(layers / (3 * stages)).limit_denominator(10**6)
 
 
 def pipeline_recomputes(cfg) -> bool:
-    """Whether the executor's backwards recompute their forward (``pipeline.recompute``, the
-    default; split tables, whose B recomputes, refuse it off)."""
+    """Whether the executor's backwards recompute their forward (``pipeline.recompute``, the default)."""
     pipeline = getattr(cfg, "pipeline", None)
     return pipeline is None or pipeline.recompute

@@ -208,10 +208,20 @@ def layer_residual_bytes(
 @_linear_in_rows
 @functools.lru_cache(maxsize=256)
 def layer_tap_bytes(
-    rows: int, length: int, d: int, heads: int, kv_heads: int, head_dim: int, d_ff: int, dtype: str, param_dtype: str
+    rows: int,
+    length: int,
+    d: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    d_ff: int,
+    dtype: str,
+    param_dtype: str,
+    outputs: bool = True,
 ) -> int:
     """Bytes a split backward keeps from one layer's B to its W: every weight use's input and the
-    cotangent of its output (``shardlib.models.layers.WeightTap``), at one device's shapes."""
+    cotangent of its output (``shardlib.models.layers.WeightTap``), at one device's shapes; with
+    ``outputs`` off the inputs alone (what a forward keeping its residuals keeps beside them)."""
     from shardlib.models.layers import WeightTap, decoder_block
 
     x, w, positions = _layer_shapes(rows, length, d, heads, kv_heads, head_dim, d_ff, dtype, param_dtype)
@@ -219,7 +229,7 @@ def layer_tap_bytes(
     def tapped(x, w, positions):
         tap = WeightTap()
         decoder_block(x, w, positions, rope_theta=10000.0, norm_eps=1e-6, use=tap)
-        return tap.inputs, tap.outputs
+        return (tap.inputs, tap.outputs) if outputs else tap.inputs
 
     return _bytes(jax.eval_shape(tapped, x, w, positions))
 
@@ -365,7 +375,8 @@ def _activations(layout: Layout, residual: int, layer_input: int, activation_dty
     chunk's residuals for every microbatch between its forward and backward
     instead). A split (zero-bubble) table also keeps,
     in each residual slot, what its W needs of a chunk (``layer_tap_bytes``
-    per layer) and the embedding's gradient.
+    per layer) and the embedding's gradient; without recomputation its forwards
+    keep their tapped chunk's residuals and its weight uses' inputs until the B.
     """
     pipeline = getattr(layout.cfg, "pipeline", None)
     if layout.sizes["pipe"] < 2 or pipeline is None:
@@ -376,7 +387,11 @@ def _activations(layout: Layout, residual: int, layer_input: int, activation_dty
     chunk_layers = layout.layers_per_device // v
     if plan.schedule.split_backward:
         buffers += (plan.res_slots + 1) * (chunk_layers * _layer_tap(layout, activation_dtype) + layer_input)
-    elif not pipeline.recompute:
+    if plan.schedule.split_backward and not pipeline.recompute:
+        # Each forward in flight keeps its tapped chunk's residuals and its weight uses' inputs for its B.
+        kept = residual + _layer_tap(layout, activation_dtype, outputs=False)
+        return buffers + (plan.saved_slots + 2) * chunk_layers * kept
+    if not pipeline.recompute:
         # Every forward in flight keeps its chunk's residuals for its backward, in a buffer with a
         # scratch slot, beside the one slot a branch writes or reads (XLA:CPU: 0.89-0.99).
         return buffers + (plan.saved_slots + 2) * chunk_layers * residual
@@ -419,9 +434,9 @@ def _layer_dims(layout: Layout, dtype: str) -> tuple:
     )
 
 
-def _layer_tap(layout: Layout, dtype: str) -> int:
-    """``layer_tap_bytes`` at ``layout``'s per-device shapes."""
-    return layer_tap_bytes(*_layer_dims(layout, dtype))
+def _layer_tap(layout: Layout, dtype: str, outputs: bool = True) -> int:
+    """``layer_tap_bytes`` at ``layout``'s per-device shapes (``outputs`` off: the uses' inputs alone)."""
+    return layer_tap_bytes(*_layer_dims(layout, dtype), outputs=outputs)
 
 
 def _layer_residual(layout: Layout, dtype: str, remat: str) -> int:

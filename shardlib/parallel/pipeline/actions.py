@@ -15,7 +15,11 @@ residuals for its backward instead (``saved``). A split (zero-bubble)
 table's B runs the chunk through ``StageFunctions.tapped_stage`` and keeps
 each weight use's input and output cotangent; its W takes the weight
 gradients from them alone (``StageFunctions.weight_grads``), with no second
-recomputation. ``shardlib.parallel.pipeline.stacked.stacked_stage_functions``
+recomputation. Without recomputation a split table's F runs the tapped stage
+under ``jax.vjp`` and keeps its residuals and its uses' inputs, and its B only
+applies that pullback: F, B and W then cost one chunk forward each
+(``tick_costs``), the units that let a lockstep tick hold the same work on
+every stage (``plan.schedule_for`` splits 1F1B's tables for it too). ``shardlib.parallel.pipeline.stacked.stacked_stage_functions``
 derives both from a layer that applies its weights through a ``WeightUse``.
 Stage functions without them still run a split table, unsplit: its B
 computes the input and the weight gradients at once and its W does nothing
@@ -120,14 +124,21 @@ def tick_costs(schedule: Schedule, recompute: bool = True, split: bool = True) -
     matmul work. Every backward recomputes its chunk's forward from the saved
     input unless ``recompute`` is off: a whole backward is 3 forwards (2
     without recomputation), a split table's B 2 (the recomputation and the
-    input gradient) and its W 1 (the weight-gradient matmuls from what B kept).
+    input gradient; 1 without recomputation, from the residuals its F kept) and
+    its W 1 (the weight-gradient matmuls from what B kept). So a split table
+    whose forwards keep their residuals runs units of one cost each: no
+    lockstep tick waits for a dearer action than its own but the loss head's
+    (``Schedule.lockstep_time``'s ``head``).
     ``split`` off: stage functions that cannot split (``StageFunctions.splits``) run a
     split table's B as a whole backward (3) and its W as nothing (0).
     """
     chunk = Fraction(1, schedule.virtual)
+    whole = (3 if recompute else 2) * chunk
+    if schedule.split_backward and not split:
+        return {"F": chunk, "B": whole, "W": 0 * chunk}
     if schedule.split_backward:
-        return {"F": chunk, "B": 2 * chunk, "W": chunk} if split else {"F": chunk, "B": 3 * chunk, "W": 0 * chunk}
-    return {"F": chunk, "B": (3 if recompute else 2) * chunk}
+        return {"F": chunk, "B": (2 if recompute else 1) * chunk, "W": chunk}
+    return {"F": chunk, "B": whole}
 
 
 def _as_cotangent(dy: PyTree) -> PyTree:
@@ -152,15 +163,27 @@ def _set(tree: PyTree, index, value: PyTree) -> PyTree:
     return jax.tree.map(lambda buf, v: buf.at[index].set(v), tree, value)
 
 
+class ResidualGroup(NamedTuple):
+    """One residual buffer: what it holds per slot (``shapes``), the table column naming each tick's
+    slot (``saved_slot``: an F's for its B; ``res_slot``: a split B's for its W), and the branch
+    codes that keep a slot there."""
+
+    shapes: PyTree
+    column: str
+    keeping: tuple[int, ...]
+
+
 class Carry(NamedTuple):
     """What a stage carries from tick to tick.
 
     held: the activation's pytree, each leaf [act slots + grad slots + 1, B, ...]: stage inputs and
       output gradients in flight, in one buffer (``TickTable.buffer_slots``; the last slot is scratch,
       where a tick with nothing to keep writes).
-    residuals: a split table's weight-use inputs and output cotangents ([slots + 1, ...] each,
-      ``StageFunctions.tapped_stage``) from B to W, and the first stage's embedding gradient;
-      {} for other tables. A branch reads the buffer and returns one slot: what a B keeps, else zeros.
+    residuals: per ``ResidualGroup`` name, its buffer ([slots + 1, ...] each leaf): ``saved``, without
+      recomputation, each F's pullback residuals (and in a split table its weight uses' inputs) until
+      its B; ``res``, a split table's weight-use inputs and output cotangents
+      (``StageFunctions.tapped_stage``) from B to W, and the first stage's embedding gradient; {}
+      when neither. A branch reads the buffers and returns one slot per group: what it keeps, else zeros.
     layer_g, outer_g, loss: the gradient and loss sums (no gradient sums, {}, for a forward-only table).
     stats: the sums of ``StageFunctions.stats`` over the forward passes ({} without).
     """
@@ -185,20 +208,27 @@ class StageActions:
         self.fns, self.outer, self.chunks, self.inputs = fns, outer, chunks, inputs
         self.x_shape = jax.eval_shape(fns.embed, outer, _at(inputs, 0))
         self.zeros_x = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.x_shape)
-        # What the residual buffer holds: a split table's B keeps its W's inputs; without
-        # recomputation an F keeps its B's pullback residuals (``saved``); else nothing.
-        self.saved = (
-            None
-            if recompute or split
-            else residual_layout(fns.stage, self.chunk(0), self.zeros_x, has_aux=fns.stats is not None)
-        )
         self.split = split and fns.splits  # else a split table's B is a whole backward, its W nothing
+        if self.split and not recompute and fns.stats is not None:
+            raise ValueError(
+                "pipeline.recompute=false with a split table needs stage functions without statistics "
+                "(StageFunctions.stats: an MoE model's); use pipeline.recompute=true"
+            )
+        # What the residual buffers hold, each in its own slots (``ResidualGroup``): without
+        # recomputation an F keeps its B's pullback residuals (``saved``); a split table's B
+        # keeps its W's inputs (``res``).
+        self.saved = None if recompute else self._saved_layout()
+        self.groups: dict[str, ResidualGroup] = {}
+        fwd_codes = (FWD, FWD_FIRST, FWD_LAST, FWD_ONLY)
+        if self.saved is not None:
+            stored = {"stored": self.saved.stored}
+            if self.split:
+                stored["inputs"] = self._tap_shapes()[0]
+            self.groups["saved"] = ResidualGroup(stored, "saved_slot", fwd_codes)
         if self.split:
-            self.residual_shapes = self._residual_shapes()
-            self.keeping: tuple[int, ...] = (BWD_INPUT, BWD_INPUT_FIRST)
-        else:
-            self.residual_shapes = {} if self.saved is None else {"saved": self.saved.stored}
-            self.keeping = () if self.saved is None else (FWD, FWD_FIRST, FWD_LAST, FWD_ONLY)
+            inputs_shape, dys_shape = self._tap_shapes()
+            shapes = {"inputs": inputs_shape, "dys": dys_shape, "d_embed": self.x_shape}
+            self.groups["res"] = ResidualGroup(shapes, "res_slot", (BWD_INPUT, BWD_INPUT_FIRST))
         branches: list[Any] = [None] * len(BRANCHES)  # a callable per branch code, every slot filled below
         branches[IDLE] = lambda c, r: (c, self.zeros_x)
         branches[FWD] = lambda c, r: self.forward(c, r, first=False, last=False)
@@ -219,44 +249,67 @@ class StageActions:
         branches[SCORE_ONLY] = lambda c, r: self.forward(c, r, first=True, last=True, score_only=True)
         self.branches = branches
 
-    def _residual_shapes(self):
+    def _tap_shapes(self):
+        """The shapes of what a split table's weight uses take in and put out (``tapped_stage``)."""
+        assert self.fns.tapped_stage is not None, "only a split table's stage functions are tapped"
         _, inputs, outputs = jax.eval_shape(self.fns.tapped_stage, self.chunk(0), self.zeros_x, None)
-        return {"inputs": inputs, "dys": outputs, "d_embed": self.x_shape}
+        return inputs, outputs
+
+    def _saved_layout(self):
+        """What an F keeps of its pullback: the tapped stage's (B then needs no weight gradient of
+        its own, W takes them) in a split table, else the stage's."""
+        if self.split:
+            probes = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self._tap_shapes()[1])
+            return residual_layout(self._tapped_run, self.zeros_x, probes, self.chunk(0), has_aux=True)
+        return residual_layout(self.fns.stage, self.chunk(0), self.zeros_x, has_aux=self.fns.stats is not None)
+
+    def _tapped_run(self, x, probes, chunk):
+        """The tapped stage as a function of its input, probes and chunk: (output, the uses' inputs)."""
+        assert self.fns.tapped_stage is not None, "only a split table's stage functions are tapped"
+        y, inputs, _ = self.fns.tapped_stage(chunk, x, probes)
+        return y, inputs
+
+    def _zero_probes(self):
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self._tap_shapes()[1])
 
     def residual_slot_out(self, code: int) -> Callable:
-        """Branch ``code`` returning one residual slot in the carry: what it keeps, or zeros."""
+        """Branch ``code`` returning, for each residual group, one slot in the carry: what it keeps
+        there (a branch that keeps returns only its own groups), or zeros."""
         branch = self.branches[code]
-        if code in self.keeping:
-            return branch
 
         def run(carry, row):
             carry, send = branch(carry, row)
-            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.residual_shapes)
-            return carry._replace(residuals=zeros), send
+            slots = {
+                name: carry.residuals[name]
+                if code in group.keeping
+                else jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), group.shapes)
+                for name, group in self.groups.items()
+            }
+            return carry._replace(residuals=slots), send
 
         return run
 
-    @property
-    def residual_column(self) -> str:
-        """The table column naming each tick's residual slot: what a B keeps for its W (``res_slot``),
-        or without recomputation what an F keeps for its B (``saved_slot``)."""
-        return "saved_slot" if self.saved is not None else "res_slot"
-
-    def residual_slots(self, plan: TickTable) -> int:
-        return plan.saved_slots if self.saved is not None else plan.res_slots
+    def residual_slots(self, plan: TickTable, name: str) -> int:
+        """The slots group ``name`` needs in ``plan`` (its column's most in flight)."""
+        return plan.saved_slots if self.groups[name].column == "saved_slot" else plan.res_slots
 
     def initial_carry(self, plan: TickTable) -> Carry:
         """Zeros: the buffers ``plan`` needs, and the gradient sums unless it runs forwards only."""
-        slots = self.residual_slots(plan)
         sums = (lambda tree: {}) if plan.schedule.forward_only else (lambda tree: jax.tree.map(jnp.zeros_like, tree))
+        residuals = {name: self._residual_buffer(plan, name) for name in self.groups}
         return Carry(
             jax.tree.map(lambda a: jnp.zeros((plan.buffer_slots + 1, *a.shape), a.dtype), self.x_shape),
-            jax.tree.map(lambda a: jnp.zeros((slots + 1, *a.shape), a.dtype), self.residual_shapes),
+            residuals,
             sums(self.chunks),
             sums(self.outer),
             jnp.zeros((), jnp.float32),
             jax.tree.map(jnp.zeros_like, self.fns.stats or {}),
         )
+
+    def _residual_buffer(self, plan: TickTable, name: str) -> PyTree:
+        """Zeros of group ``name``'s buffer: its slots in ``plan`` and a scratch slot."""
+        slots = self.residual_slots(plan, name) + 1
+        return jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), self.groups[name].shapes)
 
     def chunk(self, c):
         return _at(self.chunks, c)
@@ -288,8 +341,7 @@ class StageActions:
         if self.saved is None:
             y = self.fns.stage(self.chunk(c), x)
         else:
-            y, kept = forward_keeping(self.saved, self.fns.stage, self.chunk(c), x)
-            carry = carry._replace(residuals={"saved": kept})
+            carry, y = self._forward_keeping(carry, c, x)
         if self.fns.stats is not None:
             y, stats = y
             carry = carry._replace(stats=jax.tree.map(jnp.add, carry.stats, stats))
@@ -305,6 +357,16 @@ class StageActions:
                 loss=carry.loss + mb_loss,
             )
         return carry, self.zeros_x if last else y
+
+    def _forward_keeping(self, carry: Carry, c, x):
+        """The chunk's forward keeping its pullback's residuals in the ``saved`` slot: the stage's,
+        or in a split table the tapped stage's, with its weight uses' inputs beside them."""
+        assert self.saved is not None, "forward keeps residuals only without recomputation"
+        if not self.split:
+            y, stored = forward_keeping(self.saved, self.fns.stage, self.chunk(c), x)
+            return carry._replace(residuals={"saved": {"stored": stored}}), y
+        (y, inputs), stored = forward_keeping(self.saved, self._tapped_run, x, self._zero_probes(), self.chunk(c))
+        return carry._replace(residuals={"saved": {"stored": stored, "inputs": inputs}}), y
 
     def backward(self, carry: Carry, row, first):
         """A whole backward (B and W at once): the chunk's weight gradients and its input's (sent back)."""
@@ -334,7 +396,7 @@ class StageActions:
         mb, c = row["microbatch"], row["chunk"]
         assert self.saved is not None, "backward calls this only where F kept its pullback"
         x = self._stage_input(carry, row, first)
-        stored = tuple(buf[row["saved_slot"]] for buf in carry.residuals["saved"])
+        stored = tuple(buf[row["saved_slot"]] for buf in carry.residuals["saved"]["stored"])
         d_chunk, dx = pullback(self.saved, stored, self.chunk(c), x)(dy)
         carry = self._add_layer_grads(carry, c, d_chunk)
         dx = _as_held(dx, x)
@@ -344,33 +406,31 @@ class StageActions:
 
     def backward_input(self, carry: Carry, row, first):
         """A split table's B: the gradient with respect to the stage input (sent back), recomputing
-        the forward once; the weight uses' inputs and output cotangents are kept for its W. With
-        ``StageFunctions.direct_weight_grads``, also the gradients of the weights applied outside the taps."""
+        the forward once, or without recomputation from the residuals its F kept; the weight uses'
+        inputs and output cotangents are kept for its W. With ``StageFunctions.direct_weight_grads``,
+        also the gradients of the weights applied outside the taps."""
         c = row["chunk"]
         dy = _as_cotangent(_at(carry.held, row["grad_slot"]))
         x = self._stage_input(carry, row, first)
-        probes = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.residual_shapes["dys"])
-
-        def run(x, probes, chunk):
-            y, inputs, _ = self.fns.tapped_stage(chunk, x, probes)
-            return y, inputs
-
-        if self.fns.direct_weight_grads:
-            _, pull, inputs = jax.vjp(run, x, probes, self.chunk(c), has_aux=True)
-            dx, dys, d_chunk = pull(dy)
-            carry = self._add_layer_grads(carry, c, d_chunk)
+        probes = self._zero_probes()
+        if self.saved is None:
+            _, pull, inputs = jax.vjp(self._tapped_run, x, probes, self.chunk(c), has_aux=True)
         else:
-            _, pull, inputs = jax.vjp(lambda x, probes: run(x, probes, self.chunk(c)), x, probes, has_aux=True)
-            dx, dys = pull(dy)
+            kept = _at(carry.residuals["saved"], row["saved_slot"])
+            pull = pullback(self.saved, kept["stored"], x, probes, self.chunk(c))
+            inputs = kept["inputs"]
+        dx, dys, d_chunk = pull(dy)  # d_chunk unused (dead code) without direct weight gradients
+        if self.fns.direct_weight_grads:
+            carry = self._add_layer_grads(carry, c, d_chunk)
         dx = _as_held(dx, x)
         kept = {"inputs": inputs, "dys": dys, "d_embed": dx if first else self.zeros_x}
-        return carry._replace(residuals=kept), self.zeros_x if first else dx
+        return carry._replace(residuals={"res": kept}), self.zeros_x if first else dx
 
     def weight_gradient(self, carry: Carry, row, first):
         """A split table's W: the chunk's weight gradients (and the embedding's, on the first
         virtual stage) from what its B kept; no forward, no input-gradient chain."""
         mb, c = row["microbatch"], row["chunk"]
-        kept = _at(carry.residuals, row["res_slot"])
+        kept = _at(carry.residuals["res"], row["res_slot"])
         assert self.fns.weight_grads is not None, "a W branch exists only where fns.splits (weight_grads given)"
         d_chunk = self.fns.weight_grads(self.chunk(c), kept["inputs"], kept["dys"])
         carry = self._add_layer_grads(carry, c, d_chunk)

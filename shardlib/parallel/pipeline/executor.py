@@ -115,7 +115,9 @@ def pipeline_loss_and_grads(
         stage then runs on its own block of every sequence (``StageFunctions`` must say how).
       recompute: each backward recomputes its chunk's forward from the stage input (memory of
         the stage inputs only); off, each forward keeps its residuals for its backward
-        (``shardlib.parallel.pipeline.saved``; split tables recompute regardless).
+        (``shardlib.parallel.pipeline.saved``; a split table's F keeps its tapped stage's, so its B
+        only applies them and its W takes the weight gradients; ``plan.schedule_for`` then splits
+        1F1B's backwards too).
       reduce_dtype: what the gradients' reduce-scatters and all-reduces over the token axes carry
         (None: the parameters' dtype).
       pipe_axis: the mesh axis the stages are laid over (``PipelinePlan.axis``; a project's own
@@ -328,7 +330,7 @@ class _StepRun:
         tick_row, tick_pattern = xs
         row = {name: value[index] for name, value in tick_row.items()}
         branches = [stage.residual_slot_out(code) for code in self.used_branches]
-        # The residual buffer goes into the switch read-only and comes out as one slot (what a split
+        # The residual buffers go into the switch read-only and come out as one slot each (what a split
         # table's B, or without recomputation an F, keeps; zeros elsewhere), written after it: a
         # buffer the branches passed through would be copied by each of them (measured: ZB-H1 was
         # slower with in-place writes inside the branches).
@@ -339,8 +341,9 @@ class _StepRun:
             outs = [branch(carry, row) for branch in branches]
             carry, send = jax.tree.map(lambda *xs: jax.lax.select_n(row["branch"], *xs), *outs)
         # A W's (or B's, without recomputation) slot is free once it has run: its zeros may go there.
-        res_slot = _or_scratch(row[stage.residual_column], stage.residual_slots(self.plan))
-        residuals = jax.tree.map(lambda buf, kept: buf.at[res_slot].set(kept), residuals, carry.residuals)
+        for name, group in stage.groups.items():
+            slot = _or_scratch(row[group.column], stage.residual_slots(self.plan, name))
+            residuals = {**residuals, name: _set_slot(residuals[name], slot, carry.residuals[name])}
         carry = carry._replace(residuals=residuals)
         # One permute program per distinct pattern, chosen by the tick's pattern index: the same on
         # every device, so all of them take the same branch (pattern 0: nothing arrives, no permute).

@@ -27,7 +27,7 @@ import numpy as np
 
 from shardlib.core.rules import Rules, rule_axes
 from shardlib.parallel.pipeline.executor import Branching
-from shardlib.parallel.pipeline.schedules import forward_only, make_schedule, placement
+from shardlib.parallel.pipeline.schedules import Schedule, forward_only, make_schedule, placement
 from shardlib.parallel.pipeline.sends import SendPatterns, layer_order, send_patterns
 from shardlib.parallel.pipeline.table import TickTable, compile_table
 
@@ -78,6 +78,17 @@ class PipelinePlan:
         return compile_table(forward_only(self.schedule))
 
 
+def schedule_for(settings: PipelineSettings, stages: int, moe: bool = False) -> Schedule:
+    """The table ``settings`` run on ``stages`` devices: without recomputation, 1F1B's tables split
+    each backward into B and W back to back (``make_schedule``'s ``split``), so that every action
+    costs one chunk's forward (``actions.tick_costs``) and no lockstep tick waits on a dearer one.
+    Not on one stage (no tick has another stage to wait for; the split's extra ticks and slot
+    copies would only cost), nor for an MoE model (``moe``), whose stage statistics a split F
+    without recomputation cannot return (``StageActions``)."""
+    split = not settings.recompute and not moe and stages > 1
+    return make_schedule(settings.schedule, stages, settings.microbatches, settings.virtual_stages, split=split)
+
+
 def plan_pipeline(
     settings: PipelineSettings,
     stages: int,
@@ -111,11 +122,12 @@ def plan_pipeline(
         )
     if batch_size % settings.microbatches:
         raise ValueError(f"batch_size={batch_size} does not divide into pipeline.microbatches={settings.microbatches}")
-    table = compile_table(make_schedule(settings.schedule, stages, settings.microbatches, settings.virtual_stages))
-    if not settings.recompute and table.schedule.split_backward:
+    table = compile_table(schedule_for(settings, stages, moe=bool(moe_period)))
+    if moe_period and not settings.recompute and table.schedule.split_backward:
         raise ValueError(
-            f"pipeline.recompute=false does not apply to {settings.schedule}: its B recomputes the forward "
-            "and keeps what its W needs; use 1f1b, gpipe or interleaved-1f1b, or recompute=true"
+            f"pipeline.recompute=false does not apply to {settings.schedule} with an MoE model: a split "
+            "table's forward cannot keep its residuals and return the router statistics; use 1f1b, gpipe "
+            "or interleaved-1f1b, or recompute=true"
         )
     return PipelinePlan(
         table,

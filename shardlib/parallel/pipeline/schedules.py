@@ -36,6 +36,7 @@ bubble (p-1)(T_F + T_B - T_W) is (p-1)/(3m+p-1) of the step, a third of
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import Literal, cast
@@ -130,18 +131,47 @@ class Schedule:
         ticks = 3 * v * m + p - 1 if v > 1 else 2 * m + p - 1 + max(m, p)
         return Fraction(ticks - 3 * v * m, ticks)
 
-    def lockstep_time(self, costs: dict[str, Fraction]) -> tuple[Fraction, Fraction]:
+    def action_cost(self, stage: int, action: Action, costs: dict[str, Fraction], head: Fraction) -> Fraction:
+        """What ``action`` costs on ``stage``: ``costs`` by kind, plus ``head`` (the loss head's
+        forward and backward) for a forward of the last virtual stage, which runs the loss."""
+        last = action.kind == "F" and self.virtual_stage(stage, action.chunk) == self.stages * self.virtual - 1
+        return costs[action.kind] + (head if last else 0)
+
+    def lockstep_time(self, costs: dict[str, Fraction], head: Fraction = Fraction(0)) -> tuple[Fraction, Fraction]:
         """(step time, bubble) when every stage starts each tick together, as an SPMD step's
         per-tick permutes make them: a tick lasts as long as its slowest action (``costs`` per
-        kind, in any unit), and the bubble is the idle share of p times that step time. With
-        equal costs this is ``bubble_fraction``; with a backward dearer than a forward, ticks
-        that mix the two idle the stages running forwards."""
+        kind, in any unit; ``head`` on the loss's forward, ``action_cost``), and the bubble is the
+        idle share of p times that step time. With equal costs and no head this is
+        ``bubble_fraction``; with a backward dearer than a forward, ticks that mix the two idle
+        the stages running forwards."""
         time = sum(
-            (max((costs[a.kind] for a in row if a is not None), default=Fraction(0)) for row in self.actions),
+            (
+                max((self.action_cost(s, a, costs, head) for s, a in enumerate(row) if a), default=Fraction(0))
+                for row in self.actions
+            ),
             Fraction(0),
         )
-        work = sum((costs[a.kind] for row in self.actions for a in row if a is not None), Fraction(0))
+        work = sum(
+            (self.action_cost(s, a, costs, head) for row in self.actions for s, a in enumerate(row) if a), Fraction(0)
+        )
         return time, 1 - work / (self.stages * time)
+
+    def ideal_time(self, costs: dict[str, Fraction], head: Fraction = Fraction(0)) -> Fraction:
+        """The table's ideal step: each stage runs its column in order, each action as soon as the
+        actions it depends on have finished, without ticks (asynchronously, at ``action_cost``):
+        the busiest stage's work plus the fill the table's dependencies force on it. What a
+        lockstep step (``lockstep_time``) would take if no tick waited for a slower stage."""
+        p, v, where = self.stages, self.virtual, self.placement
+        free = [Fraction(0)] * p
+        finished: dict[tuple[int, Action], Fraction] = {}
+        for row in self.actions:  # a dependency always sits on an earlier tick
+            for stage, action in enumerate(row):
+                if action is None:
+                    continue
+                deps = _dependencies(action, stage, p, v, where)
+                start = max([free[stage], *(finished[d] for d in deps)])
+                finished[(stage, action)] = free[stage] = start + self.action_cost(stage, action, costs, head)
+        return max(free)
 
     def max_in_flight(self) -> int:
         """Most microbatch-chunks any stage holds activations for: forward done, backward not (or,
@@ -258,23 +288,40 @@ def gpipe(stages: int, microbatches: int) -> Schedule:
     return simulate("gpipe", [order] * stages, microbatches, 1)
 
 
-def one_f_one_b(stages: int, microbatches: int) -> Schedule:
+def one_f_one_b(stages: int, microbatches: int, split: bool = False) -> Schedule:
     """1F1B (PipeDream-flush): p - s - 1 warm-up forwards, then alternate one forward and
-    one backward, so stage s never holds more than p - s microbatches of activations."""
+    one backward, so stage s never holds more than p - s microbatches of activations.
+
+    ``split``: each backward as a B (input gradient) and, at once after it on the same stage, its
+    W (weight gradient): the same order, memory and messages, in units that each cost one
+    forward when the forward keeps its residuals (``actions.tick_costs``), so that no lockstep
+    tick mixes a cheap action with a dear one. The B's, on the critical path, get a tick each
+    instead of two: 3m + 2(p - 1) ticks, against 1F1B's 2(m + p - 1) of up to 2 forwards each.
+    """
     orders = []
     for stage in range(stages):
         warmup = min(stages - stage - 1, microbatches)
         order = [Action("F", i) for i in range(warmup)]
         for i in range(warmup, microbatches):
-            order += [Action("F", i), Action("B", i - warmup)]
-        order += [Action("B", i) for i in range(microbatches - warmup, microbatches)]
+            order += [Action("F", i), *_backward(i - warmup, split)]
+        order += [a for i in range(microbatches - warmup, microbatches) for a in _backward(i, split)]
         orders.append(order)
     return simulate("1f1b", orders, microbatches, 1)
 
 
-def interleaved_1f1b(stages: int, microbatches: int, virtual: int) -> Schedule:
+def _backward(microbatch: int, split: bool) -> list[Action]:
+    """A whole backward, or a split one's B and then its W."""
+    return _backward_of(Action("B", microbatch), split)
+
+
+def _backward_of(b: Action, split: bool) -> list[Action]:
+    return [b, Action("W", b.microbatch, b.chunk)] if split else [b]
+
+
+def interleaved_1f1b(stages: int, microbatches: int, virtual: int, split: bool = False) -> Schedule:
     """Interleaved 1F1B (Megatron-LM): each device holds ``virtual`` chunks; microbatches go
-    through the chunks in groups of ``stages``, cutting the bubble by a factor of about v."""
+    through the chunks in groups of ``stages``, cutting the bubble by a factor of about v.
+    ``split``: each backward a B and at once its W, as ``one_f_one_b``'s."""
     p, m, v = stages, microbatches, virtual
     if m % p:
         raise ScheduleError(f"interleaved 1F1B needs microbatches ({m}) divisible by stages ({p})")
@@ -285,8 +332,8 @@ def interleaved_1f1b(stages: int, microbatches: int, virtual: int) -> Schedule:
         warmup = min((p - stage - 1) * 2 + (v - 1) * p, len(forwards))
         order = forwards[:warmup]
         for i in range(warmup, len(forwards)):
-            order += [forwards[i], backwards[i - warmup]]
-        order += backwards[len(forwards) - warmup :]
+            order += [forwards[i], *_backward_of(backwards[i - warmup], split)]
+        order += [a for b in backwards[len(forwards) - warmup :] for a in _backward_of(b, split)]
         orders.append(order)
     return simulate("interleaved-1f1b", orders, m, v)
 
@@ -445,14 +492,23 @@ def placement(name: str) -> Placement:
     return PLACEMENTS.get(name, "loop")
 
 
-def make_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
-    """The named schedule (one of ``SCHEDULES``); validated."""
+SPLITTABLE = {  # the 1F1B tables as split ones, W right after B (``one_f_one_b``'s ``split``)
+    "1f1b": lambda p, m, v: one_f_one_b(p, m, split=True),
+    "interleaved-1f1b": lambda p, m, v: interleaved_1f1b(p, m, v, split=True),
+}
+
+
+@functools.lru_cache(maxsize=256)  # tables are immutable; the planner asks for the same ones often
+def make_schedule(name: str, stages: int, microbatches: int, virtual: int = 1, split: bool = False) -> Schedule:
+    """The named schedule (one of ``SCHEDULES``); validated. ``split``: 1F1B's tables with each
+    backward as B and W back to back (``SPLITTABLE``; what the executor runs when forwards keep
+    their residuals, ``plan.schedule_for``); the others as they are (GPipe whole, ZB split)."""
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
     if name in SINGLE_CHUNK and virtual != 1:
         raise ScheduleError(f"{name} runs one chunk per stage; virtual_stages must be 1, got {virtual}")
     if name in TWO_CHUNK and virtual != 2:
         raise ScheduleError(f"{name} runs two chunks per stage, in a V; virtual_stages must be 2, got {virtual}")
-    schedule = SCHEDULES[name](stages, microbatches, virtual)
+    schedule = (SPLITTABLE if split and name in SPLITTABLE else SCHEDULES)[name](stages, microbatches, virtual)
     validate(schedule)
     return schedule

@@ -41,6 +41,9 @@ if os.environ.get("SHARDLIB_TEST_COMPILE_CACHE") == "1":
 # The tokenized-corpus cache (shardlib/training/token_cache.py) of every test run, and of the
 # training subprocesses tests start, lives in a fresh temporary directory, not the user's ~/.cache.
 os.environ.setdefault("SHARDLIB_CACHE_DIR", tempfile.mkdtemp(prefix="shardlib-test-cache-"))
+# Results one test process computes that another may reuse (tests/support.py: shared_result), in a
+# directory the xdist workers inherit from the process that starts them: one per `pytest` run.
+os.environ.setdefault("SHARDLIB_TEST_SHARED_DIR", tempfile.mkdtemp(prefix="shardlib-test-shared-"))
 
 import jax  # reads the JAX_* variables above
 

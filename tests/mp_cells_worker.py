@@ -34,7 +34,7 @@ def _global(array: np.ndarray, sharding) -> jax.Array:
 
 def _run_cell(combo: tuple[str, ...], out: pathlib.Path) -> None:
     from shardlib.core.mesh import build_mesh, mesh_spec
-    from tests.test_compat import _batch, _cfg, _config, sgd_setup, step_outputs
+    from tests.test_compat import _batch, _cfg, _config, active_features, sgd_setup, step_outputs
 
     raw, sizes = _config(combo)
     count = int(np.prod(list(sizes.values())))
@@ -42,7 +42,7 @@ def _run_cell(combo: tuple[str, ...], out: pathlib.Path) -> None:
     assert {d.process_index for d in mesh.devices.flat} == {0, 1}, "a cell run inside one process"
     cfg = _cfg(raw)
     run = sgd_setup(cfg, mesh)
-    assert set(run.plan.active_features()) == set(combo), (run.plan.active_features(), combo)
+    assert set(run.plan.active_features()) == active_features(combo), (run.plan.active_features(), combo)
     batch = {k: _global(v, run.batch_sharding) for k, v in _batch(cfg.model.vocab_size).items()}
     # Gathered whole onto every device in one program (process_allgather compiles one for each leaf).
     whole = jax.jit(lambda tree: tree, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pathlib
+import pickle
+from collections.abc import Callable
+from typing import TypeVar
+
 import chex
 import jax
 import numpy as np
@@ -10,6 +17,8 @@ from shardlib.core.mesh import build_mesh, mesh_spec
 from shardlib.training.config import Config, validate_config
 from shardlib.training.data import load_token_splits
 from shardlib.training.setup import setup_training
+
+T = TypeVar("T")
 
 TINY_MODEL = {
     "vocab_size": 256,
@@ -131,3 +140,24 @@ def assert_trees_within_rounding(actual, expected, rounded, *, times: float, rel
                 f"relative {error / (size or 1):.3g} against {off / (size or 1):.3g}"
             )
     assert not failures, f"{len(failures)} of {len(flat)} leaves differ:\n" + "\n".join(failures)
+
+
+def shared_result(key: object, compute: Callable[[], T]) -> T:
+    """``compute()``, computed once per pytest run and shared by its test processes (the xdist workers).
+
+    The pickled result is kept under a digest of ``repr(key)`` in ``SHARDLIB_TEST_SHARED_DIR``
+    (tests/conftest.py makes one per run); ``key`` must name everything the result depends on, and
+    ``compute`` must be deterministic. Two processes asking at once both compute it and the last
+    to finish replaces the other's file whole; without the directory, ``compute()`` runs each time.
+    """
+    directory = os.environ.get("SHARDLIB_TEST_SHARED_DIR")
+    if not directory:
+        return compute()
+    path = pathlib.Path(directory) / f"{hashlib.sha256(repr(key).encode()).hexdigest()}.pickle"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    value = compute()
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(pickle.dumps(value))
+    partial.replace(path)
+    return value

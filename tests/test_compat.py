@@ -23,11 +23,19 @@ import jax
 import numpy as np
 import optax
 import pytest
+from scipy.optimize import LinearConstraint, milp
 
 from shardlib.parallel import compat
 from shardlib.parallel.compat import IncompatibleFeatures
 from shardlib.training.setup import TrainingSetup, setup_training
-from tests.support import SAME_LOSS_REL, assert_trees_close, assert_trees_within_rounding, mesh_of, tiny_config
+from tests.support import (
+    SAME_LOSS_REL,
+    assert_trees_close,
+    assert_trees_within_rounding,
+    mesh_of,
+    shared_result,
+    tiny_config,
+)
 
 # feature -> (config overrides, mesh axis sizes it needs)
 _MOE = {"n_experts": 4, "top_k": 2, "capacity_factor": 4.0, "period": 2}  # capacity >= every token: no drops
@@ -151,6 +159,12 @@ def reference(cfg, combo: tuple[str, ...], compute_dtype: str = "float32"):
 
 @functools.cache
 def _reference(model_key: tuple, splits: int):
+    return shared_result(
+        ("test_compat.reference", model_key, splits, BATCH, SEQ), lambda: _one_device(model_key, splits)
+    )
+
+
+def _one_device(model_key: tuple, splits: int) -> tuple[float, dict]:
     model = dict(model_key)
     model["moe"] = dict(model["moe"])
     cfg = tiny_config(model=model, batch_size=BATCH, seq_len=SEQ, grad_accum=splits)
@@ -199,10 +213,10 @@ def test_refused_cells_are_refused_with_the_tables_reason(pair):
 
 
 # Composing cells are run in combinations: one sharded run with several features on checks
-# every pair among them, so a greedy cover of the table's composing pairs needs a third as many
-# runs as there are pairs. bfloat16 compute and compressed gradients agree only to their
-# rounding, so a run with either one is credited only for the pairs that contain it (see
-# ``credited``); every other pair is held to fp32.
+# every pair among them, so a cover of the table's composing pairs needs a quarter as many runs
+# as there are pairs. bfloat16 compute and compressed gradients agree only to their rounding, so a
+# run with either one is credited only for the pairs that contain it (see ``credited``); every
+# other pair is held to fp32.
 LOOSE = ("bf16", "compression")
 MAX_DEVICES = 8
 
@@ -216,7 +230,11 @@ def _closure(features) -> frozenset[str]:
 
 def _runnable(combo) -> bool:
     composes = all(compat.cell(a, b).status == "composes" for a, b in itertools.combinations(sorted(combo), 2))
-    return composes and np.prod(list(_config(tuple(combo))[1].values())) <= MAX_DEVICES
+    return composes and _devices(combo) <= MAX_DEVICES
+
+
+def _devices(combo) -> int:
+    return int(np.prod(list(_config(tuple(combo))[1].values())))
 
 
 def credited(combo) -> set[frozenset[str]]:
@@ -233,28 +251,71 @@ def credited(combo) -> set[frozenset[str]]:
     return pairs
 
 
+# What a run costs, estimated to weigh the cover: CPU seconds of its compiles (initialisation, train
+# step, a pipeline's eval step), a base plus each feature's extra, measured one at a time beside dp
+# and beside dp with a pipeline (docs/tests.md): a pipeline's executor traces its stage once per
+# tick, so ring attention or experts inside one cost five times what they cost outside. A feature
+# not listed is priced at NEW_FEATURE_COST_S until measured.
+RUN_COST_S = 1.8
+FEATURE_COST_S: dict[str, tuple[float, float]] = {  # name: (extra without a pipeline, extra inside one)
+    **dict.fromkeys(("dp", "fsdp", "fsdp_tp", "hsdp", "seq", "allgather", "remat", "multiprocess"), (0.05, 0.3)),
+    **dict.fromkeys(compat.PIPELINE_KINDS, (2.5, 2.5)),
+    "tp": (0.05, 0.5),
+    "fused": (0.05, 0.5),
+    "ring": (1.2, 7.3),
+    "moe": (1.8, 6.7),
+    "accumulation": (0.5, 0.5),
+    "compression": (0.4, 0.4),
+    "bf16": (0.1, 0.1),
+}
+NEW_FEATURE_COST_S = (1.0, 3.0)
+
+
+def run_cost(combo) -> float:
+    """The estimated CPU seconds of one run of ``combo``: ``RUN_COST_S`` and its features' ``FEATURE_COST_S``."""
+    inside = int(bool(set(combo) & set(compat.PIPELINE_KINDS)))
+    names = sorted(combo)  # one order of summation: every xdist worker must collect the same cover
+    return RUN_COST_S + sum(FEATURE_COST_S.get(name, NEW_FEATURE_COST_S)[inside] for name in names)
+
+
+def _candidates(names: list[str]) -> list[frozenset[str]]:
+    """Every runnable combination of ``names`` closed under ``IMPLIED``, depth first (a combination
+    that does not run has no superset that runs: cells and device counts only add up)."""
+    found: list[frozenset[str]] = []
+
+    def grow(start: int, combo: frozenset[str]) -> None:
+        for i in range(start, len(names)):
+            bigger = combo | {names[i]}
+            fits = all(compat.cell(names[i], other).status == "composes" for other in combo)
+            if fits and _devices(bigger) <= MAX_DEVICES:
+                found.append(bigger)
+                grow(i + 1, bigger)
+
+    grow(0, frozenset())
+    return [c for c in found if _closure(c) == c]
+
+
 def cover(pairs) -> list[tuple[str, ...]]:
-    """Feature combinations whose runs check every pair in ``pairs`` (greedy, deterministic)."""
-    order = list(compat.NAMES)
-    addable = [n for n in order if n not in (MULTIPROCESS, DILOCO, *LOOSE)]  # a run is given those, never adds them
-    uncovered, combos = set(pairs), []
-    while uncovered:
-        combo = _closure(min(uncovered, key=lambda p: sorted(order.index(x) for x in p)))
-        while True:
-            # ... but a run given one loose feature may add the other: it is credited for the pairs of
-            # both, and bfloat16 compute's check absorbs the compressed reduction's rounding.
-            loose = [n for n in LOOSE if set(combo) & set(LOOSE)]
-            options = [_closure(combo | {f}) for f in addable + loose if f not in combo]
-            options = [c for c in options if _runnable(c)]
-            gains = [len(credited(c) & uncovered) - len(credited(combo) & uncovered) for c in options]
-            if not gains or max(gains) <= 0:
-                break
-            combo = options[gains.index(max(gains))]
-        if not set(combo) & set(compat.PRESETS) and _runnable(combo | {"dp"}):
-            combo = combo | {"dp"}
-        uncovered -= credited(combo)
-        combos.append(tuple(sorted(combo, key=order.index)))
-    return combos
+    """Feature combinations whose runs check every pair in ``pairs`` at the least total ``run_cost``.
+
+    An exact weighted set cover (scipy's MILP, HiGHS) over every runnable combination of the features
+    the pairs name; a combination without a preset where ``dp`` fits beside it is run as ``dp``'s
+    (the default preset), so only that one is weighed. Deterministic; sorted in ``compat.NAMES`` order.
+    """
+    rows = sorted(pairs, key=lambda p: sorted(compat.NAMES.index(x) for x in p))
+    names = [n for n in compat.NAMES if any(n in p for p in rows)]
+    options = []
+    for combo in _candidates(names):
+        if not combo & set(compat.PRESETS) and _runnable(combo | {"dp"}):
+            continue
+        if checks := credited(combo) & set(rows):
+            options.append((combo, checks))
+    covers = np.array([[pair in checks for _, checks in options] for pair in rows], dtype=float)
+    costs = np.array([run_cost(combo) for combo, _ in options])
+    result = milp(costs, constraints=LinearConstraint(covers, lb=1), integrality=np.ones(len(options)), bounds=(0, 1))
+    assert result.success, f"no cover of {len(rows)} pairs: {result.message}"
+    chosen = [tuple(sorted(options[i][0], key=compat.NAMES.index)) for i in np.flatnonzero(result.x > 0.5)]
+    return sorted(chosen, key=lambda c: [compat.NAMES.index(x) for x in c])
 
 
 COMPOSING = {frozenset(p) for p in compat.composing_pairs() if MULTIPROCESS not in p and DILOCO not in p}
@@ -320,12 +381,16 @@ def assert_cell_matches_one_device(combo, cfg, loss: float, grads, eval_loss: fl
         assert abs(eval_loss - loss) <= eval_tolerance(combo, loss), "eval runs another network"
 
 
+def active_features(combo) -> set[str]:
+    """The features a run of ``combo`` has on: ``combo``'s, and the default preset dp where it names none
+    (a run no preset's setup fits beside: more than 8 devices with dp's data 2)."""
+    return set(combo) | (set() if set(combo) & set(compat.PRESETS) else {"dp"})
+
+
 @pytest.mark.parametrize("combo", COMBOS, ids="+".join)
 def test_composing_features_match_one_device(combo):
     raw, sizes = _config(combo)
     cfg = _cfg(raw)
     run = sgd_setup(cfg, mesh_of(**sizes))
-    # A run no preset's setup fits beside (more than 8 devices with dp's data 2) is the default preset, dp.
-    default = set() if set(combo) & set(compat.PRESETS) else {"dp"}
-    assert set(run.plan.active_features()) == set(combo) | default
+    assert set(run.plan.active_features()) == active_features(combo)
     assert_cell_matches_one_device(combo, cfg, *step_outputs(run, _placed(run, _batch(cfg.model.vocab_size))))

@@ -365,7 +365,8 @@ def test_diloco_across_two_processes_matches_one_and_resumes_mid_period(tmp_path
     steps, every = 10, 4
     outer = {"algorithm": "diloco", "inner_steps": every}
     cfg = functools.partial(mp_config, steps=steps, outer=outer, checkpoint={"every": 6, "keep": 3})
-    reference = train(cfg(tmp_path / "reference"), mesh_of(data=4, model=2), **quiet)
+    eight = setup_training(cfg(tmp_path / "reference"), mesh_of(data=4, model=2))  # compiled once, for both runs here
+    reference = train(cfg(tmp_path / "reference"), eight.mesh, setup=eight, **quiet)
     expected = dict(enumerate(reference.losses, start=1))
 
     run_dir = tmp_path / "two"
@@ -379,7 +380,7 @@ def test_diloco_across_two_processes_matches_one_and_resumes_mid_period(tmp_path
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(run_dir / "checkpoints" / "6", resumed_dir / "checkpoints" / "6")
-    resumed = train(cfg(resumed_dir), mesh_of(data=4, model=2), **quiet)
+    resumed = train(cfg(resumed_dir), eight.mesh, setup=eight, **quiet)
     assert resumed.start_step == 6
     worst = max(abs(loss - expected[step]) for step, loss in enumerate(resumed.losses, start=7))
     assert worst <= SAME_SHAPE, f"resumed from the two processes' mid-period save, the losses differ by {worst:.2e}"

@@ -2,7 +2,7 @@
 
 Every feature that composes with ``multiprocess`` is turned on in some run of two processes
 (tests/mp_cells_worker.py, under the project's launcher), on a mesh whose devices alternate
-between the processes. The runs are the greedy cover of tests/test_compat.py applied to the
+between the processes. The runs are tests/test_compat.py's least-cost cover applied to the
 pairs (multiprocess, feature), and each is held as that walk's cells are
 (``assert_cell_matches_one_device``): the train step's loss and the gradients it applied against
 one device (bfloat16 compute against float32, by the one-device bfloat16 run's error) and, for

@@ -66,7 +66,7 @@ def test_the_readmes_sample_plan_is_what_describe_prints(capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("phrase", "count"),
     [
-        (r"in (\d+) feature combinations chosen by a greedy", len(COMBOS)),
+        (r"in (\d+) feature combinations chosen by a least-cost", len(COMBOS)),
         (r"(\d+) combinations that between them turn on every feature beside `multiprocess`", len(MP_COMBOS)),
     ],
     ids=["test_compat", "test_multiprocess_cells"],

@@ -295,6 +295,9 @@ def test_kept_residual_tables_run_at_their_ideal_in_lockstep(p, m, head):
         assert lockstep <= Fraction(105, 100) * ideal, (name, p, m, float(lockstep / ideal))
 
 
+ZB_V_FILL_MISSES = {(2, 8)}  # ZB-V over GPipe 0.907 (head 0) and above 0.90 with the head: its fill
+
+
 @pytest.mark.parametrize("p, m", FIGURE_POINTS)
 def test_kept_residual_zero_bubble_tables_beat_gpipe_at_1f1b_memory(p, m):
     """Issue 28's figures in the lockstep model, forwards keeping their residuals (the loss head
@@ -303,14 +306,20 @@ def test_kept_residual_zero_bubble_tables_beat_gpipe_at_1f1b_memory(p, m):
     ZB-V at p = 2, m = 8 misses 0.90 by its fill alone: (3m + (p-1)/2) / (3(m + p - 1)) = 0.907
     with no head; no table can start its first backward sooner."""
     for head in HEADS:
-        steps = {}
+        steps, ideals = {}, {}
         for name, v in [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("zb-v", 2)]:
             schedule = make_schedule(name, p, m, v, split=True)
             steps[name] = schedule.lockstep_time(_kept_costs(schedule), head)[0]
+            ideals[name] = schedule.ideal_time(_kept_costs(schedule), head)
         assert steps["1f1b"] <= Fraction(102, 100) * steps["gpipe"], (p, m, head)
         assert steps["zb-h1"] <= Fraction(95, 100) * steps["gpipe"], (p, m, head)
-        zb_v_bound = Fraction(92, 100) if (p, m) == (2, 8) else Fraction(90, 100)
-        assert steps["zb-v"] <= zb_v_bound * steps["gpipe"], (p, m, head, float(steps["zb-v"] / steps["gpipe"]))
+        zb_v_ratio = steps["zb-v"] / steps["gpipe"]
+        if (p, m) in ZB_V_FILL_MISSES:
+            # Shown, not excused: nothing is lost to lockstep, the miss is the fill's, and it stays a miss.
+            assert steps["zb-v"] == ideals["zb-v"], (p, m, head)
+            assert zb_v_ratio > Fraction(90, 100), f"ZB-V now within 0.90 at {(p, m)}: drop it from the misses"
+        else:
+            assert zb_v_ratio <= Fraction(90, 100), (p, m, head, float(zb_v_ratio))
     in_flight = make_schedule("1f1b", p, m, split=True).max_in_flight()
     assert make_schedule("zb-h1", p, m).max_in_flight() <= in_flight
     assert make_schedule("zb-v", p, m, 2).max_in_flight() <= 2 * in_flight

@@ -190,12 +190,16 @@ def run_worker(args) -> int:
     barrier = lambda: multihost_utils.sync_global_devices("step")
     load = wall.HostLoad()
     load.start()
-    cpu0 = time.process_time()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     times = wall.alternating_times(sides, args.repeats, barrier, _gatherer(), only_here)
-    own_cpu = sum(row[0] for row in _gatherer()([time.process_time() - cpu0]))
-    others = load.stop(own_cpu)
+    busy = [row[0] for row in _gatherer()([(time.process_time() - cpu0) / (time.perf_counter() - wall0)])]
+    others = load.stop(sum(busy) * (time.perf_counter() - wall0))
     if here:
         spreads = {k: wall.Spread.of(v) for k, v in times.items()}
+        say(
+            "each process's CPU time / wall time over the rounds (at most 1: one core each): "
+            + ", ".join(f"{b:.2f}" for b in busy)
+        )
         print_tables(args, cases, controls, spreads, others, tick_costs)
     return 0
 

@@ -1,6 +1,7 @@
 """Pipeline schedules side by side: bubble, compiled memory, step time, bytes between stages.
 
     python bench/pipeline.py [--stages 4] [--microbatches 4,8,16] [--schedules zb-h1,zb-v] [--repeats 5]
+    python bench/pipeline.py --wall [--stages 2] [--repeats 7]     # measured wall time, one core per stage
 
 For every schedule at p stages and each m: the bubble its table predicts and
 the published formula's (one tick per action), the step time in stage
@@ -23,8 +24,11 @@ executor uses real branches), or on whatever accelerators JAX finds with
 
 On emulated CPU devices the p stages share the host's cores, so the step
 time is the work of all stages together (idle branches and recomputation
-included), not a pipeline's wall time: a measured bubble needs p real
-accelerators. The zero-bubble table's B recomputes the stage forward (as
+included), not a pipeline's wall time. ``--wall`` measures that instead: one
+process per stage, each pinned to a core of its own, the lockstep model beside
+the measured step, a control (2-stage GPipe against the same work on one
+device) and each action's measured cost, as markdown tables
+(``bench/pipeline_wall.py``; it needs p cores, so p = 2 on a 2-core machine). The zero-bubble table's B recomputes the stage forward (as
 every backward here does) and its W runs only the weight-gradient matmuls.
 """
 
@@ -43,12 +47,22 @@ SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), (
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=None, help="default 4 (--wall: 2)")
     parser.add_argument("--microbatches", default="4,8,16")
     parser.add_argument("--schedules", default=",".join(name for name, _ in SCHEDULES))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (--wall: 7 rounds)")
     parser.add_argument("--platform", default="cpu")
+    parser.add_argument("--wall", action="store_true", help="measured wall time, one process pinned per stage")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --wall run's process
+    parser.add_argument("--layers-per-stage", type=int, default=4, help="--wall: the model's layers per stage")
+    parser.add_argument("--d-model", type=int, default=128, help="--wall: the model's width")
+    parser.add_argument("--vocab", type=int, default=256, help="--wall: the model's vocabulary")
+    parser.add_argument("--seq-len", type=int, default=64, help="--wall: tokens per row (4 rows per microbatch)")
     args = parser.parse_args(argv)
+    args.stages = args.stages or (2 if args.wall else 4)
+    args.repeats = args.repeats or (7 if args.wall else 5)
+    if args.wall:
+        return _wall(args, argv if argv is not None else sys.argv[1:])
 
     import jax
 
@@ -119,6 +133,17 @@ def main(argv=None) -> int:
                 f"{sent / minimum:>7.2f}"
             )
     return 0
+
+
+def _wall(args, argv) -> int:
+    """--wall: this script again as one worker per stage (bench/wall.py), or, in a worker, its run."""
+    from bench import pipeline_wall, wall
+
+    if args.worker:
+        return pipeline_wall.run_worker(args)
+    if args.platform != "cpu":
+        raise SystemExit("--wall measures emulated CPU devices, one process per core; --platform must be cpu")
+    return wall.launch([os.path.abspath(__file__), *argv, "--worker"], args.stages)
 
 
 if __name__ == "__main__":

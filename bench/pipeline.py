@@ -58,6 +58,12 @@ def main(argv=None) -> int:
     parser.add_argument("--d-model", type=int, default=128, help="--wall: the model's width")
     parser.add_argument("--vocab", type=int, default=256, help="--wall: the model's vocabulary")
     parser.add_argument("--seq-len", type=int, default=64, help="--wall: tokens per row (4 rows per microbatch)")
+    parser.add_argument(
+        "--recompute",
+        choices=("true", "false", "both"),
+        default="true",
+        help="--wall: pipeline.recompute (false: forwards keep their residuals, split 1F1B); both: side by side",
+    )
     args = parser.parse_args(argv)
     args.stages = args.stages or (2 if args.wall else 4)
     args.repeats = args.repeats or (7 if args.wall else 5)

@@ -30,7 +30,16 @@ from flax import nnx
 # tick_costs (shardlib.parallel.pipeline.actions), in stage forwards: F 1, a whole backward 3 with
 # recomputation and 2 without, a split table's B 2 and W 1; the loss head and the embedding are not counted.
 ACTION_NAMES = ("F", "B", "B saved", "split B", "input pullback", "loss", "embed")
-MODEL_RATIOS = {"F": 1.0, "B": 3.0, "B saved": 2.0, "split B": 2.0, "W": 1.0, "loss": 0.0, "embed": 0.0}
+MODEL_RATIOS = {
+    "F": 1.0,
+    "B": 3.0,
+    "B saved": 2.0,
+    "split B": 2.0,
+    "input pullback": 1.0,  # a split B whose forward kept its residuals (pipeline.recompute false)
+    "W": 1.0,
+    "loss": 0.0,
+    "embed": 0.0,
+}
 
 
 def action_steps(model_cfg, layers: int, rows: int, seq_len: int, device) -> dict[str, Callable[[], object]]:
@@ -85,6 +94,6 @@ def action_steps(model_cfg, layers: int, rows: int, seq_len: int, device) -> dic
 
 def action_costs(medians: dict[str, float]) -> dict[str, float]:
     """Seconds per action from the medians of ``action_steps``' calls (W = B saved - input pullback)."""
-    costs = {k: v for k, v in medians.items() if k != "input pullback"}
+    costs = dict(medians)
     costs["W"] = max(0.0, medians["B saved"] - medians["input pullback"])
     return costs

@@ -39,6 +39,7 @@ class Case:
     name: str
     virtual: int
     microbatches: int
+    recompute: bool  # pipeline.recompute: backwards rerun their forward, or forwards keep residuals
     schedule: object  # shardlib.parallel.pipeline.schedules.Schedule
     step: object  # () -> None
 
@@ -69,7 +70,7 @@ def _model_config(args) -> dict:
     return {"vocab_size": args.vocab, "d_model": args.d_model, "n_layers": layers, "n_heads": 4, "n_kv_heads": 2}
 
 
-def _config(model: dict, seq_len: int, name: str, m: int, v: int):
+def _config(model: dict, seq_len: int, name: str, m: int, v: int, recompute: bool = True):
     from shardlib.training.config import validate_config
 
     return validate_config(
@@ -77,7 +78,7 @@ def _config(model: dict, seq_len: int, name: str, m: int, v: int):
             "model": {**model, "d_ff": 3 * model["d_model"]},
             "batch_size": ROWS * m,
             "seq_len": seq_len,
-            "pipeline": {"schedule": name, "microbatches": m, "virtual_stages": v},
+            "pipeline": {"schedule": name, "microbatches": m, "virtual_stages": v, "recompute": recompute},
         }
     )
 
@@ -93,17 +94,18 @@ def _batch(cfg, sharding) -> dict:
     }
 
 
-def _pipelined_case(model: dict, args, mesh, name: str, v: int, m: int) -> Case:
+def _pipelined_case(model: dict, args, mesh, name: str, v: int, m: int, recompute: bool) -> Case:
     import jax
 
     from shardlib.training.setup import setup_training
 
-    cfg = _config(model, args.seq_len, name, m, v)
+    cfg = _config(model, args.seq_len, name, m, v, recompute)
     run = setup_training(cfg, mesh)
     params, _ = run.init_state()
     batch = _batch(cfg, run.batch_sharding)
     compiled = run.grads.lower(params, batch).compile()
-    return Case(name, v, m, run.plan.pipeline.schedule, lambda: jax.block_until_ready(compiled(params, batch)))
+    step = lambda: jax.block_until_ready(compiled(params, batch))
+    return Case(name, v, m, recompute, run.plan.pipeline.schedule, step)
 
 
 def _sequential_step(model: dict, args, m: int):
@@ -165,15 +167,16 @@ def run_worker(args) -> int:
     model = _model_config(args)
     started = time.perf_counter()
     cases = []
+    recomputes = {"true": (True,), "false": (False,), "both": (True, False)}[args.recompute]
     for m in (int(x) for x in args.microbatches.split(",")):
         for name, v in SCHEDULES:
             if name in args.schedules.split(",") and not (name == "interleaved-1f1b" and m % p):
-                cases.append(_pipelined_case(model, args, mesh, name, v, m))
-    sides = {f"{c.name}/{c.microbatches}": c.step for c in cases}
+                cases.extend(_pipelined_case(model, args, mesh, name, v, m, r) for r in recomputes)
+    sides = {_side(c): c.step for c in cases}
     say(f"{len(cases)} pipelined steps compiled in {time.perf_counter() - started:.0f} s")
     # Every process builds the one-device sides too (on its own core), so that none waits long in a
     # collective while another compiles; only process 0's are timed (the others skip them).
-    controls = sorted({c.microbatches for c in cases if c.name == "gpipe"})
+    controls = sorted({c.microbatches for c in cases if c.name == "gpipe" and c.recompute})
     for m in controls:
         step = _sequential_step(model, args, m)
         sides[f"sequential/{m}"] = step if here else noop
@@ -202,6 +205,18 @@ def run_worker(args) -> int:
         )
         print_tables(args, cases, controls, spreads, others, tick_costs)
     return 0
+
+
+def _side(case: Case) -> str:
+    return f"{case.name}/{case.microbatches}" + ("" if case.recompute else " kept")
+
+
+def _measured_kinds(case: Case, costs: dict[str, float]) -> dict[str, float]:
+    """Each action's measured seconds as this case's executor runs it (``tick_costs``'s kinds)."""
+    split = case.schedule.split_backward
+    if case.recompute:
+        return {"F": costs["F"], "B": costs["split B"] if split else costs["B"], "W": costs["W"]}
+    return {"F": costs["F"], "B": costs["input pullback"] if split else costs["B saved"], "W": costs["W"]}
 
 
 def print_tables(args, cases, controls, spreads, others, tick_costs) -> None:
@@ -239,12 +254,11 @@ def print_tables(args, cases, controls, spreads, others, tick_costs) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in cases:
-        s = spreads[f"{c.name}/{c.microbatches}"]
-        lockstep = float(c.schedule.lockstep_time(tick_costs(c.schedule))[0])
-        kinds = {"F": costs["F"], "B": costs["split B"] if c.schedule.split_backward else costs["B"], "W": costs["W"]}
-        measured_model = lockstep_at(c.schedule, kinds, costs["loss"])
-        gpipe = med.get(f"gpipe/{c.microbatches}")
-        label = c.name + (" v=2" if c.virtual > 1 and c.name != "zb-v" else "")
+        s = spreads[_side(c)]
+        lockstep = float(c.schedule.lockstep_time(tick_costs(c.schedule, c.recompute))[0])
+        measured_model = lockstep_at(c.schedule, _measured_kinds(c, costs), costs["loss"])
+        gpipe = med.get(f"gpipe/{c.microbatches}" + ("" if c.recompute else " kept"))
+        label = c.name + (" v=2" if c.virtual > 1 and c.name != "zb-v" else "") + ("" if c.recompute else " kept")
         print(
             f"| {label} | {c.microbatches} | {lockstep:.1f} | {1e3 * lockstep * forward:.1f} | "
             f"{1e3 * measured_model:.1f} | {1e3 * s.median:.1f} | {s.iqr_rel:.2f} | "

@@ -210,8 +210,8 @@ def make_diloco_steps(
         inner=stepping(inner),
         outer=tuple(jax.jit(o, in_shardings=state, out_shardings=state, donate_argnums=(0, 1)) for o in outers),
         overlapped=tuple(stepping(o) for o in overlapped),
-        # One program for all the steps the host fetches at once: one per step, queued, let XLA:CPU's
-        # emulated devices drift apart and stall in their all-reduces (loop.waits_for_each_step).
+        # One program for all the steps the host fetches at once: one per step would queue up to
+        # log_every more programs with an all-reduce each (XLA:CPU's stall: loop.steps_in_flight).
         metrics=jax.jit(lambda steps: [replica_metrics(m) for m in steps], out_shardings=replicated),
         eval=jax.jit(
             lambda anchor, b: loss_fn(anchor, b["inputs"], b["targets"]),

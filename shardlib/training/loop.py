@@ -17,6 +17,7 @@ replicas mid-period.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import sys
@@ -36,21 +37,45 @@ from shardlib.training.prefetch import Prefetcher
 from shardlib.training.setup import TrainingSetup
 from shardlib.training.train_state import learning_rate_schedule
 
+# XLA:CPU: how many dispatched steps may still be running when the host dispatches the next.
+CPU_STEPS_IN_FLIGHT = 2
 
-def waits_for_each_step(run: TrainingSetup) -> bool:
-    """DiLoCo on XLA:CPU: the host waits for every step before dispatching the next.
 
-    Replica groups never synchronise inside a period, so with steps queued ahead one group's
-    devices run ahead of another's, and the first to reach a collective over the replica axes
-    (the outer step, the metrics' reduction) wait there while the others still run inner steps.
-    XLA:CPU's collectives block threads of a shared pool while they wait for their peers, and the
-    peers can then find no thread. Measured (jax 0.10.2, configs/tiny.yaml for 60 steps on 8
-    emulated devices, log_every=100): without waiting, 3 of 6 runs stopped in a rendezvous until
-    XLA's 40 s abort; waiting for each step and before the outer step, and reducing the fetched
-    metrics in one program (``TrainingSetup.scalar_metrics``), 0 of 6. Synchronous data
-    parallelism, whose every step all-reduces over data, 0 of 4 without waiting.
+def steps_in_flight(mesh: jax.sharding.Mesh) -> int | None:
+    """The bound on dispatched, unfinished steps the loop keeps (``DispatchWindow``): ``CPU_STEPS_IN_FLIGHT``
+    on XLA:CPU with several devices, None (no bound: the host runs as far ahead as the runtime lets it)
+    on one device and on every other backend.
+
+    Why (jaxlib 0.10.2, ``bench/cpu_stall.py`` reproduces it): XLA:CPU launches each device's share of
+    a program from one thread pool of max(cores, devices) threads, and a launch blocks its thread while
+    that device already has its limit of computations in flight; an all-reduce holds one pool thread
+    per device until every device has joined. With enough steps queued, launches blocked on the limit
+    take the threads the last devices of a pending all-reduce need, and it never completes (XLA aborts
+    after 40 s). A short queue keeps the launches from blocking; GPU and TPU queue on streams and keep
+    their whole overlap.
     """
-    return bool(run.outer_steps) and run.mesh.devices.flat[0].platform == "cpu"
+    return CPU_STEPS_IN_FLIGHT if mesh.devices.flat[0].platform == "cpu" and mesh.size > 1 else None
+
+
+class DispatchWindow:
+    """At most ``size`` dispatched steps unfinished (None: no bound; ``steps_in_flight``).
+
+    ``admit()`` before dispatching a step waits until fewer than ``size`` are unfinished;
+    ``dispatched(out)`` after it records one of the step's outputs (any array the step writes
+    on every device, e.g. its metrics: not a donated one), whose readiness means the step is done.
+    """
+
+    def __init__(self, size: int | None):
+        self.size = size
+        self.unfinished: collections.deque = collections.deque()
+
+    def admit(self) -> None:
+        while self.size is not None and len(self.unfinished) >= self.size:
+            jax.block_until_ready(self.unfinished.popleft())
+
+    def dispatched(self, out) -> None:
+        if self.size is not None:
+            self.unfinished.append(out)
 
 
 class Throughput:
@@ -93,7 +118,7 @@ class Throughput:
 def mean_eval_loss(eval_fn: Callable, params, loader: BatchLoader, batches: int, *, wait: bool = False) -> float:
     """Mean held-out loss over the first ``batches`` (> 0) batches: the same ones at every evaluation.
 
-    ``wait``: fetch each loss before the next batch is dispatched (``waits_for_each_step``).
+    ``wait``: fetch each loss before the next batch is dispatched (XLA:CPU: ``steps_in_flight``).
     """
     losses = []
     for i in range(batches):
@@ -210,7 +235,7 @@ class StepLoop:
         self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
         self.peak = peak_tflops
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
-        self.wait_each_step = waits_for_each_step(run)
+        self.window = DispatchWindow(steps_in_flight(run.mesh))
 
     def run_steps(self, steps: range, stop: StopSignals) -> None:
         """Steps ``steps`` in order; after a requested stop, the one in flight ends the loop (saved)."""
@@ -247,17 +272,15 @@ class StepLoop:
         if first and self.is_main:
             self.log("compiling the training step...")
         started = time.perf_counter()
+        self.window.admit()
         s.params, s.opt_state, metrics = self.run.train_step_for(step)(s.params, s.opt_state, batch)
         if self.run.outer_due(step):  # DiLoCo: the period ends with the outer step
-            if self.wait_each_step:  # every group done first: its all-reduce must not wait on a busy pool
-                jax.block_until_ready(s.params)
             s.params, s.opt_state = self.run.outer_step_after(step)(s.params, s.opt_state)
         if first and self.is_main:  # jit compiles synchronously, then dispatches
             self.log(f"compiled in {time.perf_counter() - started:.1f} s")
         s.pending.append(metrics)
         s.last_metrics = metrics
-        if self.wait_each_step:
-            jax.block_until_ready(s.params)
+        self.window.dispatched(metrics)
         self.throughput.step_done(metrics)
         s.step = step
 
@@ -301,7 +324,7 @@ class StepLoop:
             return None
         network = self.run.evaluated(s.params, s.opt_state)
         eval_loss = mean_eval_loss(
-            self.run.eval_step, network, self.eval_loader, cfg.eval_batches, wait=self.wait_each_step
+            self.run.eval_step, network, self.eval_loader, cfg.eval_batches, wait=self.window.size is not None
         )
         s.eval_losses.append((step, eval_loss))
         anchor_step = self.run.anchor_step(step)

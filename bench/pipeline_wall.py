@@ -1,7 +1,7 @@
 """``bench/pipeline.py --wall``: every schedule's measured wall time beside the lockstep model.
 
 One worker process per stage, each pinned to a core (``bench.wall``), runs the
-gradient step ``shardlib.training.setup_training`` builds from a config with
+gradient step ``shardlib.training.setup.setup_training`` builds from a config with
 ``pipeline.schedule`` and ``pipeline.microbatches`` over a ``pipe`` mesh of
 those p devices. In the same processes, and alternating with them:
 

@@ -53,3 +53,12 @@ jax.config.update("jax_platforms", "cpu")
 # --devices N) must find the 8 devices fixed, not set its own count for every
 # later test of this worker.
 assert len(jax.devices()) == 8
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules with slow tests (the process launches, the kill trials) run first, each kept whole
+    (its module fixtures are set up once): the two workers start on the longest work and finish
+    on the short tests together, instead of one waiting for a long test that started last."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    order = {item: index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (item.module.__name__ not in slow_modules, order[item]))

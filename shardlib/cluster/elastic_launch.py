@@ -87,6 +87,7 @@ class ElasticLauncher:
         self.generation: Launcher | None = None
         self.timeline: Timeline | None = None
         self.timelines: list[Timeline] = []
+        self._verdict_at: float | None = None  # when a survivor of this generation first named a lost process
         self._rejoin = self._growing = self._stopped_by_user = self._stepped = False
 
     def clock(self) -> str:
@@ -118,6 +119,7 @@ class ElasticLauncher:
 
     def _run_generation(self) -> int:
         self._growing = self._stepped = False
+        self._verdict_at = None
         self.generation = Launcher(
             self.command,
             self.available,
@@ -136,6 +138,8 @@ class ElasticLauncher:
         timeline = self.timeline
         if index == 0 and _STEP_LOGGED.match(text):
             self._stepped = True
+        if text.startswith(_VERDICT) and self._verdict_at is None:
+            self._verdict_at = time.monotonic()
         if timeline is None:
             return
         if text.startswith(_VERDICT) and timeline.noticed is None and timeline.restarted is None:
@@ -153,9 +157,7 @@ class ElasticLauncher:
         """Every 50 ms of a generation: the first loss starts a timeline; slots back start growing."""
         generation = self.generation
         assert generation is not None
-        if generation.first_failure is not None and self.timeline is None and not self._growing:
-            lost = generation.first_failure
-            self.timeline = Timeline(f"the loss of process {lost}", generation.ended_at[lost])
+        self._time_the_loss(generation)
         if not self._rejoin or not self._stepped or self._growing:
             return
         self._rejoin = False
@@ -167,10 +169,18 @@ class ElasticLauncher:
         self.say(f"rejoin signal: asking the {self.available} processes to save a checkpoint and stop, to grow")
         generation.signal_all(signal.SIGTERM)
 
+    def _time_the_loss(self, generation: Launcher) -> None:
+        """Starts the timeline of the generation's first failure, once (from a tick, or at its end when
+        the whole generation ended between two ticks)."""
+        if generation.first_failure is not None and self.timeline is None and not self._growing:
+            lost = generation.first_failure
+            self.timeline = Timeline(f"the loss of process {lost}", generation.ended_at[lost], self._verdict_at)
+
     def _next_count(self, status: int) -> int | None:
         """The processes of the next generation after one that ended with ``status``, or None: the job ends."""
         generation = self.generation
         assert generation is not None
+        self._time_the_loss(generation)
         if self.timeline is not None:
             self.timeline.stopped = max(generation.ended_at.values())
         if self._stopped_by_user:

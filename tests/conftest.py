@@ -56,9 +56,14 @@ assert len(jax.devices()) == 8
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The modules with slow tests (the process launches, the kill trials) run first, each kept whole
-    (its module fixtures are set up once): the two workers start on the longest work and finish
-    on the short tests together, instead of one waiting for a long test that started last."""
-    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    """The modules with slow tests (the process launches, the kill trials) or a long module setup
+    (``RUN_FIRST = True``) run first, each kept whole (its module fixtures are set up once): the two
+    workers start on the longest work and finish on the short tests together, instead of one
+    waiting for a long test that started last."""
+    slow_modules = {
+        item.module.__name__
+        for item in items
+        if item.get_closest_marker("slow") or getattr(item.module, "RUN_FIRST", False)
+    }
     order = {item: index for index, item in enumerate(items)}
     items.sort(key=lambda item: (item.module.__name__ not in slow_modules, order[item]))

@@ -31,6 +31,8 @@ from tests.test_compat import (
     reference,
 )
 
+RUN_FIRST = True  # one module fixture launches every cell (about 45 s): tests/conftest.py starts it first
+
 MP_PAIRS = {frozenset(p) for p in compat.composing_pairs() if MULTIPROCESS in p and DILOCO not in p}
 MP_COMBOS = cover(MP_PAIRS)
 

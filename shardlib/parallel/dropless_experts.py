@@ -46,10 +46,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType
-from jax.sharding import PartitionSpec as P
 
-from shardlib.core.rules import axes_tuple
 from shardlib.core.sharding import ActivationSharding
 from shardlib.parallel.expert_routing import (
     MoEStats,
@@ -63,10 +60,7 @@ from shardlib.parallel.expert_routing import (
 from shardlib.parallel.experts import (
     check_weights_stack,
     dispatch_context,
-    expert_axes,
-    expert_weight_specs,
-    experts_split_size,
-    place_on_mesh,
+    place_dispatch,
     token_mean_in_manual_region,
 )
 
@@ -409,18 +403,10 @@ def _ragged_body(x_GxTxD, expert_GxTxR, weight_GxTxR, grouped_fn, weights, ep, e
 def _over_mesh(dispatch, x_BxLxD, expert_BxLxR, weight_BxLxR, grouped_fn, expert_weights, weight_axes):
     """``DroplessDispatch`` in a jitted program over its mesh: one ``shard_map``, as the capacity dispatch's."""
     shard = dispatch.shard
-    mesh = shard.mesh
-    n_experts = stacked_experts(expert_weights)
-    x_spec = shard.spec(x_BxLxD.shape, ("batch", "length", "embed"))
-    route_spec = P(x_spec[0], x_spec[1], None)
-    token_axes = axes_tuple(x_spec[0]) + axes_tuple(x_spec[1])
-    ep_axes = expert_axes(shard, n_experts)
-    ep_size = experts_split_size(mesh, ep_axes, n_experts)
-    w_specs, tensor_axes = expert_weight_specs(shard, expert_weights, weight_axes, token_axes)
-    expert_weights = jax.tree.map(lambda w, s: place_on_mesh(w, mesh, s), expert_weights, w_specs)
-    if AxisType.Explicit in tuple(mesh.axis_types):
-        x_BxLxD = place_on_mesh(x_BxLxD, mesh, x_spec)
-        expert_BxLxR, weight_BxLxR = (place_on_mesh(a, mesh, route_spec) for a in (expert_BxLxR, weight_BxLxR))
+    layout, (x_BxLxD, expert_BxLxR, weight_BxLxR, expert_weights) = place_dispatch(
+        shard, x_BxLxD, expert_BxLxR, weight_BxLxR, expert_weights, weight_axes
+    )
+    x_spec, route_spec, _, ep_axes, ep_size, w_specs, tensor_axes = layout
     body = functools.partial(
         _shard_body,
         grouped_fn=grouped_fn,
@@ -432,7 +418,7 @@ def _over_mesh(dispatch, x_BxLxD, expert_BxLxR, weight_BxLxR, grouped_fn, expert
     )
     run = jax.shard_map(
         lambda x, e, w, ws: body(x, e, w, weights=ws),
-        mesh=mesh,
+        mesh=shard.mesh,
         in_specs=(x_spec, route_spec, route_spec, w_specs),
         out_specs=x_spec,
     )

@@ -152,6 +152,51 @@ def dispatch_context(shard: ActivationSharding, n_experts: int) -> DispatchConte
     return DispatchContext(True, token_axes, ep_axes, ep_size)
 
 
+class DispatchLayout(NamedTuple):
+    """How a dispatch over the whole mesh shards its operands (``place_dispatch``).
+
+    x_spec: the tokens' [B, L, D] spec; route_spec: the router's [B, L, R] choices and weights';
+    token_axes: the mesh axes of B and L; ep_axes, ep_size: the experts' axes and their size;
+    w_specs: the expert weights' specs; tensor_axes: the axes that split their matmuls (``model``).
+    """
+
+    x_spec: P
+    route_spec: P
+    token_axes: tuple[str, ...]
+    ep_axes: tuple[str, ...]
+    ep_size: int
+    w_specs: PyTree
+    tensor_axes: tuple[str, ...]
+
+
+def place_dispatch(
+    shard: ActivationSharding,
+    x_BxLxD: jax.Array,
+    expert_BxLxR: jax.Array,
+    weight_BxLxR: jax.Array,
+    expert_weights: PyTree,
+    weight_axes: PyTree = None,
+) -> tuple[DispatchLayout, tuple[jax.Array, jax.Array, jax.Array, PyTree]]:
+    """The ``DispatchLayout`` of a dispatch over ``shard``'s mesh, and its operands placed on it:
+    (layout, (x, experts, weights, expert_weights)). The expert weights are gathered over everything
+    their specs leave out (the ``embed`` dim under FSDP) before the ``shard_map`` goes manual; under
+    explicit mesh axes the tokens and routes are resharded to their specs too."""
+    mesh = shard.mesh
+    n_experts = stacked_experts(expert_weights)
+    x_spec = shard.spec(x_BxLxD.shape, ("batch", "length", "embed"))
+    route_spec = P(x_spec[0], x_spec[1], None)
+    token_axes = axes_tuple(x_spec[0]) + axes_tuple(x_spec[1])
+    ep_axes = expert_axes(shard, n_experts)
+    ep_size = experts_split_size(mesh, ep_axes, n_experts)
+    w_specs, tensor_axes = expert_weight_specs(shard, expert_weights, weight_axes, token_axes)
+    expert_weights = jax.tree.map(lambda w, s: place_on_mesh(w, mesh, s), expert_weights, w_specs)
+    if AxisType.Explicit in tuple(mesh.axis_types):
+        x_BxLxD = place_on_mesh(x_BxLxD, mesh, x_spec)
+        expert_BxLxR, weight_BxLxR = (place_on_mesh(a, mesh, route_spec) for a in (expert_BxLxR, weight_BxLxR))
+    layout = DispatchLayout(x_spec, route_spec, token_axes, ep_axes, ep_size, w_specs, tensor_axes)
+    return layout, (x_BxLxD, expert_BxLxR, weight_BxLxR, expert_weights)
+
+
 def check_weights_stack(stacked: int, n_experts: int, local_experts: int) -> None:
     """Refuses expert weights that do not stack the experts a caller holds (``local_experts`` of
     ``n_experts``), with the hint for a pipeline's executor."""
@@ -277,20 +322,12 @@ def expert_parallel_dispatch(
       y_BxLxD sharded like x, and the number of dropped (token, choice) pairs
       of the whole batch (replicated float32 scalar).
     """
-    mesh = shard.mesh
     n_experts = stacked_experts(expert_weights)
-    x_spec = shard.spec(x_BxLxD.shape, ("batch", "length", "embed"))
-    route_spec = P(x_spec[0], x_spec[1], None)
-    token_axes = axes_tuple(x_spec[0]) + axes_tuple(x_spec[1])
-    ep_axes = expert_axes(shard, n_experts)
-    ep_size = experts_split_size(mesh, ep_axes, n_experts)
+    layout, (x_BxLxD, expert_BxLxR, weight_BxLxR, expert_weights) = place_dispatch(
+        shard, x_BxLxD, expert_BxLxR, weight_BxLxR, expert_weights, weight_axes
+    )
+    x_spec, route_spec, token_axes, ep_axes, ep_size, w_specs, tensor_axes = layout
     ep_name = ep_axes[0] if len(ep_axes) == 1 else ep_axes
-    w_specs, tensor_axes = expert_weight_specs(shard, expert_weights, weight_axes, token_axes)
-    # Everything else (the `embed` dim under FSDP) is gathered before going manual.
-    expert_weights = jax.tree.map(lambda w, s: place_on_mesh(w, mesh, s), expert_weights, w_specs)
-    if AxisType.Explicit in tuple(mesh.axis_types):
-        x_BxLxD = place_on_mesh(x_BxLxD, mesh, x_spec)
-        expert_BxLxR, weight_BxLxR = (place_on_mesh(a, mesh, route_spec) for a in (expert_BxLxR, weight_BxLxR))
 
     def body(
         x_GxTxD: jax.Array, expert_GxTxR: jax.Array, weight_GxTxR: jax.Array, weights: PyTree
@@ -321,7 +358,7 @@ def expert_parallel_dispatch(
 
     run = jax.shard_map(
         body,
-        mesh=mesh,
+        mesh=shard.mesh,
         in_specs=(x_spec, route_spec, route_spec, w_specs),
         out_specs=(x_spec, P()),
     )

@@ -128,9 +128,9 @@ class ElasticLauncher:
             on_line=self._on_line,
             prefix=self.clock,
         )
-        self.generation.start()
-        if self.timeline is not None:
+        if self.timeline is not None:  # before start(): its processes' first lines may come at once
             self.timeline.restarted = time.monotonic()
+        self.generation.start()
         return self.generation.wait(tick=self._tick)
 
     def _on_line(self, index: int, text: str) -> None:
